@@ -1,0 +1,3 @@
+from mrlcache.cli import main
+
+main()

@@ -1,0 +1,29 @@
+"""The ``mrlcache`` command line: a click group with one module per command.
+
+Each command module keeps its heavy imports (torch, zarr, ...) inside the command body so
+that ``mrlcache --help`` answers at once.
+"""
+
+import click
+
+from mrlcache import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mrlcache")
+def main():
+    """Matryoshka speaker embeddings from a frozen ReDimNet, feature-cache-first.
+
+    Typical flow: extract (once) -> fit (minutes) -> eer.
+    """
+
+
+def _register():
+    # One line per command module; a module that fails to import is a bug, not something
+    # to hide, so there is no try/except here.
+    from mrlcache.cli import info
+
+    main.add_command(info.info)
+
+
+_register()
