@@ -1,0 +1,111 @@
+"""Matryoshka head and losses: the vectorised loss against a plain per-dim loop."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss, check_dims
+
+DIMS = (8, 16, 24, 32)
+CLASSES = 7
+
+
+def loop_loss(loss_mod, emb, labels):
+    """Reference: one classifier slice per dim, margin through acos, plain cross-entropy."""
+    m, s, K = loss_mod.margin, loss_mod.scale, loss_mod.subcenters
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])[: len(DIMS)]
+    totals, losses, accs = 0.0, [], []
+    for i, d in enumerate(DIMS):
+        weight = loss_mod.weight[:, :d] if loss_mod.classifier == "shared" else loss_mod.weights[i]
+        cos = F.normalize(emb[:, :d], dim=1) @ F.normalize(weight, dim=1).T  # (B, C*K)
+        cos = cos.view(len(emb), CLASSES, K).max(dim=2).values
+        logits = cos.clone()
+        if loss_mod.kind == "aam":
+            for b in range(len(emb)):
+                c = cos[b, labels[b]]
+                theta = torch.acos(c.clamp(-1, 1))
+                if theta + m < math.pi:
+                    logits[b, labels[b]] = torch.cos(theta + m)
+                else:
+                    logits[b, labels[b]] = c - m * math.sin(m)
+        loss = F.cross_entropy(s * logits, labels)
+        losses.append(loss)
+        accs.append((cos.argmax(1) == labels).float().mean())
+        totals = totals + w[i] / w.sum() * loss
+    return totals, torch.stack(losses), torch.stack(accs)
+
+
+@pytest.mark.parametrize("classifier", ["shared", "per-dim"])
+@pytest.mark.parametrize("subcenters", [1, 3])
+@pytest.mark.parametrize("kind", ["aam", "softmax"])
+def test_vectorised_loss_matches_loop(classifier, subcenters, kind):
+    torch.manual_seed(0)
+    loss_mod = MatryoshkaMarginLoss(
+        DIMS, CLASSES, dim_weights=[1, 2, 3, 4], margin=0.3, scale=16,
+        subcenters=subcenters, classifier=classifier, kind=kind,
+    )
+    emb = torch.randn(12, DIMS[-1], requires_grad=True)
+    labels = torch.randint(0, CLASSES, (12,))
+    total, dim_losses, dim_acc = loss_mod(emb, labels)
+    total.backward()
+    grads = [emb.grad.clone()] + [p.grad.clone() for p in loss_mod.parameters()]
+    emb.grad = None
+    loss_mod.zero_grad()
+
+    ref_total, ref_losses, ref_acc = loop_loss(loss_mod, emb, labels)
+    ref_total.backward()
+    ref_grads = [emb.grad] + [p.grad for p in loss_mod.parameters()]
+
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dim_losses, ref_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dim_acc, ref_acc)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_margin_fallback_past_threshold_matches_loop():
+    # Embeddings opposite to their class centre: theta + m > pi takes the fallback branch.
+    torch.manual_seed(1)
+    loss_mod = MatryoshkaMarginLoss(DIMS, CLASSES, dim_weights=[1, 2, 3, 4], margin=0.5, scale=8)
+    labels = torch.arange(CLASSES)
+    emb = -loss_mod.weight.detach()[labels] + 0.01 * torch.randn(CLASSES, DIMS[-1])
+    total, dim_losses, _ = loss_mod(emb, labels)
+    ref_total, ref_losses, _ = loop_loss(loss_mod, emb, labels)
+    torch.testing.assert_close(dim_losses, ref_losses, rtol=1e-5, atol=1e-6)
+
+
+def test_margin_raises_loss_and_zero_margin_is_softmax():
+    torch.manual_seed(2)
+    emb, labels = torch.randn(10, 32), torch.randint(0, CLASSES, (10,))
+    aam = MatryoshkaMarginLoss(DIMS, CLASSES, margin=0.2)
+    soft = MatryoshkaMarginLoss(DIMS, CLASSES, kind="softmax")
+    soft.load_state_dict(aam.state_dict())
+    with_margin = aam(emb, labels)[1]
+    aam.set_margin(0.0)
+    torch.testing.assert_close(aam(emb, labels)[1], soft(emb, labels)[1])
+    assert (with_margin > soft(emb, labels)[1]).all()
+
+
+def test_per_dim_classifier_registers_one_weight_per_dim():
+    loss_mod = MatryoshkaMarginLoss(DIMS, CLASSES, classifier="per-dim", subcenters=2)
+    shapes = [tuple(p.shape) for p in loss_mod.parameters()]
+    assert shapes == [(CLASSES * 2, d) for d in DIMS]
+    assert sorted(loss_mod.state_dict()) == ["dim_weights"] + [f"weights.{i}" for i in range(4)]
+
+
+def test_head_prefixes_and_dims_checks():
+    head = MatryoshkaHead(40, DIMS).eval()
+    x = torch.randn(5, 40)
+    out = head(x)
+    assert out.shape == (5, 32)
+    torch.testing.assert_close(out, head.linear(head.bn(x)))
+    with pytest.raises(ValueError, match="increasing"):
+        check_dims([64, 32])
+    with pytest.raises(ValueError, match="exceeds the pooled size"):
+        MatryoshkaHead(16, DIMS)
+    with pytest.raises(ValueError, match="dim_weights"):
+        MatryoshkaMarginLoss(DIMS, CLASSES, dim_weights=[1, 1])
+    with pytest.raises(ValueError, match="classifier"):
+        MatryoshkaMarginLoss(DIMS, CLASSES, classifier="tied")
