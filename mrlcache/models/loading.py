@@ -1,0 +1,207 @@
+"""Loading and saving ReDimNet checkpoints in the published format.
+
+A checkpoint is a torch file holding ``{"model_config": dict, "state_dict": dict}``
+(extra top-level entries are ignored). The model is built from the file's own
+``model_config`` and its ``state_dict`` is loaded strictly: any missing, unexpected or
+mis-shaped entry is an error listing them. float16/bfloat16 weights are cast to float32.
+
+Variant names ("b0".."b6", "S", "M") resolve to the files published by the ReDimNet
+authors, downloaded once into the torch hub checkpoint cache
+(``torch.hub.get_dir()/checkpoints``, which honours ``TORCH_HOME``).
+"""
+
+import hashlib
+import io
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from mrlcache.models.redimnet import CONFIGS, ConfigError, ReDimNet
+
+URL_TEMPLATE = "https://github.com/IDRnD/ReDimNet/releases/download/latest/{name}-{dataset}-{train_type}.pt"
+VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "S", "M")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be found, downloaded, read or loaded exactly."""
+
+
+def checkpoint_url(name, train_type="ptn", dataset="vox2"):
+    """URL of a published checkpoint, e.g. .../b2-vox2-ptn.pt."""
+    return URL_TEMPLATE.format(name=name, dataset=dataset, train_type=train_type)
+
+
+def _download(url, path):
+    """Fetch `url` into `path` with a progress bar; atomic, so a partial file never looks complete."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+            with Progress(*columns, console=Console(stderr=True)) as progress:
+                task = progress.add_task(f"downloading {path.name}", total=total)
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    progress.advance(task, len(chunk))
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are ordinary files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def cached_checkpoint(name, train_type="ptn", dataset="vox2"):
+    """Path of a published checkpoint in the torch hub cache, downloading it if absent."""
+    url = checkpoint_url(name, train_type, dataset)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    if path.is_file():
+        return path
+    try:
+        _download(url, path)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise CheckpointError(
+            f"cannot download {url} ({e}); without network, download it elsewhere and pass the local "
+            f"file instead: load_backbone('/path/to/{path.name}') or --weights PATH "
+            f"(or place it at {path})") from e
+    return path
+
+
+def read_checkpoint(path):
+    """Read a published-format checkpoint file.
+
+    Returns:
+        (checkpoint dict, SHA-256 hex digest of the file bytes).
+    Raises:
+        CheckpointError: unreadable, corrupt, truncated, or not a {model_config, state_dict} dict.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e})") from e
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/corrupt/foreign files
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, the file may be corrupt or "
+                              f"truncated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              "delete it and download it again") from e
+    if not isinstance(ckpt, dict) or not {"model_config", "state_dict"} <= set(ckpt):
+        found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not a ReDimNet checkpoint: expected a dict with 'model_config' "
+                              f"and 'state_dict', found {found}")
+    return ckpt, sha
+
+
+def _listing(keys, limit=10):
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def build_from_checkpoint(ckpt, origin):
+    """Build ReDimNet from ckpt['model_config'] and load ckpt['state_dict'] strictly (float32).
+
+    Args:
+        ckpt: dict with 'model_config' and 'state_dict'.
+        origin: file name (or description) used in error messages.
+    """
+    config, state = ckpt["model_config"], ckpt["state_dict"]
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise CheckpointError(f"{origin}: 'model_config' and 'state_dict' must both be dicts")
+    try:
+        model = ReDimNet(config)
+    except ConfigError as e:
+        raise CheckpointError(f"{origin}: {e}") from e
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{origin}: state_dict entries that are not tensors: {_listing(bad)}")
+    # Published weights may be stored in half precision; the model computes in float32.
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    expected = model.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label} ({len(keys)}): {_listing(keys)}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise CheckpointError(f"{origin}: state_dict does not match its model_config; " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _resolve(source, train_type, dataset):
+    """A variant name or a path -> path of a local checkpoint file."""
+    if source in VARIANTS:
+        return cached_checkpoint(source, train_type, dataset)
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.suffix or os.sep in str(source) or path.exists():
+        raise CheckpointError(f"{source}: no such checkpoint file")
+    raise CheckpointError(f"unknown ReDimNet variant {source!r}: use one of {', '.join(VARIANTS)} "
+                          "or a path to a published-format .pt checkpoint")
+
+
+def load_backbone(source, *, train_type="ptn", dataset="vox2", device="cpu", random_init=False, seed=0):
+    """Load a ReDimNet in eval mode from a checkpoint file or a published variant name.
+
+    Args:
+        source: path to a {model_config, state_dict} file, or "b0".."b6", "S", "M".
+        train_type, dataset: pick the published file for a name ("ptn"/"ft_lm"/"ft_mix";
+            "vox2", "vb2", "vb2+vox2+cnc"), e.g. b2 -> b2-vox2-ptn.pt.
+        device: where to put the model.
+        random_init: build the named configuration ("b0".."b6") with random weights instead
+            of loading any file (tests, benchmarks); `seed` makes them deterministic without
+            touching the caller's global RNG state.
+    Returns:
+        ReDimNet with `.weights_sha256` = SHA-256 of the file (None for random init).
+    Raises:
+        CheckpointError: unknown name, missing/corrupt file, failed download, mismatching weights.
+    """
+    if random_init:
+        if source not in CONFIGS:
+            raise CheckpointError(f"random_init needs a variant with a known configuration "
+                                  f"({', '.join(CONFIGS)}), got {source!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = ReDimNet(CONFIGS[source])
+        return model.eval().to(device)
+    path = _resolve(source, train_type, dataset)
+    ckpt, sha = read_checkpoint(path)
+    model = build_from_checkpoint(ckpt, path)
+    model.weights_sha256 = sha
+    return model.eval().to(device)
+
+
+def save_checkpoint(model, path):
+    """Write `model` in the published format; returns (and sets on the model) the file's SHA-256.
+
+    The bytes depend only on the config and weights (serialised in memory, so the file
+    name does not leak into the archive), and the write is atomic.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({"model_config": model.model_config, "state_dict": state}, buffer)
+    data = buffer.getvalue()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are ordinary files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    model.weights_sha256 = hashlib.sha256(data).hexdigest()
+    return model.weights_sha256
