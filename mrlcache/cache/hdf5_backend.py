@@ -1,0 +1,67 @@
+"""HDF5 shard files: one ``.h5`` file per shard, one uncompressed chunk per view.
+
+Layout of ``shard-00000.h5`` (see docs/cache-format.md):
+
+- ``pooled``: (n_ok, V, D) float16|float32, chunks (n_ok, 1, D), no filter;
+- ``index``: (n_ok,) int64, the manifest row of each vector;
+- ``skipped_json``: a scalar UTF-8 string, JSON ``{utt_id: reason}`` (a dataset rather than
+  an attribute because HDF5 attributes are limited to 64 KiB);
+- root attributes: the shard's numbers (everything in attrs except ``skipped``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+
+
+class HDF5Backend:
+    """Writes and reads one shard as an HDF5 file."""
+
+    name = "hdf5"
+    suffix = ".h5"
+
+    @staticmethod
+    def write(path, pooled: np.ndarray, index: np.ndarray, attrs: dict) -> None:
+        """Write a complete shard at ``path`` (must not exist).
+
+        pooled: (n, V, D) already in the stored dtype; index: (n,) int64; attrs: JSON-able.
+        """
+        n, views, dim = pooled.shape
+        attrs = dict(attrs)
+        skipped = attrs.pop("skipped", {})
+        with h5py.File(path, "w-") as f:
+            # Same chunking as zarr: one chunk per view, so a one-view read touches one chunk.
+            # (An empty shard cannot be chunked: HDF5 wants chunks no larger than the data.)
+            f.create_dataset("pooled", data=pooled, chunks=(n, 1, dim) if n else None)
+            f.create_dataset("index", data=np.asarray(index, dtype=np.int64))
+            f.create_dataset("skipped_json", data=json.dumps(skipped, sort_keys=True))
+            for key, value in attrs.items():
+                f.attrs[key] = json.dumps(value)
+            f.flush()
+
+    @staticmethod
+    def read_meta(path) -> tuple[dict, np.ndarray, tuple]:
+        """Return (attrs, index (n,) int64, pooled shape (n, V, D)) of the shard at ``path``."""
+        with h5py.File(path, "r") as f:
+            attrs = {key: json.loads(value) for key, value in f.attrs.items()}
+            attrs["skipped"] = json.loads(f["skipped_json"][()])
+            return attrs, f["index"][:].astype(np.int64, copy=False), tuple(f["pooled"].shape)
+
+    @staticmethod
+    def read_pooled(path, out: np.ndarray, view: int | None = None) -> None:
+        """Fill ``out`` ((n, V, D), or (n, D) for one view) with the shard's vectors.
+
+        ``read_direct`` lets HDF5 convert float16 -> float32 straight into ``out``, with no
+        intermediate array.
+        """
+        with h5py.File(path, "r") as f:
+            dset = f["pooled"]
+            if dset.shape[0] == 0:
+                return
+            if view is None:
+                dset.read_direct(out)
+            else:
+                dset.read_direct(out, np.s_[:, view, :])
