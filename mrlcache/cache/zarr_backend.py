@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import zarr
+from zarr.buffer.cpu import NDBuffer
 from zarr.storage import LocalStore
 
 
@@ -68,10 +69,14 @@ class ZarrBackend:
         """Fill ``out`` ((n, V, D), or (n, D) for one view) with the shard's vectors.
 
         A one-view read selects ``[:, view]``, which maps to the single chunk of that view.
+        In the stored dtype zarr decodes straight into ``out``; otherwise numpy converts.
         """
         group = zarr.open_group(LocalStore(str(path), read_only=True), mode="r")
         array = group["pooled"]
         if array.shape[0] == 0:
             return
-        data = array[:] if view is None else array[:, view]
-        np.copyto(out, data, casting="same_kind")
+        selection = np.s_[:, :, :] if view is None else np.s_[:, view, :]
+        if out.dtype == array.dtype:
+            array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+        else:
+            np.copyto(out, array.get_basic_selection(selection), casting="same_kind")
