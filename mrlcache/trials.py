@@ -1,0 +1,139 @@
+"""Verification trial lists: which pairs of utterances to score, and which are targets.
+
+Two layouts are read, told apart by which column holds the label:
+
+* VoxCeleb (``veri_test2.txt``, ``list_test_all2.txt``, ``list_test_hard2.txt``):
+  ``LABEL ENROLL TEST``, e.g. ``1 id10270/x6uYqmx31kE/00001.wav id10270/8jEAjG6SegY/00008.wav``;
+* Kaldi / WeSpeaker (``vox1_O_cleaned.kaldi``): ``ENROLL TEST LABEL``.
+
+A label is ``1``/``0`` or ``target``/``nontarget``. Utterance ids are paths relative to the
+audio root, with extension, exactly as :mod:`mrlcache.corpus` names them. Blank lines are
+ignored; anything else that does not parse is an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+LABELS = {"1": 1, "0": 0, "target": 1, "nontarget": 0}
+
+
+class TrialsError(ValueError):
+    """A trial list that cannot be read or used."""
+
+
+@dataclass
+class Trials:
+    """A list of verification trials.
+
+    labels: (T,) int8, 1 = same speaker (target), 0 = different (non-target).
+    enroll, test: T utterance ids each.
+    """
+
+    labels: np.ndarray
+    enroll: list[str]
+    test: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+    @property
+    def utterances(self) -> list[str]:
+        """Unique utterance ids in order of first appearance (enroll before test per trial)."""
+        seen = dict.fromkeys(u for pair in zip(self.enroll, self.test) for u in pair)
+        return list(seen)
+
+    @property
+    def n_target(self) -> int:
+        return int(np.count_nonzero(self.labels == 1))
+
+    @property
+    def n_nontarget(self) -> int:
+        return int(np.count_nonzero(self.labels == 0))
+
+    def select(self, mask) -> Trials:
+        """The trials where ``mask`` (T,) bool is true."""
+        mask = np.asarray(mask, dtype=bool)
+        keep = np.flatnonzero(mask)
+        return Trials(self.labels[mask], [self.enroll[i] for i in keep], [self.test[i] for i in keep])
+
+    def missing(self, available) -> list[str]:
+        """Utterance ids of the trials that are not in ``available`` (a set or mapping)."""
+        return [u for u in self.utterances if u not in available]
+
+    def indices(self, rows: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of each trial's enroll and test utterance, (T,) int64 each.
+
+        Args:
+            rows: utterance id -> row of an embedding matrix; must cover every trial.
+        """
+        missing = self.missing(rows)
+        if missing:
+            raise TrialsError(
+                f"{len(missing)} trial utterance(s) have no embedding, e.g. {', '.join(missing[:3])}"
+            )
+        enroll = np.fromiter((rows[u] for u in self.enroll), dtype=np.int64, count=len(self))
+        test = np.fromiter((rows[u] for u in self.test), dtype=np.int64, count=len(self))
+        return enroll, test
+
+
+def _label_column(fields: Sequence[str]) -> int | None:
+    """0 for the VoxCeleb layout, 2 for the Kaldi layout, None if neither column is a label."""
+    if fields[0] in LABELS:
+        return 0
+    if fields[2] in LABELS:
+        return 2
+    return None
+
+
+def read_trials(path) -> Trials:
+    """Read a trial list in the VoxCeleb or the Kaldi layout (see the module docstring).
+
+    Args:
+        path: text file, one trial per line.
+    Returns:
+        :class:`Trials` in file order.
+    Raises:
+        TrialsError: unreadable file, malformed line (file and line number), empty list.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise TrialsError(f"{path}: cannot read trial list ({err})") from err
+    labels, enroll, test = [], [], []
+    column = None  # fixed by the first trial; every later line must follow it
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 3:
+            raise TrialsError(
+                f"{path}:{lineno}: expected 3 fields 'LABEL ENROLL TEST' or 'ENROLL TEST LABEL', "
+                f"got {len(fields)}: {line.strip()!r}"
+            )
+        if column is None:
+            column = _label_column(fields)
+            if column is None:
+                raise TrialsError(
+                    f"{path}:{lineno}: no label (1/0/target/nontarget) in the first or last "
+                    f"column: {line.strip()!r}"
+                )
+        label = fields[column]
+        if label not in LABELS:
+            layout = "first" if column == 0 else "last"
+            raise TrialsError(
+                f"{path}:{lineno}: label {label!r} in the {layout} column is not one of "
+                f"1/0/target/nontarget: {line.strip()!r}"
+            )
+        pair = fields[1:] if column == 0 else fields[:2]
+        labels.append(LABELS[label])
+        enroll.append(pair[0])
+        test.append(pair[1])
+    if not labels:
+        raise TrialsError(f"{path}: no trials in the file")
+    return Trials(np.asarray(labels, dtype=np.int8), enroll, test)

@@ -1,0 +1,83 @@
+"""Trial list parsing: both layouts, both label styles, blank lines, bad lines."""
+
+import numpy as np
+import pytest
+
+from mrlcache.trials import Trials, TrialsError, read_trials
+
+A = "id10270/x6uYqmx31kE/00001.wav"
+B = "id10270/8jEAjG6SegY/00008.wav"
+C = "id10300/ize_eiCFEg0/00003.wav"
+
+
+def write(tmp_path, text, name="trials.txt"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_voxceleb_layout_numeric_labels(tmp_path):
+    trials = read_trials(write(tmp_path, f"1 {A} {B}\n0 {A} {C}\n0 {B} {C}\n"))
+    assert trials.labels.dtype == np.int8
+    assert trials.labels.tolist() == [1, 0, 0]
+    assert trials.enroll == [A, A, B]
+    assert trials.test == [B, C, C]
+    assert (trials.n_target, trials.n_nontarget, len(trials)) == (1, 2, 3)
+
+
+def test_kaldi_layout_word_labels_and_blank_lines(tmp_path):
+    text = f"\n{A} {B} target\n   \n{A} {C} nontarget\r\n\t{B} {C}  nontarget\n\n"
+    trials = read_trials(write(tmp_path, text))
+    assert trials.labels.tolist() == [1, 0, 0]
+    assert trials.enroll == [A, A, B]
+    assert trials.test == [B, C, C]
+
+
+def test_voxceleb_layout_word_labels(tmp_path):
+    trials = read_trials(write(tmp_path, f"target {A} {B}\nnontarget {C} {A}\n"))
+    assert trials.labels.tolist() == [1, 0]
+    assert trials.enroll == [A, C]
+
+
+def test_utterances_first_appearance_order(tmp_path):
+    trials = read_trials(write(tmp_path, f"1 {B} {A}\n0 {B} {C}\n0 {C} {A}\n"))
+    assert trials.utterances == [B, A, C]
+
+
+def test_indices_select_and_missing(tmp_path):
+    trials = read_trials(write(tmp_path, f"1 {A} {B}\n0 {A} {C}\n0 {B} {C}\n"))
+    rows = {C: 0, A: 1, B: 2}
+    enroll, test = trials.indices(rows)
+    assert enroll.tolist() == [1, 1, 2] and test.tolist() == [2, 0, 0]
+    assert trials.missing({A, B}) == [C]
+    with pytest.raises(TrialsError, match=r"1 trial utterance\(s\) have no embedding, e.g. .*00003"):
+        trials.indices({A: 0, B: 1})
+    kept = trials.select(np.array([True, False, True]))
+    assert isinstance(kept, Trials)
+    assert kept.labels.tolist() == [1, 0] and kept.test == [B, C]
+
+
+@pytest.mark.parametrize(
+    "text,lineno,message",
+    [
+        (f"1 {A} {B}\n\n1 {A}\n", 3, "expected 3 fields"),
+        (f"1 {A} {B}\n0 {A} {B} extra\n", 2, "got 4"),
+        (f"1 {A} {B}\nyes {A} {B}\n", 2, "label 'yes' in the first column"),
+        (f"{A} {B} target\n{A} {B} maybe\n", 2, "label 'maybe' in the last column"),
+        # A VoxCeleb line in a Kaldi-layout file is caught, not silently misread.
+        (f"{A} {B} target\n1 {A} {B}\n", 2, "in the last column"),
+        (f"{A} {B} {C}\n", 1, "no label"),
+    ],
+)
+def test_bad_lines_name_file_and_line(tmp_path, text, lineno, message):
+    path = write(tmp_path, text)
+    with pytest.raises(TrialsError, match=message) as info:
+        read_trials(path)
+    assert f"{path}:{lineno}:" in str(info.value)
+
+
+def test_empty_and_missing_files(tmp_path):
+    with pytest.raises(TrialsError, match="no trials"):
+        read_trials(write(tmp_path, "\n  \n"))
+    with pytest.raises(TrialsError, match="cannot read"):
+        read_trials(tmp_path / "absent.txt")
