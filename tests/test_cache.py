@@ -149,6 +149,10 @@ def test_readable_without_mrlcache(tmp_path):
     group = zarr.open_group(root / "shards" / "shard-00001.zarr", mode="r")
     np.testing.assert_array_equal(group["pooled"][:], expected)
     np.testing.assert_array_equal(group["index"][:], [4, 5, 6, 7])
+    rows = [line.rstrip("\n").split("\t") for line in open(root / "manifest.tsv")][1:]
+    assert [rows[i][1] for i in group["index"][:]] == [u.utt_id for u in make_manifest(10)[4:8]]
+    skipped = zarr.open_group(root / "shards" / "shard-00000.zarr", mode="r").attrs["skipped"]
+    assert skipped == {make_manifest(10)[2].utt_id: "silent"}
     raw = np.fromfile(root / "shards" / "shard-00001.zarr" / "pooled" / "c" / "0" / "1" / "0", dtype="<f2")
     np.testing.assert_array_equal(raw.reshape(-1, meta["pooled_dim"]), expected[:, 1])
     with h5py.File(tmp_path / "hdf5" / "shards" / "shard-00001.h5", "r") as f:
