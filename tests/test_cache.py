@@ -229,9 +229,15 @@ def test_other_settings_are_refused(tmp_path):
         cache.CacheWriter(tmp_path / "c", make_meta(), make_manifest(10), backend="hdf5")
     with pytest.raises(cache.SettingsMismatchError, match="utterance list"):
         cache.CacheWriter(tmp_path / "c", make_meta(), make_manifest(11))
-    # Tuples and lists are the same setting once in JSON; the version may change.
+    relabelled = [Utterance(u.utt_id, u.path, "other") for u in make_manifest(10)]
+    with pytest.raises(cache.SettingsMismatchError, match="utterance list"):
+        cache.CacheWriter(tmp_path / "c", make_meta(), relabelled)
+    # Tuples and lists are the same setting once in JSON; the version may change; the data
+    # may have moved to another disk (same ids and speakers).
     meta = make_meta(augment={"noise_snr": (5, 20), "reverb": 0.5}, mrlcache_version="9.9")
-    cache.CacheWriter(tmp_path / "c", meta, make_manifest(10)).close()
+    moved = [Utterance(u.utt_id, "/mnt" + u.path, u.speaker) for u in make_manifest(10)]
+    cache.CacheWriter(tmp_path / "c", meta, moved).close()
+    assert cache.open(tmp_path / "c", allow_incomplete=True).meta["seed"] == 7
 
 
 def test_overwrite(tmp_path):
@@ -251,6 +257,13 @@ def test_non_cache_directory_is_refused(tmp_path):
             cache.CacheWriter(tmp_path / "data", make_meta(), make_manifest(10), overwrite=overwrite)
     assert (tmp_path / "data" / "precious.wav").exists()
     cache.CacheWriter(tmp_path / "empty", make_meta(), make_manifest(10)).close()  # new dir is fine
+    # What another rank that arrived first leaves before manifest.tsv exists is fine too.
+    (tmp_path / "starting" / "shards").mkdir(parents=True)
+    (tmp_path / "starting" / "locks").mkdir()
+    cache.CacheWriter(tmp_path / "starting", make_meta(), make_manifest(10), rank=1).close()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(cache.NotACacheError, match="is a file"):
+        cache.CacheWriter(tmp_path / "file", make_meta(), make_manifest(10))
 
 
 def test_reader_errors(tmp_path):

@@ -293,6 +293,7 @@ class CacheWriter:
         self.rank = int(rank)
         manifest_text = _manifest_text(manifest)
         self._utt_ids = [u.utt_id for u in manifest]
+        self._speakers = [u.speaker or "" for u in manifest]
         if len(set(self._utt_ids)) != len(self._utt_ids):
             raise ValueError("manifest has duplicate utterance ids")
         self._row_of = {u: i for i, u in enumerate(self._utt_ids)}
@@ -311,7 +312,11 @@ class CacheWriter:
         self.locks_dir = self.out / LOCKS_DIR
 
         is_cache = (self.out / META_FILE).exists() or (self.out / MANIFEST_FILE).exists()
-        if self.out.exists() and not is_cache and any(self.out.iterdir()):
+        if self.out.exists() and not self.out.is_dir():
+            raise NotACacheError(f"{self.out}: is a file, not a cache directory; choose another --out")
+        # Entries another rank creates first, before manifest.tsv exists, are not foreign.
+        foreign = [] if is_cache or not self.out.exists() else [p for p in self.out.iterdir() if not _ours(p.name)]
+        if foreign:
             raise NotACacheError(
                 f"{self.out}: directory is not empty and is not an mrlcache cache (no {META_FILE}); "
                 f"choose another --out or empty it"
@@ -358,10 +363,14 @@ class CacheWriter:
         """Create manifest.tsv and cache.json, or check that the existing ones match ours."""
         manifest_path = self.out / MANIFEST_FILE
         if not _write_exclusive(manifest_path, manifest_text):
-            if manifest_path.read_text() != manifest_text:
+            # Ids and speakers decide the shards; the paths may differ (data moved to
+            # another disk) and the stored manifest keeps the first run's paths.
+            utt_ids, speakers, _ = read_manifest(manifest_path)
+            if utt_ids != self._utt_ids or speakers != self._speakers:
                 raise SettingsMismatchError(
                     f"{self.out}: the existing cache was extracted from another utterance list "
-                    f"({manifest_path} differs); use --overwrite to start over or another --out"
+                    f"({manifest_path}: {len(utt_ids)} utterances, now {len(self._utt_ids)}; ids or "
+                    f"speakers differ); use --overwrite to start over or another --out"
                 )
         meta_text = json.dumps(self.meta, indent=2, sort_keys=True) + "\n"
         meta_path = self.out / META_FILE
@@ -491,6 +500,13 @@ class CacheWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _ours(name: str) -> bool:
+    """True for the names a cache directory holds (including writers' temporary files)."""
+    return name in (META_FILE, MANIFEST_FILE, SHARDS_DIR, LOCKS_DIR) or re.match(
+        rf"^\.({re.escape(META_FILE)}|{re.escape(MANIFEST_FILE)})\.tmp-\d+$", name
+    ) is not None
 
 
 def _remove(path: Path) -> None:
