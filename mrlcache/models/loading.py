@@ -91,7 +91,7 @@ def read_checkpoint(path):
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated/corrupt/foreign files
         raise CheckpointError(f"{path}: not a readable torch checkpoint, the file may be corrupt or "
-                              f"truncated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                              f"truncated ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
                               "delete it and download it again") from e
     if not isinstance(ckpt, dict) or not {"model_config", "state_dict"} <= set(ckpt):
         found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
