@@ -195,11 +195,15 @@ def read_meta(path) -> dict:
         raise NotACacheError(f"{path}: no such cache directory; run 'mrlcache extract --out {path}' first")
     meta_path = path / META_FILE
     if not path.is_dir() or not meta_path.is_file():
-        raise NotACacheError(f"{path}: not an mrlcache cache (no {META_FILE}); give the --out directory of 'mrlcache extract'")
+        raise NotACacheError(
+            f"{path}: not an mrlcache cache (no {META_FILE}); give the --out directory of 'mrlcache extract'"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise NotACacheError(f"{meta_path}: unreadable ({err}); rerun 'mrlcache extract' with --overwrite") from None
+        raise NotACacheError(
+            f"{meta_path}: unreadable ({err}); rerun 'mrlcache extract' with --overwrite"
+        ) from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version is None:
         raise NotACacheError(f"{meta_path}: no format_version; not an mrlcache cache")
@@ -278,7 +282,9 @@ class CacheWriter:
         NotACacheError: ``out`` is a non-empty directory that is not a cache.
     """
 
-    def __init__(self, out, meta: dict, manifest, *, backend: str = "zarr", overwrite: bool = False, rank: int = 0):
+    def __init__(
+        self, out, meta: dict, manifest, *, backend: str = "zarr", overwrite: bool = False, rank: int = 0
+    ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown cache format {backend!r}; known: {', '.join(BACKENDS)}")
         missing = [k for k in REQUIRED_KEYS if k not in meta]
@@ -315,7 +321,9 @@ class CacheWriter:
         if self.out.exists() and not self.out.is_dir():
             raise NotACacheError(f"{self.out}: is a file, not a cache directory; choose another --out")
         # Entries another rank creates first, before manifest.tsv exists, are not foreign.
-        foreign = [] if is_cache or not self.out.exists() else [p for p in self.out.iterdir() if not _ours(p.name)]
+        foreign = []
+        if self.out.exists() and not is_cache:
+            foreign = [p for p in self.out.iterdir() if not _ours(p.name)]
         if foreign:
             raise NotACacheError(
                 f"{self.out}: directory is not empty and is not an mrlcache cache (no {META_FILE}); "
@@ -425,13 +433,15 @@ class CacheWriter:
         views, dim = int(self.meta["views"]), int(self.meta["pooled_dim"])
         pooled = np.asarray(pooled)
         if pooled.shape != (len(index), views, dim):
-            raise ValueError(f"shard {k}: pooled has shape {pooled.shape}, expected {(len(index), views, dim)}")
+            expected = (len(index), views, dim)
+            raise ValueError(f"shard {k}: pooled has shape {pooled.shape}, expected {expected}")
         skipped = {str(u): str(r) for u, r in skipped.items()}
         unknown = [u for u in skipped if self._row_of.get(u) not in rows]
         if unknown:
             raise ValueError(f"shard {k}: skipped ids not in this shard's manifest rows: {unknown[:3]}")
         covered = np.concatenate([index, np.array([self._row_of[u] for u in skipped], dtype=np.int64)])
-        if len(covered) != len(rows) or not np.array_equal(np.sort(covered), np.arange(rows.start, rows.stop)):
+        exact = np.array_equal(np.sort(covered), np.arange(rows.start, rows.stop))
+        if not exact:
             raise ValueError(
                 f"shard {k}: index ({len(index)}) and skipped ({len(skipped)}) must cover manifest rows "
                 f"{rows.start}..{rows.stop - 1} exactly once"
@@ -441,7 +451,8 @@ class CacheWriter:
         bad = ~np.isfinite(stored).all(axis=(1, 2))
         if bad.any():
             first = self._utt_ids[index[np.flatnonzero(bad)[0]]]
-            hint = " (too large for float16: extract with --dtype float32)" if np.isfinite(pooled).all() else ""
+            overflow = np.isfinite(pooled).all()
+            hint = " (too large for float16: extract with --dtype float32)" if overflow else ""
             raise ValueError(f"shard {k}: {int(bad.sum())} vectors are not finite, first {first!r}{hint}")
         final = self.shards_dir / shard_name(k, self.backend.name)
         if final.exists():
@@ -596,7 +607,8 @@ class Cache:
             if shape[1:] != (self.num_views, self.dim) or len(index) != shape[0]:
                 raise CacheError(
                     f"{shard_files[k]}: pooled shape {shape} does not match the cache "
-                    f"(views {self.num_views}, pooled_dim {self.dim}); the shard is damaged, delete it and rerun extract"
+                    f"(views {self.num_views}, pooled_dim {self.dim}); the shard is damaged: "
+                    f"delete it and rerun extract"
                 )
             self.shards.append(Shard(shard_files[k], self._backend, attrs, index, shape, utt_ids, speakers))
         self.utterances = [u for s in self.shards for u in s.utterances]
@@ -664,7 +676,8 @@ class Cache:
             out[i] = p
         if missing:
             shown = ", ".join(
-                f"{u!r}" + (f" (skipped: {self.skipped[u]})" if u in self.skipped else "") for u in missing[:5]
+                f"{u!r}" + (f" (skipped: {self.skipped[u]})" if u in self.skipped else "")
+                for u in missing[:5]
             )
             raise KeyError(f"{len(missing)} utterance ids have no vector in {self.path}: {shown}")
         return out
