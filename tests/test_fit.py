@@ -1,0 +1,189 @@
+"""Fitting the head on a synthetic cache with known speaker structure."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mrlcache import cache
+from mrlcache.corpus import Utterance
+from mrlcache.fit import FitError, fit, heldout_trials
+
+POOLED = 48
+DIMS = (4, 8, 16, 32)
+FAST = dict(epochs=12, batch_size=32, lr=1e-2, warmup_epochs=1, margin_warmup_epochs=2, scale=16,
+            head_only=True, progress=False)
+
+
+def synth_vectors(n_spk, utts, views, seed, rank=6):
+    """Vectors = speaker centroid in a `rank`-dim subspace + strong per-utterance nuisance in
+    another subspace + a large common offset + small per-view noise.
+
+    Raw cosine suffers from the offset and the nuisance; a linear head can remove both.
+    Returns (pooled (N, V, D) float32, speaker index per row (N,)).
+    """
+    rng = np.random.default_rng(1234)  # the same geometry for train and validation speakers
+    basis = np.linalg.qr(rng.standard_normal((POOLED, POOLED)))[0]
+    spk_basis, nuis_basis = basis[:, :rank], basis[:, rank:rank + 12]
+    offset = 4.0 * rng.standard_normal(POOLED)
+    rng = np.random.default_rng(seed)
+    centroids = 2.0 * rng.standard_normal((n_spk, rank)) @ spk_basis.T
+    spk = np.repeat(np.arange(n_spk), utts)
+    nuisance = 2.5 * rng.standard_normal((len(spk), 12)) @ nuis_basis.T
+    noise = 0.4 * rng.standard_normal((len(spk), views, POOLED))
+    pooled = centroids[spk][:, None] + nuisance[:, None] + offset + noise
+    return pooled.astype(np.float32), spk
+
+
+def write_synth_cache(out, n_spk, utts=6, views=3, seed=0, first_spk=0, shard_size=64):
+    pooled, spk = synth_vectors(n_spk, utts, views, seed)
+    manifest = [Utterance(f"id{first_spk + s:05d}/v/{i:05d}.wav", f"/none/{i}.wav", f"id{first_spk + s:05d}")
+                for i, s in enumerate(spk)]
+    meta = {"model_config": {"synthetic": True}, "weights_sha256": "0" * 64, "pooled_dim": POOLED,
+            "sample_rate": 16000, "mode": "train", "crop_seconds": 2.0, "views": views, "augment": {},
+            "seed": seed, "dtype": "float32", "shard_size": shard_size}
+    with cache.CacheWriter(out, meta, manifest) as writer:
+        for k in range(writer.num_shards):
+            rows = list(writer.shard_rows(k))
+            writer.write_shard(k, rows, pooled[rows], {}, seconds=0.0)
+        writer.finish()
+    return manifest, spk
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    write_synth_cache(root / "train", n_spk=64, utts=8, views=3, seed=1)
+    manifest, spk = write_synth_cache(root / "val", n_spk=12, utts=5, views=1, seed=2, first_spk=100)
+    e, t, lab = heldout_trials(spk, 10_000, seed=0)
+    (root / "trials.txt").write_text(
+        "".join(f"{l} {manifest[a].utt_id} {manifest[b].utt_id}\n" for a, b, l in zip(e, t, lab)))
+    return root
+
+
+def read_history(run):
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def test_head_beats_raw_cosine_on_unseen_speakers(caches, tmp_path):
+    run = fit(caches / "train", DIMS, tmp_path / "run", val_cache=str(caches / "val"),
+              val_trials=str(caches / "trials.txt"), **FAST)
+    summary = json.loads((run / "summary.json").read_text())
+    eers = summary["best"]["eer"]
+    raw = summary["raw_eer"]
+    assert raw > 0.10  # the nuisance really hurts raw cosine
+    for d in DIMS[1:]:  # dim 4 < the 6-dim speaker subspace: judged only against longer dims
+        assert eers[str(d)] < 0.5 * raw, (d, eers, raw)
+    # A shorter prefix is no better than a longer one beyond noise.
+    for a, b in zip(DIMS, DIMS[1:]):
+        assert eers[str(a)] >= eers[str(b)] - 0.03, eers
+    hist = read_history(run)
+    assert len(hist) == FAST["epochs"]
+    assert [h["margin"] for h in hist[:3]] == pytest.approx([0.0, 0.1, 0.2])
+    assert set(hist[0]["val_eer"]) == {str(d) for d in DIMS}
+    for name in ("config.yaml", "fingerprint.json", "last.pt", "best.pt", "model.pt"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    fp = json.loads((run / "fingerprint.json").read_text())
+    assert fp["weights_sha256"] == "0" * 64 and fp["utterances"] == 64 * 8
+
+
+def test_same_seed_same_fit_and_other_seed_differs(caches, tmp_path):
+    opts = dict(FAST, epochs=2)
+    runs = [fit(caches / "train", DIMS, tmp_path / f"r{i}", seed=s, **opts) for i, s in enumerate((3, 3, 4))]
+    heads = [torch.load(r / "last.pt", weights_only=False)["head"] for r in runs]
+    for k in heads[0]:
+        assert torch.equal(heads[0][k], heads[1][k]), k
+    assert not torch.equal(heads[0]["linear.weight"], heads[2]["linear.weight"])
+    assert read_history(runs[0])[-1]["loss"] == read_history(runs[1])[-1]["loss"]
+
+
+def test_resume_continues_and_matches_uninterrupted(caches, tmp_path):
+    opts = dict(FAST, epochs=4, seed=5)
+    # A finished 2-epoch fit, extended to 4 epochs: resume continues the count and history.
+    part = fit(caches / "train", DIMS, tmp_path / "part", **dict(opts, epochs=2))
+    assert len(read_history(part)) == 2
+    with pytest.raises(FitError, match="already holds a fit"):
+        fit(caches / "train", DIMS, tmp_path / "part", **opts)
+    with pytest.raises(FitError, match="options differ.*margin"):
+        fit(caches / "train", DIMS, tmp_path / "part", resume=True, **dict(opts, margin=0.3))
+    fit(caches / "train", DIMS, tmp_path / "part", resume=True, **opts)
+    hist = read_history(part)
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
+    assert torch.load(part / "last.pt", weights_only=False)["epoch"] == 4
+
+
+def test_interrupted_fit_resumes_bit_identical(caches, tmp_path, monkeypatch):
+    opts = dict(FAST, epochs=3, seed=6)
+    full = fit(caches / "train", DIMS, tmp_path / "full", **opts)
+    import mrlcache.fit as fit_mod
+
+    real = fit_mod._log_tensorboard
+    calls = {"n": 0}
+
+    def crash_after_two(writer, rec, dims):  # raised after epoch 2's history line
+        real(writer, rec, dims)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_mod, "_log_tensorboard", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        fit(caches / "train", DIMS, tmp_path / "cut", **opts)
+    monkeypatch.setattr(fit_mod, "_log_tensorboard", real)
+    # The crash hit before last.pt of epoch 2: resume redoes epoch 2 and drops its stale line.
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["epoch"] == 1
+    fit(caches / "train", DIMS, tmp_path / "cut", resume=True, **opts)
+    a = torch.load(full / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    for k in a["head"]:
+        assert torch.equal(a["head"][k], b["head"][k]), k
+    ha, hb = read_history(full), read_history(tmp_path / "cut")
+    assert [h["epoch"] for h in hb] == [0, 1, 2]
+    assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
+    assert [h["val_eer"] for h in ha] == [h["val_eer"] for h in hb]
+
+
+def test_streamed_features_cover_every_training_row_once(caches, tmp_path):
+    from mrlcache.fit import MemoryFeatures, StreamedFeatures
+
+    c = cache.open(caches / "train")
+    labels = np.arange(len(c.utterances)) % 7
+    labels[::10] = -1  # held-out rows never appear
+    mem = MemoryFeatures(c.pooled(), labels, np.flatnonzero(labels >= 0))
+    streamed = StreamedFeatures(list(c.iter_shards()), labels, labels >= 0, c.num_views, c.dim,
+                                window_rows=100, dtype=np.float32)
+    for feats in (mem, streamed):
+        # Batches may live in a reused buffer: copy each before asking for the next.
+        xs, ys = zip(*[(x.clone(), y) for x, y in feats.epoch(seed=0, epoch=3, batch_size=32, device="cpu")])
+        x, y = torch.cat(xs).numpy(), torch.cat(ys).numpy()
+        assert len(y) == (labels >= 0).sum()
+        # Each row is one of the cached views of a training utterance with that label.
+        allv = c.pooled()
+        flat = allv.reshape(-1, c.dim)
+        match = (np.abs(flat[None, :, :] - x[:, None, :]).max(-1) == 0)
+        hits = match.argmax(1) // c.num_views
+        assert match.any(1).all()
+        assert sorted(hits.tolist()) == np.flatnonzero(labels >= 0).tolist()
+        assert (labels[hits] == y).all()
+
+
+def test_streamed_fit_runs_under_a_tiny_memory_budget(caches, tmp_path):
+    run = fit(caches / "train", DIMS, tmp_path / "s", memory_gb=1e-5, **dict(FAST, epochs=2))
+    assert json.loads((run / "summary.json").read_text())["features"] == "streamed"
+
+
+def test_bad_options_fail_clearly(caches, tmp_path):
+    with pytest.raises(FitError, match="increasing"):
+        fit(caches / "train", (32, 16), tmp_path / "a", **FAST)
+    with pytest.raises(FitError, match="exceeds the cached pooled size"):
+        fit(caches / "train", (64, 128), tmp_path / "b", **FAST)
+    with pytest.raises(FitError, match="no such directory"):
+        fit(tmp_path / "nope", DIMS, tmp_path / "c", **FAST)
+    with pytest.raises(FitError, match="both"):
+        fit(caches / "train", DIMS, tmp_path / "d", val_cache=str(caches / "val"), **FAST)
+    from mrlcache.model import ModelError
+
+    with pytest.raises(ModelError, match="names no backbone"):
+        fit(caches / "train", DIMS, tmp_path / "e", **dict(FAST, head_only=False))
