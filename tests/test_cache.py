@@ -339,3 +339,20 @@ def test_temp_shard_of_a_live_rank_is_kept(tmp_path):
     rank1.close()
     cache.CacheWriter(out, make_meta(), make_manifest(10), rank=0).close()
     assert not in_progress.exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_failed_shard_write_leaves_nothing(tmp_path, backend, monkeypatch):
+    writer = cache.CacheWriter(tmp_path / "c", make_meta(), make_manifest(10), backend=backend)
+    real_write = writer.backend.write
+
+    def write_then_fail(path, pooled, index, attrs):
+        real_write(path, pooled, index, attrs)  # the whole shard is on disk, under its temp name
+        assert Path(path).name.startswith(".shard-00001.tmp-r0-")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writer.backend, "write", write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        writer.write_shard(1, [4, 5, 6, 7], vectors(10)[4:8], {}, 1.0)
+    assert writer.done_shards() == set() and list((tmp_path / "c" / "shards").iterdir()) == []
+    writer.close()
