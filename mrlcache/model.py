@@ -183,8 +183,9 @@ def load_model(path, device: str = "cpu") -> MRLModel:
 def backbone_for_cache(cache_dir, meta: dict, weights=None):
     """The backbone a cache was extracted with, checked against its ``weights_sha256``.
 
-    Looks at ``weights`` (explicit file), then ``CACHE/backbone.pt``, then the cache's
-    ``weights_source`` (a path or a variant name). Returns (backbone, reference dict for
+    Looks at ``weights`` (explicit file), then ``CACHE/backbone.pt`` (random-init weights),
+    then the cache's ``weights_source`` (a file path, or ``{variant}-{dataset}-{train_type}``
+    for published weights, as ``mrlcache extract`` records them). Returns (backbone, reference dict for
     :func:`save_model`).
 
     Raises:
@@ -192,18 +193,26 @@ def backbone_for_cache(cache_dir, meta: dict, weights=None):
     """
     from mrlcache.models.loading import CheckpointError, load_backbone
 
-    train_type, dataset = meta.get("train_type", "ptn"), meta.get("dataset", "vox2")
     local = Path(cache_dir) / "backbone.pt" if cache_dir is not None else None
+    recorded = str(meta.get("weights_source") or "")
+    train_type, dataset = "ptn", "vox2"
     if weights is not None:
         source = str(Path(weights).resolve())
     elif local is not None and local.is_file():
-        source = str(local.resolve())
-    elif meta.get("weights_source"):
-        source = str(meta["weights_source"])
+        source = str(local.resolve())  # random-init weights saved by extract
+    elif recorded and Path(recorded).is_file():
+        source = recorded
+    elif recorded and not recorded.startswith("random-init"):
+        # Published weights are recorded as "{variant}-{dataset}-{train_type}", e.g. b2-vox2-ptn.
+        source, _, rest = recorded.partition("-")
+        dataset, _, train_type = rest.rpartition("-")
+        if not (dataset and train_type):
+            raise ModelError(f"{cache_dir}: cannot read weights_source {recorded!r}; pass --weights PATH")
     else:
         raise ModelError(
-            f"{cache_dir}: the cache names no backbone weights (no backbone.pt, no weights_source); "
-            f"pass --weights PATH to the backbone it was extracted with, or --head-only"
+            f"{cache_dir}: the cache names no backbone weights it can be loaded from "
+            f"(weights_source {recorded or 'missing'}, no backbone.pt); pass --weights PATH to the "
+            f"backbone it was extracted with, or --head-only"
         )
     try:
         backbone = load_backbone(source, train_type=train_type, dataset=dataset)

@@ -185,5 +185,5 @@ def test_bad_options_fail_clearly(caches, tmp_path):
         fit(caches / "train", DIMS, tmp_path / "d", val_cache=str(caches / "val"), **FAST)
     from mrlcache.model import ModelError
 
-    with pytest.raises(ModelError, match="names no backbone"):
+    with pytest.raises(ModelError, match="names no backbone weights"):
         fit(caches / "train", DIMS, tmp_path / "e", **dict(FAST, head_only=False))
