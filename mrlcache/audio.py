@@ -102,10 +102,14 @@ def check_wave(wave: np.ndarray, path, min_seconds: float, sample_rate: int = SA
     AudioError("silent") if its peak is below ``SILENCE_PEAK``."""
     seconds = wave.shape[0] / sample_rate
     if seconds < min_seconds:
-        raise AudioError(path, "too_short", f"{seconds:.2f} s of audio, at least {min_seconds:g} s needed")
+        raise AudioError(
+            path, "too_short", f"{seconds:.2f} s of audio, at least {min_seconds:g} s needed"
+        )
     peak = float(np.abs(wave).max()) if wave.size else 0.0
     if peak < SILENCE_PEAK:
-        raise AudioError(path, "silent", f"peak {peak:.1e} is below {SILENCE_PEAK:.0e} (digital silence)")
+        raise AudioError(
+            path, "silent", f"peak {peak:.1e} is below {SILENCE_PEAK:.0e} (digital silence)"
+        )
 
 
 def audio_info(path) -> tuple[int, int | None, int]:
@@ -214,7 +218,8 @@ def _decode_pyav(path: str) -> tuple[np.ndarray, int]:
                 chunks.append(out.to_ndarray())
         except av.FFmpegError as err:
             if not chunks:
-                raise AudioError(path, "unreadable", f"decoder error at the start ({err})") from None
+                detail = f"decoder error at the start ({err})"
+                raise AudioError(path, "unreadable", detail) from None
             raise AudioError(path, "truncated", f"decoder error mid-stream ({err})") from None
         expected = None
         if stream.duration is not None and stream.time_base is not None:
@@ -225,5 +230,6 @@ def _decode_pyav(path: str) -> tuple[np.ndarray, int]:
     # AAC decodes in 1024-sample frames and may add or drop a frame of priming/padding
     # against the container's duration; a cut file misses far more.
     if expected is not None and wave.shape[0] < expected - max(4096, expected // 50):
-        raise AudioError(path, "truncated", f"{wave.shape[0]} of the {expected} samples the container announces")
+        detail = f"{wave.shape[0]} of the {expected} samples the container announces"
+        raise AudioError(path, "truncated", detail)
     return np.ascontiguousarray(wave, dtype=np.float32), rate

@@ -119,7 +119,9 @@ def coloured_noise(n: int, slope: float, rng: np.random.Generator) -> np.ndarray
     return (noise / np.sqrt(np.mean(noise**2))).astype(np.float32)
 
 
-def synthetic_rir(rt60: float, drr_db: float, rng: np.random.Generator, sr: int = SAMPLE_RATE) -> np.ndarray:
+def synthetic_rir(
+    rt60: float, drr_db: float, rng: np.random.Generator, sr: int = SAMPLE_RATE
+) -> np.ndarray:
     """A room impulse response: direct-path peak, a gap, then exponentially decaying noise.
 
     Args:
@@ -192,7 +194,9 @@ def _list_audio(folder: str, what: str) -> list[str]:
             if not name.startswith(".") and name.lower().endswith(AUDIO_EXTENSIONS):
                 found.append(os.path.normpath(os.path.join(rel, name)))
     if not found:
-        raise AugmentError(f"{folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in the {what} folder")
+        raise AugmentError(
+            f"{folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)}) in the {what} folder"
+        )
     return [os.path.join(folder, r) for r in sorted(found)]
 
 
@@ -214,7 +218,9 @@ class Augmenter:
             return length
         return int(np.ceil(length * max(self.config.speeds)))
 
-    def __call__(self, wave: np.ndarray, rng: np.random.Generator, length: int | None = None) -> np.ndarray:
+    def __call__(
+        self, wave: np.ndarray, rng: np.random.Generator, length: int | None = None
+    ) -> np.ndarray:
         """Augment a wave.
 
         Args:
@@ -251,7 +257,9 @@ class Augmenter:
         except AudioError as err:
             raise AugmentError(f"{what} file {err}; remove it from the {what} folder") from None
         if float(np.abs(wave).max()) == 0.0:
-            raise AugmentError(f"{path}: {what} file is all zeros; remove it from the {what} folder")
+            raise AugmentError(
+                f"{path}: {what} file is all zeros; remove it from the {what} folder"
+            )
         return wave
 
     def _noise(self, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -135,7 +135,9 @@ def read_list(path: str | os.PathLike) -> list[Utterance]:
             )
         utt_id, audio = fields[0], fields[1]
         if utt_id in seen:
-            raise CorpusError(f"{where}: duplicate utterance id {utt_id!r} (first on line {seen[utt_id]})")
+            raise CorpusError(
+                f"{where}: duplicate utterance id {utt_id!r} (first on line {seen[utt_id]})"
+            )
         seen[utt_id] = number
         speaker = fields[2] if len(fields) == 3 else _speaker_from_id(utt_id, where)
         out.append(Utterance(utt_id, os.path.normpath(os.path.join(base, audio)), speaker))
@@ -160,7 +162,9 @@ def _read_pairs(path: Path, what: str) -> dict[str, tuple[str, int]]:
     return pairs
 
 
-def read_kaldi(wav_scp: str | os.PathLike, utt2spk: str | os.PathLike | None = None) -> list[Utterance]:
+def read_kaldi(
+    wav_scp: str | os.PathLike, utt2spk: str | os.PathLike | None = None
+) -> list[Utterance]:
     """Read a Kaldi data folder's ``wav.scp`` (``utt path``) and ``utt2spk`` (``utt speaker``).
 
     Relative paths in ``wav.scp`` are resolved against the current directory, as Kaldi

@@ -23,10 +23,13 @@ from mrlcache.augment import (
 )
 
 QUIET = dict(p_noise=0.0, p_reverb=0.0, gain_db=(0.0, 0.0))  # augmenter that changes nothing
+NO_REVERB = dict(p_reverb=0.0, gain_db=(0.0, 0.0))
+NO_NOISE = dict(p_noise=0.0, gain_db=(0.0, 0.0))
 
 
 def _snr_db(clean, mixed):
-    return 10 * np.log10(np.mean(clean.astype(np.float64) ** 2) / np.mean((mixed - clean).astype(np.float64) ** 2))
+    clean = clean.astype(np.float64)
+    return 10 * np.log10(np.mean(clean**2) / np.mean((mixed - clean) ** 2))
 
 
 def _find(segment, wave):
@@ -47,10 +50,17 @@ def test_view_rng_is_a_pure_function_of_its_arguments():
 
 
 def test_view_rng_is_stable_across_interpreters():
-    code = "from mrlcache.augment import view_rng; print(view_rng(3, 'id9/x/00001.wav', 1).integers(0, 2**62, 3).tolist())"
+    code = (
+        "from mrlcache.augment import view_rng; "
+        "print(view_rng(3, 'id9/x/00001.wav', 1).integers(0, 2**62, 3).tolist())"
+    )
     outs = {
         subprocess.run(
-            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": hs}, capture_output=True, text=True, check=True
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": hs},
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         for hs in ("1", "999")
     }
@@ -119,7 +129,9 @@ def test_add_noise_hits_the_snr(snr):
 def test_augmenter_noise_at_the_drawn_snr():
     wave = 0.3 * speech_like(2.0, seed=4)
     for slope in (0.0, 1.0, 2.0):
-        cfg = AugmentConfig(p_noise=1.0, p_reverb=0.0, gain_db=(0.0, 0.0), snr_db=(7.0, 7.0), noise_slope=(slope, slope))
+        cfg = AugmentConfig(
+            p_noise=1.0, snr_db=(7.0, 7.0), noise_slope=(slope, slope), **NO_REVERB
+        )
         out = Augmenter(cfg)(wave, np.random.default_rng(3))
         assert abs(_snr_db(wave, out) - 7.0) < 0.05
 
@@ -151,7 +163,8 @@ def test_reverberate_keeps_length_alignment_and_level():
     wave[[2000, 9000, 15000]] = [0.5, -0.8, 0.3]  # clicks
     rir = np.zeros(1200, np.float32)
     rir[200] = 1.0  # direct path after a 200-sample propagation delay
-    rir[201:] = 0.3 * np.exp(-np.arange(999) / 150.0) * np.random.default_rng(0).standard_normal(999)
+    decay = np.exp(-np.arange(999) / 150.0)
+    rir[201:] = 0.3 * decay * np.random.default_rng(0).standard_normal(999)
     out = reverberate(wave, rir)
     assert out.shape == wave.shape and out.dtype == np.float32
     assert abs(np.sqrt(np.mean(out**2)) - np.sqrt(np.mean(wave**2))) < 1e-6
@@ -177,7 +190,8 @@ def test_speed_perturbation_shifts_pitch_and_keeps_length():
     assert int(np.argmax(np.abs(np.fft.rfft(view)))) == 1100  # 1 Hz bins
     off = Augmenter(AugmentConfig(**QUIET))
     assert off.input_samples(16000) == 16000
-    assert _find(make_view(tone, "u", 1, seed=0, crop_samples=16000, augmenter=off), tone) is not None
+    clean = make_view(tone, "u", 1, seed=0, crop_samples=16000, augmenter=off)
+    assert _find(clean, tone) is not None
 
 
 def test_noise_and_rir_folders_are_used(tmp_path):
@@ -185,9 +199,11 @@ def test_noise_and_rir_folders_are_used(tmp_path):
     hum = (0.2 * np.sin(2 * np.pi * 5000 * np.arange(sr) / sr)).astype(np.float32)
     write_wav(tmp_path / "noise" / "b" / "hum.wav", hum, sr)
     write_flac(tmp_path / "noise" / "a" / "hum2.flac", hum, sr)
-    (tmp_path / "noise" / "README.txt").write_text("not audio")
-    aug = Augmenter(AugmentConfig(noise_dir=str(tmp_path / "noise"), p_noise=1.0, p_reverb=0.0, gain_db=(0.0, 0.0), snr_db=(5.0, 5.0)))
-    assert aug.noise_files == [str(tmp_path / "noise" / "a" / "hum2.flac"), str(tmp_path / "noise" / "b" / "hum.wav")]
+    noise = tmp_path / "noise"
+    (noise / "README.txt").write_text("not audio")
+    cfg = AugmentConfig(noise_dir=str(noise), p_noise=1.0, snr_db=(5.0, 5.0), **NO_REVERB)
+    aug = Augmenter(cfg)
+    assert aug.noise_files == [str(noise / "a" / "hum2.flac"), str(noise / "b" / "hum.wav")]
     wave = 0.3 * speech_like(1.0, seed=6)
     out = aug(wave, np.random.default_rng(0))
     added = out - wave
@@ -197,7 +213,8 @@ def test_noise_and_rir_folders_are_used(tmp_path):
     rir = np.zeros(2000, np.float32)
     rir[100], rir[900] = 1.0, 0.5  # direct path and one echo 800 samples later
     write_wav(tmp_path / "rirs" / "room1.wav", rir, 16000, subtype="FLOAT")
-    aug = Augmenter(AugmentConfig(rir_dir=str(tmp_path / "rirs"), p_reverb=1.0, p_noise=0.0, gain_db=(0.0, 0.0)))
+    cfg = AugmentConfig(rir_dir=str(tmp_path / "rirs"), p_reverb=1.0, **NO_NOISE)
+    aug = Augmenter(cfg)
     out = aug(wave, np.random.default_rng(0))
     expected = wave.copy()
     expected[800:] += 0.5 * wave[:-800]

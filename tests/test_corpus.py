@@ -15,10 +15,12 @@ def _touch(path):
 
 
 def test_scan_tree_ids_speakers_and_order(tmp_path):
-    paths = make_tree(tmp_path, speakers=2, videos=2, utts=2, seconds=0.1, formats=("wav", "flac", "m4a"))
+    formats = ("wav", "flac", "m4a")
+    paths = make_tree(tmp_path, speakers=2, videos=2, utts=2, seconds=0.1, formats=formats)
     utts = scan_tree(tmp_path)
     assert [u.utt_id for u in utts] == sorted(p.relative_to(tmp_path).as_posix() for p in paths)
-    assert utts[0] == Utterance("id10001/v00/00001.wav", str(tmp_path / "id10001/v00/00001.wav"), "id10001")
+    first = "id10001/v00/00001.wav"
+    assert utts[0] == Utterance(first, str(tmp_path / first), "id10001")
     assert {u.utt_id.rsplit(".", 1)[1] for u in utts} == {"wav", "flac", "m4a"}
     assert all(u.speaker == u.utt_id.split("/")[0] for u in utts)
     assert all(os.path.isabs(u.path) and os.path.isfile(u.path) for u in utts)
@@ -78,7 +80,7 @@ def test_read_list_resolves_paths_and_speakers(tmp_path):
     [
         ("a/1.wav x.wav\nonlyone\n", 2, "expected 'utt_id path"),
         ("a/1.wav x.wav s\n\n# c\na/2.wav y.wav s extra\n", 4, "4 fields"),
-        ("a/1.wav x.wav\na/2.wav y.wav\na/1.wav z.wav\n", 3, "duplicate utterance id 'a/1.wav' .first on line 1"),
+        ("a/1.wav x\na/2.wav y\na/1.wav z\n", 3, "duplicate .*'a/1.wav' .first on line 1"),
         ("noslash x.wav\n", 1, "no 'speaker/' prefix"),
     ],
 )
