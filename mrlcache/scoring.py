@@ -144,6 +144,27 @@ def score_trials(emb, index_enroll, index_test, dims, mean=None, chunk=4096) -> 
     return out
 
 
+def speaker_sums(emb, speakers: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Per-speaker sums of embeddings, for means over data read in pieces.
+
+    Args:
+        emb: (N, D) embeddings.
+        speakers: N speaker labels.
+    Returns:
+        (names, sums, counts): sorted unique names, (S, D) float64 sums, (S,) int64 counts.
+    """
+    emb = np.asarray(emb)
+    if emb.ndim != 2 or emb.shape[0] != len(speakers):
+        raise ScoringError(f"embeddings {emb.shape} do not match {len(speakers)} speaker labels")
+    names, inverse = np.unique(np.asarray(speakers, dtype=str), return_inverse=True)
+    counts = np.bincount(inverse, minlength=names.size)
+    # One bincount per feature: linear time, no (N, D) temporary copy.
+    sums = np.zeros((names.size, emb.shape[1]))
+    for j in range(emb.shape[1]):
+        sums[:, j] = np.bincount(inverse, weights=emb[:, j], minlength=names.size)
+    return names.tolist(), sums, counts.astype(np.int64)
+
+
 def speaker_means(emb, speakers: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """Mean embedding of each speaker (the AS-Norm cohort of common VoxCeleb recipes).
 
@@ -156,19 +177,10 @@ def speaker_means(emb, speakers: Sequence[str]) -> tuple[list[str], np.ndarray]:
     Returns:
         (names, means): sorted unique speaker names and their (S, D) float64 means.
     """
-    emb = np.asarray(emb)
-    if emb.ndim != 2 or emb.shape[0] != len(speakers):
-        raise ScoringError(f"embeddings {emb.shape} do not match {len(speakers)} speaker labels")
-    if emb.shape[0] == 0:
+    if np.shape(emb)[0] == 0:
         raise ScoringError("no embeddings to average")
-    names, inverse = np.unique(np.asarray(speakers, dtype=str), return_inverse=True)
-    counts = np.bincount(inverse, minlength=names.size).astype(np.float64)
-    # One bincount per feature: linear time, no (N, D) temporary copy.
-    means = np.stack(
-        [np.bincount(inverse, weights=emb[:, j], minlength=names.size) for j in range(emb.shape[1])],
-        axis=1,
-    )
-    return names.tolist(), means / counts[:, None]
+    names, sums, counts = speaker_sums(emb, speakers)
+    return names, sums / counts[:, None]
 
 
 def cohort_stats(emb, cohort, dims, topk, mean=None, chunk=2048) -> tuple[np.ndarray, np.ndarray]:

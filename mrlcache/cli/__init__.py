@@ -21,9 +21,11 @@ def main():
 def _register():
     # One line per command module; a module that fails to import is a bug, not something
     # to hide, so there is no try/except here.
-    from mrlcache.cli import info
+    from mrlcache.cli import eer, embed, info
 
     main.add_command(info.info)
+    main.add_command(eer.eer)
+    main.add_command(embed.embed)
 
 
 _register()

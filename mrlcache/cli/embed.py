@@ -1,0 +1,106 @@
+"""``mrlcache embed``: embeddings of audio files from a fitted model.
+
+Each file is decoded once and embedded whole (``--max-seconds`` caps it). The embeddings
+are the raw prefix of the Matryoshka head output, as ``mrlcache.load_model(path)(wave,
+dim)`` returns them: L2-normalise before cosine scoring.
+
+Output: ``--out emb.npy`` writes one (N, dim) float32 array and ``emb.ids.txt`` (the N
+utterance ids, one per line, same order); ``--out DIR`` writes ``DIR/<utt_id>.npy`` per
+file (the id's extension replaced) and ``DIR/ids.txt``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mrlcache.config import config_option, write_resolved
+
+
+def _inputs(paths) -> list[tuple[str, Path]]:
+    """(utterance id, path) of every input.
+
+    A file's id is its path as given; the files of a folder get ids relative to it
+    (``id10270/x6uYqmx31kE/00001.wav``, as trial lists and caches name them).
+    """
+    from mrlcache.corpus import CorpusError, scan_tree
+
+    out = []
+    for given in paths:
+        p = Path(given)
+        if p.is_dir():
+            try:
+                out.extend((u.utt_id, Path(u.path)) for u in scan_tree(p))
+            except CorpusError as err:
+                raise click.ClickException(str(err)) from None
+        else:
+            out.append((p.as_posix(), p))
+    ids = [u for u, _ in out]
+    if len(set(ids)) != len(ids):
+        dup = next(u for u in ids if ids.count(u) > 1)
+        raise click.ClickException(f"utterance id {dup!r} occurs twice among the inputs; give each file once")
+    return out
+
+
+@click.command()
+@config_option
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="RUN/model.pt written by 'mrlcache fit'.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--dim", type=int, default=None, help="Embedding size; default the model's largest.")
+@click.option("--out", "out", required=True, type=click.Path(),
+              help="emb.npy (one array + emb.ids.txt) or a folder (one .npy per file).")
+@click.option("--max-seconds", type=float, default=None, help="Use at most this much of each file.")
+@click.option("--device", default="cpu", show_default=True)
+@click.pass_context
+def embed(ctx, model_path, inputs, dim, out, max_seconds, device):
+    """Write embeddings of audio FILES or folders (scanned as SPEAKER/.../FILE trees)."""
+    import numpy as np
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from mrlcache.audio import SAMPLE_RATE, AudioError, load_audio
+    from mrlcache.model import ModelError, load_model
+
+    try:
+        model = load_model(model_path, device=device)
+    except ModelError as err:
+        raise click.ClickException(str(err)) from None
+    dim = model.dims[-1] if dim is None else dim
+    if dim not in model.dims:
+        raise click.ClickException(f"--dim {dim}: the model was trained for dims {list(model.dims)}")
+    if model.backbone is None:
+        raise click.ClickException(f"{model_path} was fitted head-only (no backbone): it cannot embed audio")
+    items = _inputs(inputs)
+    limit = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
+    vectors = np.empty((len(items), dim), dtype=np.float32)
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("embedding", total=len(items))
+        for i, (_, path) in enumerate(items):
+            try:
+                wave = load_audio(path)[:limit]  # (T,)
+            except AudioError as err:
+                raise click.ClickException(f"{err}; remove the file or fix it") from None
+            with torch.no_grad():
+                x = torch.from_numpy(np.ascontiguousarray(wave))[None].to(device)
+                vectors[i] = model(x, dim=dim)[0].cpu().numpy()
+            progress.advance(task)
+
+    out = Path(out)
+    ids = [u for u, _ in items]
+    if out.suffix == ".npy":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, vectors)
+        out.with_name(out.stem + ".ids.txt").write_text("\n".join(ids) + "\n")
+        write_resolved(ctx, out.with_name(out.stem + ".options.yaml"))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for utt, vector in zip(ids, vectors):
+            target = (out / utt.lstrip("/")).with_suffix(".npy")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.save(target, vector)
+        (out / "ids.txt").write_text("\n".join(ids) + "\n")
+        write_resolved(ctx, out / "options.yaml")
+    click.echo(f"{len(ids)} embeddings of dim {dim} -> {out}", err=True)
