@@ -220,6 +220,7 @@ class ValSet:
     test: np.ndarray
     labels: np.ndarray
     source: str
+    batch: int = 1024  # rows per embedding pass (small for waveforms)
 
 
 def heldout_trials(speakers: np.ndarray, max_trials: int, seed: int):
@@ -290,7 +291,7 @@ def evaluate(embed_fn, val: ValSet, dims, device) -> dict:
     from mrlcache.metrics import eer, min_dcf
 
     embs = []
-    for sl in _batch_slices(len(val.pooled), 1024):
+    for sl in _batch_slices(len(val.pooled), val.batch):
         embs.append(embed_fn(torch.from_numpy(val.pooled[sl]).to(device)).float().cpu())
     scores = prefix_cosines(torch.cat(embs), val.enroll, val.test, dims)
     out = {"eer": {}, "min_dcf": {}}
@@ -703,5 +704,198 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
     if val is not None:
         extra["raw_eer"] = raw_eer(val)
         extra["val_source"] = val.source
+    _finish(job, result, backbone, backbone_ref, extra)
+    return out
+
+
+# ----------------------------------------------------------------------------- end-to-end mode
+
+
+class _CropDataset(torch.utils.data.Dataset):
+    """One crop per (utterance, view) pair of an epoch, decoded and augmented in the worker."""
+
+    def __init__(self, paths, utt_ids, items, seed, crop_samples, augment_config):
+        self.paths, self.utt_ids, self.items = paths, utt_ids, items  # items: (K, 2) rows, views
+        self.seed, self.crop_samples, self.augment_config = seed, crop_samples, augment_config
+        self._augmenter = None
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        from mrlcache.audio import load_audio
+        from mrlcache.augment import Augmenter, make_view
+
+        if self._augmenter is None and self.augment_config is not None:
+            self._augmenter = Augmenter(self.augment_config)  # one per worker: lists files once
+        row, view = (int(v) for v in self.items[k])
+        wave = load_audio(self.paths[row])
+        crop = make_view(wave, self.utt_ids[row], view, seed=self.seed, crop_samples=self.crop_samples,
+                         augmenter=self._augmenter)
+        return torch.from_numpy(crop), row
+
+
+def fit_end_to_end(data, dims: Sequence[int], out, *, variant: str | None = None, weights: str | None = None,
+                   random_init: bool = False, train_type: str = "ptn", dataset: str = "vox2",
+                   crop_seconds: float = 2.0, views: int = 4, augment=None, workers: int = 0,
+                   unfreeze_after: int | None = None, backbone_lr: float = 1e-5, grad_accum: int = 1,
+                   resume: bool = False, **options) -> Path:
+    """Fit the head (and optionally the backbone) on audio crops; returns the run directory.
+
+    The same head, loss, schedule, validation (held-out speakers, clean view-0 crops) and
+    run files as :func:`fit`. Each epoch every training utterance contributes view ``v`` of
+    ``views``, drawn exactly as the cache mode draws cached views, and the crop is the one
+    ``mrlcache extract`` would make for (seed, utt_id, v): with a frozen backbone the two
+    modes see the same data.
+
+    Args:
+        data: VoxCeleb-style tree (``mrlcache.corpus.scan_tree``).
+        variant / weights / random_init: the backbone (a published name, a file, or the
+            named configuration with random weights from ``seed``).
+        crop_seconds, views, augment: as ``mrlcache extract`` (augment: AugmentConfig).
+        workers: DataLoader workers decoding and augmenting.
+        unfreeze_after: train the backbone from this epoch on (None: frozen throughout),
+            with learning rate ``backbone_lr`` under the same schedule.
+        grad_accum: batches per optimiser step.
+    """
+    from mrlcache.corpus import scan_tree
+    from mrlcache.model import state_sha256
+    from mrlcache.models.loading import load_backbone, save_checkpoint
+
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(FitConfig)})
+    if unknown:
+        raise FitError(f"unknown fit option(s): {', '.join(unknown)}")
+    cfg = FitConfig(dims=tuple(dims), **options)
+    cfg.extra = {"mode": "end-to-end", "data": str(data), "variant": variant, "weights": weights,
+                 "random_init": random_init, "train_type": train_type, "dataset": dataset,
+                 "crop_seconds": crop_seconds, "views": views,
+                 "augment": augment.to_dict() if augment is not None else None,
+                 "unfreeze_after": unfreeze_after, "backbone_lr": backbone_lr, "grad_accum": grad_accum}
+    cfg.check()
+    if cfg.val_cache is not None:
+        raise FitError("end-to-end mode validates on held-out training speakers: use --val-speakers, "
+                       "not --val-cache (cached vectors go stale once the backbone trains)")
+    if grad_accum < 1 or views < 1 or crop_seconds <= 0:
+        raise FitError("grad_accum and views must be >= 1 and crop_seconds > 0")
+    if sum(bool(x) for x in (variant, weights)) != 1:
+        raise FitError("end-to-end mode needs exactly one of --variant NAME or --weights PATH")
+    out = Path(out)
+    device = _resolve_device(cfg.device)
+    utts = scan_tree(data)
+    if not utts:
+        raise FitError(f"--data {data}: no audio files found")
+    if random_init:
+        backbone = load_backbone(variant, random_init=True, seed=cfg.seed)
+    else:
+        backbone = load_backbone(weights or variant, train_type=train_type, dataset=dataset)
+    backbone_ref = None if random_init else {"source": str(Path(weights).resolve()) if weights else variant,
+                                             "train_type": train_type, "dataset": dataset}
+    if cfg.dims[-1] > backbone.pooled_dim:
+        raise FitError(f"dims {list(cfg.dims)}: largest dim exceeds the backbone's pooled size {backbone.pooled_dim}")
+    backbone = backbone.to(device).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+
+    speakers = np.array([u.speaker for u in utts])
+    names = sorted(set(speakers.tolist()))
+    n_val = cfg.val_speakers
+    if n_val is None:
+        n_val = min(200, max(2, len(names) // 20)) if len(names) >= 6 else 0
+    if n_val and n_val > len(names) - 2:
+        raise FitError(f"--val-speakers {n_val}: {data} has only {len(names)} speakers; keep at least 2 for training")
+    cfg.val_speakers = int(n_val)
+    pick = np.random.default_rng(cfg.seed).permutation(len(names))[:n_val]
+    val_names = {names[k] for k in pick}
+    train_names = [s for s in names if s not in val_names]
+    cls = {s: k for k, s in enumerate(train_names)}
+    labels = np.array([cls.get(s, -1) for s in speakers], np.int64)
+    train_rows = np.flatnonzero(labels >= 0)
+
+    # Backbone identity for the fingerprint: the file's SHA-256, or the random weights' bytes.
+    sha = backbone.weights_sha256 or state_sha256(backbone)
+    fingerprint = {"data": str(Path(data).resolve()), "utterances": len(utts), "weights_sha256": sha,
+                   "model_config": backbone.model_config, "pooled_dim": backbone.pooled_dim,
+                   "cache_meta_sha256": meta_hash({"data": str(Path(data).resolve()), "utts": len(utts),
+                                                   "sha": sha, **cfg.extra}),
+                   "train_speakers": len(train_names), "val_speakers": sorted(val_names), "features": "end-to-end"}
+    resume = _prepare_out(out, cfg, resume, fingerprint)
+    _write_run_header(out, cfg, fingerprint)
+    if random_init and not resume:
+        save_checkpoint(backbone, out / "backbone.pt")  # the weights the run started from
+
+    paths = [u.path for u in utts]
+    ids = [u.utt_id for u in utts]
+    crop = int(round(crop_seconds * 16000))
+
+    def loader(items):
+        # The cache mode's batch boundaries (a lone last crop joins the previous batch).
+        slices = [list(range(s.start, s.stop)) for s in _batch_slices(len(items), cfg.batch_size)]
+        ds = _CropDataset(paths, ids, items, cfg.seed, crop, augment)
+        return torch.utils.data.DataLoader(ds, batch_sampler=slices, num_workers=workers)
+
+    labels_t = torch.from_numpy(labels)
+
+    def batches(epoch):
+        # The cache mode's draw: one view per utterance, then a permutation of training rows.
+        g = _epoch_generator(cfg.seed, epoch)
+        v = torch.randint(views, (len(utts),), generator=g).numpy()
+        order = train_rows[torch.randperm(len(train_rows), generator=g).numpy()]
+        for wave, rows in loader(np.stack([order, v[order]], 1)):
+            yield wave.to(device), labels_t[rows].to(device)
+
+    torch.manual_seed(cfg.seed)
+    head = MatryoshkaHead(backbone.pooled_dim, cfg.dims).to(device)
+    loss_fn = MatryoshkaMarginLoss(cfg.dims, len(train_names), dim_weights=cfg.dim_weights, margin=cfg.margin,
+                                   scale=cfg.scale, subcenters=cfg.subcenters, classifier=cfg.classifier,
+                                   kind=cfg.loss).to(device)
+    groups = _param_groups([head, loss_fn], cfg)
+    if unfreeze_after is not None:
+        # Backbone groups exist from the start with their own lr; frozen parameters have no
+        # gradient, so the optimiser skips them until unfreezing.
+        groups += _param_groups([backbone], cfg, lr=backbone_lr)
+    opt = _make_optimizer(cfg, groups)
+    n_batches = len(_batch_slices(len(train_rows), cfg.batch_size))
+    opt_steps = math.ceil(n_batches / grad_accum)
+
+    state = {"unfrozen": False}
+
+    def on_epoch_start(epoch):
+        if unfreeze_after is not None and epoch >= unfreeze_after and not state["unfrozen"]:
+            for p in backbone.parameters():
+                p.requires_grad_(True)
+            state["unfrozen"] = True
+        backbone.train(state["unfrozen"])
+
+    def embed(wave):
+        if state["unfrozen"]:
+            return head(backbone.pooled(wave))
+        with torch.no_grad():
+            pooled = backbone.pooled(wave)
+        return head(pooled)
+
+    val = None
+    val_rows = np.flatnonzero(labels < 0)
+    if len(val_rows):
+        val_waves = np.stack([_CropDataset(paths, ids, np.array([[r, 0]]), cfg.seed, crop, None)[0][0].numpy()
+                              for r in val_rows])
+        e, t, lab = heldout_trials(speakers[val_rows], cfg.max_val_trials, cfg.seed)
+        if lab.min() == lab.max():
+            raise FitError("held-out validation trials are all one class; raise --val-speakers")
+        val = ValSet(val_waves, e, t, lab, f"{len(val_names)} held-out speakers, clean {crop_seconds}s crops",
+                     batch=32)
+
+    def val_embed(wave):
+        backbone.eval()
+        out_ = head(backbone.pooled(wave))
+        backbone.train(state["unfrozen"])
+        return out_
+
+    job = _Job(cfg=cfg, out=out, head=head, loss_fn=loss_fn, batches=batches, embed=embed, val_embed=val_embed,
+               val=val, num_train=len(train_rows), steps_per_epoch=n_batches, device=device, optimizer=opt,
+               scheduler=_make_scheduler(cfg, opt, opt_steps),
+               extra_modules={"backbone": backbone} if unfreeze_after is not None else {},
+               on_epoch_start=on_epoch_start, grad_accum=grad_accum)
+    result = _train(job, resume)
+    extra = {"features": "end-to-end", "train_utterances": len(train_rows), "train_speakers": len(train_names)}
     _finish(job, result, backbone, backbone_ref, extra)
     return out

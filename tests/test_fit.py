@@ -187,3 +187,42 @@ def test_bad_options_fail_clearly(caches, tmp_path):
 
     with pytest.raises(ModelError, match="names no backbone weights"):
         fit(caches / "train", DIMS, tmp_path / "e", **dict(FAST, head_only=False))
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    from conftest import make_tree
+
+    root = tmp_path_factory.mktemp("e2e")
+    make_tree(root, speakers=3, videos=2, utts=2, seconds=1.0)
+    return root
+
+
+E2E = dict(variant="b0", random_init=True, crop_seconds=0.5, batch_size=4, lr=1e-2, val_speakers=0,
+           margin_warmup_epochs=0, scale=16, progress=False)
+
+
+def test_end_to_end_frozen_loss_falls(tiny_corpus, tmp_path):
+    from mrlcache.fit import fit_end_to_end
+
+    run = fit_end_to_end(tiny_corpus, (16, 32), tmp_path / "run", views=1, epochs=6, loss="softmax", **E2E)
+    hist = read_history(run)
+    first, last = (np.mean(list(hist[k]["loss"].values())) for k in (0, -1))
+    assert last < 0.5 * first, [h["loss"] for h in hist]
+    assert all(h["samples"] == 12 for h in hist)
+    assert (run / "model.pt").exists()
+
+
+def test_end_to_end_unfreezing_trains_the_backbone(tiny_corpus, tmp_path):
+    from mrlcache.fit import fit_end_to_end
+    from mrlcache.model import load_model
+    from mrlcache.models.loading import load_backbone
+
+    run = fit_end_to_end(tiny_corpus, (16, 32), tmp_path / "run", views=2, epochs=2, unfreeze_after=1,
+                         backbone_lr=1e-3, grad_accum=2, **E2E)
+    start = load_backbone(str(run / "backbone.pt"))
+    trained = load_model(run / "model.pt").backbone
+    changed = [k for k, v in start.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, trained.state_dict()[k])]
+    assert changed, "the backbone did not change after unfreezing"
+    assert any(k.startswith("backbone.") for k in changed)
