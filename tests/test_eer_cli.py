@@ -181,7 +181,8 @@ def test_missing_utterances(setup, tmp_path):
         assert ghosts[0] in result.output and "--skip-missing" in result.output
 
         out = tmp_path / "skip.json"
-        result = run("eer", "--model", root / "model.pt", "--trials", trials, *mode, "--skip-missing", "--json", out)
+        result = run("eer", "--model", root / "model.pt", "--trials", trials, *mode,
+                     "--skip-missing", "--json", out)
         assert result.exit_code == 0, result.output
         report = json.loads(out.read_text())
         assert report["skipped_trials"] == 2
@@ -191,7 +192,8 @@ def test_missing_utterances(setup, tmp_path):
 
 def test_refuses_cache_of_other_weights(setup):
     root, _ = setup
-    result = run("eer", "--model", root / "other.pt", "--trials", root / "trials.txt", "--cache", root / "cache")
+    result = run("eer", "--model", root / "other.pt", "--trials", root / "trials.txt",
+                 "--cache", root / "cache")
     assert result.exit_code != 0
     want = load_model(root / "other.pt").weights_sha256
     have = load_model(root / "model.pt").weights_sha256

@@ -264,7 +264,8 @@ def evaluate(trials, utts, pooled, transforms, dims, *, center=None, cohort=None
             click.echo(f"note: {system} has {width} dims, none of {dims} fit; not scored", err=True)
             continue
         if system == "pca" and len(use) < len(dims):
-            click.echo(f"note: pca is limited to the published size {width}: dims {[d for d in dims if d > width]} not scored", err=True)
+            over = [d for d in dims if d > width]
+            click.echo(f"note: pca is limited to the published size {width}: dims {over} not scored", err=True)
         mean = None if center is None else center[system]["mean"]
         scores = scoring.score_trials(emb, ie, it, use, mean=mean)  # (n_dims, T)
         if cohort is not None:
@@ -310,7 +311,8 @@ def _plot(results, path, title):
         style = "o-" if len(rows) > 1 else "s"
         axes[0].plot(dims, [100 * r["eer"] for r in rows], style, label=system)
         axes[1].plot(dims, [r["min_dcf_0.01"] for r in rows], style, label=f"{system} (0.01)")
-        axes[1].plot(dims, [r["min_dcf_0.05"] for r in rows], style.replace("-", "--"), label=f"{system} (0.05)")
+        axes[1].plot(dims, [r["min_dcf_0.05"] for r in rows], style.replace("-", "--"),
+                     label=f"{system} (0.05)")
     axes[0].set(xlabel="embedding dim", ylabel="EER (%)", title="EER")
     axes[1].set(xlabel="embedding dim", ylabel="minDCF", title="minDCF")
     for ax in axes:
