@@ -1,0 +1,157 @@
+"""``mrlcache extract``: the frozen backbone over a corpus, once, into a feature cache."""
+
+import os
+from pathlib import Path
+
+import click
+
+from mrlcache.config import config_option, write_resolved
+
+
+def dist_env() -> tuple[int, int, bool]:
+    """(rank, world_size, launched_by_torchrun) from the torchrun environment variables."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "MASTER_ADDR" in os.environ
+    return 0, 1, False
+
+
+def load_utterances(data, list_file, utt2spk):
+    """The manifest from --data (a speaker tree) or --list (an utt list or Kaldi wav.scp)."""
+    from mrlcache import corpus
+
+    if bool(data) == bool(list_file):
+        raise click.UsageError("give exactly one of --data DIR or --list FILE")
+    if data:
+        return corpus.scan_tree(data)
+    if utt2spk or Path(list_file).name == "wav.scp":
+        return corpus.read_kaldi(list_file, utt2spk)  # finds utt2spk beside wav.scp itself
+    return corpus.read_list(list_file)
+
+
+def load_weights(variant, weights, random_init, seed, train_type, dataset):
+    """The backbone and a description of where its weights come from."""
+    from mrlcache.models.loading import load_backbone
+
+    if random_init:
+        if not variant or weights:
+            raise click.UsageError("--random-init needs --variant NAME (and no --weights)")
+        return load_backbone(variant, random_init=True, seed=seed), f"random-init:{variant}:seed={seed}"
+    if bool(variant) == bool(weights):
+        raise click.UsageError("give exactly one of --variant NAME, --weights PATH (or --random-init --variant NAME)")
+    if weights:
+        return load_backbone(weights), str(Path(weights).resolve())
+    return load_backbone(variant, train_type=train_type, dataset=dataset), f"{variant}-{dataset}-{train_type}"
+
+
+@click.command()
+@config_option
+@click.option("--data", type=click.Path(exists=True, file_okay=False), help="VoxCeleb-style tree speaker/video/utt.{wav,flac,m4a}.")
+@click.option("--list", "list_file", type=click.Path(exists=True, dir_okay=False), help="Lines 'utt_id path [speaker]', or a Kaldi wav.scp (with utt2spk beside it or --utt2spk).")
+@click.option("--utt2spk", type=click.Path(exists=True, dir_okay=False), help="Kaldi utt2spk; makes --list a wav.scp.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory.")
+@click.option("--format", "backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
+@click.option("--variant", help="Published ReDimNet: b0..b6, S, M (downloaded once).")
+@click.option("--train-type", default="ptn", show_default=True, help="Published file: ptn, ft_lm, ft_mix.")
+@click.option("--dataset", default="vox2", show_default=True, help="Published file's training data.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local published-format checkpoint.")
+@click.option("--random-init", is_flag=True, help="Random backbone from --seed (saved as OUT/backbone.pt).")
+@click.option("--mode", type=click.Choice(["train", "eval"]), default="train", show_default=True)
+@click.option("--views", type=int, default=4, show_default=True, help="Train mode: crops per utterance (view 0 clean).")
+@click.option("--crop-seconds", type=float, default=2.0, show_default=True)
+@click.option("--max-seconds", type=float, default=None, help="Eval mode: cap on each utterance.")
+@click.option("--min-seconds", type=float, default=0.5, show_default=True, help="Shorter utterances are skipped as too_short.")
+@click.option("--noise-dir", type=click.Path(exists=True, file_okay=False), help="Noise files (e.g. MUSAN); default synthetic coloured noise.")
+@click.option("--rir-dir", type=click.Path(exists=True, file_okay=False), help="Room impulse responses; default synthetic rooms.")
+@click.option("--speed-perturb", is_flag=True, help="Also speed-perturb augmented views (changes the voice; off by default).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Utterances per shard.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Crops per forward pass.")
+@click.option("--workers", type=int, default=None, help="Decoding workers [default: 1 on CPU, up to 8 with CUDA].")
+@click.option("--threads", type=int, default=None, help="Model threads on the CPU [default: torch's].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU. Mel features stay float32.")
+@click.option("--rank", type=int, default=None, help="This process's rank without torchrun.")
+@click.option("--world-size", type=int, default=None, help="Number of processes without torchrun.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, dataset, weights, random_init, mode,
+            views, crop_seconds, max_seconds, min_seconds, noise_dir, rir_dir, speed_perturb, seed, shard_size,
+            dtype, batch_size, workers, threads, device, precision, rank, world_size, overwrite, quiet):
+    """Run the frozen backbone once over a corpus and cache its pooled vectors.
+
+    Rerunning the same command resumes: finished shards are kept. Under
+    `torchrun --nproc-per-node N -m mrlcache extract ...` each process writes its own shards.
+    """
+    import torch
+    from rich.console import Console
+
+    from mrlcache.augment import AugmentConfig
+    from mrlcache.cache import CacheError
+    from mrlcache.corpus import CorpusError
+    from mrlcache.extract import ExtractConfig, ExtractError
+    from mrlcache.extract import extract as run_extract
+    from mrlcache.models.loading import CheckpointError
+
+    env_rank, env_world, torchrun = dist_env()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if threads:
+        torch.set_num_threads(threads)
+    console = Console(stderr=True)
+    barrier = None
+    try:
+        cfg = ExtractConfig(
+            mode=mode, views=views, crop_seconds=crop_seconds, max_seconds=max_seconds, min_seconds=min_seconds,
+            seed=seed, shard_size=shard_size, dtype=dtype, batch_size=batch_size, workers=workers, device=device,
+            precision=precision,
+            augment=AugmentConfig(noise_dir=noise_dir and str(Path(noise_dir).resolve()),
+                                  rir_dir=rir_dir and str(Path(rir_dir).resolve()), speed=speed_perturb),
+        )
+        utterances = load_utterances(data, list_file, utt2spk)
+        model, source = load_weights(variant, weights, random_init, seed, train_type, dataset)
+        if torchrun and world_size > 1 and overwrite:
+            import datetime
+
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=1))
+            barrier = dist.barrier
+        console.print(f"extract: {len(utterances)} utterances, backbone {source} (pooled {model.pooled_dim}), "
+                      f"mode {mode}, views {cfg.views}, rank {rank}/{world_size} -> {out}")
+        summary = run_extract(
+            utterances, model, out, cfg, backend=backend, overwrite=overwrite, rank=rank, world_size=world_size,
+            weights_source=source, save_backbone=random_init, barrier=barrier, progress=not quiet,
+        )
+    except (ExtractError, CheckpointError, CorpusError, CacheError) as err:
+        raise click.ClickException(str(err))
+    finally:
+        if barrier is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank == 0:
+        write_resolved(ctx, Path(out) / "extract-config.yaml")
+    if summary is None:
+        console.print(f"rank {rank}: my shards are done; the summary is written when every rank has finished")
+        return
+    print_summary(console, summary, cfg.views)
+
+
+def print_summary(console, summary: dict, views: int) -> None:
+    """The end-of-run table: utterances, views, hours, skipped by reason, speed, size."""
+    from rich.table import Table
+
+    table = Table(title="extract summary", show_header=False)
+    table.add_row("utterances", f"{summary['utterances']:,}")
+    table.add_row("views per utterance", str(views))
+    table.add_row("audio hours", f"{summary['audio_hours']:.2f}")
+    skipped = ", ".join(f"{r}: {n}" for r, n in summary["skipped_by_reason"].items()) or "none"
+    table.add_row("skipped", f"{summary['skipped']} ({skipped})")
+    table.add_row("throughput", f"{summary['utterances_per_second']:.1f} utt/s, "
+                                f"{summary['audio_seconds_per_second']:.0f}x real time (last rank)")
+    table.add_row("model busy", f"{100 * summary['model_busy_fraction']:.0f}% of wall time")
+    table.add_row("cache size", f"{summary['cache_bytes'] / 2**20:.1f} MiB in {summary['shards']} shards")
+    console.print(table)

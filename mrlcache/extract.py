@@ -1,0 +1,411 @@
+"""The one pass: frozen backbone over a speaker corpus into a sharded feature cache.
+
+Data path: manifest rows -> DataLoader workers (decode once, make every view of the
+utterance) -> batches of equal-length crops -> ``model.pooled`` under inference mode ->
+one shard written atomically when all its rows are done.
+
+Determinism: a view is a pure function of (seed, utterance id, view index)
+(:func:`mrlcache.augment.make_view`), and batches are formed inside a shard from the
+shard's rows in manifest order, so a shard's vectors do not depend on which rank wrote
+it, on an earlier crash, or on how many workers decoded it.
+
+Scale-out: shard k belongs to rank ``k % world_size``; each rank holds its own lock and
+writes its own shards side by side. The summary goes into ``cache.json`` once all
+shards exist, by whichever rank finishes last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mrlcache.audio import SAMPLE_RATE, AudioError, check_wave, load_audio
+from mrlcache.augment import AugmentConfig, Augmenter, make_view
+from mrlcache.cache import CacheWriter, IncompleteCacheError
+
+BACKBONE_FILE = "backbone.pt"  # random-init weights, saved beside the cache
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ExtractError(Exception):
+    """Settings that cannot work (bad device/precision, nothing to extract...)."""
+
+
+@dataclass
+class ExtractConfig:
+    """Everything the cached vectors depend on, plus how the pass is run.
+
+    Attributes:
+        mode: "train" (``views`` crops per utterance) or "eval" (the whole utterance).
+        views: crops per utterance in train mode; view 0 clean, the others augmented.
+        crop_seconds: crop length in train mode (shorter utterances are repeat-padded).
+        max_seconds: eval mode: keep at most this much of each utterance (None: all).
+        min_seconds: utterances shorter than this are skipped as "too_short".
+        seed: seed of every random choice (crop positions, augmentation).
+        shard_size: utterances per shard.
+        dtype: "float16" or "float32" storage of the pooled vectors.
+        batch_size: crops per forward pass.
+        workers: DataLoader decoding workers (None: 1 on CPU, up to 8 on CUDA).
+        device: "auto", "cpu", "cuda", "cuda:N".
+        precision: "auto" (bf16/fp16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16".
+        augment: augmentation settings of views 1..K-1.
+    """
+
+    mode: str = "train"
+    views: int = 4
+    crop_seconds: float = 2.0
+    max_seconds: float | None = None
+    min_seconds: float = 0.5
+    seed: int = 0
+    shard_size: int = 1000
+    dtype: str = "float16"
+    batch_size: int = 64
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if self.mode not in ("train", "eval"):
+            raise ExtractError(f"mode must be 'train' or 'eval', got {self.mode!r}")
+        if self.mode == "eval":
+            self.views = 1
+        if self.views < 1 or self.shard_size < 1 or self.batch_size < 1:
+            raise ExtractError("views, shard-size and batch-size must be at least 1")
+        if self.mode == "train" and not self.crop_seconds > 0:
+            raise ExtractError(f"crop-seconds must be positive, got {self.crop_seconds}")
+        if self.precision not in PRECISIONS:
+            raise ExtractError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" -> this rank's GPU when CUDA is present, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ExtractError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ExtractError("--precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for the backbone; the mel front end opts out and stays float32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------- data loading
+
+
+@dataclass
+class Item:
+    """One decoded utterance: its views, or the reason it has none."""
+
+    row: int
+    utt_id: str
+    views: np.ndarray | None  # (V, crop) train, (1, T) eval
+    reason: str | None
+    seconds: float
+
+
+class UtteranceViews(torch.utils.data.Dataset):
+    """Manifest row -> :class:`Item` (decoded once, every view made from that one decode)."""
+
+    def __init__(self, utterances, cfg: ExtractConfig):
+        self.utterances = utterances
+        self.cfg = cfg
+        self.crop_samples = int(round(cfg.crop_seconds * SAMPLE_RATE))
+        self.augmenter = Augmenter(cfg.augment) if cfg.mode == "train" and cfg.views > 1 else None
+
+    def __len__(self):
+        return len(self.utterances)
+
+    def __getitem__(self, row: int) -> Item:
+        utt = self.utterances[row]
+        try:
+            wave = load_audio(utt.path)  # (T,)
+            check_wave(wave, utt.path, self.cfg.min_seconds)
+        except AudioError as err:
+            return Item(row, utt.utt_id, None, err.reason, 0.0)
+        seconds = wave.shape[0] / SAMPLE_RATE
+        if self.cfg.mode == "eval":
+            if self.cfg.max_seconds:
+                wave = wave[: int(round(self.cfg.max_seconds * SAMPLE_RATE))]
+            return Item(row, utt.utt_id, wave[None], None, seconds)
+        views = np.stack(
+            [
+                make_view(wave, utt.utt_id, v, seed=self.cfg.seed, crop_samples=self.crop_samples,
+                          augmenter=self.augmenter)
+                for v in range(self.cfg.views)
+            ]
+        )  # (V, crop)
+        return Item(row, utt.utt_id, views, None, seconds)
+
+
+def _collate(items):
+    return items
+
+
+def _worker_init(_):
+    # Workers only decode and augment: one thread each, so they never fight the model.
+    torch.set_num_threads(1)
+
+
+def shard_batches(rows: range, utts_per_batch: int) -> list[list[int]]:
+    """Split one shard's rows into batches; batches never cross a shard boundary."""
+    return [list(rows[i : i + utts_per_batch]) for i in range(0, len(rows), utts_per_batch)]
+
+
+# ---------------------------------------------------------------------------- the pass
+
+
+def cache_meta(model, cfg: ExtractConfig, precision: str, weights_source: str) -> dict:
+    """The settings the cached vectors depend on (a resumed run must match them)."""
+    train = cfg.mode == "train"
+    return {
+        "model_config": model.model_config,
+        "weights_sha256": model.weights_sha256,
+        "weights_source": weights_source,
+        "pooled_dim": model.pooled_dim,
+        "sample_rate": SAMPLE_RATE,
+        "mode": cfg.mode,
+        "crop_seconds": cfg.crop_seconds if train else None,
+        "max_seconds": None if train else cfg.max_seconds,
+        "min_seconds": cfg.min_seconds,
+        "views": cfg.views,
+        "augment": cfg.augment.to_dict() if train and cfg.views > 1 else None,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "shard_size": cfg.shard_size,
+        "precision": precision,
+    }
+
+
+def save_random_backbone(model, out: Path) -> str:
+    """Save random-init weights as ``out/backbone.pt`` (published format); return the SHA-256.
+
+    Written after the cache directory exists; every rank writes the same bytes, and the
+    replace is atomic, so concurrent ranks cannot leave a mixed file.
+    """
+    from mrlcache.models.loading import save_checkpoint
+
+    return save_checkpoint(model, Path(out) / BACKBONE_FILE)
+
+
+def random_backbone_sha(model) -> str:
+    """SHA-256 that :func:`save_random_backbone` will give, computed without touching ``out``."""
+    from mrlcache.models.loading import save_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sha = save_checkpoint(model, Path(tmp) / BACKBONE_FILE)
+    return sha
+
+
+def extract(
+    utterances,
+    model,
+    out,
+    cfg: ExtractConfig,
+    *,
+    backend: str = "zarr",
+    overwrite: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    weights_source: str = "",
+    save_backbone: bool = False,
+    barrier=None,
+    progress: bool = True,
+) -> dict | None:
+    """Run the backbone over ``utterances`` and write this rank's shards of the cache.
+
+    Args:
+        utterances: manifest in shard order (``mrlcache.corpus.Utterance`` list).
+        model: a ReDimNet (``load_backbone``), any device; moved to ``cfg.device``.
+        out: cache directory.
+        cfg: see :class:`ExtractConfig`.
+        backend: "zarr" or "hdf5".
+        overwrite: start over (rank 0 only).
+        rank, world_size: this process's share: shards k with k % world_size == rank.
+        weights_source: where the weights came from (variant name or path), for the record.
+        save_backbone: random-init weights: also write them as ``out/backbone.pt``.
+        barrier: callable synchronising all ranks (torchrun), used only so that rank 0 clears
+            the old cache before the others open it on --overwrite.
+        progress: show a rich progress bar (stderr).
+    Returns:
+        The cache summary once every shard exists, else None (other ranks still running).
+    """
+    if not utterances:
+        raise ExtractError("nothing to extract: the utterance list is empty")
+    if not 0 <= rank < world_size:
+        raise ExtractError(f"rank {rank} is not in [0, {world_size})")
+    out = Path(out)
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = resolve_device(cfg.device, local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    if model.weights_sha256 is None and save_backbone:
+        model.weights_sha256 = random_backbone_sha(model)
+    if model.weights_sha256 is None:
+        raise ExtractError("the backbone has no weights SHA-256 (random weights that were not saved)")
+    meta = cache_meta(model, cfg, precision, weights_source)
+
+    if overwrite and world_size > 1 and rank != 0:
+        if barrier is None:
+            raise ExtractError("--overwrite with several ranks needs torchrun (or run rank 0 alone first)")
+        barrier()  # rank 0 clears the old cache first
+    writer = CacheWriter(out, meta, utterances, backend=backend, overwrite=overwrite and rank == 0, rank=rank)
+    try:
+        if overwrite and world_size > 1 and rank == 0:
+            barrier()
+        if save_backbone:
+            sha = save_random_backbone(model, out)
+            assert sha == meta["weights_sha256"], "random backbone bytes changed between hashing and saving"
+        mine = [k for k in range(writer.num_shards) if k % world_size == rank]
+        todo = sorted(set(mine) - writer.done_shards())
+        stats = _run(writer, utterances, model, cfg, device, precision, todo, rank, progress)
+        # No barrier here: ranks may finish hours apart, so whichever completes the set
+        # of shards writes the summary (computed from the shards, the same for any rank).
+        try:
+            summary = writer.finish(stats)
+        except IncompleteCacheError:
+            return None  # other ranks are still writing; the last one writes the summary
+    finally:
+        writer.close()
+    return summary
+
+
+def _run(writer, utterances, model, cfg, device, precision, todo, rank, progress) -> dict:
+    """Decode, forward and write the shards ``todo``; returns this rank's timing numbers."""
+    model = model.to(device).eval()
+    dataset = UtteranceViews(utterances, cfg)
+    utts_per_batch = 1 if cfg.mode == "eval" else max(1, cfg.batch_size // cfg.views)
+    batches = [b for k in todo for b in shard_batches(writer.shard_rows(k), utts_per_batch)]
+    workers = cfg.workers if cfg.workers is not None else (1 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 1)))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    total_rows = sum(len(writer.shard_rows(k)) for k in todo)
+    shard_of = {row: k for k in todo for row in writer.shard_rows(k)}
+    pending = {}  # shard -> {"index": [], "pooled": [], "skipped": {}, "seconds": float, "left": int}
+    done_rows, audio_seconds, model_seconds = 0, 0.0, 0.0
+    started = time.perf_counter()
+    bar = _Progress(total_rows, rank, enabled=progress)
+    with bar, torch.inference_mode():
+        for items in loader:
+            k = shard_of[items[0].row]
+            state = pending.setdefault(
+                k, {"index": [], "pooled": [], "skipped": {}, "seconds": 0.0, "left": len(writer.shard_rows(k))}
+            )
+            ok = [it for it in items if it.views is not None]
+            for it in items:
+                if it.views is None:
+                    state["skipped"][it.utt_id] = it.reason
+            if ok:
+                tick = time.perf_counter()
+                pooled = _forward(model, ok, device, precision)  # (n, V, D) float32
+                model_seconds += time.perf_counter() - tick
+                state["index"].extend(it.row for it in ok)
+                state["pooled"].append(pooled)
+            seconds = sum(it.seconds for it in items)
+            state["seconds"] += seconds
+            state["left"] -= len(items)
+            if state["left"] == 0:
+                pooled = np.concatenate(state["pooled"]) if state["pooled"] else np.zeros((0, cfg.views, model.pooled_dim), np.float32)
+                writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"])
+                del pending[k]
+            done_rows += len(items)
+            audio_seconds += seconds
+            bar.update(len(items), seconds)
+    elapsed = time.perf_counter() - started
+    return {
+        "elapsed_seconds": elapsed,
+        "utterances_per_second": done_rows / elapsed if elapsed > 0 else 0.0,
+        "audio_seconds_per_second": audio_seconds / elapsed if elapsed > 0 else 0.0,
+        "model_busy_fraction": model_seconds / elapsed if elapsed > 0 else 0.0,
+        "device": str(device),
+    }
+
+
+def _forward(model, items, device, precision) -> np.ndarray:
+    """Pooled vectors (n, V, D) float32 of a batch of decoded items."""
+    if all(it.views.shape == items[0].views.shape for it in items):
+        # Train crops all have one length: one forward over every view of every item.
+        wave = torch.from_numpy(np.concatenate([it.views for it in items])).to(device, non_blocking=True)
+        with autocast(device, precision):
+            pooled = model.pooled(wave)  # (n*V, D)
+        return pooled.float().cpu().numpy().reshape(len(items), items[0].views.shape[0], -1)
+    # Whole utterances of different lengths: one forward each, never padded, since padding
+    # would change the time-mean normalisation and the pooling statistics.
+    out = []
+    for it in items:
+        with autocast(device, precision):
+            out.append(model.pooled(torch.from_numpy(it.views).to(device)).float().cpu().numpy())  # (1, D)
+    return np.stack(out)
+
+
+class _Progress:
+    """Rich progress bar: utterances, audio hours, utterances/s, ETA (stderr)."""
+
+    def __init__(self, total: int, rank: int, enabled: bool):
+        self.enabled = enabled and total > 0
+        self.hours = 0.0
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn(f"[bold]extract[/] rank {rank}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("utts  {task.fields[hours]:.2f} h audio  {task.fields[rate]:.1f} utt/s"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.progress.add_task("extract", total=total, hours=0.0, rate=0.0)
+        self.started = time.perf_counter()
+
+    def __enter__(self):
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.stop()
+
+    def update(self, n: int, seconds: float):
+        if not self.enabled:
+            return
+        self.hours += seconds / 3600
+        done = self.progress.tasks[0].completed + n
+        rate = done / max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.task, advance=n, hours=self.hours, rate=rate)
