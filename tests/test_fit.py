@@ -226,3 +226,35 @@ def test_end_to_end_unfreezing_trains_the_backbone(tiny_corpus, tmp_path):
                if v.is_floating_point() and not torch.equal(v, trained.state_dict()[k])]
     assert changed, "the backbone did not change after unfreezing"
     assert any(k.startswith("backbone.") for k in changed)
+
+
+def test_cli_fit_and_its_errors(caches, tmp_path):
+    from click.testing import CliRunner
+
+    from mrlcache.cli import main
+
+    runner = CliRunner()
+    args = ["fit", "--cache", str(caches / "train"), "--head-only", "--epochs", "2", "--batch-size", "32",
+            "--quiet", "--val-cache", str(caches / "val"), "--val-trials", str(caches / "trials.txt")]
+    result = runner.invoke(main, args + ["--dims", "4,8,16,32", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "command.yaml").exists()
+    result = runner.invoke(main, args + ["--dims", "32,16", "--out", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "strictly increasing" in result.output
+    result = runner.invoke(main, args + ["--dims", "4,x", "--out", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "comma-separated integers" in result.output
+    result = runner.invoke(main, ["fit", "--cache", str(tmp_path / "none"), "--out", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "no such directory" in result.output
+
+
+@pytest.mark.parametrize("name", ["fit-demo.yaml", "fit-vox2-b2.yaml"])
+def test_shipped_fit_configs_load(name):
+    from pathlib import Path
+
+    from mrlcache.cli import main
+    from mrlcache.config import read_yaml_options
+
+    path = Path(__file__).parent.parent / "configs" / name
+    assert path.read_text().startswith("# mrlcache fit --config configs/" + name)
+    options = read_yaml_options(path, main.commands["fit"])
+    assert options["dims"] == "64,128,192,256"

@@ -28,11 +28,13 @@ def _register():
     # One line per command module; a module that fails to import is a bug, not something
     # to hide, so there is no try/except here.
     from mrlcache.cli import eer, embed, extract, info
+    from mrlcache.cli import fit
 
     main.add_command(info.info)
     main.add_command(extract.extract)
     main.add_command(eer.eer)
     main.add_command(embed.embed)
+    main.add_command(fit.fit)
 
 
 _register()
