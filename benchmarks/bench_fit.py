@@ -1,0 +1,94 @@
+"""Speed of head fitting on the cache versus end-to-end training with a frozen backbone.
+
+Run by hand (minutes):  python benchmarks/bench_fit.py [--variant b2] [--classes 5994]
+
+Cache mode: a synthetic cache of ``--utts`` utterances x 4 views at the variant's pooled
+size (2304 for b2), ``--classes`` speakers (the head cost is mostly the class scores, so
+VoxCeleb2's 5994 is the realistic setting), batch 256, dims 64/128/192/256; float32 and
+bf16 autocast. End-to-end mode: the same variant (random weights: same cost as the
+published ones), frozen, on ``--e2e-utts`` synthetic utterances with 2 s crops and the
+same head and loss. Reports seconds/epoch, samples/s, the ratio, and the extrapolated
+time of 1,000,000 utterances x 30 epochs of cache fitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def synthetic_cache(out: Path, utts: int, classes: int, dim: int, views: int = 4) -> None:
+    from mrlcache import cache
+    from mrlcache.corpus import Utterance
+
+    rng = np.random.default_rng(0)
+    manifest = [Utterance(f"id{i % classes:05d}/v/{i:07d}.wav", "-", f"id{i % classes:05d}") for i in range(utts)]
+    meta = {"model_config": {}, "weights_sha256": "0" * 64, "pooled_dim": dim, "sample_rate": 16000,
+            "mode": "train", "crop_seconds": 2.0, "views": views, "augment": {}, "seed": 0,
+            "dtype": "float16", "shard_size": 2048}
+    with cache.CacheWriter(out, meta, manifest) as writer:
+        for k in range(writer.num_shards):
+            rows = list(writer.shard_rows(k))
+            writer.write_shard(k, rows, rng.standard_normal((len(rows), views, dim), np.float32), {}, 0.0)
+        writer.finish()
+
+
+def history(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variant", default="b2")
+    ap.add_argument("--utts", type=int, default=16384)
+    ap.add_argument("--classes", type=int, default=5994)
+    ap.add_argument("--e2e-utts", type=int, default=48)
+    ap.add_argument("--e2e-batch", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from conftest import make_tree
+
+    from mrlcache.fit import fit, fit_end_to_end
+    from mrlcache.models.loading import load_backbone
+
+    dims = (64, 128, 192, 256)
+    pooled_dim = load_backbone(args.variant, random_init=True).pooled_dim
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        synthetic_cache(tmp / "cache", args.utts, args.classes, pooled_dim)
+        for precision in ("fp32", "bf16"):
+            run = fit(tmp / "cache", dims, tmp / f"cache-{precision}", epochs=args.epochs, batch_size=256,
+                      val_speakers=0, head_only=True, progress=False, precision=precision)
+            h = history(run)[-1]  # the last epoch: warm caches, steady state
+            results[f"cache {precision}"] = (h["seconds"], h["samples_per_s"])
+        make_tree(tmp / "audio", speakers=args.e2e_utts // 4, videos=2, utts=2, seconds=3.0)
+        run = fit_end_to_end(tmp / "audio", dims, tmp / "e2e", variant=args.variant, random_init=True,
+                             crop_seconds=2.0, views=1, epochs=1, batch_size=args.e2e_batch, val_speakers=0,
+                             workers=0, progress=False)
+        h = history(run)[-1]
+        results["end-to-end frozen"] = (h["seconds"], h["samples_per_s"])
+
+    e2e = results["end-to-end frozen"][1]
+    print(f"threads {torch.get_num_threads()}, variant {args.variant} (pooled {pooled_dim}), "
+          f"{args.classes} classes, dims {dims}")
+    print(f"{'mode':<20} {'s/epoch':>9} {'samples/s':>10} {'x e2e':>7} {'1M x 30 epochs':>15}")
+    for name, (sec, sps) in results.items():
+        total_h = 1_000_000 * 30 / sps / 3600
+        print(f"{name:<20} {sec:>9.2f} {sps:>10.0f} {sps / e2e:>7.0f} {total_h:>13.2f} h")
+
+
+if __name__ == "__main__":
+    main()
