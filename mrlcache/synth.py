@@ -114,6 +114,8 @@ class Speaker:
     pause_scale: float  # length of pauses between phrases
     zero_freq: float  # hypopharyngeal antiresonance
     zero_bw: float
+    extra_freq: float  # a fixed extra resonance (nasal/subglottal coupling)
+    extra_bw: float
     fric_scale: float  # shifts fricative bands (smaller tract -> higher)
 
 
@@ -165,6 +167,8 @@ def draw_speaker(seed: int, index: int) -> Speaker:
         pause_scale=float(np.exp(rng.normal(0.0, 0.3))),
         zero_freq=float(rng.uniform(2500.0, 5500.0)),
         zero_bw=float(rng.uniform(250.0, 600.0)),
+        extra_freq=float(rng.uniform(900.0, 2200.0)),
+        extra_bw=float(rng.uniform(150.0, 400.0)),
         fric_scale=float(rng.normal(1.0, 0.05)),
     )
 
@@ -175,10 +179,10 @@ def draw_channel(seed: int, speaker: int, video: int) -> Channel:
     reverb = rng.random() < 0.3
     return Channel(
         f0_shift=float(rng.normal(0.0, 0.7)),
-        tilt_shift=float(rng.normal(0.0, 2.5)),
+        tilt_shift=float(rng.normal(0.0, 4.0)),
         rate_scale=float(np.exp(rng.normal(0.0, 0.05))),
         highpass=float(rng.uniform(50.0, 150.0)),
-        lowpass=float(rng.uniform(4000.0, 7600.0)) if rng.random() < 0.4 else float("inf"),
+        lowpass=float(rng.uniform(5000.0, 7600.0)) if rng.random() < 0.3 else float("inf"),
         eq=tuple(
             (float(np.exp(rng.uniform(np.log(150.0), np.log(6000.0)))),
              float(rng.normal(0.0, 1.5)), float(rng.uniform(0.5, 1.5)))
@@ -355,9 +359,11 @@ def synthesise(spk: Speaker, chan: Channel, rng: np.random.Generator, num_sample
         [f_frames, np.full((nf, 1), spk.f4 * spk.vtl), np.full((nf, 1), spk.f5 * spk.vtl)], axis=1)
     bws = spk.bw_scale * (40.0 + 0.05 * tract) * bw_mult[frame_ms][:, None]
     h_voiced = _resonators(tract, bws, z1, sr)  # (frames, bins)
+    # Fixed speaker-specific shaping: an extra resonance and an antiresonance (a zero).
+    extra = _resonators(np.array([[spk.extra_freq]]), np.array([[spk.extra_bw]]), z1, sr)[0]
     zero = 1.0 / _resonators(np.array([[spk.zero_freq]]), np.array([[spk.zero_bw]]), z1, sr)[0]
     tilt = (np.maximum(freqs, 100.0) / 1000.0) ** ((spk.tilt_db + chan.tilt_shift) / 6.02)
-    h_voiced = h_voiced * (zero * tilt)[None, :]
+    h_voiced = h_voiced * (extra * zero * tilt)[None, :]
     fc, fbw = fband[frame_ms, 0:1], fband[frame_ms, 1:2]  # (frames, 1)
     h_fric = np.exp(-0.5 * ((freqs[None, :] - fc) / fbw) ** 2) + 0.02
     # Put the frication band at a level comparable to voiced speech (the resonators have

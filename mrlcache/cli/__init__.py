@@ -29,12 +29,14 @@ def _register():
     # to hide, so there is no try/except here.
     from mrlcache.cli import eer, embed, extract, info
     from mrlcache.cli import fit
+    from mrlcache.cli import corpus
 
     main.add_command(info.info)
     main.add_command(extract.extract)
     main.add_command(eer.eer)
     main.add_command(embed.embed)
     main.add_command(fit.fit)
+    main.add_command(corpus.make_corpus)
 
 
 _register()

@@ -1,0 +1,66 @@
+"""``mrlcache make-corpus``: write the synthetic speaker corpus (see :mod:`mrlcache.synth`)."""
+
+from pathlib import Path
+
+import click
+
+from mrlcache.config import config_option
+
+
+@click.command("make-corpus")
+@config_option
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--speakers", type=click.IntRange(min=3), default=40, show_default=True,
+              help="Total number of speakers (train + test).")
+@click.option("--utterances", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Utterances per speaker, spread over its videos.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Everything in the corpus is a function of the seed.")
+@click.option("--test-speakers", type=click.IntRange(min=2), default=None,
+              help="Speakers held out for the trial list [default: a quarter, at least 2].")
+@click.option("--videos", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Videos (recording channels) per speaker; target trials cross videos.")
+@click.option("--min-seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True)
+@click.option("--max-seconds", type=click.FloatRange(min=0.1), default=4.0, show_default=True)
+@click.option("--trials-per-speaker", type=click.IntRange(min=1), default=None,
+              help="Target trials per test speaker (as many non-targets) [default: every "
+                   "cross-video pair].")
+@click.option("--overwrite", is_flag=True, help="Replace a corpus previously written to OUT.")
+@click.pass_context
+def make_corpus(ctx, out, speakers, utterances, seed, test_speakers, videos, min_seconds,
+                max_seconds, trials_per_speaker, overwrite):
+    """Write a deterministic synthetic corpus to OUT in VoxCeleb layout.
+
+    OUT/{train,test}/idNNNNN/VIDEO/NNNNN.wav (16 kHz 16-bit), OUT/trials.txt (paths
+    relative to OUT/test) and OUT/corpus.json.
+    """
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from mrlcache.config import write_resolved
+    from mrlcache.synth import CorpusError
+    from mrlcache.synth import make_corpus as build
+
+    start = time.perf_counter()
+    console = Console(stderr=True)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("speakers", total=speakers)
+        try:
+            summary = build(out, speakers=speakers, utterances=utterances, seed=seed,
+                            test_speakers=test_speakers, videos=videos,
+                            seconds=(min_seconds, max_seconds),
+                            trials_per_speaker=trials_per_speaker, overwrite=overwrite,
+                            progress=lambda done, total: bar.update(task, completed=done))
+        except CorpusError as err:
+            raise click.ClickException(str(err))
+    write_resolved(ctx, out / "make-corpus.yaml")
+    click.echo(
+        f"wrote {out}: {summary['train_speakers']} train speakers "
+        f"({summary['train_utterances']} utterances), {summary['test_speakers']} test speakers "
+        f"({summary['test_utterances']} utterances), {summary['trials']} trials "
+        f"({summary['target_trials']} target), {summary['audio_seconds']:.0f} s of audio "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
