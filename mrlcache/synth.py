@@ -166,9 +166,9 @@ def draw_speaker(seed: int, index: int) -> Speaker:
         rate=float(np.exp(rng.normal(0.0, 0.15))),
         pause_scale=float(np.exp(rng.normal(0.0, 0.3))),
         zero_freq=float(rng.uniform(2500.0, 5500.0)),
-        zero_bw=float(rng.uniform(250.0, 600.0)),
-        extra_freq=float(rng.uniform(900.0, 2200.0)),
-        extra_bw=float(rng.uniform(150.0, 400.0)),
+        zero_bw=float(rng.uniform(150.0, 400.0)),
+        extra_freq=float(rng.uniform(700.0, 2500.0)),
+        extra_bw=float(rng.uniform(100.0, 300.0)),
         fric_scale=float(rng.normal(1.0, 0.05)),
     )
 
@@ -186,7 +186,7 @@ def draw_channel(seed: int, speaker: int, video: int) -> Channel:
         eq=tuple(
             (float(np.exp(rng.uniform(np.log(150.0), np.log(6000.0)))),
              float(rng.normal(0.0, 1.5)), float(rng.uniform(0.5, 1.5)))
-            for _ in range(2)
+            for _ in range(1)
         ),
         reverb_rt60=float(rng.uniform(0.1, 0.4)) if reverb else 0.0,
         reverb_drr_db=float(rng.uniform(3.0, 15.0)),
