@@ -16,12 +16,12 @@ statistics. This module writes such a corpus with numpy/scipy only:
   and noise sources (fricatives, bursts, aspiration).
 - **Filter**: the time-varying vocal tract is applied in the STFT domain: per frame the
   complex response of five cascaded second-order resonators (Klatt-style, unity DC gain)
-  times the speaker's antiresonance and tilt, for the voiced branch; a Gaussian band per
+  times the speaker's extra resonance, antiresonance and tilt, for the voiced branch; a Gaussian band per
   frame for the frication branch. This keeps the whole utterance a handful of vectorised
   array operations (no per-sample Python loop).
 - **Video** (:class:`Channel`): a recording session: a small per-session shift of the
   speaker's pitch and vocal effort, then a channel: optional room reverberation, a
-  three-band peaking EQ, band limiting, additive coloured noise at a random SNR, a gain.
+  broad peaking EQ band, band limiting, additive coloured noise at a random SNR, a gain.
 
 Reference values: vowel formants are the adult male averages of Peterson & Barney (1952),
 "Control methods used in a study of the vowels", JASA 24(2); the resonator is the
@@ -48,6 +48,8 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 from scipy.ndimage import gaussian_filter1d
+
+from mrlcache import __version__
 
 CORPUS_FORMAT = "mrlcache-synth-corpus"
 CORPUS_VERSION = 1
@@ -273,7 +275,7 @@ def _segments(spk: Speaker, chan: Channel, rng: np.random.Generator, total_ms: i
 def _fill_next(x: np.ndarray) -> np.ndarray:
     """Replace NaN rows by the next valid row (the last valid row at the end). x: (T, K)."""
     valid = ~np.isnan(x[:, 0])
-    if not valid.any():
+    if not valid.any():  # a very short cut with no voiced segment: formants are never heard
         return np.full_like(x, 500.0)
     idx = np.where(valid, np.arange(len(x)), len(x))
     idx = np.minimum.accumulate(idx[::-1])[::-1]  # index of the next valid row
@@ -564,8 +566,6 @@ def make_corpus(out, speakers: int = 40, utterances: int = 8, seed: int = 0,
 
     trials = _make_trials(seed, test_utts, trials_per_speaker)
     (out / "trials.txt").write_text("".join(f"{lab} {a} {b}\n" for lab, a, b in trials))
-    from mrlcache import __version__
-
     settings = {
         "speakers": speakers, "utterances": utterances, "seed": seed,
         "test_speakers": test_speakers, "videos": videos, "seconds": list(seconds),
