@@ -16,8 +16,8 @@ statistics. This module writes such a corpus with numpy/scipy only:
   and noise sources (fricatives, bursts, aspiration).
 - **Filter**: the time-varying vocal tract is applied in the STFT domain: per frame the
   complex response of five cascaded second-order resonators (Klatt-style, unity DC gain)
-  times the speaker's extra resonance, antiresonance and tilt, for the voiced branch; a Gaussian band per
-  frame for the frication branch. This keeps the whole utterance a handful of vectorised
+  times the speaker's extra resonance, antiresonance and tilt, for the voiced branch; a
+  Gaussian band per frame for the frication branch. This keeps the whole utterance a handful of vectorised
   array operations (no per-sample Python loop).
 - **Video** (:class:`Channel`): a recording session: a small per-session shift of the
   speaker's pitch and vocal effort, then a channel: optional room reverberation, a
