@@ -231,7 +231,8 @@ def _segments(spk: Speaker, chan: Channel, rng: np.random.Generator, total_ms: i
         return tuple(spk.vtl * f * (1.0 + o) for f, o in zip(base, off))
 
     def consonant(phrase, stress, where):
-        kind = rng.choice(["son", "fric", "stop"], p=[0.4, 0.35, 0.25] if where == "onset" else [0.5, 0.5, 0.0])
+        probs = [0.4, 0.35, 0.25] if where == "onset" else [0.5, 0.5, 0.0]  # no stop codas
+        kind = rng.choice(["son", "fric", "stop"], p=probs)
         if kind == "son":
             name = son_names[rng.integers(len(son_names))]
             base, amp, bw = SONORANTS[name]
@@ -531,7 +532,8 @@ def make_corpus(out, speakers: int = 40, utterances: int = 8, seed: int = 0,
         raise CorpusError(f"need at least 2 test speakers and 1 train speaker, got speakers={speakers}, "
                           f"test_speakers={test_speakers}")
     if videos < 2:
-        raise CorpusError(f"videos={videos}: need at least 2 videos per speaker for cross-video target trials")
+        raise CorpusError(f"videos={videos}: need at least 2 videos per speaker "
+                          "for cross-video target trials")
     if utterances < videos:
         raise CorpusError(f"utterances={utterances} < videos={videos}: every video needs an utterance")
     if not 0 < seconds[0] <= seconds[1]:
