@@ -64,7 +64,7 @@ def check_command_line(tokens: list[str], *, values: bool = True) -> list[str]:
         bad = [t for t in tokens if t.startswith("-") and t not in ("--help", "-h", "--version")]
         return [f"unknown group option {t}" for t in bad]
     name, rest = tokens[0], tokens[1:]
-    if name.isupper():  # a placeholder such as `mrlcache COMMAND --help`
+    if name.isupper() or name in ("...", "…"):  # placeholders: `mrlcache COMMAND --help`, `mrlcache ...`
         return []
     command = main.commands.get(name)
     if command is None:
