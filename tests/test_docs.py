@@ -72,6 +72,9 @@ def check_command_line(tokens: list[str], *, values: bool = True) -> list[str]:
     by_opt = {opt: p for p in command.params if isinstance(p, click.Option) for opt in p.opts}
     takes_arguments = any(isinstance(p, click.Argument) for p in command.params)
     problems, i = [], 0
+    for k, token in enumerate(rest[:-1]):
+        if token == "--config" and rest[k + 1].startswith("configs/") and not (ROOT / rest[k + 1]).is_file():
+            problems.append(f"mrlcache {name}: --config {rest[k + 1]} does not exist")
     while i < len(rest):
         token = rest[i]
         i += 1
@@ -179,6 +182,8 @@ def test_the_command_line_checker_catches_mistakes():
     assert check_command_line(["extract", "--out"]) == ["mrlcache extract: --out needs a value"]
     assert check_command_line(["fit", "--cache", "c", "stray"]) == ["mrlcache fit: unexpected argument 'stray'"]
     assert check_command_line(["make-corpus", "corpus", "--speakers", "4"]) == []
+    assert check_command_line(["fit", "--config", "configs/nope.yaml", "--out", "r"]) == [
+        "mrlcache fit: --config configs/nope.yaml does not exist"]
     torchrun = _invocations("torchrun --nproc-per-node 8 -m mrlcache extract --config x.yaml --out c")
     assert torchrun == [["extract", "--config", "x.yaml", "--out", "c"]]
     assert _invocations("python -c 'import mrlcache'") == []
