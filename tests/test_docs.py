@@ -5,7 +5,9 @@
 - docs/configuration.md lists every option of every command with its real default and a
   YAML key that ``--config`` accepts (and is what docs/make_configuration.py generates);
 - every ``mrlcache ...`` command line in docs/*.md and README.md names an existing command
-  and only its options, with a value after each option that takes one.
+  and only its options, with a value after each option that takes one, and the
+  ``--config configs/...`` files it names exist;
+- relative links between the docs point to existing files.
 
 No command is run: options are checked against the click commands' parameters.
 """
@@ -324,3 +326,10 @@ def test_configuration_doc_is_what_the_generator_writes():
     stale = [key for key in gen.EXTRA
              if key[0] not in main.commands or key[1] not in {p.name for p in main.commands[key[0]].params}]
     assert not stale, f"docs/make_configuration.py EXTRA names options that no longer exist: {stale}"
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: p.name)
+def test_relative_links_point_to_existing_files(path):
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
+    broken = [link for link in links if "://" not in link and not (path.parent / link).exists()]
+    assert not broken, f"{path.relative_to(ROOT)}: broken links {broken}"
