@@ -15,12 +15,21 @@ margin softmax on the L2-normalised prefix:
 Classifier weights are either one matrix ``(classes * K, max_dim)`` whose prefixes serve
 every size (``shared``), or one matrix per size (``per-dim``).
 
-Cost: the class scores dominate a head step. Each size normalises its (small) slices of
-the embedding and of the weights and runs one matmul; the margin and cross-entropy then run
-once on the stacked ``(S, B, classes)`` logits. Summing per-segment products cumulatively
-would need 2.5x fewer FLOPs for 64/128/192/256, but then normalising the ``(S, B, classes)``
-dot products takes several extra full passes over that tensor, and on the CPU those
-memory-bound passes cost more than the saved FLOPs (measured: ~20% slower per step).
+Cost: the class scores dominate a head step (batch 256, 5994 classes, 4 sizes: ~6M
+logits). Three choices keep a step near its matmul cost (measured on a 2-core CPU:
+~195 ms -> see benchmarks/README.md):
+
+- the margin touches only the ``B`` target logits per size: their cosines are computed
+  apart from the score matrix (small ``(B, D)`` work), so no ``acos``/``cos``/``where``
+  runs over the full logits and the matrix's target entries are simply replaced;
+- cross-entropy is one fused pass per direction (:class:`_ReplacedTargetCrossEntropy`):
+  ``exp`` into one buffer and a row sum forward, the softmax gradient written into the
+  same buffer backward; no log-softmax, one-hot or gather/scatter tensors of that size;
+- with the shared classifier, prefix dot products are built segment by segment
+  (:class:`_PrefixScores`): one ``(B, 64) x (64, C)`` matmul per segment, accumulated
+  over segments, with prefix norms from cumulative sums of squared segment norms: 2.5x
+  fewer FLOPs than one matmul per prefix for 64/128/192/256, and the scaling rides on
+  the accumulation so it costs one extra pass over the scores each way.
 """
 
 from __future__ import annotations
@@ -70,6 +79,143 @@ class MatryoshkaHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, pooled_dim) -> (B, max_dim), raw (not normalised)."""
         return self.linear(self.bn(x))
+
+
+EPS = 1e-12  # as F.normalize: vectors shorter than this are not scaled up
+
+
+def _matmul_dtype(device_type: str) -> torch.dtype:
+    """bf16/fp16 when autocast is on (``--precision bf16`` on the CPU, AMP on CUDA), else float32."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.float32
+
+
+def _rev_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Cumulative sum from the last row backwards along dim 0: out[k] = sum_{s >= k} x[s]."""
+    return x.flip(0).cumsum(0).flip(0)
+
+
+class _Scratch:
+    """Free list of the large score-sized buffers, reused from step to step.
+
+    A fresh 25 MB tensor is paged in again on every step (measured here: 67 MB of page
+    faults per step, tens of ms); a buffer returns to the list only when the backward that
+    last reads it is done, so a forward without a backward just allocates anew.
+    """
+
+    def __init__(self, keep: int = 2):
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.keep = keep
+
+    def take(self, shape, like: torch.Tensor) -> torch.Tensor:
+        stack = self.free.get((tuple(shape), like.dtype, like.device))
+        return stack.pop() if stack else like.new_empty(shape)
+
+    def give(self, t: torch.Tensor) -> None:
+        stack = self.free.setdefault((tuple(t.shape), t.dtype, t.device), [])
+        if len(stack) < self.keep:
+            stack.append(t)
+
+
+class _PrefixScores(torch.autograd.Function):
+    """Scaled cosines of every prefix of ``emb`` with the same prefix of every weight row.
+
+    forward(emb (B, D), weight (R, D), dims, scale, scratch) -> (S, B, R) float32,
+    ``out[s, b, r] = scale * cos(emb[b, :dims[s]], weight[r, :dims[s]])``.
+
+    Built per segment ``dims[k-1]:dims[k]``: ``D_s = sum_{k <= s} e_k w_k^T`` and
+    ``out_s = row_s * col_s * D_s`` with ``row_s = scale / |e_{:d_s}|`` (B,),
+    ``col_s = 1 / |w_{:d_s}|`` (R,). The row scale rides on the matmul input and the
+    cumulative add (``out_k = (row_k e_k) w_k^T + (row_k / row_{k-1}) out_{k-1}``), so the
+    only extra pass over the scores is the column scale; the backward mirrors this.
+    """
+
+    @staticmethod
+    def forward(ctx, emb, weight, dims, scale, scratch):
+        dt = _matmul_dtype(emb.device.type)
+        segs = list(zip((0, *dims[:-1]), dims))
+        emb, weight = emb.float(), weight.float()
+        e_sq = torch.stack([emb[:, a:b].square().sum(1) for a, b in segs]).cumsum(0)  # (S, B)
+        w_sq = torch.stack([weight[:, a:b].square().sum(1) for a, b in segs]).cumsum(0)  # (S, R)
+        row = scale * e_sq.clamp_min(EPS**2).rsqrt()  # (S, B)
+        col = w_sq.clamp_min(EPS**2).rsqrt()  # (S, R)
+        out = scratch.take((len(dims), len(emb), len(weight)), emb)  # (S, B, R)
+        for k, (a, b) in enumerate(segs):
+            e_k, w_k = (emb[:, a:b] * row[k, :, None]).to(dt), weight[:, a:b].to(dt)  # (B, n), (R, n)
+            if dt == torch.float32:
+                torch.mm(e_k, w_k.T, out=out[k])
+            else:  # low-precision product, accumulated in float32
+                out[k].copy_(torch.mm(e_k, w_k.T))
+            if k:
+                out[k].addcmul_(out[k - 1], (row[k] / row[k - 1])[:, None])
+        out.mul_(col[:, None, :])
+        ctx.save_for_backward(emb, weight, row, col, e_sq, w_sq, out)
+        ctx.dims, ctx.dt, ctx.scratch = dims, dt, scratch
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # grad (S, B, R)
+        emb, weight, row, col, e_sq, w_sq, out = ctx.saved_tensors
+        segs = list(zip((0, *ctx.dims[:-1]), ctx.dims))
+        dt = ctx.dt
+        # Norm terms: sums over classes and over the batch of grad * out, written into
+        # ``out`` (no longer needed).
+        prod = out.mul_(grad)
+        per_row, per_col = prod.sum(2), prod.sum(1)  # (S, B), (S, R)
+        # dL/dD_s = grad_s row_s col_s, and segment k collects sum_{s >= k} of it. Build
+        # n_k = that sum / row_k backwards in place: n_k = grad_k col_k + (row_{k+1}/row_k) n_{k+1}.
+        # ``grad`` is the cross-entropy's buffer (or amax's), read by no one else: reuse it.
+        n = grad.mul_(col[:, None, :])  # (S, B, R)
+        for k in range(len(segs) - 2, -1, -1):
+            n[k].addcmul_(n[k + 1], (row[k + 1] / row[k])[:, None])
+        # Prefix norms: out_s scales as e_sq_s^(-1/2), so dL/d e_sq_s = -per_row_s / (2 e_sq_s),
+        # and e_sq_s sums |e_k|^2 over k <= s.
+        de = -_rev_cumsum(per_row / e_sq * (e_sq > EPS**2))  # (S, B): coefficient of e_k
+        dw = -_rev_cumsum(per_col / w_sq * (w_sq > EPS**2))  # (S, R): coefficient of w_k
+        grad_emb = torch.zeros_like(emb)
+        grad_w = torch.zeros_like(weight)
+        for k, (a, b) in enumerate(segs):
+            n_k, e_k, w_k = n[k].to(dt), emb[:, a:b], weight[:, a:b]
+            grad_emb[:, a:b] = torch.mm(n_k, w_k.to(dt)).float() * row[k, :, None] + e_k * de[k, :, None]
+            grad_w[:, a:b] = torch.mm(n_k.T, (e_k * row[k, :, None]).to(dt)).float() + w_k * dw[k, :, None]
+        ctx.scratch.give(out)
+        ctx.scratch.give(grad)
+        return grad_emb, grad_w, None, None, None
+
+
+class _ReplacedTargetCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of score rows whose target entry is replaced by a given logit.
+
+    forward(logits (S, B, C), target_logit (S, B), labels (B,), row_max (S, B), scratch)
+    -> per-row loss (S, B),
+    ``logsumexp(logits with [s, b, labels[b]] := target_logit[s, b]) - target_logit``.
+    The matrix's own target entries get no gradient (they are replaced); the target
+    logit carries the margin and gets ``p_target - 1``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target_logit, labels, row_max, scratch):
+        S, B, _ = logits.shape
+        idx = labels.view(1, B, 1).expand(S, B, 1)
+        # Shift by the row maximum (``row_max``: of ``logits``) so exp cannot overflow.
+        top = torch.maximum(row_max, target_logit).unsqueeze(2)  # (S, B, 1)
+        e = torch.sub(logits, top, out=scratch.take(logits.shape, logits)).exp_()  # (S, B, C)
+        e.scatter_(2, idx, (target_logit.unsqueeze(2) - top).exp())
+        z = e.sum(2, keepdim=True)  # (S, B, 1)
+        ctx.e, ctx.z, ctx.idx = e, z, idx  # intermediates: backward overwrites e in place
+        return (z.log() + top).squeeze(2) - target_logit
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # grad (S, B)
+        e, z, idx = ctx.e, ctx.z, ctx.idx
+        del ctx.e
+        p = e.mul_(grad.unsqueeze(2) / z)  # softmax times the upstream gradient
+        grad_target = p.gather(2, idx).squeeze(2) - grad  # (p_t - 1) * grad
+        p.scatter_(2, idx, 0.0)
+        return p, grad_target, None, None, None
 
 
 class MatryoshkaMarginLoss(nn.Module):
@@ -133,6 +279,7 @@ class MatryoshkaMarginLoss(nn.Module):
             for p in self.weights:
                 nn.init.xavier_uniform_(p)
         self.set_margin(margin)
+        self._scratch = _Scratch()  # reused score-sized buffers (not state)
 
     def set_margin(self, margin: float) -> None:
         """Set the angular margin (radians); the fit warms it up from 0 over the first epochs."""
@@ -143,22 +290,39 @@ class MatryoshkaMarginLoss(nn.Module):
         self._th = math.cos(math.pi - m)
         self._mm = math.sin(math.pi - m) * m
 
-    def cosines(self, emb: torch.Tensor) -> torch.Tensor:
-        """Class cosines of every prefix: (B, max_dim) -> (S, B, classes), float32.
+    def _weight(self, i: int) -> torch.Tensor:
+        """Classifier of prefix ``i``: (C*K, dims[i])."""
+        return self.weight[:, : self.dims[i]] if self.classifier == "shared" else self.weights[i]
 
-        Sub-centres are reduced by max; no margin is applied.
+    def scores(self, emb: torch.Tensor) -> torch.Tensor:
+        """Scaled class cosines of every prefix, no margin: (B, max_dim) -> (S, B, C) float32.
+
+        Sub-centres are reduced by max.
+        """
+        if self.classifier == "shared":
+            sc = _PrefixScores.apply(emb, self.weight, self.dims, self.scale, self._scratch)
+        else:  # one weight per size: a matmul per size on normalised inputs
+            sc = torch.stack([(F.normalize(emb[:, :d].float(), dim=1) * self.scale)
+                              @ F.normalize(w.float(), dim=1).T for d, w in zip(self.dims, self.weights)])
+            sc = sc.float()
+        if self.subcenters > 1:
+            sc = sc.unflatten(-1, (self.num_classes, self.subcenters)).amax(-1)
+        return sc
+
+    def target_cosines(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cosine of every prefix with its own class (best sub-centre): (B, max_dim), (B,) -> (S, B).
+
+        Small ``(B, K, d)`` work, apart from the score matrix, so the margin never touches it.
         """
         emb = emb.float()
-        if self.classifier == "shared":
-            weights = [self.weight[:, :d] for d in self.dims]  # normalise each sliced prefix
-        else:
-            weights = list(self.weights)
-        cos = torch.stack(
-            [F.normalize(emb[:, :d], dim=1) @ F.normalize(w.float(), dim=1).T for d, w in zip(self.dims, weights)]
-        )  # (S, B, C*K)
-        if self.subcenters > 1:
-            cos = cos.unflatten(-1, (self.num_classes, self.subcenters)).amax(-1)
-        return cos
+        K = self.subcenters
+        rows = self.weight.float().view(self.num_classes, K, -1)[labels] if self.classifier == "shared" else None
+        cos = []
+        for i, d in enumerate(self.dims):
+            w = rows[..., :d] if rows is not None else self.weights[i].float().view(self.num_classes, K, d)[labels]
+            e = F.normalize(emb[:, :d], dim=1).unsqueeze(1)  # (B, 1, d)
+            cos.append((e * F.normalize(w, dim=2)).sum(2).amax(1))  # (B,)
+        return torch.stack(cos)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor):
         """Loss of a batch.
@@ -167,10 +331,8 @@ class MatryoshkaMarginLoss(nn.Module):
         Returns: (total loss (), per-dim losses (S,), per-dim accuracies (S,)); the
         accuracies are of the cosine argmax without margin and carry no gradient.
         """
-        cos = self.cosines(emb)  # (S, B, C)
-        S, B, C = cos.shape
-        idx = labels.view(1, B, 1).expand(S, B, 1)
-        target = cos.gather(2, idx)  # (S, B, 1)
+        sc = self.scores(emb)  # (S, B, C), scale * cos
+        target = self.target_cosines(emb, labels)  # (S, B)
         if self.kind == "aam" and self.margin > 0:
             sin = (1.0 - target.square()).clamp(0, 1).sqrt()
             phi = target * self._cos_m - sin * self._sin_m  # cos(theta + m)
@@ -178,14 +340,16 @@ class MatryoshkaMarginLoss(nn.Module):
                 phi = torch.where(target > 0, phi, target)
             else:
                 phi = torch.where(target > self._th, phi, target - self._mm)
-            # Scale, then overwrite the target logits in place: one pass over (S, B, C), not two.
-            logits = cos * self.scale
-            logits.scatter_(2, idx, phi * self.scale)
         else:
-            logits = cos * self.scale
-        per = F.cross_entropy(logits.reshape(S * B, C), idx.reshape(S * B), reduction="none")
-        dim_losses = per.view(S, B).mean(1)  # (S,)
-        total = (dim_losses * self.dim_weights).sum()
+            phi = target
         with torch.no_grad():
-            dim_acc = (cos.argmax(2) == labels.view(1, B)).float().mean(1)
+            top = sc.amax(2)  # (S, B): the softmax shift and the accuracy
+            # Correct when the true class scores highest: ties aside the same as argmax, read
+            # from the matrix (one gather) instead of an argmax pass (~10x slower here).
+            B = len(labels)
+            own = sc.gather(2, labels.view(1, B, 1).expand(len(self.dims), B, 1)).squeeze(2)
+            dim_acc = (own >= top).float().mean(1)
+        per = _ReplacedTargetCrossEntropy.apply(sc, self.scale * phi, labels, top, self._scratch)  # (S, B)
+        dim_losses = per.mean(1)  # (S,)
+        total = (dim_losses * self.dim_weights).sum()
         return total, dim_losses, dim_acc
