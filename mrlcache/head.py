@@ -185,37 +185,41 @@ class _PrefixScores(torch.autograd.Function):
         return grad_emb, grad_w, None, None, None
 
 
-class _ReplacedTargetCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of score rows whose target entry is replaced by a given logit.
+class _MarginCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of score rows whose target entry is replaced by a margin logit.
 
-    forward(logits (S, B, C), target_logit (S, B), labels (B,), row_max (S, B), scratch)
-    -> per-row loss (S, B),
+    forward(logits (S, B, C), labels (B,), target_logit (S, B), target_slope (S, B),
+    shift (S, B) or None, scratch) -> per-row loss (S, B),
     ``logsumexp(logits with [s, b, labels[b]] := target_logit[s, b]) - target_logit``.
-    The matrix's own target entries get no gradient (they are replaced); the target
-    logit carries the margin and gets ``p_target - 1``.
+    ``target_logit = f(logits[s, b, labels[b]])`` is computed by the caller (the margin)
+    with slope ``f'``, so the target entry's gradient is ``(p_target - 1) * f'``. ``shift``
+    (a row maximum) keeps exp in range; None when logits are known to be small.
     """
 
     @staticmethod
-    def forward(ctx, logits, target_logit, labels, row_max, scratch):
+    def forward(ctx, logits, labels, target_logit, target_slope, shift, scratch):
         S, B, _ = logits.shape
         idx = labels.view(1, B, 1).expand(S, B, 1)
-        # Shift by the row maximum (``row_max``: of ``logits``) so exp cannot overflow.
-        top = torch.maximum(row_max, target_logit).unsqueeze(2)  # (S, B, 1)
-        e = torch.sub(logits, top, out=scratch.take(logits.shape, logits)).exp_()  # (S, B, C)
-        e.scatter_(2, idx, (target_logit.unsqueeze(2) - top).exp())
-        z = e.sum(2, keepdim=True)  # (S, B, 1)
-        ctx.e, ctx.z, ctx.idx = e, z, idx  # intermediates: backward overwrites e in place
-        return (z.log() + top).squeeze(2) - target_logit
+        e = scratch.take(logits.shape, logits)  # (S, B, C): the one large buffer
+        if shift is None:
+            torch.exp(logits, out=e)
+            shift = torch.zeros_like(target_logit)
+        else:
+            torch.sub(logits, shift.unsqueeze(2), out=e).exp_()
+        e.scatter_(2, idx, (target_logit - shift).exp().unsqueeze(2))
+        z = e.sum(2)  # (S, B)
+        ctx.e, ctx.z, ctx.idx, ctx.slope = e, z, idx, target_slope  # backward overwrites e
+        return z.log() + shift - target_logit
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # grad (S, B)
         e, z, idx = ctx.e, ctx.z, ctx.idx
         del ctx.e
-        p = e.mul_(grad.unsqueeze(2) / z)  # softmax times the upstream gradient
-        grad_target = p.gather(2, idx).squeeze(2) - grad  # (p_t - 1) * grad
-        p.scatter_(2, idx, 0.0)
-        return p, grad_target, None, None, None
+        p = e.mul_((grad / z).unsqueeze(2))  # softmax times the upstream gradient
+        p_t = p.gather(2, idx).squeeze(2)
+        p.scatter_(2, idx, ((p_t - grad) * ctx.slope).unsqueeze(2))  # (p_t - 1) f' grad
+        return p, None, None, None, None, None
 
 
 class MatryoshkaMarginLoss(nn.Module):
@@ -290,10 +294,6 @@ class MatryoshkaMarginLoss(nn.Module):
         self._th = math.cos(math.pi - m)
         self._mm = math.sin(math.pi - m) * m
 
-    def _weight(self, i: int) -> torch.Tensor:
-        """Classifier of prefix ``i``: (C*K, dims[i])."""
-        return self.weight[:, : self.dims[i]] if self.classifier == "shared" else self.weights[i]
-
     def scores(self, emb: torch.Tensor) -> torch.Tensor:
         """Scaled class cosines of every prefix, no margin: (B, max_dim) -> (S, B, C) float32.
 
@@ -309,20 +309,24 @@ class MatryoshkaMarginLoss(nn.Module):
             sc = sc.unflatten(-1, (self.num_classes, self.subcenters)).amax(-1)
         return sc
 
-    def target_cosines(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cosine of every prefix with its own class (best sub-centre): (B, max_dim), (B,) -> (S, B).
+    def margin_logit(self, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target logit and its slope: cos (S, B) -> (s * phi(cos), d phi / d cos), both (S, B).
 
-        Small ``(B, K, d)`` work, apart from the score matrix, so the margin never touches it.
+        ``phi = cos(theta + m)``, past ``theta = pi - m`` the linear fallback (or, with the
+        easy margin, no margin where cos <= 0); ``phi = cos`` without a margin.
         """
-        emb = emb.float()
-        K = self.subcenters
-        rows = self.weight.float().view(self.num_classes, K, -1)[labels] if self.classifier == "shared" else None
-        cos = []
-        for i, d in enumerate(self.dims):
-            w = rows[..., :d] if rows is not None else self.weights[i].float().view(self.num_classes, K, d)[labels]
-            e = F.normalize(emb[:, :d], dim=1).unsqueeze(1)  # (B, 1, d)
-            cos.append((e * F.normalize(w, dim=2)).sum(2).amax(1))  # (B,)
-        return torch.stack(cos)
+        if not (self.kind == "aam" and self.margin > 0):
+            return self.scale * cos, torch.ones_like(cos)
+        sin = (1.0 - cos.square()).clamp(0, 1).sqrt()
+        phi = cos * self._cos_m - sin * self._sin_m  # cos(theta + m)
+        # d cos(theta + m) / d cos(theta) = cos m + sin m cos(theta) / sin(theta); at
+        # |cos| = 1 (sin = 0) the limit is infinite: use cos m there, as autograd through
+        # the clamp above would.
+        slope = torch.where(sin > 1e-6, self._cos_m + self._sin_m * cos / sin.clamp_min(1e-6),
+                            torch.full_like(cos, self._cos_m))
+        keep = cos > 0 if self.easy_margin else cos > self._th
+        fallback = cos if self.easy_margin else cos - self._mm
+        return self.scale * torch.where(keep, phi, fallback), torch.where(keep, slope, torch.ones_like(cos))
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor):
         """Loss of a batch.
@@ -332,24 +336,19 @@ class MatryoshkaMarginLoss(nn.Module):
         accuracies are of the cosine argmax without margin and carry no gradient.
         """
         sc = self.scores(emb)  # (S, B, C), scale * cos
-        target = self.target_cosines(emb, labels)  # (S, B)
-        if self.kind == "aam" and self.margin > 0:
-            sin = (1.0 - target.square()).clamp(0, 1).sqrt()
-            phi = target * self._cos_m - sin * self._sin_m  # cos(theta + m)
-            if self.easy_margin:
-                phi = torch.where(target > 0, phi, target)
-            else:
-                phi = torch.where(target > self._th, phi, target - self._mm)
-        else:
-            phi = target
+        S, B = sc.shape[:2]
         with torch.no_grad():
-            top = sc.amax(2)  # (S, B): the softmax shift and the accuracy
-            # Correct when the true class scores highest: ties aside the same as argmax, read
-            # from the matrix (one gather) instead of an argmax pass (~10x slower here).
-            B = len(labels)
-            own = sc.gather(2, labels.view(1, B, 1).expand(len(self.dims), B, 1)).squeeze(2)
+            # The margin touches only the B target entries per size: gather, transform,
+            # and let the cross-entropy put them back (with their slope for the gradient).
+            own = sc.gather(2, labels.view(1, B, 1).expand(S, B, 1)).squeeze(2)  # (S, B)
+            target_logit, slope = self.margin_logit((own / self.scale).clamp(-1, 1))
+            top = sc.amax(2)  # (S, B)
+            # Correct when the true class scores highest: argmax up to ties, at the cost
+            # of the max pass (an argmax pass is ~10x slower here).
             dim_acc = (own >= top).float().mean(1)
-        per = _ReplacedTargetCrossEntropy.apply(sc, self.scale * phi, labels, top, self._scratch)  # (S, B)
+            # |logits| <= scale: below 40, exp stays in float32's normal range unshifted.
+            shift = torch.maximum(top, target_logit) if self.scale > 40 else None
+        per = _MarginCrossEntropy.apply(sc, labels, target_logit, slope, shift, self._scratch)  # (S, B)
         dim_losses = per.mean(1)  # (S,)
         total = (dim_losses * self.dim_weights).sum()
         return total, dim_losses, dim_acc
