@@ -1,7 +1,7 @@
 """Options from YAML files: ``--config FILE`` on every command, command-line values win.
 
-A config file is a flat mapping of option names (``crop-seconds`` or ``crop_seconds``) to
-values. A key that is not an option of the command is an error, so a typo never passes
+A config file is a flat mapping of option names (``crop-seconds`` or ``crop_seconds``; an
+option's parameter name such as ``backend`` for ``--format`` works too) to values. A key that is not an option of the command is an error, so a typo never passes
 silently. The resolved options of a run are written next to its output with
 :func:`resolved_options`.
 """
@@ -31,18 +31,27 @@ def read_yaml_options(path: str | Path, command: click.Command) -> dict:
             f"{path}: expected a mapping of option names to values, got {type(data).__name__}",
             param_hint="--config",
         )
-    known = {p.name for p in command.params if p.name and p.name != "config"}
+    # A key is an option's long name (``format``, ``crop-seconds``) or its parameter name
+    # (``backend``, ``crop_seconds``), with - and _ alike.
+    known = {}
+    for param in command.params:
+        if not param.name or param.name == "config":
+            continue
+        known[param.name] = param.name
+        for opt in getattr(param, "opts", []):
+            if opt.startswith("--"):
+                known[opt[2:].replace("-", "_")] = param.name
     options, unknown = {}, []
     for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name in known:
+        name = known.get(str(key).replace("-", "_"))
+        if name:
             options[name] = value
         else:
             unknown.append(str(key))
     if unknown:
         raise click.BadParameter(
             f"{path}: unknown option(s) {', '.join(sorted(unknown))} for "
-            f"'mrlcache {command.name}'; known: {', '.join(sorted(known))}",
+            f"'mrlcache {command.name}'; known: {', '.join(sorted(k.replace('_', '-') for k in known))}",
             param_hint="--config",
         )
     return options

@@ -42,17 +42,20 @@ def test_every_command_has_help():
 @config_option
 @click.option("--crop-seconds", type=float, default=2.0)
 @click.option("--views", type=int, default=1)
-def _probe(crop_seconds, views):
-    click.echo(f"{crop_seconds} {views}")
+@click.option("--format", "backend", default="zarr")
+def _probe(crop_seconds, views, backend):
+    click.echo(f"{crop_seconds} {views} {backend}")
 
 
 def test_config_file_values_and_command_line_wins(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("crop-seconds: 3.5\nviews: 4\n")
+    cfg.write_text("crop-seconds: 3.5\nviews: 4\nformat: hdf5\n")
     runner = CliRunner()
-    assert runner.invoke(_probe, ["--config", str(cfg)]).output.strip() == "3.5 4"
-    assert runner.invoke(_probe, ["--config", str(cfg), "--views", "2"]).output.strip() == "3.5 2"
-    assert runner.invoke(_probe, ["--views", "2", "--config", str(cfg)]).output.strip() == "3.5 2"
+    assert runner.invoke(_probe, ["--config", str(cfg)]).output.strip() == "3.5 4 hdf5"
+    assert runner.invoke(_probe, ["--config", str(cfg), "--views", "2"]).output.strip() == "3.5 2 hdf5"
+    assert runner.invoke(_probe, ["--views", "2", "--config", str(cfg)]).output.strip() == "3.5 2 hdf5"
+    cfg.write_text("crop_seconds: 1.5\nbackend: hdf5\n")  # parameter names work too
+    assert runner.invoke(_probe, ["--config", str(cfg)]).output.strip() == "1.5 1 hdf5"
 
 
 @pytest.mark.parametrize("text, message", [("vieews: 3\n", "vieews"), ("- 1\n- 2\n", "mapping")])

@@ -178,3 +178,24 @@ def test_two_processes_equal_one(corpus, tmp_path):
     for rank in (1, 0):
         run([*args, "--out", str(tmp_path / "manual"), "--rank", str(rank), "--world-size", "2"])
     np.testing.assert_array_equal(mrlcache.cache.open(tmp_path / "manual").pooled(), one.pooled())
+
+
+def test_setup_errors_leave_no_cache(corpus, tmp_path):
+    (tmp_path / "noise").mkdir()
+    out = tmp_path / "cache"
+    result = run(["--data", str(corpus), "--out", str(out), *COMMON, "--noise-dir", str(tmp_path / "noise")], ok=False)
+    assert result.exit_code != 0 and "noise" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    result = run(["--data", str(corpus), "--out", str(out), *COMMON, "--overwrite", "--rank", "0", "--world-size", "2"],
+                 ok=False)
+    assert result.exit_code != 0 and "torchrun" in result.output
+    assert not out.exists()
+
+
+def test_rerun_of_a_complete_cache_keeps_its_summary(corpus, tmp_path):
+    out = tmp_path / "cache"
+    run(["--data", str(corpus), "--out", str(out), *COMMON])
+    first = mrlcache.cache.open(out).meta["summary"]
+    assert first["utterances_per_second"] > 0
+    run(["--data", str(corpus), "--out", str(out), *COMMON])
+    assert mrlcache.cache.open(out).meta["summary"] == first

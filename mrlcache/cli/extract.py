@@ -66,7 +66,7 @@ def load_weights(variant, weights, random_init, seed, train_type, dataset):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Utterances per shard.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Crops per forward pass.")
+@click.option("--batch-size", type=int, default=None, help="Crops per forward pass [default: 8 on CPU, 128 on CUDA].")
 @click.option("--workers", type=int, default=None, help="Decoding workers [default: 1 on CPU, up to 8 with CUDA].")
 @click.option("--threads", type=int, default=None, help="Model threads on the CPU [default: torch's].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
@@ -88,7 +88,7 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
     import torch
     from rich.console import Console
 
-    from mrlcache.augment import AugmentConfig
+    from mrlcache.augment import AugmentConfig, AugmentError
     from mrlcache.cache import CacheError
     from mrlcache.corpus import CorpusError
     from mrlcache.extract import ExtractConfig, ExtractError
@@ -125,7 +125,7 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
             utterances, model, out, cfg, backend=backend, overwrite=overwrite, rank=rank, world_size=world_size,
             weights_source=source, save_backbone=random_init, barrier=barrier, progress=not quiet,
         )
-    except (ExtractError, CheckpointError, CorpusError, CacheError) as err:
+    except (ExtractError, CheckpointError, CorpusError, CacheError, AugmentError) as err:
         raise click.ClickException(str(err))
     finally:
         if barrier is not None:
