@@ -214,8 +214,9 @@ class _MarginCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # grad (S, B)
-        e, z, idx = ctx.e, ctx.z, ctx.idx
-        del ctx.e
+        e, z, idx = ctx.__dict__.pop("e", None), ctx.z, ctx.idx
+        if e is None:  # e and the score buffer are overwritten by the first backward
+            raise RuntimeError("MatryoshkaMarginLoss: one backward per forward (retain_graph is not supported)")
         p = e.mul_((grad / z).unsqueeze(2))  # softmax times the upstream gradient
         p_t = p.gather(2, idx).squeeze(2)
         p.scatter_(2, idx, ((p_t - grad) * ctx.slope).unsqueeze(2))  # (p_t - 1) f' grad

@@ -26,7 +26,9 @@ def loop_loss(loss_mod, emb, labels):
             for b in range(len(emb)):
                 c = cos[b, labels[b]]
                 theta = torch.acos(c.clamp(-1, 1))
-                if theta + m < math.pi:
+                if loss_mod.easy_margin:
+                    logits[b, labels[b]] = torch.cos(theta + m) if c > 0 else c
+                elif theta + m < math.pi:
                     logits[b, labels[b]] = torch.cos(theta + m)
                 else:
                     logits[b, labels[b]] = c - m * math.sin(m)
@@ -74,6 +76,31 @@ def test_margin_fallback_past_threshold_matches_loop():
     total, dim_losses, _ = loss_mod(emb, labels)
     ref_total, ref_losses, _ = loop_loss(loss_mod, emb, labels)
     torch.testing.assert_close(dim_losses, ref_losses, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale, easy", [(64.0, False), (16.0, True)])
+def test_large_scale_and_easy_margin_match_loop(scale, easy):
+    # scale > 40 takes the row-max shift before exp; easy margin keeps cos where cos <= 0.
+    torch.manual_seed(3)
+    loss_mod = MatryoshkaMarginLoss(DIMS, CLASSES, dim_weights=[1, 2, 3, 4], margin=0.4, scale=scale,
+                                    easy_margin=easy)
+    emb = torch.randn(16, DIMS[-1], requires_grad=True)
+    labels = torch.randint(0, CLASSES, (16,))
+    _, dim_losses, _ = loss_mod(emb, labels)
+    dim_losses.sum().backward()
+    grad, emb.grad = emb.grad.clone(), None
+    _, ref_losses, _ = loop_loss(loss_mod, emb, labels)
+    ref_losses.sum().backward()
+    torch.testing.assert_close(dim_losses, ref_losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, emb.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_second_backward_is_refused():
+    loss_mod = MatryoshkaMarginLoss(DIMS, CLASSES)
+    total = loss_mod(torch.randn(6, DIMS[-1]), torch.arange(6))[0]
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        total.backward()
 
 
 def test_margin_raises_loss_and_zero_margin_is_softmax():
