@@ -9,6 +9,9 @@ bf16 autocast. End-to-end mode: the same variant (random weights: same cost as t
 published ones), frozen, on ``--e2e-utts`` synthetic utterances with 2 s crops and the
 same head and loss. Reports seconds/epoch, samples/s, the ratio, and the extrapolated
 time of 1,000,000 utterances x 30 epochs of cache fitting.
+
+``--breakdown`` instead times the phases of one head step at that geometry (median over
+``--steps`` steps, seconds): head forward, loss forward, backward, clipping + optimiser.
 """
 
 from __future__ import annotations
@@ -42,6 +45,41 @@ def synthetic_cache(out: Path, utts: int, classes: int, dim: int, views: int = 4
         writer.finish()
 
 
+def step_breakdown(pooled_dim: int, classes: int, precision: str, steps: int) -> dict:
+    """Median milliseconds per phase of a training step (batch 256, dims 64..256, AAM)."""
+    from mrlcache.fit import FitConfig, _make_optimizer, _param_groups
+    from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss
+
+    torch.manual_seed(0)
+    dims = (64, 128, 192, 256)
+    head, loss_fn = MatryoshkaHead(pooled_dim, dims), MatryoshkaMarginLoss(dims, classes)
+    cfg = FitConfig()
+    opt = _make_optimizer(cfg, _param_groups([head, loss_fn], cfg))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    x, y = torch.randn(256, pooled_dim), torch.randint(0, classes, (256,))
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    times = []
+    for step in range(steps + 3):  # 3 warm-up steps
+        t = [time.perf_counter()]
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            emb = head(x)
+            t.append(time.perf_counter())
+            loss = loss_fn(emb, y)[0]
+        t.append(time.perf_counter())
+        loss.backward()
+        t.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        if step >= 3:
+            times.append(np.diff(t))
+    med = np.median(np.array(times), axis=0) * 1000
+    total = float(np.median(np.array(times).sum(1)) * 1000)
+    names = ("head forward", "loss forward", "backward", "clip + optimiser")
+    return {**dict(zip(names, med.tolist())), "step": total}
+
+
 def history(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
 
@@ -55,6 +93,8 @@ def main() -> None:
     ap.add_argument("--e2e-batch", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--breakdown", action="store_true", help="only time the phases of one head step")
+    ap.add_argument("--steps", type=int, default=30, help="steps timed by --breakdown")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,6 +105,13 @@ def main() -> None:
 
     dims = (64, 128, 192, 256)
     pooled_dim = load_backbone(args.variant, random_init=True).pooled_dim
+    if args.breakdown:
+        for precision in ("fp32", "bf16"):
+            b = step_breakdown(pooled_dim, args.classes, precision, args.steps)
+            step = b.pop("step")
+            print(f"step {precision}: {step:.1f} ms ({256000 / step:.0f} samples/s) = "
+                  + ", ".join(f"{k} {v:.1f} ms" for k, v in b.items()), flush=True)
+        return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
