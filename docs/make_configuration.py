@@ -122,10 +122,10 @@ def option_name(param: click.Parameter) -> str:
 
 
 def yaml_key(param: click.Parameter) -> str:
-    """The key a config file uses: the parameter's name, with - or _ between words."""
-    keys = [param.name]
-    if "_" in param.name:
-        keys.append(param.name.replace("_", "-"))
+    """The keys a config file may use: the option's long name, and its parameter name when
+    that differs (``format`` or ``backend`` for ``--format``); - and _ are alike."""
+    longs = [o[2:] for o in getattr(param, "opts", []) if o.startswith("--")]
+    keys = list(dict.fromkeys([*longs[:1], param.name]))
     return " or ".join(f"`{k}`" for k in keys)
 
 
@@ -147,9 +147,6 @@ def command_table(name: str, command: click.Command) -> str:
     lines += ["| option | YAML key | type | default | meaning |", "|---|---|---|---|---|"]
     for p in documented_params(command):
         meaning = " ".join(x for x in (getattr(p, "help", None), EXTRA.get((name, p.name))) if x)
-        flat = p.name.replace("_", "-")
-        if isinstance(p, click.Option) and f"--{flat}" not in p.opts:
-            meaning += " Note: the YAML key is not the option name."
         lines.append(f"| `{option_name(p)}` | {yaml_key(p)} | {_cell(type_text(p))} | {default_text(p)} | "
                      f"{_cell(meaning)} |")
     return "\n".join(lines) + "\n"

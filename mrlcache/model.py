@@ -74,12 +74,26 @@ class MRLModel(nn.Module):
             raise ModelError("this model was fitted head-only (no backbone): use project() on pooled vectors")
         return self.backbone.pooled(wave)
 
-    def forward(self, wave: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-        """Waveform (B, T) float32 at 16 kHz -> raw embedding prefix (B, dim); default largest dim."""
-        return self.head(self._pooled(wave))[:, : self._dim(dim)]
+    def _tensor(self, array) -> torch.Tensor:
+        param = next(self.head.parameters())
+        return torch.as_tensor(np.asarray(array, dtype=np.float32), device=param.device)
 
-    def embed_all(self, wave: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Waveform (B, T) -> {dim: (B, dim)} for every trained dim, one backbone pass."""
+    def forward(self, wave, dim: int | None = None):
+        """Waveform (B, T) float32 at 16 kHz -> raw embedding prefix (B, dim); default largest dim.
+
+        numpy in -> numpy float32 out (computed without gradients); torch in -> torch out.
+        """
+        d = self._dim(dim)
+        if not isinstance(wave, torch.Tensor):
+            with torch.no_grad():
+                return self.forward(self._tensor(wave), d).cpu().numpy()
+        return self.head(self._pooled(wave))[:, :d]
+
+    def embed_all(self, wave) -> dict:
+        """Waveform (B, T) -> {dim: (B, dim)} for every trained dim, one backbone pass (numpy or torch)."""
+        if not isinstance(wave, torch.Tensor):
+            with torch.no_grad():
+                return {d: e.cpu().numpy() for d, e in self.embed_all(self._tensor(wave)).items()}
         emb = self.head(self._pooled(wave))  # (B, max_dim)
         return {d: emb[:, :d] for d in self.dims}
 

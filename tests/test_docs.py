@@ -250,8 +250,8 @@ def test_every_shipped_config_is_listed_in_the_configuration_doc():
 
 def test_a_wrong_key_or_value_in_a_config_is_caught(tmp_path):
     bad_key = tmp_path / "k.yaml"
-    bad_key.write_text("# mrlcache extract --config k.yaml --out c\nformat: hdf5\n")
-    with pytest.raises(click.BadParameter, match="format"):
+    bad_key.write_text("# mrlcache extract --config k.yaml --out c\nformatt: hdf5\n")
+    with pytest.raises(click.BadParameter, match="formatt"):
         read_yaml_options(bad_key, main.commands["extract"])
     precision = next(p for p in main.commands["extract"].params if p.name == "precision")
     with pytest.raises(click.BadParameter):

@@ -109,3 +109,24 @@ def test_fit_refuses_a_backbone_that_is_not_the_caches(setup, tmp_path):
     with pytest.raises(ModelError, match="extracted with"):
         fit(cache_dir, DIMS, tmp_path / "x", epochs=1, batch_size=4, val_speakers=0, progress=False,
             weights=str(tmp_path / "other.pt"))
+
+
+def test_numpy_waves_give_numpy_embeddings_equal_to_torch():
+    import numpy as np
+
+    from mrlcache.head import MatryoshkaHead
+    from mrlcache.model import MRLModel
+    from mrlcache.models.loading import load_backbone
+
+    backbone = load_backbone("b0", random_init=True, seed=1)
+    torch.manual_seed(0)
+    model = MRLModel(backbone, MatryoshkaHead(backbone.pooled_dim, [8, 16]).eval(), dims=[8, 16]).eval()
+    wave = np.random.default_rng(0).standard_normal((2, 8000)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(wave), dim=8).numpy()
+    got = model(wave, dim=8)
+    assert isinstance(got, np.ndarray) and got.shape == (2, 8)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    all_dims = model.embed_all(wave)
+    assert sorted(all_dims) == [8, 16] and isinstance(all_dims[16], np.ndarray)
+    np.testing.assert_allclose(all_dims[8], expected, rtol=1e-6, atol=1e-6)

@@ -28,7 +28,7 @@ def _register():
     # One line per command module; a module that fails to import is a bug, not something
     # to hide, so there is no try/except here.
     from mrlcache.cli import eer, embed, extract, info
-    from mrlcache.cli import fit
+    from mrlcache.cli import demo, fit
     from mrlcache.cli import corpus
 
     main.add_command(info.info)
@@ -36,6 +36,7 @@ def _register():
     main.add_command(eer.eer)
     main.add_command(embed.embed)
     main.add_command(fit.fit)
+    main.add_command(demo.demo)
     main.add_command(corpus.make_corpus)
 
 
