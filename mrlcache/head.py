@@ -16,8 +16,8 @@ Classifier weights are either one matrix ``(classes * K, max_dim)`` whose prefix
 every size (``shared``), or one matrix per size (``per-dim``).
 
 Cost: the class scores dominate a head step (batch 256, 5994 classes, 4 sizes: ~6M
-logits). Three choices keep a step near its matmul cost (measured on a 2-core CPU:
-~195 ms -> see benchmarks/README.md):
+logits). These choices keep a step near its matmul cost (2-core CPU, b2 geometry: ~200 ms
+per step before, ~57 ms after; see benchmarks/README.md):
 
 - the margin touches only the ``B`` target logits per size: their cosines are computed
   apart from the score matrix (small ``(B, D)`` work), so no ``acos``/``cos``/``where``
@@ -29,7 +29,9 @@ logits). Three choices keep a step near its matmul cost (measured on a 2-core CP
   (:class:`_PrefixScores`): one ``(B, 64) x (64, C)`` matmul per segment, accumulated
   over segments, with prefix norms from cumulative sums of squared segment norms: 2.5x
   fewer FLOPs than one matmul per prefix for 64/128/192/256, and the scaling rides on
-  the accumulation so it costs one extra pass over the scores each way.
+  the accumulation so it costs one extra pass over the scores each way;
+- the two score-sized buffers are reused from step to step (:class:`_Scratch`): fresh
+  25 MB tensors are paged in anew on every step, which cost more than the arithmetic.
 """
 
 from __future__ import annotations
@@ -99,9 +101,9 @@ def _rev_cumsum(x: torch.Tensor) -> torch.Tensor:
 class _Scratch:
     """Free list of the large score-sized buffers, reused from step to step.
 
-    A fresh 25 MB tensor is paged in again on every step (measured here: 67 MB of page
-    faults per step, tens of ms); a buffer returns to the list only when the backward that
-    last reads it is done, so a forward without a backward just allocates anew.
+    Fresh score-sized tensors are paged in again on every step (measured here: ~50 MB of
+    page faults per step, tens of ms); a buffer returns to the list only when the backward
+    that last reads it is done, so a forward without a backward just allocates anew.
     """
 
     def __init__(self, keep: int = 2):
