@@ -19,12 +19,13 @@ Cost: the class scores dominate a head step (batch 256, 5994 classes, 4 sizes: ~
 logits). These choices keep a step near its matmul cost (2-core CPU, b2 geometry: ~200 ms
 per step before, ~57 ms after; see benchmarks/README.md):
 
-- the margin touches only the ``B`` target logits per size: their cosines are computed
-  apart from the score matrix (small ``(B, D)`` work), so no ``acos``/``cos``/``where``
-  runs over the full logits and the matrix's target entries are simply replaced;
-- cross-entropy is one fused pass per direction (:class:`_ReplacedTargetCrossEntropy`):
-  ``exp`` into one buffer and a row sum forward, the softmax gradient written into the
-  same buffer backward; no log-softmax, one-hot or gather/scatter tensors of that size;
+- the margin touches only the ``B`` target logits per size: they are gathered from the
+  score matrix, given ``cos(theta + m)`` through cos/sin identities (no ``acos``) with
+  its slope, and put back inside the cross-entropy; nothing margin-related runs over
+  the full logits;
+- cross-entropy is one pass per direction (:class:`_MarginCrossEntropy`): ``exp`` into
+  one buffer and a row sum forward, the softmax gradient written into the same buffer
+  backward; no log-softmax, one-hot or gather/scatter tensors of that size;
 - with the shared classifier, prefix dot products are built segment by segment
   (:class:`_PrefixScores`): one ``(B, 64) x (64, C)`` matmul per segment, accumulated
   over segments, with prefix norms from cumulative sums of squared segment norms: 2.5x
