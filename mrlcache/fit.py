@@ -74,7 +74,7 @@ class FitConfig:
     patience: int = 0  # epochs without a better mean EER before stopping; 0: never stop
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16 (CPU autocast); CUDA always uses fp16 AMP
+    precision: str = "fp32"  # fp32 | bf16 (CPU autocast: bf16 matmuls, fp32 softmax); CUDA: fp16 AMP
     feature_dtype: str = "float16"  # in-memory feature dtype
     memory_gb: float | None = None  # None: half the available memory
     embed_backbone: bool = True

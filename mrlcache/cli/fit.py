@@ -42,7 +42,7 @@ def _floats(text):
 @click.option("--patience", type=int, default=0, show_default=True, help="Stop after this many epochs without a better mean EER; 0: never.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True, help="CPU autocast; CUDA always uses fp16 AMP.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True, help="bf16: CPU autocast, class-score matmuls in bf16 (float32 softmax); slower than fp32 without AMX. CUDA always uses fp16 AMP.")
 @click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--memory-gb", type=float, default=None, help="Memory for features; beyond it they are streamed [default: half the free memory].")
 @click.option("--threads", type=int, default=None, help="Torch CPU threads [default: torch's].")
