@@ -199,3 +199,12 @@ def test_rerun_of_a_complete_cache_keeps_its_summary(corpus, tmp_path):
     assert first["utterances_per_second"] > 0
     run(["--data", str(corpus), "--out", str(out), *COMMON])
     assert mrlcache.cache.open(out).meta["summary"] == first
+
+
+def test_eval_mode_refuses_views_and_records_one(corpus, tmp_path):
+    args = ["--data", str(corpus), "--out", str(tmp_path / "e"), "--mode", "eval", "--random-init", "--variant", "b0",
+            "--workers", "0", "--quiet", "--threads", "1", "--max-seconds", "0.6"]
+    result = run([*args, "--views", "3"], ok=False)
+    assert result.exit_code != 0 and "--views does not apply" in result.output
+    run(args)
+    assert "views: 1" in (tmp_path / "e" / "extract-config.yaml").read_text()

@@ -245,6 +245,9 @@ def test_cli_fit_and_its_errors(caches, tmp_path):
     assert result.exit_code != 0 and "comma-separated integers" in result.output
     result = runner.invoke(main, ["fit", "--cache", str(tmp_path / "none"), "--out", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "no such directory" in result.output
+    result = runner.invoke(main, args + ["--dims", "4,8", "--out", str(tmp_path / "bad"), "--grad-accum", "2",
+                                         "--views", "3"])
+    assert result.exit_code != 0 and "--views, --grad-accum only apply with --end-to-end" in result.output
 
 
 @pytest.mark.parametrize("name", ["fit-demo.yaml", "fit-vox2-b2.yaml"])

@@ -102,6 +102,9 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
         torch.set_num_threads(threads)
     console = Console(stderr=True)
     barrier = None
+    if mode == "eval" and ctx.get_parameter_source("views") not in (None, click.core.ParameterSource.DEFAULT) \
+            and views != 1:
+        raise click.UsageError("--mode eval embeds each whole utterance once: --views does not apply")
     try:
         cfg = ExtractConfig(
             mode=mode, views=views, crop_seconds=crop_seconds, max_seconds=max_seconds, min_seconds=min_seconds,
@@ -133,6 +136,7 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
 
             dist.destroy_process_group()
     if rank == 0:
+        ctx.params["views"] = cfg.views  # eval mode has one view whatever --views said
         write_resolved(ctx, Path(out) / "extract-config.yaml")
     if summary is None:
         console.print(f"rank {rank}: my shards are done; the summary is written when every rank has finished")

@@ -121,8 +121,14 @@ def fit(ctx, cache, dims, out, dim_weights, loss, margin, margin_warmup_epochs, 
         else:
             if not cache:
                 raise click.UsageError("give --cache DIR (from 'mrlcache extract'), or --end-to-end --data DIR")
-            if data or variant or random_init or unfreeze_after is not None:
-                raise click.UsageError("--data/--variant/--random-init/--unfreeze-after need --end-to-end")
+            # End-to-end options given in cache mode would be silently ignored: refuse them.
+            e2e_only = ("data", "variant", "random_init", "unfreeze_after", "train_type", "dataset", "crop_seconds",
+                        "views", "noise_dir", "rir_dir", "speed_perturb", "workers", "backbone_lr", "grad_accum")
+            given = [f"--{n.replace('_', '-')}" for n in e2e_only
+                     if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+            if given:
+                raise click.UsageError(f"{', '.join(given)} only apply with --end-to-end (cache mode reads "
+                                       "the views extract made)")
             run = run_fit(cache, dims_t, out, resume=resume, weights=weights, head_only=head_only,
                           feature_dtype=feature_dtype, memory_gb=memory_gb, **options)
     except (FitError, ModelError, CacheError, CheckpointError, TrialsError) as err:
