@@ -1,4 +1,5 @@
-"""``mrlcache eer`` and ``mrlcache embed`` on a tiny corpus, tiny backbone and random head."""
+"""``mrlcache eer`` (and its library, ``mrlcache.evaluate``) and ``mrlcache embed`` on a tiny
+corpus, tiny backbone and random head."""
 
 import itertools
 import json
@@ -166,6 +167,39 @@ def test_center_and_asnorm(setup):
     expected = scoring.asnorm(raw, emb, ie, it, cohort, 2, DIMS, mean=mean)
     for r, exp in zip(normed["results"], expected):
         assert r["eer"] == pytest.approx(metrics.eer(exp, labels)[0], abs=1e-9)
+
+
+def test_library_scores_trials_without_the_cli(setup, tmp_path):
+    from mrlcache import evaluate as ev
+    from mrlcache.cli import eer as cli_eer
+    from mrlcache.trials import read_trials
+
+    root, utts = setup
+    assert cli_eer.SYSTEMS == ev.SYSTEMS
+    model = load_model(root / "model.pt")
+    trials = read_trials(root / "trials.txt")
+    v = ev.pooled_from_cache(ev.open_cache(root / "cache", model), trials)
+    assert (v.skipped_trials, v.missing, len(v.utterances)) == (0, [], 12)
+    results = ev.evaluate(v.trials, v.utterances, v.pooled, ev.transforms(model, ["mrl", "raw"]), [8])
+    assert [(r["system"], r["dim"]) for r in results] == [("mrl", 8), ("raw", model.head.pooled_dim)]
+    # The raw row, from the cached vectors with plain numpy.
+    _, scores, labels = cosine_rows(cached_vectors(root), root / "trials.txt", [model.head.pooled_dim])
+    value, threshold = metrics.eer(scores[model.head.pooled_dim], labels)
+    assert results[1]["eer"] == pytest.approx(value, abs=1e-9)
+    assert results[1]["threshold"] == pytest.approx(threshold, abs=1e-5)
+
+    # A trial naming an utterance the cache lacks: an error, or (skip_missing) that trial dropped.
+    ghost = "id10001/v09/00001.wav"
+    more = tmp_path / "t.txt"
+    more.write_text((root / "trials.txt").read_text() + f"0 {utts[0].utt_id} {ghost}\n")
+    cache = ev.open_cache(root / "cache", model)
+    with pytest.raises(ev.MissingUtterancesError, match="1 of 13 trial utterances.*skip_missing=True") as err:
+        ev.pooled_from_cache(cache, read_trials(more))
+    assert err.value.missing == [ghost]
+    v = ev.pooled_from_cache(cache, read_trials(more), skip_missing=True)
+    assert (v.skipped_trials, v.missing, len(v.trials)) == (1, [ghost], 66)
+    with pytest.raises(ev.EvaluateError, match="was extracted with backbone weights"):
+        ev.open_cache(root / "cache", load_model(root / "other.pt"))
 
 
 def test_missing_utterances(setup, tmp_path):

@@ -1,0 +1,337 @@
+"""Score a verification trial list with a fitted model: EER and minDCF at every Matryoshka dim.
+
+Every system is a function of the pooled backbone vectors of the trial utterances, which
+come from an eval-mode cache (:func:`pooled_from_cache`) or from audio, each file decoded
+once (:func:`pooled_from_audio`); both give the same scores:
+
+* ``mrl``: the fitted Matryoshka head (``model.project``), at each requested dim;
+* ``raw``: the pooled vectors themselves (one row, at the pooled size);
+* ``published``: the checkpoint's own BatchNorm + linear head (one row, usually 192);
+* ``pca``: the published embedding reduced by PCA fitted on a training cache, at each
+  requested dim up to the published size (what a Matryoshka head has to beat).
+
+Scores are cosines of L2-normalised prefixes (:mod:`mrlcache.scoring`), optionally centred
+by a training mean and AS-Norm-ed against per-speaker means of a cohort cache
+(:func:`cache_stats`). Metrics and conventions: docs/metrics.md. From Python::
+
+    model = load_model("run/model.pt")
+    cache = open_cache("caches/vox1-eval", model)
+    v = pooled_from_cache(cache, read_trials("veri_test2.txt"))
+    results = evaluate(v.trials, v.utterances, v.pooled, transforms(model), model.dims)
+
+``mrlcache eer`` (mrlcache/cli/eer.py) is this, plus a table, JSON and a plot.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mrlcache.trials import Trials
+
+SYSTEMS = ("mrl", "raw", "published", "pca")
+BYTES_PER_VALUE = 4  # embeddings are stored and scored as float32
+
+
+class EvaluateError(ValueError):
+    """Inputs that cannot be scored (a wrong cache, too little data); the message names the fix."""
+
+
+class MissingUtterancesError(EvaluateError):
+    """Trial utterances without a vector; ``skip_missing=True`` scores the other trials."""
+
+    def __init__(self, missing: list[str], total: int, where: str, reasons: dict, hint="pass skip_missing=True"):
+        self.missing, self.total, self.where, self.reasons = missing, total, where, reasons
+        super().__init__(self.describe(hint))
+
+    def describe(self, hint: str) -> str:
+        """The one-line error, ending with ``hint`` (how to score the rest anyway)."""
+        m = self.missing
+        shown = ", ".join(u + (f" ({self.reasons[u]})" if u in self.reasons else "") for u in m[:5])
+        return (f"{len(m)} of {self.total} trial utterances are missing from {self.where}: {shown}"
+                f"{', ...' if len(m) > 5 else ''}; fix the paths or {hint} to score the rest")
+
+
+def _note(message: str) -> None:
+    """Default ``log``: a line on stderr (warnings and notes, never results)."""
+    print(message, file=sys.stderr)
+
+
+@dataclass
+class TrialVectors:
+    """Pooled vectors of the trial utterances and the trials that can be scored with them.
+
+    utterances: U ids, in order of first appearance in ``trials``; pooled: (U, P) float32;
+    trials: the scorable trials; missing: utterances without a vector (their trials were
+    dropped, ``skipped_trials`` of them; both empty unless ``skip_missing``).
+    """
+
+    utterances: list[str]
+    pooled: np.ndarray
+    trials: Trials
+    skipped_trials: int = 0
+    missing: list[str] = field(default_factory=list)
+
+
+def open_cache(path, model, what: str = "cache", log=_note):
+    """Open a cache of pooled vectors and refuse it if another backbone made it.
+
+    Args:
+        path: cache directory; model: the :class:`mrlcache.model.MRLModel` to score with;
+        what: how to name the cache in messages; log: callable for a warning line.
+    Returns:
+        the opened cache. Raises EvaluateError on other weights or another pooled size.
+    """
+    from mrlcache import cache as cache_mod
+
+    try:
+        cache = cache_mod.open(path)
+    except cache_mod.CacheError as err:
+        raise EvaluateError(f"{what} {path}: {err}") from None
+    want, have = model.weights_sha256, cache.meta.get("weights_sha256")
+    if want is None or have is None:
+        log(f"warning: cannot check that {what} {path} matches the model's backbone "
+            f"(fingerprint missing: model {want}, cache {have})")
+    elif want != have:
+        raise EvaluateError(
+            f"{what} {path} was extracted with backbone weights {have}, but the model's backbone "
+            f"is {want}; extract it again with the model's backbone"
+        )
+    if cache.dim != model.head.pooled_dim:
+        raise EvaluateError(f"{what} {path} holds {cache.dim}-d pooled vectors, the model expects "
+                            f"{model.head.pooled_dim}")
+    return cache
+
+
+def _drop_missing(trials: Trials, missing: list[str]) -> tuple[Trials, int]:
+    """The trials without any missing utterance, and how many were dropped."""
+    gone = set(missing)
+    keep = np.array([e not in gone and t not in gone for e, t in zip(trials.enroll, trials.test)])
+    return trials.select(keep), int((~keep).sum())
+
+
+def _resolve_missing(trials, missing, where, reasons, skip_missing) -> tuple[Trials, int]:
+    if not missing:
+        return trials, 0
+    if not skip_missing:
+        raise MissingUtterancesError(missing, len(trials.utterances), where, reasons)
+    return _drop_missing(trials, missing)
+
+
+def pooled_from_cache(cache, trials: Trials, skip_missing: bool = False) -> TrialVectors:
+    """Gather the pooled vectors of the trial utterances from an eval-mode cache.
+
+    Args:
+        cache: an opened cache (:func:`open_cache`); trials: the trial list.
+        skip_missing: drop the trials of utterances the cache lacks instead of raising
+            :class:`MissingUtterancesError` (reasons from the cache's skipped list).
+    Returns:
+        :class:`TrialVectors` with (U, P) float32 vectors (view 0 of a multi-view cache).
+    """
+    if cache.meta.get("mode") == "train":
+        raise EvaluateError(
+            f"{cache.path} is a train-mode cache (random crops of {cache.meta.get('crop_seconds')} s, "
+            f"{cache.num_views} views); score trials on an eval-mode cache of the test audio"
+        )
+    missing = trials.missing(set(cache.utterances))
+    kept, skipped = _resolve_missing(trials, missing, f"cache {cache.path}", cache.skipped, skip_missing)
+    utts = kept.utterances
+    view = 0 if cache.num_views > 1 else None
+    pooled = cache.pooled(view=view)  # (N, P) or (N, 1, P)
+    pooled = pooled.reshape(len(cache), -1)[cache.index_of(utts)]  # (U, P)
+    return TrialVectors(utts, pooled, kept, skipped, missing)
+
+
+def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = False,
+                      max_seconds: float | None = None, device="cpu", progress: bool = True) -> TrialVectors:
+    """Decode each trial utterance once (whole, capped at ``max_seconds``) and pool it.
+
+    Args:
+        backbone: a ReDimNet (``model.backbone``); data_dir: audio root the trial ids are
+            relative to; skip_missing: as :func:`pooled_from_cache` (reasons: the AudioError
+            of each unreadable file); progress: a progress bar on stderr.
+    Returns:
+        :class:`TrialVectors` with (U, P) float32 vectors.
+    """
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from mrlcache.audio import SAMPLE_RATE, AudioError, load_audio
+
+    if backbone is None:
+        raise EvaluateError("scoring audio needs the model's backbone, and this model has none")
+    data_dir = Path(data_dir)
+    utts = trials.utterances
+    vectors, reasons = {}, {}
+    limit = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
+    with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
+        task = bar.add_task("embedding trial audio", total=len(utts))
+        for utt in utts:
+            path = data_dir / utt
+            try:
+                if not path.is_file():
+                    raise AudioError(path, "unreadable", "no such file")
+                wave = load_audio(path)[:limit]  # (T,)
+                with torch.no_grad():
+                    x = torch.from_numpy(np.ascontiguousarray(wave))[None].to(device)  # (1, T)
+                    vectors[utt] = backbone.pooled(x)[0].cpu().numpy()  # (P,)
+            except AudioError as err:
+                reasons[utt] = f"{err.reason}: {err.detail}"
+            bar.advance(task)
+    missing = [u for u in utts if u not in vectors]
+    kept, skipped = _resolve_missing(trials, missing, f"audio root {data_dir}", reasons, skip_missing)
+    pooled = np.stack([vectors[u] for u in kept.utterances]).astype(np.float32)  # (U, P)
+    return TrialVectors(kept.utterances, pooled, kept, skipped, missing)
+
+
+def transforms(model, systems=("mrl",), pca_cache=None, device="cpu") -> dict:
+    """The systems to score: name -> function pooled (n, P) float32 -> embeddings (n, D).
+
+    Args:
+        model: the fitted model; ``published`` and ``pca`` need its backbone's head.
+        systems: names from :data:`SYSTEMS`, in table order.
+        pca_cache: an opened training cache to fit the ``pca`` system on (every view).
+    """
+    import torch
+
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise EvaluateError(f"unknown system(s) {unknown}: choose from {list(SYSTEMS)}")
+    if model.backbone is None and {"published", "pca"} & set(systems):
+        raise EvaluateError("the published and pca systems need the backbone's own head, "
+                            "but this model is head-only")
+
+    def published(pooled):
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32)).to(device)  # (n, P)
+            return model.backbone.head(x).cpu().numpy()  # (n, E)
+
+    out = {"mrl": model.project, "raw": lambda pooled: np.asarray(pooled, dtype=np.float32),
+           "published": published}
+    if "pca" in systems:
+        if pca_cache is None:
+            raise EvaluateError("the pca system needs a training cache to fit the PCA on (pca_cache)")
+        mean, components = fit_pca(pca_cache, published)
+        out["pca"] = lambda p: ((published(p) - mean) @ components).astype(np.float32)  # (n, E)
+    return {s: out[s] for s in systems}
+
+
+def _iter_cache(cache, batch: int = 8192):
+    """(pooled (n, P) float32, speakers (n,)) over every vector of every view, shard by shard."""
+    for shard in cache.iter_shards():
+        pooled = shard.pooled()  # (n, V, P)
+        n, views, dim = pooled.shape
+        speakers = np.repeat(np.asarray(shard.speakers, dtype=str), views)
+        flat = pooled.reshape(n * views, dim)
+        for lo in range(0, flat.shape[0], batch):
+            yield flat[lo : lo + batch], speakers[lo : lo + batch]
+
+
+def fit_pca(cache, published) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of the published embeddings of every vector of a cache, in one streamed pass.
+
+    Args:
+        cache: an opened training cache; published: pooled (n, P) -> embeddings (n, E).
+    Returns:
+        (mean (E,), components (E, E)), components by column in order of decreasing variance.
+    """
+    total, outer, n = None, None, 0
+    for pooled, _ in _iter_cache(cache):
+        e = published(pooled).astype(np.float64)  # (n, E)
+        total = e.sum(axis=0) if total is None else total + e.sum(axis=0)
+        outer = e.T @ e if outer is None else outer + e.T @ e
+        n += e.shape[0]
+    if n < 2:
+        raise EvaluateError(f"{cache.path}: need at least 2 vectors to fit PCA, found {n}")
+    mean = total / n
+    cov = outer / n - np.outer(mean, mean)
+    values, vectors = np.linalg.eigh(cov)  # ascending
+    vectors = vectors[:, ::-1]
+    # eigh's signs are arbitrary: make each component's largest coordinate positive so the
+    # projection (and its scores) do not depend on the LAPACK build.
+    signs = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(vectors.shape[1])])
+    return mean, vectors * signs
+
+
+def cache_stats(cache, transforms: dict) -> dict:
+    """Per system, the mean embedding and the per-speaker means (AS-Norm cohort) of a cache.
+
+    Args:
+        cache: an opened training cache (every view of every utterance is used);
+        transforms: as returned by :func:`transforms`.
+    Returns:
+        {system: {"mean": (D,) float64, "cohort": (S, D) float64, speakers sorted}}.
+    """
+    from mrlcache.scoring import speaker_sums
+
+    acc = {name: {"sum": 0.0, "n": 0, "spk": {}} for name in transforms}
+    # One pass over the cache for every system: sums, not arrays, so memory stays (S, D).
+    for pooled, speakers in _iter_cache(cache):
+        for name, fn in transforms.items():
+            e = fn(pooled).astype(np.float64)  # (n, D)
+            a = acc[name]
+            a["sum"] = a["sum"] + e.sum(axis=0)
+            a["n"] += e.shape[0]
+            names, sums, counts = speaker_sums(e, speakers)
+            for s, row, c in zip(names, sums, counts):
+                old = a["spk"].get(s)
+                a["spk"][s] = (row, c) if old is None else (old[0] + row, old[1] + c)
+    if not acc or next(iter(acc.values()))["n"] == 0:
+        raise EvaluateError(f"{cache.path}: the cache holds no vectors")
+    out = {}
+    for name, a in acc.items():
+        names = sorted(a["spk"])
+        cohort = np.stack([a["spk"][s][0] / a["spk"][s][1] for s in names])  # (S, D)
+        out[name] = {"mean": a["sum"] / a["n"], "cohort": cohort}
+    return out
+
+
+def evaluate(trials: Trials, utts, pooled, transforms: dict, dims, *, center=None, cohort=None,
+             topk: int = 300, log=_note) -> list[dict]:
+    """Score ``trials`` with every system at every dim; EER and minDCF of each.
+
+    Args:
+        trials: the trials to score; utts, pooled: their utterance ids and (U, P) vectors.
+        transforms: {system: pooled (n, P) -> embeddings (n, D)}, in table order.
+        dims: requested Matryoshka dims (mrl and pca are scored at each that fits; raw and
+            published at their own size).
+        center / cohort: {system: stats} from :func:`cache_stats`, or None.
+        topk: AS-Norm top-k; log: callable for a note about dims not scored.
+    Returns:
+        one dict per (system, dim): system, dim, eer (fraction), threshold, min_dcf_0.01,
+        min_dcf_0.05, bytes_per_utterance.
+    """
+    from mrlcache import metrics, scoring
+
+    ie, it = trials.indices({u: i for i, u in enumerate(utts)})  # (T,), (T,)
+    results = []
+    for system, transform in transforms.items():
+        emb = transform(pooled)  # (U, D)
+        width = emb.shape[1]
+        use = [d for d in dims if d <= width] if system in ("mrl", "pca") else [width]
+        if not use:
+            log(f"note: {system} has {width} dims, none of {list(dims)} fit; not scored")
+            continue
+        if system == "pca" and len(use) < len(dims):
+            over = [d for d in dims if d > width]
+            log(f"note: pca is limited to the published size {width}: dims {over} not scored")
+        mean = None if center is None else center[system]["mean"]
+        scores = scoring.score_trials(emb, ie, it, use, mean=mean)  # (n_dims, T)
+        if cohort is not None:
+            scores = scoring.asnorm(scores, emb, ie, it, cohort[system]["cohort"], topk, use, mean=mean)
+        for d, row in zip(use, scores):
+            value, threshold = metrics.eer(row, trials.labels)
+            results.append({
+                "system": system,
+                "dim": int(d),
+                "eer": value,
+                "threshold": threshold,
+                "min_dcf_0.01": metrics.min_dcf(row, trials.labels, p_target=0.01),
+                "min_dcf_0.05": metrics.min_dcf(row, trials.labels, p_target=0.05),
+                "bytes_per_utterance": int(d) * BYTES_PER_VALUE,
+            })
+    return results
