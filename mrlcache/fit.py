@@ -263,37 +263,25 @@ def external_valset(val_cache, trials_path) -> ValSet:
                   np.asarray(trials.labels, np.int8), f"{trials_path}")
 
 
-def prefix_cosines(emb: torch.Tensor, enroll, test, dims: Sequence[int]) -> np.ndarray:
-    """Cosine score of every trial at every prefix: emb (N, max_dim) -> (S, T) float64.
-
-    Segment products summed cumulatively, as in the loss: one pass for all dims.
-    """
-    a, b = emb[torch.as_tensor(enroll)].double(), emb[torch.as_tensor(test)].double()
-    bounds = (0, *dims)
-    segs = list(zip(bounds, bounds[1:]))
-    dots = torch.stack([(a[:, s:e] * b[:, s:e]).sum(1) for s, e in segs]).cumsum(0)
-    na = torch.stack([a[:, s:e].square().sum(1) for s, e in segs]).cumsum(0)
-    nb = torch.stack([b[:, s:e].square().sum(1) for s, e in segs]).cumsum(0)
-    return (dots / (na * nb).sqrt().clamp_min(1e-24)).cpu().numpy()
-
-
 def raw_eer(val: ValSet) -> float:
     """EER of cosine scoring on the raw pooled vectors: the baseline a head must beat."""
     from mrlcache.metrics import eer
+    from mrlcache.scoring import score_trials
 
-    x = torch.from_numpy(val.pooled)
-    return eer(prefix_cosines(x, val.enroll, val.test, (x.shape[1],))[0], val.labels)[0]
+    return eer(score_trials(val.pooled, val.enroll, val.test, [val.pooled.shape[1]])[0], val.labels)[0]
 
 
 @torch.no_grad()
 def evaluate(embed_fn, val: ValSet, dims, device) -> dict:
     """EER and minDCF at every dim. ``embed_fn``: (b, D) pooled on device -> (b, max_dim)."""
     from mrlcache.metrics import eer, min_dcf
+    from mrlcache.scoring import score_trials
 
     embs = []
     for sl in _batch_slices(len(val.pooled), val.batch):
         embs.append(embed_fn(torch.from_numpy(val.pooled[sl]).to(device)).float().cpu())
-    scores = prefix_cosines(torch.cat(embs), val.enroll, val.test, dims)
+    # The scoring `mrlcache eer` uses: all prefixes in one pass (float32 products, float64 sums).
+    scores = score_trials(torch.cat(embs).numpy(), val.enroll, val.test, list(dims))  # (S, T)
     out = {"eer": {}, "min_dcf": {}}
     for d, s in zip(dims, scores):
         out["eer"][d] = eer(s, val.labels)[0]
