@@ -18,7 +18,8 @@ on the CPU with the same number of threads).
 
 Run directory: ``config.yaml``, ``fingerprint.json``, ``history.jsonl``, TensorBoard
 events, ``last.pt`` (resumable), ``best.pt``, ``model.pt`` (see :mod:`mrlcache.model`),
-``summary.json``.
+``summary.json``; end to end also ``skipped.tsv`` (utt_id, reason, detail of every audio
+file that gave no usable wave: such files are left out, never fatal).
 """
 
 from __future__ import annotations
@@ -428,27 +429,26 @@ def _train(job: _Job, resume: bool) -> dict:
                       TimeRemainingColumn(), console=console, transient=True,
                       disable=not cfg.progress) as bar:
             task = bar.add_task("fit", total=job.steps_per_epoch)
+            pending = False  # gradients accumulated since the last optimiser step
             for step, (x, y) in enumerate(job.batches(epoch)):
                 with torch.autocast(job.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     emb = job.embed(x)
                     loss, dim_loss, dim_acc = job.loss_fn(emb, y)
                 # Gradient accumulation: average over grad_accum batches, then one step.
                 scaler.scale(loss / job.grad_accum).backward()
+                pending = True
                 if (step + 1) % job.grad_accum == 0 or step + 1 == job.steps_per_epoch:
-                    if cfg.grad_clip > 0:
-                        scaler.unscale_(job.optimizer)
-                        params = [p for g in job.optimizer.param_groups for p in g["params"]]
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    scaler.step(job.optimizer)
-                    scaler.update()
-                    job.optimizer.zero_grad(set_to_none=True)
-                    if cfg.scheduler == "cosine":
-                        job.scheduler.step()
+                    _optimizer_step(job, scaler)
+                    pending = False
                 n = len(y)
                 sums[0] += dim_loss.detach().double().cpu() * n
                 sums[1] += dim_acc.double().cpu() * n
                 seen += n
                 bar.advance(task)
+            if pending:
+                # Fewer batches than planned (end to end: unreadable files dropped): the
+                # epoch's last accumulated gradients still make a step.
+                _optimizer_step(job, scaler)
         train_loss = (sums[0] / max(seen, 1)).tolist()
         train_acc = (sums[1] / max(seen, 1)).tolist()
         rec = {"epoch": epoch, "margin": job.loss_fn.margin, "lr": job.optimizer.param_groups[0]["lr"],
@@ -498,6 +498,19 @@ def _train(job: _Job, resume: bool) -> dict:
             break
     writer.close()
     return {"best": best, "history": history, "stopped_early": stopped_early}
+
+
+def _optimizer_step(job: _Job, scaler) -> None:
+    """Clip, step, zero the gradients, and advance a per-step (cosine) schedule."""
+    if job.cfg.grad_clip > 0:
+        scaler.unscale_(job.optimizer)
+        params = [p for g in job.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, job.cfg.grad_clip)
+    scaler.step(job.optimizer)
+    scaler.update()
+    job.optimizer.zero_grad(set_to_none=True)
+    if job.cfg.scheduler == "cosine":
+        job.scheduler.step()
 
 
 def _log_tensorboard(writer, rec: dict, dims) -> None:
@@ -702,34 +715,98 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
 
 
 class _CropDataset(torch.utils.data.Dataset):
-    """One crop per (utterance, view) pair of an epoch, decoded and augmented in the worker."""
+    """One crop per (utterance, view) pair of an epoch, decoded and augmented in the worker.
 
-    def __init__(self, paths, utt_ids, items, seed, crop_samples, augment_config):
+    An item is (crop (S,) float32, row, reason, detail); a file that gives no usable wave
+    (``mrlcache.audio.AudioError``, or shorter than ``min_seconds`` / silent, as extract
+    checks) is an all-zero crop with its AudioError reason and detail, for the training loop
+    to drop and record: one bad file must not stop a long run.
+    """
+
+    def __init__(self, paths, utt_ids, items, seed, crop_samples, augment_config, min_seconds):
         self.paths, self.utt_ids, self.items = paths, utt_ids, items  # items: (K, 2) rows, views
         self.seed, self.crop_samples, self.augment_config = seed, crop_samples, augment_config
+        self.min_seconds = min_seconds
         self._augmenter = None
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, k):
-        from mrlcache.audio import load_audio
+        from mrlcache.audio import AudioError, check_wave, load_audio
         from mrlcache.augment import Augmenter, make_view
 
         if self._augmenter is None and self.augment_config is not None:
             self._augmenter = Augmenter(self.augment_config)  # one per worker: lists files once
         row, view = (int(v) for v in self.items[k])
-        wave = load_audio(self.paths[row])
+        try:
+            wave = load_audio(self.paths[row])  # (T,)
+            check_wave(wave, self.paths[row], self.min_seconds)
+        except AudioError as err:
+            return torch.zeros(self.crop_samples), row, err.reason, err.detail
         crop = make_view(wave, self.utt_ids[row], view, seed=self.seed, crop_samples=self.crop_samples,
-                         augmenter=self._augmenter)
-        return torch.from_numpy(crop), row
+                         augmenter=self._augmenter)  # (S,)
+        return torch.from_numpy(crop), row, "", ""
+
+
+class _SkipLog:
+    """Utterances an end-to-end fit left out, each appended once to ``RUN/skipped.tsv``."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path, self.reasons = path, {}
+        if resume and path.exists():  # a resumed fit knows what it already recorded
+            for line in path.read_text().splitlines()[1:]:
+                utt, reason = line.split("\t")[:2]
+                self.reasons[utt] = reason
+        else:
+            path.write_text("utt_id\treason\tdetail\n")
+
+    def add(self, utt_id: str, reason: str, detail: str) -> None:
+        if utt_id in self.reasons:
+            return
+        self.reasons[utt_id] = reason
+        with open(self.path, "a") as f:
+            f.write(f"{utt_id}\t{reason}\t{' '.join(detail.split())}\n")
+
+    def by_reason(self) -> dict:
+        return {r: list(self.reasons.values()).count(r) for r in sorted(set(self.reasons.values()))}
+
+
+def _readable_batches(batches, skip) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Drop the failed crops of each batch: (wave, rows, reasons, details) -> (wave, rows).
+
+    ``skip(row, reason, detail)`` is called for each failed crop. A batch left with fewer than
+    two crops joins the next one, and a lone crop at the end joins the last batch (one batch
+    is held back for that): BatchNorm needs two rows, and no readable crop is left out.
+    With no failures the batches pass through unchanged.
+    """
+    carry, held = None, None
+    for wave, rows, reasons, details in batches:
+        ok = torch.tensor([not r for r in reasons], dtype=torch.bool)  # (b,)
+        for k in torch.nonzero(~ok).flatten().tolist():
+            skip(int(rows[k]), reasons[k], details[k])
+        wave, rows = wave[ok], rows[ok]  # (b', S), (b',)
+        if carry is not None:
+            wave, rows = torch.cat([carry[0], wave]), torch.cat([carry[1], rows])
+            carry = None
+        if len(rows) < 2:
+            carry = (wave, rows) if len(rows) else None
+            continue
+        if held is not None:
+            yield held
+        held = (wave, rows)
+    if carry is not None and held is not None:
+        held = (torch.cat([held[0], carry[0]]), torch.cat([held[1], carry[1]]))
+    if held is None:
+        raise FitError("fewer than 2 training utterances have readable audio; see skipped.tsv in the run directory")
+    yield held
 
 
 def fit_end_to_end(data, dims: Sequence[int], out, *, variant: str | None = None, weights: str | None = None,
                    random_init: bool = False, train_type: str = "ptn", dataset: str = "vox2",
                    crop_seconds: float = 2.0, views: int = 4, augment=None, workers: int = 0,
                    unfreeze_after: int | None = None, backbone_lr: float = 1e-5, grad_accum: int = 1,
-                   resume: bool = False, **options) -> Path:
+                   min_seconds: float = 0.5, resume: bool = False, **options) -> Path:
     """Fit the head (and optionally the backbone) on audio crops; returns the run directory.
 
     The same head, loss, schedule, validation (held-out speakers, clean view-0 crops) and
@@ -747,6 +824,11 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, variant: str | None = None
         unfreeze_after: train the backbone from this epoch on (None: frozen throughout),
             with learning rate ``backbone_lr`` under the same schedule.
         grad_accum: batches per optimiser step.
+        min_seconds: shorter files are left out as "too_short" (as ``mrlcache extract``).
+
+    Files that give no usable wave (unreadable, empty, truncated, silent, too short) are
+    left out of training and validation, each listed once in ``RUN/skipped.tsv`` and
+    counted in ``summary.json``; the fit goes on.
     """
     from mrlcache.corpus import scan_tree
     from mrlcache.model import state_sha256
@@ -760,7 +842,8 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, variant: str | None = None
                  "random_init": random_init, "train_type": train_type, "dataset": dataset,
                  "crop_seconds": crop_seconds, "views": views,
                  "augment": augment.to_dict() if augment is not None else None,
-                 "unfreeze_after": unfreeze_after, "backbone_lr": backbone_lr, "grad_accum": grad_accum}
+                 "unfreeze_after": unfreeze_after, "backbone_lr": backbone_lr, "grad_accum": grad_accum,
+                 "min_seconds": min_seconds}
     cfg.check()
     if cfg.val_cache is not None:
         raise FitError("end-to-end mode validates on held-out training speakers: use --val-speakers, "
@@ -812,6 +895,7 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, variant: str | None = None
     _write_run_header(out, cfg, fingerprint)
     if random_init and not resume:
         save_checkpoint(backbone, out / "backbone.pt")  # the weights the run started from
+    skips = _SkipLog(out / "skipped.tsv", resume)
 
     paths = [u.path for u in utts]
     ids = [u.utt_id for u in utts]
@@ -820,17 +904,20 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, variant: str | None = None
     def loader(items):
         # The cache mode's batch boundaries (a lone last crop joins the previous batch).
         slices = [list(range(s.start, s.stop)) for s in _batch_slices(len(items), cfg.batch_size)]
-        ds = _CropDataset(paths, ids, items, cfg.seed, crop, augment)
+        ds = _CropDataset(paths, ids, items, cfg.seed, crop, augment, min_seconds)
         return torch.utils.data.DataLoader(ds, batch_sampler=slices, num_workers=workers)
 
     labels_t = torch.from_numpy(labels)
 
     def batches(epoch):
         # The cache mode's draw: one view per utterance, then a permutation of training rows.
+        # Bad files stay in the draw (so the draw does not depend on what failed before) and
+        # are dropped from their batch each epoch; recorded once.
         g = _epoch_generator(cfg.seed, epoch)
         v = torch.randint(views, (len(utts),), generator=g).numpy()
         order = train_rows[torch.randperm(len(train_rows), generator=g).numpy()]
-        for wave, rows in loader(np.stack([order, v[order]], 1)):
+        crops = loader(np.stack([order, v[order]], 1))
+        for wave, rows in _readable_batches(crops, lambda row, r, d: skips.add(ids[row], r, d)):
             yield wave.to(device), labels_t[rows].to(device)
 
     torch.manual_seed(cfg.seed)
@@ -865,9 +952,15 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, variant: str | None = None
 
     val = None
     val_rows = np.flatnonzero(labels < 0)
+    val_set = _CropDataset(paths, ids, np.stack([val_rows, np.zeros_like(val_rows)], 1), cfg.seed, crop, None,
+                           min_seconds)
+    val_items = [val_set[k] for k in range(len(val_set))]  # clean view-0 crops
+    for wave, row, reason, detail in val_items:
+        if reason:
+            skips.add(ids[row], reason, detail)
+    val_rows = np.array([row for _, row, reason, _ in val_items if not reason], np.int64)
     if len(val_rows):
-        val_waves = np.stack([_CropDataset(paths, ids, np.array([[r, 0]]), cfg.seed, crop, None)[0][0].numpy()
-                              for r in val_rows])
+        val_waves = np.stack([wave.numpy() for wave, _, reason, _ in val_items if not reason])  # (N, S)
         e, t, lab = heldout_trials(speakers[val_rows], cfg.max_val_trials, cfg.seed)
         if lab.min() == lab.max():
             raise FitError("held-out validation trials are all one class; raise --val-speakers")
@@ -886,6 +979,11 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, variant: str | None = None
                extra_modules={"backbone": backbone} if unfreeze_after is not None else {},
                on_epoch_start=on_epoch_start, grad_accum=grad_accum)
     result = _train(job, resume)
-    extra = {"features": "end-to-end", "train_utterances": len(train_rows), "train_speakers": len(train_names)}
+    extra = {"features": "end-to-end", "train_utterances": len(train_rows), "train_speakers": len(train_names),
+             "skipped": len(skips.reasons), "skipped_by_reason": skips.by_reason()}
     _finish(job, result, backbone, backbone_ref, extra)
+    if skips.reasons:
+        reasons = ", ".join(f"{r}: {n}" for r, n in extra["skipped_by_reason"].items())
+        print(f"skipped {len(skips.reasons)} of {len(utts)} utterances with no usable audio ({reasons}); "
+              f"listed in {out / 'skipped.tsv'}", file=sys.stderr)
     return out

@@ -228,6 +228,63 @@ def test_end_to_end_unfreezing_trains_the_backbone(tiny_corpus, tmp_path):
     assert any(k.startswith("backbone.") for k in changed)
 
 
+def test_end_to_end_leaves_out_broken_files_and_lists_them(tmp_path, capsys):
+    """One unreadable file must not stop a fit: it is left out and listed with its reason."""
+    from conftest import broken_files, make_tree
+
+    from mrlcache.fit import fit_end_to_end
+
+    data = tmp_path / "data"
+    good = make_tree(data, speakers=5, videos=2, utts=2, seconds=1.0)
+    broken = broken_files(data)  # a speaker of broken files only (reasons: every AudioError kind)
+    for speaker in sorted(data.glob("id1000*")):  # and one broken file in every good speaker
+        path = speaker / "v00" / "zz_not_audio.wav"
+        path.write_bytes(b"not audio\n" * 50)
+        broken[path] = "unreadable"
+    # Worker processes: the failure used to be raised inside a DataLoader worker.
+    run = fit_end_to_end(data, (16, 32), tmp_path / "run", views=2, epochs=2, workers=1,
+                         **dict(E2E, val_speakers=3))
+
+    rows = [line.split("\t") for line in (run / "skipped.tsv").read_text().splitlines()]
+    assert rows[0] == ["utt_id", "reason", "detail"]
+    listed = {r[0]: r[1] for r in rows[1:]}
+    assert len(listed) == len(rows) - 1 == len(broken) == 10  # each once, over two epochs
+    assert listed == {p.relative_to(data).as_posix(): reason for p, reason in broken.items()}
+    assert all(r[2] for r in rows[1:])  # a detail for each
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped"] == 10
+    assert summary["skipped_by_reason"] == {"empty": 1, "silent": 1, "too_short": 1, "truncated": 1,
+                                            "unreadable": 6}
+    # Every readable training utterance is trained on in every epoch; nothing else is.
+    val = set(json.loads((run / "fingerprint.json").read_text())["val_speakers"])
+    n_good_train = sum(p.relative_to(data).parts[0] not in val for p in good)
+    assert all(h["samples"] == n_good_train for h in read_history(run))
+    assert "val_eer" in read_history(run)[-1] and (run / "model.pt").exists()
+    assert "skipped 10 of 30 utterances" in capsys.readouterr().err
+
+
+def test_readable_batches_drop_failed_crops_and_keep_two_rows():
+    from mrlcache.fit import FitError, _readable_batches
+
+    def batches(rows, bad):
+        for r in rows:
+            yield (torch.tensor(r, dtype=torch.float32)[:, None].repeat(1, 3), torch.tensor(r),
+                   ["empty" if k in bad else "" for k in r], ["d" if k in bad else "" for k in r])
+
+    skipped = []
+    out = list(_readable_batches(batches([[0, 1], [2, 3], [4, 5], [6, 7]], {1, 2, 3, 7}),
+                                 lambda row, reason, detail: skipped.append((row, reason, detail))))
+    # [0] is carried into [4, 5]; the lone 6 at the end joins the last batch.
+    assert [b[1].tolist() for b in out] == [[0, 4, 5, 6]]
+    assert out[0][0][:, 0].tolist() == [0, 4, 5, 6]  # waves follow their rows
+    assert skipped == [(1, "empty", "d"), (2, "empty", "d"), (3, "empty", "d"), (7, "empty", "d")]
+    out = list(_readable_batches(batches([[0, 1, 2], [3, 4]], set()), lambda *a: None))
+    assert [b[1].tolist() for b in out] == [[0, 1, 2], [3, 4]]  # no failures: unchanged
+    with pytest.raises(FitError, match="fewer than 2"):
+        list(_readable_batches(batches([[0, 1], [2, 3]], {0, 1, 2}), lambda *a: None))
+
+
 def test_cli_fit_and_its_errors(caches, tmp_path):
     from click.testing import CliRunner
 

@@ -76,7 +76,8 @@ def fit(ctx, cache, dims, out, dim_weights, loss, margin, margin_warmup_epochs, 
     """Fit a Matryoshka projection head on cached pooled vectors (minutes), selected by EER.
 
     Writes OUT/{config.yaml, fingerprint.json, history.jsonl, tensorboard/, last.pt, best.pt,
-    model.pt, summary.json}. Load the result with mrlcache.load_model(OUT/model.pt).
+    model.pt, summary.json}; end to end also OUT/skipped.tsv (audio files left out, with the
+    reason). Load the result with mrlcache.load_model(OUT/model.pt).
     """
     import torch
 
