@@ -58,6 +58,8 @@ def _floats(text):
 @click.option("--dataset", default="vox2", show_default=True)
 @click.option("--random-init", is_flag=True, help="End to end: --variant with random weights from --seed.")
 @click.option("--crop-seconds", type=float, default=2.0, show_default=True)
+@click.option("--min-seconds", type=float, default=0.5, show_default=True,
+              help="End to end: shorter files are left out (listed in OUT/skipped.tsv), as in extract.")
 @click.option("--views", type=int, default=4, show_default=True, help="End to end: views per utterance, as extract.")
 @click.option("--noise-dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--rir-dir", type=click.Path(exists=True, file_okay=False))
@@ -71,7 +73,7 @@ def fit(ctx, cache, dims, out, dim_weights, loss, margin, margin_warmup_epochs, 
         optimizer, lr, weight_decay, scheduler, warmup_epochs, grad_clip, batch_size, epochs, val_cache,
         val_trials, val_speakers, val_every, patience, seed, device, precision, feature_dtype, memory_gb, threads,
         weights, no_embed_backbone, head_only, resume, quiet, end_to_end, data, variant, train_type, dataset,
-        random_init, crop_seconds, views, noise_dir, rir_dir, speed_perturb, workers, unfreeze_after,
+        random_init, crop_seconds, min_seconds, views, noise_dir, rir_dir, speed_perturb, workers, unfreeze_after,
         backbone_lr, grad_accum):
     """Fit a Matryoshka projection head on cached pooled vectors (minutes), selected by EER.
 
@@ -115,7 +117,9 @@ def fit(ctx, cache, dims, out, dim_weights, loss, margin, margin_warmup_epochs, 
             augment = AugmentConfig(noise_dir=noise_dir and str(Path(noise_dir).resolve()),
                                     rir_dir=rir_dir and str(Path(rir_dir).resolve()), speed=speed_perturb)
             run = fit_end_to_end(data, dims_t, out, variant=variant, weights=weights, random_init=random_init,
-                                 train_type=train_type, dataset=dataset, crop_seconds=crop_seconds, views=views,
+                                 train_type=train_type, dataset=dataset, crop_seconds=crop_seconds,
+                                 min_seconds=min_seconds,
+                                 views=views,
                                  augment=augment if views > 1 else None, workers=workers,
                                  unfreeze_after=unfreeze_after, backbone_lr=backbone_lr, grad_accum=grad_accum,
                                  resume=resume, **options)
@@ -124,7 +128,7 @@ def fit(ctx, cache, dims, out, dim_weights, loss, margin, margin_warmup_epochs, 
                 raise click.UsageError("give --cache DIR (from 'mrlcache extract'), or --end-to-end --data DIR")
             # End-to-end options given in cache mode would be silently ignored: refuse them.
             e2e_only = ("data", "variant", "random_init", "unfreeze_after", "train_type", "dataset", "crop_seconds",
-                        "views", "noise_dir", "rir_dir", "speed_perturb", "workers", "backbone_lr", "grad_accum")
+                        "min_seconds", "views", "noise_dir", "rir_dir", "speed_perturb", "workers", "backbone_lr", "grad_accum")
             given = [f"--{n.replace('_', '-')}" for n in e2e_only
                      if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
             if given:
