@@ -33,12 +33,6 @@ logits). These choices keep a step near its matmul cost (2-core CPU, b2 geometry
   the accumulation so it costs one extra pass over the scores each way;
 - the two score-sized buffers are reused from step to step (:class:`_Scratch`): fresh
   25 MB tensors are paged in anew on every step, which cost more than the arithmetic.
-
-Optionally (``compile=True``, shared classifier without sub-centres) the loss runs as two
-``torch.compile``'d graphs (:func:`_fused_forward`, :func:`_fused_backward`) that read the
-raw segment products once per direction and do prefix sums, scaling, max, exp and row
-sums in registers: 7-12% faster per step here, off by default (needs a C++ compiler,
-10-30 s of compiling per process; falls back loudly to the eager path if that fails).
 """
 
 from __future__ import annotations
