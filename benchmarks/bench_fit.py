@@ -11,12 +11,7 @@ same head and loss. Reports seconds/epoch, samples/s, the ratio, and the extrapo
 time of 1,000,000 utterances x 30 epochs of cache fitting.
 
 ``--breakdown`` instead times the phases of one head step at that geometry (median over
-``--steps`` steps, seconds): head forward, loss forward, backward, clipping + optimiser,
-for float32, float32 with the ``torch.compile``'d loss (``compile=True``; compiling takes
-10-60 s once, inside the warm-up) and bf16 autocast, at ``--batch`` rows. The OpenMP wait
-policy matters here: ``OMP_WAIT_POLICY=PASSIVE`` (what the tests use on the shared machine)
-puts the worker thread to sleep after each of the step's ~100 parallel regions and costs
-~20% of the step; run the benchmark without it for the numbers a fit gets.
+``--steps`` steps, seconds): head forward, loss forward, backward, clipping + optimiser.
 """
 
 from __future__ import annotations
@@ -50,19 +45,18 @@ def synthetic_cache(out: Path, utts: int, classes: int, dim: int, views: int = 4
         writer.finish()
 
 
-def step_breakdown(pooled_dim: int, classes: int, precision: str, steps: int, batch: int = 256,
-                   compile: bool = False) -> dict:
-    """Median milliseconds per phase of a training step (dims 64..256, AAM, shared classifier)."""
+def step_breakdown(pooled_dim: int, classes: int, precision: str, steps: int) -> dict:
+    """Median milliseconds per phase of a training step (batch 256, dims 64..256, AAM)."""
     from mrlcache.fit import FitConfig, _make_optimizer, _param_groups
     from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss
 
     torch.manual_seed(0)
     dims = (64, 128, 192, 256)
-    head, loss_fn = MatryoshkaHead(pooled_dim, dims), MatryoshkaMarginLoss(dims, classes, compile=compile)
+    head, loss_fn = MatryoshkaHead(pooled_dim, dims), MatryoshkaMarginLoss(dims, classes)
     cfg = FitConfig()
     opt = _make_optimizer(cfg, _param_groups([head, loss_fn], cfg))
     params = [p for g in opt.param_groups for p in g["params"]]
-    x, y = torch.randn(batch, pooled_dim), torch.randint(0, classes, (batch,))
+    x, y = torch.randn(256, pooled_dim), torch.randint(0, classes, (256,))
     dtype = torch.bfloat16 if precision == "bf16" else None
     times = []
     for step in range(steps + 3):  # 3 warm-up steps
@@ -101,7 +95,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--breakdown", action="store_true", help="only time the phases of one head step")
     ap.add_argument("--steps", type=int, default=30, help="steps timed by --breakdown")
-    ap.add_argument("--batch", type=int, default=256, help="rows per step for --breakdown")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,11 +106,10 @@ def main() -> None:
     dims = (64, 128, 192, 256)
     pooled_dim = load_backbone(args.variant, random_init=True).pooled_dim
     if args.breakdown:
-        for name, precision, compile in (("fp32", "fp32", False), ("fp32 compiled", "fp32", True),
-                                         ("bf16", "bf16", False)):
-            b = step_breakdown(pooled_dim, args.classes, precision, args.steps, args.batch, compile)
+        for precision in ("fp32", "bf16"):
+            b = step_breakdown(pooled_dim, args.classes, precision, args.steps)
             step = b.pop("step")
-            print(f"step {name}, batch {args.batch}: {step:.1f} ms ({args.batch * 1000 / step:.0f} samples/s) = "
+            print(f"step {precision}: {step:.1f} ms ({256000 / step:.0f} samples/s) = "
                   + ", ".join(f"{k} {v:.1f} ms" for k, v in b.items()), flush=True)
         return
     results = {}
