@@ -37,10 +37,7 @@ logits). These choices keep a step near its matmul cost (2-core CPU, b2 geometry
 
 from __future__ import annotations
 
-import ctypes
-import logging
 import math
-import warnings
 from typing import Sequence
 
 import torch
@@ -229,154 +226,6 @@ class _MarginCrossEntropy(torch.autograd.Function):
         return p, None, None, None, None, None
 
 
-def _margin_terms(cos, consts, easy: bool):
-    """``cos(theta + m)`` with fallback, and its slope, from tensor constants.
-
-    cos (S, B); consts = [cos m, sin m, cos(pi - m), m sin(pi - m)] as a tensor so a
-    compiled graph does not specialise (and recompile) on every warm-up margin. At m = 0
-    this is exactly ``(cos, 1)``.
-    """
-    cos_m, sin_m, th, mm = consts[0], consts[1], consts[2], consts[3]
-    sin = (1.0 - cos.square()).clamp(0, 1).sqrt()
-    phi = cos * cos_m - sin * sin_m
-    slope = torch.where(sin > 1e-6, cos_m + sin_m * cos / sin.clamp_min(1e-6), cos_m.expand_as(cos))
-    keep = cos > 0 if easy else cos > th
-    fallback = cos if easy else cos - mm
-    return torch.where(keep, phi, fallback), torch.where(keep, slope, torch.ones_like(cos))
-
-
-def _segment_logits(P, row, col):
-    """Scaled prefix cosines from raw segment products: P list of S (B, R) -> list of S (B, R)."""
-    out, acc = [], None
-    for s, p in enumerate(P):
-        acc = p if acc is None else acc + p
-        out.append(acc * row[s][:, None] * col[s][None, :])
-    return out
-
-
-def _fused_forward(emb, weight, labels, consts, dims, scale: float, easy: bool, dt):
-    """Scores, margin and cross-entropy of the shared classifier in one graph (compiled).
-
-    Returns per-row losses (S, B), accuracies (S,) and what the backward needs. The class
-    scores are never materialised: ``P[k] = e_k w_k^T`` (raw segment products) is read
-    once, and the prefix sums, scaling, max, exp and row sums happen in registers.
-    ``Q = exp(logit - shift) * logit`` off target is the one score-sized output: its
-    column sums weighted by the backward's row factors give the weight-norm terms.
-    """
-    segs = list(zip((0, *dims[:-1]), dims))
-    emb, weight = emb.float(), weight.float()
-    e_sq = torch.stack([emb[:, a:b].square().sum(1) for a, b in segs]).cumsum(0)  # (S, B)
-    w_sq = torch.stack([weight[:, a:b].square().sum(1) for a, b in segs]).cumsum(0)  # (S, R)
-    row = scale * e_sq.clamp_min(EPS**2).rsqrt()  # (S, B)
-    col = w_sq.clamp_min(EPS**2).rsqrt()  # (S, R)
-    P = [torch.mm(emb[:, a:b].to(dt), weight[:, a:b].to(dt).T).float() for a, b in segs]  # S x (B, R)
-    own_raw = torch.stack([p.gather(1, labels[:, None]).squeeze(1) for p in P]).cumsum(0)  # (S, B)
-    own = own_raw * row * col[:, labels]  # (S, B): scale * cos of the true class
-    phi, slope = _margin_terms((own / scale).clamp(-1, 1), consts, easy)
-    target = scale * phi  # (S, B)
-    is_t = torch.arange(weight.shape[0], device=emb.device) == labels[:, None]  # (B, R), never stored
-    tops, shifts, zs, m1s, Q = [], [], [], [], []
-    for s, l in enumerate(_segment_logits(P, row, col)):
-        # Largest other class: the accuracy compares it with ``own`` (computed apart from
-        # ``l``, so the true class's own entry could differ from it in the last bit).
-        top = torch.where(is_t, -math.inf, l).amax(1)
-        # |logit| <= scale: below 40, exp stays in float32's range unshifted.
-        sh = torch.maximum(torch.maximum(top, own[s]), target[s]) if scale > 40 else torch.zeros_like(top)
-        ex = torch.where(is_t, 0.0, torch.exp(l - sh[:, None]) if scale > 40 else torch.exp(l))
-        q = ex * l
-        tops.append(top), shifts.append(sh), zs.append(ex.sum(1)), m1s.append(q.sum(1)), Q.append(q)
-    top, shift = torch.stack(tops), torch.stack(shifts)
-    t_exp = (target - shift).exp()
-    z = torch.stack(zs) + t_exp  # (S, B)
-    loss = z.log() + shift - target
-    acc = (own >= top).float().mean(1)
-    m1 = torch.stack(m1s)  # (S, B): sum of exp * logit off target
-    return loss, acc, (e_sq, w_sq, row, col, own, slope, shift, z, t_exp, m1, *P, *Q)
-
-
-def _fused_backward(gout, qa, emb, weight, labels, saved, dims, scale: float, dt):
-    """Gradients of :func:`_fused_forward`'s row losses: gout (S, B) -> (d emb, d weight).
-
-    ``qa`` (S, R) is ``a_s^T Q_s`` with ``a = gout / z``, computed outside the graph by a
-    BLAS matrix-vector product (compiled, it becomes a slow strided reduction).
-    """
-    S = len(dims)
-    e_sq, w_sq, row, col, own, slope, shift, z, t_exp, m1 = saved[:10]
-    P = saved[10:10 + S]
-    segs = list(zip((0, *dims[:-1]), dims))
-    emb, weight = emb.float(), weight.float()
-    a = gout / z  # (S, B): softmax factor off target
-    g_t = (a * t_exp - gout) * slope  # (S, B): (p_target - 1) f' gout
-    # Norm terms: sum over classes / over the batch of grad * logit.
-    per_row = a * m1 + g_t * own  # (S, B)
-    per_col = qa.index_add(1, labels, g_t * own)  # (S, R)
-    is_t = torch.arange(weight.shape[0], device=emb.device) == labels[:, None]
-    H = []
-    for s, l in enumerate(_segment_logits(P, row, col)):
-        ex = torch.exp(l - shift[s][:, None]) if scale > 40 else torch.exp(l)
-        g = torch.where(is_t, g_t[s][:, None], a[s][:, None] * ex)
-        H.append(g * row[s][:, None] * col[s][None, :])  # d loss / d (e_{:d_s} w_{:d_s}^T)
-    N, acc = [None] * S, None
-    for s in reversed(range(S)):  # segment k collects sum_{s >= k}
-        acc = H[s] if acc is None else acc + H[s]
-        N[s] = acc
-    de = -_rev_cumsum(per_row / e_sq * (e_sq > EPS**2))  # (S, B)
-    dw = -_rev_cumsum(per_col / w_sq * (w_sq > EPS**2))  # (S, R)
-    grad_emb = torch.cat([torch.mm(N[k].to(dt), weight[:, a_:b_].to(dt)).float() + emb[:, a_:b_] * de[k, :, None]
-                          for k, (a_, b_) in enumerate(segs)], 1)
-    grad_w = torch.cat([torch.mm(N[k].T.to(dt), emb[:, a_:b_].to(dt)).float() + weight[:, a_:b_] * dw[k, :, None]
-                        for k, (a_, b_) in enumerate(segs)], 1)
-    return grad_emb, grad_w
-
-
-_COMPILED: dict[str, object] = {}
-
-
-def _compiled(name: str):
-    """torch.compile'd :func:`_fused_forward` / :func:`_fused_backward` (built once per process)."""
-    if name not in _COMPILED:
-        fn = {"forward": _fused_forward, "backward": _fused_backward}[name]
-        _COMPILED[name] = torch.compile(fn, fullgraph=True)
-    return _COMPILED[name]
-
-
-def _q_products(gout: torch.Tensor, saved: tuple, S: int) -> torch.Tensor:
-    """``(gout_s / z_s)^T Q_s`` for every size: (S, R), one BLAS pass over ``Q``."""
-    a = gout / saved[7]  # (S, B)
-    Q = saved[10 + S:]
-    return torch.stack([torch.mv(Q[s].T, a[s]) for s in range(S)])
-
-
-class _FusedMarginLoss(torch.autograd.Function):
-    """Autograd wrapper of the compiled fused path: per-row losses (S, B) and accuracies (S,)."""
-
-    @staticmethod
-    def forward(ctx, emb, weight, labels, consts, dims, scale, easy, fns):
-        dt = _matmul_dtype(emb.device.type)
-        fwd, bwd = fns
-        loss, acc, saved = fwd(emb.detach(), weight.detach(), labels, consts, dims, scale, easy, dt)
-        ctx.saved = saved  # plain attributes: freed with the graph, not version-checked
-        ctx.save_for_backward(emb, weight, labels)
-        ctx.dims, ctx.scale, ctx.dt, ctx.bwd = dims, scale, dt, bwd
-        ctx.mark_non_differentiable(acc)
-        return loss, acc
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gout, _):
-        emb, weight, labels = ctx.saved_tensors
-        saved = ctx.__dict__.pop("saved", None)
-        if saved is None:
-            raise RuntimeError("MatryoshkaMarginLoss: one backward per forward (retain_graph is not supported)")
-        grad_emb, grad_w = ctx.bwd(gout.contiguous(), _q_products(gout, saved, len(ctx.dims)), emb.detach(),
-                                   weight.detach(), labels, saved, ctx.dims, ctx.scale, ctx.dt)
-        return grad_emb.to(emb.dtype), grad_w.to(weight.dtype), None, None, None, None, None, None
-
-
-class CompileFallbackWarning(RuntimeWarning):
-    """torch.compile of the fused loss failed; the loss runs uncompiled (same results, slower)."""
-
-
 class MatryoshkaMarginLoss(nn.Module):
     """Weighted sum over prefix sizes of a margin softmax on the normalised prefix.
 
@@ -392,10 +241,6 @@ class MatryoshkaMarginLoss(nn.Module):
         kind: ``aam`` or ``softmax``.
         easy_margin: apply the margin only where cos(theta) > 0 (ArcFace's easy margin);
             otherwise the standard fallback ``cos(theta) - m sin(m)`` past the threshold.
-        compile: run the shared-classifier loss as two ``torch.compile``'d graphs (needs a
-            C++ compiler; shared classifier without sub-centres only). If compiling fails,
-            a :class:`CompileFallbackWarning` is raised as a warning and logged as an error,
-            ``compile_error`` records why, and the loss runs uncompiled.
     """
 
     def __init__(
@@ -410,7 +255,6 @@ class MatryoshkaMarginLoss(nn.Module):
         classifier: str = "shared",
         kind: str = "aam",
         easy_margin: bool = False,
-        compile: bool = False,
     ):
         super().__init__()
         self.dims = check_dims(dims)
@@ -442,12 +286,6 @@ class MatryoshkaMarginLoss(nn.Module):
             self.weights = nn.ParameterList(nn.Parameter(torch.empty(rows, d)) for d in self.dims)
             for p in self.weights:
                 nn.init.xavier_uniform_(p)
-        if compile and (classifier != "shared" or subcenters != 1):
-            raise ValueError("compile: only the shared classifier without sub-centres is compiled; "
-                             "drop --compile or use --classifier shared --subcenters 1")
-        self.compile = bool(compile)
-        self.compile_error: str | None = None
-        self._compiled_ok = False
         self.set_margin(margin)
         self._scratch = _Scratch()  # reused score-sized buffers (not state)
 
@@ -459,8 +297,6 @@ class MatryoshkaMarginLoss(nn.Module):
         # Past theta = pi - m, cos(theta + m) would rise again; use a linear continuation.
         self._th = math.cos(math.pi - m)
         self._mm = math.sin(math.pi - m) * m
-        # The same constants as a tensor for the compiled path (no recompile per margin).
-        self._consts = torch.tensor([self._cos_m, self._sin_m, self._th, self._mm])
 
     def scores(self, emb: torch.Tensor) -> torch.Tensor:
         """Scaled class cosines of every prefix, no margin: (B, max_dim) -> (S, B, C) float32.
@@ -503,10 +339,6 @@ class MatryoshkaMarginLoss(nn.Module):
         Returns: (total loss (), per-dim losses (S,), per-dim accuracies (S,)); the
         accuracies are of the cosine argmax without margin and carry no gradient.
         """
-        if self.compile:
-            out = self._forward_compiled(emb, labels)
-            if out is not None:
-                return out
         sc = self.scores(emb)  # (S, B, C), scale * cos
         S, B = sc.shape[:2]
         with torch.no_grad():
@@ -524,56 +356,3 @@ class MatryoshkaMarginLoss(nn.Module):
         dim_losses = per.mean(1)  # (S,)
         total = (dim_losses * self.dim_weights).sum()
         return total, dim_losses, dim_acc
-
-    def _forward_compiled(self, emb: torch.Tensor, labels: torch.Tensor):
-        """The compiled fused path; None (after a loud warning) when compiling fails."""
-        fns = (_compiled("forward"), _compiled("backward"))
-        consts = self._consts.to(emb.device)
-        if not self._compiled_ok:
-            # Compile both graphs now, on this batch, so a failure shows here (where the
-            # uncompiled path can take over) and not in the middle of a backward.
-            try:
-                _keep_freed_memory()
-                dt = _matmul_dtype(emb.device.type)
-                with torch.no_grad():
-                    loss, _, saved = fns[0](emb.detach(), self.weight.detach(), labels, consts, self.dims,
-                                            self.scale, self.easy_margin, dt)
-                    ones = torch.ones_like(loss)
-                    fns[1](ones, _q_products(ones, saved, len(self.dims)), emb.detach(), self.weight.detach(),
-                           labels, saved, self.dims, self.scale, dt)
-            except Exception as exc:  # dynamo/inductor/compiler errors of any kind
-                self.compile, self.compile_error = False, f"{type(exc).__name__}: {exc}".strip()
-                msg = ("MatryoshkaMarginLoss(compile=True): torch.compile failed, running the loss "
-                       f"UNCOMPILED (same results, slower): {self.compile_error.splitlines()[0][:500]}")
-                logging.getLogger(__name__).error(msg)
-                warnings.warn(msg, CompileFallbackWarning, stacklevel=3)
-                return None
-            self._compiled_ok = True
-        per, dim_acc = _FusedMarginLoss.apply(emb, self.weight, labels, consts, self.dims, self.scale,
-                                              self.easy_margin, fns)
-        dim_losses = per.mean(1)  # (S,)
-        return (dim_losses * self.dim_weights).sum(), dim_losses, dim_acc
-
-
-_MALLOC_TUNED = False
-
-
-def _keep_freed_memory() -> None:
-    """Ask glibc to keep freed score-sized buffers in the heap (once per process).
-
-    The compiled graphs allocate their score-sized outputs afresh on every step; by
-    default glibc maps and unmaps such blocks, and paging them in again cost ~10,000
-    page faults and 5-10 ms per step here. Heap blocks up to 32 MB (glibc's largest
-    mmap threshold) and no trimming keep them. No-op off glibc.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)

@@ -1,7 +1,6 @@
 """Matryoshka head and losses: the vectorised loss against a plain per-dim loop."""
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -137,57 +136,3 @@ def test_head_prefixes_and_dims_checks():
         MatryoshkaMarginLoss(DIMS, CLASSES, dim_weights=[1, 1])
     with pytest.raises(ValueError, match="classifier"):
         MatryoshkaMarginLoss(DIMS, CLASSES, classifier="tied")
-
-
-def _fit_compiled_and_loop(loss_mod, batch, seed):
-    torch.manual_seed(seed)
-    emb = torch.randn(batch, DIMS[-1], requires_grad=True)
-    labels = torch.randint(0, CLASSES, (batch,))
-    total, dim_losses, dim_acc = loss_mod(emb, labels)
-    total.backward()
-    grads = [emb.grad.clone(), loss_mod.weight.grad.clone()]
-    emb.grad, loss_mod.weight.grad = None, None
-    ref_total, ref_losses, ref_acc = loop_loss(loss_mod, emb, labels)
-    ref_total.backward()
-    torch.testing.assert_close(dim_losses, ref_losses, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(dim_acc, ref_acc)
-    for g, r in zip(grads, [emb.grad, loss_mod.weight.grad]):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
-    loss_mod.zero_grad()
-
-
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None, reason="no C++ compiler")
-def test_compiled_loss_matches_loop():
-    # torch.compile'd fused path (tens of seconds the first time, cached afterwards):
-    # margin, a new batch size (recompiled), a changed margin (no recompile), scale > 40.
-    loss_mod = MatryoshkaMarginLoss(DIMS, CLASSES, dim_weights=[1, 2, 3, 4], margin=0.3, scale=16, compile=True)
-    _fit_compiled_and_loop(loss_mod, 12, 0)
-    _fit_compiled_and_loop(loss_mod, 9, 1)
-    loss_mod.set_margin(0.0)
-    _fit_compiled_and_loop(loss_mod, 12, 2)
-    assert loss_mod.compile and loss_mod.compile_error is None  # it really ran compiled
-    big = MatryoshkaMarginLoss(DIMS, CLASSES, dim_weights=[1, 2, 3, 4], margin=0.4, scale=64, compile=True)
-    _fit_compiled_and_loop(big, 16, 3)
-    assert big.compile
-
-
-def test_compile_failure_falls_back_loudly(monkeypatch):
-    from mrlcache import head
-
-    def broken(name):
-        def fail(*args, **kwargs):
-            raise RuntimeError("no compiler here")
-        return fail
-
-    monkeypatch.setattr(head, "_compiled", broken)
-    loss_mod = MatryoshkaMarginLoss(DIMS, CLASSES, dim_weights=[1, 2, 3, 4], compile=True)
-    with pytest.warns(head.CompileFallbackWarning, match="UNCOMPILED.*no compiler here"):
-        _fit_compiled_and_loop(loss_mod, 10, 4)
-    assert not loss_mod.compile and "no compiler here" in loss_mod.compile_error
-
-
-def test_compile_refuses_unsupported_classifiers():
-    with pytest.raises(ValueError, match="compile"):
-        MatryoshkaMarginLoss(DIMS, CLASSES, classifier="per-dim", compile=True)
-    with pytest.raises(ValueError, match="compile"):
-        MatryoshkaMarginLoss(DIMS, CLASSES, subcenters=2, compile=True)
