@@ -81,6 +81,10 @@ def fit(ctx, cache, dims, out, dim_weights, loss, margin, margin_warmup_epochs, 
     model.pt, summary.json}; end to end also OUT/skipped.tsv (audio files left out, with the
     reason). Load the result with mrlcache.load_model(OUT/model.pt).
     """
+    if end_to_end:
+        from mrlcache.cli import passive_openmp
+
+        passive_openmp()  # before torch: decoding workers share the cores with the backbone
     import torch
 
     from mrlcache.cache import CacheError
