@@ -40,6 +40,7 @@ import torch
 import yaml
 
 from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss, check_dims
+from mrlcache.model import atomic_save
 
 
 class FitError(ValueError):
@@ -294,12 +295,6 @@ def evaluate(embed_fn, val: ValSet, dims, device) -> dict:
 # ----------------------------------------------------------------------------- run files
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def meta_hash(meta: dict) -> str:
     """SHA-256 of the cache metadata as canonical JSON."""
     return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
@@ -313,11 +308,13 @@ def _config_dict(cfg: FitConfig) -> dict:
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FitError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    return torch.device(name)
+    """The extractor's rule ("auto": this process's GPU if any, else the CPU), fit's error type."""
+    from mrlcache.extract import ExtractError, resolve_device
+
+    try:
+        return resolve_device(name, int(os.environ.get("LOCAL_RANK", 0)))
+    except ExtractError as err:
+        raise FitError(str(err)) from None
 
 
 def _make_optimizer(cfg: FitConfig, groups):
@@ -466,13 +463,13 @@ def _train(job: _Job, resume: bool) -> dict:
             if best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]:
                 best = {"epoch": epoch, "mean_eer": v["mean_eer"], "eer": rec["val_eer"],
                         "min_dcf": rec["val_min_dcf"]}
-                _atomic_save({"epoch": epoch, "head": job.head.state_dict(), "loss": job.loss_fn.state_dict(),
+                atomic_save({"epoch": epoch, "head": job.head.state_dict(), "loss": job.loss_fn.state_dict(),
                               "extra": {k: m.state_dict() for k, m in job.extra_modules.items()},
                               "val": best}, out / "best.pt")
         elif job.val is None:
             # No validation: the last epoch is the model (recorded as such in summary.json).
             best = {"epoch": epoch, "mean_eer": None}
-            _atomic_save({"epoch": epoch, "head": job.head.state_dict(), "loss": job.loss_fn.state_dict(),
+            atomic_save({"epoch": epoch, "head": job.head.state_dict(), "loss": job.loss_fn.state_dict(),
                           "extra": {k: m.state_dict() for k, m in job.extra_modules.items()},
                           "val": None}, out / "best.pt")
         rec["seconds"] = time.perf_counter() - t0
@@ -481,7 +478,7 @@ def _train(job: _Job, resume: bool) -> dict:
             f.write(json.dumps(rec) + "\n")
         history.append(rec)
         _log_tensorboard(writer, rec, dims)
-        _atomic_save({"epoch": epoch + 1, "head": job.head.state_dict(), "loss": job.loss_fn.state_dict(),
+        atomic_save({"epoch": epoch + 1, "head": job.head.state_dict(), "loss": job.loss_fn.state_dict(),
                       "extra": {k: m.state_dict() for k, m in job.extra_modules.items()},
                       "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
                       "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(), "best": best,

@@ -144,10 +144,16 @@ def save_model(path, head: MatryoshkaHead, *, backbone=None, embed_backbone: boo
             entry = {**backbone_ref, "sha256": sha}
     obj = {"format": FORMAT, "version": VERSION, "dims": list(head.dims), "pooled_dim": head.pooled_dim,
            "head_state": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "backbone": entry}
+    atomic_save(obj, path)
+    return path
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save`` aside, then rename: a reader never sees a half-written file."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-    return path
 
 
 def load_model(path, device: str = "cpu") -> MRLModel:
