@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import yaml
 
-from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss, check_dims
+from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss, check_dims, sample_classes
 from mrlcache.model import atomic_save
 
 
@@ -67,6 +67,7 @@ class FitConfig:
     margin_warmup_epochs: int = 5  # margin grows linearly from 0 over these epochs
     subcenters: int = 1
     classifier: str = "shared"  # shared | per-dim
+    class_sample: float = 1.0  # share of classes in each step's softmax (Partial FC); 1: all
     dim_weights: tuple[float, ...] | None = None
     val_cache: str | None = None
     val_trials: str | None = None
@@ -102,6 +103,8 @@ class FitConfig:
         for name in ("epochs", "batch_size", "val_every", "subcenters"):
             if int(getattr(self, name)) < 1:
                 raise FitError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not 0 < float(self.class_sample) <= 1:
+            raise FitError(f"class_sample={self.class_sample}: give a share of the classes in (0, 1], e.g. 0.5")
         if self.batch_size < 2:
             raise FitError("batch_size must be >= 2 (BatchNorm needs two rows)")
         if self.dim_weights is not None and len(self.dim_weights) != len(self.dims):
@@ -115,9 +118,10 @@ class FitConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    # One generator per epoch, so a resumed fit draws exactly what an uninterrupted one does.
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+def _epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    # One generator per epoch (and per use: 0 data, 1 class sampling), so a resumed fit
+    # draws exactly what an uninterrupted one does.
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) + int(stream) * 2**40)
 
 
 def _batch_slices(n: int, batch_size: int) -> list[slice]:
@@ -421,6 +425,7 @@ def _train(job: _Job, resume: bool) -> dict:
         job.head.train()
         job.loss_fn.train()
         sums = torch.zeros(2, len(dims), dtype=torch.float64)  # loss, accuracy per dim, x rows
+        class_gen = _epoch_generator(cfg.seed, epoch, stream=1) if cfg.class_sample < 1 else None
         seen = 0
         with Progress(TextColumn(f"epoch {epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=console, transient=True,
@@ -430,7 +435,10 @@ def _train(job: _Job, resume: bool) -> dict:
             for step, (x, y) in enumerate(job.batches(epoch)):
                 with torch.autocast(job.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     emb = job.embed(x)
-                    loss, dim_loss, dim_acc = job.loss_fn(emb, y)
+                    classes = None
+                    if class_gen is not None:
+                        classes = sample_classes(y, job.loss_fn.num_classes, cfg.class_sample, class_gen).to(y.device)
+                    loss, dim_loss, dim_acc = job.loss_fn(emb, y, classes)
                 # Gradient accumulation: average over grad_accum batches, then one step.
                 scaler.scale(loss / job.grad_accum).backward()
                 pending = True

@@ -15,6 +15,11 @@ margin softmax on the L2-normalised prefix:
 Classifier weights are either one matrix ``(classes * K, max_dim)`` whose prefixes serve
 every size (``shared``), or one matrix per size (``per-dim``).
 
+The softmax may run over a sample of the classes at each step (Partial FC, An et al.,
+ICCVW 2021, arXiv:2010.05222): the batch's own classes plus others drawn uniformly
+(:func:`sample_classes`). The class scores are most of a step's cost, so a step over half
+the classes takes about half the time; classes left out get no gradient at that step.
+
 Cost: the class scores dominate a head step (batch 256, 5994 classes, 4 sizes: ~6M
 logits). These choices keep a step near its matmul cost (2-core CPU, b2 geometry:
 110-120 ms per step before, 47-59 ms after; see benchmarks/README.md):
@@ -63,6 +68,25 @@ def check_dims(dims: Sequence[int], pooled_dim: int | None = None) -> tuple[int,
     if pooled_dim is not None and dims[-1] > pooled_dim:
         raise ValueError(f"dims {list(dims)}: largest size {dims[-1]} exceeds the pooled size {pooled_dim}")
     return dims
+
+
+def sample_classes(labels: torch.Tensor, num_classes: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Classes for one step of a sampled softmax (Partial FC, An et al., ICCVW 2021).
+
+    Every class of ``labels`` is kept (its positive centre); the other classes are drawn
+    uniformly without replacement until ``round(rate * num_classes)`` are kept (never fewer
+    than the batch's own classes, never fewer than 2). Returns the kept class indices,
+    sorted (C',) int64 on the CPU; ``generator`` makes the draw reproducible.
+    """
+    want = max(2, int(round(rate * num_classes)))
+    pos = torch.unique(labels.cpu())  # sorted
+    if len(pos) >= want:
+        return pos
+    is_pos = torch.zeros(num_classes, dtype=torch.bool)
+    is_pos[pos] = True
+    perm = torch.randperm(num_classes, generator=generator)
+    others = perm[~is_pos[perm]][: want - len(pos)]
+    return torch.cat([pos, others]).sort().values
 
 
 class MatryoshkaHead(nn.Module):
@@ -177,12 +201,15 @@ class _PrefixScores(torch.autograd.Function):
         # and e_sq_s sums |e_k|^2 over k <= s.
         de = -_rev_cumsum(per_row / e_sq * (e_sq > EPS**2))  # (S, B): coefficient of e_k
         dw = -_rev_cumsum(per_col / w_sq * (w_sq > EPS**2))  # (S, R): coefficient of w_k
-        grad_emb = torch.zeros_like(emb)
-        grad_w = torch.zeros_like(weight)
+        # Every column of both gradients is written below (the weight has dims[-1] columns).
+        grad_emb, grad_w = torch.empty_like(emb), torch.empty_like(weight)
         for k, (a, b) in enumerate(segs):
             n_k, e_k, w_k = n[k].to(dt), emb[:, a:b], weight[:, a:b]
             grad_emb[:, a:b] = torch.mm(n_k, w_k.to(dt)).float() * row[k, :, None] + e_k * de[k, :, None]
-            grad_w[:, a:b] = torch.mm(n_k.T, (e_k * row[k, :, None]).to(dt)).float() + w_k * dw[k, :, None]
+            if dt == torch.float32:  # the norm term first, the product added in place (no temporaries)
+                torch.mul(w_k, dw[k, :, None], out=grad_w[:, a:b]).addmm_(n_k.T, e_k * row[k, :, None])
+            else:
+                grad_w[:, a:b] = torch.mm(n_k.T, (e_k * row[k, :, None]).to(dt)).float() + w_k * dw[k, :, None]
         ctx.scratch.give(out)
         ctx.scratch.give(grad)
         return grad_emb, grad_w, None, None, None
@@ -298,19 +325,25 @@ class MatryoshkaMarginLoss(nn.Module):
         self._th = math.cos(math.pi - m)
         self._mm = math.sin(math.pi - m) * m
 
-    def scores(self, emb: torch.Tensor) -> torch.Tensor:
+    def scores(self, emb: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled class cosines of every prefix, no margin: (B, max_dim) -> (S, B, C) float32.
 
-        Sub-centres are reduced by max.
+        ``classes`` (C,) restricts the columns to those classes, in that order (all when
+        None). Sub-centres are reduced by max.
         """
+        weights = [self.weight] if self.classifier == "shared" else list(self.weights)
+        if classes is not None:  # rows c*K .. c*K+K-1 of each kept class c
+            K = self.subcenters
+            rows = (classes[:, None] * K + torch.arange(K, device=classes.device)).flatten()
+            weights = [w.index_select(0, rows) for w in weights]
         if self.classifier == "shared":
-            sc = _PrefixScores.apply(emb, self.weight, self.dims, self.scale, self._scratch)
+            sc = _PrefixScores.apply(emb, weights[0], self.dims, self.scale, self._scratch)
         else:  # one weight per size: a matmul per size on normalised inputs
             sc = torch.stack([(F.normalize(emb[:, :d].float(), dim=1) * self.scale)
-                              @ F.normalize(w.float(), dim=1).T for d, w in zip(self.dims, self.weights)])
+                              @ F.normalize(w.float(), dim=1).T for d, w in zip(self.dims, weights)])
             sc = sc.float()
         if self.subcenters > 1:
-            sc = sc.unflatten(-1, (self.num_classes, self.subcenters)).amax(-1)
+            sc = sc.unflatten(-1, (-1, self.subcenters)).amax(-1)
         return sc
 
     def margin_logit(self, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,14 +365,22 @@ class MatryoshkaMarginLoss(nn.Module):
         fallback = cos if self.easy_margin else cos - self._mm
         return self.scale * torch.where(keep, phi, fallback), torch.where(keep, slope, torch.ones_like(cos))
 
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor):
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor | None = None):
         """Loss of a batch.
 
-        Args: emb (B, max_dim) head output; labels (B,) int64 class indices.
+        Args: emb (B, max_dim) head output; labels (B,) int64 class indices; classes
+            (C',) sorted class indices that include every label (from
+            :func:`sample_classes`): the softmax runs over those classes only; None: all.
         Returns: (total loss (), per-dim losses (S,), per-dim accuracies (S,)); the
-        accuracies are of the cosine argmax without margin and carry no gradient.
+        accuracies are of the cosine argmax without margin (over ``classes``) and carry
+        no gradient.
         """
-        sc = self.scores(emb)  # (S, B, C), scale * cos
+        if classes is not None:
+            pos = torch.searchsorted(classes, labels)  # labels as positions in ``classes``
+            if not torch.equal(classes[pos.clamp_max(len(classes) - 1)], labels):
+                raise ValueError("classes must be sorted and include every label of the batch")
+            labels = pos
+        sc = self.scores(emb, classes)  # (S, B, C), scale * cos
         S, B = sc.shape[:2]
         with torch.no_grad():
             # The margin touches only the B target entries per size: gather, transform,

@@ -89,6 +89,20 @@ def test_head_beats_raw_cosine_on_unseen_speakers(caches, tmp_path):
     assert fp["weights_sha256"] == "0" * 64 and fp["utterances"] == 64 * 8
 
 
+def test_sampled_class_softmax_separates_unseen_speakers_deterministically(caches, tmp_path):
+    opts = dict(FAST, class_sample=0.25, val_cache=str(caches / "val"), val_trials=str(caches / "trials.txt"))
+    runs = [fit(caches / "train", DIMS, tmp_path / f"r{i}", **opts) for i in range(2)]
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    for d in DIMS[1:]:
+        assert summary["best"]["eer"][str(d)] < 0.5 * summary["raw_eer"], summary
+    assert read_history(runs[0])[-1]["loss"] == read_history(runs[1])[-1]["loss"]
+    full = fit(caches / "train", DIMS, tmp_path / "full", **dict(opts, class_sample=1.0, epochs=1))
+    # 16 of 64 classes per step: the sampled loss is the smaller one at the same point.
+    assert read_history(runs[0])[0]["loss"][str(DIMS[-1])] < read_history(full)[0]["loss"][str(DIMS[-1])]
+    with pytest.raises(FitError, match="class_sample"):
+        fit(caches / "train", DIMS, tmp_path / "bad", **dict(FAST, class_sample=0.0))
+
+
 def test_same_seed_same_fit_and_other_seed_differs(caches, tmp_path):
     opts = dict(FAST, epochs=2)
     runs = [fit(caches / "train", DIMS, tmp_path / f"r{i}", seed=s, **opts) for i, s in enumerate((3, 3, 4))]
@@ -114,8 +128,9 @@ def test_resume_continues_and_matches_uninterrupted(caches, tmp_path):
     assert torch.load(part / "last.pt", weights_only=False)["epoch"] == 4
 
 
-def test_interrupted_fit_resumes_bit_identical(caches, tmp_path, monkeypatch):
-    opts = dict(FAST, epochs=3, seed=6)
+@pytest.mark.parametrize("class_sample", [1.0, 0.5])
+def test_interrupted_fit_resumes_bit_identical(caches, tmp_path, monkeypatch, class_sample):
+    opts = dict(FAST, epochs=3, seed=6, class_sample=class_sample)
     full = fit(caches / "train", DIMS, tmp_path / "full", **opts)
     import mrlcache.fit as fit_mod
 

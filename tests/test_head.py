@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss, check_dims
+from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss, check_dims, sample_classes
 
 DIMS = (8, 16, 24, 32)
 CLASSES = 7
@@ -20,7 +20,7 @@ def loop_loss(loss_mod, emb, labels):
     for i, d in enumerate(DIMS):
         weight = loss_mod.weight[:, :d] if loss_mod.classifier == "shared" else loss_mod.weights[i]
         cos = F.normalize(emb[:, :d], dim=1) @ F.normalize(weight, dim=1).T  # (B, C*K)
-        cos = cos.view(len(emb), CLASSES, K).max(dim=2).values
+        cos = cos.view(len(emb), loss_mod.num_classes, K).max(dim=2).values
         logits = cos.clone()
         if loss_mod.kind == "aam":
             for b in range(len(emb)):
@@ -65,6 +65,59 @@ def test_vectorised_loss_matches_loop(classifier, subcenters, kind):
     torch.testing.assert_close(dim_acc, ref_acc)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("classifier, subcenters", [("shared", 1), ("shared", 2), ("per-dim", 2)])
+def test_sampled_classes_match_the_loop_on_those_classes(classifier, subcenters):
+    # The softmax over a subset of classes is the full loss of a classifier holding only
+    # their rows; rows of classes left out get no gradient.
+    torch.manual_seed(4)
+    kw = dict(dim_weights=[1, 2, 3, 4], margin=0.3, scale=16, subcenters=subcenters, classifier=classifier)
+    full = MatryoshkaMarginLoss(DIMS, CLASSES, **kw)
+    kept = torch.tensor([0, 2, 3, 6])
+    labels = torch.tensor([2, 6, 0, 2, 3, 6, 6, 0, 3])
+    emb = torch.randn(len(labels), DIMS[-1], requires_grad=True)
+    total, dim_losses, dim_acc = full(emb, labels, kept)
+    total.backward()
+    grad_emb, emb.grad = emb.grad.clone(), None
+
+    rows = (kept[:, None] * subcenters + torch.arange(subcenters)).flatten()
+    sub = MatryoshkaMarginLoss(DIMS, len(kept), **kw)
+    with torch.no_grad():
+        for p_sub, p_full in zip(sub.parameters(), full.parameters()):
+            p_sub.copy_(p_full[rows])
+    ref_total, ref_losses, ref_acc = loop_loss(sub, emb, torch.searchsorted(kept, labels))
+    ref_total.backward()
+    torch.testing.assert_close(dim_losses, ref_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dim_acc, ref_acc)
+    torch.testing.assert_close(grad_emb, emb.grad, rtol=1e-4, atol=1e-6)
+    left_out = torch.ones(CLASSES * subcenters, dtype=torch.bool)
+    left_out[rows] = False
+    for p_sub, p_full in zip(sub.parameters(), full.parameters()):
+        torch.testing.assert_close(p_full.grad[rows], p_sub.grad, rtol=1e-4, atol=1e-6)
+        assert p_full.grad[left_out].abs().max() == 0
+    with pytest.raises(ValueError, match="include every label"):
+        full(emb, labels, torch.tensor([0, 2, 3]))
+
+
+def test_sample_classes_keeps_the_batch_classes_and_is_reproducible():
+    labels = torch.tensor([5, 17, 5, 90, 42])
+    draw = lambda seed, rate=0.1: sample_classes(labels, 100, rate, torch.Generator().manual_seed(seed))
+    kept = draw(0)
+    assert len(kept) == 10 and len(set(kept.tolist())) == 10
+    assert torch.equal(kept, kept.sort().values)
+    assert set(labels.tolist()) <= set(kept.tolist())
+    assert torch.equal(draw(0), kept) and not torch.equal(draw(1), kept)
+    assert torch.equal(draw(0, rate=0.02), torch.tensor([5, 17, 42, 90]))  # never fewer than the batch's
+    assert torch.equal(draw(0, rate=1.0), torch.arange(100))
+    # Over many draws every other class is drawn about equally often.
+    counts = torch.zeros(100)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2000):
+        counts[sample_classes(labels, 100, 0.1, gen)] += 1
+    others = counts[[c for c in range(100) if c not in labels.tolist()]] / 2000
+    assert (counts[labels] == 2000).all()
+    assert abs(others.mean().item() - 6 / 96) < 1e-6 and others.min() > 0.04 and others.max() < 0.085  # 1/16 +- 4 sd
 
 
 def test_margin_fallback_past_threshold_matches_loop():

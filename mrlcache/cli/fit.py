@@ -27,6 +27,8 @@ def _floats(text):
 @click.option("--scale", type=float, default=32.0, show_default=True)
 @click.option("--subcenters", type=int, default=1, show_default=True)
 @click.option("--classifier", type=click.Choice(["shared", "per-dim"]), default="shared", show_default=True)
+@click.option("--class-sample", type=float, default=1.0, show_default=True,
+              help="Share of the classes in each step's softmax: the batch's own plus random others (Partial FC); 1: all.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--weight-decay", type=float, default=1e-2, show_default=True)
@@ -70,7 +72,7 @@ def _floats(text):
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.pass_context
 def fit(ctx, cache, dims, out, dim_weights, loss, margin, margin_warmup_epochs, scale, subcenters, classifier,
-        optimizer, lr, weight_decay, scheduler, warmup_epochs, grad_clip, batch_size, epochs, val_cache,
+        class_sample, optimizer, lr, weight_decay, scheduler, warmup_epochs, grad_clip, batch_size, epochs, val_cache,
         val_trials, val_speakers, val_every, patience, seed, device, precision, feature_dtype, memory_gb, threads,
         weights, no_embed_backbone, head_only, resume, quiet, end_to_end, data, variant, train_type, dataset,
         random_init, crop_seconds, min_seconds, views, noise_dir, rir_dir, speed_perturb, workers, unfreeze_after,
@@ -106,7 +108,7 @@ def fit(ctx, cache, dims, out, dim_weights, loss, margin, margin_warmup_epochs, 
         raise click.BadParameter(f"{dim_weights!r}: expected comma-separated numbers", param_hint="--dim-weights")
     options = dict(
         dim_weights=weights_t, loss=loss, margin=margin, margin_warmup_epochs=margin_warmup_epochs, scale=scale,
-        subcenters=subcenters, classifier=classifier, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+        subcenters=subcenters, classifier=classifier, class_sample=class_sample, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
         scheduler=scheduler, warmup_epochs=warmup_epochs, grad_clip=grad_clip, batch_size=batch_size,
         epochs=epochs, val_cache=val_cache, val_trials=val_trials, val_speakers=val_speakers, val_every=val_every,
         patience=patience, seed=seed, device=device, precision=precision, embed_backbone=not no_embed_backbone,
