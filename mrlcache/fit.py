@@ -177,10 +177,18 @@ class StreamedFeatures:
         self.window = max(1, int(window_rows // max(1, self.sizes.max())))  # shards per window
 
     def epoch(self, seed, epoch, batch_size, device):
+        """Yield (x (b, D) float32 on device, labels (b,)) covering every training row once.
+
+        Rows stay in the stored dtype until a batch is gathered and converted into one reused
+        float32 buffer (on the CPU ``x`` is a view of it: consume it before the next batch).
+        """
         g = _epoch_generator(seed, epoch)
         views = torch.randint(self.num_views, (int(self.offsets[-1]),), generator=g).numpy()
         shard_order = torch.randperm(len(self.shards), generator=g).numpy()
-        carry_x = np.empty((0, self.dim), np.float32)
+        cap = batch_size + 1  # _batch_slices may give the last batch one more row
+        gathered = np.empty((cap, self.dim), dtype=self.dtype)
+        x = torch.empty((cap, self.dim), dtype=torch.float32)
+        carry_x = np.empty((0, self.dim), self.dtype)
         carry_y = np.empty((0,), np.int64)
         for w in range(0, len(shard_order), self.window):
             xs, ys = [carry_x], [carry_y]
@@ -188,20 +196,23 @@ class StreamedFeatures:
                 a, b = self.offsets[k], self.offsets[k + 1]
                 keep = np.flatnonzero(self.train_mask[a:b])
                 v = views[a:b][keep]
-                block = np.empty((len(keep), self.dim), np.float32)
+                block = np.empty((len(keep), self.dim), self.dtype)
                 for view in np.unique(v):  # read each needed view of the shard once
-                    sel = v == view
+                    sel = np.flatnonzero(v == view)
                     block[sel] = self.shards[k].pooled(view=int(view), dtype=self.dtype)[keep[sel]]
                 xs.append(block)
                 ys.append(self.labels[a:b][keep])
-            x, y = np.concatenate(xs), np.concatenate(ys)
-            perm = torch.randperm(len(y), generator=g).numpy()
-            x, y = x[perm], y[perm]
+            xw, yw = np.concatenate(xs), np.concatenate(ys)
+            perm = torch.randperm(len(yw), generator=g).numpy()
             last = w + self.window >= len(shard_order)
-            n_full = len(y) if last else (len(y) // batch_size) * batch_size
+            n_full = len(yw) if last else (len(yw) // batch_size) * batch_size
             for sl in _batch_slices(n_full, batch_size):
-                yield torch.from_numpy(x[sl]).to(device), torch.from_numpy(y[sl]).to(device)
-            carry_x, carry_y = x[n_full:], y[n_full:]
+                rows = perm[sl]
+                n = len(rows)
+                np.take(xw, rows, axis=0, out=gathered[:n])
+                x[:n].copy_(torch.from_numpy(gathered[:n]))
+                yield x[:n].to(device, non_blocking=True), torch.from_numpy(yw[rows]).to(device)
+            carry_x, carry_y = xw[perm[n_full:]], yw[perm[n_full:]]
 
 
 def _available_gb() -> float:
