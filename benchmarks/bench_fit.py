@@ -1,13 +1,14 @@
 """Speed of head fitting on the cache versus end-to-end training with a frozen backbone.
 
-Run by hand (minutes):  python benchmarks/bench_fit.py [--variant b2] [--classes 5994]
+Run by hand (minutes):  python benchmarks/bench_fit.py [--variant b2] [--classes 5994] [--class-sample 0.5]
 
 Cache mode: a synthetic cache of ``--utts`` utterances x 4 views at the variant's pooled
 size (2304 for b2), ``--classes`` speakers (the head cost is mostly the class scores, so
 VoxCeleb2's 5994 is the realistic setting), batch 256, dims 64/128/192/256; float32 and
 bf16 autocast. End-to-end mode: the same variant (random weights: same cost as the
 published ones), frozen, on ``--e2e-utts`` synthetic utterances with 2 s crops and the
-same head and loss. Reports seconds/epoch, samples/s, the ratio, and the extrapolated
+same head and loss. ``--class-sample R`` adds float32 cache runs whose softmax covers a
+share R of the classes per step (``mrlcache fit --class-sample``). Reports seconds/epoch, samples/s, the ratio, and the extrapolated
 time of 1,000,000 utterances x 30 epochs of cache fitting.
 
 ``--breakdown`` instead times the phases of one head step at that geometry (median over
@@ -45,10 +46,10 @@ def synthetic_cache(out: Path, utts: int, classes: int, dim: int, views: int = 4
         writer.finish()
 
 
-def step_breakdown(pooled_dim: int, classes: int, precision: str, steps: int) -> dict:
+def step_breakdown(pooled_dim: int, classes: int, precision: str, steps: int, class_sample: float = 1.0) -> dict:
     """Median milliseconds per phase of a training step (batch 256, dims 64..256, AAM)."""
     from mrlcache.fit import FitConfig, _make_optimizer, _param_groups
-    from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss
+    from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss, sample_classes
 
     torch.manual_seed(0)
     dims = (64, 128, 192, 256)
@@ -58,13 +59,15 @@ def step_breakdown(pooled_dim: int, classes: int, precision: str, steps: int) ->
     params = [p for g in opt.param_groups for p in g["params"]]
     x, y = torch.randn(256, pooled_dim), torch.randint(0, classes, (256,))
     dtype = torch.bfloat16 if precision == "bf16" else None
+    gen = torch.Generator().manual_seed(0)
     times = []
     for step in range(steps + 3):  # 3 warm-up steps
         t = [time.perf_counter()]
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             emb = head(x)
             t.append(time.perf_counter())
-            loss = loss_fn(emb, y)[0]
+            kept = sample_classes(y, classes, class_sample, gen) if class_sample < 1 else None
+            loss = loss_fn(emb, y, kept)[0]
         t.append(time.perf_counter())
         loss.backward()
         t.append(time.perf_counter())
@@ -95,6 +98,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--breakdown", action="store_true", help="only time the phases of one head step")
     ap.add_argument("--steps", type=int, default=30, help="steps timed by --breakdown")
+    ap.add_argument("--memory-gb", type=float, default=None,
+                    help="fit's feature memory budget; below the cache's size (e.g. 0.05) the features are streamed")
+    ap.add_argument("--class-sample", type=float, action="append", default=[],
+                    help="also run fp32 with this share of classes per step (repeatable)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,22 +112,26 @@ def main() -> None:
 
     dims = (64, 128, 192, 256)
     pooled_dim = load_backbone(args.variant, random_init=True).pooled_dim
+    modes = [("fp32", 1.0), ("bf16", 1.0)] + [("fp32", r) for r in args.class_sample]
     if args.breakdown:
-        for precision in ("fp32", "bf16"):
-            b = step_breakdown(pooled_dim, args.classes, precision, args.steps)
+        for precision, rate in modes:
+            b = step_breakdown(pooled_dim, args.classes, precision, args.steps, rate)
             step = b.pop("step")
-            print(f"step {precision}: {step:.1f} ms ({256000 / step:.0f} samples/s) = "
+            print(f"step {precision}, class sample {rate:g}: {step:.1f} ms ({256000 / step:.0f} samples/s) = "
                   + ", ".join(f"{k} {v:.1f} ms" for k, v in b.items()), flush=True)
         return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         synthetic_cache(tmp / "cache", args.utts, args.classes, pooled_dim)
-        for precision in ("fp32", "bf16"):
-            run = fit(tmp / "cache", dims, tmp / f"cache-{precision}", epochs=args.epochs, batch_size=256,
-                      val_speakers=0, head_only=True, progress=False, precision=precision)
+        for precision, rate in modes:
+            run = fit(tmp / "cache", dims, tmp / f"cache-{precision}-{rate}", epochs=args.epochs, batch_size=256,
+                      val_speakers=0, head_only=True, progress=False, precision=precision, class_sample=rate,
+                      memory_gb=args.memory_gb)
             h = history(run)[-1]  # the last epoch: warm caches, steady state
-            results[f"cache {precision}"] = (h["seconds"], h["samples_per_s"])
+            features = json.loads((run / "fingerprint.json").read_text())["features"]
+            name = f"cache {precision}" + (f" classes {rate:g}" if rate < 1 else "") + f" ({features})"
+            results[name] = (h["seconds"], h["samples_per_s"])
         make_tree(tmp / "audio", speakers=args.e2e_utts // 4, videos=2, utts=2, seconds=3.0)
         run = fit_end_to_end(tmp / "audio", dims, tmp / "e2e", variant=args.variant, random_init=True,
                              crop_seconds=2.0, views=1, epochs=1, batch_size=args.e2e_batch, val_speakers=0,
@@ -131,10 +142,10 @@ def main() -> None:
     e2e = results["end-to-end frozen"][1]
     print(f"threads {torch.get_num_threads()}, variant {args.variant} (pooled {pooled_dim}), "
           f"{args.classes} classes, dims {dims}")
-    print(f"{'mode':<20} {'s/epoch':>9} {'samples/s':>10} {'x e2e':>7} {'1M x 30 epochs':>15}")
+    print(f"{'mode':<35} {'s/epoch':>9} {'samples/s':>10} {'x e2e':>7} {'1M x 30 epochs':>15}")
     for name, (sec, sps) in results.items():
         total_h = 1_000_000 * 30 / sps / 3600
-        print(f"{name:<20} {sec:>9.2f} {sps:>10.0f} {sps / e2e:>7.0f} {total_h:>13.2f} h")
+        print(f"{name:<35} {sec:>9.2f} {sps:>10.0f} {sps / e2e:>7.0f} {total_h:>13.2f} h")
 
 
 if __name__ == "__main__":

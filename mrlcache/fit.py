@@ -12,7 +12,8 @@ trial list, or trials built from held-out training speakers), and the checkpoint
 lowest mean EER over dims is kept; ``patience`` stops a fit that no longer improves.
 
 Determinism: the head is initialised after ``torch.manual_seed(seed)`` and every random
-draw of epoch ``e`` (views, order) comes from a generator seeded by ``(seed, e)``, so a
+draw of epoch ``e`` (views, order; the classes of ``class_sample`` from a second stream)
+comes from a generator seeded by ``(seed, e)``, so a
 fit resumed from ``last.pt`` replays the same epochs as an uninterrupted one (bit-identical
 on the CPU with the same number of threads).
 

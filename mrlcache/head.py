@@ -22,7 +22,7 @@ the classes takes about half the time; classes left out get no gradient at that 
 
 Cost: the class scores dominate a head step (batch 256, 5994 classes, 4 sizes: ~6M
 logits). These choices keep a step near its matmul cost (2-core CPU, b2 geometry:
-110-120 ms per step before, 47-59 ms after; see benchmarks/README.md):
+110-120 ms per step before, 41-48 ms after; see benchmarks/README.md):
 
 - the margin touches only the ``B`` target logits per size: they are gathered from the
   score matrix, given ``cos(theta + m)`` through cos/sin identities (no ``acos``) with
