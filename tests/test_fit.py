@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from mrlcache import cache
 from mrlcache.corpus import Utterance
@@ -317,6 +318,11 @@ def test_cli_fit_and_its_errors(caches, tmp_path):
     assert result.exit_code != 0 and "comma-separated integers" in result.output
     result = runner.invoke(main, ["fit", "--cache", str(tmp_path / "none"), "--out", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "no such directory" in result.output
+    result = runner.invoke(main, args + ["--dims", "4,8,16,32", "--out", str(tmp_path / "cs"), "--class-sample", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "cs" / "config.yaml").read_text())["class_sample"] == 0.5
+    result = runner.invoke(main, args + ["--dims", "4,8", "--out", str(tmp_path / "bad"), "--class-sample", "1.5"])
+    assert result.exit_code != 0 and "class_sample=1.5" in result.output
     result = runner.invoke(main, args + ["--dims", "4,8", "--out", str(tmp_path / "bad"), "--grad-accum", "2",
                                          "--views", "3"])
     assert result.exit_code != 0 and "--views, --grad-accum only apply with --end-to-end" in result.output
