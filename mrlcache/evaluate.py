@@ -140,7 +140,7 @@ def pooled_from_cache(cache, trials: Trials, skip_missing: bool = False) -> Tria
     kept, skipped = _resolve_missing(trials, missing, f"cache {cache.path}", cache.skipped, skip_missing)
     utts = kept.utterances
     view = 0 if cache.num_views > 1 else None
-    pooled = cache.pooled(view=view)  # (N, P) or (N, 1, P)
+    pooled = cache.read("pooled", view=view)  # (N, P) or (N, 1, P)
     pooled = pooled.reshape(len(cache), -1)[cache.index_of(utts)]  # (U, P)
     return TrialVectors(utts, pooled, kept, skipped, missing)
 
@@ -223,7 +223,7 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu") -> dict:
 def _iter_cache(cache, batch: int = 8192):
     """(pooled (n, P) float32, speakers (n,)) over every vector of every view, shard by shard."""
     for shard in cache.iter_shards():
-        pooled = shard.pooled()  # (n, V, P)
+        pooled = shard.read("pooled")  # (n, V, P)
         n, views, dim = pooled.shape
         speakers = np.repeat(np.asarray(shard.speakers, dtype=str), views)
         flat = pooled.reshape(n * views, dim)

@@ -206,7 +206,7 @@ class StreamedFeatures:
                 block = np.empty((len(keep), self.dim), self.dtype)
                 for view in np.unique(v):  # read each needed view of the shard once
                     sel = np.flatnonzero(v == view)
-                    block[sel] = self.shards[k].pooled(view=int(view), dtype=self.dtype)[keep[sel]]
+                    block[sel] = self.shards[k].read("pooled", view=int(view), dtype=self.dtype)[keep[sel]]
                 xs.append(block)
                 ys.append(self.labels[a:b][keep])
             xw, yw = np.concatenate(xs), np.concatenate(ys)
@@ -280,7 +280,7 @@ def external_valset(val_cache, trials_path) -> ValSet:
         )
     enroll = np.array([index[u] for u in trials.enroll])
     test = np.array([index[u] for u in trials.test])
-    return ValSet(vc.pooled(view=0, dtype=np.float32), enroll, test,
+    return ValSet(vc.read("pooled", view=0, dtype=np.float32), enroll, test,
                   np.asarray(trials.labels, np.int8), f"{trials_path}")
 
 
@@ -682,7 +682,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
     budget = cfg.memory_gb if cfg.memory_gb is not None else _available_gb() / 2
     dtype = np.dtype(cfg.feature_dtype)
     if need_gb <= budget:
-        feats = MemoryFeatures(cache.pooled(dtype=dtype), labels, train_rows)
+        feats = MemoryFeatures(cache.read("pooled", dtype=dtype), labels, train_rows)
         mode = "memory"
         view0 = feats.pooled[:, 0]
     else:
@@ -703,7 +703,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         if view0 is not None:
             pooled_val = np.ascontiguousarray(view0[rows], dtype=np.float32)
         else:
-            pooled_val = np.concatenate([s.pooled(view=0, dtype=np.float32) for s in feats.shards])[rows]
+            pooled_val = np.concatenate([s.read("pooled", view=0, dtype=np.float32) for s in feats.shards])[rows]
         e, t, lab = heldout_trials(speakers[rows], cfg.max_val_trials, cfg.seed)
         val = ValSet(pooled_val, e, t, lab, f"{len(val_names)} held-out training speakers")
         if lab.min() == lab.max():

@@ -89,20 +89,20 @@ def test_round_trip(tmp_path, backend, dtype):
     assert c.meta["format"] == backend and c.meta["dtype"] == dtype and c.meta["seed"] == 7
     assert c.meta["augment"] == {"noise_snr": [5, 20], "reverb": 0.5}
 
-    everything = c.pooled()
+    everything = c.read("pooled")
     assert everything.dtype == np.float32 and everything.shape == (8, V, D)
     np.testing.assert_array_equal(everything, expected)
     for v in range(V):
-        np.testing.assert_array_equal(c.pooled(view=v), expected[:, v])
-    assert c.pooled(view=1, dtype=np.float16).dtype == np.float16
+        np.testing.assert_array_equal(c.read("pooled", view=v), expected[:, v])
+    assert c.read("pooled", view=1, dtype=np.float16).dtype == np.float16
     with pytest.raises(IndexError, match="3 views"):
-        c.pooled(view=V)
+        c.read("pooled", view=V)
 
     shards = list(c.iter_shards())
     assert [len(s) for s in shards] == [3, 4, 1]  # rows 0-3 minus 2, 4-7, 8-9 minus 9
     assert sum((s.utterances for s in shards), []) == c.utterances
-    np.testing.assert_array_equal(np.concatenate([s.pooled(view=2) for s in shards]), expected[:, 2])
-    np.testing.assert_array_equal(shards[1].pooled(), expected[3:7])
+    np.testing.assert_array_equal(np.concatenate([s.read("pooled", view=2) for s in shards]), expected[:, 2])
+    np.testing.assert_array_equal(shards[1].read("pooled"), expected[3:7])
 
     assert summary["utterances"] == 8 and summary["skipped"] == 2
     assert summary["skipped_by_reason"] == {"silent": 1, "unreadable": 1}
@@ -116,7 +116,7 @@ def test_zarr_and_hdf5_hold_the_same_numbers(tmp_path):
         write_cache(tmp_path / backend, backend, meta=make_meta(dtype="float16")).close()
     z, h = cache.open(tmp_path / "zarr"), cache.open(tmp_path / "hdf5")
     assert z.utterances == h.utterances and z.skipped == h.skipped
-    np.testing.assert_array_equal(z.pooled(dtype=np.float16), h.pooled(dtype=np.float16))
+    np.testing.assert_array_equal(z.read("pooled", dtype=np.float16), h.read("pooled", dtype=np.float16))
     assert {**z.meta, "format": None} == {**h.meta, "format": None}
 
 
@@ -128,9 +128,9 @@ def test_zarr_one_view_reads_only_that_views_chunk(tmp_path):
     for v in (0, 2):
         (shard / "pooled" / "c" / "0" / str(v) / "0").write_bytes(b"garbage")
     c = cache.open(tmp_path / "c")
-    np.testing.assert_array_equal(c.pooled(view=1), vectors(10)[OK_ROWS][:, 1])
+    np.testing.assert_array_equal(c.read("pooled", view=1), vectors(10)[OK_ROWS][:, 1])
     with pytest.raises(Exception):
-        c.pooled(view=0)
+        c.read("pooled", view=0)
 
 
 def test_hdf5_one_chunk_per_view(tmp_path):
@@ -180,7 +180,7 @@ def test_resume_writes_only_missing_shards(tmp_path, backend):
         writer.write_shard(0, [0, 1, 3], vectors(4)[[0, 1, 3]], {make_manifest(10)[2].utt_id: "silent"}, 1.0)
     writer.close()
     write_cache(tmp_path / "c", backend, shards=[1]).finish()
-    np.testing.assert_array_equal(cache.open(tmp_path / "c").pooled(), vectors(10)[OK_ROWS])
+    np.testing.assert_array_equal(cache.open(tmp_path / "c").read("pooled"), vectors(10)[OK_ROWS])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -221,7 +221,7 @@ def test_shard_with_no_vectors(tmp_path):
     writer.write_shard(0, [], np.zeros((0, V, D)), skipped, 0.0)
     assert writer.finish()["skipped_by_reason"] == {"empty": 1, "truncated": 1}
     c = cache.open(tmp_path / "c")
-    assert len(c) == 0 and c.pooled().shape == (0, V, D) and len(c.skipped) == 2
+    assert len(c) == 0 and c.read("pooled").shape == (0, V, D) and len(c.skipped) == 2
 
 
 def test_other_settings_are_refused(tmp_path):
@@ -288,7 +288,7 @@ def test_index_of(tmp_path):
     c = cache.open(tmp_path / "c")
     ids = [c.utterances[5], c.utterances[0]]
     np.testing.assert_array_equal(c.index_of(ids), [5, 0])
-    np.testing.assert_array_equal(c.pooled()[c.index_of(ids)], vectors(10)[OK_ROWS][[5, 0]])
+    np.testing.assert_array_equal(c.read("pooled")[c.index_of(ids)], vectors(10)[OK_ROWS][[5, 0]])
     with pytest.raises(KeyError, match=r"2 utterance ids.*\(skipped: silent\).*nope"):
         c.index_of([make_manifest(10)[2].utt_id, "nope"])
 

@@ -81,7 +81,7 @@ def cached_vectors(root):
     from mrlcache import cache
 
     c = cache.open(root / "cache")
-    return dict(zip(c.utterances, c.pooled(view=0).astype(np.float64)))
+    return dict(zip(c.utterances, c.read("pooled", view=0).astype(np.float64)))
 
 
 def test_cache_mode_table_json_and_direct_check(setup):

@@ -65,7 +65,7 @@ def test_cached_vectors_equal_the_model_on_the_same_crops(corpus, tmp_path):
     saved = load_backbone(str(out / "backbone.pt"))
     assert cache.meta["weights_sha256"] == saved.weights_sha256
     augmenter = Augmenter(AugmentConfig())
-    pooled = cache.pooled()  # (N, V, D)
+    pooled = cache.read("pooled")  # (N, V, D)
     assert pooled.shape == (len(cache.utterances), 2, model.pooled_dim)
     for i in (0, 5, len(cache.utterances) - 1):
         utt = cache.utterances[i]
@@ -100,7 +100,7 @@ def test_zarr_and_hdf5_hold_the_same_numbers(corpus, tmp_path):
     run(["--data", str(corpus), "--out", str(tmp_path / "h"), "--format", "hdf5", "--shard-size", "4", *COMMON])
     z, h = mrlcache.cache.open(tmp_path / "z"), mrlcache.cache.open(tmp_path / "h")
     assert z.utterances == h.utterances
-    np.testing.assert_array_equal(z.pooled(), h.pooled())
+    np.testing.assert_array_equal(z.read("pooled"), h.read("pooled"))
 
 
 def test_eval_mode_uses_whole_utterances(corpus, tmp_path):
@@ -114,7 +114,7 @@ def test_eval_mode_uses_whole_utterances(corpus, tmp_path):
     wave = load_audio(corpus / utt)[:16000]
     with torch.inference_mode():
         expected = model.pooled(torch.from_numpy(wave)[None]).numpy()[0]
-    np.testing.assert_allclose(cache.pooled(view=0)[2], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cache.read("pooled", view=0)[2], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_other_settings_are_refused_and_overwrite_starts_over(corpus, tmp_path):
@@ -158,7 +158,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     run([*args, "--out", str(killed)])
     a, b = mrlcache.cache.open(tmp_path / "whole"), mrlcache.cache.open(killed)
     assert a.utterances == b.utterances
-    np.testing.assert_array_equal(a.pooled(), b.pooled())
+    np.testing.assert_array_equal(a.read("pooled"), b.read("pooled"))
 
 
 def test_two_processes_equal_one(corpus, tmp_path):
@@ -172,12 +172,12 @@ def test_two_processes_equal_one(corpus, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     one, two = mrlcache.cache.open(tmp_path / "one"), mrlcache.cache.open(tmp_path / "two")
     assert one.utterances == two.utterances
-    np.testing.assert_array_equal(one.pooled(), two.pooled())
+    np.testing.assert_array_equal(one.read("pooled"), two.read("pooled"))
     assert two.meta["summary"]["utterances"] == len(one.utterances)
     # Without torchrun: --rank/--world-size, ranks side by side, either order.
     for rank in (1, 0):
         run([*args, "--out", str(tmp_path / "manual"), "--rank", str(rank), "--world-size", "2"])
-    np.testing.assert_array_equal(mrlcache.cache.open(tmp_path / "manual").pooled(), one.pooled())
+    np.testing.assert_array_equal(mrlcache.cache.open(tmp_path / "manual").read("pooled"), one.read("pooled"))
 
 
 def test_setup_errors_leave_no_cache(corpus, tmp_path):

@@ -167,7 +167,7 @@ def test_streamed_features_cover_every_training_row_once(caches, tmp_path):
     c = cache.open(caches / "train")
     labels = np.arange(len(c.utterances)) % 7
     labels[::10] = -1  # held-out rows never appear
-    mem = MemoryFeatures(c.pooled(), labels, np.flatnonzero(labels >= 0))
+    mem = MemoryFeatures(c.read("pooled"), labels, np.flatnonzero(labels >= 0))
     streamed = StreamedFeatures(list(c.iter_shards()), labels, labels >= 0, c.num_views, c.dim,
                                 window_rows=100, dtype=np.float32)
     for feats in (mem, streamed):
@@ -176,7 +176,7 @@ def test_streamed_features_cover_every_training_row_once(caches, tmp_path):
         x, y = torch.cat(xs).numpy(), torch.cat(ys).numpy()
         assert len(y) == (labels >= 0).sum()
         # Each row is one of the cached views of a training utterance with that label.
-        allv = c.pooled()
+        allv = c.read("pooled")
         flat = allv.reshape(-1, c.dim)
         match = (np.abs(flat[None, :, :] - x[:, None, :]).max(-1) == 0)
         hits = match.argmax(1) // c.num_views

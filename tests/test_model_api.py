@@ -43,7 +43,7 @@ def test_project_on_cached_vectors_equals_forward_on_audio(setup):
     root, cache_dir, run, waves, pooled, sha = setup
     model = load_model(run / "model.pt")
     assert model.dims == DIMS and model.weights_sha256 == sha
-    cached = cache.open(cache_dir).pooled(view=0)
+    cached = cache.open(cache_dir).read("pooled", view=0)
     projected = model.project(cached)  # numpy in, numpy out
     assert isinstance(projected, np.ndarray) and projected.shape == (len(waves), 32)
     with torch.no_grad():

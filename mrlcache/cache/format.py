@@ -570,12 +570,18 @@ class Shard:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def pooled(self, view: int | None = None, dtype=np.float32) -> np.ndarray:
+    def read(self, stream: str = "pooled", view: int | None = None, dtype=np.float32) -> np.ndarray:
         """Vectors of this shard: (n, V, D), or (n, D) for one view."""
+        _check_stream(stream)
         n, views, dim = self.shape
         out = np.empty((n, views, dim) if view is None else (n, dim), dtype=dtype)
         self._backend.read_pooled(self.path, out, _check_view(view, views))
         return out
+
+
+def _check_stream(stream: str) -> None:
+    if stream != "pooled":
+        raise KeyError(f"stream {stream!r}: this cache holds only 'pooled'")
 
 
 def _check_view(view, views: int):
@@ -640,14 +646,15 @@ class Cache:
         )
 
     def iter_shards(self):
-        """Yield the shards in cache order (each with .utterances, .speakers, .pooled())."""
+        """Yield the shards in cache order (each with .utterances, .speakers, .read())."""
         yield from self.shards
 
-    def pooled(self, view: int | None = None, dtype=np.float32) -> np.ndarray:
-        """All vectors: (N, V, D), or (N, D) for one view (only that view is read).
+    def read(self, stream: str = "pooled", view: int | None = None, dtype=np.float32) -> np.ndarray:
+        """All vectors of ``stream``: (N, V, D), or (N, D) for one view (only that view is read).
 
         Each shard is read whole straight into its slice of one preallocated array.
         """
+        _check_stream(stream)
         view = _check_view(view, self.num_views)
         n = len(self)
         out = np.empty((n, self.num_views, self.dim) if view is None else (n, self.dim), dtype=dtype)
@@ -659,7 +666,7 @@ class Cache:
         return out
 
     def index_of(self, utt_ids) -> np.ndarray:
-        """Positions (rows of :meth:`pooled`) of ``utt_ids``; (len(utt_ids),) int64.
+        """Positions (rows of :meth:`read`) of ``utt_ids``; (len(utt_ids),) int64.
 
         Raises:
             KeyError: some ids have no vector (naming the first few and whether they were skipped).
