@@ -108,7 +108,7 @@ def main() -> None:
     from conftest import make_tree
 
     from mrlcache.fit import fit, fit_end_to_end
-    from mrlcache.models.loading import load_backbone
+    from mrlcache.backbone.loading import load_backbone
 
     dims = (64, 128, 192, 256)
     pooled_dim = load_backbone(args.variant, random_init=True).pooled_dim

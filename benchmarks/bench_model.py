@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from mrlcache.models.loading import load_backbone
+from mrlcache.backbone.loading import load_backbone
 
 
 def throughput(model, waves, batched, bf16, min_time):

@@ -7,7 +7,7 @@ The heavy entry points are imported lazily so that ``import mrlcache`` and
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_backbone": "mrlcache.models.loading",
+    "load_backbone": "mrlcache.backbone.loading",
     "load_model": "mrlcache.model",
 }
 

@@ -15,7 +15,7 @@ by a training mean and AS-Norm-ed against per-speaker means of a cohort cache
 (:func:`cache_stats`). Metrics and conventions: docs/metrics.md. From Python::
 
     model = load_model("run/model.pt")
-    cache = open_cache("caches/vox1-eval", model)
+    cache = open_cache_for("caches/vox1-eval", model)
     v = pooled_from_cache(cache, read_trials("veri_test2.txt"))
     results = evaluate(v.trials, v.utterances, v.pooled, transforms(model), model.dims)
 
@@ -76,8 +76,8 @@ class TrialVectors:
     missing: list[str] = field(default_factory=list)
 
 
-def open_cache(path, model, what: str = "cache", log=_note):
-    """Open a cache of pooled vectors and refuse it if another backbone made it.
+def open_cache_for(path, model, what: str = "cache", log=_note):
+    """Open a cache of pooled vectors for scoring with ``model``; refuse it if another backbone made it.
 
     Args:
         path: cache directory; model: the :class:`mrlcache.model.MRLModel` to score with;
@@ -86,12 +86,16 @@ def open_cache(path, model, what: str = "cache", log=_note):
         the opened cache. Raises EvaluateError on other weights or another pooled size.
     """
     from mrlcache import cache as cache_mod
+    from mrlcache.backbone import BackboneRecord, RecordError
 
     try:
         cache = cache_mod.open(path)
+        record = BackboneRecord.from_meta(cache.meta)
     except cache_mod.CacheError as err:
         raise EvaluateError(f"{what} {path}: {err}") from None
-    want, have = model.weights_sha256, cache.meta.get("weights_sha256")
+    except RecordError as err:
+        raise EvaluateError(f"{what} {path}/cache.json: {err}; extract the cache again") from None
+    want, have = model.weights_sha256, record.sha256 if record is not None else None
     if want is None or have is None:
         log(f"warning: cannot check that {what} {path} matches the model's backbone "
             f"(fingerprint missing: model {want}, cache {have})")
@@ -125,7 +129,7 @@ def pooled_from_cache(cache, trials: Trials, skip_missing: bool = False) -> Tria
     """Gather the pooled vectors of the trial utterances from an eval-mode cache.
 
     Args:
-        cache: an opened cache (:func:`open_cache`); trials: the trial list.
+        cache: an opened cache (:func:`open_cache_for`); trials: the trial list.
         skip_missing: drop the trials of utterances the cache lacks instead of raising
             :class:`MissingUtterancesError` (reasons from the cache's skipped list).
     Returns:

@@ -16,9 +16,7 @@ shards exist, by whichever rank finishes last.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +26,13 @@ import torch
 
 from mrlcache.audio import SAMPLE_RATE, AudioError, check_wave, load_audio
 from mrlcache.augment import AugmentConfig, Augmenter, make_view
+from mrlcache.backbone import BackboneRecord, save_checkpoint, state_sha256
+from mrlcache.backbone.record import convert_v1_meta
 from mrlcache.cache import CacheWriter, IncompleteCacheError
 from mrlcache.cache.format import read_meta
+from mrlcache.runtime import PRECISIONS, DeviceError, autocast, resolve_device, resolve_precision
 
 BACKBONE_FILE = "backbone.pt"  # random-init weights, saved beside the cache
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class ExtractError(Exception):
@@ -87,37 +87,6 @@ class ExtractConfig:
             raise ExtractError(f"crop-seconds must be positive, got {self.crop_seconds}")
         if self.precision not in PRECISIONS:
             raise ExtractError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> this rank's GPU when CUDA is present, else the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ExtractError("--precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast context for the backbone; the mel front end opts out and stays float32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ------------------------------------------------------------------------- data loading
@@ -185,13 +154,15 @@ def shard_batches(rows: range, utts_per_batch: int) -> list[list[int]]:
 # ---------------------------------------------------------------------------- the pass
 
 
-def cache_meta(model, cfg: ExtractConfig, precision: str, weights_source: str) -> dict:
-    """The settings the cached vectors depend on (a resumed run must match them)."""
+def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord) -> dict:
+    """The settings the cached vectors depend on (a resumed run must match them).
+
+    ``backbone`` is ``record`` with the model's SHA-256 (see :mod:`mrlcache.backbone.record`).
+    """
     train = cfg.mode == "train"
     return {
         "model_config": model.model_config,
-        "weights_sha256": model.weights_sha256,
-        "weights_source": weights_source,
+        "backbone": record.with_sha256(model.weights_sha256).to_dict(),
         "pooled_dim": model.pooled_dim,
         "sample_rate": SAMPLE_RATE,
         "mode": cfg.mode,
@@ -207,24 +178,14 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, weights_source: str) -
     }
 
 
-def save_random_backbone(model, out: Path) -> str:
-    """Save random-init weights as ``out/backbone.pt`` (published format); return the SHA-256.
-
-    Written after the cache directory exists; every rank writes the same bytes, and the
-    replace is atomic, so concurrent ranks cannot leave a mixed file.
-    """
-    from mrlcache.models.loading import save_checkpoint
-
-    return save_checkpoint(model, Path(out) / BACKBONE_FILE)
-
-
-def random_backbone_sha(model) -> str:
-    """SHA-256 that :func:`save_random_backbone` will give, computed without touching ``out``."""
-    from mrlcache.models.loading import save_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sha = save_checkpoint(model, Path(tmp) / BACKBONE_FILE)
-    return sha
+def _record_of(backbone, weights_source) -> BackboneRecord:
+    """The backbone record: given, or read from a format-1 style ``weights_source`` string."""
+    if isinstance(backbone, BackboneRecord):
+        return backbone
+    if backbone is not None:
+        raise ExtractError(f"backbone must be a BackboneRecord, got {type(backbone).__name__}")
+    packed = convert_v1_meta({"weights_source": weights_source, "weights_sha256": None})
+    return BackboneRecord.from_dict(packed["backbone"])
 
 
 def extract(
@@ -237,6 +198,7 @@ def extract(
     overwrite: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    backbone: BackboneRecord | None = None,
     weights_source: str = "",
     save_backbone: bool = False,
     barrier=None,
@@ -252,7 +214,10 @@ def extract(
         backend: "zarr" or "hdf5".
         overwrite: start over (rank 0 only).
         rank, world_size: this process's share: shards k with k % world_size == rank.
-        weights_source: where the weights came from (variant name or path), for the record.
+        backbone: where the weights come from (its SHA-256 is the model's own), stored as
+            the cache's ``backbone`` record.
+        weights_source: instead of ``backbone``, the packed string of format 1
+            ("b2-vox2-ptn", a path, "random-init:b0:seed=0"), converted to a record.
         save_backbone: random-init weights: also write them as ``out/backbone.pt``.
         barrier: callable synchronising all ranks (torchrun), used only so that rank 0 clears
             the old cache before the others open it on --overwrite.
@@ -266,13 +231,16 @@ def extract(
         raise ExtractError(f"rank {rank} is not in [0, {world_size})")
     out = Path(out)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = resolve_device(cfg.device, local_rank)
-    precision = resolve_precision(cfg.precision, device)
+    try:
+        device = resolve_device(cfg.device, local_rank)
+        precision = resolve_precision(cfg.precision, device)
+    except DeviceError as err:
+        raise ExtractError(str(err)) from None
     if model.weights_sha256 is None and save_backbone:
-        model.weights_sha256 = random_backbone_sha(model)
+        model.weights_sha256 = state_sha256(model)  # what save_checkpoint below will write
     if model.weights_sha256 is None:
         raise ExtractError("the backbone has no weights SHA-256 (random weights that were not saved)")
-    meta = cache_meta(model, cfg, precision, weights_source)
+    meta = cache_meta(model, cfg, precision, _record_of(backbone, weights_source))
     if overwrite and world_size > 1 and barrier is None:
         raise ExtractError("--overwrite with several ranks needs torchrun; without it, delete the cache "
                            "(or run once with --overwrite and --world-size 1) and start the ranks again")
@@ -286,8 +254,9 @@ def extract(
         if overwrite and world_size > 1 and rank == 0:
             barrier()
         if save_backbone:
-            sha = save_random_backbone(model, out)
-            assert sha == meta["weights_sha256"], "random backbone bytes changed between hashing and saving"
+            # Every rank writes the same bytes, atomically, so concurrent ranks cannot mix them.
+            sha = save_checkpoint(model, out / BACKBONE_FILE)
+            assert sha == meta["backbone"]["sha256"], "random backbone bytes changed between hashing and saving"
         mine = [k for k in range(writer.num_shards) if k % world_size == rank]
         todo = sorted(set(mine) - writer.done_shards())
         if not todo:

@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss, check_dims, sample_classes
-from mrlcache.model import atomic_save
+from mrlcache.runtime import atomic_torch_save as atomic_save
 
 
 class FitError(ValueError):
@@ -328,7 +328,8 @@ def _config_dict(cfg: FitConfig) -> dict:
 
 def _resolve_device(name: str) -> torch.device:
     """The extractor's rule ("auto": this process's GPU if any, else the CPU), fit's error type."""
-    from mrlcache.extract import ExtractError, resolve_device
+    from mrlcache.runtime import DeviceError as ExtractError
+    from mrlcache.runtime import resolve_device
 
     try:
         return resolve_device(name, int(os.environ.get("LOCAL_RANK", 0)))
@@ -647,7 +648,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
 
     backbone_ref = None
     if not cfg.head_only and backbone is None:
-        from mrlcache.model import backbone_for_cache
+        from mrlcache.backbone import backbone_for_cache
 
         backbone, backbone_ref = backbone_for_cache(cache_dir, meta, weights=cfg.weights)
     if cfg.head_only:
@@ -851,8 +852,8 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, variant: str | None = None
     counted in ``summary.json``; the fit goes on.
     """
     from mrlcache.corpus import scan_tree
-    from mrlcache.model import state_sha256
-    from mrlcache.models.loading import load_backbone, save_checkpoint
+    from mrlcache.backbone import state_sha256
+    from mrlcache.backbone.loading import load_backbone, save_checkpoint
 
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(FitConfig)})
     if unknown:

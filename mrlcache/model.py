@@ -5,23 +5,24 @@ Embeddings are returned *raw* (the prefix of the head output, not L2-normalised)
 scoring side normalises each prefix itself, and a raw prefix keeps the choice of
 normalisation (and of score normalisation) to the caller.
 
-``model.pt`` (written by ``mrlcache fit``) is a plain dict::
+``model.pt`` (written by ``mrlcache fit``) holds only tensors and plain containers, and is
+read with ``torch.load(weights_only=True)``, so nothing in it can run code::
 
     {"format": "mrlcache-model", "version": 1, "dims": [...], "pooled_dim": int,
      "head_state": {...},
-     "backbone": {"model_config", "state_dict", "sha256"}       # embedded (default)
-              or {"source", "train_type", "dataset", "sha256"}  # referenced (--no-embed-backbone)
-              or None}                                          # head only
+     "backbone": {source, train_type, dataset, sha256,     # the backbone record, as in cache.json
+                  "model_config", "state_dict"}            # embedded (default)
+              or {source, train_type, dataset, sha256}     # referenced (--no-embed-backbone)
+              or None}                                     # head only
 
-A referenced backbone is loaded with :func:`mrlcache.models.loading.load_backbone` and its
-SHA-256 checked against the stored one, so a model never runs silently on other weights.
+The record is :class:`mrlcache.backbone.BackboneRecord` (files written before it had only
+``sha256`` beside an embedded backbone; they load the same). A referenced backbone is loaded
+with :func:`mrlcache.backbone.load_backbone` and its SHA-256 checked against the stored one,
+so a model never runs silently on other weights.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -111,49 +112,37 @@ class MRLModel(nn.Module):
             return self.head(x)[:, :d].cpu().numpy()
 
 
-def state_sha256(backbone) -> str:
-    """SHA-256 of a backbone serialised in the published format (as save_checkpoint writes it)."""
-    buffer = io.BytesIO()
-    state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
-    torch.save({"model_config": backbone.model_config, "state_dict": state}, buffer)
-    return hashlib.sha256(buffer.getvalue()).hexdigest()
-
-
 def save_model(path, head: MatryoshkaHead, *, backbone=None, embed_backbone: bool = True,
-               backbone_ref: dict | None = None) -> Path:
+               backbone_ref=None) -> Path:
     """Write ``model.pt`` atomically; returns its path.
 
     Args:
         head: the fitted head.
         backbone: the backbone the head was fitted on (None: head-only model).
-        embed_backbone: store config and weights (True) or only ``backbone_ref`` + SHA-256.
-        backbone_ref: {"source", "train_type", "dataset"} for load_backbone (needed when not
-            embedding).
+        embed_backbone: store config and weights with the record (True) or only the record.
+        backbone_ref: where the backbone comes from, a :class:`~mrlcache.backbone.BackboneRecord`
+            (as :func:`~mrlcache.backbone.backbone_for_cache` returns) or a dict of its fields;
+            needed when not embedding. Its SHA-256 is the backbone's own.
     """
+    from mrlcache.backbone import BackboneRecord, state_sha256
+    from mrlcache.backbone.loading import checkpoint_dict
+    from mrlcache.runtime import atomic_torch_save
+
     path = Path(path)
     entry = None
     if backbone is not None:
         sha = backbone.weights_sha256 or state_sha256(backbone)
-        if embed_backbone:
-            entry = {"model_config": backbone.model_config, "sha256": sha,
-                     "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()}}
-        else:
-            if not backbone_ref:
-                raise ModelError("--no-embed-backbone needs a backbone file or name to refer to; "
-                                 "this backbone has none (embed it instead)")
-            entry = {**backbone_ref, "sha256": sha}
+        if isinstance(backbone_ref, dict):
+            backbone_ref = BackboneRecord.from_dict(backbone_ref)
+        if not embed_backbone and not (backbone_ref and backbone_ref.source and not backbone_ref.is_random):
+            raise ModelError("--no-embed-backbone needs a backbone file or name to refer to; "
+                             "this backbone has none (embed it instead)")
+        record = (backbone_ref or BackboneRecord(None)).with_sha256(sha)
+        entry = {**record.to_dict(), **(checkpoint_dict(backbone) if embed_backbone else {})}
     obj = {"format": FORMAT, "version": VERSION, "dims": list(head.dims), "pooled_dim": head.pooled_dim,
            "head_state": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "backbone": entry}
-    atomic_save(obj, path)
+    atomic_torch_save(obj, path)
     return path
-
-
-def atomic_save(obj, path) -> None:
-    """``torch.save`` aside, then rename: a reader never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_model(path, device: str = "cpu") -> MRLModel:
@@ -162,13 +151,16 @@ def load_model(path, device: str = "cpu") -> MRLModel:
     Raises:
         ModelError: not a model file, unknown version, backbone missing or SHA-256 mismatch.
     """
-    from mrlcache.models.loading import CheckpointError, build_from_checkpoint, load_backbone
+    from mrlcache.backbone import BackboneRecord, CheckpointError, RecordError, UnsafeFileError
+    from mrlcache.backbone.loading import build_from_checkpoint, load_plain, load_recorded
 
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = load_plain(path, path)
     except FileNotFoundError:
         raise ModelError(f"{path}: no such model file") from None
+    except UnsafeFileError as err:
+        raise ModelError(str(err)) from None
     except Exception as err:  # torch raises many types for a non-torch file
         raise ModelError(f"{path}: not a model file ({type(err).__name__}: {err})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -180,17 +172,21 @@ def load_model(path, device: str = "cpu") -> MRLModel:
     head.load_state_dict(obj["head_state"])
     entry, backbone, sha = obj["backbone"], None, None
     if entry is not None:
-        sha = entry["sha256"]
+        try:
+            record = BackboneRecord.from_dict({k: v for k, v in entry.items()
+                                               if k not in ("model_config", "state_dict")})
+        except RecordError as err:
+            raise ModelError(f"{path}: {err}") from None
+        sha = record.sha256
         try:
             if "state_dict" in entry:
                 backbone = build_from_checkpoint(entry, f"{path} (embedded backbone)")
                 backbone.weights_sha256 = sha
             else:
-                backbone = load_backbone(entry["source"], train_type=entry.get("train_type", "ptn"),
-                                         dataset=entry.get("dataset", "vox2"))
+                backbone = load_recorded(record)
                 if backbone.weights_sha256 != sha:
                     raise ModelError(
-                        f"{path}: backbone {entry['source']} has SHA-256 {backbone.weights_sha256}, "
+                        f"{path}: backbone {record.source} has SHA-256 {backbone.weights_sha256}, "
                         f"the model was fitted on {sha}; point it at the original weights"
                     )
         except CheckpointError as err:
@@ -198,54 +194,3 @@ def load_model(path, device: str = "cpu") -> MRLModel:
         if backbone.pooled_dim != head.pooled_dim:
             raise ModelError(f"{path}: backbone pools {backbone.pooled_dim} dims, head expects {head.pooled_dim}")
     return MRLModel(backbone, head, obj["dims"], weights_sha256=sha).to(device).eval()
-
-
-def backbone_for_cache(cache_dir, meta: dict, weights=None):
-    """The backbone a cache was extracted with, checked against its ``weights_sha256``.
-
-    Looks at ``weights`` (explicit file), then ``CACHE/backbone.pt`` (random-init weights),
-    then the cache's ``weights_source`` (a file path, or ``{variant}-{dataset}-{train_type}``
-    for published weights, as ``mrlcache extract`` records them). Returns (backbone, reference dict for
-    :func:`save_model`).
-
-    Raises:
-        ModelError: nothing to load, or the weights are not the ones the cache was made with.
-    """
-    from mrlcache.models.loading import CheckpointError, load_backbone
-
-    local = Path(cache_dir) / "backbone.pt" if cache_dir is not None else None
-    recorded = str(meta.get("weights_source") or "")
-    train_type, dataset = "ptn", "vox2"
-    if weights is not None:
-        source = str(Path(weights).resolve())
-    elif local is not None and local.is_file():
-        source = str(local.resolve())  # random-init weights saved by extract
-    elif recorded and Path(recorded).is_file():
-        source = recorded
-    elif recorded and not recorded.startswith("random-init"):
-        # Published weights are recorded as "{variant}-{dataset}-{train_type}", e.g. b2-vox2-ptn.
-        source, _, rest = recorded.partition("-")
-        dataset, _, train_type = rest.rpartition("-")
-        if not (dataset and train_type):
-            raise ModelError(f"{cache_dir}: cannot read weights_source {recorded!r}; pass --weights PATH")
-    else:
-        raise ModelError(
-            f"{cache_dir}: the cache names no backbone weights it can be loaded from "
-            f"(weights_source {recorded or 'missing'}, no backbone.pt); pass --weights PATH to the "
-            f"backbone it was extracted with, or --head-only"
-        )
-    try:
-        backbone = load_backbone(source, train_type=train_type, dataset=dataset)
-    except CheckpointError as err:
-        raise ModelError(f"backbone for {cache_dir}: {err}") from None
-    want = meta.get("weights_sha256")
-    if want is None:
-        raise ModelError(f"{cache_dir}/cache.json has no weights_sha256: cannot check the backbone {source}")
-    if backbone.weights_sha256 != want:
-        raise ModelError(
-            f"backbone {source} has SHA-256 {backbone.weights_sha256} but the cache {cache_dir} was "
-            f"extracted with {want}; pass --weights with the original file"
-        )
-    if int(meta.get("pooled_dim", backbone.pooled_dim)) != backbone.pooled_dim:
-        raise ModelError(f"backbone {source} pools {backbone.pooled_dim} dims, the cache holds {meta['pooled_dim']}")
-    return backbone, {"source": source, "train_type": train_type, "dataset": dataset}

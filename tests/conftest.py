@@ -16,6 +16,14 @@ import soundfile as sf
 # min_seconds above this value and long enough for none of the other checks to fire.
 BROKEN_MIN_SECONDS = 0.5
 
+# A tiny ReDimNet configuration (fast) with strides 2 and 3, a conv_exp squeeze, fwSE blocks
+# and a stage without time-context block; the published sizes are covered by the fixtures.
+TINY = {
+    "F": 12, "C": 4, "block_1d_type": "conv+att", "block_2d_type": "basic_resnet_fwse",
+    "group_divisor": 2, "global_context_att": True,
+    "stages_setup": [(1, 1, 1, [(3, 3)], None), (2, 1, 2, [(3, 3)], 4), (3, 1, 1, [(3, 3)], 4)],
+}
+
 
 def speech_like(seconds: float, sr: int = 16000, seed: int = 0, f0: float = 120.0) -> np.ndarray:
     """A voiced, speech-like buzz: harmonics of a wobbling f0 under a syllable envelope.
@@ -147,3 +155,30 @@ def broken_files(root) -> dict[Path, str]:
     out[write_wav(folder / "silent.wav", np.zeros(16000, np.float32), 16000)] = "silent"
     out[write_wav(folder / "too_short.wav", speech_like(0.25, seed=8), 16000)] = "too_short"
     return out
+
+
+class CodePayload:
+    """Unpickling this runs ``touch MARKER``: what a crafted file carrying code would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def crafted_files(tmp_path, wrap):
+    """A torch file of ``wrap(payload)`` and a plain protocol-2 pickle of ``{"x": payload}``;
+    loading either would create ``tmp_path/ran``. Returns (marker path, [torch file, pickle])."""
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "ran"
+    torch.save(wrap(CodePayload(marker)), tmp_path / "evil.pt")
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"x": CodePayload(marker)}, f, protocol=2)
+    assert not marker.exists()  # writing them ran nothing
+    return marker, [tmp_path / "evil.pt", tmp_path / "evil.pkl"]

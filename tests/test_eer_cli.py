@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import make_tree
-from test_model import TINY
+from conftest import TINY
 
 from mrlcache import metrics, scoring
 from mrlcache.audio import load_audio
@@ -18,8 +18,8 @@ from mrlcache.corpus import scan_tree
 from mrlcache.extract import ExtractConfig, extract
 from mrlcache.head import MatryoshkaHead
 from mrlcache.model import load_model, save_model
-from mrlcache.models.loading import save_checkpoint
-from mrlcache.models.redimnet import ReDimNet
+from mrlcache.backbone.loading import save_checkpoint
+from mrlcache.backbone.redimnet import ReDimNet
 
 DIMS = [4, 8]
 

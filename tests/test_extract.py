@@ -17,7 +17,7 @@ import mrlcache.cache
 from mrlcache.audio import load_audio
 from mrlcache.augment import AugmentConfig, Augmenter, make_view
 from mrlcache.cli import main
-from mrlcache.models.loading import load_backbone
+from mrlcache.backbone.loading import load_backbone
 
 pytestmark = pytest.mark.slow
 

@@ -199,7 +199,7 @@ def test_bad_options_fail_clearly(caches, tmp_path):
         fit(tmp_path / "nope", DIMS, tmp_path / "c", **FAST)
     with pytest.raises(FitError, match="both"):
         fit(caches / "train", DIMS, tmp_path / "d", val_cache=str(caches / "val"), **FAST)
-    from mrlcache.model import ModelError
+    from mrlcache.backbone import CheckpointError as ModelError  # what backbone_for_cache raises
 
     with pytest.raises(ModelError, match="names no backbone weights"):
         fit(caches / "train", DIMS, tmp_path / "e", **dict(FAST, head_only=False))
@@ -232,7 +232,7 @@ def test_end_to_end_frozen_loss_falls(tiny_corpus, tmp_path):
 def test_end_to_end_unfreezing_trains_the_backbone(tiny_corpus, tmp_path):
     from mrlcache.fit import fit_end_to_end
     from mrlcache.model import load_model
-    from mrlcache.models.loading import load_backbone
+    from mrlcache.backbone.loading import load_backbone
 
     run = fit_end_to_end(tiny_corpus, (16, 32), tmp_path / "run", views=2, epochs=2, unfreeze_after=1,
                          backbone_lr=1e-3, grad_accum=2, **E2E)
@@ -355,7 +355,7 @@ def test_end_to_end_frozen_matches_cache_mode(tmp_path):
     from mrlcache.corpus import scan_tree
     from mrlcache.extract import ExtractConfig, extract
     from mrlcache.fit import fit_end_to_end
-    from mrlcache.models.loading import load_backbone
+    from mrlcache.backbone.loading import load_backbone
     from mrlcache.synth import make_corpus
 
     make_corpus(tmp_path / "corpus", speakers=8, test_speakers=2, utterances=4, seed=3, seconds=(0.8, 1.2))

@@ -3,13 +3,15 @@
 import numpy as np
 import pytest
 import torch
-from conftest import speech_like
+from conftest import crafted_files, speech_like
 
 from mrlcache import cache, load_model
 from mrlcache.corpus import Utterance
+from mrlcache.backbone import BackboneRecord, CheckpointError
+from mrlcache.backbone.loading import load_backbone, save_checkpoint
 from mrlcache.fit import fit
+from mrlcache.head import MatryoshkaHead
 from mrlcache.model import ModelError
-from mrlcache.models.loading import load_backbone, save_checkpoint
 
 DIMS = (16, 32)
 SPEAKERS, UTTS = 4, 3
@@ -28,7 +30,8 @@ def setup(tmp_path_factory):
         pooled = backbone.pooled(torch.from_numpy(waves)).numpy()  # (N, pooled_dim)
     manifest = [Utterance(f"id{s:05d}/v/{u:05d}.wav", f"/none/{s}-{u}.wav", f"id{s:05d}")
                 for s in range(SPEAKERS) for u in range(UTTS)]
-    meta = {"model_config": backbone.model_config, "weights_sha256": sha, "pooled_dim": backbone.pooled_dim,
+    meta = {"model_config": backbone.model_config, "pooled_dim": backbone.pooled_dim,
+            "backbone": BackboneRecord.random_init("b0", sha).to_dict(),
             "sample_rate": 16000, "mode": "train", "crop_seconds": 0.5, "views": 1, "augment": {},
             "seed": 0, "dtype": "float32", "shard_size": 100}
     with cache.CacheWriter(cache_dir, meta, manifest) as writer:
@@ -39,6 +42,7 @@ def setup(tmp_path_factory):
     return root, cache_dir, run, waves, pooled, sha
 
 
+@pytest.mark.slow  # the setup runs the backbone on audio
 def test_project_on_cached_vectors_equals_forward_on_audio(setup):
     root, cache_dir, run, waves, pooled, sha = setup
     model = load_model(run / "model.pt")
@@ -60,12 +64,13 @@ def test_project_on_cached_vectors_equals_forward_on_audio(setup):
         model.project(cached, dim=24)
 
 
+@pytest.mark.slow  # the setup runs the backbone on audio
 def test_head_is_the_best_checkpoint_and_round_trips(setup, tmp_path):
     from mrlcache.model import save_model
 
     root, cache_dir, run, waves, pooled, sha = setup
     model = load_model(run / "model.pt")
-    best = torch.load(run / "best.pt", weights_only=False)["head"]
+    best = torch.load(run / "best.pt", weights_only=True)["head"]
     for k, v in best.items():
         torch.testing.assert_close(model.head.state_dict()[k], v)
     save_model(tmp_path / "again.pt", model.head, backbone=model.backbone)
@@ -74,24 +79,29 @@ def test_head_is_the_best_checkpoint_and_round_trips(setup, tmp_path):
     assert again.weights_sha256 == sha
 
 
+@pytest.mark.slow  # the setup runs the backbone on audio
 def test_referenced_backbone_is_checked_by_sha(setup, tmp_path):
     root, cache_dir, run, waves, pooled, sha = setup
     ref = fit(cache_dir, DIMS, tmp_path / "ref", epochs=1, batch_size=4, val_speakers=0, progress=False,
               embed_backbone=False)
-    entry = torch.load(ref / "model.pt", weights_only=False)["backbone"]
+    entry = torch.load(ref / "model.pt", weights_only=True)["backbone"]
     assert "state_dict" not in entry and entry["sha256"] == sha
+    # The record of the backbone it refers to: the weights extract saved beside the cache.
+    assert entry == {"source": str((cache_dir / "backbone.pt").resolve()), "train_type": None, "dataset": None,
+                     "sha256": sha}
     model = load_model(ref / "model.pt")
     assert model.weights_sha256 == sha
     np.testing.assert_allclose(model.project(pooled), load_model(ref / "model.pt").project(pooled))
     # Other weights under the referenced path: refused.
     save_checkpoint(load_backbone("b0", random_init=True, seed=4), tmp_path / "other.pt")
-    obj = torch.load(ref / "model.pt", weights_only=False)
+    obj = torch.load(ref / "model.pt", weights_only=True)
     obj["backbone"]["source"] = str(tmp_path / "other.pt")
     torch.save(obj, tmp_path / "swapped.pt")
     with pytest.raises(ModelError, match="SHA-256"):
         load_model(tmp_path / "swapped.pt")
 
 
+@pytest.mark.slow  # the setup runs the backbone on audio
 def test_load_model_errors(setup, tmp_path):
     root, cache_dir, *_ = setup
     with pytest.raises(ModelError, match="not an mrlcache model file.*load_backbone"):
@@ -103,20 +113,22 @@ def test_load_model_errors(setup, tmp_path):
         load_model(tmp_path / "missing.pt")
 
 
+@pytest.mark.slow  # the setup runs the backbone on audio
 def test_fit_refuses_a_backbone_that_is_not_the_caches(setup, tmp_path):
     root, cache_dir, *_ = setup
     save_checkpoint(load_backbone("b0", random_init=True, seed=5), tmp_path / "other.pt")
-    with pytest.raises(ModelError, match="extracted with"):
+    with pytest.raises(CheckpointError, match="extracted with"):
         fit(cache_dir, DIMS, tmp_path / "x", epochs=1, batch_size=4, val_speakers=0, progress=False,
             weights=str(tmp_path / "other.pt"))
 
 
+@pytest.mark.slow  # runs the backbone on audio
 def test_numpy_waves_give_numpy_embeddings_equal_to_torch():
     import numpy as np
 
     from mrlcache.head import MatryoshkaHead
     from mrlcache.model import MRLModel
-    from mrlcache.models.loading import load_backbone
+    from mrlcache.backbone.loading import load_backbone
 
     backbone = load_backbone("b0", random_init=True, seed=1)
     torch.manual_seed(0)
@@ -130,3 +142,39 @@ def test_numpy_waves_give_numpy_embeddings_equal_to_torch():
     all_dims = model.embed_all(wave)
     assert sorted(all_dims) == [8, 16] and isinstance(all_dims[16], np.ndarray)
     np.testing.assert_allclose(all_dims[8], expected, rtol=1e-6, atol=1e-6)
+
+
+def _crafted_model(tmp_path):
+    """A model.pt whose unpickling would create ``tmp_path/ran`` (what a file carrying code does)."""
+    head = MatryoshkaHead(8, [4, 8])
+    obj = {"format": "mrlcache-model", "version": 1, "dims": [4, 8], "pooled_dim": 8,
+           "head_state": head.state_dict()}
+    marker, files = crafted_files(tmp_path, lambda payload: {**obj, "backbone": payload})
+    return marker, files[0]
+
+
+def test_a_model_file_carrying_code_is_refused_before_it_runs(tmp_path):
+    marker, evil = _crafted_model(tmp_path)
+    with pytest.raises(ModelError) as info:
+        load_model(evil)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{evil}: refused") and "names posix.system" in message
+    assert not marker.exists()
+
+
+@pytest.mark.slow  # a full command
+def test_eer_refuses_a_model_file_carrying_code(tmp_path):
+    from click.testing import CliRunner
+
+    from mrlcache.cli import main
+
+    marker, evil = _crafted_model(tmp_path)
+    (tmp_path / "trials.txt").write_text("1 a/x.wav b/y.wav\n")
+    (tmp_path / "cache").mkdir()
+    result = CliRunner().invoke(main, ["eer", "--model", str(evil), "--trials", str(tmp_path / "trials.txt"),
+                                       "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {evil}: refused") and "could run code" in lines[0]
+    assert "Traceback" not in result.output
+    assert not marker.exists()

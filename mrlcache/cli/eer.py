@@ -37,7 +37,8 @@ def _parse_dims(text, model_dims) -> list[int]:
 
 
 def _open_cache(path, model, what: str):
-    from mrlcache.evaluate import EvaluateError, open_cache
+    from mrlcache.evaluate import EvaluateError
+    from mrlcache.evaluate import open_cache_for as open_cache
 
     try:
         return open_cache(path, model, what, log=_warn)

@@ -30,7 +30,7 @@ def load_utterances(data, list_file, utt2spk):
 
 def load_weights(variant, weights, random_init, seed, train_type, dataset):
     """The backbone and a description of where its weights come from."""
-    from mrlcache.models.loading import load_backbone
+    from mrlcache.backbone.loading import load_backbone
 
     if random_init:
         if not variant or weights:
@@ -96,7 +96,7 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
     from mrlcache.corpus import CorpusError
     from mrlcache.extract import ExtractConfig, ExtractError
     from mrlcache.extract import extract as run_extract
-    from mrlcache.models.loading import CheckpointError
+    from mrlcache.backbone.loading import CheckpointError
 
     env_rank, env_world, torchrun = dist_env()
     rank = env_rank if rank is None else rank

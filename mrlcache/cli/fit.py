@@ -93,7 +93,7 @@ def fit(ctx, cache, dims, out, dim_weights, loss, margin, margin_warmup_epochs, 
     from mrlcache.fit import FitError, fit_end_to_end
     from mrlcache.fit import fit as run_fit
     from mrlcache.model import ModelError
-    from mrlcache.models.loading import CheckpointError
+    from mrlcache.backbone.loading import CheckpointError
     from mrlcache.trials import TrialsError
 
     if threads:

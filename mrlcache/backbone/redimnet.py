@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrlcache.models.features import FEATURE_PARAMS, TRAINING_ONLY_PARAMS, MelBanks
+from mrlcache.backbone.features import FEATURE_PARAMS, TRAINING_ONLY_PARAMS, MelBanks
 
 
 class ConfigError(ValueError):

@@ -12,23 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 
-from mrlcache.models.loading import build_from_checkpoint
-from mrlcache.models.redimnet import CONFIGS, DEFAULT_CONFIG, ConfigError, ReDimNet, resolve_config
+from mrlcache.backbone.loading import build_from_checkpoint
+from mrlcache.backbone.redimnet import CONFIGS, DEFAULT_CONFIG, ConfigError, ReDimNet, resolve_config
 
 FIXTURES = Path(os.environ.get("MRLCACHE_REDIMNET_FIXTURES",
-                               Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "redimnet"))
+                               Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "redimnet"))
 SKIP_MISSING = os.environ.get("MRLCACHE_SKIP_MISSING_FIXTURES") == "1"
 needs_fixtures = pytest.mark.skipif(SKIP_MISSING and not (FIXTURES / "b2.pt").is_file(),
                                     reason=f"ReDimNet reference fixtures not found in {FIXTURES}")
 
-# A tiny configuration (fast) with strides 2 and 3, a conv_exp squeeze, fwSE blocks and a
-# stage without time-context block; the published sizes are covered by the fixtures.
-TINY = {
-    "F": 12, "C": 4, "block_1d_type": "conv+att", "block_2d_type": "basic_resnet_fwse",
-    "group_divisor": 2, "global_context_att": True,
-    "stages_setup": [(1, 1, 1, [(3, 3)], None), (2, 1, 2, [(3, 3)], 4), (3, 1, 1, [(3, 3)], 4)],
-}
 
 
 def rel_err(a, b):
@@ -53,6 +47,7 @@ def b2():
     return build_from_checkpoint(ckpt, "b2.pt").eval()
 
 
+@pytest.mark.slow  # runs the backbone on audio
 @needs_fixtures
 @pytest.mark.parametrize("inp", ["batch2", "single"])
 def test_float32_outputs_match_reference(b2, inp):
@@ -120,6 +115,7 @@ def test_unsupported_configs_fail_clearly(change, message):
         ReDimNet(dict(TINY, **change))
 
 
+@pytest.mark.slow  # runs the backbone on audio
 def test_accepts_b_t_and_b_1_t_and_rejects_other_shapes():
     model = tiny_model()
     wave = torch.randn(2, 8000)
@@ -131,6 +127,7 @@ def test_accepts_b_t_and_b_1_t_and_rejects_other_shapes():
         model.features(torch.randn(2, 2, 8000))
 
 
+@pytest.mark.slow  # runs the backbone on audio
 def test_batch_items_are_independent():
     # Eval mode: a clip's vector must not depend on what else is in the batch.
     model = tiny_model()
@@ -142,6 +139,7 @@ def test_batch_items_are_independent():
     assert torch.allclose(together, alone, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # runs the backbone on audio
 @needs_fixtures
 def test_features_stay_float32_under_autocast(b2):
     wave = torch.load(FIXTURES / "b2.ref.pt", weights_only=True)["batch2"]["input"]
@@ -205,7 +203,7 @@ def _bn(x, bn):  # eval-mode BatchNorm written out, channels on dim 1
 
 @pytest.mark.parametrize("fwse", [False, True])
 def test_resnet_block_is_relu_then_bn_then_fwse_gate_then_residual_relu(fwse):
-    from mrlcache.models.redimnet import ResBlock
+    from mrlcache.backbone.redimnet import ResBlock
 
     block = ResBlock(2, num_freq=3, group_divisor=1, fwse=fwse).eval()
     for conv in (block.conv1, block.conv1pw, block.conv2, block.conv2pw):
@@ -232,7 +230,7 @@ def test_resnet_block_is_relu_then_bn_then_fwse_gate_then_residual_relu(fwse):
 
 
 def test_fwse_gate_depends_on_the_mean_over_channels_and_time():
-    from mrlcache.models.redimnet import FwSE
+    from mrlcache.backbone.redimnet import FwSE
 
     se = FwSE(num_freq=2, hidden=1)
     with torch.no_grad():  # hidden = relu(mean of row 0); gate_f = sigmoid(hidden)
@@ -247,7 +245,7 @@ def test_fwse_gate_depends_on_the_mean_over_channels_and_time():
 
 
 def test_att_positional_conv_adds_the_layer_normed_conv_output():
-    from mrlcache.models.redimnet import PosEncConv
+    from mrlcache.backbone.redimnet import PosEncConv
 
     pos = PosEncConv(3, kernel=5)
     with torch.no_grad():  # zero kernel: the conv outputs its bias at every frame
@@ -264,7 +262,7 @@ def test_att_positional_conv_adds_the_layer_normed_conv_output():
 
 @pytest.mark.parametrize("global_context_att", [False, True])
 def test_astp_with_flat_attention_gives_time_mean_and_std(global_context_att):
-    from mrlcache.models.redimnet import ASTP
+    from mrlcache.backbone.redimnet import ASTP
 
     pool = ASTP(4, global_context_att)
     assert pool.linear1.in_channels == (12 if global_context_att else 4)
@@ -289,7 +287,7 @@ def test_emb_bn_normalises_the_embedding_after_the_linear_layer():
 
 
 def test_weighted_sum_is_a_per_channel_softmax_over_inputs():
-    from mrlcache.models.redimnet import WeightedSum
+    from mrlcache.backbone.redimnet import WeightedSum
 
     ws = WeightedSum(3, 2)
     with torch.no_grad():
@@ -304,7 +302,7 @@ def test_weighted_sum_is_a_per_channel_softmax_over_inputs():
 
 
 def test_stride_three_stage_reshapes_frequency_major():
-    from mrlcache.models.redimnet import To1d, To2d
+    from mrlcache.backbone.redimnet import To1d, To2d
 
     x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)  # (B, c, f, t)
     flat = To1d()(x)

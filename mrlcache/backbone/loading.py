@@ -8,11 +8,18 @@ mis-shaped entry is an error listing them. float16/bfloat16 weights are cast to 
 Variant names ("b0".."b6", "S", "M") resolve to the files published by the ReDimNet
 authors, downloaded once into the torch hub checkpoint cache
 (``torch.hub.get_dir()/checkpoints``, which honours ``TORCH_HOME``).
+
+This module is the one source of a backbone's bytes and SHA-256 (:func:`backbone_bytes`,
+:func:`state_sha256`, :func:`save_checkpoint`), and every file is read with
+``torch.load(weights_only=True)`` (:func:`load_plain`): a pickle that carries code is
+refused before anything in it runs.
 """
 
 import hashlib
 import io
 import os
+import pickle
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -20,14 +27,44 @@ from pathlib import Path
 
 import torch
 
-from mrlcache.models.redimnet import CONFIGS, ConfigError, ReDimNet
+from mrlcache.backbone.record import BackboneRecord, RecordError
+from mrlcache.backbone.redimnet import CONFIGS, ConfigError, ReDimNet
+from mrlcache.runtime import atomic_torch_save, torch_bytes
 
 URL_TEMPLATE = "https://github.com/IDRnD/ReDimNet/releases/download/latest/{name}-{dataset}-{train_type}.pt"
 VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "S", "M")
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be found, downloaded, read or loaded exactly."""
+    """A checkpoint that cannot be found, downloaded, read or loaded exactly, or is not the
+    one a cache was made with."""
+
+
+class UnsafeFileError(CheckpointError):
+    """A file holding Python objects other than tensors and plain containers (possibly code)."""
+
+
+def load_plain(file, origin):
+    """``torch.load(file, weights_only=True)`` on the CPU: tensors and plain containers only.
+
+    Nothing in the file runs: the unpickler refuses any other global before building it.
+
+    Args:
+        file: a path or a binary file object; origin: the file's name in messages.
+    Raises:
+        UnsafeFileError: the file names a class or function (what code-carrying pickles do).
+        Anything else torch raises for a truncated, corrupt or foreign file.
+    """
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:
+            raise
+        raise UnsafeFileError(
+            f"{origin}: refused: the file holds Python objects other than tensors and plain containers "
+            f"(it names {found.group(1)}), which could run code when loaded; mrlcache never loads such files: "
+            "use a file written by mrlcache or a published checkpoint, from a source you trust") from None
 
 
 def checkpoint_url(name, train_type="ptn", dataset="vox2"):
@@ -88,7 +125,9 @@ def read_checkpoint(path):
         raise CheckpointError(f"{path}: cannot read the checkpoint ({e})") from e
     sha = hashlib.sha256(data).hexdigest()
     try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        ckpt = load_plain(io.BytesIO(data), path)
+    except UnsafeFileError:
+        raise
     except Exception as e:  # torch raises many types for truncated/corrupt/foreign files
         raise CheckpointError(f"{path}: not a readable torch checkpoint, the file may be corrupt or "
                               f"truncated ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
@@ -182,26 +221,88 @@ def load_backbone(source, *, train_type="ptn", dataset="vox2", device="cpu", ran
     return model.eval().to(device)
 
 
-def save_checkpoint(model, path):
-    """Write `model` in the published format; returns (and sets on the model) the file's SHA-256.
+def checkpoint_dict(model) -> dict:
+    """``{"model_config", "state_dict"}`` of a ReDimNet, on the CPU: what a published file holds."""
+    return {"model_config": model.model_config,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
-    The bytes depend only on the config and weights (serialised in memory, so the file
-    name does not leak into the archive), and the write is atomic.
+
+def backbone_bytes(model) -> bytes:
+    """The published-format file bytes of ``model``: they depend on its config and weights only."""
+    return torch_bytes(checkpoint_dict(model))
+
+
+def state_sha256(model) -> str:
+    """SHA-256 of :func:`backbone_bytes`: what :func:`save_checkpoint` returns, without a file."""
+    return hashlib.sha256(backbone_bytes(model)).hexdigest()
+
+
+def save_checkpoint(model, path) -> str:
+    """Write ``model`` in the published format; returns (and sets on the model) the file's SHA-256.
+
+    The bytes are :func:`backbone_bytes` (serialised in memory, so the file name does not
+    leak into the archive), and the write is atomic.
     """
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    buffer = io.BytesIO()
-    torch.save({"model_config": model.model_config, "state_dict": state}, buffer)
-    data = buffer.getvalue()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are ordinary files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    model.weights_sha256 = hashlib.sha256(data).hexdigest()
+    model.weights_sha256 = atomic_torch_save(checkpoint_dict(model), path)
     return model.weights_sha256
+
+
+def load_recorded(record: BackboneRecord, device="cpu"):
+    """The backbone a record names (a variant name or a file), checked by nothing yet."""
+    return load_backbone(record.source, train_type=record.train_type or "ptn", dataset=record.dataset or "vox2",
+                         device=device)
+
+
+def _loadable(source: str | None) -> bool:
+    return bool(source) and (source in VARIANTS or "/" in source or source.endswith(".pt"))
+
+
+def backbone_for_cache(cache_dir, meta: dict, weights=None):
+    """The backbone a cache was extracted with, checked against the SHA-256 it records.
+
+    Looks at ``weights`` (explicit file), then ``CACHE/backbone.pt`` (random-init weights
+    saved by extract), then the cache's backbone record (a file path or a published
+    variant). Caches of format 1 are read through :func:`~mrlcache.backbone.record.convert_v1_meta`.
+
+    Returns:
+        (backbone, :class:`BackboneRecord` of what was loaded, with its SHA-256).
+    Raises:
+        CheckpointError: nothing to load, or the weights are not the ones the cache was made with.
+    """
+    try:
+        recorded = BackboneRecord.from_meta(meta)
+    except RecordError as err:
+        raise CheckpointError(f"{cache_dir}/cache.json: {err}; pass --weights PATH") from None
+    local = Path(cache_dir) / "backbone.pt" if cache_dir is not None else None
+    named = recorded.source if recorded is not None else None
+    if weights is not None:
+        record = BackboneRecord.file(weights)
+    elif local is not None and local.is_file():
+        record = BackboneRecord.file(local)
+    elif named and not recorded.is_random:
+        if not _loadable(named):
+            raise CheckpointError(f"{cache_dir}: cannot read the backbone source {named!r}; pass --weights PATH")
+        record = recorded
+    else:
+        raise CheckpointError(
+            f"{cache_dir}: the cache names no backbone weights it can be loaded from "
+            f"(backbone source {named or 'missing'}, no backbone.pt); pass --weights PATH to the "
+            f"backbone it was extracted with, or --head-only"
+        )
+    try:
+        backbone = load_recorded(record)
+    except CheckpointError as err:
+        raise CheckpointError(f"backbone for {cache_dir}: {err}") from None
+    want = recorded.sha256 if recorded is not None else None
+    if want is None:
+        raise CheckpointError(f"{cache_dir}/cache.json records no backbone SHA-256: cannot check the backbone "
+                              f"{record.source}")
+    if backbone.weights_sha256 != want:
+        raise CheckpointError(
+            f"backbone {record.source} has SHA-256 {backbone.weights_sha256} but the cache {cache_dir} was "
+            f"extracted with {want}; pass --weights with the original file"
+        )
+    if int(meta.get("pooled_dim", backbone.pooled_dim)) != backbone.pooled_dim:
+        raise CheckpointError(f"backbone {record.source} pools {backbone.pooled_dim} dims, the cache holds "
+                              f"{meta['pooled_dim']}")
+    return backbone, record.with_sha256(backbone.weights_sha256)

@@ -7,10 +7,12 @@ import urllib.error
 import pytest
 import torch
 
-from mrlcache.models import loading
-from mrlcache.models.loading import CheckpointError, load_backbone, save_checkpoint
-from mrlcache.models.redimnet import ReDimNet
-from test_model import FIXTURES, TINY, needs_fixtures, rel_err
+from conftest import TINY, crafted_files
+from test_redimnet import FIXTURES, needs_fixtures, rel_err
+
+from mrlcache.backbone import loading
+from mrlcache.backbone.loading import CheckpointError, load_backbone, save_checkpoint
+from mrlcache.backbone.redimnet import ReDimNet
 
 
 def write_checkpoint(path, config=TINY, state=None, seed=0):
@@ -164,6 +166,7 @@ def test_download_is_atomic_and_loaded_from_the_cache(torch_home, tiny_ckpt, mon
     assert len(seen) == 1
 
 
+@pytest.mark.slow  # runs the backbone on audio
 @needs_fixtures
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
 def test_half_precision_state_dicts_load_as_float32(tmp_path, dtype, tolerance):
@@ -178,6 +181,7 @@ def test_half_precision_state_dicts_load_as_float32(tmp_path, dtype, tolerance):
         assert rel_err(model(ref["input"]), ref["embedding"]) < tolerance
 
 
+@pytest.mark.slow  # runs the backbone on audio
 def test_save_checkpoint_is_byte_deterministic_and_round_trips(tmp_path):
     model = load_backbone("b0", random_init=True, seed=3)
     assert model.weights_sha256 is None
@@ -185,7 +189,7 @@ def test_save_checkpoint_is_byte_deterministic_and_round_trips(tmp_path):
     sha_b = save_checkpoint(load_backbone("b0", random_init=True, seed=3), tmp_path / "sub" / "b.pt")
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "sub" / "b.pt").read_bytes()
     assert sha_a == sha_b == model.weights_sha256 == hashlib.sha256((tmp_path / "a.pt").read_bytes()).hexdigest()
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "sub"]  # no temporary file left
     loaded = load_backbone(tmp_path / "a.pt")
     assert loaded.weights_sha256 == sha_a
     wave = torch.randn(1, 4800)
@@ -214,3 +218,32 @@ def test_package_level_entry_point(tiny_ckpt):
     import mrlcache
 
     assert mrlcache.load_backbone(tiny_ckpt).model_config["C"] == TINY["C"]
+
+
+def test_a_checkpoint_carrying_code_is_refused_before_it_runs(tmp_path):
+    torch.manual_seed(0)
+    state = ReDimNet(TINY).state_dict()
+    marker, files = crafted_files(tmp_path, lambda p: {"model_config": TINY, "state_dict": state, "x": p})
+    for path in files:
+        with pytest.raises(CheckpointError) as info:
+            load_backbone(path)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"{path}: refused")
+        assert "names posix.system" in message and "could run code" in message
+        assert isinstance(info.value, loading.UnsafeFileError)
+    assert not marker.exists()
+
+
+def test_backbone_bytes_are_the_saved_file_and_its_sha(tmp_path):
+    torch.manual_seed(1)
+    model = ReDimNet(TINY)
+    data = loading.backbone_bytes(model)
+    sha = save_checkpoint(model, tmp_path / "m.pt")
+    assert (tmp_path / "m.pt").read_bytes() == data
+    assert loading.state_sha256(model) == sha == hashlib.sha256(data).hexdigest()
+    # The shared published fixture: saving it again reproduces its bytes' SHA-256 every time.
+    if (FIXTURES / "b2.pt").is_file():
+        b2 = load_backbone(FIXTURES / "b2.pt")
+        again = save_checkpoint(b2, tmp_path / "b2.pt")
+        assert loading.state_sha256(load_backbone(tmp_path / "b2.pt")) == again
+        assert load_backbone(tmp_path / "b2.pt").weights_sha256 == again
