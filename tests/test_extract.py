@@ -63,7 +63,8 @@ def test_cached_vectors_equal_the_model_on_the_same_crops(corpus, tmp_path):
     model = load_backbone("b0", random_init=True, seed=3)
     assert model.weights_sha256 is None
     saved = load_backbone(str(out / "backbone.pt"))
-    assert cache.meta["weights_sha256"] == saved.weights_sha256
+    assert cache.meta["backbone"] == {"source": "random-init:b0", "train_type": None, "dataset": None,
+                                      "sha256": saved.weights_sha256}
     augmenter = Augmenter(AugmentConfig())
     pooled = cache.read("pooled")  # (N, V, D)
     assert pooled.shape == (len(cache.utterances), 2, model.pooled_dim)
@@ -133,6 +134,11 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert not (tmp_path / "c" / "cache.json").exists()
     result = run(["--data", str(tmp_path), "--out", str(tmp_path / "c"), "--weights", str(tmp_path / "empty")], ok=False)
     assert result.exit_code != 0
+    make_tree(tmp_path / "one", speakers=1, videos=1, utts=1, seconds=1.0)
+    result = run(["--data", str(tmp_path / "one"), "--out", str(tmp_path / "c"), *COMMON, "--device", "gpu7"], ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == "Error: --device gpu7: not a device; use auto, cpu, cuda or cuda:N"
+    assert not (tmp_path / "c" / "cache.json").exists()
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
