@@ -178,7 +178,7 @@ def test_library_scores_trials_without_the_cli(setup, tmp_path):
     assert cli_eer.SYSTEMS == ev.SYSTEMS
     model = load_model(root / "model.pt")
     trials = read_trials(root / "trials.txt")
-    v = ev.pooled_from_cache(ev.open_cache(root / "cache", model), trials)
+    v = ev.pooled_from_cache(ev.open_cache_for(root / "cache", model), trials)
     assert (v.skipped_trials, v.missing, len(v.utterances)) == (0, [], 12)
     results = ev.evaluate(v.trials, v.utterances, v.pooled, ev.transforms(model, ["mrl", "raw"]), [8])
     assert [(r["system"], r["dim"]) for r in results] == [("mrl", 8), ("raw", model.head.pooled_dim)]
@@ -192,14 +192,14 @@ def test_library_scores_trials_without_the_cli(setup, tmp_path):
     ghost = "id10001/v09/00001.wav"
     more = tmp_path / "t.txt"
     more.write_text((root / "trials.txt").read_text() + f"0 {utts[0].utt_id} {ghost}\n")
-    cache = ev.open_cache(root / "cache", model)
+    cache = ev.open_cache_for(root / "cache", model)
     with pytest.raises(ev.MissingUtterancesError, match="1 of 13 trial utterances.*skip_missing=True") as err:
         ev.pooled_from_cache(cache, read_trials(more))
     assert err.value.missing == [ghost]
     v = ev.pooled_from_cache(cache, read_trials(more), skip_missing=True)
     assert (v.skipped_trials, v.missing, len(v.trials)) == (1, [ghost], 66)
     with pytest.raises(ev.EvaluateError, match="was extracted with backbone weights"):
-        ev.open_cache(root / "cache", load_model(root / "other.pt"))
+        ev.open_cache_for(root / "cache", load_model(root / "other.pt"))
 
 
 def test_missing_utterances(setup, tmp_path):

@@ -38,10 +38,10 @@ def _parse_dims(text, model_dims) -> list[int]:
 
 def _open_cache(path, model, what: str):
     from mrlcache.evaluate import EvaluateError
-    from mrlcache.evaluate import open_cache_for as open_cache
+    from mrlcache.evaluate import open_cache_for
 
     try:
-        return open_cache(path, model, what, log=_warn)
+        return open_cache_for(path, model, what, log=_warn)
     except EvaluateError as err:
         _fail(str(err))
 
