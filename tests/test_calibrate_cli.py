@@ -1,6 +1,5 @@
 """``mrlcache calibrate`` end to end on a tiny synthetic cache (a random head, made trials)."""
 
-import json
 
 import numpy as np
 import pytest
