@@ -40,6 +40,9 @@ def main():
     print(f"eer                 {best_of(lambda: metrics.eer(scores, labels), args.repeat):.3f} s")
     print(f"min_dcf             {best_of(lambda: metrics.min_dcf(scores, labels), args.repeat):.3f} s")
     print(f"detection_curve     {best_of(lambda: metrics.detection_curve(scores, labels), args.repeat):.3f} s")
+    print(f"min_cllr (PAV)      {best_of(lambda: metrics.min_cllr(scores, labels), args.repeat):.3f} s")
+    print(f"cllr                {best_of(lambda: metrics.cllr(scores, labels), args.repeat):.3f} s")
+    print(f"act_dcf             {best_of(lambda: metrics.act_dcf(scores, labels), args.repeat):.3f} s")
 
     emb = rng.normal(size=(args.utterances, args.dim)).astype(np.float32)
     enroll = rng.integers(0, args.utterances, args.trials)

@@ -19,6 +19,10 @@ mean mu and standard deviation sd of its top-k cohort scores normalise the trial
     s' = ((s - mu_enroll) / sd_enroll + (s - mu_test) / sd_test) / 2,
 
 with the cohort and the trial embeddings centred by the same mean vector if one is used.
+
+S-Norm (symmetric normalisation; Kenny, Odyssey 2010, "Bayesian speaker verification with
+heavy-tailed priors") is the same formula with mu and sd taken over the *whole* cohort
+instead of its top k: :func:`snorm`.
 """
 
 from __future__ import annotations
@@ -227,6 +231,23 @@ def asnorm(scores, emb, index_enroll, index_test, cohort, topk, dims, mean=None)
     Returns:
         (len(dims), T) normalised scores.
     """
+    return _symmetric_norm(scores, emb, index_enroll, index_test, cohort, topk, dims, mean)
+
+
+def snorm(scores, emb, index_enroll, index_test, cohort, dims, mean=None) -> np.ndarray:
+    """Symmetric normalisation (S-Norm) with the full cohort, at every prefix width.
+
+    Args: as :func:`asnorm`, without ``topk`` (every cohort score is used; K >= 2).
+    Returns:
+        (len(dims), T) normalised scores.
+    """
+    cohort = np.asarray(cohort)
+    if cohort.ndim != 2 or cohort.shape[0] < 2:
+        raise ScoringError(f"S-Norm needs a (K, D) cohort with K >= 2, got shape {cohort.shape}")
+    return _symmetric_norm(scores, emb, index_enroll, index_test, cohort, cohort.shape[0], dims, mean)
+
+
+def _symmetric_norm(scores, emb, index_enroll, index_test, cohort, topk, dims, mean) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     ie = _check_indices(index_enroll, np.shape(emb)[0], "index_enroll")
     it = _check_indices(index_test, np.shape(emb)[0], "index_test")

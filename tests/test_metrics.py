@@ -1,5 +1,6 @@
 """EER, minDCF and the detection curve against a brute-force reference and hand cases."""
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -155,3 +156,156 @@ def test_bad_costs():
         metrics.min_dcf([0.1, 0.2], [1, 0], p_target=1.0)
     with pytest.raises(MetricsError, match="positive"):
         metrics.min_dcf([0.1, 0.2], [1, 0], c_fa=0)
+
+
+# ---------------------------------------------------------------- Cllr, minCllr, actDCF
+
+
+def ref_cllr(llr, labels):
+    """Cllr by its formula, one trial at a time."""
+    tar = [math.log2(1 + math.exp(-v)) for v, y in zip(llr, labels) if y == 1]
+    non = [math.log2(1 + math.exp(v)) for v, y in zip(llr, labels) if y == 0]
+    return 0.5 * (sum(tar) / len(tar) + sum(non) / len(non))
+
+
+def ref_pav_posteriors(scores, labels):
+    """Brute-force PAV: one block per distinct score, then merge any adjacent violating
+    pair (left mean >= right mean) until there is none. Returns {score: posterior}."""
+    blocks = []  # [scores in block, targets, trials], ascending
+    for s in sorted(set(float(v) for v in scores)):
+        ys = [int(y) for v, y in zip(scores, labels) if float(v) == s]
+        blocks.append([[s], sum(ys), len(ys)])
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(blocks) - 1):
+            a, b = blocks[i], blocks[i + 1]
+            if Fraction(a[1], a[2]) >= Fraction(b[1], b[2]):
+                blocks[i : i + 2] = [[a[0] + b[0], a[1] + b[1], a[2] + b[2]]]
+                merged = True
+                break
+    return {s: Fraction(b[1], b[2]) for b in blocks for s in b[0]}
+
+
+def ref_min_cllr(scores, labels):
+    """Cllr of the brute-force PAV posteriors turned into LLRs, with the empirical prior."""
+    post = ref_pav_posteriors(scores, labels)
+    n_tar = sum(int(y) for y in labels)
+    n_non = len(labels) - n_tar
+    total_tar = total_non = 0.0
+    for s, y in zip(scores, labels):
+        p = post[float(s)]
+        if y == 1:  # cost log2(1 + (1 - p) / p * n_tar / n_non); p > 0 in a block with a target
+            total_tar += math.log2(1 + float((1 - p) / p * Fraction(n_tar, n_non)))
+        elif p < 1:  # a block of targets only costs its (no) non-targets nothing
+            total_non += math.log2(1 + float(p / (1 - p) / Fraction(n_tar, n_non)))
+    return 0.5 * (total_tar / n_tar + total_non / n_non)
+
+
+def ref_act_dcf(llr, labels, p_target, c_miss=1.0, c_fa=1.0):
+    threshold = math.log(c_fa * (1 - p_target) / (c_miss * p_target))
+    n_tar = sum(int(y) for y in labels)
+    n_non = len(labels) - n_tar
+    miss = sum(1 for v, y in zip(llr, labels) if y == 1 and v < threshold)
+    fa = sum(1 for v, y in zip(llr, labels) if y == 0 and v >= threshold)
+    cost = c_miss * p_target * miss / n_tar + c_fa * (1 - p_target) * fa / n_non
+    return cost / min(c_miss * p_target, c_fa * (1 - p_target))
+
+
+def calibrated_trials(n, mu=3.0, seed=0):
+    """LLRs that are the true log-likelihood ratios of their own model.
+
+    Target scores ~ N(mu, 2 mu), non-targets ~ N(-mu, 2 mu): then
+    log N(s; mu, 2mu) - log N(s; -mu, 2mu) = s exactly, so the scores are perfectly calibrated.
+    """
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.5).astype(int)
+    llr = rng.normal(size=n) * math.sqrt(2 * mu) + mu * (2 * labels - 1)
+    return llr, labels
+
+
+@pytest.mark.parametrize("name,scores,labels", score_sets(), ids=[s[0] for s in score_sets()])
+def test_cllr_and_min_cllr_match_reference(name, scores, labels):
+    llr = np.asarray(scores) - np.mean(scores)  # treat any score set as LLRs too
+    assert metrics.cllr(llr, labels) == pytest.approx(ref_cllr(llr, labels), rel=1e-12)
+    assert metrics.min_cllr(scores, labels) == pytest.approx(ref_min_cllr(scores, labels), rel=1e-10, abs=1e-12)
+    # PAV LLRs: their Cllr is minCllr, and they never decrease with the score.
+    pav = metrics.pav_llr(scores, labels)
+    order = np.argsort(scores, kind="stable")
+    assert np.all(pav[order][1:] >= pav[order][:-1])
+    assert metrics.cllr(pav, labels) == pytest.approx(metrics.min_cllr(scores, labels), rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("p_target", [0.01, 0.05, 0.5])
+@pytest.mark.parametrize("name,scores,labels", score_sets(), ids=[s[0] for s in score_sets()])
+def test_act_dcf_matches_reference(name, scores, labels, p_target):
+    llr = 3.0 * (np.asarray(scores) - np.median(scores))
+    assert metrics.act_dcf(llr, labels, p_target) == pytest.approx(ref_act_dcf(llr, labels, p_target), abs=1e-12)
+    # The actual cost is never below the minimum over all thresholds.
+    assert metrics.act_dcf(llr, labels, p_target) >= metrics.min_dcf(llr, labels, p_target) - 1e-12
+    got = metrics.act_dcf(llr, labels, p_target, c_miss=10.0, c_fa=1.0)
+    assert got == pytest.approx(ref_act_dcf(llr, labels, p_target, 10.0, 1.0), abs=1e-12)
+
+
+def test_cllr_hand_cases():
+    # llr = 0 everywhere: log2(2) = 1 bit on each side.
+    assert metrics.cllr([0.0, 0.0, 0.0], [1, 0, 0]) == pytest.approx(1.0)
+    # llr = +-log(3) on the right sides: log2(1 + 1/3) = log2(4/3) for each trial.
+    assert metrics.cllr([math.log(3), -math.log(3)], [1, 0]) == pytest.approx(math.log2(4 / 3))
+    # Confidently wrong: infinite cost; confidently right: zero.
+    assert metrics.cllr([-np.inf, -1.0], [1, 0]) == np.inf
+    assert metrics.cllr([np.inf, -np.inf], [1, 0]) == 0.0
+    # Separable scores: the PAV posteriors are 0 and 1, minCllr 0.
+    assert metrics.min_cllr([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 0.0
+    # One score for all: a single block at the prior; no information, minCllr 1.
+    assert metrics.min_cllr([0.5] * 6, [1, 0, 1, 0, 0, 0]) == pytest.approx(1.0)
+    # Inverted scores: the best monotone map is a constant, minCllr 1.
+    assert metrics.min_cllr([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == pytest.approx(1.0)
+    # Bayes threshold at p_target 0.01: log(99); an LLR just above accepts.
+    assert metrics.bayes_threshold(0.01) == pytest.approx(math.log(99))
+    assert metrics.act_dcf([math.log(99), -5.0], [1, 0], p_target=0.01) == 0.0
+
+
+def test_perfectly_calibrated_scores():
+    llr, labels = calibrated_trials(40_000)
+    c, m = metrics.cllr(llr, labels), metrics.min_cllr(llr, labels)
+    assert m <= c
+    assert c - m < 0.01  # calibration loss only from the finite sample
+    # The Cllr expected from the model: E_tar log2(1 + exp(-s)) over s ~ N(3, 6), by quadrature.
+    grid = np.linspace(3 - 40, 3 + 40, 200_001)
+    density = np.exp(-((grid - 3) ** 2) / 12) / math.sqrt(12 * math.pi)
+    expected = np.trapezoid(density * np.logaddexp(0, -grid), grid) / math.log(2)
+    assert c == pytest.approx(expected, abs=0.01)
+    for p in (0.5, 0.05, 0.01):
+        assert metrics.act_dcf(llr, labels, p) == pytest.approx(metrics.min_dcf(llr, labels, p), abs=0.03)
+
+
+def test_badly_calibrated_scores():
+    llr, labels = calibrated_trials(20_000, seed=1)
+    m = metrics.min_cllr(llr, labels)
+    # Monotone maps leave minCllr unchanged (it only sees the order) ...
+    for f in (lambda x: 5 * x + 20, lambda x: 0.1 * x - 3, np.tanh, lambda x: x**3):
+        assert metrics.min_cllr(f(llr), labels) == pytest.approx(m, abs=1e-12)
+    # ... while Cllr and actDCF of shifted or over-confident LLRs are far worse.
+    assert metrics.cllr(llr + 5, labels) > 2 * m
+    assert metrics.cllr(4 * llr, labels) > 2 * m
+    assert metrics.cllr(0.05 * llr, labels) > 2 * m
+    assert metrics.act_dcf(llr - 6, labels, 0.05) > metrics.min_dcf(llr, labels, 0.05) + 0.3
+
+
+def test_min_cllr_is_at_most_any_affine_calibration():
+    name, scores, labels = score_sets()[0]
+    m = metrics.min_cllr(scores, labels)
+    for a in (0.5, 1.0, 2.0, 4.0):
+        for b in (-2.0, 0.0, 1.0):
+            assert m <= metrics.cllr(a * np.asarray(scores) + b, labels) + 1e-12
+
+
+def test_new_metrics_refuse_bad_inputs():
+    for fn in (metrics.cllr, metrics.min_cllr, metrics.act_dcf, metrics.pav_llr):
+        with pytest.raises(MetricsError, match="no target"):
+            fn([0.1, 0.2], [0, 0])
+        with pytest.raises(MetricsError, match="NaN"):
+            fn([0.1, np.nan], [1, 0])
+    with pytest.raises(MetricsError, match="p_target"):
+        metrics.act_dcf([0.1, 0.2], [1, 0], p_target=0.0)

@@ -141,3 +141,29 @@ def test_asnorm_bad_topk():
     emb = np.eye(3)
     with pytest.raises(ScoringError, match=r"top-k must be in \[2, 3\]"):
         scoring.cohort_stats(emb, np.eye(3), [3], topk=300)
+
+
+def test_snorm_hand_case():
+    # d = 2 (the third coordinate must not matter): e = (1, 0), t = (0, 1);
+    # cohort c1 = (1, 0), c2 = (0, 1), c3 = (-1, 0), all three used.
+    emb = np.array([[1.0, 0.0, 5.0], [0.0, 1.0, -3.0]])
+    cohort = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 0.5], [-1.0, 0.0, 9.0]])
+    # e vs cohort: (1, 0, -1) -> mu 0, sd sqrt(2/3).
+    # t vs cohort: (0, 1, 0)  -> mu 1/3, sd sqrt(((1/3)^2 + (2/3)^2 + (1/3)^2) / 3) = sqrt(2)/3.
+    # Trial (e, t), raw 0: ((0 - 0)/sqrt(2/3) + (0 - 1/3)/(sqrt(2)/3)) / 2 = -1/(2 sqrt(2)).
+    # Trial (e, e), raw 1: both sides (1 - 0)/sqrt(2/3) = sqrt(3/2).
+    # Trial (t, t), raw 1: both sides (1 - 1/3)/(sqrt(2)/3) = sqrt(2).
+    enroll, test = np.array([0, 0, 1]), np.array([1, 0, 1])
+    raw = scoring.score_trials(emb, enroll, test, [2])
+    np.testing.assert_allclose(raw[0], [0.0, 1.0, 1.0], atol=1e-7)
+    got = scoring.snorm(raw, emb, enroll, test, cohort, [2])
+    np.testing.assert_allclose(got[0], [-1 / (2 * math.sqrt(2)), math.sqrt(1.5), math.sqrt(2)], rtol=1e-6)
+    # S-Norm is AS-Norm with top-k = the cohort size.
+    np.testing.assert_allclose(got, scoring.asnorm(raw, emb, enroll, test, cohort, 3, [2]), rtol=1e-12)
+
+
+def test_snorm_refuses_a_one_row_cohort():
+    emb = np.eye(2)
+    raw = scoring.score_trials(emb, [0], [1], [2])
+    with pytest.raises(ScoringError, match="K >= 2"):
+        scoring.snorm(raw, emb, np.array([0]), np.array([1]), np.ones((1, 2)), [2])
