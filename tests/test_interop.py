@@ -317,3 +317,10 @@ def test_export_projects_through_the_head_for_one_view(tmp_path):
         export_vectors(c, view=2)
     with pytest.raises(InteropError, match="give --model"):
         export_vectors(c, dim=4)
+
+
+def test_hdf5_backend_holds_the_same_vectors(tmp_path):
+    x = vectors(views=2)
+    src, ids = npy_input(tmp_path, x)
+    c = imported(tmp_path, src, ids_file=ids, layout="views", backend="hdf5", shard_size=5)
+    assert c.meta["format"] == "hdf5" and np.array_equal(c.read("pooled"), x)
