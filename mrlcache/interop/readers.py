@@ -1,0 +1,360 @@
+"""Vectors made by other toolkits, read into (ids, array, speakers).
+
+Every reader returns ``(ids, array, labels)``: ``ids`` a list of N utterance ids,
+``array`` (N, D) or (N, K, D) float (K views or layers, see ``layout`` in
+:func:`read_vectors`), ``labels`` a list of N speaker names stored in the file, or None.
+
+Inputs (by path): ``.npy`` + ids file, ``.npz``, ``.pt``/``.pth`` (loaded with
+``torch.load(weights_only=True)`` only: a pickle that carries code is refused before
+anything in it runs), Kaldi ``.ark``/``.scp`` (kaldiio), and a folder of one ``.npy`` per
+utterance (SpeechBrain style; the id is the path relative to the folder without
+``.npy``). Bad input is refused, naming the offending ids, never dropped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+# Keys looked for in .npz files and in .pt dicts of arrays, in this order.
+VECTOR_KEYS = ("vectors", "embeddings", "embedding", "xvectors", "x")
+ID_KEYS = ("ids", "utt_ids", "utts", "keys")
+LABEL_KEYS = ("labels", "speakers", "spk", "speaker")
+LAYOUTS = ("views", "layers")
+
+
+class InteropError(ValueError):
+    """Vectors or side files that cannot be imported or exported; the message names the fix."""
+
+
+def shown(items, limit: int = 5) -> str:
+    """'3 ids: 'a', 'b', 'c'' style list of the first few offending items and their count."""
+    items = list(items)
+    head = ", ".join(repr(i) for i in items[:limit])
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{len(items)}: {head}{more}"
+
+
+# ---------------------------------------------------------------------------- side files
+
+
+def read_ids(path) -> list[str]:
+    """Utterance ids, one per line (surrounding whitespace stripped; no blank lines inside)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InteropError(f"--ids {path}: unreadable ({err})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    ids = [line.strip() for line in lines]
+    blank = [i + 1 for i, u in enumerate(ids) if not u]
+    if blank:
+        raise InteropError(f"--ids {path}: blank lines {blank[:5]}; give one utterance id per line")
+    return ids
+
+
+def read_utt2spk(path) -> dict[str, str]:
+    """Kaldi ``utt2spk``: lines 'utt_id speaker'; an utterance given twice is refused."""
+    path = Path(path)
+    out: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InteropError(f"--utt2spk {path}: unreadable ({err})") from None
+    twice = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise InteropError(f"--utt2spk {path}: line {n} is not 'utt_id speaker': {line!r}")
+        utt, spk = fields
+        if utt in out and out[utt] != spk:
+            twice.append(utt)
+        out[utt] = spk
+    if twice:
+        raise InteropError(f"--utt2spk {path}: utterances with two speakers {shown(twice)}")
+    return out
+
+
+def speakers_for(ids, labels=None, utt2spk=None, source="") -> list[str] | None:
+    """Speaker of every id: from ``utt2spk``, else the file's labels, else the VoxCeleb layout.
+
+    The VoxCeleb layout (``speaker/video/utt``) gives the first path component; it is used
+    only when every id has one. Returns None when no rule applies (an unlabelled set).
+
+    Raises:
+        InteropError: ids missing from utt2spk, or only some ids in the VoxCeleb layout.
+    """
+    if utt2spk is not None:
+        missing = [u for u in ids if u not in utt2spk]
+        if missing:
+            raise InteropError(f"--utt2spk: utterance ids of {source} missing from it {shown(missing)}")
+        return [utt2spk[u] for u in ids]
+    if labels is not None:
+        return [str(s) for s in labels]
+    flat = [u for u in ids if "/" not in u.strip("/")]
+    if len(flat) == len(ids):
+        return None
+    if flat:
+        raise InteropError(
+            f"{source}: some ids are in the VoxCeleb layout speaker/video/utt and some are not "
+            f"{shown(flat)}; give --utt2spk to name every speaker"
+        )
+    return [u.strip("/").split("/", 1)[0] for u in ids]
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _stack(ids, arrays, source: str) -> np.ndarray:
+    """Per-utterance arrays (D,) or (K, D) of one shape -> (N, D) or (N, K, D)."""
+    shapes = [np.shape(a) for a in arrays]
+    common = Counter(shapes).most_common(1)[0][0]
+    odd = [f"{u} {s}" for u, s in zip(ids, shapes) if s != common]
+    if odd:
+        raise InteropError(
+            f"{source}: ragged vectors: most have shape {common}, these differ {shown(odd)}; "
+            f"every utterance needs the same shape"
+        )
+    return np.stack([np.asarray(a) for a in arrays])
+
+
+def check_vectors(ids, array, labels, source: str):
+    """Refuse what cannot be a set of embeddings; returns (ids, array, labels) unchanged.
+
+    Refused: a count of ids other than the rows, empty or duplicate ids, ids holding tabs
+    or newlines, non-float arrays, a shape other than (N, D) or (N, K, D), NaN/Inf rows.
+    """
+    array = np.asarray(array)
+    ids = [str(u) for u in ids]
+    if array.ndim not in (2, 3):
+        raise InteropError(
+            f"{source}: array of shape {array.shape}; expected (N, D) vectors, (N, V, D) views "
+            f"or (N, L, D) layer stacks"
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InteropError(f"{source}: array of dtype {array.dtype}; embeddings must be floating point")
+    if len(ids) != array.shape[0]:
+        raise InteropError(f"{source}: {len(ids)} ids for {array.shape[0]} vectors; give one id per row")
+    if array.shape[0] == 0 or array.shape[-1] == 0 or (array.ndim == 3 and array.shape[1] == 0):
+        raise InteropError(f"{source}: no vectors (shape {array.shape})")
+    if labels is not None and len(labels) != len(ids):
+        raise InteropError(f"{source}: {len(labels)} labels for {len(ids)} ids")
+    empty = [i for i, u in enumerate(ids) if not u.strip()]
+    if empty:
+        raise InteropError(f"{source}: empty ids at rows {shown(empty)}")
+    unstorable = [u for u in ids if any(c in u for c in "\t\n\r")]
+    if unstorable:
+        raise InteropError(f"{source}: ids with tabs or newlines cannot be stored {shown(unstorable)}")
+    dup = [u for u, c in Counter(ids).items() if c > 1]
+    if dup:
+        raise InteropError(f"{source}: duplicate ids {shown(dup)}; each utterance must appear once")
+    bad = ~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)
+    if bad.any():
+        raise InteropError(f"{source}: NaN or Inf in the vectors of ids {shown(ids[i] for i in np.flatnonzero(bad))}")
+    return ids, array, labels
+
+
+# ---------------------------------------------------------------------------- formats
+
+
+def ids_file_for(path, ids_file=None):
+    """The ids file used for ``path``: ``ids_file``, or for X.npy an ``X.ids.txt`` beside it.
+
+    ``X.ids.txt`` is what ``mrlcache embed --out X.npy`` and ``export-vectors`` write.
+    """
+    path = Path(path)
+    if ids_file is None and path.suffix.lower() == ".npy":
+        beside = path.with_name(path.stem + ".ids.txt")
+        return beside if beside.is_file() else None
+    return ids_file
+
+
+def _npy(path: Path, ids_file) -> tuple:
+    ids_file = ids_file_for(path, ids_file)
+    if ids_file is None:
+        raise InteropError(f"{path}: a .npy array needs --ids FILE (one utterance id per line)")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InteropError(f"{path}: not a plain numpy array ({err})") from None
+    return read_ids(ids_file), array, None
+
+
+def _pick(container: dict, keys):
+    found = [k for k in keys if k in container]
+    return container[found[0]] if found else None
+
+
+def _npz(path: Path, ids_file) -> tuple:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as err:
+        raise InteropError(
+            f"{path}: unreadable .npz ({err}); ids and labels must be string arrays, not objects"
+        ) from None
+    vectors = _pick(data, VECTOR_KEYS)
+    if vectors is None:
+        others = [k for k in data if k not in ID_KEYS + LABEL_KEYS]
+        if len(others) != 1:
+            raise InteropError(
+                f"{path}: arrays {sorted(data)}; name the vectors one of {', '.join(VECTOR_KEYS)}"
+            )
+        vectors = data[others[0]]
+    ids = _pick(data, ID_KEYS)
+    if ids_file is not None:
+        ids = read_ids(ids_file)
+    elif ids is None:
+        raise InteropError(f"{path}: no ids array ({', '.join(ID_KEYS)}); add one or give --ids FILE")
+    labels = _pick(data, LABEL_KEYS)
+    return [str(u) for u in np.asarray(ids).tolist()], vectors, _labels(labels)
+
+
+def _labels(labels):
+    if labels is None:
+        return None
+    if hasattr(labels, "tolist"):
+        labels = labels.tolist()
+    return [str(s) for s in labels]
+
+
+def _numpy(x):
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().float().numpy() if x.dtype == torch.bfloat16 else x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def load_torch_safely(path: Path):
+    """``torch.load(weights_only=True)``: tensors and plain containers only, no code runs."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()
+        detail = next((line for line in reason if "Unsupported" in line or "GLOBAL" in line), reason[0] if reason else "")
+        raise InteropError(
+            f"{path}: refused: the file holds Python objects other than tensors and plain "
+            f"containers, which could run code when loaded ({detail.strip()}); re-save it as a "
+            f"dict of tensors (id -> tensor, or ids/embeddings/labels)"
+        ) from None
+    except Exception as err:  # torch raises many types for a file that is not a torch file
+        raise InteropError(f"{path}: not a torch file ({type(err).__name__}: {err})") from None
+
+
+def _pt(path: Path, ids_file) -> tuple:
+    import torch
+
+    obj = load_torch_safely(path)
+    if isinstance(obj, torch.Tensor):
+        if ids_file is None:
+            raise InteropError(f"{path}: holds one tensor; give --ids FILE (one utterance id per line)")
+        return read_ids(ids_file), _numpy(obj), None
+    if not isinstance(obj, dict) or not obj:
+        raise InteropError(
+            f"{path}: holds {type(obj).__name__}; expected a dict id -> tensor or a dict with "
+            f"ids, embeddings and optional labels"
+        )
+    vectors = _pick(obj, VECTOR_KEYS)
+    if vectors is not None:  # a dict of arrays: ids, vectors, labels
+        ids = read_ids(ids_file) if ids_file is not None else _pick(obj, ID_KEYS)
+        if ids is None:
+            raise InteropError(f"{path}: no ids list ({', '.join(ID_KEYS)}); add one or give --ids FILE")
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return [str(u) for u in ids], _numpy(vectors), _labels(_pick(obj, LABEL_KEYS))
+    not_tensor = [k for k, v in obj.items() if not isinstance(v, (torch.Tensor, np.ndarray))]
+    if not_tensor:
+        raise InteropError(
+            f"{path}: a dict id -> tensor, but these values are not tensors {shown(not_tensor)}; "
+            f"or name the vectors one of {', '.join(VECTOR_KEYS)}"
+        )
+    ids = [str(k) for k in obj]
+    return ids, _stack(ids, [_numpy(v) for v in obj.values()], str(path)), None
+
+
+def _kaldi(path: Path, ids_file) -> tuple:
+    import kaldiio
+
+    try:
+        if path.suffix == ".scp":
+            table = kaldiio.load_scp(str(path))
+            items = [(k, table[k]) for k in table]
+        else:
+            items = list(kaldiio.load_ark(str(path)))
+    except Exception as err:  # kaldiio raises ValueError, OSError, struct errors...
+        raise InteropError(f"{path}: unreadable Kaldi {path.suffix[1:]} ({type(err).__name__}: {err})") from None
+    if not items:
+        raise InteropError(f"{path}: no vectors")
+    ids = [k for k, _ in items]
+    return ids, _stack(ids, [np.asarray(v) for _, v in items], str(path)), None
+
+
+def _folder(path: Path, ids_file) -> tuple:
+    files = sorted(path.rglob("*.npy"))
+    if not files:
+        raise InteropError(f"{path}: a folder with no .npy files; expected one .npy per utterance")
+    ids, arrays = [], []
+    for f in files:
+        ids.append(f.relative_to(path).with_suffix("").as_posix())
+        try:
+            arrays.append(np.load(f, allow_pickle=False))
+        except (OSError, ValueError) as err:
+            raise InteropError(f"{f}: not a plain numpy array ({err})") from None
+    return ids, _stack(ids, arrays, str(path)), None
+
+
+# Suffix -> reader(path, ids_file) -> (ids, array, labels).
+READERS = {".npy": _npy, ".npz": _npz, ".pt": _pt, ".pth": _pt, ".ark": _kaldi, ".scp": _kaldi}
+
+
+def read_vectors(path, ids_file=None, layout: str | None = None):
+    """Read vectors from any supported input; returns checked (ids, array, labels).
+
+    Args:
+        path: a file (.npy, .npz, .pt, .pth, .ark, .scp) or a folder of .npy files.
+        ids_file: ids one per line, for inputs that do not carry ids (.npy, a bare tensor);
+            overrides the ids stored in .npz/.pt dicts.
+        layout: for (N, K, D) input, "views" (K crops of each utterance) or "layers" (K
+            backbone layers). Required for such input; ignored for (N, D).
+
+    Returns:
+        ids (list of N str), array (N, D) or (N, K, D) in its stored float dtype, labels
+        (list of N str, or None).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InteropError(f"--vectors {path}: no such file or folder")
+    if layout is not None and layout not in LAYOUTS:
+        raise InteropError(f"--layout {layout}: choose views or layers")
+    if path.is_dir():
+        reader = _folder
+    else:
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            raise InteropError(
+                f"--vectors {path}: unknown kind {path.suffix or '(no suffix)'}; give a .npy, .npz, "
+                f".pt, .pth, .ark or .scp file, or a folder of .npy files"
+            )
+    ids, array, labels = check_vectors(*reader(path, ids_file), str(path))
+    if array.ndim == 3 and layout is None:
+        raise InteropError(
+            f"{path}: array of shape {array.shape} (N, K, D): say what K is with --layout views "
+            f"(crops of each utterance) or --layout layers (backbone layer stacks)"
+        )
+    if array.ndim == 3 and layout == "layers":
+        raise InteropError(
+            f"{path}: layer stacks (N, L, D) = {array.shape} need a per-layer stream; the cache "
+            f"stores only 'pooled' so far: layer streams come with the streams issue (12). "
+            f"Import one layer, e.g. np.save('layer.npy', x[:, -1]), or the mean over layers"
+        )
+    return ids, array, labels

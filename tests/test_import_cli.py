@@ -1,0 +1,124 @@
+"""``import-vectors`` and ``export-vectors`` on the command line: round trips and one-line errors.
+
+The commands are run through a click group made here, so these tests do not depend on how
+``mrlcache.cli`` registers them.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import click
+import kaldiio
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mrlcache import cache as cache_mod
+from mrlcache.cache import CacheWriter
+from mrlcache.cli.export_vectors import export_vectors
+from mrlcache.cli.import_vectors import import_vectors
+
+Row = namedtuple("Row", "utt_id speaker path")
+IDS = [f"id{s:05d}/v/{u:05d}.wav" for s in range(4) for u in range(3)]
+SPEAKERS = [u.split("/")[0] for u in IDS]
+
+
+@click.group()
+def cli():
+    """Test group holding the two commands."""
+
+
+cli.add_command(import_vectors)
+cli.add_command(export_vectors)
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def source_cache(tmp_path, views=2, dim=8):
+    """A float32 cache written with CacheWriter directly (as extract would), 2 shards."""
+    x = np.random.default_rng(3).standard_normal((len(IDS), views, dim)).astype(np.float32)
+    meta = {"pooled_dim": dim, "views": views, "dtype": "float32", "shard_size": 7, "mode": "train"}
+    manifest = [Row(u, s, f"/data/{u}") for u, s in zip(IDS, SPEAKERS)]
+    with CacheWriter(tmp_path / "src", meta, manifest) as w:
+        for k in range(w.num_shards):
+            rows = w.shard_rows(k)
+            w.write_shard(k, np.arange(rows.start, rows.stop), x[rows.start:rows.stop], {}, 1.0)
+        w.finish()
+    return tmp_path / "src", x
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,out,back", [
+    ("npz", "v.npz", "v.npz"),
+    ("kaldi", "xvector", "xvector.scp"),
+    ("npy", "v.npy", "v.npy"),
+    ("npy", "folder", "folder"),
+])
+def test_round_trip_cache_export_import_is_identical(tmp_path, fmt, out, back):
+    src, x = source_cache(tmp_path)
+    run("export-vectors", src, "--format", fmt, "--out", tmp_path / out, "--view", 1)
+    extra = []
+    if fmt == "kaldi":
+        extra = ["--utt2spk", tmp_path / "xvector.utt2spk"]
+    run("import-vectors", "--vectors", tmp_path / back, "--out", tmp_path / "back", "--dtype", "float32",
+        "--name", "round-trip", *extra)
+    c = cache_mod.open(tmp_path / "back")
+    got = c.read("pooled", view=0)
+    row = {u: i for i, u in enumerate(c.utterances)}
+    assert sorted(c.utterances) == sorted(IDS)
+    assert all(np.array_equal(got[row[u]], x[i, 1]) for i, u in enumerate(IDS))
+    assert [c.speakers[row[u]] for u in IDS] == SPEAKERS
+    assert c.meta["backbone"]["source"] == "imported:round-trip"
+    assert (tmp_path / "back" / "import-config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_export_through_a_head_writes_kaldi_vectors_of_that_dim(tmp_path):
+    from mrlcache.head import MatryoshkaHead
+    from mrlcache.model import save_model
+
+    src, x = source_cache(tmp_path)
+    torch.manual_seed(1)
+    head = MatryoshkaHead(8, [2, 4])
+    save_model(tmp_path / "model.pt", head)
+    run("export-vectors", src, "--model", tmp_path / "model.pt", "--dim", 2, "--format", "kaldi",
+        "--out", tmp_path / "emb.ark")
+    table = kaldiio.load_scp(str(tmp_path / "emb.scp"))
+    with torch.no_grad():
+        want = head.eval()(torch.from_numpy(x[:, 0]))[:, :2].numpy()
+    np.testing.assert_allclose(np.stack([table[u] for u in IDS]), want, rtol=1e-6, atol=1e-6)
+    result = run("export-vectors", src, "--model", tmp_path / "model.pt", "--dim", 3, "--format", "npz",
+                 "--out", tmp_path / "x.npz", ok=False)
+    assert result.exit_code == 1 and "--dim 3: the model was trained for dims [2, 4]" in result.output
+    assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.slow
+def test_bad_input_is_a_one_line_error_and_leaves_no_cache(tmp_path):
+    x = np.ones((3, 4), np.float32)
+    x[1, 2] = np.nan
+    np.save(tmp_path / "v.npy", x)
+    (tmp_path / "v.ids").write_text("a\nb\nc\n")
+    result = run("import-vectors", "--vectors", tmp_path / "v.npy", "--ids", tmp_path / "v.ids",
+                 "--out", tmp_path / "c", ok=False)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "NaN or Inf" in lines[0] and "'b'" in lines[0]
+    assert not (tmp_path / "c").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    np.save(tmp_path / "views.npy", np.ones((3, 2, 4), np.float32))
+    result = run("import-vectors", "--vectors", tmp_path / "views.npy", "--ids", tmp_path / "v.ids",
+                 "--out", tmp_path / "c", ok=False)
+    assert result.exit_code == 1 and "--layout views" in result.output
+    result = run("import-vectors", "--vectors", tmp_path / "views.npy", "--ids", tmp_path / "v.ids",
+                 "--out", tmp_path / "c", "--layout", "views", "--shard-size", 2)
+    c = cache_mod.open(tmp_path / "c")
+    assert c.num_views == 2 and len(list(c.iter_shards())) == 2 and c.dtype == np.float16
