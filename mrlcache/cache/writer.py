@@ -296,11 +296,15 @@ class CacheWriter:
             raise ValueError(f"shard {k}: {int(bad.sum())} vectors are not finite, first {first!r}{hint}")
         final = self.shards_dir / shard_name(k, self.backend.name)
         if final.exists():
+            # Rare (a rerun rewriting a damaged shard): checking it fully costs one shard read.
             try:
-                integrity.inspect_shard(self.backend, final, k, self.meta, self._row_of)
-                raise CacheError(f"{final}: shard {k} is already written")
+                attrs, old_index, shape = integrity.inspect_shard(self.backend, final, k, self.meta, self._row_of)
+                sound = not integrity.checksum_problems(self.backend, final, attrs, old_index, shape, self.meta["dtype"])
             except DamagedCacheError:
-                _remove(final)  # damaged: this write repairs it
+                sound = False
+            if sound:
+                raise CacheError(f"{final}: shard {k} is already written")
+            _remove(final)  # damaged: this write repairs it
         tmp = self.shards_dir / f".shard-{k:05d}.tmp-r{self.rank}-{os.getpid()}"
         _remove(tmp)
         attrs = {
@@ -310,6 +314,7 @@ class CacheWriter:
             "n_skipped": len(skipped),
             "seconds": float(seconds),
             "skipped": skipped,
+            "sha256": integrity.checksums(stored, index),  # checked by open(verify=True)
         }
         try:
             self.backend.write(tmp, stored, index, attrs)
