@@ -105,3 +105,33 @@ def test_readable_without_mrlcache(tmp_path):
         assert json.loads(f["skipped_json"][()]) == {}
     with h5py.File(tmp_path / "hdf5" / "shards" / "shard-00000.h5", "r") as f:
         assert json.loads(f["skipped_json"][()]) == {make_manifest(10)[2].utt_id: "silent"}
+
+
+def test_registry_holds_both_backends_in_order():
+    assert list(cache.BACKENDS) == ["zarr", "hdf5"]
+    assert [b.suffix for b in cache.BACKENDS.values()] == [".zarr", ".h5"]
+    for backend in cache.BACKENDS.values():  # every registered class has the whole protocol
+        assert all(callable(getattr(backend, m)) for m in ("write", "read_meta", "read_pooled", "check"))
+    with pytest.raises(ValueError, match="clashes with the registered 'zarr'"):
+        cache.register_backend(type("Other", (), {"name": "zarr", "suffix": ".zz"}))
+    assert cache.register_backend(cache.BACKENDS["hdf5"]) is cache.BACKENDS["hdf5"]  # idempotent
+    assert list(cache.BACKENDS) == ["zarr", "hdf5"]
+
+
+@pytest.mark.parametrize("name", list(cache.BACKENDS))
+def test_every_registered_backend_round_trips_one_shard(tmp_path, name):
+    backend = cache.BACKENDS[name]
+    pooled = vectors(5).astype(np.float16)
+    attrs = {"shard": 0, "rows": [0, 5], "n_ok": 5, "n_skipped": 0, "seconds": 1.5, "skipped": {"u": "empty"}}
+    path = tmp_path / f"s{backend.suffix}"
+    backend.write(path, pooled, np.arange(5, dtype=np.int64), attrs)
+    read_attrs, index, shape = backend.read_meta(path)
+    assert read_attrs == attrs and shape == (5, V, D)
+    np.testing.assert_array_equal(index, np.arange(5))
+    out = np.empty((5, D), dtype=np.float32)
+    backend.read_pooled(path, out, view=2)
+    np.testing.assert_array_equal(out, pooled[:, 2].astype(np.float32))
+    assert backend.check(path, (5, V, D), np.dtype("float16")) == []
+    assert "float32" in backend.check(path, (5, V, D), np.dtype("float32"))[0]
+    with pytest.raises(Exception):
+        backend.write(path, pooled, np.arange(5), attrs)  # never overwrites a shard

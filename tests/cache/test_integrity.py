@@ -266,3 +266,30 @@ def _remove(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rerunning_extract_repairs_a_damaged_cache(tmp_path, backend):
+    """The documented fix, end to end: rerun the same extract command."""
+    from conftest import make_tree
+
+    from mrlcache.cli import main
+
+    make_tree(tmp_path / "data", speakers=2, videos=1, utts=3, seconds=1.2)
+    out = tmp_path / "c"
+    args = ["extract", "--data", str(tmp_path / "data"), "--out", str(out), "--random-init", "--variant", "b0",
+            "--views", "2", "--crop-seconds", "1.0", "--dtype", "float32", "--workers", "0", "--quiet",
+            "--seed", "3", "--threads", "1", "--shard-size", "2", "--format", backend]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    expected = cache.open(out).read("pooled")
+    summary = cache.open(out).meta["summary"]
+    delete_view_chunk(shard_path(out, backend, 1), backend)
+    delete_index(shard_path(out, backend, 2), backend)
+    assert check_output(out)[0] == 1
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert check_output(out, "--full")[0] == 0
+    repaired = cache.open(out, verify=True)
+    np.testing.assert_array_equal(repaired.read("pooled"), expected)
+    assert repaired.meta["summary"]["utterances"] == summary["utterances"] == 6
