@@ -52,7 +52,8 @@ def inspect_shard(backend, path: Path, k: int, meta: dict, row_of: dict) -> tupl
         attrs, index, shape = backend.read_meta(path)
     except Exception as err:  # any library error means the same: the file is not readable
         raise damaged(path, [f"unreadable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"]) from None
-    lacking = [key for key in ATTR_KEYS if key not in attrs]
+    required = ATTR_KEYS + (("sha256",) if meta.get("format_version", 1) >= 2 else ())
+    lacking = [key for key in required if key not in attrs]
     if lacking:
         raise damaged(path, [f"attributes {', '.join(lacking)} missing"])
     rows = shard_rows(k, int(meta["shard_size"]), int(meta["num_utterances"]))

@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import zarr
 from click.testing import CliRunner
 
 import mrlcache.cache as cache
@@ -243,17 +244,18 @@ def test_format_1_cache_without_checksums_still_opens(tmp_path):
     with write_cache(out, "zarr") as writer:
         writer.finish()
     meta = json.loads((out / "cache.json").read_text())
-    del meta["manifest_sha256"]
     del meta["summary"]  # its cache_bytes would not count the checksums removed below
-    (out / "cache.json").write_text(json.dumps({**meta, "format_version": 1}))
-    import zarr
-
+    (out / "cache.json").write_text(json.dumps(meta))
+    del meta["manifest_sha256"]
     for path in (out / "shards").iterdir():
         group = zarr.open_group(path, mode="r+")
         attrs = dict(group.attrs)
         del attrs["sha256"]
         group.attrs.clear()
         group.attrs.update(attrs)
+    with pytest.raises(DamagedCacheError, match="attributes sha256 missing"):
+        cache.open(out)  # still format 2: a shard without checksums is damaged
+    (out / "cache.json").write_text(json.dumps({**meta, "format_version": 1}))
     c = cache.open(out, verify=True)
     np.testing.assert_array_equal(c.read("pooled"), vectors(10)[OK_ROWS])
     assert check_output(out, "--full") == (0, [f"OK {out}: structure and sizes (a format-1 cache records no checksums)"])
