@@ -12,11 +12,15 @@ Layout of ``shard-00000.h5`` (see docs/cache-format.md):
 from __future__ import annotations
 
 import json
+import os
 
 import h5py
 import numpy as np
 
+from mrlcache.cache.backends import register_backend
 
+
+@register_backend
 class HDF5Backend:
     """Writes and reads one shard as an HDF5 file."""
 
@@ -67,3 +71,35 @@ class HDF5Backend:
                 dset.read_direct(out, selection)
             else:
                 np.copyto(out, dset[selection], casting="same_kind")
+
+    @staticmethod
+    def check(path, shape: tuple, dtype) -> list[str]:
+        """Structural problems: datasets missing, wrong dtype/chunking, chunks missing,
+        short or pointing past the end of the file (a truncated file)."""
+        n, views, dim = shape
+        file_size = os.path.getsize(path)
+        problems = []
+        with h5py.File(path, "r") as f:
+            missing = [name for name in ("pooled", "index", "skipped_json") if name not in f]
+            if missing:
+                return [f"dataset {', '.join(missing)} missing"]
+            pooled, index = f["pooled"], f["index"]
+            if pooled.dtype != np.dtype(dtype):
+                problems.append(f"pooled is {pooled.dtype}, cache.json says {np.dtype(dtype)}")
+            if index.dtype != np.int64 or index.shape != (n,):
+                problems.append(f"index is {index.dtype} {index.shape}, expected int64 ({n},)")
+            if n == 0 or problems:
+                return problems
+            if pooled.chunks != (n, 1, dim) or pooled.compression is not None:
+                return [f"pooled chunks {pooled.chunks}, expected {(n, 1, dim)} (not written by mrlcache)"]
+            size = n * dim * pooled.dtype.itemsize
+            if pooled.id.get_num_chunks() != views:
+                problems.append(f"pooled has {pooled.id.get_num_chunks()} chunks, expected {views} (one per view)")
+            for i in range(pooled.id.get_num_chunks()):
+                info = pooled.id.get_chunk_info(i)
+                if info.size != size or info.byte_offset + info.size > file_size:
+                    problems.append(f"pooled chunk {info.chunk_offset} is short or past the end of the file")
+            offset, stored = index.id.get_offset(), index.id.get_storage_size()
+            if offset is None or stored != n * 8 or offset + stored > file_size:
+                problems.append("index data is missing, short or past the end of the file")
+        return problems

@@ -10,12 +10,17 @@ Layout of ``shard-00000.zarr`` (a zarr v3 group, see docs/cache-format.md):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import zarr
 from zarr.buffer.cpu import NDBuffer
 from zarr.storage import LocalStore
 
+from mrlcache.cache.backends import register_backend
 
+
+@register_backend
 class ZarrBackend:
     """Writes and reads one shard as a zarr v3 group (a directory)."""
 
@@ -80,3 +85,33 @@ class ZarrBackend:
             array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
         else:
             np.copyto(out, array.get_basic_selection(selection), casting="same_kind")
+
+    @staticmethod
+    def check(path, shape: tuple, dtype) -> list[str]:
+        """Structural problems: wrong dtype/chunking, chunk files missing or of the wrong size.
+
+        Needed because a missing chunk reads back as the fill value (zeros) without error.
+        Chunks are uncompressed, so each chunk file holds exactly its array bytes.
+        """
+        n, views, dim = shape
+        group = zarr.open_group(LocalStore(str(path), read_only=True), mode="r")
+        pooled, index = group["pooled"], group["index"]
+        problems = []
+        if pooled.dtype != np.dtype(dtype):
+            problems.append(f"pooled is {pooled.dtype}, cache.json says {np.dtype(dtype)}")
+        if index.dtype != np.int64 or index.shape != (n,):
+            problems.append(f"index is {index.dtype} {index.shape}, expected int64 ({n},)")
+        if n == 0 or problems:
+            return problems
+        if tuple(pooled.chunks) != (n, 1, dim) or tuple(index.chunks) != (n,):
+            problems.append(f"pooled chunks {pooled.chunks}, expected {(n, 1, dim)} (not written by mrlcache)")
+            return problems
+        root = Path(path)
+        size = n * dim * pooled.dtype.itemsize
+        chunks = [(root / "pooled" / "c" / "0" / str(v) / "0", size, f"pooled chunk of view {v}") for v in range(views)]
+        for file, size, what in chunks + [(root / "index" / "c" / "0", n * 8, "index chunk")]:
+            if not file.is_file():
+                problems.append(f"{what} ({file.relative_to(root)}) is missing")
+            elif file.stat().st_size != size:
+                problems.append(f"{what} ({file.relative_to(root)}) has {file.stat().st_size} bytes, expected {size}")
+        return problems

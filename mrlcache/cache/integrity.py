@@ -1,0 +1,138 @@
+"""What makes a shard trustworthy: its structure and rows (always checked), its checksums
+(checked on demand), and the summary numbers computed from the shards.
+
+The writer stores ``sha256 = {"pooled": ..., "index": ...}`` in each shard's attributes:
+SHA-256 of the little-endian, C-order bytes of the arrays as stored. Opening a cache runs
+:func:`inspect_shard` on every shard (reads metadata and the index only); ``verify=True``
+adds :func:`checksum_problems` (reads every vector).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from mrlcache.cache.format import REPAIR, SHARDS_DIR, DamagedCacheError, shard_rows
+
+ATTR_KEYS = ("shard", "rows", "n_ok", "n_skipped", "seconds", "skipped")
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """SHA-256 of an array's little-endian C-order bytes (independent of the file format)."""
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return hashlib.sha256(array.view(np.uint8).reshape(-1)).hexdigest()
+
+
+def checksums(pooled: np.ndarray, index: np.ndarray) -> dict:
+    """The ``sha256`` attribute of a shard: {"pooled": hex, "index": hex}."""
+    return {"pooled": array_sha256(pooled), "index": array_sha256(np.asarray(index, dtype=np.int64))}
+
+
+def damaged(path: Path, problems: list[str]) -> DamagedCacheError:
+    """The error for a damaged shard: one line naming the shard, what is wrong, and the fix."""
+    return DamagedCacheError(f"{path}: damaged shard ({'; '.join(problems)}); {REPAIR}")
+
+
+def inspect_shard(backend, path: Path, k: int, meta: dict, row_of: dict) -> tuple[dict, np.ndarray, tuple]:
+    """Check the structure of shard ``k`` at ``path``; return (attrs, index (n,), shape (n, V, D)).
+
+    Checks what costs no vector reads: the file opens, its numbers are those of shard k,
+    the pooled shape matches cache.json, every chunk is present with its full size, and the
+    index plus the skipped ids cover the shard's manifest rows exactly once.
+
+    Args:
+        row_of: {utt_id: manifest row} of the cache's manifest.
+
+    Raises:
+        DamagedCacheError: naming the shard, its problems and the fix.
+    """
+    try:
+        attrs, index, shape = backend.read_meta(path)
+    except Exception as err:  # any library error means the same: the file is not readable
+        raise damaged(path, [f"unreadable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"]) from None
+    required = ATTR_KEYS + (("sha256",) if meta.get("format_version", 1) >= 2 else ())
+    lacking = [key for key in required if key not in attrs]
+    if lacking:
+        raise damaged(path, [f"attributes {', '.join(lacking)} missing"])
+    rows = shard_rows(k, int(meta["shard_size"]), int(meta["num_utterances"]))
+    views, dim = int(meta["views"]), int(meta["pooled_dim"])
+    problems = []
+    if attrs["shard"] != k or list(attrs["rows"]) != [rows.start, rows.stop]:
+        problems.append(f"it says shard {attrs['shard']} rows {attrs['rows']}, expected shard {k} rows {[rows.start, rows.stop]}")
+    if tuple(shape) != (len(index), views, dim) or attrs["n_ok"] != len(index):
+        problems.append(f"pooled shape {tuple(shape)} with {len(index)} index rows, expected (n, {views}, {dim}) with n = {attrs['n_ok']}")
+    if problems:
+        raise damaged(path, problems)
+    try:
+        problems = backend.check(path, tuple(shape), np.dtype(meta["dtype"]))
+    except Exception as err:
+        problems = [f"unreadable: {type(err).__name__}: {err}"]
+    if problems:
+        raise damaged(path, problems)
+    skipped = attrs["skipped"]
+    if not isinstance(skipped, dict) or attrs["n_skipped"] != len(skipped):
+        raise damaged(path, ["skipped map does not match n_skipped"])
+    outside = [u for u in skipped if row_of.get(u) not in rows]
+    if outside:
+        raise damaged(path, [f"skipped ids not in the shard's manifest rows: {outside[:3]}"])
+    covered = np.concatenate([index, np.array([row_of[u] for u in skipped], dtype=np.int64)])
+    if not np.array_equal(np.sort(covered), np.arange(rows.start, rows.stop)):
+        bad = [int(i) for i in index if not rows.start <= i < rows.stop][:3]
+        what = f"index values outside rows {rows.start}..{rows.stop - 1}: {bad}" if bad else "index has duplicate rows"
+        raise damaged(path, [f"{what} (index and skipped must cover the rows exactly once)"])
+    return attrs, index, tuple(shape)
+
+
+def checksum_problems(backend, path: Path, attrs: dict, index: np.ndarray, shape: tuple, dtype) -> list[str]:
+    """Recompute the shard's checksums (reads every vector); the mismatches, if any.
+
+    A format-1 shard has no checksums: nothing to compare, no problem.
+    """
+    recorded = attrs.get("sha256")
+    if recorded is None:
+        return []
+    pooled = np.empty(shape, dtype=dtype)
+    try:
+        backend.read_pooled(path, pooled)
+    except Exception as err:
+        return [f"vectors unreadable: {type(err).__name__}: {err}"]
+    found = checksums(pooled, index)
+    return [f"{name} checksum mismatch (bytes changed since written)" for name in found if found[name] != recorded.get(name)]
+
+
+def totals(out: Path, shards: dict[int, dict]) -> dict:
+    """Summary numbers computed from the shards' attributes ({k: attrs}), in shard order."""
+    n_ok = n_skipped = 0
+    seconds = 0.0
+    by_reason: dict[str, int] = {}
+    for k in sorted(shards):
+        attrs = shards[k]
+        n_ok += attrs["n_ok"]
+        n_skipped += attrs["n_skipped"]
+        seconds += attrs["seconds"]
+        for reason in attrs["skipped"].values():
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+    size = sum(p.stat().st_size for p in (out / SHARDS_DIR).rglob("*") if p.is_file())
+    return {
+        "utterances": n_ok,
+        "skipped": n_skipped,
+        "skipped_by_reason": dict(sorted(by_reason.items())),
+        "audio_hours": seconds / 3600.0,
+        "shards": len(shards),
+        "cache_bytes": size,
+    }
+
+
+def stale_keys(summary: dict, computed: dict) -> list[str]:
+    """Keys of ``computed`` totals that ``summary`` gets wrong (floats to 1e-9 relative)."""
+    wrong = []
+    for key, value in computed.items():
+        have = summary.get(key)
+        if isinstance(value, float) and isinstance(have, (int, float)):
+            if abs(have - value) > 1e-9 * max(1.0, abs(value)):
+                wrong.append(key)
+        elif have != value:
+            wrong.append(key)
+    return wrong
