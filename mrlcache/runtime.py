@@ -19,7 +19,9 @@ import io
 import os
 from pathlib import Path
 
-import torch
+# torch is imported inside the functions: passive_openmp must run before torch loads
+# (libgomp reads OMP_WAIT_POLICY once, when torch starts its thread pool), and writing a
+# JSON file atomically should not load torch at all.
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -28,13 +30,17 @@ class DeviceError(ValueError):
     """A device or precision this machine cannot provide; the message names the fix."""
 
 
-def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+def resolve_device(name: str, local_rank: int | None = None):
     """``"auto"`` -> this rank's GPU when CUDA is present, else the CPU; checks explicit names.
 
     Args:
         name: "auto", "cpu", "cuda" or "cuda:N".
         local_rank: which GPU "auto" takes (default: ``LOCAL_RANK`` from torchrun, else 0).
+    Returns:
+        torch.device
     """
+    import torch
+
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if name == "auto":
@@ -55,8 +61,10 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device) -> str:
     """``"auto"`` -> bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU."""
+    import torch
+
     if precision not in PRECISIONS:
         raise DeviceError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -68,8 +76,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device, precision: str):
     """Autocast context for a resolved precision (the mel front end opts out and stays float32)."""
+    import torch
+
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -156,6 +166,8 @@ def write_exclusive(path, data: bytes | str) -> bool:
 
 def torch_bytes(obj) -> bytes:
     """``torch.save(obj)`` into memory: the bytes depend on ``obj`` only, not on a file name."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
