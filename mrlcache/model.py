@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mrlcache.head import MatryoshkaHead
+from mrlcache.fit.heads import MatryoshkaHead
 
 FORMAT = "mrlcache-model"
 VERSION = 1
