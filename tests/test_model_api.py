@@ -114,7 +114,7 @@ def test_fit_refuses_a_backbone_that_is_not_the_caches(setup, tmp_path):
 def test_numpy_waves_give_numpy_embeddings_equal_to_torch():
     import numpy as np
 
-    from mrlcache.head import MatryoshkaHead
+    from mrlcache.fit.heads import MatryoshkaHead
     from mrlcache.model import MRLModel
     from mrlcache.models.loading import load_backbone
 

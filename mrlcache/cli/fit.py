@@ -48,7 +48,7 @@ def fit_option(name, help=None, **kw):
 
 
 def e2e_option(name, help=None, **kw):
-    return option(EndToEndConfig, name, "End to end: " + help if help else "End to end.", **kw)
+    return option(EndToEndConfig, name, "End to end: " + help if help else None, **kw)
 
 
 def _ints(text):
@@ -115,13 +115,13 @@ OPTIONS = [
     e2e_option("crop_seconds"),
     e2e_option("min_seconds", "shorter files are left out (listed in OUT/skipped.tsv), as in extract."),
     e2e_option("views", "views per utterance, as extract."),
-    click.option("--noise-dir", type=DIR, help="End to end: noise files for augmented views."),
-    click.option("--rir-dir", type=DIR, help="End to end: room impulse responses for augmented views."),
-    click.option("--speed-perturb", is_flag=True, help="End to end: speed perturbation of augmented views."),
+    click.option("--noise-dir", type=DIR),
+    click.option("--rir-dir", type=DIR),
+    click.option("--speed-perturb", is_flag=True),
     e2e_option("workers", "decoding workers."),
     e2e_option("unfreeze_after", "train the backbone from this epoch.", type=int),
     e2e_option("backbone_lr"),
-    e2e_option("grad_accum", "batches per optimiser step."),
+    e2e_option("grad_accum"),
 ]
 
 
