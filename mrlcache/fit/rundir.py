@@ -93,16 +93,14 @@ def open_run(out: Path, config: dict, resume: bool, fingerprint: dict) -> tuple[
 
     The caller releases the lock when the fit ends (``with lock:``).
     """
-    if not resume and (out / "last.pt").exists():
-        raise FitError(f"{out} already holds a fit; pass --resume to continue it or choose another --out")
     if resume and not (out / "last.pt").exists():
         raise FitError(f"--resume: {out}/last.pt does not exist; start the fit without --resume")
     out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out).acquire()
+    lock = RunLock(out).acquire()  # first: a running fit is reported as such
     try:
-        resume = _check_resume(out, config, fingerprint) if resume else False
-        if not resume and (out / "last.pt").exists():  # written between the first check and the lock
+        if not resume and (out / "last.pt").exists():
             raise FitError(f"{out} already holds a fit; pass --resume to continue it or choose another --out")
+        resume = _check_resume(out, config, fingerprint) if resume else False
     except BaseException:
         lock.release()
         raise
