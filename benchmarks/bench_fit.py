@@ -48,14 +48,15 @@ def synthetic_cache(out: Path, utts: int, classes: int, dim: int, views: int = 4
 
 def step_breakdown(pooled_dim: int, classes: int, precision: str, steps: int, class_sample: float = 1.0) -> dict:
     """Median milliseconds per phase of a training step (batch 256, dims 64..256, AAM)."""
-    from mrlcache.fit import FitConfig, _make_optimizer, _param_groups
-    from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss, sample_classes
+    from mrlcache.fit import FitConfig
+    from mrlcache.fit.heads import MatryoshkaHead, MatryoshkaMarginLoss, sample_classes
+    from mrlcache.fit.optim import make_optimizer, param_groups
 
     torch.manual_seed(0)
     dims = (64, 128, 192, 256)
     head, loss_fn = MatryoshkaHead(pooled_dim, dims), MatryoshkaMarginLoss(dims, classes)
     cfg = FitConfig()
-    opt = _make_optimizer(cfg, _param_groups([head, loss_fn], cfg))
+    opt = make_optimizer(cfg, param_groups([head, loss_fn], cfg))
     params = [p for g in opt.param_groups for p in g["params"]]
     x, y = torch.randn(256, pooled_dim), torch.randint(0, classes, (256,))
     dtype = torch.bfloat16 if precision == "bf16" else None

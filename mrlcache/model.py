@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mrlcache.head import MatryoshkaHead
+from mrlcache.fit.heads import MatryoshkaHead
 
 FORMAT = "mrlcache-model"
 VERSION = 1
@@ -45,7 +45,7 @@ class MRLModel(nn.Module):
     Args:
         backbone: a ReDimNet (``.pooled(wave)`` -> (B, pooled_dim)), or None for a head-only
             model (only :meth:`project` works).
-        head: the fitted :class:`~mrlcache.head.MatryoshkaHead`.
+        head: the fitted :class:`~mrlcache.fit.heads.MatryoshkaHead`.
         dims: the trained sizes (default ``head.dims``).
         weights_sha256: SHA-256 of the backbone weights file, when the backbone does not carry it.
     """

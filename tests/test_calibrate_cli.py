@@ -12,7 +12,7 @@ from mrlcache import metrics
 from mrlcache.calibration import Calibration
 from mrlcache.cli.calibrate import calibrate
 from mrlcache.corpus import Utterance
-from mrlcache.head import MatryoshkaHead
+from mrlcache.fit.heads import MatryoshkaHead
 from mrlcache.model import load_model, save_model
 from mrlcache.trials import read_trials
 

@@ -16,7 +16,7 @@ from mrlcache.audio import load_audio
 from mrlcache.cli import main
 from mrlcache.corpus import scan_tree
 from mrlcache.extract import ExtractConfig, extract
-from mrlcache.head import MatryoshkaHead
+from mrlcache.fit.heads import MatryoshkaHead
 from mrlcache.model import load_model, save_model
 from mrlcache.backbone.loading import save_checkpoint
 from mrlcache.backbone.redimnet import ReDimNet

@@ -292,7 +292,7 @@ def test_npz_and_npy_outputs_read_back(tmp_path):
 
 
 def _head_model(tmp_path, pooled_dim=6, dims=(2, 4)):
-    from mrlcache.head import MatryoshkaHead
+    from mrlcache.fit.heads import MatryoshkaHead
     from mrlcache.model import load_model, save_model
 
     torch.manual_seed(0)

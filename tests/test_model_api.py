@@ -10,7 +10,7 @@ from mrlcache.corpus import Utterance
 from mrlcache.backbone import BackboneRecord, CheckpointError
 from mrlcache.backbone.loading import load_backbone, save_checkpoint
 from mrlcache.fit import fit
-from mrlcache.head import MatryoshkaHead
+from mrlcache.fit.heads import MatryoshkaHead
 from mrlcache.model import ModelError
 
 DIMS = (16, 32)
@@ -126,7 +126,7 @@ def test_fit_refuses_a_backbone_that_is_not_the_caches(setup, tmp_path):
 def test_numpy_waves_give_numpy_embeddings_equal_to_torch():
     import numpy as np
 
-    from mrlcache.head import MatryoshkaHead
+    from mrlcache.fit.heads import MatryoshkaHead
     from mrlcache.model import MRLModel
     from mrlcache.backbone.loading import load_backbone
 

@@ -9,7 +9,8 @@ import yaml
 
 from mrlcache import cache
 from mrlcache.corpus import Utterance
-from mrlcache.fit import FitError, fit, heldout_trials
+from mrlcache.fit import FitError, fit
+from mrlcache.fit.validate import heldout_trials
 
 POOLED = 48
 DIMS = (4, 8, 16, 32)
@@ -107,7 +108,7 @@ def test_sampled_class_softmax_separates_unseen_speakers_deterministically(cache
 def test_same_seed_same_fit_and_other_seed_differs(caches, tmp_path):
     opts = dict(FAST, epochs=2)
     runs = [fit(caches / "train", DIMS, tmp_path / f"r{i}", seed=s, **opts) for i, s in enumerate((3, 3, 4))]
-    heads = [torch.load(r / "last.pt", weights_only=False)["head"] for r in runs]
+    heads = [torch.load(r / "last.pt", weights_only=True)["head"] for r in runs]
     for k in heads[0]:
         assert torch.equal(heads[0][k], heads[1][k]), k
     assert not torch.equal(heads[0]["linear.weight"], heads[2]["linear.weight"])
@@ -126,14 +127,14 @@ def test_resume_continues_and_matches_uninterrupted(caches, tmp_path):
     fit(caches / "train", DIMS, tmp_path / "part", resume=True, **opts)
     hist = read_history(part)
     assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
-    assert torch.load(part / "last.pt", weights_only=False)["epoch"] == 4
+    assert torch.load(part / "last.pt", weights_only=True)["epoch"] == 4
 
 
 @pytest.mark.parametrize("class_sample", [1.0, 0.5])
 def test_interrupted_fit_resumes_bit_identical(caches, tmp_path, monkeypatch, class_sample):
     opts = dict(FAST, epochs=3, seed=6, class_sample=class_sample)
     full = fit(caches / "train", DIMS, tmp_path / "full", **opts)
-    import mrlcache.fit as fit_mod
+    import mrlcache.fit.loop as fit_mod
 
     real = fit_mod._log_tensorboard
     calls = {"n": 0}
@@ -149,10 +150,10 @@ def test_interrupted_fit_resumes_bit_identical(caches, tmp_path, monkeypatch, cl
         fit(caches / "train", DIMS, tmp_path / "cut", **opts)
     monkeypatch.setattr(fit_mod, "_log_tensorboard", real)
     # The crash hit before last.pt of epoch 2: resume redoes epoch 2 and drops its stale line.
-    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 1
     fit(caches / "train", DIMS, tmp_path / "cut", resume=True, **opts)
-    a = torch.load(full / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    a = torch.load(full / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     for k in a["head"]:
         assert torch.equal(a["head"][k], b["head"][k]), k
     ha, hb = read_history(full), read_history(tmp_path / "cut")
@@ -162,7 +163,7 @@ def test_interrupted_fit_resumes_bit_identical(caches, tmp_path, monkeypatch, cl
 
 
 def test_streamed_features_cover_every_training_row_once(caches, tmp_path):
-    from mrlcache.fit import MemoryFeatures, StreamedFeatures
+    from mrlcache.fit.data import MemoryFeatures, StreamedFeatures
 
     c = cache.open(caches / "train")
     labels = np.arange(len(c.utterances)) % 7
@@ -218,6 +219,7 @@ E2E = dict(variant="b0", random_init=True, crop_seconds=0.5, batch_size=4, lr=1e
            margin_warmup_epochs=0, scale=16, progress=False)
 
 
+@pytest.mark.slow
 def test_end_to_end_frozen_loss_falls(tiny_corpus, tmp_path):
     from mrlcache.fit import fit_end_to_end
 
@@ -229,6 +231,7 @@ def test_end_to_end_frozen_loss_falls(tiny_corpus, tmp_path):
     assert (run / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_end_to_end_unfreezing_trains_the_backbone(tiny_corpus, tmp_path):
     from mrlcache.fit import fit_end_to_end
     from mrlcache.model import load_model
@@ -244,6 +247,7 @@ def test_end_to_end_unfreezing_trains_the_backbone(tiny_corpus, tmp_path):
     assert any(k.startswith("backbone.") for k in changed)
 
 
+@pytest.mark.slow
 def test_end_to_end_leaves_out_broken_files_and_lists_them(tmp_path, capsys):
     """One unreadable file must not stop a fit: it is left out and listed with its reason."""
     from conftest import broken_files, make_tree
@@ -281,7 +285,7 @@ def test_end_to_end_leaves_out_broken_files_and_lists_them(tmp_path, capsys):
 
 
 def test_readable_batches_drop_failed_crops_and_keep_two_rows():
-    from mrlcache.fit import FitError, _readable_batches
+    from mrlcache.fit.end_to_end import _readable_batches
 
     def batches(rows, bad):
         for r in rows:
@@ -301,6 +305,7 @@ def test_readable_batches_drop_failed_crops_and_keep_two_rows():
         list(_readable_batches(batches([[0, 1], [2, 3]], {0, 1, 2}), lambda *a: None))
 
 
+@pytest.mark.slow
 def test_cli_fit_and_its_errors(caches, tmp_path):
     from click.testing import CliRunner
 
@@ -311,7 +316,9 @@ def test_cli_fit_and_its_errors(caches, tmp_path):
             "--quiet", "--val-cache", str(caches / "val"), "--val-trials", str(caches / "trials.txt")]
     result = runner.invoke(main, args + ["--dims", "4,8,16,32", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "command.yaml").exists()
+    # One resolved config per run directory: config.yaml (the CLI writes no command.yaml beside it).
+    assert (tmp_path / "run" / "model.pt").exists() and (tmp_path / "run" / "config.yaml").exists()
+    assert not (tmp_path / "run" / "command.yaml").exists()
     result = runner.invoke(main, args + ["--dims", "32,16", "--out", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "strictly increasing" in result.output
     result = runner.invoke(main, args + ["--dims", "4,x", "--out", str(tmp_path / "bad")])
@@ -335,7 +342,7 @@ def test_shipped_fit_configs_load(name):
     from mrlcache.cli import main
     from mrlcache.config import read_yaml_options
 
-    path = Path(__file__).parent.parent / "configs" / name
+    path = Path(__file__).parents[2] / "configs" / name
     assert path.read_text().startswith("# mrlcache fit --config configs/" + name)
     options = read_yaml_options(path, main.commands["fit"])
     assert options["dims"] == "64,128,192,256"
@@ -378,7 +385,7 @@ def test_end_to_end_frozen_matches_cache_mode(tmp_path):
     loss_e = np.array([list(h["loss"].values()) for h in he])
     assert loss_c[-1].mean() < 0.5 * loss_c[0].mean(), loss_c  # a real curve, not two flat lines
     np.testing.assert_allclose(loss_e, loss_c, rtol=1e-3)
-    head_c = torch.load(cached / "last.pt", weights_only=False)["head"]
-    head_e = torch.load(e2e / "last.pt", weights_only=False)["head"]
+    head_c = torch.load(cached / "last.pt", weights_only=True)["head"]
+    head_e = torch.load(e2e / "last.pt", weights_only=True)["head"]
     for k in ("bn.weight", "bn.bias", "linear.weight", "linear.bias"):
         torch.testing.assert_close(head_e[k], head_c[k], rtol=1e-3, atol=1e-4)

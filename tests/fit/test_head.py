@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrlcache.head import MatryoshkaHead, MatryoshkaMarginLoss, check_dims, sample_classes
+from mrlcache.fit.heads import MatryoshkaHead, MatryoshkaMarginLoss, check_dims, sample_classes
 
 DIMS = (8, 16, 24, 32)
 CLASSES = 7

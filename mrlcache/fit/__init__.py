@@ -1,0 +1,31 @@
+"""Fit a head on cached pooled vectors (:func:`fit`) or end to end on audio (:func:`fit_end_to_end`).
+
+Where each concern lives:
+
+- ``config.py``: FitConfig / EndToEndConfig, every option and its check;
+- ``data.py``: the cache's features in memory or streamed, per-epoch draws;
+- ``validate.py``: held-out speakers, validation trials, the EER that selects the model;
+- ``loop.py``: the TrainJob seam, the one training loop and checkpoint layout;
+- ``optim.py``: optimiser, parameter groups, schedule;
+- ``rundir.py``: the run directory (lock, resume checks, header files, model.pt, summary);
+- ``cache_mode.py`` / ``end_to_end.py``: each builds a TrainJob;
+- ``heads/``: the registry of heads (``mrl`` today).
+"""
+
+from mrlcache.fit.config import EndToEndConfig, FitConfig, FitError
+
+__all__ = ["EndToEndConfig", "FitConfig", "FitError", "fit", "fit_end_to_end"]
+
+
+def __getattr__(name):
+    # The two fits import torch: loaded on first use, so the CLI can read the configs
+    # (and set the OpenMP policy) before torch starts.
+    if name == "fit":
+        from mrlcache.fit.cache_mode import fit
+
+        return fit
+    if name == "fit_end_to_end":
+        from mrlcache.fit.end_to_end import fit_end_to_end
+
+        return fit_end_to_end
+    raise AttributeError(f"module 'mrlcache.fit' has no attribute {name!r}")

@@ -1,0 +1,115 @@
+"""Fit a head on a feature cache: the cache's views as training data, one TrainJob."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mrlcache.fit.config import FitError, device_for, make_configs, run_config
+from mrlcache.fit.data import batch_slices, cache_features
+from mrlcache.fit.heads import build_head
+from mrlcache.fit.loop import TrainJob, train
+from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
+from mrlcache.fit.rundir import finish, meta_hash, open_run, write_header
+from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer, split_speakers
+
+
+def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False, **options) -> Path:
+    """Fit a Matryoshka head on a feature cache; returns the run directory.
+
+    Args:
+        cache: cache directory (opened with ``mrlcache.cache.open``) or an opened Cache.
+        dims: nested embedding sizes, e.g. (64, 128, 192, 256).
+        out: run directory (created; an existing fit there needs ``resume=True``; locked
+            while the fit writes it).
+        backbone: the backbone the cache came from, for model.pt; default: resolved from the
+            cache (``weights`` option, ``DIR/backbone.pt``, or the cache's recorded backbone)
+            and checked against the cache's SHA-256.
+        resume: continue the fit in ``out`` from ``last.pt``.
+        options: any field of :class:`mrlcache.fit.config.FitConfig`.
+    """
+    cfg, _ = make_configs(dims, options)
+    out = Path(out)
+    cache_dir = None
+    if isinstance(cache, (str, os.PathLike)):
+        from mrlcache import cache as cache_mod
+
+        cache_dir = Path(cache)
+        if not cache_dir.exists():
+            raise FitError(f"--cache {cache_dir}: no such directory; run 'mrlcache extract' first")
+        cache = cache_mod.open(cache_dir)
+    else:
+        cache_dir = Path(cache.path) if getattr(cache, "path", None) else None
+    meta = dict(cache.meta)
+    pooled_dim = int(cache.dim)
+    if cfg.dims[-1] > pooled_dim:
+        raise FitError(f"dims {list(cfg.dims)}: largest dim exceeds the cached pooled size {pooled_dim}")
+    device = device_for(cfg)
+
+    backbone_ref = None
+    if not cfg.head_only and backbone is None:
+        from mrlcache.backbone import backbone_for_cache
+
+        backbone, backbone_ref = backbone_for_cache(cache_dir, meta, weights=cfg.weights)
+    if cfg.head_only:
+        backbone = None
+
+    fingerprint = {"cache": str(cache_dir) if cache_dir else None, "cache_meta_sha256": meta_hash(meta),
+                   "weights_sha256": _recorded_sha256(meta), "model_config": meta.get("model_config"),
+                   "utterances": len(cache.utterances), "views": int(cache.num_views),
+                   "pooled_dim": pooled_dim}
+
+    # Speakers: held-out ones (no external validation) give the validation trials.
+    speakers = np.asarray(cache.speakers)
+    val_names, train_names, labels, n_val = split_speakers(
+        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, "the cache")
+    if cfg.val_cache is None:
+        cfg.val_speakers = n_val
+    config = run_config(cfg, cache_dir=cache_dir)
+    lock, resume = open_run(out, config, resume, fingerprint)
+    with lock:
+        train_rows = np.flatnonzero(labels >= 0)
+        try:
+            feats, mode = cache_features(cache, labels, cfg.feature_dtype, cfg.memory_gb)
+        except ValueError as err:
+            raise FitError(f"{cache_dir}: {err}") from None
+
+        val = None
+        if cfg.val_cache is not None:
+            val = external_valset(cfg.val_cache, cfg.val_trials)
+        elif val_names:
+            rows = np.flatnonzero(labels < 0)
+            if mode == "memory":
+                pooled_val = np.ascontiguousarray(feats.pooled[:, 0][rows], dtype=np.float32)
+            else:
+                pooled_val = np.concatenate([s.read("pooled", view=0, dtype=np.float32) for s in feats.shards])[rows]
+            val = heldout_valset(pooled_val, speakers[rows], cfg.max_val_trials, cfg.seed,
+                                 f"{len(val_names)} held-out training speakers")
+        fingerprint.update(train_speakers=len(train_names), val_speakers=val_names, features=mode)
+        write_header(out, config, fingerprint)  # on resume: the same, up to epochs/patience
+
+        head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
+        opt = make_optimizer(cfg, param_groups([head, loss_fn], cfg))
+        steps = len(batch_slices(len(train_rows), cfg.batch_size))
+        job = TrainJob(cfg=cfg, config=config, out=out, head=head, loss_fn=loss_fn,
+                       batches=lambda epoch: feats.epoch(cfg.seed, epoch, cfg.batch_size, device),
+                       embed=head, val_embed=head, val=val, steps_per_epoch=steps, device=device,
+                       optimizer=opt, scheduler=make_scheduler(cfg, opt, steps))
+        result = train(job, resume)
+        extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names)}
+        if val is not None:
+            extra["raw_eer"] = raw_eer(val)
+            extra["val_source"] = val.source
+        finish(job, result, backbone, backbone_ref, extra)
+    return out
+
+
+def _recorded_sha256(meta: dict) -> str | None:
+    """The SHA-256 of the weights (or imported file) the cache's vectors came from."""
+    from mrlcache.backbone import BackboneRecord
+
+    record = BackboneRecord.from_meta(meta)
+    return record.sha256 if record is not None else None

@@ -1,0 +1,213 @@
+"""Every option of a fit, written once: the dataclasses the library and the CLI both read.
+
+:class:`FitConfig` holds what both modes share (head, loss, schedule, validation, run
+files); :class:`EndToEndConfig` what only a fit on audio needs (backbone, crops, workers,
+unfreezing). This module imports no torch: the CLI reads it to build its options.
+:func:`make_configs` is the one option-check path of both modes: unknown
+names and every out-of-range value are refused with a one-line :class:`FitError` naming the
+option and its valid range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+
+class FitError(ValueError):
+    """Options or inputs a fit cannot run with; the message names the fix."""
+
+
+# Named choices, one place: FitConfig.check and the CLI's click.Choice read these.
+CHOICES = {"optimizer": ("adamw", "sgd"), "scheduler": ("cosine", "plateau"), "loss": ("aam", "softmax"),
+           "classifier": ("shared", "per-dim"), "device": ("auto", "cpu", "cuda"),
+           "precision": ("fp32", "bf16"), "feature_dtype": ("float16", "float32")}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _require(cfg, rules: dict) -> None:
+    """``rules``: option name -> (test, "range text"); None values are left alone."""
+    for name, (ok, text) in rules.items():
+        value = getattr(cfg, name)
+        if value is not None and not ok(value):
+            raise FitError(f"{_flag(name)} {value}: must be {text}")
+
+
+@dataclass
+class FitConfig:
+    """Every option both modes share; names match the ``mrlcache fit`` options."""
+
+    dims: tuple[int, ...] = (64, 128, 192, 256)
+    head: str = "mrl"  # a name in mrlcache.fit.heads.HEADS
+    epochs: int = 30
+    batch_size: int = 256
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 2e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-2
+    scheduler: str = "cosine"  # cosine (per step, linear warm-up) | plateau (on val mean EER)
+    warmup_epochs: float = 1.0
+    grad_clip: float = 5.0  # max gradient norm; 0 disables
+    loss: str = "aam"  # aam | softmax
+    margin: float = 0.2
+    scale: float = 32.0
+    margin_warmup_epochs: int = 5  # margin grows linearly from 0 over these epochs
+    subcenters: int = 1
+    classifier: str = "shared"  # shared | per-dim
+    class_sample: float = 1.0  # share of classes in each step's softmax (Partial FC); 1: all
+    dim_weights: tuple[float, ...] | None = None
+    val_cache: str | None = None
+    val_trials: str | None = None
+    val_speakers: int | None = None  # None: automatic (5% of speakers, 2..200); 0: no validation
+    val_every: int = 1
+    max_val_trials: int = 50000
+    patience: int = 0  # epochs without a better mean EER before stopping; 0: never stop
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (CPU autocast: bf16 matmuls, fp32 softmax); CUDA: fp16 AMP
+    feature_dtype: str = "float16"  # in-memory feature dtype (cache mode)
+    memory_gb: float | None = None  # None: half the available memory (cache mode)
+    embed_backbone: bool = True
+    weights: str | None = None  # backbone file (cache mode: when the cache does not carry it)
+    head_only: bool = False  # model.pt without a backbone (vectors from no known backbone)
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise FitError for an option value no fit can use."""
+        from mrlcache.fit.heads import HEADS, check_dims
+
+        try:
+            self.dims = check_dims(self.dims)
+        except ValueError as err:
+            raise FitError(str(err)) from None
+        if self.head not in HEADS:
+            raise FitError(f"--head {self.head}: choose one of {', '.join(sorted(HEADS))}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise FitError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        for name in ("epochs", "batch_size", "val_every", "subcenters"):
+            if int(getattr(self, name)) < 1:
+                raise FitError(f"{name}={getattr(self, name)}: must be >= 1")
+        if not 0 < float(self.class_sample) <= 1:
+            raise FitError(f"class_sample={self.class_sample}: give a share of the classes in (0, 1], e.g. 0.5")
+        if self.batch_size < 2:
+            raise FitError("batch_size must be >= 2 (BatchNorm needs two rows)")
+        _require(self, {
+            "lr": (lambda v: v > 0, "> 0"), "scale": (lambda v: v > 0, "> 0"),
+            "margin": (lambda v: v >= 0, ">= 0 (radians)"), "grad_clip": (lambda v: v >= 0, ">= 0 (0: off)"),
+            "warmup_epochs": (lambda v: v >= 0, ">= 0"), "margin_warmup_epochs": (lambda v: v >= 0, ">= 0"),
+            "patience": (lambda v: v >= 0, ">= 0 (0: never stop)"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+            "momentum": (lambda v: v >= 0, ">= 0"), "memory_gb": (lambda v: v > 0, "> 0 (GB)"),
+            "val_speakers": (lambda v: v >= 0, ">= 0 (0: no validation)"),
+            "max_val_trials": (lambda v: v >= 1, ">= 1"),
+        })
+        if self.dim_weights is not None:
+            weights = list(self.dim_weights)
+            if len(weights) != len(self.dims):
+                raise FitError(f"dim_weights {weights}: give one weight per dim in {list(self.dims)}")
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise FitError(f"--dim-weights {','.join(map(str, weights))}: must be >= 0 each, not all zero")
+        if (self.val_cache is None) != (self.val_trials is None):
+            raise FitError("validation needs both --val-cache DIR and --val-trials FILE (or neither)")
+        if self.scheduler == "plateau" and self.val_speakers == 0 and self.val_cache is None:
+            raise FitError("scheduler=plateau steps on the validation EER: do not disable validation")
+
+    def to_dict(self) -> dict:
+        """Plain YAML/JSON-ready dict (tuples as lists)."""
+        d = dataclasses.asdict(self)
+        d["dims"] = list(self.dims)
+        d["dim_weights"] = None if self.dim_weights is None else list(self.dim_weights)
+        return d
+
+
+@dataclass
+class EndToEndConfig:
+    """Options of a fit on audio (``mrlcache fit --end-to-end``), beside a FitConfig."""
+
+    data: str | None = None  # VoxCeleb-style audio tree
+    variant: str | None = None  # published ReDimNet name (b0..b6, S, M)
+    random_init: bool = False  # the variant with random weights from the seed
+    train_type: str = "ptn"
+    dataset: str = "vox2"
+    crop_seconds: float = 2.0
+    min_seconds: float = 0.5  # shorter files are left out as too_short, as extract
+    views: int = 4  # views per utterance, drawn as extract draws them
+    augment: Any = None  # mrlcache.augment.AugmentConfig, or None (clean crops)
+    workers: int = 2  # DataLoader workers decoding and augmenting
+    unfreeze_after: int | None = None  # train the backbone from this epoch on; None: frozen
+    backbone_lr: float = 1e-5
+    grad_accum: int = 1  # batches per optimiser step
+
+    def check(self, weights: str | None) -> None:
+        """Raise FitError for a value no end-to-end fit can use (``weights``: FitConfig.weights)."""
+        _require(self, {
+            "views": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"),
+            "crop_seconds": (lambda v: v > 0, "> 0"), "min_seconds": (lambda v: v >= 0, ">= 0"),
+            "workers": (lambda v: v >= 0, ">= 0"), "backbone_lr": (lambda v: v > 0, "> 0"),
+            "unfreeze_after": (lambda v: v >= 0, ">= 0 (omit it to keep the backbone frozen)"),
+        })
+        if sum(bool(x) for x in (self.variant, weights)) != 1:
+            raise FitError("end-to-end mode needs exactly one of --variant NAME or --weights PATH")
+
+    def identity(self, weights: str | None) -> dict:
+        """What makes one end-to-end fit's data: part of its fingerprint (workers are not)."""
+        return {"mode": "end-to-end", "data": str(self.data), "variant": self.variant, "weights": weights,
+                "random_init": self.random_init, "train_type": self.train_type, "dataset": self.dataset,
+                "crop_seconds": self.crop_seconds, "views": self.views,
+                "augment": self.augment.to_dict() if self.augment is not None else None,
+                "unfreeze_after": self.unfreeze_after, "backbone_lr": self.backbone_lr,
+                "grad_accum": self.grad_accum, "min_seconds": self.min_seconds}
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["augment"] = self.augment.to_dict() if self.augment is not None else None
+        return d
+
+
+def field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def make_configs(dims, options: dict, end_to_end: bool = False):
+    """The checked configs of one fit: (FitConfig, EndToEndConfig or None).
+
+    ``options``: any field of FitConfig (and, end to end, of EndToEndConfig); anything
+    else is refused, so a typo never passes silently.
+    """
+    fit_names = field_names(FitConfig)
+    e2e_names = field_names(EndToEndConfig) if end_to_end else set()
+    unknown = sorted(set(options) - fit_names - e2e_names)
+    if unknown:
+        raise FitError(f"unknown fit option(s): {', '.join(unknown)}")
+    cfg = FitConfig(dims=tuple(dims), **{k: v for k, v in options.items() if k in fit_names})
+    cfg.check()
+    if not end_to_end:
+        return cfg, None
+    e2e = EndToEndConfig(**{k: v for k, v in options.items() if k in e2e_names})
+    e2e.check(cfg.weights)
+    if cfg.val_cache is not None:
+        raise FitError("end-to-end mode validates on held-out training speakers: use --val-speakers, "
+                       "not --val-cache (cached vectors go stale once the backbone trains)")
+    return cfg, e2e
+
+
+def run_config(cfg, e2e=None, cache_dir=None) -> dict:
+    """The run's one resolved config (config.yaml and last.pt): every option, by mode."""
+    return {**cfg.to_dict(), "mode": "end-to-end" if e2e is not None else "cache",
+            "cache": str(cache_dir) if cache_dir is not None else None,
+            "end_to_end": e2e.to_dict() if e2e is not None else None}
+
+
+def device_for(cfg):
+    """The device of ``cfg.device`` (runtime's rule), with fit's error type."""
+    from mrlcache.runtime import DeviceError, resolve_device
+
+    try:
+        return resolve_device(cfg.device)
+    except DeviceError as err:
+        raise FitError(str(err)) from None

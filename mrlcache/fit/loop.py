@@ -1,0 +1,213 @@
+"""The one training loop both modes share, behind one seam: :class:`TrainJob`.
+
+A mode (cache or end to end) builds a TrainJob: what an epoch's batches are, how a batch
+is embedded in training and in validation, which modules a checkpoint holds beyond the
+head and loss, and a hook run at each epoch's start. :func:`train` runs the epochs:
+margin warm-up, the step (autocast, gradient accumulation, clipping, the schedule),
+validation and model selection by mean EER, ``history.jsonl``, TensorBoard, and the
+checkpoints ``best.pt`` and ``last.pt``, all built by :func:`checkpoint`.
+
+Determinism: every random draw of epoch ``e`` (views, order; the classes of
+``class_sample`` from a second stream) comes from a generator seeded by ``(seed, e)``,
+and ``last.pt`` holds the torch RNG state, so a fit resumed from ``last.pt`` replays the
+same epochs as an uninterrupted one (bit-identical on the CPU with the same threads).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mrlcache.fit.data import epoch_generator
+from mrlcache.fit.heads import sample_classes
+from mrlcache.fit.validate import ValSet, validate
+from mrlcache.runtime import atomic_torch_save
+
+
+@dataclass
+class TrainJob:
+    """What the training loop needs from a mode (cache or end to end)."""
+
+    cfg: object  # FitConfig
+    config: dict  # the run's resolved options, stored in last.pt (as config.yaml)
+    out: Path
+    head: torch.nn.Module
+    loss_fn: torch.nn.Module
+    batches: Callable  # batches(epoch) -> iterator of (input, labels (b,)) on the device
+    embed: Callable  # embed(input) -> (b, max_dim), the training forward
+    val_embed: Callable  # val_embed(val input (b, ...)) -> (b, max_dim), in eval mode
+    val: ValSet | None
+    steps_per_epoch: int  # batches per epoch
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    modules: dict = field(default_factory=dict)  # more modules to checkpoint, e.g. {"backbone": m}
+    on_epoch_start: Callable | None = None  # on_epoch_start(epoch), e.g. to unfreeze the backbone
+    grad_accum: int = 1  # batches per optimiser step
+
+
+def checkpoint(job: TrainJob, epoch: int, **more) -> dict:
+    """The one checkpoint layout: epoch, head, loss and module states, plus ``more``.
+
+    Only tensors and plain containers, so every checkpoint loads with ``weights_only=True``.
+    """
+    return {"epoch": epoch, "head": job.head.state_dict(), "loss": job.loss_fn.state_dict(),
+            "extra": {k: m.state_dict() for k, m in job.modules.items()}, **more}
+
+
+def load_checkpoint(path: Path, device="cpu") -> dict:
+    """A checkpoint written by :func:`checkpoint`; tensors and plain containers only."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def train(job: TrainJob, resume: bool) -> dict:
+    """Run the epochs of ``job`` (from ``last.pt`` when resuming); returns best, history, stop."""
+    cfg, out = job.cfg, job.out
+    from torch.utils.tensorboard import SummaryWriter
+
+    use_amp = job.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    autocast_dtype = torch.float16 if use_amp else (torch.bfloat16 if cfg.precision == "bf16" else None)
+
+    start, best, history = 0, {"epoch": None, "mean_eer": None}, []
+    last_path, hist_path = out / "last.pt", out / "history.jsonl"
+    if resume:
+        state = load_checkpoint(last_path, job.device)
+        job.head.load_state_dict(state["head"])
+        job.loss_fn.load_state_dict(state["loss"])
+        for name, mod in job.modules.items():
+            mod.load_state_dict(state["extra"][name])
+        if job.on_epoch_start:
+            job.on_epoch_start(state["epoch"])  # restore e.g. the unfrozen param group first
+        job.optimizer.load_state_dict(state["optimizer"])
+        job.scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        start, best = state["epoch"], state["best"]
+        # Keep only the epochs the checkpoint has seen (a crash may leave one more line).
+        lines = hist_path.read_text().splitlines() if hist_path.exists() else []
+        history = [json.loads(x) for x in lines if x.strip()]
+        history = [h for h in history if h["epoch"] < start]
+        hist_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start if resume else None)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True, quiet=not cfg.progress)
+    dims = job.loss_fn.dims
+    stopped_early = False
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        if job.on_epoch_start:
+            job.on_epoch_start(epoch)
+        warm = cfg.margin_warmup_epochs
+        job.loss_fn.set_margin(cfg.margin * (min(1.0, epoch / warm) if warm > 0 else 1.0))
+        job.head.train()
+        job.loss_fn.train()
+        sums = torch.zeros(2, len(dims), dtype=torch.float64)  # loss, accuracy per dim, x rows
+        class_gen = epoch_generator(cfg.seed, epoch, stream=1) if cfg.class_sample < 1 else None
+        seen = 0
+        with Progress(TextColumn(f"epoch {epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=console, transient=True,
+                      disable=not cfg.progress) as bar:
+            task = bar.add_task("fit", total=job.steps_per_epoch)
+            pending = False  # gradients accumulated since the last optimiser step
+            for step, (x, y) in enumerate(job.batches(epoch)):
+                with torch.autocast(job.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    emb = job.embed(x)
+                    classes = None
+                    if class_gen is not None:
+                        classes = sample_classes(y, job.loss_fn.num_classes, cfg.class_sample, class_gen).to(y.device)
+                    loss, dim_loss, dim_acc = job.loss_fn(emb, y, classes)
+                # Gradient accumulation: average over grad_accum batches, then one step.
+                scaler.scale(loss / job.grad_accum).backward()
+                pending = True
+                if (step + 1) % job.grad_accum == 0 or step + 1 == job.steps_per_epoch:
+                    _optimizer_step(job, scaler)
+                    pending = False
+                n = len(y)
+                sums[0] += dim_loss.detach().double().cpu() * n
+                sums[1] += dim_acc.double().cpu() * n
+                seen += n
+                bar.advance(task)
+            if pending:
+                # Fewer batches than planned (end to end: unreadable files dropped): the
+                # epoch's last accumulated gradients still make a step.
+                _optimizer_step(job, scaler)
+        train_loss = (sums[0] / max(seen, 1)).tolist()
+        train_acc = (sums[1] / max(seen, 1)).tolist()
+        rec = {"epoch": epoch, "margin": job.loss_fn.margin, "lr": job.optimizer.param_groups[0]["lr"],
+               "samples": seen, "loss": dict(zip(map(str, dims), train_loss)),
+               "accuracy": dict(zip(map(str, dims), train_acc))}
+        validating = job.val is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
+        if validating:
+            job.head.eval()
+            v = validate(job.val_embed, job.val, dims, job.device)
+            rec["val_eer"] = {str(d): e for d, e in v["eer"].items()}
+            rec["val_min_dcf"] = {str(d): e for d, e in v["min_dcf"].items()}
+            rec["val_mean_eer"] = v["mean_eer"]
+            if cfg.scheduler == "plateau":
+                job.scheduler.step(v["mean_eer"])
+            if best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]:
+                best = {"epoch": epoch, "mean_eer": v["mean_eer"], "eer": rec["val_eer"],
+                        "min_dcf": rec["val_min_dcf"]}
+                atomic_torch_save(checkpoint(job, epoch, val=best), out / "best.pt")
+        elif job.val is None:
+            # No validation: the last epoch is the model (recorded as such in summary.json).
+            best = {"epoch": epoch, "mean_eer": None}
+            atomic_torch_save(checkpoint(job, epoch, val=None), out / "best.pt")
+        rec["seconds"] = time.perf_counter() - t0
+        rec["samples_per_s"] = seen / rec["seconds"]
+        with open(hist_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        history.append(rec)
+        _log_tensorboard(writer, rec, dims)
+        atomic_torch_save(checkpoint(job, epoch + 1, optimizer=job.optimizer.state_dict(),
+                                     scheduler=job.scheduler.state_dict(), scaler=scaler.state_dict(),
+                                     torch_rng=torch.get_rng_state(), best=best, config=job.config), last_path)
+        line = f"epoch {epoch + 1}/{cfg.epochs} loss {sum(train_loss) / len(dims):.3f} " \
+               f"acc {train_acc[-1]:.3f} lr {rec['lr']:.2e} {rec['seconds']:.1f}s"
+        if validating:
+            line += " EER% " + " ".join(f"{d}:{100 * v['eer'][d]:.2f}" for d in dims)
+        console.print(line)
+        if (cfg.patience > 0 and best["epoch"] is not None and job.val is not None
+                and epoch - best["epoch"] >= cfg.patience):
+            stopped_early = True
+            console.print(f"early stop: no better mean EER for {cfg.patience} epochs")
+            break
+    writer.close()
+    return {"best": best, "history": history, "stopped_early": stopped_early}
+
+
+def _optimizer_step(job: TrainJob, scaler) -> None:
+    """Clip, step, zero the gradients, and advance a per-step (cosine) schedule."""
+    if job.cfg.grad_clip > 0:
+        scaler.unscale_(job.optimizer)
+        params = [p for g in job.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, job.cfg.grad_clip)
+    scaler.step(job.optimizer)
+    scaler.update()
+    job.optimizer.zero_grad(set_to_none=True)
+    if job.cfg.scheduler == "cosine":
+        job.scheduler.step()
+
+
+def _log_tensorboard(writer, rec: dict, dims) -> None:
+    step = rec["epoch"]
+    for d in dims:
+        writer.add_scalar(f"loss/{d}", rec["loss"][str(d)], step)
+        writer.add_scalar(f"accuracy/{d}", rec["accuracy"][str(d)], step)
+        if "val_eer" in rec:
+            writer.add_scalar(f"val_eer/{d}", rec["val_eer"][str(d)], step)
+            writer.add_scalar(f"val_min_dcf/{d}", rec["val_min_dcf"][str(d)], step)
+    writer.add_scalar("lr", rec["lr"], step)
+    writer.add_scalar("margin", rec["margin"], step)
+    writer.add_scalar("seconds", rec["seconds"], step)
+    if "val_mean_eer" in rec:
+        writer.add_scalar("val_eer/mean", rec["val_mean_eer"], step)

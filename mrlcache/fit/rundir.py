@@ -1,0 +1,181 @@
+"""The run directory of a fit: its lock, resume checks, header files, skip log and results.
+
+Files: ``config.yaml`` (the one resolved config of the run), ``fingerprint.json`` (what it
+was fitted on), ``history.jsonl``, TensorBoard events, ``last.pt`` (resumable),
+``best.pt``, ``model.pt`` (see :mod:`mrlcache.model`), ``summary.json``; end to end also
+``skipped.tsv``; and ``.fit.lock``, locked while a fit writes the directory.
+
+The lock is a POSIX record lock (``fcntl.lockf``): it belongs to the fitting process, is
+not inherited by DataLoader workers, and is released by the kernel when that process ends
+in any way (a killed fit leaves no stale lock; the empty file stays).
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from mrlcache.fit.config import FitError
+from mrlcache.fit.loop import load_checkpoint
+
+LOCK_NAME = ".fit.lock"
+_HELD: dict[str, int] = {}  # run directories this process has locked -> lock file descriptor
+
+# Options that may change on --resume: they do not change what an epoch computes.
+RESUME_FREE = {"epochs", "patience", "progress", "device", "val_every", "cache", "end_to_end.workers"}
+
+
+def meta_hash(meta: dict) -> str:
+    """SHA-256 of the cache metadata as canonical JSON."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class RunLock:
+    """Exclusive, per-process lock of a run directory; refuses a second writer at once."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.key = str(self.out.resolve())
+        self.fd = None
+
+    def acquire(self) -> "RunLock":
+        if self.key in _HELD:  # record locks do not conflict within one process: check here
+            raise FitError(f"{self.out}: another fit in this process is writing this run directory; "
+                           "choose another --out")
+        fd = os.open(self.out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                raise FitError(f"{self.out}: another fit (pid {holder or '?'}) is writing this run directory; "
+                               "wait for it to end or choose another --out") from None
+            raise FitError(f"{self.out}: cannot lock {LOCK_NAME} ({err.strerror})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        _HELD[self.key] = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            _HELD.pop(self.key, None)
+            os.close(self.fd)  # closing drops the record lock
+            self.fd = None
+
+    def __enter__(self):
+        return self if self.fd is not None else self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _flatten(config: dict) -> dict:
+    flat = {}
+    for k, v in config.items():
+        if k == "end_to_end" and isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return flat
+
+
+def open_run(out: Path, config: dict, resume: bool, fingerprint: dict) -> tuple[RunLock, bool]:
+    """Create and lock the run directory and check it; returns (lock, whether to resume).
+
+    The caller releases the lock when the fit ends (``with lock:``).
+    """
+    if resume and not (out / "last.pt").exists():
+        raise FitError(f"--resume: {out}/last.pt does not exist; start the fit without --resume")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out).acquire()  # first: a running fit is reported as such
+    try:
+        if not resume and (out / "last.pt").exists():
+            raise FitError(f"{out} already holds a fit; pass --resume to continue it or choose another --out")
+        resume = _check_resume(out, config, fingerprint) if resume else False
+    except BaseException:
+        lock.release()
+        raise
+    return lock, resume
+
+
+def _check_resume(out: Path, config: dict, fingerprint: dict) -> bool:
+    old = json.loads((out / "fingerprint.json").read_text())
+    if old.get("cache_meta_sha256") != fingerprint["cache_meta_sha256"]:
+        raise FitError(f"--resume: {out} was fitted on another cache (metadata hash differs)")
+    old_cfg = _flatten(yaml.safe_load((out / "config.yaml").read_text()))
+    # Options that change what an epoch computes must match; epochs/patience may grow.
+    changed = sorted(k for k, v in _flatten(config).items() if k not in RESUME_FREE and old_cfg.get(k) != v)
+    if changed:
+        raise FitError(f"--resume: options differ from {out}/config.yaml: {', '.join(changed)}")
+    return True
+
+
+def write_header(out: Path, config: dict, fingerprint: dict) -> None:
+    """``config.yaml`` (the resolved options) and ``fingerprint.json`` (the inputs)."""
+    (out / "config.yaml").write_text("# mrlcache fit: resolved options\n" + yaml.safe_dump(config, sort_keys=True))
+    (out / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+
+
+class SkipLog:
+    """Utterances an end-to-end fit left out, each appended once to ``RUN/skipped.tsv``."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path, self.reasons = path, {}
+        if resume and path.exists():  # a resumed fit knows what it already recorded
+            for line in path.read_text().splitlines()[1:]:
+                utt, reason = line.split("\t")[:2]
+                self.reasons[utt] = reason
+        else:
+            path.write_text("utt_id\treason\tdetail\n")
+
+    def add(self, utt_id: str, reason: str, detail: str) -> None:
+        if utt_id in self.reasons:
+            return
+        self.reasons[utt_id] = reason
+        with open(self.path, "a") as f:
+            f.write(f"{utt_id}\t{reason}\t{' '.join(detail.split())}\n")
+
+    def by_reason(self) -> dict:
+        return {r: list(self.reasons.values()).count(r) for r in sorted(set(self.reasons.values()))}
+
+
+def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict) -> None:
+    """Write model.pt from best.pt, summary.json, and print the final table."""
+    from mrlcache.model import save_model
+
+    cfg, out = job.cfg, job.out
+    best_state = load_checkpoint(out / "best.pt")
+    head = copy.deepcopy(job.head).cpu()
+    head.load_state_dict(best_state["head"])
+    if "backbone" in best_state.get("extra", {}) and backbone is not None:
+        backbone.load_state_dict(best_state["extra"]["backbone"])
+    save_model(out / "model.pt", head, backbone=backbone, embed_backbone=cfg.embed_backbone,
+               backbone_ref=backbone_ref)
+    summary = {"best_epoch": result["best"]["epoch"], "best": result["best"],
+               "epochs_run": len(result["history"]), "stopped_early": result["stopped_early"],
+               "selected_by": "val mean EER" if job.val is not None else "last epoch (no validation)",
+               **extra_summary}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if cfg.progress and job.val is not None and result["best"]["mean_eer"] is not None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{out.name}: best epoch {result['best']['epoch'] + 1}")
+        table.add_column("dim", justify="right")
+        table.add_column("EER %", justify="right")
+        table.add_column("minDCF", justify="right")
+        for d in job.head.dims:
+            table.add_row(str(d), f"{100 * result['best']['eer'][str(d)]:.2f}",
+                          f"{result['best']['min_dcf'][str(d)]:.3f}")
+        if "raw_eer" in extra_summary:
+            table.add_row(f"raw {job.head.pooled_dim}", f"{100 * extra_summary['raw_eer']:.2f}", "")
+        Console(stderr=True).print(table)

@@ -1,0 +1,131 @@
+"""Validation: verification trials scored at every dim, the EER that selects the model.
+
+Model selection is by EER, never by training loss: the trials are an external validation
+cache and trial list (:func:`external_valset`), or all pairs (or a seeded sample) of
+utterances of held-out training speakers (:func:`heldout_trials`). :func:`validate`
+scores them as ``mrlcache eer`` does (every prefix in one pass); :func:`raw_eer` is the raw-vector
+baseline a head must beat.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mrlcache.fit.config import FitError
+from mrlcache.fit.data import batch_slices
+
+
+@dataclass
+class ValSet:
+    """Pooled vectors (N, D) float32 and trials as index pairs with 0/1 labels."""
+
+    pooled: np.ndarray
+    enroll: np.ndarray
+    test: np.ndarray
+    labels: np.ndarray
+    source: str
+    batch: int = 1024  # rows per embedding pass (small for waveforms)
+
+
+def heldout_trials(speakers: np.ndarray, max_trials: int, seed: int):
+    """All pairs among held-out utterances, or a seeded sample of ``max_trials`` distinct pairs.
+
+    Returns (enroll (T,), test (T,), labels (T,) int8).
+    """
+    n = len(speakers)
+    if n * (n - 1) // 2 <= max_trials:
+        i, j = np.triu_indices(n, k=1)
+    else:
+        rng = np.random.default_rng(seed)
+        i = rng.integers(0, n, size=max_trials * 2)
+        j = rng.integers(0, n, size=max_trials * 2)
+        lo, hi = np.minimum(i, j), np.maximum(i, j)
+        pairs = np.unique(lo[lo != hi] * n + hi[lo != hi])[:max_trials]
+        i, j = pairs // n, pairs % n
+    labels = (speakers[i] == speakers[j]).astype(np.int8)
+    return i, j, labels
+
+
+def external_valset(val_cache, trials_path) -> ValSet:
+    """Validation vectors (view 0) from a cache and a trial list naming its utterances."""
+    from mrlcache import cache as cache_mod
+    from mrlcache.trials import read_trials
+
+    vc = cache_mod.open(val_cache) if isinstance(val_cache, (str, os.PathLike)) else val_cache
+    trials = read_trials(trials_path)
+    index = {u: k for k, u in enumerate(vc.utterances)}
+    missing = sorted({u for u in (*trials.enroll, *trials.test) if u not in index})
+    if missing:
+        why = vc.skipped.get(missing[0], "not in the cache")
+        raise FitError(
+            f"{trials_path}: {len(missing)} trial utterance(s) have no vector in {val_cache}, "
+            f"e.g. {missing[0]} ({why}); extract them or remove those trials"
+        )
+    enroll = np.array([index[u] for u in trials.enroll])
+    test = np.array([index[u] for u in trials.test])
+    return ValSet(vc.read("pooled", view=0, dtype=np.float32), enroll, test,
+                  np.asarray(trials.labels, np.int8), f"{trials_path}")
+
+
+def raw_eer(val: ValSet) -> float:
+    """EER of cosine scoring on the raw pooled vectors: the baseline a head must beat."""
+    from mrlcache.metrics import eer
+    from mrlcache.scoring import score_trials
+
+    return eer(score_trials(val.pooled, val.enroll, val.test, [val.pooled.shape[1]])[0], val.labels)[0]
+
+
+@torch.no_grad()
+def validate(embed_fn, val: ValSet, dims, device) -> dict:
+    """EER and minDCF at every dim. ``embed_fn``: (b, D) pooled on device -> (b, max_dim)."""
+    from mrlcache.metrics import eer, min_dcf
+    from mrlcache.scoring import score_trials
+
+    embs = []
+    for sl in batch_slices(len(val.pooled), val.batch):
+        embs.append(embed_fn(torch.from_numpy(val.pooled[sl]).to(device)).float().cpu())
+    # The scoring `mrlcache eer` uses: all prefixes in one pass (float32 products, float64 sums).
+    scores = score_trials(torch.cat(embs).numpy(), val.enroll, val.test, list(dims))  # (S, T)
+    out = {"eer": {}, "min_dcf": {}}
+    for d, s in zip(dims, scores):
+        out["eer"][d] = eer(s, val.labels)[0]
+        out["min_dcf"][d] = min_dcf(s, val.labels)
+    out["mean_eer"] = float(np.mean(list(out["eer"].values())))
+    return out
+
+
+def heldout_valset(vectors: np.ndarray, speakers: np.ndarray, max_trials: int, seed: int, source: str,
+                   batch: int = 1024) -> ValSet:
+    """A ValSet of trials among held-out utterances: vectors (N, ...) and their speakers (N,)."""
+    e, t, lab = heldout_trials(speakers, max_trials, seed)
+    if lab.min() == lab.max():
+        raise FitError("held-out validation trials are all one class; raise --val-speakers")
+    return ValSet(vectors, e, t, lab, source, batch=batch)
+
+
+def split_speakers(speakers: np.ndarray, val_speakers: int | None, seed: int, where: str):
+    """Hold out validation speakers; the others are the training classes.
+
+    Args: speakers (N,) speaker of each utterance; val_speakers: how many to hold out
+    (None: 5% of the speakers, 2..200, none below 6 speakers); where: names the data in errors.
+    Returns (held-out speaker names sorted, training speaker names sorted, labels (N,) int64
+    class index or -1 for held out, the number held out).
+    """
+    names = sorted(set(speakers.tolist()))
+    n_val = val_speakers
+    if n_val is None:
+        n_val = min(200, max(2, len(names) // 20)) if len(names) >= 6 else 0
+    if n_val and n_val > len(names) - 2:
+        raise FitError(f"--val-speakers {n_val}: {where} has only {len(names)} speakers; "
+                       f"keep at least 2 for training")
+    pick = np.random.default_rng(seed).permutation(len(names))[:n_val]
+    val_names = sorted(names[k] for k in pick)
+    held = set(val_names)
+    train_names = [s for s in names if s not in held]
+    cls = {s: k for k, s in enumerate(train_names)}
+    labels = np.array([cls.get(s, -1) for s in speakers], np.int64)
+    return val_names, train_names, labels, int(n_val)
