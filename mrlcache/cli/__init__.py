@@ -4,22 +4,9 @@ Each command module keeps its heavy imports (torch, zarr, ...) inside the comman
 that ``mrlcache --help`` answers at once.
 """
 
-import os
-
 import click
 
 from mrlcache import __version__
-
-
-def passive_openmp():
-    """Let OpenMP threads sleep between parallel regions; call before torch is imported.
-
-    For commands whose decoding workers share the cores with the model: busy-waiting
-    model threads starved them (b2 ran 9x slower on 2 cores under load). Commands without
-    workers keep OpenMP's default, which is faster alone (a fit step: 47 -> 39 ms). A value
-    the user set is kept.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -31,12 +18,22 @@ def main():
     """
 
 
+def __getattr__(name):
+    # Only for cli/fit.py's "from mrlcache.cli import passive_openmp" until it imports
+    # mrlcache.runtime itself; lazy, so that "mrlcache --help" does not import torch.
+    if name == "passive_openmp":
+        from mrlcache.runtime import passive_openmp
+
+        return passive_openmp
+    raise AttributeError(f"module 'mrlcache.cli' has no attribute {name!r}")
+
+
 def _register():
     # One line per command module; a module that fails to import is a bug, not something
     # to hide, so there is no try/except here.
     from mrlcache.cli import eer, embed, extract, info
     from mrlcache.cli import demo, fit
-    from mrlcache.cli import corpus
+    from mrlcache.cli import make_corpus
 
     main.add_command(info.info)
     main.add_command(extract.extract)
@@ -44,7 +41,7 @@ def _register():
     main.add_command(embed.embed)
     main.add_command(fit.fit)
     main.add_command(demo.demo)
-    main.add_command(corpus.make_corpus)
+    main.add_command(make_corpus.make_corpus)
 
 
 _register()

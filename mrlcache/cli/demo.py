@@ -17,11 +17,15 @@ def demo(out, quick, weights, variant, seed):
     """Make a synthetic corpus, extract, fit the Matryoshka head, score: EER per dim."""
     import time
 
+    from mrlcache.cli import main
     from mrlcache.demo import FULL, QUICK, run_demo
+
+    def run(args):  # each demo step is the real command, run in this process
+        main.main(args=args, prog_name="mrlcache", standalone_mode=False)
 
     started = time.perf_counter()
     try:
-        results = run_demo(out, QUICK if quick else FULL, seed=seed, variant=variant or "b0", weights=weights,
+        results = run_demo(out, run, QUICK if quick else FULL, seed=seed, variant=variant or "b0", weights=weights,
                            random_init=not (weights or variant), echo=click.echo)
     except ValueError as err:
         raise click.ClickException(str(err))

@@ -85,7 +85,7 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
     Rerunning the same command resumes: finished shards are kept. Under
     `torchrun --nproc-per-node N -m mrlcache extract ...` each process writes its own shards.
     """
-    from mrlcache.cli import passive_openmp
+    from mrlcache.runtime import passive_openmp
 
     passive_openmp()  # before torch: the decoding workers share the cores with the model
     import torch

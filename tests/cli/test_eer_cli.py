@@ -21,6 +21,7 @@ from mrlcache.model import load_model, save_model
 from mrlcache.models.loading import save_checkpoint
 from mrlcache.models.redimnet import ReDimNet
 
+pytestmark = pytest.mark.slow  # every test here runs a backbone on audio or a full command
 DIMS = [4, 8]
 
 

@@ -63,7 +63,7 @@ _CONTROL_RATE = 1000  # control tracks are built at 1 kHz (one row per milliseco
 _NFFT, _HOP = 512, 128  # STFT for the time-varying filter: 32 ms frames, 8 ms hop at 16 kHz
 
 
-class CorpusError(ValueError):
+class SynthError(ValueError):
     """Bad arguments for the corpus or an output directory that must not be overwritten."""
 
 
@@ -449,10 +449,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
         except (OSError, ValueError):
             previous = False
     if not previous:
-        raise CorpusError(f"{out}: directory is not empty and holds no synthetic corpus "
+        raise SynthError(f"{out}: directory is not empty and holds no synthetic corpus "
                           "(no corpus.json); choose an empty or new directory")
     if not overwrite:
-        raise CorpusError(f"{out}: already holds a synthetic corpus; pass overwrite=True "
+        raise SynthError(f"{out}: already holds a synthetic corpus; pass overwrite=True "
                           "(--overwrite) to replace it")
     for name in ("train", "test"):
         shutil.rmtree(out / name, ignore_errors=True)
@@ -478,7 +478,7 @@ def _make_trials(seed: int, test_utts: dict[str, list[tuple[int, str]]],
             chosen = pairs
         else:
             if per_speaker > len(pairs):
-                raise CorpusError(f"trials_per_speaker={per_speaker} but speaker {spk} has only "
+                raise SynthError(f"trials_per_speaker={per_speaker} but speaker {spk} has only "
                                   f"{len(pairs)} cross-video utterance pairs; lower it or add utterances")
             chosen = [pairs[i] for i in sorted(rng.choice(len(pairs), per_speaker, replace=False))]
         trials += [(1, a, b) for a, b in chosen]
@@ -486,7 +486,7 @@ def _make_trials(seed: int, test_utts: dict[str, list[tuple[int, str]]],
         # Non-targets: enrol this speaker's utterances against other speakers', no pair twice.
         needed = len(chosen)
         if needed > len(utts) * len(others):
-            raise CorpusError(f"speaker {spk}: cannot draw {needed} distinct non-target trials")
+            raise SynthError(f"speaker {spk}: cannot draw {needed} distinct non-target trials")
         while needed:
             a = utts[rng.integers(len(utts))][1]
             b = others[rng.integers(len(others))]
@@ -529,19 +529,19 @@ def make_corpus(out, speakers: int = 40, utterances: int = 8, seed: int = 0,
     if test_speakers is None:
         test_speakers = max(2, round(speakers * 0.25))
     if test_speakers < 2 or speakers - test_speakers < 1:
-        raise CorpusError(f"need at least 2 test speakers and 1 train speaker, got speakers={speakers}, "
+        raise SynthError(f"need at least 2 test speakers and 1 train speaker, got speakers={speakers}, "
                           f"test_speakers={test_speakers}")
     if videos < 2:
-        raise CorpusError(f"videos={videos}: need at least 2 videos per speaker "
+        raise SynthError(f"videos={videos}: need at least 2 videos per speaker "
                           "for cross-video target trials")
     if utterances < videos:
-        raise CorpusError(f"utterances={utterances} < videos={videos}: every video needs an utterance")
+        raise SynthError(f"utterances={utterances} < videos={videos}: every video needs an utterance")
     if not 0 < seconds[0] <= seconds[1]:
-        raise CorpusError(f"seconds={seconds}: need 0 < min <= max")
+        raise SynthError(f"seconds={seconds}: need 0 < min <= max")
     if sample_rate < 8000:
-        raise CorpusError(f"sample_rate={sample_rate}: need at least 8000 Hz")
+        raise SynthError(f"sample_rate={sample_rate}: need at least 8000 Hz")
     if seed < 0:
-        raise CorpusError(f"seed={seed}: need a non-negative integer")
+        raise SynthError(f"seed={seed}: need a non-negative integer")
     _check_out(out, overwrite)
 
     num_train = speakers - test_speakers
