@@ -1,17 +1,35 @@
 """The ``mrlcache`` command line: a click group with one module per command.
 
 Each command module keeps its heavy imports (torch, zarr, ...) inside the command body so
-that ``mrlcache --help`` answers at once.
+that ``mrlcache --help`` answers at once. No traceback reaches a user for bad input: the
+commands turn the library's errors into one-line messages, and the group turns any
+operating-system failure left (a full disk, a read-only output, an unreadable folder)
+into one line naming the path; ``mrlcache --debug COMMAND`` shows the traceback instead.
 """
+
+import errno
 
 import click
 
 from mrlcache import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as err:
+            if ctx.params.get("debug") or err.errno == errno.EPIPE:  # EPIPE: click's own handling
+                raise
+            from mrlcache.cli.options import describe_os_error
+
+            raise click.ClickException(describe_os_error(err)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mrlcache")
-def main():
+@click.option("--debug", is_flag=True, help="Show the Python traceback of an operating-system error.")
+def main(debug):
     """Matryoshka speaker embeddings from a frozen ReDimNet, feature-cache-first.
 
     Typical flow: extract (once) -> fit (minutes) -> eer.

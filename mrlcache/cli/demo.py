@@ -2,6 +2,7 @@
 
 import click
 
+from mrlcache.cli.options import SEED
 from mrlcache.config import config_option
 
 
@@ -12,7 +13,7 @@ from mrlcache.config import config_option
 @click.option("--quick", is_flag=True, help="A smaller corpus and fewer epochs (about a minute; used in CI).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Real backbone: a published-format checkpoint.")
 @click.option("--variant", default=None, help="Real backbone: published ReDimNet name (downloaded once).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def demo(out, quick, weights, variant, seed):
     """Make a synthetic corpus, extract, fit the Matryoshka head, score: EER per dim."""
     import time
@@ -20,8 +21,10 @@ def demo(out, quick, weights, variant, seed):
     from mrlcache.cli import main
     from mrlcache.demo import FULL, QUICK, run_demo
 
+    debug = ["--debug"] if click.get_current_context().find_root().params.get("debug") else []
+
     def run(args):  # each demo step is the real command, run in this process
-        main.main(args=args, prog_name="mrlcache", standalone_mode=False)
+        main.main(args=[*debug, *args], prog_name="mrlcache", standalone_mode=False)
 
     started = time.perf_counter()
     try:
