@@ -36,8 +36,9 @@ SILENCE_PEAK = 1e-4
 # longer wave: 256 samples or fewer crash the model, so they are too short for any setting.
 MIN_SAMPLES = 257
 REASONS = ("unreadable", "empty", "truncated", "silent", "too_short")
-# Extensions that never go to libsndfile (it cannot read MP4 containers).
-_PYAV_EXTENSIONS = (".m4a", ".mp4", ".aac", ".mp3", ".ogg", ".opus", ".webm")
+# Extensions that never go to libsndfile (it cannot read MP4 containers). Ogg Vorbis does:
+# libsndfile returns every sample of it, where PyAV dropped the last 256 (1 s test tone).
+_PYAV_EXTENSIONS = (".m4a", ".mp4", ".aac", ".mp3", ".opus", ".webm")
 
 
 class AudioError(Exception):

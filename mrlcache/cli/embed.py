@@ -117,7 +117,8 @@ def embed(ctx, model_path, inputs, dim, out, max_seconds, device):
                 raise click.ClickException(f"{err}; remove the file or fix it") from None
             if peak(wave) < SILENCE_PEAK:
                 progress.console.print(f"warning: {path}: digital silence (peak below {SILENCE_PEAK:.0e}); "
-                                       "its embedding carries no speaker information")
+                                       "its embedding carries no speaker information",
+                                       soft_wrap=True, markup=False, highlight=False)
             with torch.no_grad():
                 x = torch.from_numpy(np.ascontiguousarray(wave))[None].to(device)
                 vectors[i] = model(x, dim=dim)[0].cpu().numpy()
