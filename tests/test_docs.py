@@ -62,8 +62,11 @@ def check_command_line(tokens: list[str], *, values: bool = True) -> list[str]:
         values: also check that each option taking a value has one, and that positional
             arguments are accepted (off for inline mentions such as `mrlcache extract --list`).
     """
+    group_flags = {opt for p in main.params if isinstance(p, click.Option) and p.is_flag for opt in p.opts}
+    while tokens and tokens[0] in group_flags - {"--help", "-h", "--version"}:  # mrlcache --debug COMMAND
+        tokens = tokens[1:]
     if not tokens or tokens[0].startswith("-"):
-        bad = [t for t in tokens if t.startswith("-") and t not in ("--help", "-h", "--version")]
+        bad = [t for t in tokens if t.startswith("-") and t not in group_flags]
         return [f"unknown group option {t}" for t in bad]
     name, rest = tokens[0], tokens[1:]
     if name.isupper() or name in ("...", "…"):  # placeholders: `mrlcache COMMAND --help`, `mrlcache ...`
@@ -184,6 +187,9 @@ def test_the_command_line_checker_catches_mistakes():
     assert check_command_line(["extract", "--out"]) == ["mrlcache extract: --out needs a value"]
     assert check_command_line(["fit", "--cache", "c", "stray"]) == ["mrlcache fit: unexpected argument 'stray'"]
     assert check_command_line(["make-corpus", "corpus", "--speakers", "4"]) == []
+    assert check_command_line(["--debug", "extract", "--out", "c"]) == []
+    assert check_command_line(["--debug", "extract", "--vews", "4"]) == ["mrlcache extract: no option --vews"]
+    assert check_command_line(["--debgu", "extract"]) == ["unknown group option --debgu"]
     assert check_command_line(["fit", "--config", "configs/nope.yaml", "--out", "r"]) == [
         "mrlcache fit: --config configs/nope.yaml does not exist"]
     torchrun = _invocations("torchrun --nproc-per-node 8 -m mrlcache extract --config x.yaml --out c")
