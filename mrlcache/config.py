@@ -1,9 +1,11 @@
 """Options from YAML files: ``--config FILE`` on every command, command-line values win.
 
 A config file is a flat mapping of option names (``crop-seconds`` or ``crop_seconds``; an
-option's parameter name such as ``backend`` for ``--format`` works too) to values. A key that is not an option of the command is an error, so a typo never passes
-silently. The resolved options of a run are written next to its output with
-:func:`resolved_options`.
+option's parameter name such as ``backend`` for ``--format`` works too) to values. A key
+that is not an option of the command, a key given twice (also as two spellings of one
+option) and a list or mapping where one value belongs are errors, so a typo never passes
+silently. A repeatable option takes a list or a single value. The resolved options of a
+run are written next to its output with :func:`write_resolved`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,28 @@ import click
 import yaml
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error
+    (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} on lines {seen[key]} and {line}", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: str | Path):
+    """Parse a YAML file with the safe loader, refusing duplicate keys (raises yaml.YAMLError)."""
+    return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
+
+
 def read_yaml_options(path: str | Path, command: click.Command) -> dict:
     """Read a YAML config file and check its keys against ``command``'s options.
 
@@ -21,9 +45,14 @@ def read_yaml_options(path: str | Path, command: click.Command) -> dict:
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise click.BadParameter(f"{path}: cannot read as YAML ({err})", param_hint="--config")
+        data = load_yaml(path)
+    except OSError as err:
+        raise click.BadParameter(f"{path}: cannot read ({err.strerror or err})", param_hint="--config")
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).replace("\n", " ")
+        raise click.BadParameter(f"{where}: not valid YAML: {problem}", param_hint="--config")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -33,21 +62,25 @@ def read_yaml_options(path: str | Path, command: click.Command) -> dict:
         )
     # A key is an option's long name (``format``, ``crop-seconds``) or its parameter name
     # (``backend``, ``crop_seconds``), with - and _ alike.
-    known = {}
+    known, params = {}, {}
     for param in command.params:
         if not param.name or param.name == "config":
             continue
         known[param.name] = param.name
+        params[param.name] = param
         for opt in getattr(param, "opts", []):
             if opt.startswith("--"):
                 known[opt[2:].replace("-", "_")] = param.name
-    options, unknown = {}, []
+    options, unknown, given_as = {}, [], {}
     for key, value in data.items():
         name = known.get(str(key).replace("-", "_"))
-        if name:
-            options[name] = value
-        else:
+        if not name:
             unknown.append(str(key))
+            continue
+        if name in options:
+            raise click.BadParameter(f"{path}: {given_as[name]!r} and {key!r} set the same option; keep one",
+                                     param_hint="--config")
+        options[name], given_as[name] = _check_value(path, key, value, params[name]), key
     if unknown:
         raise click.BadParameter(
             f"{path}: unknown option(s) {', '.join(sorted(unknown))} for "
@@ -55,6 +88,20 @@ def read_yaml_options(path: str | Path, command: click.Command) -> dict:
             param_hint="--config",
         )
     return options
+
+
+def _check_value(path: Path, key, value, param: click.Parameter):
+    """A YAML value in the shape the option takes: one value, or a list for a repeatable option."""
+    if getattr(param, "multiple", False) or param.nargs != 1:
+        value = value if isinstance(value, list) else [value]
+        bad = [v for v in value if isinstance(v, (list, dict))]
+    else:
+        bad = [value] if isinstance(value, (list, dict)) else []
+    if bad:
+        kind = "list" if isinstance(bad[0], list) else "mapping"
+        raise click.BadParameter(f"{path}: {key}: expected a single value, got a {kind} ({bad[0]!r})",
+                                 param_hint="--config")
+    return value
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value):

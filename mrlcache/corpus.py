@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".m4a")
+# wav/flac go through libsndfile, the others through PyAV (FFmpeg); see mrlcache.audio.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".m4a", ".mp3", ".ogg", ".opus")
 
 
 class CorpusError(ValueError):
@@ -34,19 +35,20 @@ def _is_audio(name: str) -> bool:
 
 
 def scan_tree(root: str | os.PathLike) -> list[Utterance]:
-    """List the audio files of a ``speaker/video/utterance.{wav,flac,m4a}`` tree.
+    """List the audio files of a ``speaker/video/utterance.{wav,flac,m4a,mp3,ogg,opus}`` tree.
 
     Any depth below the speaker folder is accepted; the speaker is the first folder.
     Names starting with '.' are skipped (hidden folders, macOS ``._x.wav`` resource
-    files, which are not audio). Extensions match case-insensitively.
+    files, which are not audio). Extensions match case-insensitively. Symbolic links to
+    folders are followed, except one that points back to a folder above it (a loop).
 
     Args:
         root: the data root.
     Returns:
         utterances sorted by ``utt_id``.
     Raises:
-        CorpusError: root missing, no audio below it, or audio directly in root
-            (it would have no speaker folder).
+        CorpusError: root missing, no audio below it, audio directly in root (it would
+            have no speaker folder), or a symbolic link loop.
     """
     root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root):
@@ -81,9 +83,18 @@ def _walk(folder: str, prefix: str, speaker: str, found: list[Utterance]) -> Non
             if entry.name.startswith("."):
                 continue
             if entry.is_dir():
+                if entry.is_symlink():
+                    _refuse_loop(entry.path, folder)
                 _walk(entry.path, prefix + entry.name + "/", speaker, found)
             elif _is_audio(entry.name):
                 found.append(Utterance(prefix + entry.name, entry.path, speaker))
+
+
+def _refuse_loop(link: str, folder: str) -> None:
+    """A linked folder that is ``folder`` or one above it would be walked forever."""
+    target, here = os.path.realpath(link), os.path.realpath(folder)
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+        raise CorpusError(f"{link}: symbolic link loop (it points to {target}, a folder above it); remove the link")
 
 
 def _speaker_from_id(utt_id: str, where: str) -> str:
@@ -99,7 +110,7 @@ def _speaker_from_id(utt_id: str, where: str) -> str:
 def _lines(path: Path):
     """Yield (line_number, fields) of the non-blank, non-comment lines of a text file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not data
     except (OSError, UnicodeDecodeError) as err:
         raise CorpusError(f"{path}: cannot read ({err})") from None
     for number, line in enumerate(text.splitlines(), start=1):

@@ -7,14 +7,17 @@ Two layouts are read, told apart by which column holds the label:
 * Kaldi / WeSpeaker (``vox1_O_cleaned.kaldi``): ``ENROLL TEST LABEL``.
 
 A label is ``1``/``0`` or ``target``/``nontarget``. Utterance ids are paths relative to the
-audio root, with extension, exactly as :mod:`mrlcache.corpus` names them. Blank lines are
-ignored; anything else that does not parse is an error naming the file and line.
+audio root, with extension, exactly as :mod:`mrlcache.corpus` names them. Blank lines and
+a byte-order mark are ignored; anything else that does not parse is an error naming the
+file and line. A pair listed twice (in either order) is kept and reported in
+``Trials.duplicates`` (it weighs twice in every metric); twice with opposite labels is an
+error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +35,13 @@ class Trials:
 
     labels: (T,) int8, 1 = same speaker (target), 0 = different (non-target).
     enroll, test: T utterance ids each.
+    duplicates: (line, first line) of each trial that repeats an earlier pair.
     """
 
     labels: np.ndarray
     enroll: list[str]
     test: list[str]
+    duplicates: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.labels.size)
@@ -98,15 +103,18 @@ def read_trials(path) -> Trials:
     Returns:
         :class:`Trials` in file order.
     Raises:
-        TrialsError: unreadable file, malformed line (file and line number), empty list.
+        TrialsError: unreadable file, malformed line (file and line number), empty list,
+            a pair listed with both labels.
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise TrialsError(f"{path}: cannot read trial list ({err})") from err
     labels, enroll, test = [], [], []
     column = None  # fixed by the first trial; every later line must follow it
+    first: dict[frozenset, tuple[int, int]] = {}  # unordered pair -> (line, label)
+    duplicates = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -131,9 +139,19 @@ def read_trials(path) -> Trials:
                 f"1/0/target/nontarget: {line.strip()!r}"
             )
         pair = fields[1:] if column == 0 else fields[:2]
+        key = frozenset(pair)
+        if key in first:
+            if first[key][1] != LABELS[label]:
+                raise TrialsError(
+                    f"{path}:{lineno}: the pair {pair[0]} {pair[1]} is listed on line {first[key][0]} "
+                    "with the opposite label; keep the right one"
+                )
+            duplicates.append((lineno, first[key][0]))
+        else:
+            first[key] = (lineno, LABELS[label])
         labels.append(LABELS[label])
         enroll.append(pair[0])
         test.append(pair[1])
     if not labels:
         raise TrialsError(f"{path}: no trials in the file")
-    return Trials(np.asarray(labels, dtype=np.int8), enroll, test)
+    return Trials(np.asarray(labels, dtype=np.int8), enroll, test, duplicates)

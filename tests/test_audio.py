@@ -172,3 +172,35 @@ def _load_or_reason(path):
         return load_audio(path)
     except AudioError as err:
         return err.reason
+
+
+@pytest.mark.parametrize("name, options", [
+    ("x.mp3", dict(format="MP3", subtype="MPEG_LAYER_III")),
+    ("x.ogg", dict(format="OGG", subtype="VORBIS")),
+    ("x.opus", dict(format="OGG", subtype="OPUS")),
+])
+def test_mp3_ogg_and_opus_decode_to_the_written_wave(tmp_path, name, options):
+    import soundfile as sf
+
+    wave = speech_like(1.0, seed=3) * 0.5
+    try:
+        sf.write(tmp_path / name, wave, SAMPLE_RATE, **options)
+    except (sf.LibsndfileError, TypeError, ValueError) as err:
+        pytest.skip(f"this libsndfile cannot write {name}: {err}")
+    decoded = load_audio(tmp_path / name)
+    assert decoded.shape == wave.shape  # every sample, none dropped or padded
+    # Lossy codecs: the decoded wave follows the original closely, sample for sample.
+    assert np.corrcoef(decoded, wave)[0, 1] > 0.95
+
+
+def test_a_wave_too_short_for_the_model_is_too_short_whatever_min_seconds_says():
+    from mrlcache.audio import MIN_SAMPLES, check_length
+
+    wave = speech_like(1.0)
+    check_wave(wave[:MIN_SAMPLES], "ok.wav", 0.0)
+    for min_seconds in (0.0, 0.001):
+        with pytest.raises(AudioError, match=f"too_short: {MIN_SAMPLES - 1} samples, the model needs"):
+            check_wave(wave[:MIN_SAMPLES - 1], "tiny.wav", min_seconds)
+        with pytest.raises(AudioError, match="too_short"):
+            check_length(wave[:100], "tiny.wav", min_seconds)
+    check_length(np.zeros(MIN_SAMPLES, np.float32), "silent.wav")  # length only: silence is not checked

@@ -136,3 +136,36 @@ def test_read_kaldi_errors(tmp_path):
     scp.write_text("u1\n")
     with pytest.raises(CorpusError, match=r"wav\.scp:1: expected 'utt_id path'"):
         read_kaldi(scp, spk)
+
+
+def test_a_byte_order_mark_in_a_list_file_is_ignored(tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_bytes("id1/v/1.wav /c/1.wav\nid2/v/2.wav /c/2.wav\n".encode("utf-8-sig"))
+    assert [u.utt_id for u in read_list(lst)] == ["id1/v/1.wav", "id2/v/2.wav"]
+    scp = tmp_path / "wav.scp"
+    scp.write_bytes("u1 /a/1.wav\n".encode("utf-8-sig"))
+    (tmp_path / "spk").write_bytes("u1 s\n".encode("utf-8-sig"))
+    assert read_kaldi(scp, tmp_path / "spk") == [Utterance("u1", "/a/1.wav", "s")]
+
+
+def test_a_symbolic_link_loop_in_the_tree_is_refused_by_name(tmp_path):
+    (tmp_path / "id1" / "v").mkdir(parents=True)
+    (tmp_path / "id1" / "v" / "1.wav").write_bytes(b"")
+    (tmp_path / "id1" / "v" / "again").symlink_to(tmp_path / "id1")
+    with pytest.raises(CorpusError, match=r"id1/v/again: symbolic link loop"):
+        scan_tree(tmp_path)
+
+
+def test_a_symbolic_link_to_another_folder_is_followed(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "1.wav").write_bytes(b"")
+    (tmp_path / "data" / "id1").mkdir(parents=True)
+    (tmp_path / "data" / "id1" / "v").symlink_to(tmp_path / "elsewhere")
+    assert [u.utt_id for u in scan_tree(tmp_path / "data")] == ["id1/v/1.wav"]
+
+
+def test_mp3_ogg_and_opus_files_are_scanned(tmp_path):
+    for name in ("1.wav", "2.mp3", "3.OGG", "4.opus", "5.txt"):
+        (tmp_path / "id1" / "v").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "id1" / "v" / name).write_bytes(b"")
+    assert [u.utt_id for u in scan_tree(tmp_path)] == ["id1/v/1.wav", "id1/v/2.mp3", "id1/v/3.OGG", "id1/v/4.opus"]

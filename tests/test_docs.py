@@ -62,8 +62,11 @@ def check_command_line(tokens: list[str], *, values: bool = True) -> list[str]:
         values: also check that each option taking a value has one, and that positional
             arguments are accepted (off for inline mentions such as `mrlcache extract --list`).
     """
+    group_flags = {opt for p in main.params if isinstance(p, click.Option) and p.is_flag for opt in p.opts}
+    while tokens and tokens[0] in group_flags - {"--help", "-h", "--version"}:  # mrlcache --debug COMMAND
+        tokens = tokens[1:]
     if not tokens or tokens[0].startswith("-"):
-        bad = [t for t in tokens if t.startswith("-") and t not in ("--help", "-h", "--version")]
+        bad = [t for t in tokens if t.startswith("-") and t not in group_flags]
         return [f"unknown group option {t}" for t in bad]
     name, rest = tokens[0], tokens[1:]
     if name.isupper() or name in ("...", "…"):  # placeholders: `mrlcache COMMAND --help`, `mrlcache ...`
@@ -184,6 +187,9 @@ def test_the_command_line_checker_catches_mistakes():
     assert check_command_line(["extract", "--out"]) == ["mrlcache extract: --out needs a value"]
     assert check_command_line(["fit", "--cache", "c", "stray"]) == ["mrlcache fit: unexpected argument 'stray'"]
     assert check_command_line(["make-corpus", "corpus", "--speakers", "4"]) == []
+    assert check_command_line(["--debug", "extract", "--out", "c"]) == []
+    assert check_command_line(["--debug", "extract", "--vews", "4"]) == ["mrlcache extract: no option --vews"]
+    assert check_command_line(["--debgu", "extract"]) == ["unknown group option --debgu"]
     assert check_command_line(["fit", "--config", "configs/nope.yaml", "--out", "r"]) == [
         "mrlcache fit: --config configs/nope.yaml does not exist"]
     torchrun = _invocations("torchrun --nproc-per-node 8 -m mrlcache extract --config x.yaml --out c")
@@ -240,6 +246,89 @@ def test_shipped_config_is_valid_for_the_command_in_its_header(path):
         if isinstance(param.type, click.Path):
             continue  # paths are placeholders that exist only on the user's machine
         param.type_cast_value(ctx, value)  # raises BadParameter on a wrong value
+
+
+# ------------------------------------------------------------- where configs' inputs come from
+
+# What a command writes: the directory or file of its output option (a fit run directory
+# and the demo's folder hold everything below them).
+OUTPUTS = {"extract": "out", "fit": "out", "demo": "out", "eer": "json_out", "embed": "out"}
+
+
+def _option_values(args: list[str]) -> tuple[click.Command, dict[str, str]]:
+    """The command of one invocation and its path-like option values (command line over
+    its --config file), by parameter name."""
+    command = main.commands[args[0]]
+    by_opt = {opt: p for p in command.params if isinstance(p, click.Option) for opt in p.opts}
+    values = {}
+    if "--config" in args:
+        config = ROOT / args[args.index("--config") + 1]
+        values.update({k: v for k, v in read_yaml_options(config, command).items() if isinstance(v, str)})
+    rest = args[1:]
+    for k, token in enumerate(rest):
+        param = by_opt.get(token)
+        if param is not None and not param.is_flag and k + 1 < len(rest):
+            values[param.name] = rest[k + 1]
+    return command, values
+
+
+NOT_INPUTS = {"config", "out", "json_out", "plot_out"}  # path options that name what is written
+
+
+def _inputs(command: click.Command, values: dict[str, str]) -> dict[str, str]:
+    """The values of the path options that name something read (caches, audio, lists, models)."""
+    kinds = {p.name: p.type for p in command.params}
+    return {n: v for n, v in values.items() if isinstance(kinds[n], click.Path) and n not in NOT_INPUTS}
+
+
+def _producers() -> list[list[str]]:
+    """Invocations that write something users then pass on: the README's and the configs' headers."""
+    readme = [args for line in shell_lines((ROOT / "README.md").read_text()) for args in _invocations(line)]
+    return readme + [_header_command(path) for path in CONFIGS]
+
+
+def _downloads() -> list[str]:
+    """The data layout docs/getting-started.md asks users to download (datasets, trial lists)."""
+    text = (DOCS / "getting-started.md").read_text()
+    block = re.search(r"assume this layout.*?```\n(.*?)```", text, re.S).group(1)
+    return [t.rstrip("/") for t in block.split() if "/" in t]
+
+
+def _norm(path: str) -> str:
+    return path.rstrip("/")
+
+
+def test_every_config_input_is_produced_by_a_shipped_config_or_the_readme_or_downloaded():
+    produced = []
+    for args in _producers():
+        if args and args[0] in OUTPUTS:
+            command, values = _option_values(args)
+            if OUTPUTS[args[0]] in values:
+                produced.append(_norm(values[OUTPUTS[args[0]]]))
+            elif args[0] == "demo":
+                produced.append(_norm(_default(command, next(p for p in command.params if p.name == "out"))))
+    downloads = _downloads()
+    problems = []
+    for path in CONFIGS:
+        command, values = _option_values(_header_command(path))
+        for name, value in _inputs(command, values).items():
+            value = _norm(value)
+            made = any(value == out or value.startswith(out + "/") for out in produced)
+            fetched = any(d == value or d.startswith(value + "/") for d in downloads)
+            if not (made or fetched):
+                problems.append(f"{path.name}: {name} {value} is written by no shipped config header or README "
+                                "command and is not in the download layout of docs/getting-started.md")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_input_check_sees_every_kind_of_input():
+    # The configs name caches, a model, audio roots and trial lists; each kind is checked.
+    names = set()
+    for path in CONFIGS:
+        command, values = _option_values(_header_command(path))
+        names |= set(_inputs(command, values))
+    assert {"data", "cache", "cache_dir", "val_cache", "val_trials", "model_path", "trials_path",
+            "pca_cache"} <= names, names
 
 
 def test_every_shipped_config_is_listed_in_the_configuration_doc():
@@ -312,10 +401,12 @@ def test_configuration_doc_yaml_keys_are_accepted_by_config(tmp_path):
     for name, rows in _doc_tables().items():
         command = main.commands[name]
         keys = [k for row in rows.values() for k in re.findall(r"`([\w-]+)`", row[0])]
-        path = tmp_path / f"{name}.yaml"
-        path.write_text("".join(f"{k}: null\n" for k in keys))
-        accepted = read_yaml_options(path, command)  # raises on a key --config rejects
-        assert set(accepted) == {p.name for p in _params(command)}
+        accepted = set()
+        for key in keys:  # one file per spelling: two spellings of one option are refused together
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(f"{key}: null\n")
+            accepted |= set(read_yaml_options(path, command))  # raises on a key --config rejects
+        assert accepted == {p.name for p in _params(command)}
 
 
 def test_configuration_doc_is_what_the_generator_writes():

@@ -81,3 +81,22 @@ def test_empty_and_missing_files(tmp_path):
         read_trials(write(tmp_path, "\n  \n"))
     with pytest.raises(TrialsError, match="cannot read"):
         read_trials(tmp_path / "absent.txt")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_label(tmp_path):
+    path = tmp_path / "trials.txt"
+    path.write_bytes(f"1 {A} {B}\n0 {A} {C}\n".encode("utf-8-sig"))
+    trials = read_trials(path)
+    assert trials.labels.tolist() == [1, 0] and trials.enroll == [A, A]
+
+
+def test_duplicate_trials_are_reported_in_either_order(tmp_path):
+    trials = read_trials(write(tmp_path, f"1 {A} {B}\n0 {A} {C}\n1 {A} {B}\n\n0 {C} {A}\n"))
+    assert len(trials) == 4  # kept: the file says what to score
+    assert trials.duplicates == [(3, 1), (5, 2)]
+    assert read_trials(write(tmp_path, f"1 {A} {B}\n0 {A} {C}\n")).duplicates == []
+
+
+def test_a_pair_listed_with_both_labels_is_refused(tmp_path):
+    with pytest.raises(TrialsError, match=r"trials\.txt:2: the pair .* is listed on line 1 with the opposite label"):
+        read_trials(write(tmp_path, f"1 {A} {B}\n0 {B} {A}\n"))

@@ -1,34 +1,49 @@
 """The ``mrlcache`` command line: a click group with one module per command.
 
 Each command module keeps its heavy imports (torch, zarr, ...) inside the command body so
-that ``mrlcache --help`` answers at once.
+that ``mrlcache --help`` answers at once. No traceback reaches a user for bad input: the
+commands turn the library's errors into one-line messages, and the group turns any
+operating-system failure left (a full disk, a read-only output, an unreadable folder)
+into one line naming the path; ``mrlcache --debug COMMAND`` shows the traceback instead.
 """
 
-import os
+import errno
 
 import click
 
 from mrlcache import __version__
 
 
-def passive_openmp():
-    """Let OpenMP threads sleep between parallel regions; call before torch is imported.
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as err:
+            if ctx.params.get("debug") or err.errno == errno.EPIPE:  # EPIPE: click's own handling
+                raise
+            from mrlcache.cli.options import describe_os_error
 
-    For commands whose decoding workers share the cores with the model: busy-waiting
-    model threads starved them (b2 ran 9x slower on 2 cores under load). Commands without
-    workers keep OpenMP's default, which is faster alone (a fit step: 47 -> 39 ms). A value
-    the user set is kept.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            raise click.ClickException(describe_os_error(err)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mrlcache")
-def main():
+@click.option("--debug", is_flag=True, help="Show the Python traceback of an operating-system error.")
+def main(debug):
     """Matryoshka speaker embeddings from a frozen ReDimNet, feature-cache-first.
 
     Typical flow: extract (once) -> fit (minutes) -> eer.
     """
+
+
+def __getattr__(name):
+    # Only for cli/fit.py's "from mrlcache.cli import passive_openmp" until it imports
+    # mrlcache.runtime itself; lazy, so that "mrlcache --help" does not import torch.
+    if name == "passive_openmp":
+        from mrlcache.runtime import passive_openmp
+
+        return passive_openmp
+    raise AttributeError(f"module 'mrlcache.cli' has no attribute {name!r}")
 
 
 def _register():
@@ -36,7 +51,7 @@ def _register():
     # to hide, so there is no try/except here.
     from mrlcache.cli import eer, embed, extract, info
     from mrlcache.cli import demo, fit
-    from mrlcache.cli import corpus
+    from mrlcache.cli import make_corpus
 
     main.add_command(info.info)
     main.add_command(extract.extract)
@@ -44,7 +59,7 @@ def _register():
     main.add_command(embed.embed)
     main.add_command(fit.fit)
     main.add_command(demo.demo)
-    main.add_command(corpus.make_corpus)
+    main.add_command(make_corpus.make_corpus)
 
 
 _register()

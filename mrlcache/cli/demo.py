@@ -2,6 +2,7 @@
 
 import click
 
+from mrlcache.cli.options import SEED
 from mrlcache.config import config_option
 
 
@@ -12,16 +13,22 @@ from mrlcache.config import config_option
 @click.option("--quick", is_flag=True, help="A smaller corpus and fewer epochs (about a minute; used in CI).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Real backbone: a published-format checkpoint.")
 @click.option("--variant", default=None, help="Real backbone: published ReDimNet name (downloaded once).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def demo(out, quick, weights, variant, seed):
     """Make a synthetic corpus, extract, fit the Matryoshka head, score: EER per dim."""
     import time
 
+    from mrlcache.cli import main
     from mrlcache.demo import FULL, QUICK, run_demo
+
+    debug = ["--debug"] if click.get_current_context().find_root().params.get("debug") else []
+
+    def run(args):  # each demo step is the real command, run in this process
+        main.main(args=[*debug, *args], prog_name="mrlcache", standalone_mode=False)
 
     started = time.perf_counter()
     try:
-        results = run_demo(out, QUICK if quick else FULL, seed=seed, variant=variant or "b0", weights=weights,
+        results = run_demo(out, run, QUICK if quick else FULL, seed=seed, variant=variant or "b0", weights=weights,
                            random_init=not (weights or variant), echo=click.echo)
     except ValueError as err:
         raise click.ClickException(str(err))

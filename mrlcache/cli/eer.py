@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from mrlcache.cli.options import CAP, COUNT, check_device
 from mrlcache.config import config_option, write_resolved
 
 SYSTEMS = ("mrl", "raw", "published", "pca")  # as mrlcache.evaluate.SYSTEMS (not imported: keeps --help fast)
@@ -109,9 +110,9 @@ def _plot(results, path, title):
               help="Training cache whose mean embedding is subtracted before scoring.")
 @click.option("--asnorm-cohort", type=click.Path(exists=True, file_okay=False),
               help="Training cache whose per-speaker means form the AS-Norm cohort.")
-@click.option("--asnorm-topk", type=int, default=300, show_default=True, help="AS-Norm top-k cohort scores.")
+@click.option("--asnorm-topk", type=COUNT, default=300, show_default=True, help="AS-Norm top-k cohort scores.")
 @click.option("--skip-missing", is_flag=True, help="Score the trials whose utterances are all available.")
-@click.option("--max-seconds", type=float, default=None, help="--data: use at most this much of each file.")
+@click.option("--max-seconds", type=CAP, default=None, help="--data: use at most this much of each file.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False),
               help="Write a PNG of EER and minDCF against dim (needs matplotlib).")
@@ -130,6 +131,7 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
         except ImportError:
             _fail("--plot needs matplotlib, which is not installed: pip install 'mrlcache[plot]'")
 
+    check_device(device)
     from mrlcache import evaluate as ev
     from mrlcache import metrics, scoring
     from mrlcache.model import ModelError, load_model
@@ -140,6 +142,10 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
         model = load_model(model_path, device=device)
     except (TrialsError, ModelError) as err:
         _fail(str(err))
+    if trials.duplicates:
+        shown = ", ".join(f"line {line} repeats line {was}" for line, was in trials.duplicates[:3])
+        _warn(f"{trials_path}: {len(trials.duplicates)} duplicate trial(s) ({shown}); each is scored "
+              "as often as it is listed")
     dims = _parse_dims(dims, model.dims)
     systems = ["mrl", *dict.fromkeys(baselines)]
     if model.backbone is None and {"published", "pca"} & set(systems):

@@ -6,7 +6,12 @@ dim)`` returns them: L2-normalise before cosine scoring.
 
 Output: ``--out emb.npy`` writes one (N, dim) float32 array and ``emb.ids.txt`` (the N
 utterance ids, one per line, same order); ``--out DIR`` writes ``DIR/<utt_id>.npy`` per
-file (the id's extension replaced) and ``DIR/ids.txt``.
+file (the id's extension replaced) and ``DIR/ids.txt``. Nothing is written outside DIR
+(an id such as ``../x.wav`` is refused) and no two inputs share an output file (``x.wav``
+and ``x.flac``): both are checked before any file is decoded.
+
+A file too short for the model's frames (``mrlcache.audio.MIN_SAMPLES``) or unreadable
+stops the run with its name; digital silence is embedded with a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import click
 
+from mrlcache.cli.options import CAP, COUNT, check_device
 from mrlcache.config import config_option, write_resolved
 
 
@@ -43,25 +49,47 @@ def _inputs(paths) -> list[tuple[str, Path]]:
     return out
 
 
+def _targets(out: Path, ids: list[str]) -> list[Path]:
+    """``DIR/<id>.npy`` of every id; refuses one outside DIR or two ids on one file."""
+    root = out.resolve()
+    targets, owner = [], {}
+    for utt in ids:
+        target = (out / utt.lstrip("/")).with_suffix(".npy")
+        if not target.resolve().is_relative_to(root):
+            raise click.ClickException(
+                f"input {utt}: its embedding would be written outside --out {out}; give the folder "
+                "that holds it as an input (ids are then relative to it) or write one --out FILE.npy"
+            )
+        key = target.resolve()
+        if key in owner:
+            raise click.ClickException(
+                f"inputs {owner[key]} and {utt} would both be written to {target}; give one of them"
+            )
+        owner[key] = utt
+        targets.append(target)
+    return targets
+
+
 @click.command()
 @config_option
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="RUN/model.pt written by 'mrlcache fit'.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--dim", type=int, default=None, help="Embedding size; default the model's largest.")
+@click.option("--dim", type=COUNT, default=None, help="Embedding size; default the model's largest.")
 @click.option("--out", "out", required=True, type=click.Path(),
               help="emb.npy (one array + emb.ids.txt) or a folder (one .npy per file).")
-@click.option("--max-seconds", type=float, default=None, help="Use at most this much of each file.")
+@click.option("--max-seconds", type=CAP, default=None, help="Use at most this much of each file.")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
 def embed(ctx, model_path, inputs, dim, out, max_seconds, device):
     """Write embeddings of audio FILES or folders (scanned as SPEAKER/.../FILE trees)."""
+    check_device(device)
     import numpy as np
     import torch
     from rich.console import Console
     from rich.progress import Progress
 
-    from mrlcache.audio import SAMPLE_RATE, AudioError, load_audio
+    from mrlcache.audio import SAMPLE_RATE, SILENCE_PEAK, AudioError, check_length, load_audio, peak
     from mrlcache.model import ModelError, load_model
 
     try:
@@ -74,6 +102,9 @@ def embed(ctx, model_path, inputs, dim, out, max_seconds, device):
     if model.backbone is None:
         raise click.ClickException(f"{model_path} was fitted head-only (no backbone): it cannot embed audio")
     items = _inputs(inputs)
+    out = Path(out)
+    ids = [u for u, _ in items]
+    targets = None if out.suffix == ".npy" else _targets(out, ids)
     limit = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
     vectors = np.empty((len(items), dim), dtype=np.float32)
     with Progress(console=Console(stderr=True), transient=True) as progress:
@@ -81,24 +112,26 @@ def embed(ctx, model_path, inputs, dim, out, max_seconds, device):
         for i, (_, path) in enumerate(items):
             try:
                 wave = load_audio(path)[:limit]  # (T,)
+                check_length(wave, path)
             except AudioError as err:
                 raise click.ClickException(f"{err}; remove the file or fix it") from None
+            if peak(wave) < SILENCE_PEAK:
+                progress.console.print(f"warning: {path}: digital silence (peak below {SILENCE_PEAK:.0e}); "
+                                       "its embedding carries no speaker information",
+                                       soft_wrap=True, markup=False, highlight=False)
             with torch.no_grad():
                 x = torch.from_numpy(np.ascontiguousarray(wave))[None].to(device)
                 vectors[i] = model(x, dim=dim)[0].cpu().numpy()
             progress.advance(task)
 
-    out = Path(out)
-    ids = [u for u, _ in items]
-    if out.suffix == ".npy":
+    if targets is None:
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(out, vectors)
         out.with_name(out.stem + ".ids.txt").write_text("\n".join(ids) + "\n")
         write_resolved(ctx, out.with_name(out.stem + ".options.yaml"))
     else:
         out.mkdir(parents=True, exist_ok=True)
-        for utt, vector in zip(ids, vectors):
-            target = (out / utt.lstrip("/")).with_suffix(".npy")
+        for target, vector in zip(targets, vectors):
             target.parent.mkdir(parents=True, exist_ok=True)
             np.save(target, vector)
         (out / "ids.txt").write_text("\n".join(ids) + "\n")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from mrlcache.cli.options import CAP, COUNT, SECONDS, SEED, WORKERS, check_device
 from mrlcache.config import config_option, write_resolved
 
 
@@ -56,24 +57,24 @@ def load_weights(variant, weights, random_init, seed, train_type, dataset):
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local published-format checkpoint.")
 @click.option("--random-init", is_flag=True, help="Random backbone from --seed (saved as OUT/backbone.pt).")
 @click.option("--mode", type=click.Choice(["train", "eval"]), default="train", show_default=True)
-@click.option("--views", type=int, default=4, show_default=True, help="Train mode: crops per utterance (view 0 clean).")
-@click.option("--crop-seconds", type=float, default=2.0, show_default=True)
-@click.option("--max-seconds", type=float, default=None, help="Eval mode: cap on each utterance.")
-@click.option("--min-seconds", type=float, default=0.5, show_default=True, help="Shorter utterances are skipped as too_short.")
+@click.option("--views", type=COUNT, default=4, show_default=True, help="Train mode: crops per utterance (view 0 clean).")
+@click.option("--crop-seconds", type=SECONDS, default=2.0, show_default=True)
+@click.option("--max-seconds", type=CAP, default=None, help="Eval mode: cap on each utterance.")
+@click.option("--min-seconds", type=SECONDS, default=0.5, show_default=True, help="Shorter utterances are skipped as too_short.")
 @click.option("--noise-dir", type=click.Path(exists=True, file_okay=False), help="Noise files (e.g. MUSAN); default synthetic coloured noise.")
 @click.option("--rir-dir", type=click.Path(exists=True, file_okay=False), help="Room impulse responses; default synthetic rooms.")
 @click.option("--speed-perturb", is_flag=True, help="Also speed-perturb augmented views (changes the voice; off by default).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--shard-size", type=int, default=1000, show_default=True, help="Utterances per shard.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--shard-size", type=COUNT, default=1000, show_default=True, help="Utterances per shard.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--batch-size", type=int, default=None, help="Crops per forward pass [default: 8 on CPU, 128 on CUDA].")
-@click.option("--workers", type=int, default=None, help="Decoding workers [default: 1 on CPU, up to 8 with CUDA].")
-@click.option("--threads", type=int, default=None, help="Model threads on the CPU [default: torch's].")
+@click.option("--batch-size", type=COUNT, default=None, help="Crops per forward pass [default: 8 on CPU, 128 on CUDA].")
+@click.option("--workers", type=WORKERS, default=None, help="Decoding workers [default: 1 on CPU, up to 8 with CUDA].")
+@click.option("--threads", type=COUNT, default=None, help="Model threads on the CPU [default: torch's].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU. Mel features stay float32.")
-@click.option("--rank", type=int, default=None, help="This process's rank without torchrun.")
-@click.option("--world-size", type=int, default=None, help="Number of processes without torchrun.")
+@click.option("--rank", type=click.IntRange(min=0), default=None, help="This process's rank without torchrun.")
+@click.option("--world-size", type=COUNT, default=None, help="Number of processes without torchrun.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
@@ -85,9 +86,10 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
     Rerunning the same command resumes: finished shards are kept. Under
     `torchrun --nproc-per-node N -m mrlcache extract ...` each process writes its own shards.
     """
-    from mrlcache.cli import passive_openmp
+    from mrlcache.runtime import passive_openmp
 
     passive_openmp()  # before torch: the decoding workers share the cores with the model
+    check_device(device)
     import torch
     from rich.console import Console
 

@@ -21,6 +21,7 @@ from mrlcache.model import load_model, save_model
 from mrlcache.backbone.loading import save_checkpoint
 from mrlcache.backbone.redimnet import ReDimNet
 
+pytestmark = pytest.mark.slow  # every test here runs a backbone on audio or a full command
 DIMS = [4, 8]
 
 
@@ -247,6 +248,17 @@ def test_bad_trial_line_and_bad_options(setup, tmp_path):
     assert result.exit_code != 0 and "trained for dims [4, 8]" in result.output
     result = run(*base, "--cache", root / "cache", "--baseline", "pca")
     assert result.exit_code != 0 and "--pca-cache" in result.output
+
+
+def test_duplicate_trials_are_reported_and_scored_as_listed(setup, tmp_path):
+    root, utts = setup
+    lines = (root / "trials.txt").read_text().splitlines()
+    doubled = tmp_path / "doubled.txt"
+    doubled.write_text("\n".join(lines + lines[:2]) + "\n")
+    once, _ = eer_json(root, "--cache", root / "cache", name="once.json")
+    report, output = eer_json(root, "--cache", root / "cache", "--trials", doubled, name="twice.json")
+    assert f"{doubled}: 2 duplicate trial(s) (line {len(lines) + 1} repeats line 1" in " ".join(output.split())
+    assert report["n_target"] + report["n_nontarget"] == once["n_target"] + once["n_nontarget"] + 2
 
 
 def test_plot_needs_matplotlib(setup, tmp_path):

@@ -15,7 +15,7 @@ from scipy.linalg import eigh
 from mrlcache.cli import main
 from mrlcache.corpus import scan_tree
 from mrlcache.metrics import eer
-from mrlcache.synth import CorpusError, make_corpus, utterance_audio
+from mrlcache.demo.synth import SynthError, make_corpus, utterance_audio
 from mrlcache.trials import read_trials
 
 TINY = dict(speakers=4, utterances=4, test_speakers=2, videos=2, seconds=(0.5, 0.8))
@@ -96,7 +96,7 @@ def test_layout_and_trials(tmp_path):
 def test_trials_per_speaker(tmp_path):
     summary = make_corpus(tmp_path / "c", seed=0, trials_per_speaker=3, **TINY)
     assert summary["target_trials"] == summary["nontarget_trials"] == 2 * 3
-    with pytest.raises(CorpusError, match="cross-video"):
+    with pytest.raises(SynthError, match="cross-video"):
         make_corpus(tmp_path / "d", seed=0, trials_per_speaker=5, **TINY)  # 2x2 pairs only
 
 
@@ -105,13 +105,13 @@ def test_refuses_foreign_and_existing_directories(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     for overwrite in (False, True):
-        with pytest.raises(CorpusError, match="holds no synthetic corpus"):
+        with pytest.raises(SynthError, match="holds no synthetic corpus"):
             make_corpus(foreign, overwrite=overwrite, **TINY)
     assert (foreign / "notes.txt").read_text() == "mine"
 
     out = tmp_path / "c"
     make_corpus(out, seed=0, **TINY)
-    with pytest.raises(CorpusError, match="overwrite"):
+    with pytest.raises(SynthError, match="overwrite"):
         make_corpus(out, seed=1, **TINY)
     make_corpus(out, seed=1, overwrite=True, **{**TINY, "speakers": 3})
     assert len(list((out / "train").iterdir())) == 1  # the old speakers are gone
@@ -126,10 +126,11 @@ def test_refuses_foreign_and_existing_directories(tmp_path):
     (dict(seconds=(1.0, 0.5)), "seconds"),
 ])
 def test_bad_arguments(tmp_path, bad, match):
-    with pytest.raises(CorpusError, match=match):
+    with pytest.raises(SynthError, match=match):
         make_corpus(tmp_path / "c", **{**TINY, **bad})
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     out = tmp_path / "c"
     args = ["make-corpus", str(out), "--speakers", "3", "--utterances", "2", "--seed", "5",

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from mrlcache.cli import main
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

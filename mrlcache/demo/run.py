@@ -13,6 +13,7 @@ import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 MARKER = "demo.json"
 
@@ -73,11 +74,15 @@ def prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_demo(out, size: DemoSize = FULL, *, seed: int = 0, variant: str = "b0", weights: str | None = None,
-             random_init: bool = True, echo=print) -> dict:
-    """Run every demo command; returns the eer results (the JSON the last command wrote)."""
-    from mrlcache.cli import main
+def run_demo(out, run: Callable[[list[str]], None], size: DemoSize = FULL, *, seed: int = 0, variant: str = "b0",
+             weights: str | None = None, random_init: bool = True, echo=print) -> dict:
+    """Run every demo command; returns the eer results (the JSON the last command wrote).
 
+    Args:
+        out: the demo's folder (a previous demo there is replaced).
+        run: runs one command given its arguments without the leading "mrlcache"; the
+            command line passes its own group in, so this package never imports the CLI.
+    """
     out = Path(out).resolve()
     prepare_out(out)
     commands = demo_commands(out, size, seed=seed, variant=variant, weights=weights, random_init=random_init)
@@ -89,5 +94,5 @@ def run_demo(out, size: DemoSize = FULL, *, seed: int = 0, variant: str = "b0", 
              "Use --weights PATH or --variant NAME for a real backbone.")
     for args in commands:
         echo("$ mrlcache " + shlex.join(args))
-        main.main(args=args, prog_name="mrlcache", standalone_mode=False)
+        run(args)
     return json.loads((out / "results.json").read_text())

@@ -1,8 +1,9 @@
-"""A synthetic multi-speaker corpus in VoxCeleb layout, from a source-filter voice model.
+"""The voice model of the synthetic corpus: speakers, utterances and recording channels.
 
 Every test, benchmark and the demo need speech-like audio whose speaker identity is real
 (stable across utterances and recording channels) but not trivial to read off simple
-statistics. This module writes such a corpus with numpy/scipy only:
+statistics. This module makes it with numpy/scipy only (:mod:`mrlcache.demo.synth` writes
+the corpus):
 
 - **Speaker** (:class:`Speaker`): a stable identity drawn from overlapping population
   distributions: f0 mean and range, vocal-tract length (scales every formant), per-vowel
@@ -38,33 +39,17 @@ speakers the corpus holds; same seed -> same bytes.
 
 from __future__ import annotations
 
-import json
-import shutil
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
 
 import numpy as np
-import soundfile as sf
 from scipy import signal
 from scipy.ndimage import gaussian_filter1d
-
-from mrlcache import __version__
-
-CORPUS_FORMAT = "mrlcache-synth-corpus"
-CORPUS_VERSION = 1
-FIRST_SPEAKER = 10001  # VoxCeleb-like ids: id10001, id10002, ...
-_VIDEO_ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
 
 # spawn_key kinds: one independent stream per purpose.
 _SPEAKER, _VIDEO, _UTTERANCE, _TRIALS = 1, 2, 3, 4
 
 _CONTROL_RATE = 1000  # control tracks are built at 1 kHz (one row per millisecond)
 _NFFT, _HOP = 512, 128  # STFT for the time-varying filter: 32 ms frames, 8 ms hop at 16 kHz
-
-
-class CorpusError(ValueError):
-    """Bad arguments for the corpus or an output directory that must not be overwritten."""
 
 
 # Vowels: F1, F2, F3 in Hz for an adult male (Peterson & Barney 1952 averages).
@@ -196,16 +181,6 @@ def draw_channel(seed: int, speaker: int, video: int) -> Channel:
         noise_colour=float(rng.uniform(-0.5, 0.95)),
         level_db=float(rng.uniform(-32.0, -18.0)),
     )
-
-
-def _video_ids(seed: int, speaker: int, videos: int) -> list[str]:
-    rng = _rng(seed, _VIDEO, speaker, 1_000_000)  # its own stream, apart from the channels
-    ids: list[str] = []
-    while len(ids) < videos:
-        vid = "".join(rng.choice(_VIDEO_ALPHABET, 11))
-        if vid not in ids:
-            ids.append(vid)
-    return ids
 
 
 # ----------------------------------------------------------------------------- utterance
@@ -419,14 +394,6 @@ def apply_channel(wave: np.ndarray, chan: Channel, rng: np.random.Generator,
     return x
 
 
-# -------------------------------------------------------------------------------- corpus
-
-
-def speaker_id(index: int) -> str:
-    """VoxCeleb-like id of speaker ``index`` (0-based): id10001, id10002, ..."""
-    return f"id{FIRST_SPEAKER + index:05d}"
-
-
 def utterance_audio(seed: int, speaker: int, video: int, utterance: int, *,
                     seconds: tuple[float, float] = (2.0, 4.0), sample_rate: int = 16000) -> np.ndarray:
     """The 16-bit PCM samples of one utterance (as written to disk). Returns (T,) int16."""
@@ -436,156 +403,3 @@ def utterance_audio(seed: int, speaker: int, video: int, utterance: int, *,
     n = int(round(rng.uniform(*seconds) * sample_rate))
     wave = apply_channel(synthesise(spk, chan, rng, n, sample_rate), chan, rng, sample_rate)
     return np.clip(np.round(wave * 32767.0), -32768, 32767).astype(np.int16)
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists() or not any(out.iterdir()):
-        return
-    meta_path = out / "corpus.json"
-    previous = False
-    if meta_path.is_file():
-        try:
-            previous = json.loads(meta_path.read_text()).get("format") == CORPUS_FORMAT
-        except (OSError, ValueError):
-            previous = False
-    if not previous:
-        raise CorpusError(f"{out}: directory is not empty and holds no synthetic corpus "
-                          "(no corpus.json); choose an empty or new directory")
-    if not overwrite:
-        raise CorpusError(f"{out}: already holds a synthetic corpus; pass overwrite=True "
-                          "(--overwrite) to replace it")
-    for name in ("train", "test"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("trials.txt", "corpus.json"):
-        (out / name).unlink(missing_ok=True)
-
-
-def _make_trials(seed: int, test_utts: dict[str, list[tuple[int, str]]],
-                 per_speaker: int | None) -> list[tuple[int, str, str]]:
-    """Balanced trials: per test speaker, cross-video target pairs and as many non-targets.
-
-    test_utts: speaker id -> [(video index, utt_id relative to OUT/test)]. Returns sorted
-    (label, enroll, test) tuples.
-    """
-    rng = _rng(seed, _TRIALS)
-    speakers = sorted(test_utts)
-    trials: list[tuple[int, str, str]] = []
-    seen: set[frozenset] = set()
-    for spk in speakers:
-        utts = test_utts[spk]
-        pairs = [(a[1], b[1]) for i, a in enumerate(utts) for b in utts[i + 1:] if a[0] != b[0]]
-        if per_speaker is None:
-            chosen = pairs
-        else:
-            if per_speaker > len(pairs):
-                raise CorpusError(f"trials_per_speaker={per_speaker} but speaker {spk} has only "
-                                  f"{len(pairs)} cross-video utterance pairs; lower it or add utterances")
-            chosen = [pairs[i] for i in sorted(rng.choice(len(pairs), per_speaker, replace=False))]
-        trials += [(1, a, b) for a, b in chosen]
-        others = [u for s in speakers if s != spk for _, u in test_utts[s]]
-        # Non-targets: enrol this speaker's utterances against other speakers', no pair twice.
-        needed = len(chosen)
-        if needed > len(utts) * len(others):
-            raise CorpusError(f"speaker {spk}: cannot draw {needed} distinct non-target trials")
-        while needed:
-            a = utts[rng.integers(len(utts))][1]
-            b = others[rng.integers(len(others))]
-            if frozenset((a, b)) not in seen:
-                seen.add(frozenset((a, b)))
-                trials.append((0, a, b))
-                needed -= 1
-    return sorted(trials, key=lambda t: (t[1], t[2]))
-
-
-def make_corpus(out, speakers: int = 40, utterances: int = 8, seed: int = 0,
-                test_speakers: int | None = None, videos: int = 2,
-                seconds: tuple[float, float] = (2.0, 4.0), sample_rate: int = 16000,
-                trials_per_speaker: int | None = None, overwrite: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write a synthetic corpus in VoxCeleb layout and its trial list.
-
-    Layout: ``OUT/{train,test}/idNNNNN/VIDEO/NNNNN.wav`` (16-bit PCM), ``OUT/trials.txt``
-    (``label enroll test`` with paths relative to ``OUT/test``), ``OUT/corpus.json``.
-    Speakers ``0 .. speakers-test_speakers-1`` are train, the last ``test_speakers`` test.
-    Utterance ``u`` of a speaker is recorded in video ``u % videos``.
-
-    Args:
-        out: output directory; must be new, empty, or (with ``overwrite``) a previous corpus.
-        speakers: total number of speakers.
-        utterances: utterances per speaker (spread over its videos).
-        seed: everything is a function of it.
-        test_speakers: number of test speakers (default: a quarter, at least 2).
-        videos: videos (recording channels) per speaker, at least 2 (target trials cross videos).
-        seconds: (min, max) utterance duration, drawn uniformly.
-        trials_per_speaker: target trials per test speaker (as many non-targets are added);
-            None uses every cross-video pair.
-        overwrite: replace a previous corpus in ``out``.
-        progress: called as ``progress(done_speakers, total_speakers)``.
-
-    Returns:
-        a summary dict (counts, audio seconds, paths).
-    """
-    out = Path(out)
-    if test_speakers is None:
-        test_speakers = max(2, round(speakers * 0.25))
-    if test_speakers < 2 or speakers - test_speakers < 1:
-        raise CorpusError(f"need at least 2 test speakers and 1 train speaker, got speakers={speakers}, "
-                          f"test_speakers={test_speakers}")
-    if videos < 2:
-        raise CorpusError(f"videos={videos}: need at least 2 videos per speaker "
-                          "for cross-video target trials")
-    if utterances < videos:
-        raise CorpusError(f"utterances={utterances} < videos={videos}: every video needs an utterance")
-    if not 0 < seconds[0] <= seconds[1]:
-        raise CorpusError(f"seconds={seconds}: need 0 < min <= max")
-    if sample_rate < 8000:
-        raise CorpusError(f"sample_rate={sample_rate}: need at least 8000 Hz")
-    if seed < 0:
-        raise CorpusError(f"seed={seed}: need a non-negative integer")
-    _check_out(out, overwrite)
-
-    num_train = speakers - test_speakers
-    test_utts: dict[str, list[tuple[int, str]]] = {}
-    counts = {"train": 0, "test": 0}
-    samples = 0
-    for s in range(speakers):
-        split = "train" if s < num_train else "test"
-        sid = speaker_id(s)
-        vids = _video_ids(seed, s, videos)
-        for u in range(utterances):
-            v = u % videos
-            rel = f"{sid}/{vids[v]}/{u // videos + 1:05d}.wav"
-            path = out / split / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pcm = utterance_audio(seed, s, v, u, seconds=seconds, sample_rate=sample_rate)
-            sf.write(path, pcm, sample_rate, subtype="PCM_16")
-            samples += len(pcm)
-            counts[split] += 1
-            if split == "test":
-                test_utts.setdefault(sid, []).append((v, rel))
-        if progress is not None:
-            progress(s + 1, speakers)
-
-    trials = _make_trials(seed, test_utts, trials_per_speaker)
-    (out / "trials.txt").write_text("".join(f"{lab} {a} {b}\n" for lab, a, b in trials))
-    settings = {
-        "speakers": speakers, "utterances": utterances, "seed": seed,
-        "test_speakers": test_speakers, "videos": videos, "seconds": list(seconds),
-        "sample_rate": sample_rate, "trials_per_speaker": trials_per_speaker,
-    }
-    meta = {
-        "format": CORPUS_FORMAT, "version": CORPUS_VERSION, "mrlcache_version": __version__,
-        "settings": settings,
-        "train_speakers": [speaker_id(s) for s in range(num_train)],
-        "test_speakers": [speaker_id(s) for s in range(num_train, speakers)],
-    }
-    (out / "corpus.json").write_text(json.dumps(meta, indent=1) + "\n")
-    targets = sum(t[0] for t in trials)
-    return {
-        "out": str(out), "train_dir": str(out / "train"), "test_dir": str(out / "test"),
-        "trials_path": str(out / "trials.txt"),
-        "train_speakers": num_train, "test_speakers": test_speakers,
-        "train_utterances": counts["train"], "test_utterances": counts["test"],
-        "audio_seconds": samples / sample_rate,
-        "trials": len(trials), "target_trials": targets, "nontarget_trials": len(trials) - targets,
-    }

@@ -1,4 +1,4 @@
-"""``mrlcache make-corpus``: write the synthetic speaker corpus (see :mod:`mrlcache.synth`)."""
+"""``mrlcache make-corpus``: write the synthetic speaker corpus (see :mod:`mrlcache.demo.synth`)."""
 
 from pathlib import Path
 
@@ -40,8 +40,8 @@ def make_corpus(ctx, out, speakers, utterances, seed, test_speakers, videos, min
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from mrlcache.config import write_resolved
-    from mrlcache.synth import CorpusError
-    from mrlcache.synth import make_corpus as build
+    from mrlcache.demo.synth import SynthError
+    from mrlcache.demo.synth import make_corpus as build
 
     start = time.perf_counter()
     console = Console(stderr=True)
@@ -54,7 +54,7 @@ def make_corpus(ctx, out, speakers, utterances, seed, test_speakers, videos, min
                             seconds=(min_seconds, max_seconds),
                             trials_per_speaker=trials_per_speaker, overwrite=overwrite,
                             progress=lambda done, total: bar.update(task, completed=done))
-        except CorpusError as err:
+        except SynthError as err:
             raise click.ClickException(str(err))
     write_resolved(ctx, out / "make-corpus.yaml")
     click.echo(

@@ -1,0 +1,49 @@
+"""What the commands share about option values: ranges, the device check, one-line OS errors.
+
+Every bad value is refused before any work starts, naming the option and the valid range
+(click prints ``Invalid value for '--max-seconds': -1.0 is not in the range x>0``).
+"""
+
+from __future__ import annotations
+
+import errno
+
+import click
+
+SECONDS = click.FloatRange(min=0, min_open=True)  # a duration: 0 or less never means "no cap"
+# --max-seconds: a cap must leave the model enough samples (mrlcache.audio.MIN_SAMPLES, 257
+# at 16 kHz; a test keeps the two in step). Not imported here: it keeps --help fast.
+CAP = click.FloatRange(min=0.02)
+COUNT = click.IntRange(min=1)  # views, threads, batch and shard sizes, dims
+WORKERS = click.IntRange(min=0)  # 0: decode in the main process
+SEED = click.IntRange(min=0)  # numpy's generators refuse negative seeds
+
+
+def check_device(name: str) -> str:
+    """Refuse ``--device`` values this machine cannot provide (mrlcache.runtime's rule).
+
+    Called in the command body, after :func:`mrlcache.runtime.passive_openmp` where the
+    command needs it, since resolving a device imports torch.
+    """
+    from mrlcache.runtime import DeviceError, resolve_device
+
+    try:
+        resolve_device(name)
+    except DeviceError as err:
+        raise click.BadParameter(str(err).removeprefix(f"--device {name}: "), param_hint="'--device'") from None
+    return name
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an operating-system failure: the path, what went wrong, what to do."""
+    path = err.filename if err.filename is not None else None
+    if err.filename2 is not None:
+        path = f"{err.filename} -> {err.filename2}"
+    what = err.strerror or str(err)
+    hint = {
+        errno.ENOSPC: "free some space (or choose another --out) and rerun the same command",
+        errno.EROFS: "the file system is read-only: choose another --out",
+        errno.EACCES: "no permission: fix the permissions or choose another path",
+        errno.ELOOP: "a symbolic link points back to a folder above it: remove the link",
+    }.get(err.errno, "fix it and rerun the same command")
+    return f"{path}: {what}; {hint}" if path else f"{what}; {hint}"

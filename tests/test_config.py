@@ -1,0 +1,67 @@
+"""Options from YAML files (mrlcache.config): values, command line wins, refusals."""
+
+import re
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from mrlcache.config import config_option, load_yaml, read_yaml_options
+
+
+@click.command()
+@config_option
+@click.option("--crop-seconds", type=float, default=2.0)
+@click.option("--views", type=int, default=1)
+@click.option("--format", "backend", default="zarr")
+def _probe(crop_seconds, views, backend):
+    click.echo(f"{crop_seconds} {views} {backend}")
+
+
+def test_config_file_values_and_command_line_wins(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("crop-seconds: 3.5\nviews: 4\nformat: hdf5\n")
+    runner = CliRunner()
+    assert runner.invoke(_probe, ["--config", str(cfg)]).output.strip() == "3.5 4 hdf5"
+    assert runner.invoke(_probe, ["--config", str(cfg), "--views", "2"]).output.strip() == "3.5 2 hdf5"
+    assert runner.invoke(_probe, ["--views", "2", "--config", str(cfg)]).output.strip() == "3.5 2 hdf5"
+    cfg.write_text("crop_seconds: 1.5\nbackend: hdf5\n")  # parameter names work too
+    assert runner.invoke(_probe, ["--config", str(cfg)]).output.strip() == "1.5 1 hdf5"
+
+
+@pytest.mark.parametrize("text, message", [("vieews: 3\n", "vieews"), ("- 1\n- 2\n", "mapping")])
+def test_config_file_errors_are_clear(tmp_path, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    result = CliRunner().invoke(_probe, ["--config", str(cfg)])
+    assert result.exit_code != 0
+    assert message in result.output and str(cfg) in result.output
+
+
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("views: 2\ncrop-seconds: 1\nviews: 3\n")
+    with pytest.raises(Exception, match="duplicate key 'views' on lines 1 and 3"):
+        load_yaml(cfg)
+    result = CliRunner().invoke(_probe, ["--config", str(cfg)])
+    assert result.exit_code == 2 and f"{cfg}:3: not valid YAML: duplicate key 'views'" in result.output
+
+
+def test_nested_duplicate_keys_are_refused_too(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("a:\n  x: 1\n  x: 2\n")
+    with pytest.raises(Exception, match="duplicate key 'x' on lines 2 and 3"):
+        load_yaml(cfg)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("views: [1, 2]\n", "views: expected a single value, got a list ([1, 2])"),
+    ("crop-seconds: {a: 1}\n", "crop-seconds: expected a single value, got a mapping"),
+    ("views: 1\nviews_: 2\n", "unknown option(s) views_"),
+    ("format: zarr\nbackend: hdf5\n", "'format' and 'backend' set the same option"),
+])
+def test_a_value_in_the_wrong_shape_or_twice_is_refused(tmp_path, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(click.BadParameter, match=re.escape(message)):
+        read_yaml_options(cfg, _probe)
