@@ -77,8 +77,9 @@ class ExportableMelBanks(nn.Module):
         self.win = win
         self.register_buffer("dft", kernels.float().contiguous())  # (win, K + K')
         self.register_buffer("mel_fb", mel.mel_scale.fb.detach().clone())  # (K, n_mels)
-        taps = preemph.flipped_filter.detach().flatten() if not isinstance(preemph, nn.Identity) else None
-        self.register_buffer("preemph", taps.clone() if taps is not None else torch.zeros(0))  # (2,) = [-c, 1]
+        self.do_preemph = not isinstance(preemph, nn.Identity)
+        taps = preemph.flipped_filter.detach().flatten().clone() if self.do_preemph else torch.zeros(2)
+        self.register_buffer("preemph", taps)  # (2,) = [-c, 1]
         # Reflection without flip: gather a fixed reversed index of the edge slices.
         self.register_buffer("reverse", torch.arange(self.pad - 1, -1, -1))  # (pad,)
 
@@ -86,7 +87,7 @@ class ExportableMelBanks(nn.Module):
         x = wave.float()
         if self.norm_signal:
             x = (x - x.mean(dim=-1, keepdim=True)) / (x.std(dim=-1, keepdim=True, unbiased=False) + 1e-6)
-        if self.preemph.numel():
+        if self.do_preemph:
             # y[t] = x[t] - c x[t-1], with x[-1] = x[1] (a reflection by one sample).
             previous = torch.cat([x[:, 1:2], x[:, :-1]], dim=1)
             x = self.preemph[1] * x + self.preemph[0] * previous
@@ -102,3 +103,201 @@ class ExportableMelBanks(nn.Module):
         if self.spec_norm == "mn":
             return x - mean
         return (x - mean) / (x.std(dim=-1, keepdim=True) + 1e-8)
+
+
+# --------------------------------------------------------------------------------------
+# The exported graph
+# --------------------------------------------------------------------------------------
+
+
+class _Prefix(nn.Module):
+    """The head cut to its first ``width`` outputs: (B, pooled_dim) -> (B, width)."""
+
+    def __init__(self, head, width: int):
+        super().__init__()
+        self.bn = head.bn
+        self.linear = nn.Linear(head.pooled_dim, width)
+        # Rows past the largest exported dim are never computed.
+        with torch.no_grad():
+            self.linear.weight.copy_(head.linear.weight[:width])
+            self.linear.bias.copy_(head.linear.bias[:width])
+
+    def forward(self, pooled):
+        return self.linear(self.bn(pooled))
+
+
+class ExportableModel(nn.Module):
+    """Wave (B, T) -> embedding (B, width) with the exportable front end; head only: pooled in."""
+
+    def __init__(self, model, width: int):
+        super().__init__()
+        import copy
+
+        self.head = _Prefix(model.head, width)
+        backbone = model.backbone
+        if backbone is None:
+            self.frontend = self.net = self.pool = None
+        else:
+            self.frontend = ExportableMelBanks(backbone.spec)
+            self.net = copy.deepcopy(backbone.backbone)  # frames, as ReDimNet.frames after its front end
+            self.pool = copy.deepcopy(backbone.pool)
+
+    def forward(self, x):
+        if self.net is None:
+            return self.head(x)  # (B, pooled_dim) -> (B, width)
+        return self.head(self.pool(self.net(self.frontend(x))))
+
+
+def _dims(model, dims) -> tuple[int, ...]:
+    if dims is None:
+        return tuple(model.dims)
+    dims = tuple(sorted({int(d) for d in dims}))
+    bad = [d for d in dims if d not in model.dims]
+    if bad or not dims:
+        raise ExportError(f"dims {bad or list(dims)}: the model was trained for dims {list(model.dims)}")
+    return dims
+
+
+def _example(model, batch: int = 2, seconds: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """A deterministic input: a wave (batch, seconds * 16 kHz), or pooled vectors for a head-only model."""
+    g = torch.Generator().manual_seed(seed)
+    if model.backbone is None:
+        return torch.randn(batch, model.head.pooled_dim, generator=g)
+    n = int(round(seconds * 16000))
+    t = torch.arange(n) / 16000
+    f0 = 100 + 150 * torch.rand(batch, 1, generator=g)
+    harmonics = sum(torch.sin(2 * math.pi * k * f0 * t + k) / k for k in range(1, 20))
+    return (0.3 * harmonics / 2 + 0.02 * torch.randn(batch, n, generator=g)).float()
+
+
+def _metadata(model, dims) -> dict:
+    head_only = model.backbone is None
+    return {"format": "mrlcache-export", "version": 1, "dims": list(dims), "width": max(dims),
+            "input": "pooled" if head_only else "wave", "sample_rate": None if head_only else 16000,
+            "pooled_dim": model.head.pooled_dim, "backbone_sha256": model.weights_sha256}
+
+
+def export_model(model, path, format: str = "onnx", dims=None, opset: int | None = None) -> Path:
+    """Write ``model`` (an MRLModel) as an ONNX or TorchScript file; returns the path.
+
+    Args:
+        model: from :func:`mrlcache.model.load_model` (with or without a backbone).
+        path: output file.
+        format: "onnx" or "torchscript".
+        dims: the sizes to export (default every trained size); the output has
+            ``max(dims)`` columns and the ``d``-dim embedding is its first ``d``.
+        opset: ONNX opset (default 18); not used for TorchScript.
+    Raises:
+        ExportError: unknown format, dims the model was not trained for, exporter missing.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"format {format!r}: use one of {', '.join(FORMATS)}")
+    if opset is not None and format != "onnx":
+        raise ExportError("opset: only ONNX files have an opset; drop it for TorchScript")
+    dims = _dims(model, dims)
+    path = Path(path)
+    net = ExportableModel(model.cpu().eval(), max(dims)).eval()
+    example = _example(model)
+    meta = _metadata(model, dims)
+    name = "pooled" if model.backbone is None else "wave"
+    tmp = path.with_name(path.name + ".tmp")
+    with torch.no_grad():
+        if format == "torchscript":
+            traced = torch.jit.trace(net, example, check_trace=False)
+            torch.jit.save(traced, str(tmp), _extra_files={"mrlcache.json": json.dumps(meta)})
+        else:
+            _export_onnx(net, example, tmp, name, meta, opset or DEFAULT_OPSET)
+    tmp.replace(path)
+    return path
+
+
+def _export_onnx(net, example, path, name, meta, opset):
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError as err:
+        raise ExportError(f"ONNX export needs onnx and onnxscript ({err.name} missing): "
+                          "pip install 'mrlcache[export]'") from None
+    batch = torch.export.Dim("batch", min=1)
+    axes = {0: batch}
+    if name == "wave":
+        axes[1] = torch.export.Dim("samples", min=net.frontend.pad + 2)
+    program = torch.onnx.export(net, (example,), dynamo=True, opset_version=opset, input_names=[name],
+                                output_names=["embedding"], dynamic_shapes={"x": axes}, verbose=False)
+    program.save(str(path))
+    proto = onnx.load(str(path))
+    for key, value in [("mrlcache.dims", ",".join(map(str, meta["dims"]))), ("mrlcache.json", json.dumps(meta))]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+# --------------------------------------------------------------------------------------
+# Checking a file against PyTorch
+# --------------------------------------------------------------------------------------
+
+
+def _runner(path: Path, threads: int | None):
+    """(run(input numpy) -> (B, width) numpy, metadata dict) for an exported file."""
+    if zipfile.is_zipfile(path):
+        extra = {"mrlcache.json": ""}
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        meta = json.loads(extra["mrlcache.json"] or "{}")
+
+        def run(x):
+            with torch.no_grad():
+                return module(torch.from_numpy(x)).numpy()
+        return run, meta
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError(f"{path}: checking an ONNX file needs onnxruntime: pip install 'mrlcache[export]'") from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own types for unreadable files
+        raise ExportError(f"{path}: not an ONNX or TorchScript file onnxruntime can run ({err})") from None
+    meta = json.loads(session.get_modelmeta().custom_metadata_map.get("mrlcache.json", "{}"))
+    name = session.get_inputs()[0].name
+    return (lambda x: session.run(None, {name: x})[0]), meta
+
+
+def verify_export(path, model, dims=None, lengths=(1.0, 2.37), batches=(1, 3), threads: int | None = None) -> dict:
+    """Run an exported file against ``model`` in PyTorch at every length, batch size and dim.
+
+    Args:
+        path: a file written by :func:`export_model` (ONNX or TorchScript, told by its content).
+        model: the MRLModel it was exported from.
+        dims: the sizes to check (default those the file records, else every trained size).
+        lengths: wave lengths in seconds (head-only files take pooled vectors instead).
+        batches: batch sizes.
+    Returns:
+        {"max_rel_error": float, "passed": bool (<= TOLERANCE), "errors": {(seconds, batch, dim): err}}
+        with err = max over rows of |exported - torch| / |torch| of the dim-prefix.
+    Raises:
+        ExportError: unreadable file, or an output of the wrong shape.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    run, meta = _runner(path, threads)
+    dims = _dims(model, dims if dims is not None else meta.get("dims"))
+    model = model.cpu().eval()
+    errors = {}
+    for seconds in lengths:
+        for batch in batches:
+            x = _example(model, batch, seconds, seed=batch)
+            with torch.no_grad():
+                want = model.head(x) if model.backbone is None else model.head(model.backbone.pooled(x))
+            got = run(x.numpy())
+            if got.shape[0] != batch or got.shape[1] < max(dims):
+                raise ExportError(f"{path}: output of shape {tuple(got.shape)} for a batch of {batch}; "
+                                  f"expected ({batch}, >= {max(dims)})")
+            for d in dims:
+                ref = want[:, :d].double().numpy()
+                diff = np.linalg.norm(got[:, :d] - ref, axis=1) / np.linalg.norm(ref, axis=1)
+                errors[(seconds, batch, d)] = float(diff.max())
+    worst = max(errors.values())
+    return {"max_rel_error": worst, "passed": worst <= TOLERANCE, "errors": errors}
