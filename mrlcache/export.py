@@ -201,13 +201,16 @@ def export_model(model, path, format: str = "onnx", dims=None, opset: int | None
     meta = _metadata(model, dims)
     name = "pooled" if model.backbone is None else "wave"
     tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad():
-        if format == "torchscript":
-            traced = torch.jit.trace(net, example, check_trace=False)
-            torch.jit.save(traced, str(tmp), _extra_files={"mrlcache.json": json.dumps(meta)})
-        else:
-            _export_onnx(net, example, tmp, name, meta, opset or DEFAULT_OPSET)
-    tmp.replace(path)
+    try:
+        with torch.no_grad():
+            if format == "torchscript":
+                traced = torch.jit.trace(net, example, check_trace=False)
+                torch.jit.save(traced, str(tmp), _extra_files={"mrlcache.json": json.dumps(meta)})
+            else:
+                _export_onnx(net, example, tmp, name, meta, opset or DEFAULT_OPSET)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed export leaves no half-written file
     return path
 
 
