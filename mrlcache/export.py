@@ -17,6 +17,7 @@ model exports the head: input ``pooled`` (B, pooled_dim), same output.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import zipfile
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from mrlcache.runtime import atomic_write
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 18
@@ -200,21 +203,19 @@ def export_model(model, path, format: str = "onnx", dims=None, opset: int | None
     example = _example(model)
     meta = _metadata(model, dims)
     name = "pooled" if model.backbone is None else "wave"
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with torch.no_grad():
-            if format == "torchscript":
-                traced = torch.jit.trace(net, example, check_trace=False)
-                torch.jit.save(traced, str(tmp), _extra_files={"mrlcache.json": json.dumps(meta)})
-            else:
-                _export_onnx(net, example, tmp, name, meta, opset or DEFAULT_OPSET)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed export leaves no half-written file
-    return path
+    with torch.no_grad():
+        if format == "torchscript":
+            buffer = io.BytesIO()
+            torch.jit.save(torch.jit.trace(net, example, check_trace=False), buffer,
+                           _extra_files={"mrlcache.json": json.dumps(meta)})
+            data = buffer.getvalue()
+        else:
+            data = _export_onnx(net, example, name, meta, opset or DEFAULT_OPSET)
+    return atomic_write(path, data)  # a failed export leaves no half-written file
 
 
-def _export_onnx(net, example, path, name, meta, opset):
+def _export_onnx(net, example, name, meta, opset) -> bytes:
+    """The ONNX file's bytes: dynamic batch (and length for a wave), dims in its metadata."""
     try:
         import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
@@ -227,12 +228,12 @@ def _export_onnx(net, example, path, name, meta, opset):
         axes[1] = torch.export.Dim("samples", min=net.frontend.pad + 2)
     program = torch.onnx.export(net, (example,), dynamo=True, opset_version=opset, input_names=[name],
                                 output_names=["embedding"], dynamic_shapes={"x": axes}, verbose=False)
-    program.save(str(path))
-    proto = onnx.load(str(path))
+    proto = program.model_proto
     for key, value in [("mrlcache.dims", ",".join(map(str, meta["dims"]))), ("mrlcache.json", json.dumps(meta))]:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
 
 
 # --------------------------------------------------------------------------------------
