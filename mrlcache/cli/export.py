@@ -1,0 +1,47 @@
+"""``mrlcache export``: a fitted model as an ONNX or TorchScript file, optionally verified.
+
+The file maps a wave (B, T) float32 at 16 kHz (dynamic B and T) to ``embedding``
+(B, max(dims)); the d-dimensional embedding is its first d columns, raw (L2-normalise
+before cosine scoring). Head-only models export the head: ``pooled`` (B, pooled_dim) in.
+See :mod:`mrlcache.export`.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("export")
+@click.argument("model_path", metavar="RUN/model.pt", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]),
+              help="onnx (run with onnxruntime) or torchscript (torch.jit.load).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write, e.g. model.onnx.")
+@click.option("--dims", default=None, help="Sizes to export, comma-separated (default every trained size).")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
+@click.option("--verify", is_flag=True,
+              help="Run the file against the PyTorch model at two lengths, two batch sizes and every dim "
+                   "(relative error <= 1e-4, else exit 1).")
+def export(model_path, fmt, out, dims, opset, verify):
+    """Write RUN/model.pt as an ONNX or TorchScript file."""
+    from mrlcache.export import TOLERANCE, ExportError, export_model, verify_export
+    from mrlcache.model import ModelError, load_model
+
+    try:
+        dims_t = None if dims is None else [int(d) for d in dims.split(",") if d.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{dims!r}: expected comma-separated integers, e.g. 64,128", param_hint="--dims") from None
+    if opset is not None and fmt != "onnx":
+        raise click.BadParameter("only ONNX files have an opset; drop --opset for torchscript", param_hint="--opset")
+    try:
+        model = load_model(model_path)
+        path = export_model(model, out, format=fmt, dims=dims_t, opset=opset)
+        click.echo(f"wrote {path}")
+        if verify:
+            report = verify_export(path, model, dims=dims_t)
+            verdict = "passed" if report["passed"] else "FAILED"
+            click.echo(f"verify: max relative error {report['max_rel_error']:.2e} over lengths, batch sizes "
+                       f"and dims ({verdict}, tolerance {TOLERANCE:.0e})")
+            if not report["passed"]:
+                raise SystemExit(1)
+    except (ModelError, ExportError) as err:
+        raise click.ClickException(str(err)) from None
