@@ -274,8 +274,14 @@ def _resonators(freq: np.ndarray, bw: np.ndarray, z1: np.ndarray, sr: int) -> np
 
 
 def synthesise(spk: Speaker, chan: Channel, rng: np.random.Generator, num_samples: int,
-               sample_rate: int = 16000) -> np.ndarray:
-    """One clean utterance of ``spk`` in session ``chan`` (before the channel). Returns (T,) float64."""
+               sample_rate: int = 16000, return_f0: bool = False):
+    """One clean utterance of ``spk`` in session ``chan`` (before the channel). Returns (T,) float64.
+
+    With ``return_f0`` (the same random draws, so the same wave): ``(wave, f0, voicing)``,
+    each (T,) float64 per sample: the F0 contour in Hz that drives the glottal pulses
+    (before per-cycle jitter) and the voicing amplitude of the glottal source (0 silent or
+    unvoiced, about 1 in vowels, 0.25-0.45 in sonorants and voiced fricatives).
+    """
     sr, n = sample_rate, num_samples
     total_ms = int(np.ceil(n * _CONTROL_RATE / sr)) + 1
     seg = _segments(spk, chan, rng, total_ms)
@@ -349,6 +355,8 @@ def synthesise(spk: Speaker, chan: Channel, rng: np.random.Generator, num_sample
     h_fric *= np.sqrt(np.mean(np.abs(h_voiced) ** 2))
     out_spec = spec[0] * h_voiced.T + spec[1] * h_fric.T
     _, wave = signal.istft(out_spec, fs=sr, nperseg=_NFFT, noverlap=_NFFT - _HOP)
+    if return_f0:
+        return wave[:n], f0, voice
     return wave[:n]
 
 
