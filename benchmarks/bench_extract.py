@@ -28,7 +28,7 @@ from mrlcache.augment import AugmentConfig, Augmenter, make_view  # noqa: E402
 from mrlcache.corpus import scan_tree  # noqa: E402
 from mrlcache.extract import ExtractConfig, extract, shard_batches  # noqa: E402
 from mrlcache.backbone.loading import load_backbone  # noqa: E402
-from mrlcache.synth import make_corpus  # noqa: E402
+from mrlcache.demo.synth import make_corpus  # noqa: E402
 
 
 def main():

@@ -36,22 +36,13 @@ def main(debug):
     """
 
 
-def __getattr__(name):
-    # Only for cli/fit.py's "from mrlcache.cli import passive_openmp" until it imports
-    # mrlcache.runtime itself; lazy, so that "mrlcache --help" does not import torch.
-    if name == "passive_openmp":
-        from mrlcache.runtime import passive_openmp
-
-        return passive_openmp
-    raise AttributeError(f"module 'mrlcache.cli' has no attribute {name!r}")
-
-
 def _register():
     # One line per command module; a module that fails to import is a bug, not something
     # to hide, so there is no try/except here.
     from mrlcache.cli import eer, embed, extract, info
     from mrlcache.cli import demo, fit
     from mrlcache.cli import make_corpus
+    from mrlcache.cli import check, export, export_vectors, import_vectors
 
     main.add_command(info.info)
     main.add_command(extract.extract)
@@ -60,6 +51,10 @@ def _register():
     main.add_command(fit.fit)
     main.add_command(demo.demo)
     main.add_command(make_corpus.make_corpus)
+    main.add_command(check.check)
+    main.add_command(import_vectors.import_vectors)
+    main.add_command(export_vectors.export_vectors)
+    main.add_command(export.export)
 
 
 _register()

@@ -363,7 +363,7 @@ def test_end_to_end_frozen_matches_cache_mode(tmp_path):
     from mrlcache.extract import ExtractConfig, extract
     from mrlcache.fit import fit_end_to_end
     from mrlcache.backbone.loading import load_backbone
-    from mrlcache.synth import make_corpus
+    from mrlcache.demo.synth import make_corpus
 
     make_corpus(tmp_path / "corpus", speakers=8, test_speakers=2, utterances=4, seed=3, seconds=(0.8, 1.2))
     data = tmp_path / "corpus" / "train"  # 6 speakers x 4 utterances
