@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -45,9 +44,9 @@ def main():
     import onnxruntime as ort
 
     from mrlcache.export import ExportableModel, export_model
-    from mrlcache.head import MatryoshkaHead
+    from mrlcache.fit.heads import MatryoshkaHead
     from mrlcache.model import MRLModel
-    from mrlcache.models.loading import load_backbone
+    from mrlcache.backbone import load_backbone
 
     torch.set_num_threads(args.threads)
     options = ort.SessionOptions()

@@ -5,7 +5,7 @@ ReDimNet's own front end (torchaudio's STFT with reflect padding) does not expor
 exporter knows: reflect padding built from slices and a constant reversing gather, the DFT
 as one fixed strided convolution whose kernels are the window times cos / sin (the window
 folded in, zero-padded samples of the window left out), the same mel matrix, log and
-normalisation as :class:`~mrlcache.models.features.MelBanks`, whose buffers it reuses.
+normalisation as :class:`~mrlcache.backbone.features.MelBanks`, whose buffers it reuses.
 
 The exported file maps a wave (B, T) float32 at 16 kHz, dynamic B and T, to one output
 ``embedding`` (B, max(dims)): the ``d``-dimensional embedding is its first ``d`` columns
@@ -47,7 +47,7 @@ class ExportableMelBanks(nn.Module):
     """Log-mel features of MelBanks, from exportable operations.
 
     Args:
-        melbanks: the :class:`~mrlcache.models.features.MelBanks` of a backbone; its
+        melbanks: the :class:`~mrlcache.backbone.features.MelBanks` of a backbone; its
             settings, window, mel matrix and pre-emphasis filter are copied.
     Input (B, T) float32 with T > win_length // 2; output (B, n_mels, T // hop + 1) float32.
     """

@@ -6,33 +6,20 @@ speaker's scale) through other directions, plus frame noise. The mixing matrices
 same for every speaker (they are the "physics"), so a head that learns to ignore the
 nuisance directions on training speakers also separates unseen speakers, while the raw
 cosine on the time-averaged streams is dominated by the nuisance.
-
-Until the fit package is merged, the head modules are loaded by path (``load_head``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from mrlcache.head import MatryoshkaMarginLoss
+from mrlcache.fit.heads import MatryoshkaMarginLoss
 from mrlcache.metrics import eer
 
-HEADS_DIR = Path(__file__).resolve().parents[1] / "mrlcache" / "fit" / "heads"
 WIDTHS, LENGTHS = (10, 6), (24, 22)
-
-
-def load_head(name: str):
-    """Import mrlcache/fit/heads/<name>.py by path (the package __init__ is not on this branch)."""
-    spec = importlib.util.spec_from_file_location(f"_heads_{name}", HEADS_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_problem(speakers: int, utts: int, seed: int, latent: int = 4, nuisance: int = 3):

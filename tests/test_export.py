@@ -14,10 +14,10 @@ from conftest import speech_like
 
 from mrlcache.cli.export import export as export_cmd
 from mrlcache.export import ExportableMelBanks, ExportError, export_model, verify_export
-from mrlcache.head import MatryoshkaHead
+from mrlcache.fit.heads import MatryoshkaHead
 from mrlcache.model import load_model, save_model
-from mrlcache.models.features import MelBanks
-from mrlcache.models.loading import build_from_checkpoint, load_backbone
+from mrlcache.backbone.features import MelBanks
+from mrlcache.backbone.loading import build_from_checkpoint, load_backbone
 
 FIXTURES = Path(os.environ.get("MRLCACHE_REDIMNET_FIXTURES",
                                Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "redimnet"))

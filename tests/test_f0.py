@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from mrlcache.streams.f0 import f0_features, yin
-from mrlcache.synth import apply_channel, draw_channel, draw_speaker, synthesise
+from mrlcache.demo.voice import apply_channel, draw_channel, draw_speaker, synthesise
 
 
 def _track(wave):

@@ -4,10 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from heads_synthetic import LENGTHS, WIDTHS, check_learns, load_head
-from mrlcache.head import MatryoshkaHead
-
-fusion = load_head("fusion")
+from heads_synthetic import LENGTHS, WIDTHS, check_learns
+from mrlcache.fit.heads import MatryoshkaHead
+from mrlcache.fit.heads import fusion
 
 
 class PooledModel(nn.Module):

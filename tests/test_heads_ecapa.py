@@ -4,10 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from heads_synthetic import WIDTHS, check_learns, load_head
+from heads_synthetic import WIDTHS, check_learns
 
-ecapa = load_head("ecapa")
-fusion = load_head("fusion")
+from mrlcache.fit.heads import ecapa, fusion
 
 TINY = dict(channels=16, scale=4, mfa_channels=32, attention_bottleneck=8, se_bottleneck=8)
 

@@ -10,7 +10,7 @@ from torchaudio.compliance import kaldi
 
 from conftest import speech_like
 from mrlcache import streams
-from mrlcache.models import load_backbone
+from mrlcache.backbone import load_backbone
 from mrlcache.streams import ptm as ptm_module
 from mrlcache.streams.layers import redimnet_layers, redimnet_pooled_from_layers
 

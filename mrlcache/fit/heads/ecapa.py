@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mrlcache.head import MatryoshkaHead
+from mrlcache.fit.heads.mrl import MatryoshkaHead
 
 
 def _conv_relu_bn(cin, cout, kernel=1, dilation=1):
