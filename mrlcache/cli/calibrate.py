@@ -125,7 +125,7 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
 
     def opened(path, what):
         try:
-            return ev.open_cache(path, model, what, log=_warn)
+            return ev.open_cache_for(path, model, what, log=_warn)
         except ev.EvaluateError as err:
             _fail(str(err))
 
