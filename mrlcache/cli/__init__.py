@@ -37,6 +37,8 @@ def _register():
     from mrlcache.cli import eer, embed, extract, info
     from mrlcache.cli import demo, fit
     from mrlcache.cli import corpus
+    from mrlcache.cli import calibrate
+    from mrlcache.cli import verify
 
     main.add_command(info.info)
     main.add_command(extract.extract)
@@ -45,6 +47,8 @@ def _register():
     main.add_command(fit.fit)
     main.add_command(demo.demo)
     main.add_command(corpus.make_corpus)
+    main.add_command(calibrate.calibrate)
+    main.add_command(verify.verify)
 
 
 _register()
