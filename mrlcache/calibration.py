@@ -192,6 +192,37 @@ class Calibration:
             )
         return float(np.interp(math.log(far), np.log(table[:, 0]), table[:, 1])) if far <= hi else float(table[-1, 1])
 
+    def check(self, *, model_sha256=None, dims=(), center=None, asnorm=None, snorm=None,
+              durations: bool = False) -> None:
+        """Refuse, in one line naming the option, scores made otherwise than the calibration's.
+
+        Args:
+            model_sha256: SHA-256 of the model file scored; dims: the dims to calibrate.
+            center: resolved path of the centering cache, or None; asnorm: {"cohort": path,
+                "topk": k} or None; snorm: {"cohort": path} or None (as ``info`` records them).
+            durations: whether the caller can give log durations (``--data``).
+        """
+        want = self.info.get("model_sha256")
+        if model_sha256 is not None and want is not None and want != model_sha256:
+            raise CalibrationError(f"the calibration was fitted for another model.pt (SHA-256 {want[:16]}..., "
+                                   f"this one {model_sha256[:16]}...); run 'mrlcache calibrate' for this model")
+        missing = [int(d) for d in dims if int(d) not in self.params]
+        if missing:
+            raise CalibrationError(f"the calibration covers dims {self.dims}, not {missing}; "
+                                   f"pass --dims within them or calibrate those dims")
+        for key, option, given in (("center", "--center", center), ("asnorm", "--asnorm-cohort", asnorm),
+                                   ("snorm", "--snorm-cohort", snorm)):
+            fitted = self.info.get(key) or None
+            if fitted != given:
+                def show(v):
+                    return "none" if v is None else v if isinstance(v, str) else \
+                        v["cohort"] + (f" (top-{v['topk']})" if "topk" in v else "")
+                raise CalibrationError(f"the calibration was fitted with {option} {show(fitted)}, these scores "
+                                       f"use {show(given)}; score with the same {option} or calibrate again")
+        if not durations and any(n.startswith("log_dur") for n in self.quality):
+            raise CalibrationError("the calibration uses utterance durations (fitted with --data): "
+                                   "pass --data AUDIO_ROOT so they can be read")
+
     def to_json(self, path) -> Path:
         """Write the calibration as JSON (atomically); returns the path."""
         from mrlcache.runtime import atomic_write

@@ -11,8 +11,11 @@ once (:func:`pooled_from_audio`); both give the same scores:
   requested dim up to the published size (what a Matryoshka head has to beat).
 
 Scores are cosines of L2-normalised prefixes (:mod:`mrlcache.scoring`), optionally centred
-by a training mean and AS-Norm-ed against per-speaker means of a cohort cache
-(:func:`cache_stats`). Metrics and conventions: docs/metrics.md. From Python::
+by a training mean and AS-Norm-ed or S-Norm-ed against per-speaker means of a cohort cache
+(:func:`cache_stats`). With a :class:`~mrlcache.calibration.Calibration`, the ``mrl``
+scores are also mapped to LLRs, with quality measures made exactly as ``mrlcache
+calibrate`` makes them (:func:`normalised_scores`, :func:`log_durations`), and scored by
+Cllr, minCllr and actDCF. Metrics and conventions: docs/metrics.md. From Python::
 
     model = load_model("run/model.pt")
     cache = open_cache_for("caches/vox1-eval", model)
@@ -33,6 +36,8 @@ import numpy as np
 from mrlcache.trials import Trials
 
 SYSTEMS = ("mrl", "raw", "published", "pca")
+NORMS = ("asnorm", "snorm")
+PRIORS = (0.01, 0.05)  # minDCF and actDCF columns; c_miss = c_fa = 1
 BYTES_PER_VALUE = 4  # embeddings are stored and scored as float32
 
 
@@ -294,8 +299,62 @@ def cache_stats(cache, transforms: dict) -> dict:
     return out
 
 
+def log_durations(data_dir, utts, max_seconds=None) -> dict:
+    """{utt: log seconds} from the audio headers under ``data_dir``, capped at ``max_seconds``.
+
+    The duration quality measure of a calibration (``mrlcache calibrate --data``, and
+    ``eer --calibration`` through :func:`evaluate`); the cap is the cache's ``max_seconds``.
+    """
+    import math
+
+    from mrlcache.audio import AudioError, audio_info
+
+    out = {}
+    for u in utts:
+        try:
+            rate, frames, _ = audio_info(Path(data_dir) / u)
+        except AudioError as err:
+            raise EvaluateError(f"audio root {data_dir}: {u}: {err}") from None
+        if frames is None or frames <= 0:
+            raise EvaluateError(f"audio root {data_dir}: {u}: the header gives no duration")
+        seconds = frames / rate if max_seconds is None else min(frames / rate, float(max_seconds))
+        out[u] = math.log(seconds)
+    return out
+
+
+def normalised_scores(emb, ie, it, dims, *, mean=None, cohort=None, norm="asnorm", topk=300,
+                      quality=False) -> tuple[np.ndarray, dict]:
+    """Cosine scores of trials at every dim, centred and AS-/S-Normed, and their cohort quality measures.
+
+    Args:
+        emb: (U, D) embeddings; ie, it: (T,) enroll/test rows; dims: prefix widths.
+        mean: (D,) centering vector or None; cohort: (K, D) cohort or None (no normalisation).
+        norm: "asnorm" (top-``topk``) or "snorm" (the whole cohort); quality: also return
+            the mean top-k cohort score of each side (``cohort_mu_enroll``/``_test``).
+    Returns:
+        (scores (len(dims), T), {name: (len(dims), T)}; empty without cohort or quality).
+    """
+    from mrlcache import scoring
+
+    if norm not in NORMS:
+        raise EvaluateError(f"unknown score normalisation {norm!r}: choose from {list(NORMS)}")
+    scores = scoring.score_trials(emb, ie, it, dims, mean=mean)  # (n_dims, T)
+    if cohort is None:
+        return scores, {}
+    k = np.shape(cohort)[0] if norm == "snorm" else topk
+    if norm == "snorm":
+        scores = scoring.snorm(scores, emb, ie, it, cohort, dims, mean=mean)
+    else:
+        scores = scoring.asnorm(scores, emb, ie, it, cohort, topk, dims, mean=mean)
+    if not quality:
+        return scores, {}
+    mu, _ = scoring.cohort_stats(emb, cohort, dims, k, mean)  # (n_dims, U)
+    return scores, {"cohort_mu_enroll": mu[:, ie], "cohort_mu_test": mu[:, it]}
+
+
 def evaluate(trials: Trials, utts, pooled, transforms: dict, dims, *, center=None, cohort=None,
-             topk: int = 300, log=_note) -> list[dict]:
+             topk: int = 300, norm: str = "asnorm", calibration=None, durations=None,
+             log=_note) -> list[dict]:
     """Score ``trials`` with every system at every dim; EER and minDCF of each.
 
     Args:
@@ -304,12 +363,17 @@ def evaluate(trials: Trials, utts, pooled, transforms: dict, dims, *, center=Non
         dims: requested Matryoshka dims (mrl and pca are scored at each that fits; raw and
             published at their own size).
         center / cohort: {system: stats} from :func:`cache_stats`, or None.
-        topk: AS-Norm top-k; log: callable for a note about dims not scored.
+        topk: AS-Norm top-k; norm: "asnorm" or "snorm" (with ``cohort``).
+        calibration: a :class:`~mrlcache.calibration.Calibration` of the ``mrl`` system
+            (checked by the caller against the model and settings), or None.
+        durations: {utt: log seconds} (:func:`log_durations`) when the calibration uses them.
+        log: callable for a note about dims not scored.
     Returns:
         one dict per (system, dim): system, dim, eer (fraction), threshold, min_dcf_0.01,
-        min_dcf_0.05, bytes_per_utterance.
+        min_dcf_0.05, bytes_per_utterance; calibrated rows also cllr, min_cllr,
+        act_dcf_0.01, act_dcf_0.05 (Cllr in bits, DCFs normalised, c_miss = c_fa = 1).
     """
-    from mrlcache import metrics, scoring
+    from mrlcache import metrics
 
     ie, it = trials.indices({u: i for i, u in enumerate(utts)})  # (T,), (T,)
     results = []
@@ -324,18 +388,28 @@ def evaluate(trials: Trials, utts, pooled, transforms: dict, dims, *, center=Non
             over = [d for d in dims if d > width]
             log(f"note: pca is limited to the published size {width}: dims {over} not scored")
         mean = None if center is None else center[system]["mean"]
-        scores = scoring.score_trials(emb, ie, it, use, mean=mean)  # (n_dims, T)
-        if cohort is not None:
-            scores = scoring.asnorm(scores, emb, ie, it, cohort[system]["cohort"], topk, use, mean=mean)
-        for d, row in zip(use, scores):
+        calibrated = calibration is not None and system == "mrl"
+        scores, quality = normalised_scores(  # (n_dims, T), {name: (n_dims, T)}
+            emb, ie, it, use, mean=mean, cohort=None if cohort is None else cohort[system]["cohort"],
+            norm=norm, topk=topk, quality=calibrated)
+        if calibrated and durations is not None:
+            for side, ids in (("enroll", trials.enroll), ("test", trials.test)):
+                quality[f"log_dur_{side}"] = np.broadcast_to([durations[u] for u in ids], scores.shape)
+        for i, (d, row) in enumerate(zip(use, scores)):
             value, threshold = metrics.eer(row, trials.labels)
-            results.append({
+            result = {
                 "system": system,
                 "dim": int(d),
                 "eer": value,
                 "threshold": threshold,
-                "min_dcf_0.01": metrics.min_dcf(row, trials.labels, p_target=0.01),
-                "min_dcf_0.05": metrics.min_dcf(row, trials.labels, p_target=0.05),
+                **{f"min_dcf_{p}": metrics.min_dcf(row, trials.labels, p_target=p) for p in PRIORS},
                 "bytes_per_utterance": int(d) * BYTES_PER_VALUE,
-            })
+            }
+            if calibrated:
+                llr = calibration.apply(row, d, {n: q[i] for n, q in quality.items()
+                                                 if n in calibration.quality})
+                result["cllr"] = metrics.cllr(llr, trials.labels)
+                result["min_cllr"] = metrics.min_cllr(llr, trials.labels)
+                result.update({f"act_dcf_{p}": metrics.act_dcf(llr, trials.labels, p_target=p) for p in PRIORS})
+            results.append(result)
     return results

@@ -19,10 +19,16 @@ The record is :class:`mrlcache.backbone.BackboneRecord` (files written before it
 ``sha256`` beside an embedded backbone; they load the same). A referenced backbone is loaded
 with :func:`mrlcache.backbone.load_backbone` and its SHA-256 checked against the stored one,
 so a model never runs silently on other weights.
+
+A calibration (``mrlcache calibrate --attach``) lives beside the file as
+``MODEL.calibration.json``; :func:`load_model` reads it into ``model.calibration``
+(checking the model SHA-256 it records) and :meth:`MRLModel.verify` then gives LLRs and
+decisions. Without one, ``verify`` gives the cosine only.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +43,29 @@ VERSION = 1
 
 class ModelError(Exception):
     """A model file that cannot be used (wrong format, missing or mismatching backbone)."""
+
+
+NO_CALIBRATION = ("no calibration: a cosine score has no threshold with a meaning; fit one with "
+                  "'mrlcache calibrate --model RUN/model.pt --cache TRAIN_EVAL_CACHE --make-trials 20000 "
+                  "--out RUN/calibration.json --attach'")
+
+
+@dataclass
+class Verification:
+    """One verification trial: cosine score, and with a calibration its LLR and decision.
+
+    llr, threshold (an LLR), accept: None without a calibration (``note`` says why);
+    prior / far: the operating point the threshold was set for (one of them is None).
+    """
+
+    dim: int
+    score: float
+    llr: float | None = None
+    threshold: float | None = None
+    accept: bool | None = None
+    prior: float | None = None
+    far: float | None = None
+    note: str | None = None
 
 
 class MRLModel(nn.Module):
@@ -56,6 +85,7 @@ class MRLModel(nn.Module):
         self.head = head
         self.dims = tuple(int(d) for d in (dims or head.dims))
         self._sha = weights_sha256
+        self.calibration = None  # a mrlcache.calibration.Calibration, set by load_model
 
     @property
     def weights_sha256(self) -> str | None:
@@ -112,6 +142,48 @@ class MRLModel(nn.Module):
             return self.head(x)[:, :d].cpu().numpy()
 
 
+    def verify(self, wave_a, wave_b, dim: int | None = None, *, prior: float | None = None,
+               far: float | None = None) -> Verification:
+        """Score two waveforms (T,) float32 at 16 kHz: cosine, and LLR + decision with a calibration.
+
+        The decision accepts when ``llr >= threshold``: the Bayes threshold for ``prior``
+        (default 0.01, c_miss = c_fa = 1) or the threshold of false-accept rate ``far`` on
+        the calibration trials. The calibration must use no score normalisation or
+        centering (verify has no cohort); log durations are taken from the waves.
+        """
+        from mrlcache.audio import SAMPLE_RATE
+        from mrlcache.calibration import CalibrationError
+
+        d = self._dim(dim)
+        if prior is not None and far is not None:
+            raise ValueError("give at most one of prior and far")
+        emb = [np.asarray(self.forward(np.asarray(w, dtype=np.float32).reshape(1, -1), d), np.float64)[0]
+               for w in (wave_a, wave_b)]  # 2 x (d,)
+        norms = [np.linalg.norm(e) for e in emb]
+        score = float(emb[0] @ emb[1] / (norms[0] * norms[1])) if min(norms) > 0 else 0.0
+        cal = self.calibration
+        if cal is None:
+            return Verification(d, score, note=NO_CALIBRATION)
+        info = cal.info
+        if info.get("center") or info.get("asnorm") or info.get("snorm"):
+            raise CalibrationError("the attached calibration was fitted on centred or normalised scores, which "
+                                   "verify cannot make (no cohort); calibrate without --center/--asnorm-cohort/"
+                                   "--snorm-cohort for verify")
+        cap = (info.get("durations") or {}).get("max_seconds")
+        quality = {}
+        for side, w in (("enroll", wave_a), ("test", wave_b)):
+            seconds = np.asarray(w).size / SAMPLE_RATE
+            quality[f"log_dur_{side}"] = np.array([np.log(seconds if cap is None else min(seconds, cap))])
+        quality = {n: q for n, q in quality.items() if n in cal.quality}
+        llr = float(cal.apply(np.array([score]), d, quality)[0])
+        if far is None:
+            prior = 0.01 if prior is None else prior
+            threshold = cal.threshold(d, p_target=prior)
+        else:
+            threshold = cal.threshold(d, far=far)
+        return Verification(d, score, llr, threshold, llr >= threshold, prior, far)
+
+
 def save_model(path, head: MatryoshkaHead, *, backbone=None, embed_backbone: bool = True,
                backbone_ref=None) -> Path:
     """Write ``model.pt`` atomically; returns its path.
@@ -145,11 +217,40 @@ def save_model(path, head: MatryoshkaHead, *, backbone=None, embed_backbone: boo
     return path
 
 
-def load_model(path, device: str = "cpu") -> MRLModel:
+def calibration_path(path) -> Path:
+    """Where ``calibrate --attach`` puts a model's calibration: RUN/model.pt -> RUN/model.calibration.json."""
+    path = Path(path)
+    return path.with_name(path.stem + ".calibration.json")
+
+
+def _attached_calibration(path: Path):
+    """The calibration attached to model file ``path``, or None; ModelError if it is for another model."""
+    from mrlcache.calibration import Calibration, CalibrationError
+    from mrlcache.runtime import sha256_file
+
+    cal_path = calibration_path(path)
+    if not cal_path.is_file():
+        return None
+    try:
+        cal = Calibration.from_json(cal_path)
+        cal.check(model_sha256=sha256_file(path))
+    except CalibrationError as err:
+        raise ModelError(f"{cal_path}: {err}; or delete the file") from None
+    if cal.info.get("model_sha256") is None:
+        raise ModelError(f"{cal_path}: records no model SHA-256, so it cannot be checked against {path.name}; "
+                         f"write it again with 'mrlcache calibrate --attach'")
+    return cal
+
+
+def load_model(path, device: str = "cpu", calibration: bool = True) -> MRLModel:
     """Load a ``model.pt`` written by ``mrlcache fit``; returns an MRLModel in eval mode.
 
+    Args:
+        calibration: read an attached ``MODEL.calibration.json`` into ``model.calibration``
+            (False: leave it None, e.g. to calibrate the model again).
     Raises:
-        ModelError: not a model file, unknown version, backbone missing or SHA-256 mismatch.
+        ModelError: not a model file, unknown version, backbone missing or SHA-256 mismatch,
+            or an attached calibration fitted for another model file.
     """
     from mrlcache.backbone import BackboneRecord, CheckpointError, RecordError, UnsafeFileError
     from mrlcache.backbone.loading import build_from_checkpoint, load_plain, load_recorded
@@ -193,4 +294,7 @@ def load_model(path, device: str = "cpu") -> MRLModel:
             raise ModelError(f"{path}: cannot load its backbone: {err}") from None
         if backbone.pooled_dim != head.pooled_dim:
             raise ModelError(f"{path}: backbone pools {backbone.pooled_dim} dims, head expects {head.pooled_dim}")
-    return MRLModel(backbone, head, obj["dims"], weights_sha256=sha).to(device).eval()
+    model = MRLModel(backbone, head, obj["dims"], weights_sha256=sha).to(device).eval()
+    if calibration:
+        model.calibration = _attached_calibration(path)
+    return model

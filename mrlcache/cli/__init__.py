@@ -43,6 +43,7 @@ def _register():
     from mrlcache.cli import demo, fit
     from mrlcache.cli import make_corpus
     from mrlcache.cli import check, export, export_vectors, import_vectors
+    from mrlcache.cli import calibrate, verify
 
     main.add_command(info.info)
     main.add_command(extract.extract)
@@ -55,6 +56,8 @@ def _register():
     main.add_command(import_vectors.import_vectors)
     main.add_command(export_vectors.export_vectors)
     main.add_command(export.export)
+    main.add_command(calibrate.calibrate)
+    main.add_command(verify.verify)
 
 
 _register()

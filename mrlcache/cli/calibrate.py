@@ -10,7 +10,6 @@ name. Method and file format: docs/metrics.md ("Calibration").
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import click
@@ -50,23 +49,6 @@ def _write_trials(trials, path: Path) -> None:
     atomic_write(path, "\n".join(lines) + "\n")
 
 
-def _log_durations(data_dir: Path, utts, max_seconds) -> dict:
-    """{utt: log seconds} from the audio headers under ``data_dir`` (capped as the cache was)."""
-    from mrlcache.audio import AudioError, audio_info
-
-    out = {}
-    for u in utts:
-        try:
-            rate, frames, _ = audio_info(data_dir / u)
-        except AudioError as err:
-            _fail(f"--data {data_dir}: {u}: {err}")
-        if frames is None or frames <= 0:
-            _fail(f"--data {data_dir}: {u}: the header gives no duration")
-        seconds = frames / rate if max_seconds is None else min(frames / rate, float(max_seconds))
-        out[u] = math.log(seconds)
-    return out
-
-
 @click.command()
 @config_option
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -86,6 +68,9 @@ def _log_durations(data_dir: Path, utts, max_seconds) -> dict:
 @click.option("--asnorm-cohort", type=click.Path(exists=True, file_okay=False),
               help="Training cache whose speaker means are the AS-Norm cohort (as 'eer --asnorm-cohort'); "
                    "adds the cohort score means as quality measures.")
+@click.option("--snorm-cohort", type=click.Path(exists=True, file_okay=False),
+              help="Training cache whose speaker means are the S-Norm cohort (as 'eer --snorm-cohort'); "
+                   "adds the cohort score means as quality measures.")
 @click.option("--topk", "asnorm_topk", type=int, default=300, show_default=True, help="AS-Norm top-k.")
 @click.option("--prior", type=float, default=0.01, show_default=True,
               help="Target prior at which the prior-weighted Cllr is minimised.")
@@ -96,7 +81,7 @@ def _log_durations(data_dir: Path, utts, max_seconds) -> dict:
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
 def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, data_dir, center_cache,
-              asnorm_cohort, asnorm_topk, prior, out_path, attach, device):
+              asnorm_cohort, snorm_cohort, asnorm_topk, prior, out_path, attach, device):
     """Fit a per-dim calibration of cosine scores to log-likelihood ratios (JSON)."""
     if (trials_path is None) == (make_trials is None):
         _fail("give exactly one of --trials FILE (training-speaker trials) or --make-trials N")
@@ -107,6 +92,8 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
                   f"meaningless; use trials of training speakers (--make-trials N on a training cache)")
     if not 0.0 < prior < 1.0:
         _fail(f"--prior {prior}: must be in (0, 1)")
+    if asnorm_cohort and snorm_cohort:
+        _fail("give at most one of --asnorm-cohort and --snorm-cohort")
 
     import numpy as np
 
@@ -118,7 +105,7 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
     from mrlcache.trials import TrialsError, read_trials
 
     try:
-        model = load_model(model_path, device=device)
+        model = load_model(model_path, device=device, calibration=False)
     except ModelError as err:
         _fail(str(err))
     dims = _parse_dims(dims, model.dims)
@@ -153,7 +140,7 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
         vectors = ev.pooled_from_cache(cache, trials)
         transforms = ev.transforms(model, ["mrl"], device=device)
         stats = {p: ev.cache_stats(opened(p, "cache"), transforms) for p in dict.fromkeys(
-            p for p in (center_cache, asnorm_cohort) if p)}
+            p for p in (center_cache, asnorm_cohort, snorm_cohort) if p)}
     except ev.MissingUtterancesError as err:
         _fail(f"--trials: {err.describe('use trials of utterances in the cache')}")
     except ev.EvaluateError as err:
@@ -162,25 +149,26 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
     rows = {u: i for i, u in enumerate(vectors.utterances)}
     ie, it = vectors.trials.indices(rows)  # (T,), (T,)
     mean = stats[center_cache]["mrl"]["mean"] if center_cache else None
-    quality = {}
-    try:
-        scores = scoring.score_trials(emb, ie, it, dims, mean=mean)  # (n_dims, T)
-        if asnorm_cohort:
-            cohort = stats[asnorm_cohort]["mrl"]["cohort"]
-            scores = scoring.asnorm(scores, emb, ie, it, cohort, asnorm_topk, dims, mean=mean)
-            mu, _ = scoring.cohort_stats(emb, cohort, dims, asnorm_topk, mean)  # (n_dims, U)
-            quality["cohort_mu_enroll"], quality["cohort_mu_test"] = mu[:, ie], mu[:, it]
+    cohort_path = asnorm_cohort or snorm_cohort
+    try:  # the scores and quality measures exactly as 'eer --calibration' makes them
+        scores, quality = ev.normalised_scores(  # (n_dims, T), {name: (n_dims, T)}
+            emb, ie, it, dims, mean=mean, cohort=stats[cohort_path]["mrl"]["cohort"] if cohort_path else None,
+            norm="snorm" if snorm_cohort else "asnorm", topk=asnorm_topk, quality=True)
+        if data_dir is not None:
+            log_dur = ev.log_durations(data_dir, vectors.utterances, cache.meta.get("max_seconds"))
+            quality["log_dur_enroll"] = np.array([log_dur[u] for u in vectors.trials.enroll])
+            quality["log_dur_test"] = np.array([log_dur[u] for u in vectors.trials.test])
     except scoring.ScoringError as err:
         _fail(str(err))
-    if data_dir is not None:
-        log_dur = _log_durations(Path(data_dir), vectors.utterances, cache.meta.get("max_seconds"))
-        quality["log_dur_enroll"] = np.array([log_dur[u] for u in vectors.trials.enroll])
-        quality["log_dur_test"] = np.array([log_dur[u] for u in vectors.trials.test])
+    except ev.EvaluateError as err:
+        _fail(f"--data {err}")
 
     info = {"model": str(Path(model_path).resolve()), "model_sha256": sha256_file(model_path),
             "cache": str(Path(cache_dir).resolve()), "trials": source, "system": "mrl",
             "center": center_cache and str(Path(center_cache).resolve()),
-            "asnorm": asnorm_cohort and {"cohort": str(Path(asnorm_cohort).resolve()), "topk": asnorm_topk}}
+            "asnorm": asnorm_cohort and {"cohort": str(Path(asnorm_cohort).resolve()), "topk": asnorm_topk},
+            "snorm": snorm_cohort and {"cohort": str(Path(snorm_cohort).resolve())},
+            "durations": data_dir and {"data": str(Path(data_dir).resolve()), "max_seconds": cache.meta.get("max_seconds")}}
     try:
         cal = fit_calibration(scores, vectors.trials.labels, dims, quality, prior, info)
     except (CalibrationError, metrics.MetricsError) as err:

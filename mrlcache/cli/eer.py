@@ -47,6 +47,24 @@ def _open_cache(path, model, what: str):
         _fail(str(err))
 
 
+def _calibration(path, model_path, dims, center, asnorm, topk, snorm, data_dir):
+    """The --calibration file, refused in one line unless it fits this model, these dims and settings."""
+    from mrlcache.calibration import Calibration, CalibrationError
+    from mrlcache.runtime import sha256_file
+
+    def resolved(p):
+        return p and str(Path(p).resolve())
+
+    try:
+        cal = Calibration.from_json(path)
+        cal.check(model_sha256=sha256_file(model_path), dims=dims, center=resolved(center),
+                  asnorm=asnorm and {"cohort": resolved(asnorm), "topk": topk},
+                  snorm=snorm and {"cohort": resolved(snorm)}, durations=data_dir is not None)
+    except CalibrationError as err:
+        _fail(f"--calibration {path}: {err}")
+    return cal
+
+
 def _warn(message: str) -> None:
     click.echo(message, err=True)
 
@@ -55,13 +73,22 @@ def _print_table(results, title):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, caption="bytes: float32 embedding per utterance; minDCF at p_target .01/.05")
+    caption = "bytes: float32 embedding per utterance; minDCF at p_target .01/.05"
+    calibrated = any("cllr" in r for r in results)
+    if calibrated:
+        caption = ("bytes: float32 embedding per utterance; minDCF and actDCF at p_target .01/.05, c_miss = c_fa = 1 "
+                   "(normalised); Cllr/minCllr in bits, of the calibrated LLRs")
+    table = Table(title=title, caption=caption)
+    extra = [("Cllr", "cllr"), ("minCllr", "min_cllr"), ("actDCF .01", "act_dcf_0.01"),
+             ("actDCF .05", "act_dcf_0.05")] if calibrated else []
     for name, justify in [("system", "left"), ("dim", "right"), ("EER (%)", "right"), ("threshold", "right"),
-                          ("minDCF .01", "right"), ("minDCF .05", "right"), ("bytes", "right")]:
+                          ("minDCF .01", "right"), ("minDCF .05", "right"), *((n, "right") for n, _ in extra),
+                          ("bytes", "right")]:
         table.add_column(name, justify=justify)
     for r in results:
         table.add_row(r["system"], str(r["dim"]), f"{100 * r['eer']:.3f}", f"{r['threshold']:.4f}",
-                      f"{r['min_dcf_0.01']:.4f}", f"{r['min_dcf_0.05']:.4f}", str(r["bytes_per_utterance"]))
+                      f"{r['min_dcf_0.01']:.4f}", f"{r['min_dcf_0.05']:.4f}",
+                      *(f"{r[k]:.4f}" if k in r else "" for _, k in extra), str(r["bytes_per_utterance"]))
     Console().print(table)
 
 
@@ -100,7 +127,8 @@ def _plot(results, path, title):
 @click.option("--cache", "cache_dir", type=click.Path(exists=True, file_okay=False),
               help="Eval-mode cache of the trial audio (pooled vectors).")
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
-              help="Audio root the trial paths are relative to (embeds on the fly).")
+              help="Audio root the trial paths are relative to (embeds on the fly; beside --cache, only gives "
+                   "a --calibration's durations).")
 @click.option("--dims", default=None, help="Comma-separated dims to score; default every dim of the model.")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(SYSTEMS[1:]),
               help="Also score a baseline (repeatable): raw, published or pca.")
@@ -111,6 +139,10 @@ def _plot(results, path, title):
 @click.option("--asnorm-cohort", type=click.Path(exists=True, file_okay=False),
               help="Training cache whose per-speaker means form the AS-Norm cohort.")
 @click.option("--asnorm-topk", type=COUNT, default=300, show_default=True, help="AS-Norm top-k cohort scores.")
+@click.option("--snorm-cohort", type=click.Path(exists=True, file_okay=False),
+              help="Training cache whose per-speaker means form the S-Norm cohort (all of it; not with --asnorm-cohort).")
+@click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False),
+              help="calibration.json from 'mrlcache calibrate': also report Cllr, minCllr and actDCF of mrl.")
 @click.option("--skip-missing", is_flag=True, help="Score the trials whose utterances are all available.")
 @click.option("--max-seconds", type=CAP, default=None, help="--data: use at most this much of each file.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
@@ -119,10 +151,12 @@ def _plot(results, path, title):
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
 def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_cache, center_cache,
-        asnorm_cohort, asnorm_topk, skip_missing, max_seconds, json_out, plot_out, device):
+        asnorm_cohort, asnorm_topk, snorm_cohort, calibration_path, skip_missing, max_seconds, json_out, plot_out, device):
     """EER and minDCF of a trial list at every Matryoshka dim (and baselines), as a table."""
-    if (cache_dir is None) == (data_dir is None):
+    if (cache_dir is None) == (data_dir is None) and not (cache_dir and calibration_path):
         _fail("give exactly one of --cache (eval cache of the trial audio) or --data (audio root)")
+    if asnorm_cohort and snorm_cohort:
+        _fail("give at most one of --asnorm-cohort and --snorm-cohort")
     if "pca" in baselines and pca_cache is None:
         _fail("--baseline pca needs --pca-cache TRAIN_CACHE to fit the PCA on")
     if plot_out is not None:
@@ -139,7 +173,7 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
 
     try:
         trials = read_trials(trials_path)
-        model = load_model(model_path, device=device)
+        model = load_model(model_path, device=device, calibration=False)
     except (TrialsError, ModelError) as err:
         _fail(str(err))
     if trials.duplicates:
@@ -151,9 +185,15 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
     if model.backbone is None and {"published", "pca"} & set(systems):
         _fail("--baseline published/pca need the backbone's own head, but this model is head-only")
 
+    calibration = _calibration(calibration_path, model_path, dims, center_cache, asnorm_cohort, asnorm_topk,
+                               snorm_cohort, data_dir) if calibration_path else None
+    if cache_dir and data_dir and not any(n.startswith("log_dur") for n in calibration.quality):
+        _fail(f"--data beside --cache only gives durations, and --calibration {calibration_path} uses none: drop --data")
     try:
         if cache_dir is not None:
-            vectors = ev.pooled_from_cache(_open_cache(cache_dir, model, "cache"), trials, skip_missing)
+            cache = _open_cache(cache_dir, model, "cache")
+            max_seconds = cache.meta.get("max_seconds")  # durations capped as the cache's audio was
+            vectors = ev.pooled_from_cache(cache, trials, skip_missing)
         else:
             if model.backbone is None:
                 _fail("this model was fitted head-only (no backbone): score an eval cache with --cache instead")
@@ -176,25 +216,38 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
     except ev.EvaluateError as err:  # only the PCA fit can fail here
         _fail(f"--pca-cache {err}")
     stats = {}  # one pass per distinct cache, shared by --center and --asnorm-cohort
-    for path in dict.fromkeys(p for p in (center_cache, asnorm_cohort) if p):
+    for path in dict.fromkeys(p for p in (center_cache, asnorm_cohort, snorm_cohort) if p):
         try:
             stats[path] = ev.cache_stats(_open_cache(path, model, "cache"), transforms)
         except ev.EvaluateError as err:
             _fail(str(err))
     try:
+        durations = None
+        if calibration is not None and any(n.startswith("log_dur") for n in calibration.quality):
+            durations = ev.log_durations(data_dir, vectors.utterances, max_seconds)
         results = ev.evaluate(trials, vectors.utterances, vectors.pooled, transforms, dims,
-                              center=stats.get(center_cache), cohort=stats.get(asnorm_cohort),
-                              topk=asnorm_topk, log=_warn)
+                              center=stats.get(center_cache), cohort=stats.get(asnorm_cohort or snorm_cohort),
+                              topk=asnorm_topk, norm="snorm" if snorm_cohort else "asnorm",
+                              calibration=calibration, durations=durations, log=_warn)
+    except ev.EvaluateError as err:
+        _fail(f"--data {err}")
     except (metrics.MetricsError, scoring.ScoringError, TrialsError) as err:
         _fail(f"{trials_path}: {err}")
 
     title = f"{trials_path}: {trials.n_target} target / {trials.n_nontarget} non-target trials"
     if asnorm_cohort:
         title += f", AS-Norm top-{asnorm_topk}"
+    if snorm_cohort:
+        title += ", S-Norm"
+    if calibration_path:
+        title += f", calibrated by {calibration_path}"
     _print_table(results, title)
     if json_out is not None:
         report = {"trials": str(trials_path), "n_target": trials.n_target, "n_nontarget": trials.n_nontarget,
                   "skipped_trials": vectors.skipped_trials, "results": results}
+        if calibration_path:
+            report["calibration"] = {"file": str(calibration_path), "system": "mrl", "p_targets": [0.01, 0.05],
+                                     "c_miss": 1.0, "c_fa": 1.0, "cllr_unit": "bits"}
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
         write_resolved(ctx, Path(json_out).with_name(Path(json_out).stem + ".options.yaml"))
     if plot_out is not None:
