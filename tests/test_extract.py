@@ -135,8 +135,9 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert result.exit_code != 0
     make_tree(tmp_path / "one", speakers=1, videos=1, utts=1, seconds=1.0)
     result = run(["--data", str(tmp_path / "one"), "--out", str(tmp_path / "c"), *COMMON, "--device", "gpu7"], ok=False)
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.output.strip().splitlines()[-1] == "Error: --device gpu7: not a device; use auto, cpu, cuda or cuda:N"
+    assert result.exit_code == 2 and "Traceback" not in result.output  # 2: click's bad option value
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: Invalid value for '--device': 'gpu7': not a device; use auto, cpu, cuda or cuda:N")
     assert not (tmp_path / "c" / "cache.json").exists()
 
 

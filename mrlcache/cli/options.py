@@ -30,7 +30,7 @@ def check_device(name: str) -> str:
     try:
         resolve_device(name)
     except DeviceError as err:
-        raise click.BadParameter(str(err).removeprefix(f"--device {name}: "), param_hint="'--device'") from None
+        raise click.BadParameter(f"{name!r}: " + str(err).removeprefix(f"--device {name}: "), param_hint="'--device'") from None
     return name
 
 

@@ -53,7 +53,7 @@ def model(tmp_path_factory):
     (["--workers", "-1"], "'--workers': -1 is not in the range x>=0"),
     (["--views", "0"], "'--views': 0 is not in the range x>=1"),
     (["--seed", "-3"], "'--seed': -3 is not in the range x>=0"),
-    (["--device", "gpu7"], "'--device': not a device; use auto, cpu, cuda or cuda:N"),
+    (["--device", "gpu7"], "'--device': 'gpu7': not a device; use auto, cpu, cuda or cuda:N"),
 ])
 def test_extract_refuses_bad_values(data, tmp_path, args, message):
     result = run("extract", "--data", data, "--out", tmp_path / "c", "--random-init", "--variant", "b0", *args)
@@ -63,7 +63,7 @@ def test_extract_refuses_bad_values(data, tmp_path, args, message):
 
 @pytest.mark.parametrize("command", ["eer", "embed"])
 @pytest.mark.parametrize("args, message", [
-    (["--device", "gpu7"], "'--device': not a device"),
+    (["--device", "gpu7"], "'--device': 'gpu7': not a device"),
     (["--max-seconds", "0"], "'--max-seconds': 0.0 is not in the range x>=0.02"),
 ])
 def test_eer_and_embed_refuse_bad_values(data, model, tmp_path, command, args, message):
