@@ -203,7 +203,7 @@ def _bn(x, bn):  # eval-mode BatchNorm written out, channels on dim 1
 
 @pytest.mark.parametrize("fwse", [False, True])
 def test_resnet_block_is_relu_then_bn_then_fwse_gate_then_residual_relu(fwse):
-    from mrlcache.backbone.redimnet import ResBlock
+    from mrlcache.backbone.blocks import ResBlock
 
     block = ResBlock(2, num_freq=3, group_divisor=1, fwse=fwse).eval()
     for conv in (block.conv1, block.conv1pw, block.conv2, block.conv2pw):
@@ -230,7 +230,7 @@ def test_resnet_block_is_relu_then_bn_then_fwse_gate_then_residual_relu(fwse):
 
 
 def test_fwse_gate_depends_on_the_mean_over_channels_and_time():
-    from mrlcache.backbone.redimnet import FwSE
+    from mrlcache.backbone.blocks import FwSE
 
     se = FwSE(num_freq=2, hidden=1)
     with torch.no_grad():  # hidden = relu(mean of row 0); gate_f = sigmoid(hidden)
@@ -245,7 +245,7 @@ def test_fwse_gate_depends_on_the_mean_over_channels_and_time():
 
 
 def test_att_positional_conv_adds_the_layer_normed_conv_output():
-    from mrlcache.backbone.redimnet import PosEncConv
+    from mrlcache.backbone.blocks import PosEncConv
 
     pos = PosEncConv(3, kernel=5)
     with torch.no_grad():  # zero kernel: the conv outputs its bias at every frame
@@ -287,7 +287,7 @@ def test_emb_bn_normalises_the_embedding_after_the_linear_layer():
 
 
 def test_weighted_sum_is_a_per_channel_softmax_over_inputs():
-    from mrlcache.backbone.redimnet import WeightedSum
+    from mrlcache.backbone.blocks import WeightedSum
 
     ws = WeightedSum(3, 2)
     with torch.no_grad():
@@ -302,7 +302,7 @@ def test_weighted_sum_is_a_per_channel_softmax_over_inputs():
 
 
 def test_stride_three_stage_reshapes_frequency_major():
-    from mrlcache.backbone.redimnet import To1d, To2d
+    from mrlcache.backbone.blocks import To1d, To2d
 
     x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)  # (B, c, f, t)
     flat = To1d()(x)
