@@ -4,9 +4,12 @@ Each file is decoded once and embedded whole (``--max-seconds`` caps it). The em
 are the raw prefix of the Matryoshka head output, as ``mrlcache.load_model(path)(wave,
 dim)`` returns them: L2-normalise before cosine scoring.
 
-Output: ``--out emb.npy`` writes one (N, dim) float32 array and ``emb.ids.txt`` (the N
-utterance ids, one per line, same order); ``--out DIR`` writes ``DIR/<utt_id>.npy`` per
-file (the id's extension replaced) and ``DIR/ids.txt``. Nothing is written outside DIR
+Output (``--format npy``, the default): ``--out emb.npy`` writes one (N, dim) float32 array
+and ``emb.ids.txt`` (the N utterance ids, one per line, same order); ``--out DIR`` writes
+``DIR/<utt_id>.npy`` per file (the id's extension replaced) and ``DIR/ids.txt``.
+``--format kaldi`` writes ``OUT.ark`` + ``OUT.scp`` (what Kaldi and WeSpeaker scoring read)
+and ``--format npz`` one ``OUT.npz`` (``ids``, ``vectors``), through
+:func:`mrlcache.interop.write_vectors`. Nothing is written outside DIR
 (an id such as ``../x.wav`` is refused) and no two inputs share an output file (``x.wav``
 and ``x.flac``): both are checked before any file is decoded.
 
@@ -78,10 +81,12 @@ def _targets(out: Path, ids: list[str]) -> list[Path]:
 @click.option("--dim", type=COUNT, default=None, help="Embedding size; default the model's largest.")
 @click.option("--out", "out", required=True, type=click.Path(),
               help="emb.npy (one array + emb.ids.txt) or a folder (one .npy per file).")
+@click.option("--format", "fmt", type=click.Choice(["npy", "kaldi", "npz"]), default="npy", show_default=True,
+              help="npy: emb.npy + ids or a folder of .npy; kaldi: OUT.ark + OUT.scp; npz: OUT.npz.")
 @click.option("--max-seconds", type=CAP, default=None, help="Use at most this much of each file.")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
-def embed(ctx, model_path, inputs, dim, out, max_seconds, device):
+def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, device):
     """Write embeddings of audio FILES or folders (scanned as SPEAKER/.../FILE trees)."""
     check_device(device)
     import numpy as np
@@ -104,7 +109,7 @@ def embed(ctx, model_path, inputs, dim, out, max_seconds, device):
     items = _inputs(inputs)
     out = Path(out)
     ids = [u for u, _ in items]
-    targets = None if out.suffix == ".npy" else _targets(out, ids)
+    targets = None if out.suffix == ".npy" or fmt != "npy" else _targets(out, ids)
     limit = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
     vectors = np.empty((len(items), dim), dtype=np.float32)
     with Progress(console=Console(stderr=True), transient=True) as progress:
@@ -124,7 +129,15 @@ def embed(ctx, model_path, inputs, dim, out, max_seconds, device):
                 vectors[i] = model(x, dim=dim)[0].cpu().numpy()
             progress.advance(task)
 
-    if targets is None:
+    if fmt != "npy":
+        from mrlcache.interop import InteropError, write_vectors
+
+        try:
+            written = write_vectors(ids, vectors, fmt, out, overwrite=True)
+        except InteropError as err:
+            raise click.ClickException(str(err)) from None
+        write_resolved(ctx, Path(written[0]).with_name(Path(written[0]).stem + ".options.yaml"))
+    elif targets is None:
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(out, vectors)
         out.with_name(out.stem + ".ids.txt").write_text("\n".join(ids) + "\n")

@@ -53,8 +53,8 @@ COMMAND_ONLY = {
     "extract": {"data", "list_file", "utt2spk", "out", "backend", "variant", "train_type", "dataset", "weights",
                 "random_init", "threads", "rank", "world_size", "overwrite", "quiet"},
     "eer": {"model_path", "trials_path", "cache_dir", "data_dir", "dims", "baselines", "pca_cache", "center_cache",
-            "asnorm_cohort", "json_out", "plot_out"},
-    "embed": {"model_path", "inputs", "dim", "out", "max_seconds", "device"},
+            "asnorm_cohort", "snorm_cohort", "calibration_path", "json_out", "plot_out"},
+    "embed": {"model_path", "inputs", "dim", "out", "fmt", "max_seconds", "device"},
     "demo": {"out", "quick", "weights", "variant"},
 }
 

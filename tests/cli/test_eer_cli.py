@@ -297,3 +297,22 @@ def test_embed_npy_and_dir(setup, tmp_path):
     np.testing.assert_allclose(np.load(written), emb[3][:4], rtol=1e-5, atol=1e-6)  # a prefix of dim 8
     result = run("embed", "--model", root / "model.pt", one, "--dim", "5", "--out", folder)
     assert result.exit_code != 0 and "trained for dims [4, 8]" in result.output
+
+
+def test_embed_kaldi_and_npz_hold_the_npy_embeddings(setup, tmp_path):
+    import kaldiio
+
+    root, utts = setup
+    assert run("embed", "--model", root / "model.pt", root / "data", "--out", tmp_path / "e.npy").exit_code == 0
+    want = dict(zip((tmp_path / "e.ids.txt").read_text().split(), np.load(tmp_path / "e.npy")))
+    result = run("embed", "--model", root / "model.pt", root / "data", "--format", "kaldi", "--out", tmp_path / "k")
+    assert result.exit_code == 0, result.output
+    got = dict(kaldiio.load_scp(str(tmp_path / "k.scp")))  # what Kaldi/WeSpeaker scoring reads
+    assert sorted(got) == sorted(want)
+    for utt, vector in want.items():
+        np.testing.assert_array_equal(np.asarray(got[utt]), vector)
+    result = run("embed", "--model", root / "model.pt", root / "data", "--format", "npz", "--out", tmp_path / "z")
+    assert result.exit_code == 0, result.output
+    z = np.load(tmp_path / "z.npz")
+    assert list(z["ids"]) == list(want)
+    np.testing.assert_array_equal(z["vectors"], np.stack(list(want.values())))
