@@ -201,7 +201,8 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu") -> dict:
     """The systems to score: name -> function pooled (n, P) float32 -> embeddings (n, D).
 
     Args:
-        model: the fitted model; ``published`` and ``pca`` need its backbone's head.
+        model: the fitted model; ``published`` needs its backbone's head; ``pca`` is the PCA of
+            the published embedding, or of the pooled vector itself for a head-only model.
         systems: names from :data:`SYSTEMS`, in table order.
         pca_cache: an opened training cache to fit the ``pca`` system on (every view).
     """
@@ -210,9 +211,8 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu") -> dict:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise EvaluateError(f"unknown system(s) {unknown}: choose from {list(SYSTEMS)}")
-    if model.backbone is None and {"published", "pca"} & set(systems):
-        raise EvaluateError("the published and pca systems need the backbone's own head, "
-                            "but this model is head-only")
+    if model.backbone is None and "published" in systems:
+        raise EvaluateError("the published system needs the backbone's own head, but this model is head-only")
 
     def published(pooled):
         with torch.no_grad():
@@ -224,8 +224,11 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu") -> dict:
     if "pca" in systems:
         if pca_cache is None:
             raise EvaluateError("the pca system needs a training cache to fit the PCA on (pca_cache)")
-        mean, components = fit_pca(pca_cache, published)
-        out["pca"] = lambda p: ((published(p) - mean) @ components).astype(np.float32)  # (n, E)
+        # PCA of the published embedding; a head-only model (imported vectors, no backbone)
+        # has none, so its PCA is of the cached vector itself.
+        base = published if model.backbone is not None else out["raw"]
+        mean, components = fit_pca(pca_cache, base)
+        out["pca"] = lambda p: ((base(p) - mean) @ components).astype(np.float32)  # (n, E)
     return {s: out[s] for s in systems}
 
 
@@ -241,10 +244,11 @@ def _iter_cache(cache, batch: int = 8192):
 
 
 def fit_pca(cache, published) -> tuple[np.ndarray, np.ndarray]:
-    """PCA of the published embeddings of every vector of a cache, in one streamed pass.
+    """PCA of the embeddings of every vector of a cache, in one streamed pass.
 
     Args:
-        cache: an opened training cache; published: pooled (n, P) -> embeddings (n, E).
+        cache: an opened training cache; published: pooled (n, P) -> embeddings (n, E) (the
+            published head, or the identity for a head-only model).
     Returns:
         (mean (E,), components (E, E)), components by column in order of decreasing variance.
     """

@@ -182,8 +182,8 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
               "as often as it is listed")
     dims = _parse_dims(dims, model.dims)
     systems = ["mrl", *dict.fromkeys(baselines)]
-    if model.backbone is None and {"published", "pca"} & set(systems):
-        _fail("--baseline published/pca need the backbone's own head, but this model is head-only")
+    if model.backbone is None and "published" in systems:
+        _fail("--baseline published needs the backbone's own head, but this model is head-only")
 
     calibration = _calibration(calibration_path, model_path, dims, center_cache, asnorm_cohort, asnorm_topk,
                                snorm_cohort, data_dir) if calibration_path else None

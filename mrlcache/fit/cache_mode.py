@@ -50,11 +50,12 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
     device = device_for(cfg)
 
     backbone_ref = None
-    if not cfg.head_only and backbone is None:
+    imported = meta.get("mode") == "imported"  # vectors from another toolkit: no backbone to embed
+    if not cfg.head_only and not imported and backbone is None:
         from mrlcache.backbone import backbone_for_cache
 
         backbone, backbone_ref = backbone_for_cache(cache_dir, meta, weights=cfg.weights)
-    if cfg.head_only:
+    if cfg.head_only or imported:
         backbone = None
 
     fingerprint = {"cache": str(cache_dir) if cache_dir else None, "cache_meta_sha256": meta_hash(meta),
@@ -64,6 +65,11 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
 
     # Speakers: held-out ones (no external validation) give the validation trials.
     speakers = np.asarray(cache.speakers)
+    unlabelled = int(np.count_nonzero(speakers == ""))
+    if unlabelled:
+        raise FitError(f"{cache_dir}: {unlabelled} of {len(speakers)} utterances have no speaker; a fit needs "
+                       "speaker labels (extract with speaker folders or a list with speakers, or import "
+                       "with --utt2spk)")
     val_names, train_names, labels, n_val = split_speakers(
         speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, "the cache")
     if cfg.val_cache is None:
