@@ -90,9 +90,27 @@ def read_yaml_options(path: str | Path, command: click.Command) -> dict:
     return options
 
 
+class CommaList(click.ParamType):
+    """A list option: ``64,128,192`` on the command line, that or a YAML list in a config file.
+
+    The command receives the comma-separated text either way and parses it itself.
+    """
+
+    name = "list"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            if any(isinstance(v, (list, tuple, dict)) for v in value):
+                self.fail(f"{value!r}: expected a flat list of values", param, ctx)
+            return ",".join(str(v) for v in value)
+        return value
+
+
 def _check_value(path: Path, key, value, param: click.Parameter):
     """A YAML value in the shape the option takes: one value, or a list for a repeatable option."""
-    if getattr(param, "multiple", False) or param.nargs != 1:
+    if isinstance(param.type, CommaList) and isinstance(value, list):
+        bad = [v for v in value if isinstance(v, (list, dict))]
+    elif getattr(param, "multiple", False) or param.nargs != 1:
         value = value if isinstance(value, list) else [value]
         bad = [v for v in value if isinstance(v, (list, dict))]
     else:

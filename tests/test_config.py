@@ -65,3 +65,18 @@ def test_a_value_in_the_wrong_shape_or_twice_is_refused(tmp_path, text, message)
     cfg.write_text(text)
     with pytest.raises(click.BadParameter, match=re.escape(message)):
         read_yaml_options(cfg, _probe)
+
+
+def test_a_list_option_takes_a_yaml_list_or_the_comma_text(tmp_path):
+    from mrlcache.cli import main
+    from mrlcache.config import read_yaml_options
+
+    fit = main.commands["fit"]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dims: [64, 128, 256]\n")
+    options = read_yaml_options(cfg, fit)
+    ctx = fit.make_context("fit", ["--out", str(tmp_path / "r")], default_map=options, resilient_parsing=True)
+    assert ctx.params["dims"] == "64,128,256"  # what the command parses, as from --dims 64,128,256
+    cfg.write_text("dims: [[64], 128]\n")
+    with pytest.raises(click.BadParameter, match="single value"):
+        read_yaml_options(cfg, fit)

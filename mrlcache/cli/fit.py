@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from mrlcache.config import config_option
+from mrlcache.config import CommaList, config_option
 from mrlcache.fit.config import CHOICES, EndToEndConfig, FitConfig
 
 # Flags that switch off a dataclass option that is on by default: flag -> field.
@@ -36,7 +36,9 @@ def option(cls, name: str, help: str | None = None, flag: str | None = None, **k
     else:
         if name in CHOICES:
             kw.setdefault("type", click.Choice(CHOICES[name]))
-        elif default is not None and not isinstance(default, tuple):
+        elif isinstance(default, tuple):
+            kw.setdefault("type", CommaList())
+        elif default is not None:
             kw.setdefault("type", type(default))
         kw["default"] = ",".join(map(str, default)) if isinstance(default, tuple) else default
         kw.setdefault("show_default", default is not None)
@@ -66,7 +68,7 @@ OPTIONS = [
     fit_option("dims", "Nested sizes, increasing; '256' alone: a fixed-size head."),
     click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory."),
     fit_option("head", "Head and loss, by name (mrlcache.fit.heads.HEADS)."),
-    fit_option("dim_weights", "Loss weight per dim, e.g. 1,1,1,1 [default: equal].", type=str),
+    fit_option("dim_weights", "Loss weight per dim, e.g. 1,1,1,1 [default: equal].", type=CommaList()),
     fit_option("loss"),
     fit_option("margin", "AAM margin (radians) after warm-up."),
     fit_option("margin_warmup_epochs"),
