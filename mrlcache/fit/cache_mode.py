@@ -7,8 +7,8 @@ seed (so the same initial draws, views and batch order) and settings, validated 
 selected on the same trials. Each is what ``mrlcache fit --dims D`` would give on its own.
 They run one after another, not in the Matryoshka head's pass: the loop clips the gradient
 norm of every parameter it steps together, and selects one best epoch, so heads sharing a
-pass would not train as they do alone. The batch gather they would share is a small part
-of a step (see benchmarks/README.md).
+pass would not train as they do alone. What a shared pass would save is the batch gather
+(the class scores dominate a step), so the baselines cost about what the separate fits do.
 """
 
 from __future__ import annotations
