@@ -8,7 +8,10 @@ once (:func:`pooled_from_audio`); both give the same scores:
 * ``raw``: the pooled vectors themselves (one row, at the pooled size);
 * ``published``: the checkpoint's own BatchNorm + linear head (one row, usually 192);
 * ``pca``: the published embedding reduced by PCA fitted on a training cache, at each
-  requested dim up to the published size (what a Matryoshka head has to beat).
+  requested dim up to the published size (what a Matryoshka head has to beat);
+* ``fixed``: the run's fixed-size heads (``fit --fixed-baselines``, ``RUN/fixed/D/model.pt``
+  from :func:`fixed_models`), each scored whole at its own dim; :func:`fixed_ratios` gives
+  the EER of ``mrl`` over ``fixed`` per dim (below 1: the nested prefix is better).
 
 Scores are cosines of L2-normalised prefixes (:mod:`mrlcache.scoring`), optionally centred
 by a training mean and AS-Norm-ed or S-Norm-ed against per-speaker means of a cohort cache
@@ -33,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mrlcache.baselines import FixedHeads, fixed_models, fixed_ratios  # noqa: F401 (part of this API)
 from mrlcache.trials import Trials
 
-SYSTEMS = ("mrl", "raw", "published", "pca")
+SYSTEMS = ("mrl", "fixed", "raw", "published", "pca")
 NORMS = ("asnorm", "snorm")
 PRIORS = (0.01, 0.05)  # minDCF and actDCF columns; c_miss = c_fa = 1
 BYTES_PER_VALUE = 4  # embeddings are stored and scored as float32
@@ -197,7 +201,7 @@ def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = F
     return TrialVectors(kept.utterances, pooled, kept, skipped, missing)
 
 
-def transforms(model, systems=("mrl",), pca_cache=None, device="cpu") -> dict:
+def transforms(model, systems=("mrl",), pca_cache=None, device="cpu", fixed=None) -> dict:
     """The systems to score: name -> function pooled (n, P) float32 -> embeddings (n, D).
 
     Args:
@@ -205,6 +209,7 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu") -> dict:
             the published embedding, or of the pooled vector itself for a head-only model.
         systems: names from :data:`SYSTEMS`, in table order.
         pca_cache: an opened training cache to fit the ``pca`` system on (every view).
+        fixed: {dim: MRLModel} for the ``fixed`` system (:func:`fixed_models`).
     """
     import torch
 
@@ -229,6 +234,10 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu") -> dict:
         base = published if model.backbone is not None else out["raw"]
         mean, components = fit_pca(pca_cache, base)
         out["pca"] = lambda p: ((base(p) - mean) @ components).astype(np.float32)  # (n, E)
+    if "fixed" in systems:
+        if not fixed:
+            raise EvaluateError("the fixed system needs the run's fixed-size heads: fit with --fixed-baselines")
+        out["fixed"] = FixedHeads({d: m.to(device) for d, m in fixed.items()})
     return {s: out[s] for s in systems}
 
 
@@ -383,6 +392,14 @@ def evaluate(trials: Trials, utts, pooled, transforms: dict, dims, *, center=Non
     results = []
     for system, transform in transforms.items():
         emb = transform(pooled)  # (U, D)
+        if system == "fixed":  # one head per dim, each scored whole (no calibration)
+            for d, cols in transform.blocks.items():
+                if d in dims:
+                    mean = None if center is None else center[system]["mean"][cols]
+                    coh = None if cohort is None else cohort[system]["cohort"][:, cols]
+                    row, _ = normalised_scores(emb[:, cols], ie, it, [d], mean=mean, cohort=coh, norm=norm, topk=topk)
+                    results.append(_metric_row(metrics, system, d, row[0], trials.labels))
+            continue
         width = emb.shape[1]
         use = [d for d in dims if d <= width] if system in ("mrl", "pca") else [width]
         if not use:
@@ -400,15 +417,7 @@ def evaluate(trials: Trials, utts, pooled, transforms: dict, dims, *, center=Non
             for side, ids in (("enroll", trials.enroll), ("test", trials.test)):
                 quality[f"log_dur_{side}"] = np.broadcast_to([durations[u] for u in ids], scores.shape)
         for i, (d, row) in enumerate(zip(use, scores)):
-            value, threshold = metrics.eer(row, trials.labels)
-            result = {
-                "system": system,
-                "dim": int(d),
-                "eer": value,
-                "threshold": threshold,
-                **{f"min_dcf_{p}": metrics.min_dcf(row, trials.labels, p_target=p) for p in PRIORS},
-                "bytes_per_utterance": int(d) * BYTES_PER_VALUE,
-            }
+            result = _metric_row(metrics, system, d, row, trials.labels)
             if calibrated:
                 llr = calibration.apply(row, d, {n: q[i] for n, q in quality.items()
                                                  if n in calibration.quality})
@@ -417,3 +426,11 @@ def evaluate(trials: Trials, utts, pooled, transforms: dict, dims, *, center=Non
                 result.update({f"act_dcf_{p}": metrics.act_dcf(llr, trials.labels, p_target=p) for p in PRIORS})
             results.append(result)
     return results
+
+
+def _metric_row(metrics, system, d, row, labels) -> dict:
+    """The result of one system at one dim: EER, its threshold, minDCF at each prior, bytes."""
+    value, threshold = metrics.eer(row, labels)
+    return {"system": system, "dim": int(d), "eer": value, "threshold": threshold,
+            **{f"min_dcf_{p}": metrics.min_dcf(row, labels, p_target=p) for p in PRIORS},
+            "bytes_per_utterance": int(d) * BYTES_PER_VALUE}

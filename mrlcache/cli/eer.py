@@ -1,7 +1,7 @@
 """``mrlcache eer``: EER and minDCF of a trial list at every Matryoshka dimension.
 
 Parses the options, then calls :mod:`mrlcache.evaluate` (pooled vectors of the trial
-utterances from ``--cache`` or ``--data``, the systems mrl/raw/published/pca, centering and
+utterances from ``--cache`` or ``--data``, the systems mrl/fixed/raw/published/pca, centering and
 AS-Norm statistics, scoring) and prints the table, writes JSON and a plot.
 Metrics and conventions: docs/metrics.md.
 """
@@ -16,7 +16,7 @@ import click
 from mrlcache.cli.options import CAP, COUNT, check_device
 from mrlcache.config import config_option, write_resolved
 
-SYSTEMS = ("mrl", "raw", "published", "pca")  # as mrlcache.evaluate.SYSTEMS (not imported: keeps --help fast)
+SYSTEMS = ("mrl", "fixed", "raw", "published", "pca")  # as mrlcache.evaluate.SYSTEMS (not imported: keeps --help fast)
 
 
 def _fail(message: str):
@@ -69,11 +69,13 @@ def _warn(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _print_table(results, title):
+def _print_table(results, title, ratios=None):
     from rich.console import Console
     from rich.table import Table
 
     caption = "bytes: float32 embedding per utterance; minDCF at p_target .01/.05"
+    if ratios:
+        caption += "; MRL/fixed: EER of the nested prefix over the fixed-size head's"
     calibrated = any("cllr" in r for r in results)
     if calibrated:
         caption = ("bytes: float32 embedding per utterance; minDCF and actDCF at p_target .01/.05, c_miss = c_fa = 1 "
@@ -83,12 +85,15 @@ def _print_table(results, title):
              ("actDCF .05", "act_dcf_0.05")] if calibrated else []
     for name, justify in [("system", "left"), ("dim", "right"), ("EER (%)", "right"), ("threshold", "right"),
                           ("minDCF .01", "right"), ("minDCF .05", "right"), *((n, "right") for n, _ in extra),
-                          ("bytes", "right")]:
+                          ("bytes", "right"), *([("MRL/fixed", "right")] if ratios else [])]:
         table.add_column(name, justify=justify)
     for r in results:
+        ratio = ratios.get(r["dim"], "") if ratios and r["system"] == "mrl" else ""
         table.add_row(r["system"], str(r["dim"]), f"{100 * r['eer']:.3f}", f"{r['threshold']:.4f}",
                       f"{r['min_dcf_0.01']:.4f}", f"{r['min_dcf_0.05']:.4f}",
-                      *(f"{r[k]:.4f}" if k in r else "" for _, k in extra), str(r["bytes_per_utterance"]))
+                      *(f"{r[k]:.4f}" if k in r else "" for _, k in extra), str(r["bytes_per_utterance"]),
+                      *([f"{ratio:.3f}" if isinstance(ratio, float) else ("n/a" if ratio is None else "")]
+                        if ratios else []))
     Console().print(table)
 
 
@@ -131,7 +136,8 @@ def _plot(results, path, title):
                    "a --calibration's durations).")
 @click.option("--dims", default=None, help="Comma-separated dims to score; default every dim of the model.")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(SYSTEMS[1:]),
-              help="Also score a baseline (repeatable): raw, published or pca.")
+              help="Also score a baseline (repeatable): raw, published or pca; fixed (the run's "
+                   "--fixed-baselines heads) is scored whenever the run has them.")
 @click.option("--pca-cache", type=click.Path(exists=True, file_okay=False),
               help="Training cache to fit the PCA of --baseline pca on.")
 @click.option("--center", "center_cache", type=click.Path(exists=True, file_okay=False),
@@ -181,7 +187,13 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
         _warn(f"{trials_path}: {len(trials.duplicates)} duplicate trial(s) ({shown}); each is scored "
               "as often as it is listed")
     dims = _parse_dims(dims, model.dims)
-    systems = ["mrl", *dict.fromkeys(baselines)]
+    try:
+        fixed = ev.fixed_models(model_path, model)
+    except ev.EvaluateError as err:
+        _fail(str(err))
+    if "fixed" in baselines and not fixed:
+        _fail(f"--baseline fixed: {Path(model_path).parent} holds no fixed/D/model.pt; fit it with --fixed-baselines")
+    systems = ["mrl", *(["fixed"] if fixed else []), *dict.fromkeys(b for b in baselines if b != "fixed")]
     if model.backbone is None and "published" in systems:
         _fail("--baseline published needs the backbone's own head, but this model is head-only")
 
@@ -212,7 +224,7 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
 
     pca = _open_cache(pca_cache, model, "--pca-cache") if "pca" in systems else None
     try:
-        transforms = ev.transforms(model, systems, pca_cache=pca, device=device)
+        transforms = ev.transforms(model, systems, pca_cache=pca, device=device, fixed=fixed)
     except ev.EvaluateError as err:  # only the PCA fit can fail here
         _fail(f"--pca-cache {err}")
     stats = {}  # one pass per distinct cache, shared by --center and --asnorm-cohort
@@ -241,10 +253,13 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
         title += ", S-Norm"
     if calibration_path:
         title += f", calibrated by {calibration_path}"
-    _print_table(results, title)
+    ratios = ev.fixed_ratios(results)
+    _print_table(results, title, ratios)
     if json_out is not None:
         report = {"trials": str(trials_path), "n_target": trials.n_target, "n_nontarget": trials.n_nontarget,
                   "skipped_trials": vectors.skipped_trials, "results": results}
+        if ratios:
+            report["mrl_over_fixed_eer"] = {str(d): r for d, r in ratios.items()}
         if calibration_path:
             report["calibration"] = {"file": str(calibration_path), "system": "mrl", "p_targets": [0.01, 0.05],
                                      "c_miss": 1.0, "c_fa": 1.0, "cllr_unit": "bits"}

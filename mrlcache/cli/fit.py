@@ -71,6 +71,11 @@ OPTIONS = [
     fit_option("dim_weights", "Loss weight per dim, e.g. 1,1,1,1 [default: equal].", type=CommaList()),
     fit_option("loss"),
     fit_option("margin", "AAM margin (radians) after warm-up."),
+    fit_option("margins", "One AAM margin per dim, e.g. 0.1,0.15,0.2,0.2 (replaces --margin; warmed up alike).",
+               type=str),
+    fit_option("grad_scaling", "Scale each embedding coordinate's gradient by 1/(number of dims holding it)."),
+    fit_option("fixed_baselines", "Also fit one fixed-size head per dim (RUN/fixed/D), same data and settings; "
+                                  "'mrlcache eer' scores them as the system 'fixed'."),
     fit_option("margin_warmup_epochs"),
     fit_option("scale"),
     fit_option("subcenters"),
@@ -178,6 +183,11 @@ def fit(ctx, **params):
     except ValueError:
         raise click.BadParameter(f"{params['dim_weights']!r}: expected comma-separated numbers",
                                  param_hint="--dim-weights")
+    try:
+        params["margins"] = _floats(params["margins"])
+    except ValueError:
+        raise click.BadParameter(f"{params['margins']!r}: expected comma-separated numbers, e.g. 0.1,0.15,0.2,0.2",
+                                 param_hint="--margins")
     noise_dir, rir_dir, speed = (params.pop(k) for k in AUGMENT)
     dims = params.pop("dims")
     try:

@@ -1,7 +1,19 @@
-"""Fit a head on a feature cache: the cache's views as training data, one TrainJob."""
+"""Fit a head on a feature cache: the cache's views as training data, one TrainJob.
+
+With ``fixed_baselines`` the run also holds one fixed-size head per dim, each fitted after
+the Matryoshka head as a ``--dims D`` fit into ``RUN/fixed/D`` (its own config.yaml,
+history, best.pt, last.pt and a head-only model.pt): the same features in memory, the same
+seed (so the same initial draws, views and batch order) and settings, validated and
+selected on the same trials. Each is what ``mrlcache fit --dims D`` would give on its own.
+They run one after another, not in the Matryoshka head's pass: the loop clips the gradient
+norm of every parameter it steps together, and selects one best epoch, so heads sharing a
+pass would not train as they do alone. What a shared pass would save is the batch gather
+(the class scores dominate a step), so the baselines cost about what the separate fits do.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Sequence
@@ -110,7 +122,30 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
             extra["raw_eer"] = raw_eer(val)
             extra["val_source"] = val.source
         finish(job, result, backbone, backbone_ref, extra)
+        if cfg.fixed_baselines:
+            for i, d in enumerate(cfg.dims):
+                _fit_fixed(cfg, i, out / "fixed" / str(d), cache_dir, fingerprint, feats, val, pooled_dim,
+                           len(train_names), steps, device, resume, extra)
     return out
+
+
+def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim, num_classes, steps, device,
+               resume, extra) -> None:
+    """The fixed-size head of ``cfg.dims[i]``: a one-dim fit into ``out`` (resumed if it has a last.pt)."""
+    margin = cfg.margin if cfg.margins is None else cfg.margins[i]
+    one = dataclasses.replace(cfg, dims=(cfg.dims[i],), dim_weights=None, margins=None, margin=margin,
+                              grad_scaling=False, fixed_baselines=False, head_only=True)
+    config = run_config(one, cache_dir=cache_dir)
+    lock, resume = open_run(out, config, resume and (out / "last.pt").exists(), fingerprint)
+    with lock:
+        write_header(out, config, fingerprint)
+        head, loss_fn = build_head(one, pooled_dim, num_classes, device)
+        opt = make_optimizer(one, param_groups([head, loss_fn], one))
+        job = TrainJob(cfg=one, config=config, out=out, head=head, loss_fn=loss_fn,
+                       batches=lambda epoch: feats.epoch(one.seed, epoch, one.batch_size, device),
+                       embed=head, val_embed=head, val=val, steps_per_epoch=steps, device=device,
+                       optimizer=opt, scheduler=make_scheduler(one, opt, steps))
+        finish(job, train(job, resume), None, None, extra)
 
 
 def _recorded_sha256(meta: dict) -> str | None:

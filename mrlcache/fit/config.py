@@ -38,6 +38,9 @@ def _require(cfg, rules: dict) -> None:
             raise FitError(f"{_flag(name)} {value}: must be {text}")
 
 
+MARGIN_DEFAULT = 0.2  # FitConfig.margin's default: --margins may replace it
+
+
 @dataclass
 class FitConfig:
     """Every option both modes share; names match the ``mrlcache fit`` options."""
@@ -54,7 +57,10 @@ class FitConfig:
     warmup_epochs: float = 1.0
     grad_clip: float = 5.0  # max gradient norm; 0 disables
     loss: str = "aam"  # aam | softmax
-    margin: float = 0.2
+    margin: float = MARGIN_DEFAULT
+    margins: tuple[float, ...] | None = None  # one margin per dim (replaces margin, warmed up alike)
+    grad_scaling: bool = False  # scale each coordinate's gradient by 1 / (number of dims holding it)
+    fixed_baselines: bool = False  # also fit one fixed-size head per dim, into RUN/fixed/D (cache mode)
     scale: float = 32.0
     margin_warmup_epochs: int = 5  # margin grows linearly from 0 over these epochs
     subcenters: int = 1
@@ -112,15 +118,34 @@ class FitConfig:
                 raise FitError(f"dim_weights {weights}: give one weight per dim in {list(self.dims)}")
             if any(w < 0 for w in weights) or sum(weights) <= 0:
                 raise FitError(f"--dim-weights {','.join(map(str, weights))}: must be >= 0 each, not all zero")
+        self._check_nested()
         if (self.val_cache is None) != (self.val_trials is None):
             raise FitError("validation needs both --val-cache DIR and --val-trials FILE (or neither)")
         if self.scheduler == "plateau" and self.val_speakers == 0 and self.val_cache is None:
             raise FitError("scheduler=plateau steps on the validation EER: do not disable validation")
 
+    def _check_nested(self) -> None:
+        """--margins (one per dim, >= 0; the largest becomes margin) and the mrl-only options."""
+        if self.margins is not None:
+            margins = [float(m) for m in self.margins]
+            text = ",".join(map(str, margins))
+            if len(margins) != len(self.dims):
+                raise FitError(f"--margins {text}: give one margin per dim in {list(self.dims)} "
+                               f"({len(self.dims)} values, not {len(margins)})")
+            if any(not m >= 0 for m in margins):
+                raise FitError(f"--margins {text}: each must be >= 0 (radians)")
+            if self.margin not in (MARGIN_DEFAULT, max(margins)):
+                raise FitError(f"--margin {self.margin} and --margins {text}: give one of them "
+                               "(--margins sets the largest margin)")
+            self.margins, self.margin = tuple(margins), max(margins)
+        if self.head != "mrl" and (self.margins is not None or self.grad_scaling or self.fixed_baselines):
+            raise FitError(f"--margins, --grad-scaling and --fixed-baselines apply to --head mrl, not {self.head}")
+
     def to_dict(self) -> dict:
         """Plain YAML/JSON-ready dict (tuples as lists)."""
         d = dataclasses.asdict(self)
         d["dims"] = list(self.dims)
+        d["margins"] = None if self.margins is None else list(self.margins)
         d["dim_weights"] = None if self.dim_weights is None else list(self.dim_weights)
         return d
 
@@ -190,6 +215,9 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
         return cfg, None
     e2e = EndToEndConfig(**{k: v for k, v in options.items() if k in e2e_names})
     e2e.check(cfg.weights)
+    if cfg.fixed_baselines:
+        raise FitError("--fixed-baselines trains on a cache (the heads share its vectors); "
+                       "drop it with --end-to-end")
     if cfg.val_cache is not None:
         raise FitError("end-to-end mode validates on held-out training speakers: use --val-speakers, "
                        "not --val-cache (cached vectors go stale once the backbone trains)")

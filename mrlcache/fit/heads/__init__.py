@@ -30,9 +30,10 @@ def register_head(name: str, builder: Callable) -> None:
 
 def _mrl(cfg, pooled_dim: int, num_classes: int):
     head = MatryoshkaHead(pooled_dim, cfg.dims)
-    loss = MatryoshkaMarginLoss(cfg.dims, num_classes, dim_weights=cfg.dim_weights, margin=cfg.margin,
+    loss = MatryoshkaMarginLoss(cfg.dims, num_classes, dim_weights=cfg.dim_weights,
+                                margin=cfg.margin if cfg.margins is None else cfg.margins,
                                 scale=cfg.scale, subcenters=cfg.subcenters, classifier=cfg.classifier,
-                                kind=cfg.loss)
+                                kind=cfg.loss, grad_scaling=cfg.grad_scaling)
     return head, loss
 
 

@@ -12,6 +12,19 @@ margin softmax on the L2-normalised prefix:
 - ``softmax``: the same scaled cosine logits without a margin (a normalised softmax),
   the baseline.
 
+Two options for the nested sizes, after Park and Kim (IEEE Access 13, 2025), who report
+that plain MRL can degrade some sizes of a speaker embedding:
+
+- per-size margins (``margin`` a sequence, one per size, e.g. 0.1, 0.15, 0.2, 0.2): a
+  small prefix holds less, so a smaller margin asks less of it;
+- element-wise gradient scaling (``grad_scaling``): coordinate ``j`` of the projection
+  output is in every prefix longer than ``j``, so it collects the gradient of
+  ``n_j = #{d in dims : d > j}`` losses and the last segment's coordinates only one; the
+  gradient reaching coordinate ``j`` is multiplied by ``1 / n_j`` so every coordinate
+  gets one loss's worth (:class:`~mrlcache.fit.heads.fused.ScaleGrad`). The paper's own
+  normalisation was not at hand: this rule is ours, stated here; it counts sizes and
+  ignores ``dim_weights``.
+
 Classifier weights are either one matrix ``(classes * K, max_dim)`` whose prefixes serve
 every size (``shared``), or one matrix per size (``per-dim``).
 
@@ -20,24 +33,8 @@ ICCVW 2021, arXiv:2010.05222): the batch's own classes plus others drawn uniform
 (:func:`sample_classes`). The class scores are most of a step's cost, so a step over half
 the classes takes about half the time; classes left out get no gradient at that step.
 
-Cost: the class scores dominate a head step (batch 256, 5994 classes, 4 sizes: ~6M
-logits). These choices keep a step near its matmul cost (2-core CPU, b2 geometry:
-110-120 ms per step before, 41-48 ms after; see benchmarks/README.md):
-
-- the margin touches only the ``B`` target logits per size: they are gathered from the
-  score matrix, given ``cos(theta + m)`` through cos/sin identities (no ``acos``) with
-  its slope, and put back inside the cross-entropy; nothing margin-related runs over
-  the full logits;
-- cross-entropy is one pass per direction (:class:`_MarginCrossEntropy`): ``exp`` into
-  one buffer and a row sum forward, the softmax gradient written into the same buffer
-  backward; no log-softmax, one-hot or gather/scatter tensors of that size;
-- with the shared classifier, prefix dot products are built segment by segment
-  (:class:`_PrefixScores`): one ``(B, 64) x (64, C)`` matmul per segment, accumulated
-  over segments, with prefix norms from cumulative sums of squared segment norms: 2.5x
-  fewer FLOPs than one matmul per prefix for 64/128/192/256, and the scaling rides on
-  the accumulation so it costs one extra pass over the scores each way;
-- the two score-sized buffers are reused from step to step (:class:`_Scratch`): fresh
-  25 MB tensors are paged in anew on every step, which cost more than the arithmetic.
+The fused autograd kernels that keep a step near its matmul cost are in
+:mod:`mrlcache.fit.heads.fused`; tests/fit/test_head.py checks them against a plain loop.
 """
 
 from __future__ import annotations
@@ -48,6 +45,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mrlcache.fit.heads.fused import MarginCrossEntropy, PrefixScores, ScaleGrad, Scratch
 
 CLASSIFIERS = ("shared", "per-dim")
 KINDS = ("aam", "softmax")
@@ -108,149 +107,10 @@ class MatryoshkaHead(nn.Module):
         return self.linear(self.bn(x))
 
 
-EPS = 1e-12  # as F.normalize: vectors shorter than this are not scaled up
-
-
-def _matmul_dtype(device_type: str) -> torch.dtype:
-    """bf16/fp16 when autocast is on (``--precision bf16`` on the CPU, AMP on CUDA), else float32."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return torch.float32
-
-
-def _rev_cumsum(x: torch.Tensor) -> torch.Tensor:
-    """Cumulative sum from the last row backwards along dim 0: out[k] = sum_{s >= k} x[s]."""
-    return x.flip(0).cumsum(0).flip(0)
-
-
-class _Scratch:
-    """Free list of the large score-sized buffers, reused from step to step.
-
-    Fresh score-sized tensors are paged in again on every step (measured here: ~50 MB of
-    page faults per step, tens of ms); a buffer returns to the list only when the backward
-    that last reads it is done, so a forward without a backward just allocates anew.
-    """
-
-    def __init__(self, keep: int = 2):
-        self.free: dict[tuple, list[torch.Tensor]] = {}
-        self.keep = keep
-
-    def take(self, shape, like: torch.Tensor) -> torch.Tensor:
-        stack = self.free.get((tuple(shape), like.dtype, like.device))
-        return stack.pop() if stack else like.new_empty(shape)
-
-    def give(self, t: torch.Tensor) -> None:
-        stack = self.free.setdefault((tuple(t.shape), t.dtype, t.device), [])
-        if len(stack) < self.keep:
-            stack.append(t)
-
-
-class _PrefixScores(torch.autograd.Function):
-    """Scaled cosines of every prefix of ``emb`` with the same prefix of every weight row.
-
-    forward(emb (B, D), weight (R, D), dims, scale, scratch) -> (S, B, R) float32,
-    ``out[s, b, r] = scale * cos(emb[b, :dims[s]], weight[r, :dims[s]])``.
-
-    Built per segment ``dims[k-1]:dims[k]``: ``D_s = sum_{k <= s} e_k w_k^T`` and
-    ``out_s = row_s * col_s * D_s`` with ``row_s = scale / |e_{:d_s}|`` (B,),
-    ``col_s = 1 / |w_{:d_s}|`` (R,). The row scale rides on the matmul input and the
-    cumulative add (``out_k = (row_k e_k) w_k^T + (row_k / row_{k-1}) out_{k-1}``), so the
-    only extra pass over the scores is the column scale; the backward mirrors this.
-    """
-
-    @staticmethod
-    def forward(ctx, emb, weight, dims, scale, scratch):
-        dt = _matmul_dtype(emb.device.type)
-        segs = list(zip((0, *dims[:-1]), dims))
-        emb, weight = emb.float(), weight.float()
-        e_sq = torch.stack([emb[:, a:b].square().sum(1) for a, b in segs]).cumsum(0)  # (S, B)
-        w_sq = torch.stack([weight[:, a:b].square().sum(1) for a, b in segs]).cumsum(0)  # (S, R)
-        row = scale * e_sq.clamp_min(EPS**2).rsqrt()  # (S, B)
-        col = w_sq.clamp_min(EPS**2).rsqrt()  # (S, R)
-        out = scratch.take((len(dims), len(emb), len(weight)), emb)  # (S, B, R)
-        for k, (a, b) in enumerate(segs):
-            e_k, w_k = (emb[:, a:b] * row[k, :, None]).to(dt), weight[:, a:b].to(dt)  # (B, n), (R, n)
-            if dt == torch.float32:
-                torch.mm(e_k, w_k.T, out=out[k])
-            else:  # low-precision product, accumulated in float32
-                out[k].copy_(torch.mm(e_k, w_k.T))
-            if k:
-                out[k].addcmul_(out[k - 1], (row[k] / row[k - 1])[:, None])
-        out.mul_(col[:, None, :])
-        ctx.save_for_backward(emb, weight, row, col, e_sq, w_sq, out)
-        ctx.dims, ctx.dt, ctx.scratch = dims, dt, scratch
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # grad (S, B, R)
-        emb, weight, row, col, e_sq, w_sq, out = ctx.saved_tensors
-        segs = list(zip((0, *ctx.dims[:-1]), ctx.dims))
-        dt = ctx.dt
-        # Norm terms: sums over classes and over the batch of grad * out, written into
-        # ``out`` (no longer needed).
-        prod = out.mul_(grad)
-        per_row, per_col = prod.sum(2), prod.sum(1)  # (S, B), (S, R)
-        # dL/dD_s = grad_s row_s col_s, and segment k collects sum_{s >= k} of it. Build
-        # n_k = that sum / row_k backwards in place: n_k = grad_k col_k + (row_{k+1}/row_k) n_{k+1}.
-        # ``grad`` is the cross-entropy's buffer (or amax's), read by no one else: reuse it.
-        n = grad.mul_(col[:, None, :])  # (S, B, R)
-        for k in range(len(segs) - 2, -1, -1):
-            n[k].addcmul_(n[k + 1], (row[k + 1] / row[k])[:, None])
-        # Prefix norms: out_s scales as e_sq_s^(-1/2), so dL/d e_sq_s = -per_row_s / (2 e_sq_s),
-        # and e_sq_s sums |e_k|^2 over k <= s.
-        de = -_rev_cumsum(per_row / e_sq * (e_sq > EPS**2))  # (S, B): coefficient of e_k
-        dw = -_rev_cumsum(per_col / w_sq * (w_sq > EPS**2))  # (S, R): coefficient of w_k
-        # Every column of both gradients is written below (the weight has dims[-1] columns).
-        grad_emb, grad_w = torch.empty_like(emb), torch.empty_like(weight)
-        for k, (a, b) in enumerate(segs):
-            n_k, e_k, w_k = n[k].to(dt), emb[:, a:b], weight[:, a:b]
-            grad_emb[:, a:b] = torch.mm(n_k, w_k.to(dt)).float() * row[k, :, None] + e_k * de[k, :, None]
-            if dt == torch.float32:  # the norm term first, the product added in place (no temporaries)
-                torch.mul(w_k, dw[k, :, None], out=grad_w[:, a:b]).addmm_(n_k.T, e_k * row[k, :, None])
-            else:
-                grad_w[:, a:b] = torch.mm(n_k.T, (e_k * row[k, :, None]).to(dt)).float() + w_k * dw[k, :, None]
-        ctx.scratch.give(out)
-        ctx.scratch.give(grad)
-        return grad_emb, grad_w, None, None, None
-
-
-class _MarginCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of score rows whose target entry is replaced by a margin logit.
-
-    forward(logits (S, B, C), labels (B,), target_logit (S, B), target_slope (S, B),
-    shift (S, B) or None, scratch) -> per-row loss (S, B),
-    ``logsumexp(logits with [s, b, labels[b]] := target_logit[s, b]) - target_logit``.
-    ``target_logit = f(logits[s, b, labels[b]])`` is computed by the caller (the margin)
-    with slope ``f'``, so the target entry's gradient is ``(p_target - 1) * f'``. ``shift``
-    (a row maximum) keeps exp in range; None when logits are known to be small.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, target_logit, target_slope, shift, scratch):
-        S, B, _ = logits.shape
-        idx = labels.view(1, B, 1).expand(S, B, 1)
-        e = scratch.take(logits.shape, logits)  # (S, B, C): the one large buffer
-        if shift is None:
-            torch.exp(logits, out=e)
-            shift = torch.zeros_like(target_logit)
-        else:
-            torch.sub(logits, shift.unsqueeze(2), out=e).exp_()
-        e.scatter_(2, idx, (target_logit - shift).exp().unsqueeze(2))
-        z = e.sum(2)  # (S, B)
-        ctx.e, ctx.z, ctx.idx, ctx.slope = e, z, idx, target_slope  # backward overwrites e
-        return z.log() + shift - target_logit
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # grad (S, B)
-        e, z, idx = ctx.__dict__.pop("e", None), ctx.z, ctx.idx
-        if e is None:  # e and the score buffer are overwritten by the first backward
-            raise RuntimeError("MatryoshkaMarginLoss: one backward per forward (retain_graph is not supported)")
-        p = e.mul_((grad / z).unsqueeze(2))  # softmax times the upstream gradient
-        p_t = p.gather(2, idx).squeeze(2)
-        p.scatter_(2, idx, ((p_t - grad) * ctx.slope).unsqueeze(2))  # (p_t - 1) f' grad
-        return p, None, None, None, None, None
+def coordinate_counts(dims: Sequence[int]) -> torch.Tensor:
+    """(max_dim,) float32: how many of the nested sizes ``dims`` hold each coordinate."""
+    dims = torch.tensor(check_dims(dims))
+    return (torch.arange(int(dims[-1]))[:, None] < dims[None, :]).sum(1).float()
 
 
 class MatryoshkaMarginLoss(nn.Module):
@@ -261,13 +121,16 @@ class MatryoshkaMarginLoss(nn.Module):
         num_classes: number of training speakers.
         dim_weights: importance of each size (default equal); normalised to sum 1 so the
             loss scale does not depend on how many sizes are trained.
-        margin: angular margin in radians (``aam``; ignored by ``softmax``).
+        margin: angular margin in radians (``aam``; ignored by ``softmax``), one for every
+            size, or a sequence of one per size (:meth:`set_margin` then scales them all).
         scale: logit scale ``s``.
         subcenters: centres per class ``K``.
         classifier: ``shared`` (one weight, sliced per size) or ``per-dim``.
         kind: ``aam`` or ``softmax``.
         easy_margin: apply the margin only where cos(theta) > 0 (ArcFace's easy margin);
             otherwise the standard fallback ``cos(theta) - m sin(m)`` past the threshold.
+        grad_scaling: scale the gradient of each embedding coordinate by the inverse of
+            the number of sizes that hold it (module docstring).
     """
 
     def __init__(
@@ -276,12 +139,13 @@ class MatryoshkaMarginLoss(nn.Module):
         num_classes: int,
         *,
         dim_weights: Sequence[float] | None = None,
-        margin: float = 0.2,
+        margin: float | Sequence[float] = 0.2,
         scale: float = 32.0,
         subcenters: int = 1,
         classifier: str = "shared",
         kind: str = "aam",
         easy_margin: bool = False,
+        grad_scaling: bool = False,
     ):
         super().__init__()
         self.dims = check_dims(dims)
@@ -303,6 +167,19 @@ class MatryoshkaMarginLoss(nn.Module):
         self.num_classes, self.subcenters = int(num_classes), int(subcenters)
         self.classifier, self.kind, self.scale = classifier, kind, float(scale)
         self.easy_margin = bool(easy_margin)
+        # Per-size margins: kept as ratios to the largest, which set_margin sets.
+        self._margin_ratios = None
+        if isinstance(margin, Sequence):
+            margins = [float(m) for m in margin]
+            if len(margins) != len(self.dims) or any(not m >= 0 for m in margins):
+                raise ValueError(f"margins {margins}: need {len(self.dims)} values >= 0 (radians), "
+                                 f"one per dim in {list(self.dims)}")
+            top = max(margins)
+            self._margin_ratios = [m / top if top > 0 else 0.0 for m in margins]
+            margin = top
+        self.grad_scaling = bool(grad_scaling)
+        # Not persistent: a function of dims, so checkpoints keep their keys.
+        self.register_buffer("grad_factor", 1.0 / coordinate_counts(self.dims), persistent=False)
         w = torch.tensor([float(v) for v in dim_weights])
         self.register_buffer("dim_weights", w / w.sum())
         rows = self.num_classes * self.subcenters  # row c*K + k is centre k of class c
@@ -314,16 +191,25 @@ class MatryoshkaMarginLoss(nn.Module):
             for p in self.weights:
                 nn.init.xavier_uniform_(p)
         self.set_margin(margin)
-        self._scratch = _Scratch()  # reused score-sized buffers (not state)
+        self._scratch = Scratch()  # reused score-sized buffers (not state)
 
     def set_margin(self, margin: float) -> None:
-        """Set the angular margin (radians); the fit warms it up from 0 over the first epochs."""
+        """Set the angular margin (radians); the fit warms it up from 0 over the first epochs.
+
+        With per-size margins, ``margin`` is the largest one and the others keep their
+        ratio to it, so they warm up together.
+        """
         m = float(margin) if self.kind == "aam" else 0.0
         self.margin = m
-        self._cos_m, self._sin_m = math.cos(m), math.sin(m)
-        # Past theta = pi - m, cos(theta + m) would rise again; use a linear continuation.
-        self._th = math.cos(math.pi - m)
-        self._mm = math.sin(math.pi - m) * m
+        if self._margin_ratios is None:
+            self.margins = (m,) * len(self.dims)
+            # Past theta = pi - m, cos(theta + m) would rise again; use a linear continuation.
+            self._terms = (math.cos(m), math.sin(m), math.cos(math.pi - m), math.sin(math.pi - m) * m)
+            return
+        self.margins = tuple(m * r for r in self._margin_ratios)
+        ms = torch.tensor(self.margins, dtype=torch.float64)[:, None]  # (S, 1): a row per size
+        self._terms = tuple(t.float() for t in (ms.cos(), ms.sin(), torch.cos(math.pi - ms),
+                                                  torch.sin(math.pi - ms) * ms))
 
     def scores(self, emb: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled class cosines of every prefix, no margin: (B, max_dim) -> (S, B, C) float32.
@@ -337,7 +223,7 @@ class MatryoshkaMarginLoss(nn.Module):
             rows = (classes[:, None] * K + torch.arange(K, device=classes.device)).flatten()
             weights = [w.index_select(0, rows) for w in weights]
         if self.classifier == "shared":
-            sc = _PrefixScores.apply(emb, weights[0], self.dims, self.scale, self._scratch)
+            sc = PrefixScores.apply(emb, weights[0], self.dims, self.scale, self._scratch)
         else:  # one weight per size: a matmul per size on normalised inputs
             sc = torch.stack([(F.normalize(emb[:, :d].float(), dim=1) * self.scale)
                               @ F.normalize(w.float(), dim=1).T for d, w in zip(self.dims, weights)])
@@ -354,15 +240,17 @@ class MatryoshkaMarginLoss(nn.Module):
         """
         if not (self.kind == "aam" and self.margin > 0):
             return self.scale * cos, torch.ones_like(cos)
+        # Margin terms: floats, or (S, 1) tensors with per-size margins.
+        cos_m, sin_m, th, mm = (t if isinstance(t, float) else t.to(cos.device) for t in self._terms)
         sin = (1.0 - cos.square()).clamp(0, 1).sqrt()
-        phi = cos * self._cos_m - sin * self._sin_m  # cos(theta + m)
+        phi = cos * cos_m - sin * sin_m  # cos(theta + m)
         # d cos(theta + m) / d cos(theta) = cos m + sin m cos(theta) / sin(theta); at
         # |cos| = 1 (sin = 0) the limit is infinite: use cos m there, as autograd through
         # the clamp above would.
-        slope = torch.where(sin > 1e-6, self._cos_m + self._sin_m * cos / sin.clamp_min(1e-6),
-                            torch.full_like(cos, self._cos_m))
-        keep = cos > 0 if self.easy_margin else cos > self._th
-        fallback = cos if self.easy_margin else cos - self._mm
+        slope = torch.where(sin > 1e-6, cos_m + sin_m * cos / sin.clamp_min(1e-6),
+                            torch.as_tensor(cos_m, dtype=cos.dtype, device=cos.device).expand_as(cos))
+        keep = cos > 0 if self.easy_margin else cos > th
+        fallback = cos if self.easy_margin else cos - mm
         return self.scale * torch.where(keep, phi, fallback), torch.where(keep, slope, torch.ones_like(cos))
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor | None = None):
@@ -380,6 +268,8 @@ class MatryoshkaMarginLoss(nn.Module):
             if not torch.equal(classes[pos.clamp_max(len(classes) - 1)], labels):
                 raise ValueError("classes must be sorted and include every label of the batch")
             labels = pos
+        if self.grad_scaling and emb.requires_grad:
+            emb = ScaleGrad.apply(emb, self.grad_factor)
         sc = self.scores(emb, classes)  # (S, B, C), scale * cos
         S, B = sc.shape[:2]
         with torch.no_grad():
@@ -393,7 +283,7 @@ class MatryoshkaMarginLoss(nn.Module):
             dim_acc = (own >= top).float().mean(1)
             # |logits| <= scale: below 40, exp stays in float32's normal range unshifted.
             shift = torch.maximum(top, target_logit) if self.scale > 40 else None
-        per = _MarginCrossEntropy.apply(sc, labels, target_logit, slope, shift, self._scratch)  # (S, B)
+        per = MarginCrossEntropy.apply(sc, labels, target_logit, slope, shift, self._scratch)  # (S, B)
         dim_losses = per.mean(1)  # (S,)
         total = (dim_losses * self.dim_weights).sum()
         return total, dim_losses, dim_acc
