@@ -30,6 +30,7 @@ from mrlcache.backbone import BackboneRecord, save_checkpoint, state_sha256
 from mrlcache.backbone.record import convert_v1_meta
 from mrlcache.cache import CacheWriter, IncompleteCacheError
 from mrlcache.cache.format import read_meta
+from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.runtime import PRECISIONS, DeviceError, autocast, resolve_device, resolve_precision
 
 BACKBONE_FILE = "backbone.pt"  # random-init weights, saved beside the cache
@@ -60,6 +61,12 @@ class ExtractConfig:
         device: "auto", "cpu", "cuda", "cuda:N".
         precision: "auto" (bf16/fp16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16".
         augment: augmentation settings of views 1..K-1.
+        streams: comma-separated streams to store (``mrlcache.streams.STREAMS``): "pooled"
+            (today's cache), "layers", "fbank", "mfcc", "f0"; every stream in ``dtype``.
+        layers_pooled: store per-layer mean and std over time instead of the layer frames.
+        ptm: "wavlm-base-plus", "hubert-base" or "wav2vec2-base": its 13 hidden states
+            are the ``layers`` stream (pooled then needs a ReDimNet backbone as well).
+        ptm_weights: a local state_dict file of the PTM instead of the download.
     """
 
     mode: str = "train"
@@ -75,8 +82,35 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    streams: str = "pooled"
+    layers_pooled: bool = False
+    ptm: str | None = None
+    ptm_weights: str | None = None
+
+    @property
+    def stream_names(self) -> tuple[str, ...]:
+        from mrlcache.streams import parse_streams
+
+        return parse_streams(self.streams)
+
+    @property
+    def needs_redimnet(self) -> bool:
+        """True when a stream comes from a ReDimNet: pooled, or layers without a PTM."""
+        return "pooled" in self.stream_names or ("layers" in self.stream_names and not self.ptm)
 
     def __post_init__(self):
+        from mrlcache.streams import PTMS, StreamError
+
+        try:
+            names = self.stream_names
+        except StreamError as err:
+            raise ExtractError(str(err)) from None
+        if self.layers_pooled and "layers" not in names:
+            raise ExtractError("--layers-pooled applies to the layers stream: add layers to --streams")
+        if self.ptm is not None and self.ptm not in PTMS:
+            raise ExtractError(f"--ptm {self.ptm}: unknown; use one of {', '.join(PTMS)}")
+        if self.ptm_weights is not None and self.ptm is None:
+            raise ExtractError("--ptm-weights needs --ptm NAME (the model the file holds)")
         if self.mode not in ("train", "eval"):
             raise ExtractError(f"mode must be 'train' or 'eval', got {self.mode!r}")
         if self.mode == "eval":
@@ -154,16 +188,18 @@ def shard_batches(rows: range, utts_per_batch: int) -> list[list[int]]:
 # ---------------------------------------------------------------------------- the pass
 
 
-def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord) -> dict:
+def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord | None, ptm=None) -> dict:
     """The settings the cached vectors depend on (a resumed run must match them).
 
     ``backbone`` is ``record`` with the model's SHA-256 (see :mod:`mrlcache.backbone.record`).
+    A pooled-only cache has exactly the keys of caches before streams; other caches add
+    ``streams`` (see docs/cache-format.md) and, with a PTM, ``ptm`` {name, source, sha256}.
     """
     train = cfg.mode == "train"
-    return {
-        "model_config": model.model_config,
-        "backbone": record.with_sha256(model.weights_sha256).to_dict(),
-        "pooled_dim": model.pooled_dim,
+    meta = {
+        "model_config": model.model_config if model is not None else None,
+        "backbone": record.with_sha256(model.weights_sha256).to_dict() if model is not None else None,
+        "pooled_dim": model.pooled_dim if "pooled" in cfg.stream_names else 0,
         "sample_rate": SAMPLE_RATE,
         "mode": cfg.mode,
         "crop_seconds": cfg.crop_seconds if train else None,
@@ -176,6 +212,12 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
         "shard_size": cfg.shard_size,
         "precision": precision,
     }
+    if cfg.stream_names == ("pooled",) and ptm is None:
+        return meta
+    meta["streams"] = {name: stream_info(name, cfg, model, ptm) for name in cfg.stream_names}
+    if ptm is not None:
+        meta["ptm"] = {"name": ptm.name, "source": ptm.source, "sha256": ptm_sha256(ptm)}
+    return meta
 
 
 def _record_of(backbone, weights_source) -> BackboneRecord:
@@ -203,12 +245,14 @@ def extract(
     save_backbone: bool = False,
     barrier=None,
     progress: bool = True,
+    ptm=None,
 ) -> dict | None:
     """Run the backbone over ``utterances`` and write this rank's shards of the cache.
 
     Args:
         utterances: manifest in shard order (``mrlcache.corpus.Utterance`` list).
-        model: a ReDimNet (``load_backbone``), any device; moved to ``cfg.device``.
+        model: a ReDimNet (``load_backbone``), any device; moved to ``cfg.device``; None
+            when no stream needs one (a PTM's layers, handcrafted streams).
         out: cache directory.
         cfg: see :class:`ExtractConfig`.
         backend: "zarr" or "hdf5".
@@ -222,6 +266,7 @@ def extract(
         barrier: callable synchronising all ranks (torchrun), used only so that rank 0 clears
             the old cache before the others open it on --overwrite.
         progress: show a rich progress bar (stderr).
+        ptm: a :class:`mrlcache.streams.PTM` (``load_ptm``) computing the layers stream.
     Returns:
         The cache summary once every shard exists, else None (other ranks still running).
     """
@@ -236,11 +281,18 @@ def extract(
         precision = resolve_precision(cfg.precision, device)
     except DeviceError as err:
         raise ExtractError(str(err)) from None
-    if model.weights_sha256 is None and save_backbone:
+    if model is None and cfg.needs_redimnet:
+        why = "pooled needs it" if "pooled" in cfg.stream_names else "layers needs it or --ptm"
+        raise ExtractError(f"--streams {cfg.streams}: give a ReDimNet backbone ({why})")
+    if (ptm is None) != (cfg.ptm is None):
+        raise ExtractError("cfg.ptm names the PTM and ptm= must be that model (load_ptm), both or neither")
+    save_backbone = save_backbone and model is not None
+    if model is not None and model.weights_sha256 is None and save_backbone:
         model.weights_sha256 = state_sha256(model)  # what save_checkpoint below will write
-    if model.weights_sha256 is None:
+    if model is not None and model.weights_sha256 is None:
         raise ExtractError("the backbone has no weights SHA-256 (random weights that were not saved)")
-    meta = cache_meta(model, cfg, precision, _record_of(backbone, weights_source))
+    record = _record_of(backbone, weights_source) if model is not None else None
+    meta = cache_meta(model, cfg, precision, record, ptm)
     if overwrite and world_size > 1 and barrier is None:
         raise ExtractError("--overwrite with several ranks needs torchrun; without it, delete the cache "
                            "(or run once with --overwrite and --world-size 1) and start the ranks again")
@@ -263,7 +315,7 @@ def extract(
             previous = read_meta(out).get("summary")
             if previous:
                 return previous  # nothing to do: keep the numbers of the run that did the work
-        stats = _run(writer, dataset, model, cfg, device, precision, todo, rank, progress)
+        stats = _run(writer, dataset, (model, ptm), cfg, device, precision, todo, rank, progress)
         # No barrier here: ranks may finish hours apart, so whichever completes the set
         # of shards writes the summary (computed from the shards, the same for any rank).
         try:
@@ -275,9 +327,12 @@ def extract(
     return summary
 
 
-def _run(writer, dataset, model, cfg, device, precision, todo, rank, progress) -> dict:
+def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) -> dict:
     """Decode, forward and write the shards ``todo``; returns this rank's timing numbers."""
-    model = model.to(device).eval()
+    model, ptm = (m.to(device).eval() if m is not None else None for m in models)
+    names = cfg.stream_names
+    infos = writer.meta.get("streams") or {}
+    stream_seconds = dict.fromkeys(names, 0.0)
     batch_size = cfg.batch_size or (8 if device.type == "cpu" else 128)
     utts_per_batch = 1 if cfg.mode == "eval" else max(1, batch_size // cfg.views)
     batches = [b for k in todo for b in shard_batches(writer.shard_rows(k), utts_per_batch)]
@@ -310,16 +365,23 @@ def _run(writer, dataset, model, cfg, device, precision, todo, rank, progress) -
                     state["skipped"][it.utt_id] = it.reason
             if ok:
                 tick = time.perf_counter()
-                pooled = _forward(model, ok, device, precision)  # (n, V, D) float32
+                if names == ("pooled",):
+                    state["pooled"].append(_forward(model, ok, device, precision))  # (n, V, D) float32
+                else:
+                    for name, value in forward_streams(model, ptm, ok, device, precision, cfg, stream_seconds).items():
+                        state.setdefault(name, []).append(value)
                 model_seconds += time.perf_counter() - tick
                 state["index"].extend(it.row for it in ok)
-                state["pooled"].append(pooled)
             seconds = sum(it.seconds for it in items)
             state["seconds"] += seconds
             state["left"] -= len(items)
             if state["left"] == 0:
-                pooled = np.concatenate(state["pooled"]) if state["pooled"] else np.zeros((0, cfg.views, model.pooled_dim), np.float32)
-                writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"])
+                if names == ("pooled",):
+                    pooled = np.concatenate(state["pooled"]) if state["pooled"] else np.zeros((0, cfg.views, model.pooled_dim), np.float32)
+                    writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"])
+                else:
+                    pooled, others = gather(state, infos, cfg.views)
+                    writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"], others)
                 del pending[k]
             done_rows += len(items)
             audio_seconds += seconds
@@ -331,6 +393,7 @@ def _run(writer, dataset, model, cfg, device, precision, todo, rank, progress) -
         "audio_seconds_per_second": audio_seconds / elapsed if elapsed > 0 else 0.0,
         "model_busy_fraction": model_seconds / elapsed if elapsed > 0 else 0.0,
         "device": str(device),
+        **({"stream_seconds": stream_seconds} if names != ("pooled",) else {}),
     }
 
 

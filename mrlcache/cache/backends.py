@@ -20,15 +20,26 @@ class ShardBackend(Protocol):
     name: str  # e.g. "zarr": the value of --format and of cache.json's "format"
     suffix: str  # e.g. ".zarr": shard file names are shard-00000<suffix>
 
-    def write(self, path, pooled: np.ndarray, index: np.ndarray, attrs: dict) -> None:
+    def write(self, path, pooled: np.ndarray | None, index: np.ndarray, attrs: dict, arrays: dict | None = None) -> None:
         """Write a complete shard at ``path`` (must not exist).
 
-        pooled: (n, V, D) in the stored dtype; index: (n,) int64; attrs: JSON-able dict,
-        including ``skipped`` ({utt_id: reason}).
+        pooled: (n, V, D) in the stored dtype, or None (no pooled stream); index: (n,)
+        int64; attrs: JSON-able dict, including ``skipped`` ({utt_id: reason}); arrays:
+        the other streams' arrays {name: (array, chunks)} (layout.py), uncompressed.
         """
 
-    def read_meta(self, path) -> tuple[dict, np.ndarray, tuple]:
-        """Return (attrs, index (n,) int64, pooled shape (n, V, D)) of the shard at ``path``."""
+    def read_meta(self, path) -> tuple[dict, np.ndarray, tuple | None]:
+        """Return (attrs, index (n,) int64, pooled shape (n, V, D) or None) of the shard at ``path``."""
+
+    def read_array(self, path, name: str, selection=()) -> np.ndarray:
+        """``array[selection]`` (ints, slices, at most one increasing int array), reading only
+        the chunks the selection touches."""
+
+    def array_bytes(self, path, name: str) -> int:
+        """Bytes on disk of the array ``name``."""
+
+    def check_array(self, path, name: str, shape: tuple, dtype, chunks: tuple) -> list[str]:
+        """Structural problems of the array ``name`` (missing, shape, dtype, chunks); reads no values."""
 
     def read_pooled(self, path, out: np.ndarray, view: int | None = None) -> None:
         """Fill ``out`` ((n, V, D), or (n, D) for one view) with the shard's vectors."""

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mrlcache.cache.format import REPAIR, SHARDS_DIR, DamagedCacheError, shard_rows
+from mrlcache.cache import layout
+from mrlcache.cache.format import REPAIR, SHARDS_DIR, DamagedCacheError, shard_files, shard_rows
 
 ATTR_KEYS = ("shard", "rows", "n_ok", "n_skipped", "seconds", "skipped")
 
@@ -25,9 +26,43 @@ def array_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(array.view(np.uint8).reshape(-1)).hexdigest()
 
 
-def checksums(pooled: np.ndarray, index: np.ndarray) -> dict:
-    """The ``sha256`` attribute of a shard: {"pooled": hex, "index": hex}."""
-    return {"pooled": array_sha256(pooled), "index": array_sha256(np.asarray(index, dtype=np.int64))}
+def checksums(pooled: np.ndarray | None, index: np.ndarray, arrays: dict | None = None) -> dict:
+    """The ``sha256`` attribute of a shard: {"pooled": hex, "index": hex, <array>: hex...}.
+
+    ``pooled`` None: a cache without pooled; ``arrays``: the other streams' stored arrays.
+    """
+    found = {} if pooled is None else {"pooled": array_sha256(pooled)}
+    found["index"] = array_sha256(np.asarray(index, dtype=np.int64))
+    for name, array in (arrays or {}).items():
+        found[name] = array_sha256(array)
+    return found
+
+
+def stream_arrays(backend, path, meta: dict, n: int) -> tuple[dict, list[str]]:
+    """{array: (shape, dtype, chunks)} the shard's non-pooled streams must have, and problems
+    found on the way (a ragged stream's offsets are read: (n + 1,) int64, small)."""
+    views, expected, problems = int(meta["views"]), {}, []
+    for name, info in layout.cache_streams(meta).items():
+        if name == "pooled":
+            continue
+        dtype = np.dtype(info["dtype"])
+        if not info["ragged"]:
+            item = layout.item_shape(info)
+            expected[name] = ((n, views, *item), dtype, layout.dense_chunks(n, views, item, dtype.itemsize))
+            continue
+        offsets_name = name + layout.OFFSETS
+        bad = backend.check_array(path, offsets_name, (n + 1,), np.int64, (n + 1,))
+        if bad:
+            problems += bad
+            continue
+        offsets = backend.read_array(path, offsets_name)
+        if offsets[0] != 0 or (np.diff(offsets) < 0).any():
+            problems.append(f"{offsets_name} does not start at 0 and increase")
+            continue
+        shape = tuple(int(s) for s in info["shape"])
+        total = int(offsets[-1])
+        expected[name] = ((*shape, total), dtype, layout.ragged_chunks(shape, total, dtype.itemsize))
+    return expected, problems
 
 
 def damaged(path: Path, problems: list[str]) -> DamagedCacheError:
@@ -58,15 +93,22 @@ def inspect_shard(backend, path: Path, k: int, meta: dict, row_of: dict) -> tupl
         raise damaged(path, [f"attributes {', '.join(lacking)} missing"])
     rows = shard_rows(k, int(meta["shard_size"]), int(meta["num_utterances"]))
     views, dim = int(meta["views"]), int(meta["pooled_dim"])
+    has_pooled = "pooled" in layout.cache_streams(meta)
     problems = []
     if attrs["shard"] != k or list(attrs["rows"]) != [rows.start, rows.stop]:
         problems.append(f"it says shard {attrs['shard']} rows {attrs['rows']}, expected shard {k} rows {[rows.start, rows.stop]}")
-    if tuple(shape) != (len(index), views, dim) or attrs["n_ok"] != len(index):
-        problems.append(f"pooled shape {tuple(shape)} with {len(index)} index rows, expected (n, {views}, {dim}) with n = {attrs['n_ok']}")
+    if attrs["n_ok"] != len(index) or (has_pooled and (shape is None or tuple(shape) != (len(index), views, dim))):
+        problems.append(f"pooled shape {shape} with {len(index)} index rows, expected (n, {views}, {dim}) with n = {attrs['n_ok']}")
     if problems:
         raise damaged(path, problems)
+    if not has_pooled:
+        shape = (len(index), views, 0)
     try:
-        problems = backend.check(path, tuple(shape), np.dtype(meta["dtype"]))
+        problems = backend.check(path, tuple(shape), np.dtype(meta["dtype"])) if has_pooled else []
+        expected, found = stream_arrays(backend, path, meta, len(index))
+        problems += found
+        for name, (array_shape, dtype, chunks) in expected.items():
+            problems += backend.check_array(path, name, array_shape, dtype, chunks)
     except Exception as err:
         problems = [f"unreadable: {type(err).__name__}: {err}"]
     if problems:
@@ -93,17 +135,24 @@ def checksum_problems(backend, path: Path, attrs: dict, index: np.ndarray, shape
     recorded = attrs.get("sha256")
     if recorded is None:
         return []
-    pooled = np.empty(shape, dtype=dtype)
     try:
-        backend.read_pooled(path, pooled)
+        pooled = None
+        if "pooled" in recorded:
+            pooled = np.empty(shape, dtype=dtype)
+            backend.read_pooled(path, pooled)
+        arrays = {name: backend.read_array(path, name) for name in recorded if name not in ("pooled", "index")}
     except Exception as err:
         return [f"vectors unreadable: {type(err).__name__}: {err}"]
-    found = checksums(pooled, index)
+    found = checksums(pooled, index, arrays)
     return [f"{name} checksum mismatch (bytes changed since written)" for name in found if found[name] != recorded.get(name)]
 
 
-def totals(out: Path, shards: dict[int, dict]) -> dict:
-    """Summary numbers computed from the shards' attributes ({k: attrs}), in shard order."""
+def totals(out: Path, shards: dict[int, dict], meta: dict | None = None, backend=None) -> dict:
+    """Summary numbers computed from the shards' attributes ({k: attrs}), in shard order.
+
+    A cache whose ``meta`` lists ``streams`` also gets ``stream_bytes`` {stream: bytes on
+    disk} (a ragged stream counts its offsets), read from the shards through ``backend``.
+    """
     n_ok = n_skipped = 0
     seconds = 0.0
     by_reason: dict[str, int] = {}
@@ -115,7 +164,7 @@ def totals(out: Path, shards: dict[int, dict]) -> dict:
         for reason in attrs["skipped"].values():
             by_reason[reason] = by_reason.get(reason, 0) + 1
     size = sum(p.stat().st_size for p in (out / SHARDS_DIR).rglob("*") if p.is_file())
-    return {
+    found = {
         "utterances": n_ok,
         "skipped": n_skipped,
         "skipped_by_reason": dict(sorted(by_reason.items())),
@@ -123,6 +172,14 @@ def totals(out: Path, shards: dict[int, dict]) -> dict:
         "shards": len(shards),
         "cache_bytes": size,
     }
+    if meta is not None and isinstance(meta.get("streams"), dict):
+        files = shard_files(out / SHARDS_DIR, meta["format"])
+        stream_bytes = {}
+        for name, info in meta["streams"].items():
+            arrays = [name, name + layout.OFFSETS] if info["ragged"] else [name]
+            stream_bytes[name] = sum(backend.array_bytes(files[k], a) for k in sorted(shards) for a in arrays)
+        found["stream_bytes"] = stream_bytes
+    return found
 
 
 def stale_keys(summary: dict, computed: dict) -> list[str]:

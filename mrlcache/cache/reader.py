@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrlcache.cache import integrity
+from mrlcache.cache import integrity, layout
 from mrlcache.cache.backends import BACKENDS
 from mrlcache.cache.format import (
     MANIFEST_FILE,
@@ -29,9 +29,10 @@ from mrlcache.cache.format import (
 
 
 class Shard:
-    """One complete shard: its vectors and the ids of the utterances they belong to."""
+    """One complete shard: its streams and the ids of the utterances they belong to."""
 
-    def __init__(self, path: Path, backend, attrs: dict, index: np.ndarray, shape: tuple, utt_ids, speakers):
+    def __init__(self, path: Path, backend, attrs: dict, index: np.ndarray, shape: tuple, utt_ids, speakers,
+                 streams: dict | None = None):
         self.path = path
         self._backend = backend
         self.attrs = attrs
@@ -39,25 +40,67 @@ class Shard:
         self.index = index  # (n,) manifest rows
         self.skipped = dict(attrs["skipped"])
         self.seconds = float(attrs["seconds"])
-        self.shape = shape  # (n, V, D)
+        self.shape = shape  # (n, V, D) of pooled (D = 0 without pooled)
+        self.streams = streams or {"pooled": {"kind": "vector", "shape": [shape[2]], "ragged": False,
+                                              "frame_rate": None, "dtype": "float32"}}
         self.utterances = [utt_ids[i] for i in index]
         self.speakers = [speakers[i] for i in index]
+        self._offsets = {}
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def read(self, stream: str = "pooled", view: int | None = None, dtype=np.float32) -> np.ndarray:
-        """Vectors of this shard: (n, V, D), or (n, D) for one view."""
-        _check_stream(stream)
-        n, views, dim = self.shape
-        out = np.empty((n, views, dim) if view is None else (n, dim), dtype=dtype)
-        self._backend.read_pooled(self.path, out, _check_view(view, views))
+    def read(self, stream: str = "pooled", view: int | None = None, rows=None, dtype=np.float32):
+        """One stream of this shard (shapes as :meth:`Cache.read`); ``rows``: positions in the
+        shard (any order, repeats allowed), reading only the chunks that hold them."""
+        info = _check_stream(stream, self.streams)
+        n, views = self.shape[:2]
+        view = _check_view(view, views)
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            if len(rows) and (rows.min() < 0 or rows.max() >= n):
+                raise IndexError(f"rows out of range: shard {self.number} holds {n} rows")
+        if info["ragged"]:
+            return self._read_ragged(stream, info, view, rows, dtype)
+        if stream == "pooled" and rows is None:
+            dim = self.shape[2]
+            out = np.empty((n, views, dim) if view is None else (n, dim), dtype=dtype)
+            self._backend.read_pooled(self.path, out, view)
+            return out
+        selection = [slice(None) if view is None else view]
+        if rows is None:
+            data = self._backend.read_array(self.path, stream, [slice(None)] + selection)
+        else:
+            # Backends select increasing rows: read each distinct row once, then reorder.
+            unique, inverse = np.unique(rows, return_inverse=True)
+            data = self._backend.read_array(self.path, stream, [unique] + selection)[inverse]
+        return layout.decode(stream, data.astype(dtype, copy=False))
+
+    def offsets(self, stream: str) -> np.ndarray:
+        """(n + 1,) int64 frame offsets of a ragged stream: row i is frames offsets[i]:offsets[i+1]."""
+        if stream not in self._offsets:
+            self._offsets[stream] = self._backend.read_array(self.path, stream + layout.OFFSETS)
+        return self._offsets[stream]
+
+    def _read_ragged(self, stream, info, view, rows, dtype) -> list[np.ndarray]:
+        if view not in (None, 0):
+            raise IndexError(f"stream {stream!r} is ragged (eval mode): it has view 0 only")
+        offsets = self.offsets(stream)
+        lead = [slice(None)] * len(info["shape"])
+        if rows is None:  # one read of every frame, split into utterances
+            values = layout.decode(stream, self._backend.read_array(self.path, stream).astype(dtype, copy=False))
+            return [values[..., a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        out = []
+        for r in rows:
+            part = self._backend.read_array(self.path, stream, lead + [slice(int(offsets[r]), int(offsets[r + 1]))])
+            out.append(layout.decode(stream, part.astype(dtype, copy=False)))
         return out
 
 
-def _check_stream(stream: str) -> None:
-    if stream != "pooled":
-        raise KeyError(f"stream {stream!r}: this cache holds only 'pooled'")
+def _check_stream(stream: str, streams: dict) -> dict:
+    if stream not in streams:
+        raise KeyError(f"stream {stream!r}: this cache holds {', '.join(repr(s) for s in streams)}")
+    return streams[stream]
 
 
 def _check_view(view, views: int):
@@ -92,13 +135,18 @@ class Cache:
         self.path = path
         self.meta = meta
         self._backend = BACKENDS[meta["format"]]
+        # {name: {"kind", "shape", "ragged", "frame_rate", "dtype"}}; pooled alone in older caches
+        self.streams = {name: dict(info) for name, info in layout.cache_streams(meta).items()}
+        for info in self.streams.values():
+            info["shape"] = tuple(info["shape"])
         self._manifest = _read_checked_manifest(path, meta)
         utt_ids, speakers, _ = self._manifest
         row_of = {u: i for i, u in enumerate(utt_ids)}
         self.shards: list[Shard] = []
         for k in sorted(shard_files):
             attrs, index, shape = integrity.inspect_shard(self._backend, shard_files[k], k, meta, row_of)
-            self.shards.append(Shard(shard_files[k], self._backend, attrs, index, shape, utt_ids, speakers))
+            self.shards.append(Shard(shard_files[k], self._backend, attrs, index, shape, utt_ids, speakers,
+                                     self.streams))
         self.utterances = [u for s in self.shards for u in s.utterances]
         self.speakers = [s_ for s in self.shards for s_ in s.speakers]
         self.skipped = {u: r for s in self.shards for u, r in s.skipped.items()}
@@ -131,13 +179,30 @@ class Cache:
         """Yield the shards in cache order (each with .utterances, .speakers, .read())."""
         yield from self.shards
 
-    def read(self, stream: str = "pooled", view: int | None = None, dtype=np.float32) -> np.ndarray:
-        """All vectors of ``stream``: (N, V, D), or (N, D) for one view (only that view is read).
+    def read(self, stream: str = "pooled", view: int | None = None, rows=None, dtype=np.float32):
+        """One stream of the cache, in cache order (or the order of ``rows``).
 
-        Each shard is read whole straight into its slice of one preallocated array.
+        Vector streams: (N, V, *shape), or (N, *shape) for one view; dense frame streams
+        (train mode): (N, V, *shape, T) or (N, *shape, T); ragged frame streams (eval
+        mode, view 0 only): a list of N arrays (*shape, T_i). ``rows``: positions in cache
+        order (an int array); only the shards, and within them the chunks, holding them
+        are read. Pooled vectors without ``rows`` are read shard by shard straight into one
+        preallocated array.
+
+        Raises:
+            KeyError: the cache has no such stream (naming the ones it holds).
         """
-        _check_stream(stream)
+        info = _check_stream(stream, self.streams)
         view = _check_view(view, self.num_views)
+        if rows is not None:
+            return self._read_rows(stream, info, view, rows, dtype)
+        if stream != "pooled":
+            parts = [shard.read(stream, view, dtype=dtype) for shard in self.shards]
+            if info["ragged"]:
+                return [x for part in parts for x in part]
+            if parts:
+                return np.concatenate(parts)
+            return np.empty((0, *(() if view is not None else (self.num_views,)), *layout.item_shape(info)), dtype)
         n = len(self)
         out = np.empty((n, self.num_views, self.dim) if view is None else (n, self.dim), dtype=dtype)
         start = 0
@@ -145,6 +210,28 @@ class Cache:
             stop = start + len(shard)
             self._backend.read_pooled(shard.path, out[start:stop], view)
             start = stop
+        return out
+
+    def _read_rows(self, stream, info, view, rows, dtype):
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows out of range: the cache holds {len(self)} rows (0..{len(self) - 1})")
+        starts = np.cumsum([0] + [len(s) for s in self.shards])
+        which = np.searchsorted(starts, rows, side="right") - 1  # shard of each row
+        out = [None] * len(rows) if info["ragged"] else None
+        for k in np.unique(which):
+            picked = np.flatnonzero(which == k)
+            part = self.shards[k].read(stream, view, rows=rows[picked] - starts[k], dtype=dtype)
+            if info["ragged"]:
+                for i, x in zip(picked, part):
+                    out[i] = x
+                continue
+            if out is None:
+                out = np.empty((len(rows), *part.shape[1:]), dtype=part.dtype)
+            out[picked] = part
+        if out is None:  # no rows asked
+            lead = () if view is not None else (self.num_views,)
+            out = np.empty((0, *lead, *layout.item_shape(info)), dtype=dtype)
         return out
 
     def index_of(self, utt_ids) -> np.ndarray:
@@ -263,7 +350,7 @@ def problems(path, full: bool = False) -> list[str]:
         sound[k] = attrs
     summary = meta.get("summary")
     if isinstance(summary, dict) and len(sound) == total:
-        wrong = integrity.stale_keys(summary, integrity.totals(path, sound))
+        wrong = integrity.stale_keys(summary, integrity.totals(path, sound, meta, backend))
         if wrong:
             found.append(
                 f"{path / 'cache.json'}: summary disagrees with the shards ({', '.join(wrong)}); "

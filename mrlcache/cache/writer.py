@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mrlcache import __version__
-from mrlcache.cache import integrity
+from mrlcache.cache import integrity, layout
 from mrlcache.cache.backends import BACKENDS
 from mrlcache.cache.format import (
     DTYPES,
@@ -81,8 +81,15 @@ class CacheWriter:
             raise ValueError(f"cache metadata lacks {', '.join(missing)}")
         if meta["dtype"] not in DTYPES:
             raise ValueError(f"cache dtype {meta['dtype']!r} not supported; use one of {', '.join(DTYPES)}")
-        if int(meta["shard_size"]) < 1 or int(meta["views"]) < 1 or int(meta["pooled_dim"]) < 1:
+        streams = layout.cache_streams(meta)
+        if int(meta["shard_size"]) < 1 or int(meta["views"]) < 1 or ("pooled" in streams and int(meta["pooled_dim"]) < 1):
             raise ValueError("shard_size, views and pooled_dim must be positive")
+        for name, info in streams.items():
+            missing = {"kind", "shape", "ragged", "frame_rate", "dtype"} - set(info)
+            if missing or info["dtype"] not in DTYPES or (info["kind"] == "frames" and not info["ragged"]
+                                                           and "frames" not in info):
+                raise ValueError(f"cache metadata: stream {name!r} needs kind, shape, ragged, frame_rate, a dtype "
+                                 f"in {', '.join(DTYPES)} (and frames when dense), got {info}")
         self.out = Path(out)
         self.backend = BACKENDS[backend]
         self.rank = int(rank)
@@ -218,7 +225,7 @@ class CacheWriter:
         sound = self._sound_shards()
         if len(sound) < self.num_shards:
             return  # shards will be rewritten, and finish() writes a new summary
-        computed = integrity.totals(self.out, sound)
+        computed = integrity.totals(self.out, sound, self.meta, self.backend)
         if integrity.stale_keys(summary, computed):
             meta["summary"] = jsonable({**summary, **computed})
             atomic_write(self.out / META_FILE, meta_text(meta))
@@ -255,7 +262,7 @@ class CacheWriter:
         """
         return set(self._sound_shards(verify))
 
-    def write_shard(self, k: int, index, pooled, skipped: dict, seconds: float) -> None:
+    def write_shard(self, k: int, index, pooled, skipped: dict, seconds: float, streams: dict | None = None) -> None:
         """Write shard ``k`` atomically: aside, flushed, then renamed into place.
 
         A damaged shard already under the final name is replaced; a sound one is refused.
@@ -263,18 +270,27 @@ class CacheWriter:
         Args:
             k: shard number.
             index: (n_ok,) manifest rows of the vectors, all inside ``shard_rows(k)``.
-            pooled: (n_ok, V, D) float array; stored as ``meta["dtype"]``.
+            pooled: (n_ok, V, D) float array; stored as ``meta["dtype"]``; None when the
+                cache has no ``pooled`` stream.
             skipped: {utt_id: reason} of the shard's utterances without vectors; together
                 with ``index`` it must cover every row of the shard exactly once.
             seconds: audio seconds decoded for the shard (for the summary).
+            streams: the other streams of cache.json's ``streams``, {name: (n_ok, V, *shape)
+                or (n_ok, V, *shape, frames) float array, or for a ragged stream a list of
+                n_ok arrays (*shape, T_i)}; stored in the stream's dtype (layout.py).
         """
         rows = self.shard_rows(k)
         index = np.asarray(index, dtype=np.int64).reshape(-1)  # (n_ok,)
         views, dim = int(self.meta["views"]), int(self.meta["pooled_dim"])
-        pooled = np.asarray(pooled)
-        if pooled.shape != (len(index), views, dim):
-            expected = (len(index), views, dim)
-            raise ValueError(f"shard {k}: pooled has shape {pooled.shape}, expected {expected}")
+        infos = layout.cache_streams(self.meta)
+        given = set(streams or {}) | ({"pooled"} if pooled is not None else set())
+        if given != set(infos):
+            raise ValueError(f"shard {k}: streams given {sorted(given)}, the cache holds {sorted(infos)}")
+        if pooled is not None:
+            pooled = np.asarray(pooled)
+            if pooled.shape != (len(index), views, dim):
+                expected = (len(index), views, dim)
+                raise ValueError(f"shard {k}: pooled has shape {pooled.shape}, expected {expected}")
         skipped = {str(u): str(r) for u, r in skipped.items()}
         unknown = [u for u in skipped if self._row_of.get(u) not in rows]
         if unknown:
@@ -286,14 +302,26 @@ class CacheWriter:
                 f"shard {k}: index ({len(index)}) and skipped ({len(skipped)}) must cover manifest rows "
                 f"{rows.start}..{rows.stop - 1} exactly once"
             )
-        with np.errstate(over="ignore"):  # overflow to inf is caught just below
-            stored = pooled.astype(self.meta["dtype"], copy=False)
-        bad = ~np.isfinite(stored).all(axis=(1, 2))
-        if bad.any():
-            first = self._utt_ids[index[np.flatnonzero(bad)[0]]]
-            overflow = np.isfinite(pooled).all()
-            hint = " (too large for float16: extract with --dtype float32)" if overflow else ""
-            raise ValueError(f"shard {k}: {int(bad.sum())} vectors are not finite, first {first!r}{hint}")
+        stored = None
+        if pooled is not None:
+            stored = layout.to_stored(k, "pooled", pooled, self.meta["dtype"], self._ids(index))
+        arrays = {}
+        for name, data in (streams or {}).items():
+            info = infos[name]
+            dtype = np.dtype(info["dtype"])
+            if info["ragged"]:
+                values, offsets = layout.concat_ragged(k, name, info, data, len(index))
+                values = layout.to_stored(k, name, values, dtype, self._ids(index), offsets)
+                arrays[name] = (values, layout.ragged_chunks(values.shape[:-1], values.shape[-1], dtype.itemsize))
+                arrays[name + layout.OFFSETS] = (offsets, (len(offsets),))
+            else:
+                data = np.asarray(data)
+                expected = (len(index), views, *layout.item_shape(info))
+                if data.shape != expected:
+                    raise ValueError(f"shard {k}: stream {name} has shape {data.shape}, expected {expected}")
+                values = layout.to_stored(k, name, layout.encode(name, data), dtype, self._ids(index))
+                arrays[name] = (values, layout.dense_chunks(len(index), views, expected[2:], dtype.itemsize))
+        sums = {name: array for name, (array, _) in arrays.items()}
         final = self.shards_dir / shard_name(k, self.backend.name)
         if final.exists():
             # Rare (a rerun rewriting a damaged shard): checking it fully costs one shard read.
@@ -314,16 +342,22 @@ class CacheWriter:
             "n_skipped": len(skipped),
             "seconds": float(seconds),
             "skipped": skipped,
-            "sha256": integrity.checksums(stored, index),  # checked by open(verify=True)
+            "sha256": integrity.checksums(stored, index, sums),  # checked by open(verify=True)
         }
         try:
-            self.backend.write(tmp, stored, index, attrs)
+            if arrays:
+                self.backend.write(tmp, stored, index, attrs, arrays)
+            else:  # pooled alone: the call (and the shard) of caches before streams
+                self.backend.write(tmp, stored, index, attrs)
             fsync_tree(tmp)
             os.replace(tmp, final)
         except BaseException:
             _remove(tmp)
             raise
         fsync_dir(self.shards_dir)
+
+    def _ids(self, index):
+        return [self._utt_ids[i] for i in index]
 
     def finish(self, summary: dict | None = None) -> dict:
         """Write the summary into cache.json once every shard is present and sound; return it.
@@ -343,7 +377,7 @@ class CacheWriter:
                 f"(first: {missing[:5]}); the summary is written when all ranks are done"
             )
         meta = read_meta(self.out)
-        meta["summary"] = jsonable({**(summary or {}), **integrity.totals(self.out, sound)})
+        meta["summary"] = jsonable({**(summary or {}), **integrity.totals(self.out, sound, self.meta, self.backend)})
         meta["mrlcache_version"] = __version__
         atomic_write(self.out / META_FILE, meta_text(meta))
         return meta["summary"]

@@ -28,13 +28,37 @@ class ZarrBackend:
     suffix = ".zarr"
 
     @staticmethod
-    def write(path, pooled: np.ndarray, index: np.ndarray, attrs: dict) -> None:
+    def write(path, pooled: np.ndarray | None, index: np.ndarray, attrs: dict, arrays: dict | None = None) -> None:
         """Write a complete shard at ``path`` (must not exist).
 
-        pooled: (n, V, D) already in the stored dtype; index: (n,) int64; attrs: JSON-able.
+        pooled: (n, V, D) already in the stored dtype, or None (a cache without pooled);
+        index: (n,) int64; attrs: JSON-able; arrays: the other streams' arrays
+        {name: (array, chunks)} (see layout.py).
         """
-        n, views, dim = pooled.shape
+        n = len(index)
         group = zarr.open_group(LocalStore(str(path)), mode="w-", attributes=attrs)
+        if pooled is not None:
+            ZarrBackend._write_pooled(group, pooled)
+        group.create_array(
+            "index",
+            shape=(n,),
+            chunks=(max(n, 1),),
+            dtype=np.int64,
+            compressors=None,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+        if n:
+            group["index"][:] = index
+        for name, (data, chunks) in (arrays or {}).items():
+            array = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, compressors=None,
+                                       fill_value=0, config={"write_empty_chunks": True})
+            if data.size:
+                array[...] = data
+
+    @staticmethod
+    def _write_pooled(group, pooled: np.ndarray) -> None:
+        n, views, dim = pooled.shape
         # One chunk per view of all rows: reading view v reads exactly one file. The
         # vectors barely compress (~92% of raw), so compression would cost throughput
         # for almost no space. write_empty_chunks keeps an all-zero view on disk too,
@@ -50,24 +74,53 @@ class ZarrBackend:
         )
         if n:
             array[:] = pooled
-        group.create_array(
-            "index",
-            shape=(n,),
-            chunks=(max(n, 1),),
-            dtype=np.int64,
-            compressors=None,
-            fill_value=0,
-            config={"write_empty_chunks": True},
-        )
-        if n:
-            group["index"][:] = index
 
     @staticmethod
-    def read_meta(path) -> tuple[dict, np.ndarray, tuple]:
-        """Return (attrs, index (n,) int64, pooled shape (n, V, D)) of the shard at ``path``."""
+    def read_meta(path) -> tuple[dict, np.ndarray, tuple | None]:
+        """Return (attrs, index (n,) int64, pooled shape (n, V, D) or None) of the shard at ``path``."""
         group = zarr.open_group(LocalStore(str(path), read_only=True), mode="r")
         index = np.asarray(group["index"][:], dtype=np.int64)
-        return dict(group.attrs), index, tuple(group["pooled"].shape)
+        shape = tuple(group["pooled"].shape) if "pooled" in group else None
+        return dict(group.attrs), index, shape
+
+    @staticmethod
+    def read_array(path, name: str, selection=()) -> np.ndarray:
+        """``array[selection]`` of the shard's array ``name``: ints, slices and at most one
+        increasing int array (rows); only the chunks the selection touches are read."""
+        group = zarr.open_group(LocalStore(str(path), read_only=True), mode="r")
+        array = group[name]
+        selection = tuple(selection) + (slice(None),) * (array.ndim - len(selection))
+        if any(isinstance(s, np.ndarray) for s in selection):
+            return np.asarray(array.get_orthogonal_selection(selection))
+        return np.asarray(array.get_basic_selection(selection))
+
+    @staticmethod
+    def array_bytes(path, name: str) -> int:
+        """Bytes on disk of the shard's array ``name`` (its chunk files)."""
+        root = Path(path) / name
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "zarr.json")
+
+    @staticmethod
+    def check_array(path, name: str, shape: tuple, dtype, chunks: tuple) -> list[str]:
+        """Problems of the array ``name``: missing, wrong shape/dtype/chunks, chunk files missing or short."""
+        group = zarr.open_group(LocalStore(str(path), read_only=True), mode="r")
+        if name not in group:
+            return [f"array {name} is missing"]
+        array = group[name]
+        if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+            return [f"{name} is {array.dtype} {tuple(array.shape)}, expected {np.dtype(dtype)} {tuple(shape)}"]
+        if tuple(array.chunks) != tuple(chunks):
+            return [f"{name} chunks {array.chunks}, expected {tuple(chunks)} (not written by mrlcache)"]
+        if 0 in shape:
+            return []
+        size = int(np.prod(chunks)) * array.dtype.itemsize  # edge chunks are stored whole
+        grid = [range(-(-s // c)) for s, c in zip(shape, chunks)]
+        root = Path(path) / name / "c"
+        for key in np.ndindex(*(len(g) for g in grid)):
+            file = root.joinpath(*map(str, key))
+            if not file.is_file() or file.stat().st_size != size:
+                return [f"{name} chunk {'/'.join(map(str, key))} is missing or short"]
+        return []
 
     @staticmethod
     def read_pooled(path, out: np.ndarray, view: int | None = None) -> None:
@@ -95,6 +148,8 @@ class ZarrBackend:
         """
         n, views, dim = shape
         group = zarr.open_group(LocalStore(str(path), read_only=True), mode="r")
+        if "pooled" not in group:
+            return ["array pooled is missing"]
         pooled, index = group["pooled"], group["index"]
         problems = []
         if pooled.dtype != np.dtype(dtype):

@@ -55,7 +55,7 @@ def load_weights(variant, weights, random_init, seed, train_type, dataset):
 @click.option("--train-type", default="ptn", show_default=True, help="Published file: ptn, ft_lm, ft_mix.")
 @click.option("--dataset", default="vox2", show_default=True, help="Published file's training data.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local published-format checkpoint.")
-@click.option("--random-init", is_flag=True, help="Random backbone from --seed (saved as OUT/backbone.pt).")
+@click.option("--random-init", is_flag=True, help="Random backbone (and --ptm) from --seed (the ReDimNet saved as OUT/backbone.pt).")
 @click.option("--mode", type=click.Choice(["train", "eval"]), default="train", show_default=True)
 @click.option("--views", type=COUNT, default=4, show_default=True, help="Train mode: crops per utterance (view 0 clean).")
 @click.option("--crop-seconds", type=SECONDS, default=2.0, show_default=True)
@@ -75,12 +75,20 @@ def load_weights(variant, weights, random_init, seed, train_type, dataset):
               help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU. Mel features stay float32.")
 @click.option("--rank", type=click.IntRange(min=0), default=None, help="This process's rank without torchrun.")
 @click.option("--world-size", type=COUNT, default=None, help="Number of processes without torchrun.")
+@click.option("--streams", default="pooled", show_default=True,
+              help="What to store, comma-separated: pooled, layers, fbank, mfcc, f0 (docs/cache-format.md).")
+@click.option("--layers-pooled", is_flag=True, help="Store per-layer mean and std over time instead of layer frames.")
+@click.option("--ptm", type=click.Choice(["wavlm-base-plus", "hubert-base", "wav2vec2-base"]), default=None,
+              help="Pretrained speech model whose 13 hidden states are the layers stream.")
+@click.option("--ptm-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local state_dict file of --ptm (instead of the download).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, dataset, weights, random_init, mode,
             views, crop_seconds, max_seconds, min_seconds, noise_dir, rir_dir, speed_perturb, seed, shard_size,
-            dtype, batch_size, workers, threads, device, precision, rank, world_size, overwrite, quiet):
+            dtype, batch_size, workers, threads, device, precision, rank, world_size, streams, layers_pooled, ptm,
+            ptm_weights, overwrite, quiet):
     """Run the frozen backbone once over a corpus and cache its pooled vectors.
 
     Rerunning the same command resumes: finished shards are kept. Under
@@ -99,6 +107,7 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
     from mrlcache.extract import ExtractConfig, ExtractError
     from mrlcache.extract import extract as run_extract
     from mrlcache.backbone.loading import CheckpointError
+    from mrlcache.streams import PTMError
 
     env_rank, env_world, torchrun = dist_env()
     rank = env_rank if rank is None else rank
@@ -114,12 +123,23 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
         cfg = ExtractConfig(
             mode=mode, views=views, crop_seconds=crop_seconds, max_seconds=max_seconds, min_seconds=min_seconds,
             seed=seed, shard_size=shard_size, dtype=dtype, batch_size=batch_size, workers=workers, device=device,
-            precision=precision,
+            precision=precision, streams=streams, layers_pooled=layers_pooled, ptm=ptm, ptm_weights=ptm_weights,
             augment=AugmentConfig(noise_dir=noise_dir and str(Path(noise_dir).resolve()),
                                   rir_dir=rir_dir and str(Path(rir_dir).resolve()), speed=speed_perturb),
         )
+        if ptm and "pooled" in cfg.stream_names and not (variant or weights):
+            raise click.UsageError(f"--streams {streams}: pooled is ReDimNet's vector and --ptm {ptm} has none; "
+                                   f"also give --variant/--weights, or drop pooled")
         utterances = load_utterances(data, list_file, utt2spk)
-        model, source = load_weights(variant, weights, random_init, seed, train_type, dataset)
+        ptm_model = None
+        if ptm:
+            from mrlcache.streams import load_ptm
+
+            ptm_model = load_ptm(ptm, weights=ptm_weights, random_init=random_init and not ptm_weights, seed=seed)
+        if cfg.needs_redimnet or variant or weights:
+            model, source = load_weights(variant, weights, random_init, seed, train_type, dataset)
+        else:
+            model, source = None, None
         if torchrun and world_size > 1 and overwrite:
             import datetime
 
@@ -127,13 +147,19 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
 
             dist.init_process_group("gloo", timeout=datetime.timedelta(hours=1))
             barrier = dist.barrier
-        console.print(f"extract: {len(utterances)} utterances, backbone {source} (pooled {model.pooled_dim}), "
+        described = f"backbone {source} (pooled {model.pooled_dim})" if model is not None else "no ReDimNet"
+        if ptm_model is not None:
+            described += f", PTM {ptm} ({ptm_model.source})"
+        if cfg.stream_names != ("pooled",):
+            described += f", streams {','.join(cfg.stream_names)}"
+        console.print(f"extract: {len(utterances)} utterances, {described}, "
                       f"mode {mode}, views {cfg.views}, rank {rank}/{world_size} -> {out}")
         summary = run_extract(
             utterances, model, out, cfg, backend=backend, overwrite=overwrite, rank=rank, world_size=world_size,
-            weights_source=source, save_backbone=random_init, barrier=barrier, progress=not quiet,
+            weights_source=source or "", save_backbone=random_init and model is not None, barrier=barrier,
+            progress=not quiet, ptm=ptm_model,
         )
-    except (ExtractError, CheckpointError, CorpusError, CacheError, AugmentError) as err:
+    except (ExtractError, CheckpointError, CorpusError, CacheError, AugmentError, PTMError) as err:
         raise click.ClickException(str(err))
     finally:
         if barrier is not None:
@@ -163,4 +189,6 @@ def print_summary(console, summary: dict, views: int) -> None:
                                 f"{summary['audio_seconds_per_second']:.0f}x real time (last rank)")
     table.add_row("model busy", f"{100 * summary['model_busy_fraction']:.0f}% of wall time")
     table.add_row("cache size", f"{summary['cache_bytes'] / 2**20:.1f} MiB in {summary['shards']} shards")
+    for name, size in summary.get("stream_bytes", {}).items():
+        table.add_row(f"  {name}", f"{size / 2**20:.1f} MiB")
     console.print(table)

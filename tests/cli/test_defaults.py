@@ -34,7 +34,7 @@ LIBRARY = {
     "extract": {
         **{name: _field_defaults(ExtractConfig)[name] for name in (
             "mode", "views", "crop_seconds", "max_seconds", "min_seconds", "seed", "shard_size", "dtype",
-            "batch_size", "workers", "device", "precision")},
+            "batch_size", "workers", "device", "precision", "streams", "layers_pooled", "ptm", "ptm_weights")},
         "noise_dir": _field_defaults(AugmentConfig)["noise_dir"],
         "rir_dir": _field_defaults(AugmentConfig)["rir_dir"],
         "speed_perturb": _field_defaults(AugmentConfig)["speed"],
