@@ -23,7 +23,7 @@ from mrlcache.cli import main
 from mrlcache.fit.heads import MatryoshkaHead
 from mrlcache.model import ModelError, calibration_path, load_model, save_model
 from mrlcache.runtime import sha256_file
-from mrlcache.synth import make_corpus
+from mrlcache.demo.synth import make_corpus
 
 DIMS = [8, 16]
 
