@@ -92,7 +92,11 @@ def test_broken_files_are_recorded_not_dropped(corpus, tmp_path):
     summary = cache.meta["summary"]
     assert summary["skipped"] == len(expected)
     assert summary["skipped_by_reason"] == {r: 1 for r in expected.values()}
-    assert "truncated: 1" in result.output
+    assert summary["skipped_files"] == expected  # named, not only counted
+    rows = [line.split("\t") for line in (out / "skipped.tsv").read_text().splitlines()]
+    assert rows[0] == ["utt_id", "reason", "path"]
+    assert {u: (r, p) for u, r, p in rows[1:]} == {u: (r, str(data / u)) for u, r in expected.items()}
+    assert "truncated: 1" in result.output and "skipped.tsv" in result.output
 
 
 def test_zarr_and_hdf5_hold_the_same_numbers(corpus, tmp_path):

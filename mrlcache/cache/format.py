@@ -31,6 +31,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 META_FILE = "cache.json"
 MANIFEST_FILE = "manifest.tsv"
+SKIPPED_FILE = "skipped.tsv"  # utt_id, reason, path of every utterance without vectors
 SHARDS_DIR = "shards"
 LOCKS_DIR = "locks"
 MANIFEST_HEADER = "index\tutt_id\tspeaker\tpath"

@@ -156,18 +156,21 @@ def totals(out: Path, shards: dict[int, dict], meta: dict | None = None, backend
     n_ok = n_skipped = 0
     seconds = 0.0
     by_reason: dict[str, int] = {}
+    skipped_files: dict[str, str] = {}
     for k in sorted(shards):
         attrs = shards[k]
         n_ok += attrs["n_ok"]
         n_skipped += attrs["n_skipped"]
         seconds += attrs["seconds"]
-        for reason in attrs["skipped"].values():
+        for utt, reason in sorted(attrs["skipped"].items()):
             by_reason[reason] = by_reason.get(reason, 0) + 1
+            skipped_files[utt] = reason
     size = sum(p.stat().st_size for p in (out / SHARDS_DIR).rglob("*") if p.is_file())
     found = {
         "utterances": n_ok,
         "skipped": n_skipped,
         "skipped_by_reason": dict(sorted(by_reason.items())),
+        "skipped_files": skipped_files,  # utt_id -> reason; also CACHE/skipped.tsv
         "audio_hours": seconds / 3600.0,
         "shards": len(shards),
         "cache_bytes": size,

@@ -26,6 +26,7 @@ from mrlcache.cache.format import (
     META_FILE,
     REQUIRED_KEYS,
     SHARDS_DIR,
+    SKIPPED_FILE,
     TMP_RE,
     CacheError,
     CacheLockedError,
@@ -162,7 +163,7 @@ class CacheWriter:
         for name in (SHARDS_DIR, LOCKS_DIR):
             if (self.out / name).is_dir():
                 shutil.rmtree(self.out / name)
-        for name in (META_FILE, MANIFEST_FILE):
+        for name in (META_FILE, MANIFEST_FILE, SKIPPED_FILE):
             (self.out / name).unlink(missing_ok=True)
 
     def _create_or_check(self) -> None:
@@ -379,8 +380,16 @@ class CacheWriter:
         meta = read_meta(self.out)
         meta["summary"] = jsonable({**(summary or {}), **integrity.totals(self.out, sound, self.meta, self.backend)})
         meta["mrlcache_version"] = __version__
+        self._write_skipped(meta["summary"]["skipped_files"])
         atomic_write(self.out / META_FILE, meta_text(meta))
         return meta["summary"]
+
+    def _write_skipped(self, skipped: dict[str, str]) -> None:
+        """``skipped.tsv``: every planned utterance that has no vectors, with its reason and path."""
+        _, _, paths = read_manifest(self.out / MANIFEST_FILE)
+        lines = ["utt_id\treason\tpath"]
+        lines += [f"{utt}\t{reason}\t{paths[self._row_of[utt]]}" for utt, reason in skipped.items()]
+        atomic_write(self.out / SKIPPED_FILE, "\n".join(lines) + "\n")
 
     def close(self) -> None:
         """Release the rank lock (also released by the kernel if the process dies)."""
@@ -404,8 +413,9 @@ def _read_meta_if_any(out: Path) -> dict | None:
 
 def _ours(name: str) -> bool:
     """True for the names a cache directory holds (including writers' temporary files)."""
-    return name in (META_FILE, MANIFEST_FILE, SHARDS_DIR, LOCKS_DIR) or re.match(
-        rf"^\.({re.escape(META_FILE)}|{re.escape(MANIFEST_FILE)})\.tmp-\d+$", name
+    files = "|".join(re.escape(f) for f in (META_FILE, MANIFEST_FILE, SKIPPED_FILE))
+    return name in (META_FILE, MANIFEST_FILE, SKIPPED_FILE, SHARDS_DIR, LOCKS_DIR) or re.match(
+        rf"^\.({files})\.tmp-\d+$", name
     ) is not None
 
 

@@ -173,6 +173,9 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
         console.print(f"rank {rank}: my shards are done; the summary is written when every rank has finished")
         return
     print_summary(console, summary, cfg.views)
+    if summary["skipped"]:
+        console.print(f"{summary['skipped']} utterances have no vectors: listed with their reason in "
+                      f"{Path(out) / 'skipped.tsv'}", soft_wrap=True, markup=False, highlight=False)
 
 
 def print_summary(console, summary: dict, views: int) -> None:
