@@ -24,6 +24,7 @@ from mrlcache.cache.format import (
 )
 from mrlcache.cache.reader import Cache, Shard
 from mrlcache.cache.reader import open_cache as open
+from mrlcache.cache.reader import verify_by_default
 from mrlcache.cache.writer import CacheWriter
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "SettingsMismatchError",
     "Shard",
     "open",
+    "verify_by_default",
     "read_meta",
     "register_backend",
 ]

@@ -282,12 +282,24 @@ class Cache:
             raise DamagedCacheError("\n".join(found))
 
 
-def open_cache(path, allow_incomplete: bool = False, verify: bool = False) -> Cache:
+# What ``open_cache`` does when not told: the ``--verify`` option of the commands that read
+# caches sets it for the whole process (every cache the command opens is then checked).
+_VERIFY_BY_DEFAULT = False
+
+
+def verify_by_default(flag: bool) -> None:
+    """Make every later :func:`open_cache` without ``verify=`` verify checksums (or stop)."""
+    global _VERIFY_BY_DEFAULT
+    _VERIFY_BY_DEFAULT = bool(flag)
+
+
+def open_cache(path, allow_incomplete: bool = False, verify: bool | None = None) -> Cache:
     """Open the cache directory ``path`` for reading.
 
     Args:
         allow_incomplete: read the shards present when some are missing.
-        verify: also recompute every shard's checksums (reads every vector once).
+        verify: also recompute every shard's checksums (reads every vector once); None:
+            as set by :func:`verify_by_default` (off unless a command's ``--verify``).
 
     Raises:
         NotACacheError: path missing or not a cache.
@@ -306,7 +318,7 @@ def open_cache(path, allow_incomplete: bool = False, verify: bool = False) -> Ca
             f"rerun the same 'mrlcache extract' command to complete it"
         )
     cache = Cache(path, meta, files)
-    if verify:
+    if _VERIFY_BY_DEFAULT if verify is None else verify:
         found = cache.checksum_problems()
         if found:
             raise DamagedCacheError("\n".join(found))

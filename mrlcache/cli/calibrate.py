@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from mrlcache.cli.options import verify_option
 from mrlcache.config import config_option, write_resolved
 
 # The published VoxCeleb1 evaluation lists (and WeSpeaker's Kaldi versions of them).
@@ -51,6 +52,7 @@ def _write_trials(trials, path: Path) -> None:
 
 @click.command()
 @config_option
+@verify_option
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="RUN/model.pt written by 'mrlcache fit'.")
 @click.option("--cache", "cache_dir", required=True, type=click.Path(exists=True, file_okay=False),

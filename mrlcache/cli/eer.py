@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from mrlcache.cli.options import CAP, COUNT, check_device
+from mrlcache.cli.options import CAP, COUNT, check_device, verify_option
 from mrlcache.config import config_option, write_resolved
 
 SYSTEMS = ("mrl", "fixed", "raw", "published", "pca")  # as mrlcache.evaluate.SYSTEMS (not imported: keeps --help fast)
@@ -125,6 +125,7 @@ def _plot(results, path, title):
 
 @click.command()
 @config_option
+@verify_option
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="RUN/model.pt written by 'mrlcache fit'.")
 @click.option("--trials", "trials_path", required=True, type=click.Path(exists=True, dir_okay=False),

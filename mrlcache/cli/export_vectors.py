@@ -2,11 +2,13 @@
 
 import click
 
+from mrlcache.cli.options import verify_option
 from mrlcache.config import config_option
 
 
 @click.command("export-vectors")
 @config_option
+@verify_option
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False),
               help="RUN/model.pt from 'mrlcache fit' [default: the raw cached vectors].")

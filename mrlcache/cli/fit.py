@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from mrlcache.cli.options import verify_option
 from mrlcache.config import CommaList, config_option
 from mrlcache.fit.config import CHOICES, EndToEndConfig, FitConfig
 
@@ -145,6 +146,7 @@ def _given(ctx, names) -> list[str]:
 
 @click.command()
 @config_option
+@verify_option
 @_with_options
 @click.pass_context
 def fit(ctx, **params):

@@ -47,3 +47,19 @@ def describe_os_error(err: OSError) -> str:
         errno.ELOOP: "a symbolic link points back to a folder above it: remove the link",
     }.get(err.errno, "fix it and rerun the same command")
     return f"{path}: {what}; {hint}" if path else f"{what}; {hint}"
+
+
+def _set_verify(ctx, param, value):
+    if value:
+        from mrlcache.cache import verify_by_default
+
+        verify_by_default(True)
+        ctx.call_on_close(lambda: verify_by_default(False))  # this command only
+    return value
+
+
+def verify_option(command):
+    """``--verify``: check the checksums of every cache the command reads before using it."""
+    return click.option("--verify", is_flag=True, expose_value=False, callback=_set_verify,
+                        help="Recompute the checksums of every cache read (one extra read of each); a "
+                             "damaged cache is refused naming the shard.")(command)

@@ -71,7 +71,7 @@ def test_cli_defaults_are_the_dataclass_defaults():
     fields = {**{f.name: f.default for f in dataclasses.fields(FitConfig)},
               **{f.name: f.default for f in dataclasses.fields(EndToEndConfig)}}
     augment = {f.name: f.default for f in dataclasses.fields(AugmentConfig)}
-    cli_only = {"cache": None, "out": None, "threads": None, "resume": False, "end_to_end": False}
+    cli_only = {"cache": None, "out": None, "threads": None, "resume": False, "end_to_end": False, "verify": False}
     import click
 
     ctx = click.Context(command)
