@@ -18,174 +18,21 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mrlcache.audio import SAMPLE_RATE, AudioError, check_wave, load_audio
-from mrlcache.augment import AugmentConfig, Augmenter, make_view
+from mrlcache.audio import SAMPLE_RATE
 from mrlcache.backbone import BackboneRecord, save_checkpoint, state_sha256
 from mrlcache.backbone.record import convert_v1_meta
-from mrlcache.cache import CacheWriter, IncompleteCacheError
-from mrlcache.cache.format import read_meta
+from mrlcache.cache import CacheWriter, IncompleteCacheError, read_meta
+from mrlcache.extract.config import ExtractConfig, ExtractError
+from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
+from mrlcache.runtime import DeviceError, autocast, resolve_device, resolve_precision
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
-from mrlcache.runtime import PRECISIONS, DeviceError, autocast, resolve_device, resolve_precision
 
 BACKBONE_FILE = "backbone.pt"  # random-init weights, saved beside the cache
-
-
-class ExtractError(Exception):
-    """Settings that cannot work (bad device/precision, nothing to extract...)."""
-
-
-@dataclass
-class ExtractConfig:
-    """Everything the cached vectors depend on, plus how the pass is run.
-
-    Attributes:
-        mode: "train" (``views`` crops per utterance) or "eval" (the whole utterance).
-        views: crops per utterance in train mode; view 0 clean, the others augmented.
-        crop_seconds: crop length in train mode (shorter utterances are repeat-padded).
-        max_seconds: eval mode: keep at most this much of each utterance (None: all).
-        min_seconds: utterances shorter than this are skipped as "too_short".
-        seed: seed of every random choice (crop positions, augmentation).
-        shard_size: utterances per shard.
-        dtype: "float16" or "float32" storage of the pooled vectors.
-        batch_size: crops per forward pass (None: 8 on the CPU, 128 on CUDA). On the CPU,
-            large batches are no faster and cost more: their multi-MB activations are
-            mapped and unmapped every layer, and page faults took over (b0, 64 crops:
-            60% of the time in the kernel).
-        workers: DataLoader decoding workers (None: 1 on CPU, up to 8 on CUDA).
-        device: "auto", "cpu", "cuda", "cuda:N".
-        precision: "auto" (bf16/fp16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16".
-        augment: augmentation settings of views 1..K-1.
-        streams: comma-separated streams to store (``mrlcache.streams.STREAMS``): "pooled"
-            (today's cache), "layers", "fbank", "mfcc", "f0"; every stream in ``dtype``.
-        layers_pooled: store per-layer mean and std over time instead of the layer frames.
-        ptm: "wavlm-base-plus", "hubert-base" or "wav2vec2-base": its 13 hidden states
-            are the ``layers`` stream (pooled then needs a ReDimNet backbone as well).
-        ptm_weights: a local state_dict file of the PTM instead of the download.
-    """
-
-    mode: str = "train"
-    views: int = 4
-    crop_seconds: float = 2.0
-    max_seconds: float | None = None
-    min_seconds: float = 0.5
-    seed: int = 0
-    shard_size: int = 1000
-    dtype: str = "float16"
-    batch_size: int | None = None
-    workers: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    streams: str = "pooled"
-    layers_pooled: bool = False
-    ptm: str | None = None
-    ptm_weights: str | None = None
-
-    @property
-    def stream_names(self) -> tuple[str, ...]:
-        from mrlcache.streams import parse_streams
-
-        return parse_streams(self.streams)
-
-    @property
-    def needs_redimnet(self) -> bool:
-        """True when a stream comes from a ReDimNet: pooled, or layers without a PTM."""
-        return "pooled" in self.stream_names or ("layers" in self.stream_names and not self.ptm)
-
-    def __post_init__(self):
-        from mrlcache.streams import PTMS, StreamError
-
-        try:
-            names = self.stream_names
-        except StreamError as err:
-            raise ExtractError(str(err)) from None
-        if self.layers_pooled and "layers" not in names:
-            raise ExtractError("--layers-pooled applies to the layers stream: add layers to --streams")
-        if self.ptm is not None and self.ptm not in PTMS:
-            raise ExtractError(f"--ptm {self.ptm}: unknown; use one of {', '.join(PTMS)}")
-        if self.ptm_weights is not None and self.ptm is None:
-            raise ExtractError("--ptm-weights needs --ptm NAME (the model the file holds)")
-        if self.mode not in ("train", "eval"):
-            raise ExtractError(f"mode must be 'train' or 'eval', got {self.mode!r}")
-        if self.mode == "eval":
-            self.views = 1
-        if self.views < 1 or self.shard_size < 1 or (self.batch_size is not None and self.batch_size < 1):
-            raise ExtractError("views, shard-size and batch-size must be at least 1")
-        if self.mode == "train" and not self.crop_seconds > 0:
-            raise ExtractError(f"crop-seconds must be positive, got {self.crop_seconds}")
-        if self.precision not in PRECISIONS:
-            raise ExtractError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-
-
-# ------------------------------------------------------------------------- data loading
-
-
-@dataclass
-class Item:
-    """One decoded utterance: its views, or the reason it has none."""
-
-    row: int
-    utt_id: str
-    views: np.ndarray | None  # (V, crop) train, (1, T) eval
-    reason: str | None
-    seconds: float
-
-
-class UtteranceViews(torch.utils.data.Dataset):
-    """Manifest row -> :class:`Item` (decoded once, every view made from that one decode)."""
-
-    def __init__(self, utterances, cfg: ExtractConfig):
-        self.utterances = utterances
-        self.cfg = cfg
-        self.crop_samples = int(round(cfg.crop_seconds * SAMPLE_RATE))
-        self.augmenter = Augmenter(cfg.augment) if cfg.mode == "train" and cfg.views > 1 else None
-
-    def __len__(self):
-        return len(self.utterances)
-
-    def __getitem__(self, row: int) -> Item:
-        utt = self.utterances[row]
-        try:
-            wave = load_audio(utt.path)  # (T,)
-            check_wave(wave, utt.path, self.cfg.min_seconds)
-        except AudioError as err:
-            return Item(row, utt.utt_id, None, err.reason, 0.0)
-        seconds = wave.shape[0] / SAMPLE_RATE
-        if self.cfg.mode == "eval":
-            if self.cfg.max_seconds:
-                wave = wave[: int(round(self.cfg.max_seconds * SAMPLE_RATE))]
-            return Item(row, utt.utt_id, wave[None], None, seconds)
-        views = np.stack(
-            [
-                make_view(wave, utt.utt_id, v, seed=self.cfg.seed, crop_samples=self.crop_samples,
-                          augmenter=self.augmenter)
-                for v in range(self.cfg.views)
-            ]
-        )  # (V, crop)
-        return Item(row, utt.utt_id, views, None, seconds)
-
-
-def _collate(items):
-    return items
-
-
-def _worker_init(_):
-    # Workers only decode and augment: one thread each, so they never fight the model.
-    torch.set_num_threads(1)
-
-
-def shard_batches(rows: range, utts_per_batch: int) -> list[list[int]]:
-    """Split one shard's rows into batches; batches never cross a shard boundary."""
-    return [list(rows[i : i + utts_per_batch]) for i in range(0, len(rows), utts_per_batch)]
-
-
-# ---------------------------------------------------------------------------- the pass
 
 
 def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord | None, ptm=None) -> dict:
@@ -341,8 +188,8 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         dataset,
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
+        collate_fn=collate,
+        worker_init_fn=worker_init if workers else None,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
@@ -352,7 +199,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
     pending = {}  # shard -> {"index": [], "pooled": [], "skipped": {}, "seconds": float, "left": int}
     done_rows, audio_seconds, model_seconds = 0, 0.0, 0.0
     started = time.perf_counter()
-    bar = _Progress(total_rows, rank, enabled=progress)
+    bar = ExtractProgress(total_rows, rank, enabled=progress)
     with bar, torch.inference_mode():
         for items in loader:
             k = shard_of[items[0].row]
@@ -412,43 +259,3 @@ def _forward(model, items, device, precision) -> np.ndarray:
         with autocast(device, precision):
             out.append(model.pooled(torch.from_numpy(it.views).to(device)).float().cpu().numpy())  # (1, D)
     return np.stack(out)
-
-
-class _Progress:
-    """Rich progress bar: utterances, audio hours, utterances/s, ETA (stderr)."""
-
-    def __init__(self, total: int, rank: int, enabled: bool):
-        self.enabled = enabled and total > 0
-        self.hours = 0.0
-        if not self.enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn(f"[bold]extract[/] rank {rank}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("utts  {task.fields[hours]:.2f} h audio  {task.fields[rate]:.1f} utt/s"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self.task = self.progress.add_task("extract", total=total, hours=0.0, rate=0.0)
-        self.started = time.perf_counter()
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.stop()
-
-    def update(self, n: int, seconds: float):
-        if not self.enabled:
-            return
-        self.hours += seconds / 3600
-        done = self.progress.tasks[0].completed + n
-        rate = done / max(time.perf_counter() - self.started, 1e-9)
-        self.progress.update(self.task, advance=n, hours=self.hours, rate=rate)

@@ -1,0 +1,96 @@
+"""What an extraction is asked to do: :class:`ExtractConfig` (every setting the cached
+vectors depend on, plus how the pass is run) and its error type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mrlcache.augment import AugmentConfig
+from mrlcache.runtime import PRECISIONS
+
+
+class ExtractError(Exception):
+    """Settings that cannot work (bad device/precision, nothing to extract...)."""
+
+
+@dataclass
+class ExtractConfig:
+    """Everything the cached vectors depend on, plus how the pass is run.
+
+    Attributes:
+        mode: "train" (``views`` crops per utterance) or "eval" (the whole utterance).
+        views: crops per utterance in train mode; view 0 clean, the others augmented.
+        crop_seconds: crop length in train mode (shorter utterances are repeat-padded).
+        max_seconds: eval mode: keep at most this much of each utterance (None: all).
+        min_seconds: utterances shorter than this are skipped as "too_short".
+        seed: seed of every random choice (crop positions, augmentation).
+        shard_size: utterances per shard.
+        dtype: "float16" or "float32" storage of the pooled vectors.
+        batch_size: crops per forward pass (None: 8 on the CPU, 128 on CUDA). On the CPU,
+            large batches are no faster and cost more: their multi-MB activations are
+            mapped and unmapped every layer, and page faults took over (b0, 64 crops:
+            60% of the time in the kernel).
+        workers: DataLoader decoding workers (None: 1 on CPU, up to 8 on CUDA).
+        device: "auto", "cpu", "cuda", "cuda:N".
+        precision: "auto" (bf16/fp16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16".
+        augment: augmentation settings of views 1..K-1.
+        streams: comma-separated streams to store (``mrlcache.streams.STREAMS``): "pooled"
+            (today's cache), "layers", "fbank", "mfcc", "f0"; every stream in ``dtype``.
+        layers_pooled: store per-layer mean and std over time instead of the layer frames.
+        ptm: "wavlm-base-plus", "hubert-base" or "wav2vec2-base": its 13 hidden states
+            are the ``layers`` stream (pooled then needs a ReDimNet backbone as well).
+        ptm_weights: a local state_dict file of the PTM instead of the download.
+    """
+
+    mode: str = "train"
+    views: int = 4
+    crop_seconds: float = 2.0
+    max_seconds: float | None = None
+    min_seconds: float = 0.5
+    seed: int = 0
+    shard_size: int = 1000
+    dtype: str = "float16"
+    batch_size: int | None = None
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    streams: str = "pooled"
+    layers_pooled: bool = False
+    ptm: str | None = None
+    ptm_weights: str | None = None
+
+    @property
+    def stream_names(self) -> tuple[str, ...]:
+        from mrlcache.streams import parse_streams
+
+        return parse_streams(self.streams)
+
+    @property
+    def needs_redimnet(self) -> bool:
+        """True when a stream comes from a ReDimNet: pooled, or layers without a PTM."""
+        return "pooled" in self.stream_names or ("layers" in self.stream_names and not self.ptm)
+
+    def __post_init__(self):
+        from mrlcache.streams import PTMS, StreamError
+
+        try:
+            names = self.stream_names
+        except StreamError as err:
+            raise ExtractError(str(err)) from None
+        if self.layers_pooled and "layers" not in names:
+            raise ExtractError("--layers-pooled applies to the layers stream: add layers to --streams")
+        if self.ptm is not None and self.ptm not in PTMS:
+            raise ExtractError(f"--ptm {self.ptm}: unknown; use one of {', '.join(PTMS)}")
+        if self.ptm_weights is not None and self.ptm is None:
+            raise ExtractError("--ptm-weights needs --ptm NAME (the model the file holds)")
+        if self.mode not in ("train", "eval"):
+            raise ExtractError(f"mode must be 'train' or 'eval', got {self.mode!r}")
+        if self.mode == "eval":
+            self.views = 1
+        if self.views < 1 or self.shard_size < 1 or (self.batch_size is not None and self.batch_size < 1):
+            raise ExtractError("views, shard-size and batch-size must be at least 1")
+        if self.mode == "train" and not self.crop_seconds > 0:
+            raise ExtractError(f"crop-seconds must be positive, got {self.crop_seconds}")
+        if self.precision not in PRECISIONS:
+            raise ExtractError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
