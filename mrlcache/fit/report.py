@@ -143,3 +143,42 @@ def write_gating(model, inputs: dict, speakers, out: Path, source: str) -> dict:
     fig.savefig(out / "gating.png", dpi=90)
     plt.close(fig)
     return report
+
+
+def run_record(run) -> dict:
+    """One run directory as a row: inputs, fusion, head, dims, best validation EER / minDCF per dim,
+    epochs, seconds. ValueError naming the file when it is not a finished fit."""
+    import yaml
+
+    run = Path(run)
+    for name in ("config.yaml", "summary.json", "history.jsonl"):
+        if not (run / name).is_file():
+            raise ValueError(f"{run}: no {name}; give run directories of finished 'mrlcache fit' runs")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x.strip()]
+    best = summary.get("best") or {}
+    row = {"run": str(run), "inputs": ",".join(cfg.get("inputs") or ["pooled"]), "fusion": cfg.get("fusion") or "-",
+           "head": cfg.get("head", "mrl"), "dims": ",".join(map(str, cfg["dims"])),
+           "mean_eer": best.get("mean_eer"), "epochs": summary.get("epochs_run", len(history)),
+           "best_epoch": None if summary.get("best_epoch") is None else summary["best_epoch"] + 1,
+           "seconds": round(sum(h.get("seconds", 0.0) for h in history), 1), "raw_eer": summary.get("raw_eer")}
+    for d, e in (best.get("eer") or {}).items():
+        row[f"eer@{d}"] = e
+    for d, c in (best.get("min_dcf") or {}).items():
+        row[f"mindcf@{d}"] = c
+    return row
+
+
+def runs_table(runs, sort: str = "mean_eer") -> tuple[list[str], list[dict]]:
+    """Rows of :func:`run_record` sorted by column ``sort`` (missing values last) and the columns."""
+    rows = [run_record(r) for r in runs]
+    fixed = ["run", "inputs", "fusion", "head", "dims", "mean_eer"]
+    dims = sorted({int(k.split("@")[1]) for r in rows for k in r if "@" in k})
+    columns = fixed + [f"eer@{d}" for d in dims] + [f"mindcf@{d}" for d in dims] + \
+        ["raw_eer", "epochs", "best_epoch", "seconds"]
+    if sort not in columns:
+        raise ValueError(f"--sort {sort}: choose a column of {', '.join(columns)}")
+    present = [r for r in rows if r.get(sort) is not None]
+    absent = [r for r in rows if r.get(sort) is None]
+    return columns, sorted(present, key=lambda r: r[sort]) + absent

@@ -6,7 +6,9 @@ The cached streams a fit reads (``--inputs``) are grouped into encoders:
   ``encoder_dim``), on frames (B, L, D, T) or per-layer pooled vectors (B, L, 2D);
 - the handcrafted frame streams (``fbank``, ``mfcc``, ``f0``), concatenated per frame
   (f0 through :func:`mrlcache.streams.f0_features`, so unvoiced frames are a flag, not a
-  NaN) -> one :class:`~mrlcache.fit.heads.fusion.CNN1dEncoder` of ``encoder_dim``;
+  NaN) -> one :class:`~mrlcache.fit.heads.fusion.CNN1dEncoder` of ``encoder_dim``
+  (alone under ``ecapa``: only an input BatchNorm, ECAPA-TDNN being a frame encoder itself;
+  measured on the synthetic stream cache: EER 14% this way, 37% through a CNN-1D first);
 - ``pooled`` passes as it is (B, P).
 
 Several encoders need a fusion (``FUSIONS``); when one of them gives vectors, the frame
@@ -103,6 +105,9 @@ class StreamModel(nn.Module):
         self.groups = [dict(g) for g in groups]
         self.inputs = tuple(s for g in groups for s in g["streams"])
         self.fusion_name, self.head_name, self.encoder_dim = fusion, head, int(encoder_dim)
+        # ECAPA-TDNN is itself a frame encoder: on the handcrafted streams alone it reads them
+        # directly (after an input BatchNorm) rather than through a CNN-1D encoder in front.
+        self.direct = len(groups) == 1 and groups[0]["kind"] == "handcrafted" and HEAD_MODULES[head][1] == "frames"
         self.encoders = nn.ModuleList(self._encoder(g) for g in groups)
         vector_fusion = any(not g["frames"] for g in groups)
         widths = [self._width(g) * (2 if vector_fusion and g["frames"] else 1) for g in groups]
@@ -130,9 +135,13 @@ class StreamModel(nn.Module):
         self.pooled_dim = None  # not a head over the pooled vector alone
 
     def _width(self, g: dict) -> int:
-        return self.encoder_dim if g["kind"] in ("layers", "handcrafted") else g["shape"][0]
+        if self.direct or g["kind"] == "vector":
+            return g["shape"][0]
+        return self.encoder_dim
 
     def _encoder(self, g: dict) -> nn.Module:
+        if self.direct:
+            return nn.BatchNorm1d(g["shape"][0])
         if g["kind"] == "layers":
             num, dim = g["shape"]
             return LayerWeightedSum(num, dim, self.encoder_dim)
