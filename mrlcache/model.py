@@ -94,6 +94,13 @@ class MRLModel(nn.Module):
         own = getattr(self.backbone, "weights_sha256", None)
         return own or self._sha
 
+    @property
+    def needs_backbone(self) -> bool:
+        """Whether embedding audio needs the backbone (pooled or layers; handcrafted streams do not)."""
+        from mrlcache.streams import spec
+
+        return any(spec(s).needs_backbone for s in self.inputs)
+
     def _dim(self, dim) -> int:
         if dim is None:
             return self.dims[-1]

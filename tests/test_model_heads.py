@@ -112,3 +112,105 @@ def test_unknown_head_in_a_model_file_is_refused(tmp_path):
     torch.save(obj, path)
     with pytest.raises(ModelError, match="head 'conformer' is not known"):
         load_model(path)
+
+
+class _EvalStreams:
+    """An eval-mode cache stand-in (the reader contract): ragged frame streams, view 0 only."""
+
+    def __init__(self, items: dict, utterances):
+        self.items, self.utterances = items, list(utterances)
+        self.meta, self.skipped, self.path, self.num_views = {"mode": "eval"}, {}, "standin", 1
+        self.streams = {n: {"kind": "frames", "shape": v[0].shape[:-1], "ragged": True} for n, v in items.items()}
+
+    def index_of(self, ids):
+        where = {u: i for i, u in enumerate(self.utterances)}
+        return np.array([where[u] for u in ids])
+
+    def read(self, stream, view=None, rows=None, dtype=np.float32):
+        if stream not in self.items:
+            raise KeyError(f"stream {stream!r}: this cache holds {', '.join(self.items)}")
+        rows = range(len(self.utterances)) if rows is None else rows
+        return [self.items[stream][i].astype(dtype) for i in rows]
+
+
+def test_eer_embeddings_from_ragged_streams_are_the_models(tmp_path):
+    from mrlcache import evaluate as ev
+    from mrlcache.trials import read_trials
+
+    torch.manual_seed(0)
+    model = _trained_looking(StreamModel(plan_groups(["fbank", "f0"], HANDCRAFTED), "ecapa",
+                                         dict(ECAPA, dims=[8, 16])))
+    loaded = load_model(save_model(tmp_path / "model.pt", model))
+    waves = [torch.from_numpy(speech_like(s, seed=i)) for i, s in enumerate((0.5, 0.8, 0.6, 1.1))]
+    utts = [f"id{i}/v/0.wav" for i in range(4)]
+    items = {n: [streams.compute_one(n, w).numpy() for w in waves] for n in ("fbank", "f0")}
+    (tmp_path / "trials.txt").write_text(f"1 {utts[0]} {utts[1]}\n0 {utts[2]} {utts[3]}\n0 {utts[0]} {utts[3]}\n")
+    trials = read_trials(tmp_path / "trials.txt")
+    vectors = ev.embeddings_from_cache(_EvalStreams(items, utts), loaded, trials)
+    for u, emb in zip(vectors.utterances, vectors.pooled):
+        i = utts.index(u)
+        with torch.no_grad():  # each utterance alone, at its own length
+            expected = model({n: torch.from_numpy(items[n][i])[None] for n in items})[0].numpy()
+        np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-5)
+    assert list(ev.transforms(loaded)) == ["mrl"]
+    with pytest.raises(ev.EvaluateError, match="reads streams fbank, f0"):
+        ev.transforms(loaded, ("mrl", "raw"))
+
+
+@pytest.mark.slow  # a full CLI command on audio
+def test_eer_cli_scores_a_stream_model_from_audio(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from conftest import make_tree
+
+    from mrlcache.cli import main
+    from mrlcache.metrics import eer
+
+    torch.manual_seed(0)
+    model = _trained_looking(StreamModel(plan_groups(["fbank", "f0"], HANDCRAFTED), "mrl", {"dims": [4, 8]},
+                                         encoder_dim=8))
+    path = save_model(tmp_path / "model.pt", model)
+    paths = make_tree(tmp_path / "data", speakers=3, videos=1, utts=2, seconds=0.8)
+    utts = [str(p.relative_to(tmp_path / "data")) for p in paths]
+    pairs = [(a, b) for i, a in enumerate(utts) for b in utts[i + 1:]]
+    lines = [f"{int(a.split('/')[0] == b.split('/')[0])} {a} {b}" for a, b in pairs]
+    (tmp_path / "trials.txt").write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(main, ["eer", "--model", str(path), "--trials", str(tmp_path / "trials.txt"),
+                                    "--data", str(tmp_path / "data"), "--json", str(tmp_path / "eer.json")])
+    assert res.exit_code == 0, res.output
+    rows = {r["dim"]: r for r in json.loads((tmp_path / "eer.json").read_text())["results"]}
+    loaded = load_model(path)
+    from mrlcache.audio import load_audio
+
+    emb = {u: loaded(load_audio(tmp_path / "data" / u)[None])[0].astype(np.float64) for u in utts}
+    for d in (4, 8):
+        cos = [emb[a][:d] @ emb[b][:d] / np.linalg.norm(emb[a][:d]) / np.linalg.norm(emb[b][:d]) for a, b in pairs]
+        labels = [int(x.split()[0]) for x in lines]
+        assert rows[d]["eer"] == pytest.approx(eer(np.array(cos), np.array(labels))[0], abs=1e-9)
+    res = CliRunner().invoke(main, ["eer", "--model", str(path), "--trials", str(tmp_path / "trials.txt"),
+                                    "--data", str(tmp_path / "data"), "--baseline", "raw"])
+    assert res.exit_code != 0 and "reads streams fbank, f0" in res.output
+
+
+@pytest.mark.slow  # a full CLI command on audio
+def test_embed_cli_runs_a_handcrafted_model_without_a_backbone(tmp_path):
+    from click.testing import CliRunner
+    from conftest import write_wav
+
+    from mrlcache.audio import load_audio
+    from mrlcache.cli import main
+
+    torch.manual_seed(0)
+    model = _trained_looking(StreamModel(plan_groups(["mfcc", "f0"], HANDCRAFTED), "ecapa", dict(ECAPA, dims=[8, 16])))
+    path = save_model(tmp_path / "model.pt", model)
+    files = [write_wav(tmp_path / f"a{i}.wav", speech_like(0.7 + 0.2 * i, seed=i), 16000) for i in range(2)]
+    res = CliRunner().invoke(main, ["embed", "--model", str(path), *map(str, files), "--dim", "8",
+                                    "--out", str(tmp_path / "emb.npy")])
+    assert res.exit_code == 0, res.output
+    got = np.load(tmp_path / "emb.npy")
+    for f, row in zip(files, got):
+        wave = torch.from_numpy(load_audio(f))[None]
+        with torch.no_grad():
+            expected = model({n: streams.compute(n, wave) for n in ("mfcc", "f0")})[0, :8].numpy()
+        np.testing.assert_allclose(row, expected, rtol=1e-5, atol=1e-5)

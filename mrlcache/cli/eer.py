@@ -199,7 +199,8 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
             on_streams = model.inputs != ("pooled",)
             vectors = (ev.embeddings_from_cache(cache, model, trials, skip_missing) if on_streams
                        else ev.pooled_from_cache(cache, trials, skip_missing))
-        elif model.inputs != ("pooled",):  # a model on streams computes them from the wave itself
+        elif model.inputs != ("pooled",) and (model.backbone is not None or not model.needs_backbone):
+            # A model on streams computes them from the wave itself.
             from types import SimpleNamespace
 
             vectors = ev.pooled_from_audio(SimpleNamespace(pooled=model), data_dir, trials, skip_missing,
