@@ -1,4 +1,4 @@
-"""The deployable model: frozen ReDimNet backbone + Matryoshka head, saved as one file.
+"""The deployable model: frozen ReDimNet backbone + Matryoshka head (any fitted head), saved as one file.
 
 ``MRLModel`` maps a waveform to embeddings of every trained size in one backbone pass.
 Embeddings are returned *raw* (the prefix of the head output, not L2-normalised): the
@@ -8,12 +8,19 @@ normalisation (and of score normalisation) to the caller.
 ``model.pt`` (written by ``mrlcache fit``) holds only tensors and plain containers, and is
 read with ``torch.load(weights_only=True)``, so nothing in it can run code::
 
-    {"format": "mrlcache-model", "version": 1, "dims": [...], "pooled_dim": int,
+    {"format": "mrlcache-model", "version": 1, "dims": [...], "pooled_dim": int or None,
      "head_state": {...},
+     "head": {"name": "mrl" | "streams", "args": {...}},  # rebuilds the head: class(**args)
+     "inputs": ["pooled"] or the cached streams a stream model reads, e.g. ["layers", "fbank", "f0"],
      "backbone": {source, train_type, dataset, sha256,     # the backbone record, as in cache.json
                   "model_config", "state_dict"}            # embedded (default)
               or {source, train_type, dataset, sha256}     # referenced (--no-embed-backbone)
               or None}                                     # head only
+
+Files written before ``head`` existed hold an ``mrl`` head (rebuilt from ``pooled_dim`` and
+``dims``). A ``streams`` head is :class:`mrlcache.fit.heads.streams.StreamModel` (encoders,
+fusion, ``mrl`` or ``ecapa``); ``forward(wave)`` computes its streams with
+:mod:`mrlcache.streams`, ``project`` takes ``{stream: array}`` from a cache.
 
 The record is :class:`mrlcache.backbone.BackboneRecord` (files written before it had only
 ``sha256`` beside an embedded backbone; they load the same). A referenced backbone is loaded

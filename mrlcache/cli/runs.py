@@ -35,7 +35,8 @@ def runs(runs, sort, json_path):
         raise click.ClickException(str(err))
     table = Table(title=f"{len(rows)} runs, sorted by {sort} (EER in %)")
     for c in columns:
-        table.add_column(c, justify="left" if c in ("run", "inputs", "fusion", "head", "dims") else "right")
+        table.add_column(c, justify="left" if c in ("run", "inputs", "fusion", "head", "dims") else "right",
+                         overflow="fold")  # run paths wrap rather than being cut
     for r in rows:
         table.add_row(*(_cell(c, r.get(c)) for c in columns))
     Console(width=max(160, 12 * len(columns))).print(table)

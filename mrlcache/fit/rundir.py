@@ -2,8 +2,9 @@
 
 Files: ``config.yaml`` (the one resolved config of the run), ``fingerprint.json`` (what it
 was fitted on), ``history.jsonl``, TensorBoard events, ``last.pt`` (resumable),
-``best.pt``, ``model.pt`` (see :mod:`mrlcache.model`), ``summary.json``; end to end also
-``skipped.tsv``; and ``.fit.lock``, locked while a fit writes the directory.
+``best.pt``, ``model.pt`` (see :mod:`mrlcache.model`), ``summary.json``, ``curves.png``,
+``model_summary.{json,txt}`` (:mod:`mrlcache.fit.report`); a gating fit also ``gating.{json,png}``;
+end to end also ``skipped.tsv``; and ``.fit.lock``, locked while a fit writes the directory.
 
 The lock is a POSIX record lock (``fcntl.lockf``): it belongs to the fitting process, is
 not inherited by DataLoader workers, and is released by the kernel when that process ends
