@@ -32,6 +32,24 @@ def stream_info(cache, inputs, where) -> dict:
     return {s: streams[s] for s in inputs}
 
 
+def check_memory(cache, inputs, dtype, memory_gb, where="the cache") -> float:
+    """GB the streams ``inputs`` take in memory as ``dtype``; FitError beyond the budget
+    (``memory_gb``, None: half the available memory). Reads one row per stream to learn T."""
+    from mrlcache.fit.data import available_gb
+
+    per_row = 0
+    for name in inputs:
+        first = np.asarray(cache.read(name, rows=np.array([0]), dtype=dtype)[0])  # (V, *shape[, T])
+        per_row += first.size
+    need = per_row * len(cache.utterances) * np.dtype(dtype).itemsize / 2**30
+    budget = memory_gb if memory_gb is not None else available_gb() / 2
+    if need > budget:
+        raise FitError(f"{where}: streams {','.join(inputs)} take {need:.3g} GB in memory, over the "
+                       f"{budget:.3g} GB budget (--memory-gb); fits on streams hold them in memory: use "
+                       "--feature-dtype float16, fewer --inputs, or a cache extracted with --layers-pooled")
+    return need
+
+
 def load_streams(cache, inputs, dtype, view=None, rows=None, where="the cache") -> dict:
     """The streams ``inputs`` of ``cache``: {name: (N, V, *shape[, T]) or, for one view, (N, ...)}.
 

@@ -21,7 +21,7 @@ from mrlcache.fit.heads.streams import StreamInputError, StreamModel, head_args,
 from mrlcache.fit.loop import TrainJob, train
 from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
 from mrlcache.fit.rundir import finish, meta_hash, open_run, write_header
-from mrlcache.fit.stream_data import StreamFeatures, load_streams, stream_info
+from mrlcache.fit.stream_data import StreamFeatures, check_memory, load_streams, stream_info
 from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer, split_speakers
 
 
@@ -68,6 +68,7 @@ def fit_streams(cache, cache_dir, cfg, out: Path, backbone=None, resume: bool = 
     lock, resume = open_run(out, config, resume, fingerprint)
     with lock:
         train_rows = np.flatnonzero(labels >= 0)
+        check_memory(cache, cfg.inputs, np.dtype(cfg.feature_dtype), cfg.memory_gb, where)
         feats = StreamFeatures(load_streams(cache, cfg.inputs, np.dtype(cfg.feature_dtype), where=where),
                                labels, train_rows)
         val = None

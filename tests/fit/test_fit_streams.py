@@ -201,3 +201,10 @@ def test_ragged_training_streams_are_refused(tmp_path):
     ragged = StandInCache(arrays, spk, ragged=("fbank",))
     with pytest.raises(FitError, match="ragged.*train-mode"):
         fit(ragged, DIMS, tmp_path / "run", **dict(FAST, inputs="fbank", val_speakers=2))
+
+
+def test_streams_beyond_the_memory_budget_are_refused(cache, tmp_path):
+    # layers: 240 rows x 2 views x 3 x 8 x 20 float16 = 460800 bytes = 0.000429 GiB; budget a tenth of it.
+    message = r"streams layers take 0\.000429 GB.*4e-05 GB budget \(--memory-gb\).*--layers-pooled"
+    with pytest.raises(FitError, match=message):
+        fit(cache, DIMS, tmp_path / "run", **dict(FAST, inputs="layers", memory_gb=0.00004))
