@@ -9,7 +9,9 @@ losses, per-dim accuracies)``, with ``dims``, ``num_classes``, ``margin`` and
 Today: ``mrl``, the Matryoshka head and margin loss of :mod:`mrlcache.fit.heads.mrl`
 (over a pooled vector), and ``ecapa``, ECAPA-TDNN over frames (:mod:`~mrlcache.fit.heads.ecapa`)
 with the same loss. On cached streams other than ``pooled`` both sit at the end of a
-:class:`~mrlcache.fit.heads.streams.StreamModel` (encoders, fusion, head).
+:class:`~mrlcache.fit.heads.streams.StreamModel` (encoders, fusion, head), which builds
+them from :data:`~mrlcache.fit.heads.streams.HEAD_MODULES` (class + what it reads, plain
+constructor arguments for model.pt): a new head for streams goes there too.
 """
 
 from __future__ import annotations
