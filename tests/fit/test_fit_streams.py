@@ -208,3 +208,29 @@ def test_streams_beyond_the_memory_budget_are_refused(cache, tmp_path):
     message = r"streams layers take 0\.000429 GB.*4e-05 GB budget \(--memory-gb\).*--layers-pooled"
     with pytest.raises(FitError, match=message):
         fit(cache, DIMS, tmp_path / "run", **dict(FAST, inputs="layers", memory_gb=0.00004))
+
+
+@pytest.mark.slow  # full CLI commands
+def test_cli_refuses_streams_a_real_cache_lacks(tmp_path):
+    from click.testing import CliRunner
+
+    from mrlcache.cli import main
+    from mrlcache.fit.heads.streams import StreamModel, plan_groups
+    from mrlcache.model import save_model
+    from test_fit import write_synth_cache
+
+    write_synth_cache(tmp_path / "cache", n_spk=8, utts=3, views=1, seed=0)  # today's cache: pooled only
+    res = CliRunner().invoke(main, ["fit", "--cache", str(tmp_path / "cache"), "--inputs", "layers,fbank",
+                                    "--fusion", "concat", "--out", str(tmp_path / "run"), "--head-only"])
+    assert res.exit_code != 0
+    assert "no stream 'layers' (it holds pooled)" in res.output and "--streams" in res.output
+    res = CliRunner().invoke(main, ["fit", "--cache", str(tmp_path / "cache"), "--inputs", "pooled",
+                                    "--head", "ecapa", "--out", str(tmp_path / "run"), "--head-only"])
+    assert res.exit_code != 0 and "--head ecapa reads frames" in res.output
+    model = StreamModel(plan_groups(["fbank"], {"fbank": {"kind": "frames", "shape": (80,)}}), "mrl",
+                        {"dims": [8]}, encoder_dim=8)
+    path = save_model(tmp_path / "model.pt", model)
+    (tmp_path / "trials.txt").write_text("1 id00000/v/00000.wav id00000/v/00001.wav\n")
+    res = CliRunner().invoke(main, ["eer", "--model", str(path), "--trials", str(tmp_path / "trials.txt"),
+                                    "--cache", str(tmp_path / "cache")])
+    assert res.exit_code != 0 and "has no stream 'fbank' (it holds pooled)" in res.output
