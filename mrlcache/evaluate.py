@@ -113,7 +113,14 @@ def open_cache_for(path, model, what: str = "cache", log=_note):
             f"{what} {path} was extracted with backbone weights {have}, but the model's backbone "
             f"is {want}; extract it again with the model's backbone"
         )
-    if cache.dim != model.head.pooled_dim:
+    inputs = tuple(getattr(model, "inputs", ("pooled",)))
+    if inputs != ("pooled",):  # a model on streams: the cache must hold every one it reads
+        held = getattr(cache, "streams", None) or {"pooled": None}
+        missing = [n for n in inputs if n not in held]
+        if missing:
+            raise EvaluateError(f"{what} {path} has no stream {missing[0]!r} (it holds {', '.join(held)}); "
+                                f"the model reads {', '.join(inputs)}: extract it with --streams {','.join(inputs)}")
+    elif cache.dim != model.head.pooled_dim:
         raise EvaluateError(f"{what} {path} holds {cache.dim}-d pooled vectors, the model expects "
                             f"{model.head.pooled_dim}")
     return cache
@@ -156,6 +163,28 @@ def pooled_from_cache(cache, trials: Trials, skip_missing: bool = False) -> Tria
     pooled = cache.read("pooled", view=view)  # (N, P) or (N, 1, P)
     pooled = pooled.reshape(len(cache), -1)[cache.index_of(utts)]  # (U, P)
     return TrialVectors(utts, pooled, kept, skipped, missing)
+
+
+def embeddings_from_cache(cache, model, trials: Trials, skip_missing: bool = False, batch: int = 64) -> TrialVectors:
+    """A stream model's embeddings (U, max_dim) of the trial utterances, from an eval cache's streams.
+
+    The vectors of the returned TrialVectors are embeddings already: score them with
+    ``transforms(model)`` (whose ``mrl`` is then the identity). Ragged (eval-mode) frames are
+    embedded one utterance at a time.
+    """
+    if cache.meta.get("mode") == "train":
+        raise EvaluateError(f"{cache.path} is a train-mode cache; score trials on an eval-mode cache of the test audio")
+    missing = trials.missing(set(cache.utterances))
+    kept, skipped = _resolve_missing(trials, missing, f"cache {cache.path}", cache.skipped, skip_missing)
+    rows = np.asarray(cache.index_of(kept.utterances))
+    data = {s: cache.read(s, view=0, rows=rows) for s in model.inputs}  # (U, ...) or lists of (..., T_i)
+    ragged = any(isinstance(v, list) for v in data.values())
+    step = 1 if ragged else batch
+    parts = []
+    for lo in range(0, len(rows), step):
+        part = {s: (np.stack(v[lo:lo + step]) if isinstance(v, list) else v[lo:lo + step]) for s, v in data.items()}
+        parts.append(model.project(part))
+    return TrialVectors(kept.utterances, np.concatenate(parts).astype(np.float32), kept, skipped, missing)
 
 
 def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = False,
@@ -224,6 +253,12 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu", fixed=None
             x = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32)).to(device)  # (n, P)
             return model.backbone.head(x).cpu().numpy()  # (n, E)
 
+    if tuple(getattr(model, "inputs", ("pooled",))) != ("pooled",):
+        # A model on streams: its TrialVectors hold embeddings already (embeddings_from_cache).
+        if set(systems) != {"mrl"}:
+            raise EvaluateError(f"systems {[s for s in systems if s != 'mrl']}: this model reads streams "
+                                f"{', '.join(model.inputs)}, not the pooled vector; score it alone")
+        return {"mrl": lambda emb: np.asarray(emb, dtype=np.float32)}
     out = {"mrl": model.project, "raw": lambda pooled: np.asarray(pooled, dtype=np.float32),
            "published": published}
     if "pca" in systems:

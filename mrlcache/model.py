@@ -1,4 +1,4 @@
-"""The deployable model: frozen ReDimNet backbone + Matryoshka head, saved as one file.
+"""The deployable model: frozen ReDimNet backbone + Matryoshka head (any fitted head), saved as one file.
 
 ``MRLModel`` maps a waveform to embeddings of every trained size in one backbone pass.
 Embeddings are returned *raw* (the prefix of the head output, not L2-normalised): the
@@ -8,12 +8,19 @@ normalisation (and of score normalisation) to the caller.
 ``model.pt`` (written by ``mrlcache fit``) holds only tensors and plain containers, and is
 read with ``torch.load(weights_only=True)``, so nothing in it can run code::
 
-    {"format": "mrlcache-model", "version": 1, "dims": [...], "pooled_dim": int,
+    {"format": "mrlcache-model", "version": 1, "dims": [...], "pooled_dim": int or None,
      "head_state": {...},
+     "head": {"name": "mrl" | "streams", "args": {...}},  # rebuilds the head: class(**args)
+     "inputs": ["pooled"] or the cached streams a stream model reads, e.g. ["layers", "fbank", "f0"],
      "backbone": {source, train_type, dataset, sha256,     # the backbone record, as in cache.json
                   "model_config", "state_dict"}            # embedded (default)
               or {source, train_type, dataset, sha256}     # referenced (--no-embed-backbone)
               or None}                                     # head only
+
+Files written before ``head`` existed hold an ``mrl`` head (rebuilt from ``pooled_dim`` and
+``dims``). A ``streams`` head is :class:`mrlcache.fit.heads.streams.StreamModel` (encoders,
+fusion, ``mrl`` or ``ecapa``); ``forward(wave)`` computes its streams with
+:mod:`mrlcache.streams`, ``project`` takes ``{stream: array}`` from a cache.
 
 The record is :class:`mrlcache.backbone.BackboneRecord` (files written before it had only
 ``sha256`` beside an embedded backbone; they load the same). A referenced backbone is loaded
@@ -84,6 +91,7 @@ class MRLModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self.dims = tuple(int(d) for d in (dims or head.dims))
+        self.inputs = tuple(getattr(head, "inputs", ("pooled",)))  # the cached streams the head reads
         self._sha = weights_sha256
         self.calibration = None  # a mrlcache.calibration.Calibration, set by load_model
 
@@ -92,6 +100,13 @@ class MRLModel(nn.Module):
         """SHA-256 of the backbone's weights file."""
         own = getattr(self.backbone, "weights_sha256", None)
         return own or self._sha
+
+    @property
+    def needs_backbone(self) -> bool:
+        """Whether embedding audio needs the backbone (pooled or layers; handcrafted streams do not)."""
+        from mrlcache.streams import spec
+
+        return any(spec(s).needs_backbone for s in self.inputs)
 
     def _dim(self, dim) -> int:
         if dim is None:
@@ -104,6 +119,22 @@ class MRLModel(nn.Module):
         if self.backbone is None:
             raise ModelError("this model was fitted head-only (no backbone): use project() on pooled vectors")
         return self.backbone.pooled(wave)
+
+    def _head_on_wave(self, wave: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> head output (B, max_dim): the pooled vector, or the streams the head reads,
+        computed by the streams registry as extract computes them."""
+        if self.inputs == ("pooled",):
+            return self.head(self._pooled(wave))
+        from mrlcache import streams
+
+        needs = [s for s in self.inputs if streams.spec(s).needs_backbone]
+        if needs and self.backbone is None:
+            raise ModelError(f"stream(s) {', '.join(needs)} need the backbone, and this model was saved "
+                             "without one: use project() on cached streams")
+        pooled_layers = any(g["kind"] == "layers" and not g["frames"] for g in self.head.groups)
+        batch = {s: streams.compute(s, wave, self.backbone, layers_pooled=pooled_layers and s == "layers")
+                 for s in self.inputs}
+        return self.head(batch)
 
     def _tensor(self, array) -> torch.Tensor:
         param = next(self.head.parameters())
@@ -118,22 +149,35 @@ class MRLModel(nn.Module):
         if not isinstance(wave, torch.Tensor):
             with torch.no_grad():
                 return self.forward(self._tensor(wave), d).cpu().numpy()
-        return self.head(self._pooled(wave))[:, :d]
+        return self._head_on_wave(wave)[:, :d]
 
     def embed_all(self, wave) -> dict:
         """Waveform (B, T) -> {dim: (B, dim)} for every trained dim, one backbone pass (numpy or torch)."""
         if not isinstance(wave, torch.Tensor):
             with torch.no_grad():
                 return {d: e.cpu().numpy() for d, e in self.embed_all(self._tensor(wave)).items()}
-        emb = self.head(self._pooled(wave))  # (B, max_dim)
+        emb = self._head_on_wave(wave)  # (B, max_dim)
         return {d: emb[:, :d] for d in self.dims}
 
     def project(self, pooled, dim: int | None = None):
-        """Cached pooled vectors (B, pooled_dim) -> raw prefix (B, dim).
+        """Cached pooled vectors (B, pooled_dim) -> raw prefix (B, dim); a stream model takes
+        {stream: (B, *shape[, T])} of the streams in ``self.inputs``.
 
         numpy in -> numpy float32 out (computed without gradients); torch in -> torch out.
         """
         d = self._dim(dim)
+        if isinstance(pooled, dict):  # a stream model: {stream: (B, *shape[, T])}
+            missing = [s for s in self.inputs if s not in pooled]
+            if missing:
+                raise ModelError(f"project: this model reads streams {', '.join(self.inputs)}; "
+                                 f"missing {', '.join(missing)}")
+            if all(isinstance(v, torch.Tensor) for v in pooled.values()):
+                return self.head(pooled)[:, :d]
+            with torch.no_grad():
+                return self.head({s: self._tensor(pooled[s]) for s in self.inputs})[:, :d].cpu().numpy()
+        if self.inputs != ("pooled",):
+            raise ModelError(f"project: this model reads streams {', '.join(self.inputs)}; "
+                             "pass {stream: array} (e.g. from cache.read(stream, view=0))")
         if isinstance(pooled, torch.Tensor):
             return self.head(pooled)[:, :d]
         param = next(self.head.parameters())
@@ -184,6 +228,36 @@ class MRLModel(nn.Module):
         return Verification(d, score, llr, threshold, llr >= threshold, prior, far)
 
 
+# Heads a model file can hold, by the name model.pt records: name -> class(**args).
+def _model_heads() -> dict:
+    from mrlcache.fit.heads.streams import StreamModel
+
+    return {"mrl": MatryoshkaHead, "streams": StreamModel}
+
+
+def head_entry(head) -> dict:
+    """What rebuilds ``head`` (plain containers): {"head": {"name", "args"}, "inputs": [streams]}."""
+    if isinstance(head, MatryoshkaHead):
+        return {"head": {"name": "mrl", "args": {"pooled_dim": head.pooled_dim, "dims": list(head.dims)}},
+                "inputs": ["pooled"]}
+    return {"head": {"name": "streams", "args": head.spec()}, "inputs": list(head.inputs)}
+
+
+def build_head(obj: dict, path):
+    """The head of a model file with its weights; files without a ``head`` entry hold an mrl head."""
+    entry = obj.get("head") or {"name": "mrl", "args": {"pooled_dim": obj["pooled_dim"], "dims": obj["dims"]}}
+    heads = _model_heads()
+    if entry.get("name") not in heads:
+        raise ModelError(f"{path}: head {entry.get('name')!r} is not known to this mrlcache "
+                         f"(it knows {', '.join(heads)}); load it with the mrlcache that wrote it")
+    try:
+        head = heads[entry["name"]](**entry["args"])
+        head.load_state_dict(obj["head_state"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ModelError(f"{path}: cannot rebuild its {entry['name']} head: {err}") from None
+    return head
+
+
 def save_model(path, head: MatryoshkaHead, *, backbone=None, embed_backbone: bool = True,
                backbone_ref=None) -> Path:
     """Write ``model.pt`` atomically; returns its path.
@@ -212,7 +286,8 @@ def save_model(path, head: MatryoshkaHead, *, backbone=None, embed_backbone: boo
         record = (backbone_ref or BackboneRecord(None)).with_sha256(sha)
         entry = {**record.to_dict(), **(checkpoint_dict(backbone) if embed_backbone else {})}
     obj = {"format": FORMAT, "version": VERSION, "dims": list(head.dims), "pooled_dim": head.pooled_dim,
-           "head_state": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "backbone": entry}
+           "head_state": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "backbone": entry,
+           **head_entry(head)}
     atomic_torch_save(obj, path)
     return path
 
@@ -269,8 +344,7 @@ def load_model(path, device: str = "cpu", calibration: bool = True) -> MRLModel:
         raise ModelError(f"{path}: not an mrlcache model file{hint}; expected RUN/model.pt from 'mrlcache fit'")
     if obj.get("version") != VERSION:
         raise ModelError(f"{path}: model format version {obj.get('version')} (this mrlcache reads {VERSION})")
-    head = MatryoshkaHead(obj["pooled_dim"], obj["dims"])
-    head.load_state_dict(obj["head_state"])
+    head = build_head(obj, path)
     entry, backbone, sha = obj["backbone"], None, None
     if entry is not None:
         try:
@@ -292,7 +366,7 @@ def load_model(path, device: str = "cpu", calibration: bool = True) -> MRLModel:
                     )
         except CheckpointError as err:
             raise ModelError(f"{path}: cannot load its backbone: {err}") from None
-        if backbone.pooled_dim != head.pooled_dim:
+        if head.pooled_dim is not None and backbone.pooled_dim != head.pooled_dim:
             raise ModelError(f"{path}: backbone pools {backbone.pooled_dim} dims, head expects {head.pooled_dim}")
     model = MRLModel(backbone, head, obj["dims"], weights_sha256=sha).to(device).eval()
     if calibration:

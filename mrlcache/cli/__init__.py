@@ -44,6 +44,7 @@ def _register():
     from mrlcache.cli import make_corpus
     from mrlcache.cli import check, export, export_vectors, import_vectors
     from mrlcache.cli import calibrate, verify
+    from mrlcache.cli import runs
 
     main.add_command(info.info)
     main.add_command(extract.extract)
@@ -58,6 +59,7 @@ def _register():
     main.add_command(export.export)
     main.add_command(calibrate.calibrate)
     main.add_command(verify.verify)
+    main.add_command(runs.runs)
 
 
 _register()

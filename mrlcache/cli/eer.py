@@ -197,6 +197,9 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
     systems = ["mrl", *(["fixed"] if fixed else []), *dict.fromkeys(b for b in baselines if b != "fixed")]
     if model.backbone is None and "published" in systems:
         _fail("--baseline published needs the backbone's own head, but this model is head-only")
+    if model.inputs != ("pooled",) and (len(systems) > 1 or center_cache or asnorm_cohort or snorm_cohort):
+        _fail(f"{model_path} reads streams {', '.join(model.inputs)}: --baseline, --center, --asnorm-cohort and "
+              "--snorm-cohort work on pooled-vector models only; score it without them")
 
     calibration = _calibration(calibration_path, model_path, dims, center_cache, asnorm_cohort, asnorm_topk,
                                snorm_cohort, data_dir) if calibration_path else None
@@ -206,7 +209,15 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
         if cache_dir is not None:
             cache = _open_cache(cache_dir, model, "cache")
             max_seconds = cache.meta.get("max_seconds")  # durations capped as the cache's audio was
-            vectors = ev.pooled_from_cache(cache, trials, skip_missing)
+            on_streams = model.inputs != ("pooled",)
+            vectors = (ev.embeddings_from_cache(cache, model, trials, skip_missing) if on_streams
+                       else ev.pooled_from_cache(cache, trials, skip_missing))
+        elif model.inputs != ("pooled",) and (model.backbone is not None or not model.needs_backbone):
+            # A model on streams computes them from the wave itself.
+            from types import SimpleNamespace
+
+            vectors = ev.pooled_from_audio(SimpleNamespace(pooled=model), data_dir, trials, skip_missing,
+                                           max_seconds, device)
         else:
             if model.backbone is None:
                 _fail("this model was fitted head-only (no backbone): score an eval cache with --cache instead")

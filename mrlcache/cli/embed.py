@@ -104,7 +104,7 @@ def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, device):
     dim = model.dims[-1] if dim is None else dim
     if dim not in model.dims:
         raise click.ClickException(f"--dim {dim}: the model was trained for dims {list(model.dims)}")
-    if model.backbone is None:
+    if model.backbone is None and model.needs_backbone:  # handcrafted streams need none
         raise click.ClickException(f"{model_path} was fitted head-only (no backbone): it cannot embed audio")
     items = _inputs(inputs)
     out = Path(out)

@@ -14,6 +14,8 @@ from mrlcache.cli.options import verify_option
 from mrlcache.config import CommaList, config_option
 from mrlcache.fit.config import CHOICES, EndToEndConfig, FitConfig
 
+FUSION_NAMES = ("concat", "cross-attention", "gating")  # mrlcache.fit.heads.fusion.FUSIONS (no torch here)
+
 # Flags that switch off a dataclass option that is on by default: flag -> field.
 INVERTED = {"no_embed_backbone": "embed_backbone", "quiet": "progress"}
 # Options that only make sense in one mode (refused in the other, never silently ignored).
@@ -68,7 +70,17 @@ OPTIONS = [
     click.option("--cache", type=click.Path(file_okay=False), help="Feature cache from 'mrlcache extract'."),
     fit_option("dims", "Nested sizes, increasing; '256' alone: a fixed-size head."),
     click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory."),
-    fit_option("head", "Head and loss, by name (mrlcache.fit.heads.HEADS)."),
+    fit_option("head", "Head, by name (mrlcache.fit.heads.HEADS): mrl (BN + linear over a pooled input; "
+                       "frames are mean+std pooled first) or ecapa (ECAPA-TDNN over frames)."),
+    fit_option("inputs", "Cached streams the head reads, e.g. pooled | layers | fbank,f0 | layers,fbank,f0.",
+               type=CommaList()),
+    fit_option("fusion", "How several encoders join: concat | cross-attention | gating (needed when "
+                         "--inputs make more than one encoder).", type=click.Choice(FUSION_NAMES)),
+    fit_option("encoder_dim", "Width of the layer / handcrafted encoders and the fusion."),
+    fit_option("ecapa_channels", "--head ecapa: block width."),
+    fit_option("ecapa_scale", "--head ecapa: Res2 groups (divides --ecapa-channels)."),
+    fit_option("ecapa_mfa_channels", "--head ecapa: width after multi-layer aggregation."),
+    fit_option("ecapa_bottleneck", "--head ecapa: hidden width of SE and attentive pooling."),
     fit_option("dim_weights", "Loss weight per dim, e.g. 1,1,1,1 [default: equal].", type=CommaList()),
     fit_option("loss"),
     fit_option("margin", "AAM margin (radians) after warm-up."),
@@ -100,6 +112,8 @@ OPTIONS = [
     fit_option("val_every"),
     fit_option("max_val_trials", "Held-out validation: at most this many trials (a seeded sample)."),
     fit_option("patience", "Stop after this many epochs without a better mean EER; 0: never."),
+    fit_option("min_delta", "For --patience: a mean EER counts as better when lower by more than this "
+                            "(a fraction, e.g. 0.001)."),
     fit_option("seed"),
     fit_option("device"),
     fit_option("precision", "bf16: CPU autocast, class-score matmuls in bf16 (float32 softmax); slower than "
@@ -150,11 +164,15 @@ def _given(ctx, names) -> list[str]:
 @_with_options
 @click.pass_context
 def fit(ctx, **params):
-    """Fit a Matryoshka projection head on cached pooled vectors (minutes), selected by EER.
+    """Fit a Matryoshka head on cached vectors or streams (minutes), selected by EER.
 
-    Writes OUT/{config.yaml, fingerprint.json, history.jsonl, tensorboard/, last.pt, best.pt,
-    model.pt, summary.json}; end to end also OUT/skipped.tsv (audio files left out, with the
-    reason). Load the result with mrlcache.load_model(OUT/model.pt).
+    Default: the mrl head on the pooled vectors. --inputs layers,fbank,f0 --fusion gating
+    --head ecapa: encoders per stream, a fusion and ECAPA-TDNN, on a cache extracted with
+    those --streams. Writes OUT/{config.yaml, fingerprint.json, history.jsonl, tensorboard/,
+    last.pt, best.pt, model.pt, summary.json, curves.png, model_summary.{json,txt}}; a
+    gating fit also OUT/gating.{json,png}; end to end also OUT/skipped.tsv (audio files left
+    out, with the reason). Load the result with mrlcache.load_model(OUT/model.pt); compare
+    runs with 'mrlcache runs'.
     """
     end_to_end = params.pop("end_to_end")
     if end_to_end:
@@ -190,6 +208,7 @@ def fit(ctx, **params):
     except ValueError:
         raise click.BadParameter(f"{params['margins']!r}: expected comma-separated numbers, e.g. 0.1,0.15,0.2,0.2",
                                  param_hint="--margins")
+    params["inputs"] = tuple(s.strip() for s in params["inputs"].split(",") if s.strip())
     noise_dir, rir_dir, speed = (params.pop(k) for k in AUGMENT)
     dims = params.pop("dims")
     try:

@@ -1,15 +1,19 @@
-"""Fit a head on cached pooled vectors (:func:`fit`) or end to end on audio (:func:`fit_end_to_end`).
+"""Fit a head on cached vectors or streams (:func:`fit`) or end to end on audio (:func:`fit_end_to_end`).
 
 Where each concern lives:
 
 - ``config.py``: FitConfig / EndToEndConfig, every option and its check;
 - ``data.py``: the cache's features in memory or streamed, per-epoch draws;
+- ``stream_data.py``: cached streams (layers, fbank, mfcc, f0, pooled) for a stream model;
 - ``validate.py``: held-out speakers, validation trials, the EER that selects the model;
 - ``loop.py``: the TrainJob seam, the one training loop and checkpoint layout;
 - ``optim.py``: optimiser, parameter groups, schedule;
 - ``rundir.py``: the run directory (lock, resume checks, header files, model.pt, summary);
-- ``cache_mode.py`` / ``end_to_end.py``: each builds a TrainJob;
-- ``heads/``: the registry of heads (``mrl`` today).
+- ``report.py``: curves.png, model summary, gating analysis, the ``mrlcache runs`` table;
+- ``cache_mode.py`` / ``stream_mode.py`` / ``end_to_end.py``: each builds a TrainJob
+  (cache_mode hands ``--inputs`` other than ``pooled`` or ``--head`` other than ``mrl`` to
+  stream_mode);
+- ``heads/``: the registry of heads (``mrl``, ``ecapa``), fusions, and the stream model.
 """
 
 from mrlcache.fit.config import EndToEndConfig, FitConfig, FitError

@@ -55,6 +55,10 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         cache = cache_mod.open(cache_dir)
     else:
         cache_dir = Path(cache.path) if getattr(cache, "path", None) else None
+    if tuple(cfg.inputs) != ("pooled",) or cfg.head != "mrl":  # a model on cached streams
+        from mrlcache.fit.stream_mode import fit_streams
+
+        return fit_streams(cache, cache_dir, cfg, out, backbone=backbone, resume=resume)
     meta = dict(cache.meta)
     pooled_dim = int(cache.dim)
     if cfg.dims[-1] > pooled_dim:

@@ -47,6 +47,13 @@ class FitConfig:
 
     dims: tuple[int, ...] = (64, 128, 192, 256)
     head: str = "mrl"  # a name in mrlcache.fit.heads.HEADS
+    inputs: tuple[str, ...] = ("pooled",)  # cached streams the head reads (mrlcache.streams names)
+    fusion: str | None = None  # concat | cross-attention | gating: needed when inputs make several encoders
+    encoder_dim: int = 256  # width of the layer / handcrafted encoders and of the fusion
+    ecapa_channels: int = 512  # ECAPA-TDNN block width (--head ecapa)
+    ecapa_scale: int = 8  # Res2 groups; divides ecapa_channels
+    ecapa_mfa_channels: int = 1536  # width after multi-layer aggregation
+    ecapa_bottleneck: int = 128  # hidden width of the SE and pooling attention
     epochs: int = 30
     batch_size: int = 256
     optimizer: str = "adamw"  # adamw | sgd
@@ -73,6 +80,7 @@ class FitConfig:
     val_every: int = 1
     max_val_trials: int = 50000
     patience: int = 0  # epochs without a better mean EER before stopping; 0: never stop
+    min_delta: float = 0.0  # a mean EER counts as better for patience when lower by more than this
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (CPU autocast: bf16 matmuls, fp32 softmax); CUDA: fp16 AMP
@@ -93,6 +101,7 @@ class FitConfig:
             raise FitError(str(err)) from None
         if self.head not in HEADS:
             raise FitError(f"--head {self.head}: choose one of {', '.join(sorted(HEADS))}")
+        self._check_inputs()
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise FitError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -111,6 +120,10 @@ class FitConfig:
             "momentum": (lambda v: v >= 0, ">= 0"), "memory_gb": (lambda v: v > 0, "> 0 (GB)"),
             "val_speakers": (lambda v: v >= 0, ">= 0 (0: no validation)"),
             "max_val_trials": (lambda v: v >= 1, ">= 1"),
+            "min_delta": (lambda v: v >= 0, ">= 0 (an EER fraction, e.g. 0.001)"),
+            "encoder_dim": (lambda v: v >= 1, ">= 1"), "ecapa_channels": (lambda v: v >= 1, ">= 1"),
+            "ecapa_scale": (lambda v: v >= 1, ">= 1"), "ecapa_mfa_channels": (lambda v: v >= 1, ">= 1"),
+            "ecapa_bottleneck": (lambda v: v >= 1, ">= 1"),
         })
         if self.dim_weights is not None:
             weights = list(self.dim_weights)
@@ -141,11 +154,32 @@ class FitConfig:
         if self.head != "mrl" and (self.margins is not None or self.grad_scaling or self.fixed_baselines):
             raise FitError(f"--margins, --grad-scaling and --fixed-baselines apply to --head mrl, not {self.head}")
 
+    def _check_inputs(self) -> None:
+        """--inputs names known streams, once each; --fusion a known fusion (the geometry is
+        checked against the cache by mrlcache.fit.heads.streams)."""
+        from mrlcache.fit.heads.fusion import FUSIONS
+        from mrlcache.streams import STREAMS
+
+        if isinstance(self.inputs, str):
+            self.inputs = tuple(s.strip() for s in self.inputs.split(",") if s.strip())
+        self.inputs = tuple(self.inputs)
+        if not self.inputs:
+            raise FitError("--inputs: give at least one cached stream, e.g. pooled or layers,fbank,f0")
+        unknown = [s for s in self.inputs if s not in STREAMS]
+        if unknown:
+            raise FitError(f"--inputs {','.join(self.inputs)}: unknown stream {unknown[0]!r}; "
+                           f"use names of {', '.join(STREAMS)}")
+        if len(set(self.inputs)) != len(self.inputs):
+            raise FitError(f"--inputs {','.join(self.inputs)}: a stream is listed twice")
+        if self.fusion is not None and self.fusion not in FUSIONS:
+            raise FitError(f"--fusion {self.fusion}: choose one of {', '.join(FUSIONS)}")
+
     def to_dict(self) -> dict:
         """Plain YAML/JSON-ready dict (tuples as lists)."""
         d = dataclasses.asdict(self)
         d["dims"] = list(self.dims)
         d["margins"] = None if self.margins is None else list(self.margins)
+        d["inputs"] = list(self.inputs)
         d["dim_weights"] = None if self.dim_weights is None else list(self.dim_weights)
         return d
 
@@ -213,6 +247,9 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
     cfg.check()
     if not end_to_end:
         return cfg, None
+    if tuple(cfg.inputs) != ("pooled",) or cfg.head != "mrl":
+        raise FitError(f"--inputs {','.join(cfg.inputs)} --head {cfg.head}: end to end trains the mrl head on "
+                       "the pooled vector only; fit other inputs and heads on a cache (--cache)")
     e2e = EndToEndConfig(**{k: v for k, v in options.items() if k in e2e_names})
     e2e.check(cfg.weights)
     if cfg.fixed_baselines:

@@ -75,6 +75,9 @@ def train(job: TrainJob, resume: bool) -> dict:
     autocast_dtype = torch.float16 if use_amp else (torch.bfloat16 if cfg.precision == "bf16" else None)
 
     start, best, history = 0, {"epoch": None, "mean_eer": None}, []
+    # Early stopping: the last epoch whose mean EER beat the previous mark by more than
+    # --min-delta (the selected model is still the lowest EER, however small the gain).
+    mark = {"epoch": None, "mean_eer": None}
     last_path, hist_path = out / "last.pt", out / "history.jsonl"
     if resume:
         state = load_checkpoint(last_path, job.device)
@@ -89,6 +92,7 @@ def train(job: TrainJob, resume: bool) -> dict:
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"].cpu())
         start, best = state["epoch"], state["best"]
+        mark = state.get("patience_mark", {"epoch": best["epoch"], "mean_eer": best["mean_eer"]})
         # Keep only the epochs the checkpoint has seen (a crash may leave one more line).
         lines = hist_path.read_text().splitlines() if hist_path.exists() else []
         history = [json.loads(x) for x in lines if x.strip()]
@@ -154,6 +158,8 @@ def train(job: TrainJob, resume: bool) -> dict:
             rec["val_mean_eer"] = v["mean_eer"]
             if cfg.scheduler == "plateau":
                 job.scheduler.step(v["mean_eer"])
+            if mark["mean_eer"] is None or v["mean_eer"] < mark["mean_eer"] - cfg.min_delta:
+                mark = {"epoch": epoch, "mean_eer": v["mean_eer"]}  # patience counts from here
             if best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]:
                 best = {"epoch": epoch, "mean_eer": v["mean_eer"], "eer": rec["val_eer"],
                         "min_dcf": rec["val_min_dcf"]}
@@ -170,14 +176,15 @@ def train(job: TrainJob, resume: bool) -> dict:
         _log_tensorboard(writer, rec, dims)
         atomic_torch_save(checkpoint(job, epoch + 1, optimizer=job.optimizer.state_dict(),
                                      scheduler=job.scheduler.state_dict(), scaler=scaler.state_dict(),
-                                     torch_rng=torch.get_rng_state(), best=best, config=job.config), last_path)
+                                     torch_rng=torch.get_rng_state(), best=best, patience_mark=mark,
+                                     config=job.config), last_path)
         line = f"epoch {epoch + 1}/{cfg.epochs} loss {sum(train_loss) / len(dims):.3f} " \
                f"acc {train_acc[-1]:.3f} lr {rec['lr']:.2e} {rec['seconds']:.1f}s"
         if validating:
             line += " EER% " + " ".join(f"{d}:{100 * v['eer'][d]:.2f}" for d in dims)
         console.print(line)
-        if (cfg.patience > 0 and best["epoch"] is not None and job.val is not None
-                and epoch - best["epoch"] >= cfg.patience):
+        if (cfg.patience > 0 and mark["epoch"] is not None and job.val is not None
+                and epoch - mark["epoch"] >= cfg.patience):
             stopped_early = True
             console.print(f"early stop: no better mean EER for {cfg.patience} epochs")
             break

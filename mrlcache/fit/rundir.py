@@ -2,8 +2,9 @@
 
 Files: ``config.yaml`` (the one resolved config of the run), ``fingerprint.json`` (what it
 was fitted on), ``history.jsonl``, TensorBoard events, ``last.pt`` (resumable),
-``best.pt``, ``model.pt`` (see :mod:`mrlcache.model`), ``summary.json``; end to end also
-``skipped.tsv``; and ``.fit.lock``, locked while a fit writes the directory.
+``best.pt``, ``model.pt`` (see :mod:`mrlcache.model`), ``summary.json``, ``curves.png``,
+``model_summary.{json,txt}`` (:mod:`mrlcache.fit.report`); a gating fit also ``gating.{json,png}``;
+end to end also ``skipped.tsv``; and ``.fit.lock``, locked while a fit writes the directory.
 
 The lock is a POSIX record lock (``fcntl.lockf``): it belongs to the fitting process, is
 not inherited by DataLoader workers, and is released by the kernel when that process ends
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from mrlcache.fit.config import FitError
+from mrlcache.fit.config import FitConfig, FitError
 from mrlcache.fit.loop import load_checkpoint
 
 LOCK_NAME = ".fit.lock"
@@ -113,7 +114,10 @@ def _check_resume(out: Path, config: dict, fingerprint: dict) -> bool:
         raise FitError(f"--resume: {out} was fitted on another cache (metadata hash differs)")
     old_cfg = _flatten(yaml.safe_load((out / "config.yaml").read_text()))
     # Options that change what an epoch computes must match; epochs/patience may grow.
-    changed = sorted(k for k, v in _flatten(config).items() if k not in RESUME_FREE and old_cfg.get(k) != v)
+    # A key a run from before it existed lacks matches when it holds today's default.
+    defaults = FitConfig().to_dict()
+    changed = sorted(k for k, v in _flatten(config).items() if k not in RESUME_FREE
+                     and old_cfg.get(k, defaults.get(k)) != v)
     if changed:
         raise FitError(f"--resume: options differ from {out}/config.yaml: {', '.join(changed)}")
     return True
@@ -148,8 +152,10 @@ class SkipLog:
         return {r: list(self.reasons.values()).count(r) for r in sorted(set(self.reasons.values()))}
 
 
-def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict) -> None:
-    """Write model.pt from best.pt, summary.json, and print the final table."""
+def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
+    """Write model.pt from best.pt, summary.json, curves.png, model_summary.{json,txt}, and
+    print the final table; returns the head with the best weights (on the CPU, eval mode)."""
+    from mrlcache.fit.report import write_curves, write_model_summary
     from mrlcache.model import save_model
 
     cfg, out = job.cfg, job.out
@@ -165,6 +171,8 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict) -> No
                "selected_by": "val mean EER" if job.val is not None else "last epoch (no validation)",
                **extra_summary}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_curves(result["history"], job.loss_fn.dims, out / "curves.png")  # resumed: every epoch
+    write_model_summary({"head": head, "loss": job.loss_fn, **job.modules}, out)
     if cfg.progress and job.val is not None and result["best"]["mean_eer"] is not None:
         from rich.console import Console
         from rich.table import Table
@@ -177,5 +185,6 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict) -> No
             table.add_row(str(d), f"{100 * result['best']['eer'][str(d)]:.2f}",
                           f"{result['best']['min_dcf'][str(d)]:.3f}")
         if "raw_eer" in extra_summary:
-            table.add_row(f"raw {job.head.pooled_dim}", f"{100 * extra_summary['raw_eer']:.2f}", "")
+            table.add_row(f"raw {job.head.pooled_dim or ''}", f"{100 * extra_summary['raw_eer']:.2f}", "")
         Console(stderr=True).print(table)
+    return head.eval()

@@ -21,7 +21,8 @@ from mrlcache.fit.data import batch_slices
 
 @dataclass
 class ValSet:
-    """Pooled vectors (N, D) float32 and trials as index pairs with 0/1 labels."""
+    """Pooled vectors (N, D) float32 (or {stream: (N, ...)} for a stream model) and trials
+    as index pairs with 0/1 labels."""
 
     pooled: np.ndarray
     enroll: np.ndarray
@@ -29,6 +30,7 @@ class ValSet:
     labels: np.ndarray
     source: str
     batch: int = 1024  # rows per embedding pass (small for waveforms)
+    speakers: np.ndarray | None = None  # (N,) speaker of each row, when known (gating analysis)
 
 
 def heldout_trials(speakers: np.ndarray, max_trials: int, seed: int):
@@ -50,8 +52,11 @@ def heldout_trials(speakers: np.ndarray, max_trials: int, seed: int):
     return i, j, labels
 
 
-def external_valset(val_cache, trials_path) -> ValSet:
-    """Validation vectors (view 0) from a cache and a trial list naming its utterances."""
+def external_valset(val_cache, trials_path, inputs=None) -> ValSet:
+    """Validation vectors (view 0) from a cache and a trial list naming its utterances.
+
+    ``inputs``: the streams of a stream model (None: the pooled vectors).
+    """
     from mrlcache import cache as cache_mod
     from mrlcache.trials import read_trials
 
@@ -67,6 +72,12 @@ def external_valset(val_cache, trials_path) -> ValSet:
         )
     enroll = np.array([index[u] for u in trials.enroll])
     test = np.array([index[u] for u in trials.test])
+    if inputs is not None:
+        from mrlcache.fit.stream_data import load_streams
+
+        data = load_streams(vc, inputs, np.float32, view=0, where=f"--val-cache {val_cache}")
+        return ValSet(data, enroll, test, np.asarray(trials.labels, np.int8), f"{trials_path}", batch=64,
+                      speakers=np.asarray(vc.speakers))
     return ValSet(vc.read("pooled", view=0, dtype=np.float32), enroll, test,
                   np.asarray(trials.labels, np.int8), f"{trials_path}")
 
@@ -76,7 +87,12 @@ def raw_eer(val: ValSet) -> float:
     from mrlcache.metrics import eer
     from mrlcache.scoring import score_trials
 
-    return eer(score_trials(val.pooled, val.enroll, val.test, [val.pooled.shape[1]])[0], val.labels)[0]
+    vectors = val.pooled
+    if isinstance(vectors, dict):  # streams: averaged over time and concatenated
+        from mrlcache.fit.stream_data import raw_vectors
+
+        vectors = raw_vectors(vectors)
+    return eer(score_trials(vectors, val.enroll, val.test, [vectors.shape[1]])[0], val.labels)[0]
 
 
 @torch.no_grad()
@@ -86,8 +102,18 @@ def validate(embed_fn, val: ValSet, dims, device) -> dict:
     from mrlcache.scoring import score_trials
 
     embs = []
-    for sl in batch_slices(len(val.pooled), val.batch):
-        embs.append(embed_fn(torch.from_numpy(val.pooled[sl]).to(device)).float().cpu())
+    if isinstance(val.pooled, dict):  # a stream model: {stream: (N, ...)}, ragged ones as lists
+        from mrlcache.fit.stream_data import num_rows, take, to_device
+
+        n = num_rows(val.pooled)
+        ragged = any(isinstance(v, list) for v in val.pooled.values())
+        # Ragged utterances are embedded one at a time (their frames differ in length).
+        slices = [slice(i, i + 1) for i in range(n)] if ragged else batch_slices(n, val.batch)
+        for sl in slices:
+            embs.append(embed_fn(to_device(take(val.pooled, sl), device)).float().cpu())
+    else:
+        for sl in batch_slices(len(val.pooled), val.batch):
+            embs.append(embed_fn(torch.from_numpy(val.pooled[sl]).to(device)).float().cpu())
     # The scoring `mrlcache eer` uses: all prefixes in one pass (float32 products, float64 sums).
     scores = score_trials(torch.cat(embs).numpy(), val.enroll, val.test, list(dims))  # (S, T)
     out = {"eer": {}, "min_dcf": {}}
@@ -104,7 +130,7 @@ def heldout_valset(vectors: np.ndarray, speakers: np.ndarray, max_trials: int, s
     e, t, lab = heldout_trials(speakers, max_trials, seed)
     if lab.min() == lab.max():
         raise FitError("held-out validation trials are all one class; raise --val-speakers")
-    return ValSet(vectors, e, t, lab, source, batch=batch)
+    return ValSet(vectors, e, t, lab, source, batch=batch, speakers=np.asarray(speakers))
 
 
 def split_speakers(speakers: np.ndarray, val_speakers: int | None, seed: int, where: str):

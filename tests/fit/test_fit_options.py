@@ -36,7 +36,7 @@ def train_cache(tmp_path_factory):
     ("memory_gb", -2.0, "--memory-gb -2.0: must be > 0"),
     ("dim_weights", (1.0, -1.0, 1.0, 1.0), "--dim-weights 1.0,-1.0,1.0,1.0: must be >= 0 each"),
     ("dim_weights", (0.0, 0.0, 0.0, 0.0), "not all zero"),
-    ("head", "ecapa", "--head ecapa: choose one of mrl"),
+    ("head", "conformer", "--head conformer: choose one of ecapa, mrl"),
 ])
 def test_bad_values_are_refused_naming_the_option_and_range(train_cache, tmp_path, option, value, message):
     with pytest.raises(FitError) as err:
@@ -89,6 +89,8 @@ def test_cli_defaults_are_the_dataclass_defaults():
             assert default == augment[{"speed_perturb": "speed"}.get(name, name)], name
         elif name == "dims":
             assert tuple(int(v) for v in default.split(",")) == fields["dims"]
+        elif name == "inputs":
+            assert tuple(default.split(",")) == fields["inputs"]
         elif param.name in INVERTED:  # --quiet: progress=False
             assert default is (not fields[name]), name
         else:

@@ -6,7 +6,12 @@ geometry, and returns the head (``(B, pooled_dim) -> (B, max_dim)``, with ``dims
 losses, per-dim accuracies)``, with ``dims``, ``num_classes``, ``margin`` and
 ``set_margin``). Register a new head with :func:`register_head`.
 
-Today: ``mrl``, the Matryoshka head and margin loss of :mod:`mrlcache.fit.heads.mrl`.
+Today: ``mrl``, the Matryoshka head and margin loss of :mod:`mrlcache.fit.heads.mrl`
+(over a pooled vector), and ``ecapa``, ECAPA-TDNN over frames (:mod:`~mrlcache.fit.heads.ecapa`)
+with the same loss. On cached streams other than ``pooled`` both sit at the end of a
+:class:`~mrlcache.fit.heads.streams.StreamModel` (encoders, fusion, head), which builds
+them from :data:`~mrlcache.fit.heads.streams.HEAD_MODULES` (class + what it reads, plain
+constructor arguments for model.pt): a new head for streams goes there too.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 
 from mrlcache.fit.heads.mrl import MatryoshkaHead, MatryoshkaMarginLoss, check_dims, sample_classes
 
-__all__ = ["HEADS", "MatryoshkaHead", "MatryoshkaMarginLoss", "build_head", "check_dims", "register_head",
+__all__ = ["HEADS", "MatryoshkaHead", "MatryoshkaMarginLoss", "build_head", "check_dims", "make_loss", "register_head",
            "sample_classes"]
 
 HEADS: dict[str, Callable] = {}
@@ -28,16 +33,28 @@ def register_head(name: str, builder: Callable) -> None:
     HEADS[name] = builder
 
 
-def _mrl(cfg, pooled_dim: int, num_classes: int):
-    head = MatryoshkaHead(pooled_dim, cfg.dims)
-    loss = MatryoshkaMarginLoss(cfg.dims, num_classes, dim_weights=cfg.dim_weights,
+def make_loss(cfg, num_classes: int):
+    """The Matryoshka margin loss of the fit's options (every head trains with it)."""
+    return MatryoshkaMarginLoss(cfg.dims, num_classes, dim_weights=cfg.dim_weights,
                                 margin=cfg.margin if cfg.margins is None else cfg.margins,
                                 scale=cfg.scale, subcenters=cfg.subcenters, classifier=cfg.classifier,
                                 kind=cfg.loss, grad_scaling=cfg.grad_scaling)
-    return head, loss
+
+
+def _mrl(cfg, pooled_dim: int, num_classes: int):
+    head = MatryoshkaHead(pooled_dim, cfg.dims)
+    return head, make_loss(cfg, num_classes)
+
+
+def _ecapa(cfg, in_dim: int, num_classes: int):
+    from mrlcache.fit.heads.ecapa import ECAPATDNN
+    from mrlcache.fit.heads.streams import head_args
+
+    return ECAPATDNN(**head_args(cfg, in_dim)), make_loss(cfg, num_classes)
 
 
 register_head("mrl", _mrl)
+register_head("ecapa", _ecapa)  # over frames (B, in_dim, T): fit on frame streams (--inputs layers, fbank...)
 
 
 def build_head(cfg, pooled_dim: int, num_classes: int, device):
