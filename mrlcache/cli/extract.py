@@ -82,13 +82,16 @@ def load_weights(variant, weights, random_init, seed, train_type, dataset):
               help="Pretrained speech model whose 13 hidden states are the layers stream.")
 @click.option("--ptm-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local state_dict file of --ptm (instead of the download).")
+@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="onnxruntime: the backbone exported to ONNX and run by onnxruntime on the CPU (faster "
+                   "here; pooled stream, float32; recorded in cache.json).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, dataset, weights, random_init, mode,
             views, crop_seconds, max_seconds, min_seconds, noise_dir, rir_dir, speed_perturb, seed, shard_size,
             dtype, batch_size, workers, threads, device, precision, rank, world_size, streams, layers_pooled, ptm,
-            ptm_weights, overwrite, quiet):
+            ptm_weights, engine, overwrite, quiet):
     """Run the frozen backbone once over a corpus and cache its pooled vectors.
 
     Rerunning the same command resumes: finished shards are kept. Under
@@ -123,7 +126,7 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
         cfg = ExtractConfig(
             mode=mode, views=views, crop_seconds=crop_seconds, max_seconds=max_seconds, min_seconds=min_seconds,
             seed=seed, shard_size=shard_size, dtype=dtype, batch_size=batch_size, workers=workers, device=device,
-            precision=precision, streams=streams, layers_pooled=layers_pooled, ptm=ptm, ptm_weights=ptm_weights,
+            precision=precision, streams=streams, layers_pooled=layers_pooled, ptm=ptm, ptm_weights=ptm_weights, engine=engine,
             augment=AugmentConfig(noise_dir=noise_dir and str(Path(noise_dir).resolve()),
                                   rir_dir=rir_dir and str(Path(rir_dir).resolve()), speed=speed_perturb),
         )

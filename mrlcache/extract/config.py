@@ -40,6 +40,8 @@ class ExtractConfig:
         ptm: "wavlm-base-plus", "hubert-base" or "wav2vec2-base": its 13 hidden states
             are the ``layers`` stream (pooled then needs a ReDimNet backbone as well).
         ptm_weights: a local state_dict file of the PTM instead of the download.
+        engine: "torch", or "onnxruntime" (the backbone exported to ONNX and run by
+            onnxruntime on the CPU: 1.4-4.4x faster here; pooled stream, float32 only).
     """
 
     mode: str = "train"
@@ -59,6 +61,7 @@ class ExtractConfig:
     layers_pooled: bool = False
     ptm: str | None = None
     ptm_weights: str | None = None
+    engine: str = "torch"  # torch | onnxruntime (CPU, pooled only; recorded in cache.json)
 
     @property
     def stream_names(self) -> tuple[str, ...]:
@@ -94,3 +97,8 @@ class ExtractConfig:
             raise ExtractError(f"crop-seconds must be positive, got {self.crop_seconds}")
         if self.precision not in PRECISIONS:
             raise ExtractError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.engine not in ("torch", "onnxruntime"):
+            raise ExtractError(f"--engine {self.engine}: choose torch or onnxruntime")
+        if self.engine == "onnxruntime" and (self.stream_names != ("pooled",) or self.precision not in ("auto", "fp32")):
+            raise ExtractError("--engine onnxruntime computes the pooled stream in float32: use --streams pooled "
+                               "and --precision auto|fp32, or the torch engine")

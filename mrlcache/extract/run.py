@@ -59,6 +59,8 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
         "shard_size": cfg.shard_size,
         "precision": precision,
     }
+    if cfg.engine != "torch":  # torch caches keep exactly the keys they had before engines
+        meta["engine"] = cfg.engine
     if cfg.stream_names == ("pooled",) and ptm is None:
         return meta
     meta["streams"] = {name: stream_info(name, cfg, model, ptm) for name in cfg.stream_names}
@@ -162,6 +164,15 @@ def extract(
             previous = read_meta(out).get("summary")
             if previous:
                 return previous  # nothing to do: keep the numbers of the run that did the work
+        if cfg.engine == "onnxruntime":
+            from mrlcache.export import ExportError, OnnxBackbone
+
+            if device.type != "cpu":
+                raise ExtractError("--engine onnxruntime runs on the CPU: use --device cpu, or the torch engine")
+            try:
+                model = OnnxBackbone(model)  # exported once, in memory; the saved backbone stays torch's
+            except ExportError as err:
+                raise ExtractError(str(err)) from None
         stats = _run(writer, dataset, (model, ptm), cfg, device, precision, todo, rank, progress)
         # No barrier here: ranks may finish hours apart, so whichever completes the set
         # of shards writes the summary (computed from the shards, the same for any rank).

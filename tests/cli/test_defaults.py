@@ -34,7 +34,7 @@ LIBRARY = {
     "extract": {
         **{name: _field_defaults(ExtractConfig)[name] for name in (
             "mode", "views", "crop_seconds", "max_seconds", "min_seconds", "seed", "shard_size", "dtype",
-            "batch_size", "workers", "device", "precision", "streams", "layers_pooled", "ptm", "ptm_weights")},
+            "batch_size", "workers", "device", "precision", "streams", "layers_pooled", "ptm", "ptm_weights", "engine")},
         "noise_dir": _field_defaults(AugmentConfig)["noise_dir"],
         "rir_dir": _field_defaults(AugmentConfig)["rir_dir"],
         "speed_perturb": _field_defaults(AugmentConfig)["speed"],
@@ -54,7 +54,7 @@ COMMAND_ONLY = {
                 "random_init", "threads", "rank", "world_size", "overwrite", "quiet"},
     "eer": {"model_path", "trials_path", "cache_dir", "data_dir", "dims", "baselines", "pca_cache", "center_cache",
             "asnorm_cohort", "snorm_cohort", "calibration_path", "json_out", "plot_out"},
-    "embed": {"model_path", "inputs", "dim", "out", "fmt", "max_seconds", "device"},
+    "embed": {"model_path", "inputs", "dim", "out", "fmt", "max_seconds", "device", "engine"},
     "demo": {"out", "quick", "weights", "variant"},
 }
 
