@@ -69,7 +69,7 @@ def test_read_meta_accepts_versions_1_and_2_only(tmp_path):
 
 def test_face_exports_exactly_the_contract():
     assert sorted(cache.__all__) == sorted([
-        "open", "CacheWriter", "Cache", "Shard", "read_meta", "BACKENDS", "register_backend",
+        "open", "CacheWriter", "Cache", "Shard", "read_meta", "BACKENDS", "register_backend", "verify_by_default",
         "FORMAT_VERSION", "CacheError", "NotACacheError", "FormatVersionError",
         "IncompleteCacheError", "SettingsMismatchError", "CacheLockedError",
     ])
