@@ -30,204 +30,27 @@ Cllr, minCllr and actDCF. Metrics and conventions: docs/metrics.md. From Python:
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mrlcache.baselines import FixedHeads, fixed_models, fixed_ratios  # noqa: F401 (part of this API)
+from mrlcache.trial_vectors import (  # noqa: F401 (part of this API: where the vectors come from)
+    EvaluateError,
+    MissingUtterancesError,
+    TrialVectors,
+    _note,
+    embeddings_from_cache,
+    open_cache_for,
+    pooled_from_audio,
+    pooled_from_cache,
+)
 from mrlcache.trials import Trials
 
 SYSTEMS = ("mrl", "fixed", "raw", "published", "pca")
 NORMS = ("asnorm", "snorm")
 PRIORS = (0.01, 0.05)  # minDCF and actDCF columns; c_miss = c_fa = 1
 BYTES_PER_VALUE = 4  # embeddings are stored and scored as float32
-
-
-class EvaluateError(ValueError):
-    """Inputs that cannot be scored (a wrong cache, too little data); the message names the fix."""
-
-
-class MissingUtterancesError(EvaluateError):
-    """Trial utterances without a vector; ``skip_missing=True`` scores the other trials."""
-
-    def __init__(self, missing: list[str], total: int, where: str, reasons: dict, hint="pass skip_missing=True"):
-        self.missing, self.total, self.where, self.reasons = missing, total, where, reasons
-        super().__init__(self.describe(hint))
-
-    def describe(self, hint: str) -> str:
-        """The one-line error, ending with ``hint`` (how to score the rest anyway)."""
-        m = self.missing
-        shown = ", ".join(u + (f" ({self.reasons[u]})" if u in self.reasons else "") for u in m[:5])
-        return (f"{len(m)} of {self.total} trial utterances are missing from {self.where}: {shown}"
-                f"{', ...' if len(m) > 5 else ''}; fix the paths or {hint} to score the rest")
-
-
-def _note(message: str) -> None:
-    """Default ``log``: a line on stderr (warnings and notes, never results)."""
-    print(message, file=sys.stderr)
-
-
-@dataclass
-class TrialVectors:
-    """Pooled vectors of the trial utterances and the trials that can be scored with them.
-
-    utterances: U ids, in order of first appearance in ``trials``; pooled: (U, P) float32;
-    trials: the scorable trials; missing: utterances without a vector (their trials were
-    dropped, ``skipped_trials`` of them; both empty unless ``skip_missing``).
-    """
-
-    utterances: list[str]
-    pooled: np.ndarray
-    trials: Trials
-    skipped_trials: int = 0
-    missing: list[str] = field(default_factory=list)
-
-
-def open_cache_for(path, model, what: str = "cache", log=_note):
-    """Open a cache of pooled vectors for scoring with ``model``; refuse it if another backbone made it.
-
-    Args:
-        path: cache directory; model: the :class:`mrlcache.model.MRLModel` to score with;
-        what: how to name the cache in messages; log: callable for a warning line.
-    Returns:
-        the opened cache. Raises EvaluateError on other weights or another pooled size.
-    """
-    from mrlcache import cache as cache_mod
-    from mrlcache.backbone import BackboneRecord, RecordError
-
-    try:
-        cache = cache_mod.open(path)
-        record = BackboneRecord.from_meta(cache.meta)
-    except cache_mod.CacheError as err:
-        raise EvaluateError(f"{what} {path}: {err}") from None
-    except RecordError as err:
-        raise EvaluateError(f"{what} {path}/cache.json: {err}; extract the cache again") from None
-    want, have = model.weights_sha256, record.sha256 if record is not None else None
-    if want is None or have is None:
-        log(f"warning: cannot check that {what} {path} matches the model's backbone "
-            f"(fingerprint missing: model {want}, cache {have})")
-    elif want != have:
-        raise EvaluateError(
-            f"{what} {path} was extracted with backbone weights {have}, but the model's backbone "
-            f"is {want}; extract it again with the model's backbone"
-        )
-    inputs = tuple(getattr(model, "inputs", ("pooled",)))
-    if inputs != ("pooled",):  # a model on streams: the cache must hold every one it reads
-        held = getattr(cache, "streams", None) or {"pooled": None}
-        missing = [n for n in inputs if n not in held]
-        if missing:
-            raise EvaluateError(f"{what} {path} has no stream {missing[0]!r} (it holds {', '.join(held)}); "
-                                f"the model reads {', '.join(inputs)}: extract it with --streams {','.join(inputs)}")
-    elif cache.dim != model.head.pooled_dim:
-        raise EvaluateError(f"{what} {path} holds {cache.dim}-d pooled vectors, the model expects "
-                            f"{model.head.pooled_dim}")
-    return cache
-
-
-def _drop_missing(trials: Trials, missing: list[str]) -> tuple[Trials, int]:
-    """The trials without any missing utterance, and how many were dropped."""
-    gone = set(missing)
-    keep = np.array([e not in gone and t not in gone for e, t in zip(trials.enroll, trials.test)])
-    return trials.select(keep), int((~keep).sum())
-
-
-def _resolve_missing(trials, missing, where, reasons, skip_missing) -> tuple[Trials, int]:
-    if not missing:
-        return trials, 0
-    if not skip_missing:
-        raise MissingUtterancesError(missing, len(trials.utterances), where, reasons)
-    return _drop_missing(trials, missing)
-
-
-def pooled_from_cache(cache, trials: Trials, skip_missing: bool = False) -> TrialVectors:
-    """Gather the pooled vectors of the trial utterances from an eval-mode cache.
-
-    Args:
-        cache: an opened cache (:func:`open_cache_for`); trials: the trial list.
-        skip_missing: drop the trials of utterances the cache lacks instead of raising
-            :class:`MissingUtterancesError` (reasons from the cache's skipped list).
-    Returns:
-        :class:`TrialVectors` with (U, P) float32 vectors (view 0 of a multi-view cache).
-    """
-    if cache.meta.get("mode") == "train":
-        raise EvaluateError(
-            f"{cache.path} is a train-mode cache (random crops of {cache.meta.get('crop_seconds')} s, "
-            f"{cache.num_views} views); score trials on an eval-mode cache of the test audio"
-        )
-    missing = trials.missing(set(cache.utterances))
-    kept, skipped = _resolve_missing(trials, missing, f"cache {cache.path}", cache.skipped, skip_missing)
-    utts = kept.utterances
-    view = 0 if cache.num_views > 1 else None
-    pooled = cache.read("pooled", view=view)  # (N, P) or (N, 1, P)
-    pooled = pooled.reshape(len(cache), -1)[cache.index_of(utts)]  # (U, P)
-    return TrialVectors(utts, pooled, kept, skipped, missing)
-
-
-def embeddings_from_cache(cache, model, trials: Trials, skip_missing: bool = False, batch: int = 64) -> TrialVectors:
-    """A stream model's embeddings (U, max_dim) of the trial utterances, from an eval cache's streams.
-
-    The vectors of the returned TrialVectors are embeddings already: score them with
-    ``transforms(model)`` (whose ``mrl`` is then the identity). Ragged (eval-mode) frames are
-    embedded one utterance at a time.
-    """
-    if cache.meta.get("mode") == "train":
-        raise EvaluateError(f"{cache.path} is a train-mode cache; score trials on an eval-mode cache of the test audio")
-    missing = trials.missing(set(cache.utterances))
-    kept, skipped = _resolve_missing(trials, missing, f"cache {cache.path}", cache.skipped, skip_missing)
-    rows = np.asarray(cache.index_of(kept.utterances))
-    data = {s: cache.read(s, view=0, rows=rows) for s in model.inputs}  # (U, ...) or lists of (..., T_i)
-    ragged = any(isinstance(v, list) for v in data.values())
-    step = 1 if ragged else batch
-    parts = []
-    for lo in range(0, len(rows), step):
-        part = {s: (np.stack(v[lo:lo + step]) if isinstance(v, list) else v[lo:lo + step]) for s, v in data.items()}
-        parts.append(model.project(part))
-    return TrialVectors(kept.utterances, np.concatenate(parts).astype(np.float32), kept, skipped, missing)
-
-
-def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = False,
-                      max_seconds: float | None = None, device="cpu", progress: bool = True) -> TrialVectors:
-    """Decode each trial utterance once (whole, capped at ``max_seconds``) and pool it.
-
-    Args:
-        backbone: a ReDimNet (``model.backbone``); data_dir: audio root the trial ids are
-            relative to; skip_missing: as :func:`pooled_from_cache` (reasons: the AudioError
-            of each unreadable file); progress: a progress bar on stderr.
-    Returns:
-        :class:`TrialVectors` with (U, P) float32 vectors.
-    """
-    import torch
-    from rich.console import Console
-    from rich.progress import Progress
-
-    from mrlcache.audio import SAMPLE_RATE, AudioError, load_audio
-
-    if backbone is None:
-        raise EvaluateError("scoring audio needs the model's backbone, and this model has none")
-    data_dir = Path(data_dir)
-    utts = trials.utterances
-    vectors, reasons = {}, {}
-    limit = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
-    with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
-        task = bar.add_task("embedding trial audio", total=len(utts))
-        for utt in utts:
-            path = data_dir / utt
-            try:
-                if not path.is_file():
-                    raise AudioError(path, "unreadable", "no such file")
-                wave = load_audio(path)[:limit]  # (T,)
-                with torch.no_grad():
-                    x = torch.from_numpy(np.ascontiguousarray(wave))[None].to(device)  # (1, T)
-                    vectors[utt] = backbone.pooled(x)[0].cpu().numpy()  # (P,)
-            except AudioError as err:
-                reasons[utt] = f"{err.reason}: {err.detail}"
-            bar.advance(task)
-    missing = [u for u in utts if u not in vectors]
-    kept, skipped = _resolve_missing(trials, missing, f"audio root {data_dir}", reasons, skip_missing)
-    pooled = np.stack([vectors[u] for u in kept.utterances]).astype(np.float32)  # (U, P)
-    return TrialVectors(kept.utterances, pooled, kept, skipped, missing)
 
 
 def transforms(model, systems=("mrl",), pca_cache=None, device="cpu", fixed=None) -> dict:
