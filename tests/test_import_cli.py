@@ -168,3 +168,16 @@ def test_fit_and_eer_on_imported_vectors_against_raw_and_their_pca(tmp_path):
     # The head learned to discount the nuisance: better than the raw 32-D vectors at half the
     # size, and better than PCA of the same vectors at the same size (here 0.31 vs 0.39 and 0.46).
     assert by[("mrl", 16)] < raw - 0.05 and by[("mrl", 16)] < by[("pca", 16)] - 0.05
+
+
+@pytest.mark.slow
+def test_fit_refuses_imported_vectors_without_speakers(tmp_path):
+    from mrlcache.cli import main
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("\n".join(f"utt{i:02d}" for i in range(12)) + "\n")  # no speaker in the ids
+    run("import-vectors", "--vectors", tmp_path / "x.npy", "--ids", tmp_path / "ids.txt", "--out", tmp_path / "c")
+    result = CliRunner().invoke(main, ["fit", "--cache", str(tmp_path / "c"), "--dims", "4", "--out",
+                                       str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code != 0 and "12 of 12 utterances have no speaker" in result.output
+    assert "--utt2spk" in result.output and not (tmp_path / "run" / "model.pt").exists()

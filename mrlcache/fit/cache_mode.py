@@ -81,13 +81,8 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
 
     # Speakers: held-out ones (no external validation) give the validation trials.
     speakers = np.asarray(cache.speakers)
-    unlabelled = int(np.count_nonzero(speakers == ""))
-    if unlabelled:
-        raise FitError(f"{cache_dir}: {unlabelled} of {len(speakers)} utterances have no speaker; a fit needs "
-                       "speaker labels (extract with speaker folders or a list with speakers, or import "
-                       "with --utt2spk)")
     val_names, train_names, labels, n_val = split_speakers(
-        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, "the cache")
+        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, f"the cache {cache_dir}")
     if cfg.val_cache is None:
         cfg.val_speakers = n_val
     config = run_config(cfg, cache_dir=cache_dir)

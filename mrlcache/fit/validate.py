@@ -141,6 +141,11 @@ def split_speakers(speakers: np.ndarray, val_speakers: int | None, seed: int, wh
     Returns (held-out speaker names sorted, training speaker names sorted, labels (N,) int64
     class index or -1 for held out, the number held out).
     """
+    unlabelled = int(np.count_nonzero(speakers == ""))
+    if unlabelled:
+        raise FitError(f"{where}: {unlabelled} of {len(speakers)} utterances have no speaker; a fit needs "
+                       "speaker labels (extract with speaker folders or a list with speakers, or import "
+                       "with --utt2spk)")
     names = sorted(set(speakers.tolist()))
     n_val = val_speakers
     if n_val is None:
