@@ -181,3 +181,31 @@ def test_fit_refuses_imported_vectors_without_speakers(tmp_path):
                                        str(tmp_path / "run"), "--quiet"])
     assert result.exit_code != 0 and "12 of 12 utterances have no speaker" in result.output
     assert "--utt2spk" in result.output and not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_head_on_imported_layer_stacks(tmp_path):
+    """(N, L, D) stacks from another trainer: a weighted layer sum + Matryoshka head fits and scores."""
+    from mrlcache.cli import main
+
+    rng = np.random.default_rng(1)
+    speakers, utts, layers, dim = 16, 6, 3, 12
+    centres = rng.standard_normal((speakers, dim))
+    ids = [f"spk{s:02d}/v{u % 2}/{u:03d}" for s in range(speakers) for u in range(utts)]
+    # The speaker shows in the last layer only; the others are noise the layer weights must learn to drop.
+    x = rng.standard_normal((len(ids), layers, dim)).astype(np.float32)
+    x[:, -1] += np.repeat(centres, utts, axis=0)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+    run("import-vectors", "--vectors", tmp_path / "x.npy", "--ids", tmp_path / "ids.txt", "--out", tmp_path / "c",
+        "--layout", "layers", "--dtype", "float32")
+    result = CliRunner().invoke(main, ["fit", "--cache", str(tmp_path / "c"), "--inputs", "layers", "--dims", "4,8",
+                                       "--out", str(tmp_path / "run"), "--epochs", "20", "--batch-size", "16", "--loss", "softmax",
+                                       "--encoder-dim", "16", "--val-speakers", "4", "--quiet"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert np.mean(list(history[-1]["loss"].values())) < 0.8 * np.mean(list(history[0]["loss"].values()))
+    model = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert model["backbone"] is None and list(model["inputs"]) == ["layers"]  # head-only, on the layer stream

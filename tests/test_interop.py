@@ -165,11 +165,14 @@ def test_views_need_a_layout_and_are_stored_as_views(tmp_path):
     assert np.array_equal(c.read("pooled", view=2), x[:, 2])
 
 
-def test_layer_stacks_wait_for_the_streams_issue(tmp_path):
-    src, ids = npy_input(tmp_path, vectors(views=4))
-    with pytest.raises(InteropError, match="streams issue"):
-        import_vectors(src, tmp_path / "c", ids_file=ids, layout="layers")
-    assert not (tmp_path / "c").exists()
+def test_layer_stacks_become_the_layers_stream_of_per_layer_vectors(tmp_path):
+    x = vectors(views=4)  # (N, L=4, D=6)
+    src, ids = npy_input(tmp_path, x)
+    c = imported(tmp_path, src, ids_file=ids, layout="layers")
+    assert set(c.streams) == {"layers"}  # no pooled vector: the heads read the layers
+    assert c.streams["layers"]["kind"] == "vector" and list(c.streams["layers"]["shape"]) == [4, 6]
+    got = c.read("layers", view=0)  # (N, L, D) in cache order
+    assert np.array_equal(got[c.index_of(IDS)], x)
 
 
 # ---------------------------------------------------------------------------- refusals

@@ -66,7 +66,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
     device = device_for(cfg)
 
     backbone_ref = None
-    imported = meta.get("mode") == "imported"  # vectors from another toolkit: no backbone to embed
+    imported = is_imported(meta)
     if not cfg.head_only and not imported and backbone is None:
         from mrlcache.backbone import backbone_for_cache
 
@@ -153,3 +153,8 @@ def _recorded_sha256(meta: dict) -> str | None:
 
     record = BackboneRecord.from_meta(meta)
     return record.sha256 if record is not None else None
+
+
+def is_imported(meta: dict) -> bool:
+    """Vectors another toolkit made (``mrlcache import-vectors``): no backbone to embed in model.pt."""
+    return meta.get("mode") == "imported"

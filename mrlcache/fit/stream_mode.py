@@ -44,9 +44,11 @@ def fit_streams(cache, cache_dir, cfg, out: Path, backbone=None, resume: bool = 
     device = device_for(cfg)
     build_model(cfg, info, "cpu")  # refuse inputs/fusion/head that do not fit before anything is written
 
+    from mrlcache.fit.cache_mode import is_imported
+
     backbone_ref = None
     needs_backbone = bool({"layers", "pooled"} & set(cfg.inputs))
-    if cfg.head_only or not needs_backbone:
+    if cfg.head_only or not needs_backbone or is_imported(meta):
         backbone = None  # handcrafted streams are computed from audio without a backbone
     elif backbone is None:
         from mrlcache.backbone import backbone_for_cache

@@ -351,10 +351,4 @@ def read_vectors(path, ids_file=None, layout: str | None = None):
             f"{path}: array of shape {array.shape} (N, K, D): say what K is with --layout views "
             f"(crops of each utterance) or --layout layers (backbone layer stacks)"
         )
-    if array.ndim == 3 and layout == "layers":
-        raise InteropError(
-            f"{path}: layer stacks (N, L, D) = {array.shape} need a per-layer stream; the cache "
-            f"stores only 'pooled' so far: layer streams come with the streams issue (12). "
-            f"Import one layer, e.g. np.save('layer.npy', x[:, -1]), or the mean over layers"
-        )
     return ids, array, labels

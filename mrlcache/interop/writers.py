@@ -110,7 +110,8 @@ def import_vectors(vectors, out, *, ids_file=None, utt2spk=None, name: str | Non
     _check_target(out, overwrite)
     ids, array, labels = read_vectors(src, ids_file=ids_file, layout=layout)
     spk = speakers_for(ids, labels, read_utt2spk(utt2spk) if utt2spk else None, str(src))
-    pooled = array if array.ndim == 3 else array[:, None, :]  # (N, V, D)
+    layers = array.ndim == 3 and layout == "layers"  # (N, L, D): a per-layer stream, one view
+    pooled = array[:, None] if layers or array.ndim == 2 else array  # (N, V, D) or (N, 1, L, D)
     if dtype == "float16":
         big = np.abs(pooled).reshape(len(ids), -1).max(axis=1) > FLOAT16_MAX
         if big.any():
@@ -139,21 +140,30 @@ def import_vectors(vectors, out, *, ids_file=None, utt2spk=None, name: str | Non
             "sha256": sha,
             "ids_sha256": sha256_file(ids_file) if ids_file else None,
             "utt2spk_sha256": sha256_file(utt2spk) if utt2spk else None,
-            "layout": "views" if array.ndim == 3 else None,
+            "layout": layout if array.ndim == 3 else None,
             "source_dtype": str(array.dtype),
         },
-        "pooled_dim": int(pooled.shape[2]),
+        "pooled_dim": 0 if layers else int(pooled.shape[2]),
         "views": int(pooled.shape[1]),
         "dtype": dtype,
         "shard_size": int(shard_size),
     }
+    if layers:
+        # Layer stacks are the `layers` stream as per-layer vectors (as extract --layers-pooled
+        # stores them), for the multi-stream heads (fit --inputs layers); there is no pooled.
+        meta["streams"] = {"layers": {"kind": "vector", "shape": [int(array.shape[1]), int(array.shape[2])],
+                                      "ragged": False, "frame_rate": None, "dtype": dtype}}
     tmp = _aside(out, "tmp")
     _remove(tmp)
     try:
         with CacheWriter(tmp, meta, manifest, backend=backend) as writer:
             for k in range(writer.num_shards):
                 rows = writer.shard_rows(k)
-                writer.write_shard(k, np.arange(rows.start, rows.stop), pooled[rows.start:rows.stop], {}, 0.0)
+                part = pooled[rows.start:rows.stop]
+                if layers:
+                    writer.write_shard(k, np.arange(rows.start, rows.stop), None, {}, 0.0, streams={"layers": part})
+                else:
+                    writer.write_shard(k, np.arange(rows.start, rows.stop), part, {}, 0.0)
             summary = writer.finish({"imported_from": str(src.resolve())})
         _publish_dir(tmp, out)
     except BaseException:
