@@ -218,3 +218,17 @@ def test_eval_mode_refuses_views_and_records_one(corpus, tmp_path):
     assert result.exit_code != 0 and "--views does not apply" in result.output
     run(args)
     assert "views: 1" in (tmp_path / "e" / "extract-config.yaml").read_text()
+
+
+def test_eval_mode_warns_about_a_very_long_file_and_names_the_cap(tmp_path, monkeypatch):
+    import mrlcache.extract.run as extract_run
+
+    make_tree(tmp_path / "data", speakers=1, videos=1, utts=2, seconds=1.5)
+    monkeypatch.setattr(extract_run, "LONG_SECONDS", 1.0)  # stands for minutes-long files
+    common = [a for a in COMMON if a not in ("--views", "2", "--crop-seconds", "1.0")]
+    result = run(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "c"), "--mode", "eval", *common])
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and all("--max-seconds" in w for w in warnings)
+    result = run(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "d"), "--mode", "eval",
+                  "--max-seconds", "1", *common])
+    assert "warning:" not in result.output

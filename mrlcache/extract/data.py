@@ -7,6 +7,7 @@ A worker decodes each utterance once and makes every view from that one decode
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -107,6 +108,13 @@ class ExtractProgress:
     def __exit__(self, *exc):
         if self.enabled:
             self.progress.stop()
+
+    def note(self, line: str) -> None:
+        """One line on stderr, above the bar (or alone when the bar is off)."""
+        if self.enabled:
+            self.progress.console.print(line, soft_wrap=True, markup=False, highlight=False)
+        else:
+            print(line, file=sys.stderr)
 
     def update(self, n: int, seconds: float):
         if not self.enabled:

@@ -33,6 +33,7 @@ from mrlcache.runtime import DeviceError, autocast, resolve_device, resolve_prec
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 
 BACKBONE_FILE = "backbone.pt"  # random-init weights, saved beside the cache
+LONG_SECONDS = 300  # eval mode: a whole utterance longer than this gets a warning (one forward each)
 
 
 def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord | None, ptm=None) -> dict:
@@ -221,6 +222,10 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
             for it in items:
                 if it.views is None:
                     state["skipped"][it.utt_id] = it.reason
+                elif cfg.mode == "eval" and it.views.shape[-1] > LONG_SECONDS * SAMPLE_RATE:
+                    bar.note(f"warning: {it.utt_id}: {it.views.shape[-1] / SAMPLE_RATE / 60:.1f} minutes in one "
+                             f"forward pass (memory grows with length, about 5 MB per second of audio for b0); "
+                             f"cap such files with --max-seconds")
             if ok:
                 tick = time.perf_counter()
                 if names == ("pooled",):
