@@ -19,14 +19,14 @@ from mrlcache.config import config_option, write_resolved
                    "else the first path component of VoxCeleb-style ids].")
 @click.option("--name", help="What the vectors are, recorded in cache.json [default: the input's name].")
 @click.option("--layout", type=click.Choice(["views", "layers"]),
-              help="What K is in (N, K, D) input: crops of each utterance, or backbone layers.")
+              help="What K is in (N, K, D) input: crops of each utterance (views), or backbone layers (the layers stream, for fit --inputs layers).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Utterances per shard.")
 @click.option("--format", "backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
 @click.pass_context
 def import_vectors(ctx, vectors, ids_file, out, utt2spk, name, layout, dtype, shard_size, backend, overwrite):
-    """Write a cache (stream 'pooled') from vectors computed outside mrlcache."""
+    """Write a cache from vectors computed outside mrlcache: stream 'pooled', or 'layers' for layer stacks."""
     from mrlcache.cache import CacheError
     from mrlcache.interop import InteropError
     from mrlcache.interop import import_vectors as run
