@@ -21,10 +21,9 @@ from typing import Sequence
 import numpy as np
 
 from mrlcache.fit.config import FitError, device_for, make_configs, run_config
-from mrlcache.fit.data import batch_slices, cache_features
+from mrlcache.fit.data import cache_features
 from mrlcache.fit.heads import build_head
-from mrlcache.fit.loop import TrainJob, train
-from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
+from mrlcache.fit.loop import feature_job, train
 from mrlcache.fit.rundir import finish, meta_hash, open_run, write_header
 from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer, split_speakers
 
@@ -109,12 +108,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         write_header(out, config, fingerprint)  # on resume: the same, up to epochs/patience
 
         head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
-        opt = make_optimizer(cfg, param_groups([head, loss_fn], cfg))
-        steps = len(batch_slices(len(train_rows), cfg.batch_size))
-        job = TrainJob(cfg=cfg, config=config, out=out, head=head, loss_fn=loss_fn,
-                       batches=lambda epoch: feats.epoch(cfg.seed, epoch, cfg.batch_size, device),
-                       embed=head, val_embed=head, val=val, steps_per_epoch=steps, device=device,
-                       optimizer=opt, scheduler=make_scheduler(cfg, opt, steps))
+        job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device)
         result = train(job, resume)
         extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names)}
         if val is not None:
@@ -124,11 +118,11 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         if cfg.fixed_baselines:
             for i, d in enumerate(cfg.dims):
                 _fit_fixed(cfg, i, out / "fixed" / str(d), cache_dir, fingerprint, feats, val, pooled_dim,
-                           len(train_names), steps, device, resume, extra)
+                           len(train_names), len(train_rows), device, resume, extra)
     return out
 
 
-def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim, num_classes, steps, device,
+def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim, num_classes, num_train, device,
                resume, extra) -> None:
     """The fixed-size head of ``cfg.dims[i]``: a one-dim fit into ``out`` (resumed if it has a last.pt)."""
     margin = cfg.margin if cfg.margins is None else cfg.margins[i]
@@ -139,11 +133,7 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
     with lock:
         write_header(out, config, fingerprint)
         head, loss_fn = build_head(one, pooled_dim, num_classes, device)
-        opt = make_optimizer(one, param_groups([head, loss_fn], one))
-        job = TrainJob(cfg=one, config=config, out=out, head=head, loss_fn=loss_fn,
-                       batches=lambda epoch: feats.epoch(one.seed, epoch, one.batch_size, device),
-                       embed=head, val_embed=head, val=val, steps_per_epoch=steps, device=device,
-                       optimizer=opt, scheduler=make_scheduler(one, opt, steps))
+        job = feature_job(one, config, out, head, loss_fn, feats, val, num_train, device)
         finish(job, train(job, resume), None, None, extra)
 
 

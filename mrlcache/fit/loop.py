@@ -23,8 +23,9 @@ from typing import Callable
 
 import torch
 
-from mrlcache.fit.data import epoch_generator
+from mrlcache.fit.data import batch_slices, epoch_generator
 from mrlcache.fit.heads import sample_classes
+from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
 from mrlcache.fit.validate import ValSet, validate
 from mrlcache.runtime import atomic_torch_save
 
@@ -63,6 +64,21 @@ def checkpoint(job: TrainJob, epoch: int, **more) -> dict:
 def load_checkpoint(path: Path, device="cpu") -> dict:
     """A checkpoint written by :func:`checkpoint`; tensors and plain containers only."""
     return torch.load(path, map_location=device, weights_only=True)
+
+
+
+def feature_job(cfg, config: dict, out: Path, model, loss_fn, feats, val, num_train: int, device) -> TrainJob:
+    """The TrainJob of a fit on features in hand (cache mode, stream mode).
+
+    ``feats.epoch(seed, epoch, batch_size, device)`` gives the batches; ``model`` trains and
+    validates alike; one optimiser covers the model and the loss, with the per-step schedule.
+    """
+    opt = make_optimizer(cfg, param_groups([model, loss_fn], cfg))
+    steps = len(batch_slices(num_train, cfg.batch_size))
+    return TrainJob(cfg=cfg, config=config, out=out, head=model, loss_fn=loss_fn,
+                    batches=lambda epoch: feats.epoch(cfg.seed, epoch, cfg.batch_size, device),
+                    embed=model, val_embed=model, val=val, steps_per_epoch=steps, device=device,
+                    optimizer=opt, scheduler=make_scheduler(cfg, opt, steps))
 
 
 def train(job: TrainJob, resume: bool) -> dict:

@@ -15,11 +15,9 @@ import numpy as np
 import torch
 
 from mrlcache.fit.config import FitError, device_for, run_config
-from mrlcache.fit.data import batch_slices
 from mrlcache.fit.heads import make_loss
 from mrlcache.fit.heads.streams import StreamInputError, StreamModel, head_args, plan_groups
-from mrlcache.fit.loop import TrainJob, train
-from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
+from mrlcache.fit.loop import feature_job, train
 from mrlcache.fit.rundir import finish, meta_hash, open_run, write_header
 from mrlcache.fit.stream_data import StreamFeatures, check_memory, load_streams, stream_info
 from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer, split_speakers
@@ -85,12 +83,7 @@ def fit_streams(cache, cache_dir, cfg, out: Path, backbone=None, resume: bool = 
 
         model = build_model(cfg, info, device)
         loss_fn = make_loss(cfg, len(train_names)).to(device)
-        opt = make_optimizer(cfg, param_groups([model, loss_fn], cfg))
-        steps = len(batch_slices(len(train_rows), cfg.batch_size))
-        job = TrainJob(cfg=cfg, config=config, out=out, head=model, loss_fn=loss_fn,
-                       batches=lambda epoch: feats.epoch(cfg.seed, epoch, cfg.batch_size, device),
-                       embed=model, val_embed=model, val=val, steps_per_epoch=steps, device=device,
-                       optimizer=opt, scheduler=make_scheduler(cfg, opt, steps))
+        job = feature_job(cfg, config, out, model, loss_fn, feats, val, len(train_rows), device)
         result = train(job, resume)
         extra = {"features": "memory", "inputs": list(cfg.inputs), "train_utterances": len(train_rows),
                  "train_speakers": len(train_names)}
