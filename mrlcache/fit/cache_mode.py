@@ -74,18 +74,14 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         backbone = None
 
     fingerprint = {"cache": str(cache_dir) if cache_dir else None, "cache_meta_sha256": meta_hash(meta),
-                   "weights_sha256": _recorded_sha256(meta), "model_config": meta.get("model_config"),
+                   "weights_sha256": recorded_sha256(meta), "model_config": meta.get("model_config"),
                    "utterances": len(cache.utterances), "views": int(cache.num_views),
                    "pooled_dim": pooled_dim}
 
     # Speakers: held-out ones (no external validation) give the validation trials.
     speakers = np.asarray(cache.speakers)
-    val_names, train_names, labels, n_val = split_speakers(
-        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, f"the cache {cache_dir}")
-    if cfg.val_cache is None:
-        cfg.val_speakers = n_val
-    config = run_config(cfg, cache_dir=cache_dir)
-    lock, resume = open_run(out, config, resume, fingerprint)
+    val_names, train_names, labels, config, lock, resume = split_and_open(cfg, speakers, cache_dir, out, resume,
+                                                                          fingerprint)
     with lock:
         train_rows = np.flatnonzero(labels >= 0)
         try:
@@ -137,7 +133,7 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
         finish(job, train(job, resume), None, None, extra)
 
 
-def _recorded_sha256(meta: dict) -> str | None:
+def recorded_sha256(meta: dict) -> str | None:
     """The SHA-256 of the weights (or imported file) the cache's vectors came from."""
     from mrlcache.backbone import BackboneRecord
 
@@ -148,3 +144,15 @@ def _recorded_sha256(meta: dict) -> str | None:
 def is_imported(meta: dict) -> bool:
     """Vectors another toolkit made (``mrlcache import-vectors``): no backbone to embed in model.pt."""
     return meta.get("mode") == "imported"
+
+
+def split_and_open(cfg, speakers, cache_dir, out: Path, resume: bool, fingerprint: dict):
+    """The held-out speaker split of a cache fit (none with an external validation set) and the
+    locked run directory: (val_names, train_names, labels, config, lock, resume)."""
+    val_names, train_names, labels, n_val = split_speakers(
+        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, f"the cache {cache_dir}")
+    if cfg.val_cache is None:
+        cfg.val_speakers = n_val
+    config = run_config(cfg, cache_dir=cache_dir)
+    lock, resume = open_run(out, config, resume, fingerprint)
+    return val_names, train_names, labels, config, lock, resume

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrlcache.fit.config import FitError, device_for, run_config
+from mrlcache.fit.cache_mode import is_imported, recorded_sha256, split_and_open
+from mrlcache.fit.config import FitError, device_for
 from mrlcache.fit.heads import make_loss
 from mrlcache.fit.heads.streams import StreamInputError, StreamModel, head_args, plan_groups
 from mrlcache.fit.loop import feature_job, train
-from mrlcache.fit.rundir import finish, meta_hash, open_run, write_header
+from mrlcache.fit.rundir import finish, meta_hash, write_header
 from mrlcache.fit.stream_data import StreamFeatures, check_memory, load_streams, stream_info
-from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer, split_speakers
+from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer
 
 
 def build_model(cfg, info: dict, device) -> StreamModel:
@@ -42,8 +43,6 @@ def fit_streams(cache, cache_dir, cfg, out: Path, backbone=None, resume: bool = 
     device = device_for(cfg)
     build_model(cfg, info, "cpu")  # refuse inputs/fusion/head that do not fit before anything is written
 
-    from mrlcache.fit.cache_mode import is_imported
-
     backbone_ref = None
     needs_backbone = bool({"layers", "pooled"} & set(cfg.inputs))
     if cfg.head_only or not needs_backbone or is_imported(meta):
@@ -53,19 +52,13 @@ def fit_streams(cache, cache_dir, cfg, out: Path, backbone=None, resume: bool = 
 
         backbone, backbone_ref = backbone_for_cache(cache_dir, meta, weights=cfg.weights)
 
-    from mrlcache.fit.cache_mode import _recorded_sha256
-
     fingerprint = {"cache": str(cache_dir) if cache_dir else None, "cache_meta_sha256": meta_hash(meta),
-                   "weights_sha256": _recorded_sha256(meta), "model_config": meta.get("model_config"),
+                   "weights_sha256": recorded_sha256(meta), "model_config": meta.get("model_config"),
                    "utterances": len(cache.utterances), "views": int(cache.num_views),
                    "streams": {s: {"kind": i["kind"], "shape": [int(v) for v in i["shape"]]} for s, i in info.items()}}
     speakers = np.asarray(cache.speakers)
-    val_names, train_names, labels, n_val = split_speakers(
-        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, "the cache")
-    if cfg.val_cache is None:
-        cfg.val_speakers = n_val
-    config = run_config(cfg, cache_dir=cache_dir)
-    lock, resume = open_run(out, config, resume, fingerprint)
+    val_names, train_names, labels, config, lock, resume = split_and_open(cfg, speakers, cache_dir, out, resume,
+                                                                          fingerprint)
     with lock:
         train_rows = np.flatnonzero(labels >= 0)
         check_memory(cache, cfg.inputs, np.dtype(cfg.feature_dtype), cfg.memory_gb, where)
