@@ -43,6 +43,8 @@ import torch
 from torch import nn
 
 from mrlcache.fit.heads import MatryoshkaHead
+from mrlcache.streams import windows
+from mrlcache.streams.windows import WINDOW_SECONDS
 
 FORMAT = "mrlcache-model"
 VERSION = 1
@@ -94,6 +96,9 @@ class MRLModel(nn.Module):
         self.inputs = tuple(getattr(head, "inputs", ("pooled",)))  # the cached streams the head reads
         self._sha = weights_sha256
         self.calibration = None  # a mrlcache.calibration.Calibration, set by load_model
+        # Whole waveforms longer than this go through the backbone window by window, as in
+        # extract (mrlcache.streams.windows); None: one pass.
+        self.window_seconds = WINDOW_SECONDS
 
     @property
     def weights_sha256(self) -> str | None:
@@ -118,7 +123,7 @@ class MRLModel(nn.Module):
     def _pooled(self, wave: torch.Tensor) -> torch.Tensor:
         if self.backbone is None:
             raise ModelError("this model was fitted head-only (no backbone): use project() on pooled vectors")
-        return self.backbone.pooled(wave)
+        return windows.pooled(self.backbone, wave, self.window_seconds)
 
     def _head_on_wave(self, wave: torch.Tensor) -> torch.Tensor:
         """(B, T) -> head output (B, max_dim): the pooled vector, or the streams the head reads,
@@ -132,7 +137,8 @@ class MRLModel(nn.Module):
             raise ModelError(f"stream(s) {', '.join(needs)} need the backbone, and this model was saved "
                              "without one: use project() on cached streams")
         pooled_layers = any(g["kind"] == "layers" and not g["frames"] for g in self.head.groups)
-        batch = {s: streams.compute(s, wave, self.backbone, layers_pooled=pooled_layers and s == "layers")
+        batch = {s: streams.compute(s, wave, self.backbone, layers_pooled=pooled_layers and s == "layers",
+                                    window_seconds=self.window_seconds)
                  for s in self.inputs}
         return self.head(batch)
 

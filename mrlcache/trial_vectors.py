@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mrlcache.streams.windows import WINDOW_SECONDS
 from mrlcache.trials import Trials
 
 
@@ -160,13 +161,17 @@ def embeddings_from_cache(cache, model, trials: Trials, skip_missing: bool = Fal
 
 
 def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = False,
-                      max_seconds: float | None = None, device="cpu", progress: bool = True) -> TrialVectors:
+                      max_seconds: float | None = None, device="cpu", progress: bool = True,
+                      window_seconds: float | None = WINDOW_SECONDS) -> TrialVectors:
     """Decode each trial utterance once (whole, capped at ``max_seconds``) and pool it.
 
     Args:
-        backbone: a ReDimNet (``model.backbone``); data_dir: audio root the trial ids are
+        backbone: a ReDimNet (``model.backbone``), or a stream model (an ``MRLModel``,
+            whose own ``window_seconds`` applies); data_dir: audio root the trial ids are
             relative to; skip_missing: as :func:`pooled_from_cache` (reasons: the AudioError
-            of each unreadable file); progress: a progress bar on stderr.
+            of each unreadable file); progress: a progress bar on stderr;
+            window_seconds: a ReDimNet embeds longer files window by window
+            (:mod:`mrlcache.streams.windows`), as extract does.
     Returns:
         :class:`TrialVectors` with (U, P) float32 vectors.
     """
@@ -178,6 +183,13 @@ def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = F
 
     if backbone is None:
         raise EvaluateError("scoring audio needs the model's backbone, and this model has none")
+    from mrlcache.streams import windows
+
+    if hasattr(backbone, "model_config"):  # a ReDimNet (or the onnxruntime engine's)
+        def pool(x):
+            return windows.pooled(backbone, x, window_seconds)
+    else:
+        pool = backbone  # an MRLModel on streams: (1, T) -> (1, dim)
     data_dir = Path(data_dir)
     utts = trials.utterances
     vectors, reasons = {}, {}
@@ -192,7 +204,7 @@ def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = F
                 wave = load_audio(path)[:limit]  # (T,)
                 with torch.no_grad():
                     x = torch.from_numpy(np.ascontiguousarray(wave))[None].to(device)  # (1, T)
-                    vectors[utt] = backbone.pooled(x)[0].cpu().numpy()  # (P,)
+                    vectors[utt] = pool(x)[0].cpu().numpy()  # (P,)
             except AudioError as err:
                 reasons[utt] = f"{err.reason}: {err.detail}"
             bar.advance(task)

@@ -220,15 +220,56 @@ def test_eval_mode_refuses_views_and_records_one(corpus, tmp_path):
     assert "views: 1" in (tmp_path / "e" / "extract-config.yaml").read_text()
 
 
-def test_eval_mode_warns_about_a_very_long_file_and_names_the_cap(tmp_path, monkeypatch):
+def test_eval_mode_warns_about_a_very_long_file_in_one_pass_and_names_the_cap(tmp_path, monkeypatch):
     import mrlcache.extract.run as extract_run
 
     make_tree(tmp_path / "data", speakers=1, videos=1, utts=2, seconds=1.5)
     monkeypatch.setattr(extract_run, "LONG_SECONDS", 1.0)  # stands for minutes-long files
     common = [a for a in COMMON if a not in ("--views", "2", "--crop-seconds", "1.0")]
-    result = run(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "c"), "--mode", "eval", *common])
+    result = run(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "c"), "--mode", "eval",
+                  "--window-seconds", "none", *common])
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 2 and all("--max-seconds" in w for w in warnings)
+    assert len(warnings) == 2 and all("--max-seconds" in w and "--window-seconds none" in w for w in warnings)
     result = run(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "d"), "--mode", "eval",
-                  "--max-seconds", "1", *common])
+                  "--max-seconds", "1", "--window-seconds", "none", *common])
     assert "warning:" not in result.output
+
+
+def test_eval_mode_embeds_long_files_window_by_window_and_records_them(tmp_path):
+    from mrlcache.streams import windows
+
+    make_tree(tmp_path / "data", speakers=2, videos=1, utts=1, seconds=1.4)
+    make_tree(tmp_path / "data" / "long", speakers=1, videos=1, utts=1, seconds=3.7)
+    common = [a for a in COMMON if a not in ("--views", "2", "--crop-seconds", "1.0")]
+    out = tmp_path / "c"
+    result = run(["--data", str(tmp_path / "data"), "--out", str(out), "--mode", "eval", "--window-seconds", "1.5",
+                  *common])
+    cache = mrlcache.cache.open(out)
+    (long_id,) = [u for u in cache.utterances if u.startswith("long/")]
+    assert cache.meta["window_seconds"] == 1.5
+    assert cache.meta["summary"]["windowed_files"] == {long_id: 3}
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and long_id in notes[0] and "3 windows" in notes[0]
+    model = load_backbone(str(out / "backbone.pt"))
+    torch.set_num_threads(1)
+    for utt in cache.utterances:
+        wave = torch.from_numpy(load_audio(tmp_path / "data" / utt))[None]
+        with torch.no_grad():
+            want = windows.pooled(model, wave, 1.5)[0].numpy()
+            whole = model.pooled(wave)[0].numpy()
+        got = cache.read("pooled", view=0, rows=[cache.index_of([utt])[0]])[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert np.allclose(got, whole, rtol=1e-5, atol=1e-6) == (utt != long_id)  # only the long file differs
+    # The window is a setting of the vectors: a rerun with another one is refused.
+    result = run(["--data", str(tmp_path / "data"), "--out", str(out), "--mode", "eval", "--window-seconds", "2",
+                  *common], ok=False)
+    assert result.exit_code != 0 and "window_seconds" in result.output
+
+
+@pytest.mark.parametrize("value", ["0.5", "0", "-3", "soon"])
+def test_window_seconds_below_a_second_or_not_a_number_is_refused(tmp_path, value):
+    make_tree(tmp_path / "data", speakers=1, videos=1, utts=1, seconds=1.0)
+    result = run(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "c"), "--mode", "eval",
+                  "--window-seconds", value, "--random-init", "--variant", "b0", "--quiet"], ok=False)
+    assert result.exit_code == 2 and "--window-seconds" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "c").exists()

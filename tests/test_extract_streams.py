@@ -91,6 +91,32 @@ def test_eval_streams_are_ragged_and_match_the_registry(corpus, tmp_path, backen
 
 
 @pytest.mark.slow
+def test_eval_streams_of_a_long_file_come_window_by_window(corpus, tmp_path):
+    from mrlcache.backbone import load_backbone
+    from mrlcache.streams import windows
+
+    for layers_pooled in (False, True):
+        out = tmp_path / f"c{int(layers_pooled)}"
+        run(["--data", str(corpus), "--out", str(out), "--mode", "eval", "--streams", "pooled,layers,fbank",
+             "--dtype", "float32", "--window-seconds", "1", *(["--layers-pooled"] if layers_pooled else []), *COMMON])
+        c = mrlcache.cache.open(out)
+        model = load_backbone(str(out / "backbone.pt"))
+        paths = {p.relative_to(corpus).as_posix(): p for p in corpus.rglob("*.wav")}
+        longest = max(range(len(c.utterances)), key=lambda i: len(load_audio(paths[c.utterances[i]])))
+        wave = torch.from_numpy(load_audio(paths[c.utterances[longest]]))[None]
+        assert wave.shape[-1] > 16000 and c.meta["summary"]["windowed_files"][c.utterances[longest]] == 2
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            layers, pooled = windows.layers(model, wave, 1.0, stats=layers_pooled, with_pooled=True)
+        np.testing.assert_allclose(c.read("pooled", view=0, rows=[longest])[0], pooled[0].numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(c.read("layers", view=0, rows=[longest])[0], layers[0].numpy(),
+                                   rtol=1e-5, atol=1e-6)
+        fbank = c.read("fbank", view=0, rows=[longest])[0]
+        np.testing.assert_allclose(fbank, streams.compute_one("fbank", wave[0]).numpy(), rtol=1e-6)  # one pass
+
+
+@pytest.mark.slow
 def test_resume_after_deleting_a_shard_gives_the_same_cache(corpus, tmp_path):
     args = ["--data", str(corpus), "--out", str(tmp_path / "c"), "--streams", "layers,fbank,f0", *TRAIN, *COMMON]
     run(args)

@@ -152,11 +152,14 @@ def totals(out: Path, shards: dict[int, dict], meta: dict | None = None, backend
 
     A cache whose ``meta`` lists ``streams`` also gets ``stream_bytes`` {stream: bytes on
     disk} (a ragged stream counts its offsets), read from the shards through ``backend``.
+    An eval cache with a window gets ``windowed_files`` {utt_id: windows} (empty when no
+    utterance was long enough).
     """
     n_ok = n_skipped = 0
     seconds = 0.0
     by_reason: dict[str, int] = {}
     skipped_files: dict[str, str] = {}
+    windowed: dict[str, int] = {}
     for k in sorted(shards):
         attrs = shards[k]
         n_ok += attrs["n_ok"]
@@ -165,6 +168,7 @@ def totals(out: Path, shards: dict[int, dict], meta: dict | None = None, backend
         for utt, reason in sorted(attrs["skipped"].items()):
             by_reason[reason] = by_reason.get(reason, 0) + 1
             skipped_files[utt] = reason
+        windowed.update(attrs.get("windowed") or {})
     size = sum(p.stat().st_size for p in (out / SHARDS_DIR).rglob("*") if p.is_file())
     found = {
         "utterances": n_ok,
@@ -175,6 +179,8 @@ def totals(out: Path, shards: dict[int, dict], meta: dict | None = None, backend
         "shards": len(shards),
         "cache_bytes": size,
     }
+    if windowed or (meta or {}).get("window_seconds") is not None:
+        found["windowed_files"] = windowed  # utt_id -> windows (eval caches with --window-seconds)
     if meta is not None and isinstance(meta.get("streams"), dict):
         files = shard_files(out / SHARDS_DIR, meta["format"])
         stream_bytes = {}

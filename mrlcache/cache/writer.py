@@ -263,7 +263,8 @@ class CacheWriter:
         """
         return set(self._sound_shards(verify))
 
-    def write_shard(self, k: int, index, pooled, skipped: dict, seconds: float, streams: dict | None = None) -> None:
+    def write_shard(self, k: int, index, pooled, skipped: dict, seconds: float, streams: dict | None = None,
+                    windowed: dict | None = None) -> None:
         """Write shard ``k`` atomically: aside, flushed, then renamed into place.
 
         A damaged shard already under the final name is replaced; a sound one is refused.
@@ -279,6 +280,8 @@ class CacheWriter:
             streams: the other streams of cache.json's ``streams``, {name: (n_ok, V, *shape)
                 or (n_ok, V, *shape, frames) float array, or for a ragged stream a list of
                 n_ok arrays (*shape, T_i)}; stored in the stream's dtype (layout.py).
+            windowed: {utt_id: number of windows} of the shard's eval utterances computed
+                window by window (mrlcache.streams.windows); the summary lists them.
         """
         rows = self.shard_rows(k)
         index = np.asarray(index, dtype=np.int64).reshape(-1)  # (n_ok,)
@@ -345,6 +348,12 @@ class CacheWriter:
             "skipped": skipped,
             "sha256": integrity.checksums(stored, index, sums),  # checked by open(verify=True)
         }
+        if windowed:  # absent otherwise: shards as before windows
+            ids = set(self._ids(index))
+            stray = [u for u in windowed if u not in ids]
+            if stray:
+                raise ValueError(f"shard {k}: windowed ids without vectors in this shard: {stray[:3]}")
+            attrs["windowed"] = {str(u): int(n) for u, n in sorted(windowed.items())}
         try:
             if arrays:
                 self.backend.write(tmp, stored, index, attrs, arrays)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from mrlcache.cli.options import CAP, COUNT, check_device, verify_option
+from mrlcache.cli.options import CAP, COUNT, check_device, verify_option, window_option
 from mrlcache.config import config_option, write_resolved
 
 SYSTEMS = ("mrl", "fixed", "raw", "published", "pca")  # as mrlcache.evaluate.SYSTEMS (not imported: keeps --help fast)
@@ -152,13 +152,15 @@ def _plot(results, path, title):
               help="calibration.json from 'mrlcache calibrate': also report Cllr, minCllr and actDCF of mrl.")
 @click.option("--skip-missing", is_flag=True, help="Score the trials whose utterances are all available.")
 @click.option("--max-seconds", type=CAP, default=None, help="--data: use at most this much of each file.")
+@window_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False),
               help="Write a PNG of EER and minDCF against dim (needs matplotlib).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
 def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_cache, center_cache,
-        asnorm_cohort, asnorm_topk, snorm_cohort, calibration_path, skip_missing, max_seconds, json_out, plot_out, device):
+        asnorm_cohort, asnorm_topk, snorm_cohort, calibration_path, skip_missing, max_seconds, window_seconds,
+        json_out, plot_out, device):
     """EER and minDCF of a trial list at every Matryoshka dim (and baselines), as a table."""
     if (cache_dir is None) == (data_dir is None) and not (cache_dir and calibration_path):
         _fail("give exactly one of --cache (eval cache of the trial audio) or --data (audio root)")
@@ -214,14 +216,13 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
                        else ev.pooled_from_cache(cache, trials, skip_missing))
         elif model.inputs != ("pooled",) and (model.backbone is not None or not model.needs_backbone):
             # A model on streams computes them from the wave itself.
-            from types import SimpleNamespace
-
-            vectors = ev.pooled_from_audio(SimpleNamespace(pooled=model), data_dir, trials, skip_missing,
-                                           max_seconds, device)
+            model.window_seconds = window_seconds
+            vectors = ev.pooled_from_audio(model, data_dir, trials, skip_missing, max_seconds, device)
         else:
             if model.backbone is None:
                 _fail("this model was fitted head-only (no backbone): score an eval cache with --cache instead")
-            vectors = ev.pooled_from_audio(model.backbone, data_dir, trials, skip_missing, max_seconds, device)
+            vectors = ev.pooled_from_audio(model.backbone, data_dir, trials, skip_missing, max_seconds, device,
+                                           window_seconds=window_seconds)
     except ev.MissingUtterancesError as err:
         _fail(err.describe("pass --skip-missing"))
     except ev.EvaluateError as err:

@@ -1,6 +1,7 @@
 """``mrlcache embed``: embeddings of audio files from a fitted model.
 
-Each file is decoded once and embedded whole (``--max-seconds`` caps it). The embeddings
+Each file is decoded once and embedded whole (``--max-seconds`` caps it; files longer than
+``--window-seconds`` go through the backbone window by window, as in extract). The embeddings
 are the raw prefix of the Matryoshka head output, as ``mrlcache.load_model(path)(wave,
 dim)`` returns them: L2-normalise before cosine scoring.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from mrlcache.cli.options import CAP, COUNT, check_device
+from mrlcache.cli.options import CAP, COUNT, check_device, window_option
 from mrlcache.config import config_option, write_resolved
 
 
@@ -84,11 +85,12 @@ def _targets(out: Path, ids: list[str]) -> list[Path]:
 @click.option("--format", "fmt", type=click.Choice(["npy", "kaldi", "npz"]), default="npy", show_default=True,
               help="npy: emb.npy + ids or a folder of .npy; kaldi: OUT.ark + OUT.scp; npz: OUT.npz.")
 @click.option("--max-seconds", type=CAP, default=None, help="Use at most this much of each file.")
+@window_option
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="onnxruntime: the backbone exported to ONNX and run by onnxruntime on the CPU (faster here).")
 @click.pass_context
-def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, device, engine):
+def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, device, engine):
     """Write embeddings of audio FILES or folders (scanned as SPEAKER/.../FILE trees)."""
     check_device(device)
     import numpy as np
@@ -98,11 +100,13 @@ def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, device, engine):
 
     from mrlcache.audio import SAMPLE_RATE, SILENCE_PEAK, AudioError, check_length, load_audio, peak
     from mrlcache.model import ModelError, load_model
+    from mrlcache.streams import windows
 
     try:
         model = load_model(model_path, device=device)
     except ModelError as err:
         raise click.ClickException(str(err)) from None
+    model.window_seconds = window_seconds
     dim = model.dims[-1] if dim is None else dim
     if dim not in model.dims:
         raise click.ClickException(f"--dim {dim}: the model was trained for dims {list(model.dims)}")
@@ -139,7 +143,8 @@ def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, device, engine):
                                        soft_wrap=True, markup=False, highlight=False)
             with torch.no_grad():
                 x = torch.from_numpy(np.ascontiguousarray(wave))[None].to(device)
-                emb = model(x, dim=dim) if pooled_by is None else model.project(pooled_by.pooled(x), dim=dim)
+                emb = (model(x, dim=dim) if pooled_by is None
+                       else model.project(windows.pooled(pooled_by, x, window_seconds), dim=dim))
                 vectors[i] = emb[0].cpu().numpy()
             progress.advance(task)
 

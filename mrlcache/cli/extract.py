@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from mrlcache.cli.options import CAP, COUNT, SECONDS, SEED, WORKERS, check_device
+from mrlcache.cli.options import CAP, COUNT, SECONDS, SEED, WORKERS, check_device, window_option
 from mrlcache.config import config_option, write_resolved
 
 
@@ -60,6 +60,7 @@ def load_weights(variant, weights, random_init, seed, train_type, dataset):
 @click.option("--views", type=COUNT, default=4, show_default=True, help="Train mode: crops per utterance (view 0 clean).")
 @click.option("--crop-seconds", type=SECONDS, default=2.0, show_default=True)
 @click.option("--max-seconds", type=CAP, default=None, help="Eval mode: cap on each utterance.")
+@window_option
 @click.option("--min-seconds", type=SECONDS, default=0.5, show_default=True, help="Shorter utterances are skipped as too_short.")
 @click.option("--noise-dir", type=click.Path(exists=True, file_okay=False), help="Noise files (e.g. MUSAN); default synthetic coloured noise.")
 @click.option("--rir-dir", type=click.Path(exists=True, file_okay=False), help="Room impulse responses; default synthetic rooms.")
@@ -89,7 +90,7 @@ def load_weights(variant, weights, random_init, seed, train_type, dataset):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, dataset, weights, random_init, mode,
-            views, crop_seconds, max_seconds, min_seconds, noise_dir, rir_dir, speed_perturb, seed, shard_size,
+            views, crop_seconds, max_seconds, window_seconds, min_seconds, noise_dir, rir_dir, speed_perturb, seed, shard_size,
             dtype, batch_size, workers, threads, device, precision, rank, world_size, streams, layers_pooled, ptm,
             ptm_weights, engine, overwrite, quiet):
     """Run the frozen backbone once over a corpus and cache its pooled vectors.
@@ -124,7 +125,8 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
         raise click.UsageError("--mode eval embeds each whole utterance once: --views does not apply")
     try:
         cfg = ExtractConfig(
-            mode=mode, views=views, crop_seconds=crop_seconds, max_seconds=max_seconds, min_seconds=min_seconds,
+            mode=mode, views=views, crop_seconds=crop_seconds, max_seconds=max_seconds, window_seconds=window_seconds,
+            min_seconds=min_seconds,
             seed=seed, shard_size=shard_size, dtype=dtype, batch_size=batch_size, workers=workers, device=device,
             precision=precision, streams=streams, layers_pooled=layers_pooled, ptm=ptm, ptm_weights=ptm_weights, engine=engine,
             augment=AugmentConfig(noise_dir=noise_dir and str(Path(noise_dir).resolve()),

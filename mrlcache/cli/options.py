@@ -19,6 +19,38 @@ WORKERS = click.IntRange(min=0)  # 0: decode in the main process
 SEED = click.IntRange(min=0)  # numpy's generators refuse negative seeds
 
 
+class _Window(click.ParamType):
+    """``--window-seconds``: seconds (at least MIN_WINDOW_SECONDS of mrlcache.streams.windows,
+    kept equal by a test) or ``none`` (one pass per utterance)."""
+
+    name = "seconds|none"
+
+    def convert(self, value, param, ctx):
+        if value is None or str(value).strip().lower() == "none":
+            return None  # YAML null or the word
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            seconds = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number of seconds or 'none'", param, ctx)
+        if not seconds >= 1.0:
+            self.fail(f"{value} is below 1 second; give at least 1, or 'none' for one pass per utterance", param, ctx)
+        return seconds
+
+
+WINDOW = _Window()
+WINDOW_DEFAULT = 300.0  # mrlcache.streams.windows.WINDOW_SECONDS (not imported: torch); a test keeps them equal
+WINDOW_HELP = ("Whole utterances longer than this are embedded window by window and the pooled statistics "
+               "combined, so memory stays that of one window; 'none': one pass each (memory grows with length).")
+
+
+def window_option(command):
+    """``--window-seconds`` with the project default (mrlcache.streams.windows.WINDOW_SECONDS)."""
+    return click.option("--window-seconds", type=WINDOW, default=WINDOW_DEFAULT, show_default=True,
+                        help=WINDOW_HELP)(command)
+
+
 def check_device(name: str) -> str:
     """Refuse ``--device`` values this machine cannot provide (mrlcache.runtime's rule).
 

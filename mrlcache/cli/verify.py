@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from mrlcache.cli.options import window_option
+
 
 def _fail(message: str):
     raise click.ClickException(message)
@@ -52,8 +54,9 @@ def _read_pairs(pairs_path: Path, data_dir) -> list[tuple[Path, Path]]:
 @click.option("--far", type=float, default=None,
               help="Threshold at this false-accept rate on the calibration trials instead of --prior.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+@window_option
 @click.option("--device", default="cpu", show_default=True)
-def verify(model_path, files, pairs_path, data_dir, dim, prior, far, json_out, device):
+def verify(model_path, files, pairs_path, data_dir, dim, prior, far, json_out, window_seconds, device):
     """Cosine score, calibrated LLR and accept/reject for A.wav B.wav (or each pair of --pairs)."""
     if not ((len(files) == 2 and pairs_path is None) or (not files and pairs_path is not None)):
         _fail("give two audio files A.wav B.wav, or --pairs FILE (not both)")
@@ -77,6 +80,7 @@ def verify(model_path, files, pairs_path, data_dir, dim, prior, far, json_out, d
         _fail(str(err))
     if model.backbone is None:
         _fail(f"--model {model_path} was fitted head-only (no backbone): verify needs a model.pt with its backbone")
+    model.window_seconds = window_seconds
     if dim is not None and dim not in model.dims:
         _fail(f"--dim {dim}: the model was trained for dims {list(model.dims)}")
     if model.calibration is not None and dim is not None and dim not in model.calibration.dims:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from mrlcache.augment import AugmentConfig
 from mrlcache.runtime import PRECISIONS
+from mrlcache.streams.windows import MIN_WINDOW_SECONDS, WINDOW_SECONDS
 
 
 class ExtractError(Exception):
@@ -22,6 +23,9 @@ class ExtractConfig:
         views: crops per utterance in train mode; view 0 clean, the others augmented.
         crop_seconds: crop length in train mode (shorter utterances are repeat-padded).
         max_seconds: eval mode: keep at most this much of each utterance (None: all).
+        window_seconds: eval mode: utterances longer than this are computed window by
+            window, their statistics combined (:mod:`mrlcache.streams.windows`), so memory
+            stays that of one window; None: one pass each, memory growing with length.
         min_seconds: utterances shorter than this are skipped as "too_short".
         seed: seed of every random choice (crop positions, augmentation).
         shard_size: utterances per shard.
@@ -48,6 +52,7 @@ class ExtractConfig:
     views: int = 4
     crop_seconds: float = 2.0
     max_seconds: float | None = None
+    window_seconds: float | None = WINDOW_SECONDS
     min_seconds: float = 0.5
     seed: int = 0
     shard_size: int = 1000
@@ -93,6 +98,9 @@ class ExtractConfig:
             self.views = 1
         if self.views < 1 or self.shard_size < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ExtractError("views, shard-size and batch-size must be at least 1")
+        if self.window_seconds is not None and not self.window_seconds >= MIN_WINDOW_SECONDS:
+            raise ExtractError(f"--window-seconds {self.window_seconds}: give at least {MIN_WINDOW_SECONDS:g} "
+                               "seconds, or none for one pass per utterance")
         if self.mode == "train" and not self.crop_seconds > 0:
             raise ExtractError(f"crop-seconds must be positive, got {self.crop_seconds}")
         if self.precision not in PRECISIONS:

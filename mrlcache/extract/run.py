@@ -30,10 +30,12 @@ from mrlcache.cache import CacheWriter, IncompleteCacheError, read_meta
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
 from mrlcache.runtime import DeviceError, autocast, resolve_device, resolve_precision
+from mrlcache.streams import windows
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
+from mrlcache.streams.windows import window_bounds
 
 BACKBONE_FILE = "backbone.pt"  # random-init weights, saved beside the cache
-LONG_SECONDS = 300  # eval mode: a whole utterance longer than this gets a warning (one forward each)
+LONG_SECONDS = 300  # eval mode: a whole utterance longer than this in one pass gets a warning
 
 
 def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord | None, ptm=None) -> dict:
@@ -52,6 +54,7 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
         "mode": cfg.mode,
         "crop_seconds": cfg.crop_seconds if train else None,
         "max_seconds": None if train else cfg.max_seconds,
+        **({} if train else {"window_seconds": cfg.window_seconds}),  # absent (caches before it): one pass
         "min_seconds": cfg.min_seconds,
         "views": cfg.views,
         "augment": cfg.augment.to_dict() if train and cfg.views > 1 else None,
@@ -206,6 +209,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
+    window = cfg.window_seconds if cfg.mode == "eval" else None
     total_rows = sum(len(writer.shard_rows(k)) for k in todo)
     shard_of = {row: k for k in todo for row in writer.shard_rows(k)}
     pending = {}  # shard -> {"index": [], "pooled": [], "skipped": {}, "seconds": float, "left": int}
@@ -215,21 +219,18 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
     with bar, torch.inference_mode():
         for items in loader:
             k = shard_of[items[0].row]
-            state = pending.setdefault(
-                k, {"index": [], "pooled": [], "skipped": {}, "seconds": 0.0, "left": len(writer.shard_rows(k))}
-            )
+            state = pending.setdefault(k, {"index": [], "pooled": [], "skipped": {}, "windowed": {}, "seconds": 0.0,
+                                           "left": len(writer.shard_rows(k))})
             ok = [it for it in items if it.views is not None]
             for it in items:
                 if it.views is None:
                     state["skipped"][it.utt_id] = it.reason
-                elif cfg.mode == "eval" and it.views.shape[-1] > LONG_SECONDS * SAMPLE_RATE:
-                    bar.note(f"warning: {it.utt_id}: {it.views.shape[-1] / SAMPLE_RATE / 60:.1f} minutes in one "
-                             f"forward pass (memory grows with length, about 5 MB per second of audio for b0); "
-                             f"cap such files with --max-seconds")
+                elif cfg.mode == "eval":
+                    _note_long(it, cfg, state["windowed"], bar)
             if ok:
                 tick = time.perf_counter()
                 if names == ("pooled",):
-                    state["pooled"].append(_forward(model, ok, device, precision))  # (n, V, D) float32
+                    state["pooled"].append(_forward(model, ok, device, precision, window))  # (n, V, D) float32
                 else:
                     for name, value in forward_streams(model, ptm, ok, device, precision, cfg, stream_seconds).items():
                         state.setdefault(name, []).append(value)
@@ -241,10 +242,12 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
             if state["left"] == 0:
                 if names == ("pooled",):
                     pooled = np.concatenate(state["pooled"]) if state["pooled"] else np.zeros((0, cfg.views, model.pooled_dim), np.float32)
-                    writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"])
+                    writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"],
+                                       windowed=state["windowed"])
                 else:
                     pooled, others = gather(state, infos, cfg.views)
-                    writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"], others)
+                    writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"], others,
+                                       windowed=state["windowed"])
                 del pending[k]
             done_rows += len(items)
             audio_seconds += seconds
@@ -260,18 +263,37 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
     }
 
 
-def _forward(model, items, device, precision) -> np.ndarray:
-    """Pooled vectors (n, V, D) float32 of a batch of decoded items."""
+def _note_long(item, cfg: ExtractConfig, windowed: dict, bar) -> None:
+    """Record and say how a long eval utterance is computed: in windows, or in one pass."""
+    samples = item.views.shape[-1]
+    count = len(window_bounds(samples, cfg.window_seconds, 160)) if cfg.needs_redimnet else 1  # hop: count only
+    if count > 1:
+        windowed[item.utt_id] = count
+        ptm = f"; the --ptm {cfg.ptm} layers take one pass" if cfg.ptm else ""
+        bar.note(f"note: {item.utt_id}: {samples / SAMPLE_RATE / 60:.1f} minutes in {count} windows of at most "
+                 f"{cfg.window_seconds:g} s, pooled statistics combined (--window-seconds; docs/design.md){ptm}")
+    elif samples > LONG_SECONDS * SAMPLE_RATE:
+        if not cfg.needs_redimnet:
+            why = f"--streams {cfg.streams} take one pass"
+        else:
+            why = f"--window-seconds {'none' if cfg.window_seconds is None else f'{cfg.window_seconds:g}'}"
+        bar.note(f"warning: {item.utt_id}: {samples / SAMPLE_RATE / 60:.1f} minutes in one forward pass ({why}; "
+                 f"memory grows with length, about 5 MB per second of audio for b0); cap such files with "
+                 f"--max-seconds or a smaller --window-seconds")
+
+
+def _forward(model, items, device, precision, window) -> np.ndarray:
+    """Pooled vectors (n, V, D) float32 of a batch of decoded items (``window``: eval seconds or None)."""
     if all(it.views.shape == items[0].views.shape for it in items):
         # Train crops all have one length: one forward over every view of every item.
         wave = torch.from_numpy(np.concatenate([it.views for it in items])).to(device, non_blocking=True)
         with autocast(device, precision):
-            pooled = model.pooled(wave)  # (n*V, D)
+            pooled = windows.pooled(model, wave, window)  # (n*V, D); eval: one utterance a batch
         return pooled.float().cpu().numpy().reshape(len(items), items[0].views.shape[0], -1)
     # Whole utterances of different lengths: one forward each, never padded, since padding
     # would change the time-mean normalisation and the pooling statistics.
     out = []
     for it in items:
         with autocast(device, precision):
-            out.append(model.pooled(torch.from_numpy(it.views).to(device)).float().cpu().numpy())  # (1, D)
+            out.append(windows.pooled(model, torch.from_numpy(it.views).to(device), window).float().cpu().numpy())
     return np.stack(out)

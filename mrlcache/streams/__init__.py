@@ -31,7 +31,8 @@ import torch
 
 from mrlcache.streams.f0 import f0_features, yin
 from mrlcache.streams.handcrafted import fbank, kaldi_frames, mfcc
-from mrlcache.streams.layers import mean_std, redimnet_layer_dim, redimnet_layers, redimnet_num_layers
+from mrlcache.streams import windows
+from mrlcache.streams.layers import mean_std, redimnet_layer_dim, redimnet_num_layers
 from mrlcache.streams.ptm import PTM, PTMS, PTMError, load_ptm
 
 
@@ -41,7 +42,10 @@ class StreamError(ValueError):
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What one stream is. ``compute(waves (B, T), backbone, layers_pooled) -> (B, ...)``."""
+    """What one stream is. ``compute(waves (B, T), backbone, layers_pooled, window_seconds) -> (B, ...)``
+
+    (``window_seconds``: see :mod:`mrlcache.streams.windows`; None is one pass).
+    """
 
     name: str
     description: str
@@ -55,15 +59,16 @@ def _is_ptm(backbone) -> bool:
     return isinstance(backbone, PTM)
 
 
-def _pooled(waves, backbone, layers_pooled):
+def _pooled(waves, backbone, layers_pooled, window_seconds):
     if _is_ptm(backbone):
         raise StreamError(f"stream 'pooled' needs a ReDimNet backbone; {backbone.name} has none (use 'layers')")
-    return backbone.pooled(waves)
+    return windows.pooled(backbone, waves, window_seconds)
 
 
-def _layers(waves, backbone, layers_pooled):
-    outs = backbone.hidden_states(waves) if _is_ptm(backbone) else redimnet_layers(backbone, waves)
-    frames = torch.stack(outs, dim=1)  # (B, L, D, T)
+def _layers(waves, backbone, layers_pooled, window_seconds):
+    if not _is_ptm(backbone):
+        return windows.layers(backbone, waves, window_seconds, stats=layers_pooled)[0]
+    frames = torch.stack(backbone.hidden_states(waves), dim=1)  # (B, L, D, T): a PTM, one pass
     return mean_std(frames) if layers_pooled else frames
 
 
@@ -71,10 +76,10 @@ STREAMS = {
     "pooled": StreamSpec("pooled", "ReDimNet ASTP vector", False, True, _pooled, dtype="float32"),
     "layers": StreamSpec("layers", "backbone intermediate outputs per layer", True, True, _layers),
     "fbank": StreamSpec("fbank", "80 Kaldi log-mel energies, 25 ms / 10 ms", True, False,
-                        lambda w, b, p: fbank(w)),
-    "mfcc": StreamSpec("mfcc", "40 Kaldi MFCCs, 25 ms / 10 ms", True, False, lambda w, b, p: mfcc(w)),
+                        lambda w, b, p, s: fbank(w)),
+    "mfcc": StreamSpec("mfcc", "40 Kaldi MFCCs, 25 ms / 10 ms", True, False, lambda w, b, p, s: mfcc(w)),
     "f0": StreamSpec("f0", "YIN F0 in Hz (NaN unvoiced) and periodicity, 10 ms", True, False,
-                     lambda w, b, p: yin(w)),
+                     lambda w, b, p, s: yin(w)),
 }
 
 
@@ -141,8 +146,12 @@ def num_frames(name: str, num_samples: int, backbone=None) -> int | None:
     return kaldi_frames(num_samples)
 
 
-def compute(name: str, waves: torch.Tensor, backbone=None, layers_pooled: bool = False) -> torch.Tensor:
+def compute(name: str, waves: torch.Tensor, backbone=None, layers_pooled: bool = False,
+            window_seconds: float | None = None) -> torch.Tensor:
     """Compute stream ``name`` for a batch (B, T) of 16 kHz waveforms, without gradients.
+
+    ``window_seconds``: whole utterances longer than this go through a ReDimNet window by
+    window (:mod:`mrlcache.streams.windows`); None (crops, or on request) is one pass.
 
     Returns (B, *item_shape) for per-utterance streams and pooled layers, else
     (B, *item_shape, frames), float32 (the caller casts to ``spec(name).dtype`` to store).
@@ -151,12 +160,13 @@ def compute(name: str, waves: torch.Tensor, backbone=None, layers_pooled: bool =
     if s.needs_backbone and backbone is None:
         raise StreamError(f"stream {name!r} needs a backbone")
     with torch.no_grad():
-        return s.compute(waves, backbone, layers_pooled).float()
+        return s.compute(waves, backbone, layers_pooled, window_seconds).float()
 
 
-def compute_one(name: str, wave: torch.Tensor, backbone=None, layers_pooled: bool = False) -> torch.Tensor:
+def compute_one(name: str, wave: torch.Tensor, backbone=None, layers_pooled: bool = False,
+                window_seconds: float | None = None) -> torch.Tensor:
     """:func:`compute` for one utterance (T,) -> item without the batch axis."""
-    return compute(name, wave[None], backbone, layers_pooled)[0]
+    return compute(name, wave[None], backbone, layers_pooled, window_seconds)[0]
 
 
 __all__ = ["PTM", "PTMS", "PTMError", "STREAMS", "StreamError", "StreamSpec", "compute", "compute_one",

@@ -16,7 +16,7 @@ import torch
 from mrlcache import streams
 from mrlcache.audio import SAMPLE_RATE
 from mrlcache.runtime import autocast
-from mrlcache.streams.layers import mean_std, redimnet_layers, redimnet_pooled_from_layers
+from mrlcache.streams import windows
 
 
 def stream_info(name: str, cfg: ExtractConfig, model, ptm) -> dict:
@@ -70,6 +70,8 @@ def forward_streams(model, ptm, items, device, precision, cfg, seconds: dict) ->
     With a ReDimNet computing both layers and pooled, pooled is finished from the layers
     (one backbone pass; equal to ``model.pooled``).
     """
+    window = cfg.window_seconds if cfg.mode == "eval" else None  # crops are one pass
+
     def one(wave):  # (B, T) -> {stream: (B, ...) float32 numpy}
         out = {}
         shared = "pooled" in cfg.stream_names and "layers" in cfg.stream_names and ptm is None
@@ -79,14 +81,12 @@ def forward_streams(model, ptm, items, device, precision, cfg, seconds: dict) ->
                 continue  # computed with layers
             if name == "layers" and shared:
                 with autocast(device, precision):
-                    outs = redimnet_layers(model, wave)
-                    out["pooled"] = redimnet_pooled_from_layers(model, outs).float().cpu().numpy()
-                frames = torch.stack(outs, dim=1).float()  # (B, L, D, T)
-                value = mean_std(frames) if cfg.layers_pooled else frames
+                    value, pooled = windows.layers(model, wave, window, stats=cfg.layers_pooled, with_pooled=True)
+                out["pooled"] = pooled.float().cpu().numpy()
             else:
                 source = ptm if name == "layers" and ptm is not None else model
                 with autocast(device, precision):
-                    value = streams.compute(name, wave, source, cfg.layers_pooled)
+                    value = streams.compute(name, wave, source, cfg.layers_pooled, window)
             out[name] = value.float().cpu().numpy()
             seconds[name] += time.perf_counter() - tick
         return out

@@ -13,6 +13,8 @@ from mrlcache.cli import main
 from mrlcache.demo import run as demo_run
 from mrlcache.evaluate import evaluate, pooled_from_audio
 from mrlcache.extract import ExtractConfig
+from mrlcache.fit.heads import MatryoshkaHead
+from mrlcache.model import MRLModel
 
 
 def _field_defaults(cls) -> dict:
@@ -33,7 +35,7 @@ def _option_defaults(command: str) -> dict:
 LIBRARY = {
     "extract": {
         **{name: _field_defaults(ExtractConfig)[name] for name in (
-            "mode", "views", "crop_seconds", "max_seconds", "min_seconds", "seed", "shard_size", "dtype",
+            "mode", "views", "crop_seconds", "max_seconds", "window_seconds", "min_seconds", "seed", "shard_size", "dtype",
             "batch_size", "workers", "device", "precision", "streams", "layers_pooled", "ptm", "ptm_weights", "engine")},
         "noise_dir": _field_defaults(AugmentConfig)["noise_dir"],
         "rir_dir": _field_defaults(AugmentConfig)["rir_dir"],
@@ -42,9 +44,11 @@ LIBRARY = {
     "eer": {
         "asnorm_topk": _arg_defaults(evaluate)["topk"],
         "max_seconds": _arg_defaults(pooled_from_audio)["max_seconds"],
+        "window_seconds": _arg_defaults(pooled_from_audio)["window_seconds"],
         "skip_missing": _arg_defaults(pooled_from_audio)["skip_missing"],
         "device": _arg_defaults(pooled_from_audio)["device"],
     },
+    "embed": {"window_seconds": MRLModel(None, MatryoshkaHead(8, (4,))).window_seconds},
     "demo": {"seed": _arg_defaults(demo_run.run_demo)["seed"]},
 }
 
@@ -76,6 +80,7 @@ def test_embed_defaults_are_those_of_eer_for_the_same_options():
     # embed has no library call with defaults of its own: it decodes and embeds like eer --data.
     eer, embed = _option_defaults("eer"), _option_defaults("embed")
     assert embed["max_seconds"] == eer["max_seconds"] and embed["device"] == eer["device"]
+    assert embed["window_seconds"] == eer["window_seconds"] == _option_defaults("verify")["window_seconds"]
 
 
 def test_demo_without_variant_is_run_demos_default_variant():
