@@ -250,6 +250,7 @@ def test_eval_mode_embeds_long_files_window_by_window_and_records_them(tmp_path)
     assert cache.meta["summary"]["windowed_files"] == {long_id: 3}
     notes = [line for line in result.output.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and long_id in notes[0] and "3 windows" in notes[0]
+    assert "1 long files" in result.output  # the end-of-run table
     model = load_backbone(str(out / "backbone.pt"))
     torch.set_num_threads(1)
     for utt in cache.utterances:

@@ -193,6 +193,8 @@ def print_summary(console, summary: dict, views: int) -> None:
     table.add_row("audio hours", f"{summary['audio_hours']:.2f}")
     skipped = ", ".join(f"{r}: {n}" for r, n in summary["skipped_by_reason"].items()) or "none"
     table.add_row("skipped", f"{summary['skipped']} ({skipped})")
+    if summary.get("windowed_files"):
+        table.add_row("in windows", f"{len(summary['windowed_files'])} long files (cache.json summary.windowed_files)")
     table.add_row("throughput", f"{summary['utterances_per_second']:.1f} utt/s, "
                                 f"{summary['audio_seconds_per_second']:.0f}x real time (last rank)")
     table.add_row("model busy", f"{100 * summary['model_busy_fraction']:.0f}% of wall time")
