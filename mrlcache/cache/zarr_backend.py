@@ -39,7 +39,7 @@ class ZarrBackend:
         group = zarr.open_group(LocalStore(str(path)), mode="w-", attributes=attrs)
         if pooled is not None:
             ZarrBackend._write_pooled(group, pooled)
-        group.create_array(
+        index_array = group.create_array(
             "index",
             shape=(n,),
             chunks=(max(n, 1),),
@@ -49,7 +49,10 @@ class ZarrBackend:
             config={"write_empty_chunks": True},
         )
         if n:
-            group["index"][:] = index
+            # Through the array create_array returned: write_empty_chunks is a runtime
+            # setting, so group["index"] (reopened) would skip an all-zero chunk, and the
+            # index [0] of a one-row shard 0 would be missing on disk.
+            index_array[:] = index
         for name, (data, chunks) in (arrays or {}).items():
             array = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, compressors=None,
                                        fill_value=0, config={"write_empty_chunks": True})

@@ -135,3 +135,17 @@ def test_failed_shard_write_leaves_nothing(tmp_path, backend, monkeypatch):
         writer.write_shard(1, [4, 5, 6, 7], vectors(10)[4:8], {}, 1.0)
     assert writer.done_shards() == set() and list((tmp_path / "c" / "shards").iterdir()) == []
     writer.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_utterance_cache_whose_index_and_vector_are_all_zero_is_complete(tmp_path, backend):
+    # Row 0 alone: its index chunk holds only the fill value 0, and a silent-looking vector
+    # of zeros is a legitimate value too; both must be on disk, or the shard reads as damaged.
+    manifest = make_manifest(1)
+    with cache.CacheWriter(tmp_path / "c", make_meta(), manifest, backend=backend) as writer:
+        writer.write_shard(0, [0], np.zeros((1, V, D), np.float32), {}, 1.0)
+        summary = writer.finish()
+    assert summary["utterances"] == 1
+    opened = cache.open(tmp_path / "c", verify=True)
+    np.testing.assert_array_equal(opened.read("pooled"), np.zeros((1, V, D), np.float32))
+    assert list(opened.index_of([manifest[0].utt_id])) == [0]
