@@ -267,6 +267,14 @@ def test_eval_mode_embeds_long_files_window_by_window_and_records_them(tmp_path)
     assert result.exit_code != 0 and "window_seconds" in result.output
 
 
+def test_window_seconds_in_train_mode_is_refused(tmp_path):
+    make_tree(tmp_path / "data", speakers=1, videos=1, utts=1, seconds=1.0)
+    result = run(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "c"), "--window-seconds", "10",
+                  "--random-init", "--variant", "b0", "--quiet"], ok=False)
+    assert result.exit_code == 2 and "--window-seconds applies to --mode eval" in result.output
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.parametrize("value", ["0.5", "0", "-3", "soon"])
 def test_window_seconds_below_a_second_or_not_a_number_is_refused(tmp_path, value):
     make_tree(tmp_path / "data", speakers=1, videos=1, utts=1, seconds=1.0)

@@ -123,6 +123,9 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
     if mode == "eval" and ctx.get_parameter_source("views") not in (None, click.core.ParameterSource.DEFAULT) \
             and views != 1:
         raise click.UsageError("--mode eval embeds each whole utterance once: --views does not apply")
+    if mode == "train" and ctx.get_parameter_source("window_seconds") not in (None, click.core.ParameterSource.DEFAULT):
+        raise click.UsageError("--window-seconds applies to --mode eval (whole utterances); train crops are "
+                               "--crop-seconds long")
     try:
         cfg = ExtractConfig(
             mode=mode, views=views, crop_seconds=crop_seconds, max_seconds=max_seconds, window_seconds=window_seconds,
