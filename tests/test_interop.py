@@ -132,6 +132,25 @@ def test_kaldi_ark_and_scp(tmp_path):
         assert ids == IDS and np.array_equal(array, x) and labels is None
 
 
+@pytest.mark.parametrize("entry", ["touch {m} |", "| touch {m}", "-"])
+def test_kaldi_scp_piped_commands_are_refused_before_they_run(tmp_path, monkeypatch, entry):
+    marker = tmp_path / "pwned"
+    kaldiio.save_ark(str(tmp_path / "xv.ark"), dict(zip(IDS, vectors())), scp=str(tmp_path / "xv.scp"))
+    lines = (tmp_path / "xv.scp").read_text().splitlines()
+    lines[1] = f"{IDS[1]} {entry.format(m=marker)}"
+    (tmp_path / "evil.scp").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InteropError, match=r"evil\.scp:2: .*not a file.*run it once"):
+        read_vectors(tmp_path / "evil.scp")
+    assert not marker.exists()
+    # An ark whose own name starts with '|' is opened as a file, not run by a shell.
+    monkeypatch.chdir(tmp_path)
+    odd = f"| touch {marker.name} ;.ark"
+    kaldiio.save_ark(str(tmp_path / "plain.ark"), dict(zip(IDS, vectors())))
+    os.replace(tmp_path / "plain.ark", tmp_path / odd)
+    ids, _, _ = read_vectors(odd)
+    assert ids == IDS and not marker.exists()
+
+
 def test_folder_of_npy_ids_are_relative_paths(tmp_path):
     x = vectors()
     for u, v in zip(IDS, x):

@@ -282,15 +282,35 @@ def _pt(path: Path, ids_file) -> tuple:
     return ids, _stack(ids, [_numpy(v) for v in obj.values()], str(path)), None
 
 
+def _refuse_piped_entries(path: Path) -> None:
+    """An scp entry kaldiio would hand to a shell (``cmd |``, ``| cmd``) or read from stdin (``-``)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InteropError(f"{path}: unreadable Kaldi scp ({err})") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.strip().split(None, 1)
+        entry = fields[1].strip() if len(fields) == 2 else ""
+        if entry == "-" or entry.startswith("|") or entry.endswith("|"):
+            raise InteropError(
+                f"{path}:{n}: {entry!r} is not a file but a command or stdin, which would run; "
+                f"run it once, write its vectors to an ark and list that"
+            )
+
+
 def _kaldi(path: Path, ids_file) -> tuple:
     import kaldiio
 
     try:
-        if path.suffix == ".scp":
+        if path.suffix.lower() == ".scp":
+            _refuse_piped_entries(path)
             table = kaldiio.load_scp(str(path))
             items = [(k, table[k]) for k in table]
         else:
-            items = list(kaldiio.load_ark(str(path)))
+            with open(path, "rb") as f:  # an open file: kaldiio runs a name that starts with '|'
+                items = list(kaldiio.load_ark(f))
+    except InteropError:
+        raise
     except Exception as err:  # kaldiio raises ValueError, OSError, struct errors...
         raise InteropError(f"{path}: unreadable Kaldi {path.suffix[1:]} ({type(err).__name__}: {err})") from None
     if not items:
