@@ -312,6 +312,19 @@ def test_npz_and_npy_outputs_read_back(tmp_path):
         write_vectors(["../escape"], x[:1], "npy", tmp_path / "f2")
 
 
+def test_speakers_with_spaces_go_to_npz_and_are_named_where_utt2spk_cannot_hold_them(tmp_path):
+    # scan_tree takes a speaker folder 'spk A' as it is; only utt2spk cannot hold it.
+    x, speakers = vectors(), [f"spk {s}" for s in SPEAKERS]
+    write_vectors(IDS, x, "npz", tmp_path / "v.npz", speakers=speakers)
+    with np.load(tmp_path / "v.npz") as z:
+        assert z["speakers"].tolist() == speakers
+    for fmt, out in (("npy", "v.npy"), ("npy", "folder"), ("kaldi", "xv")):
+        with pytest.raises(InteropError, match=r"speakers with whitespace cannot be written to utt2spk 3: "
+                                               r"'spk id00000', 'spk id00001', 'spk id00002'; use --format npz"):
+            write_vectors(IDS, x, fmt, tmp_path / out, speakers=speakers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npz"]
+
+
 def _head_model(tmp_path, pooled_dim=6, dims=(2, 4)):
     from mrlcache.fit.heads import MatryoshkaHead
     from mrlcache.model import load_model, save_model

@@ -252,8 +252,11 @@ def write_vectors(ids, vectors, fmt: str, out, speakers=None, overwrite: bool = 
     ids = [str(u) for u in ids]
     if vectors.ndim != 2 or len(ids) != len(vectors):
         raise InteropError(f"need (N, D) vectors with N ids, got {vectors.shape} and {len(ids)} ids")
-    if speakers is not None and any(not s or any(c.isspace() for c in s) for s in speakers):
-        raise InteropError("speakers must be non-empty and without whitespace to be written as utt2spk")
+    if speakers is not None and not all(speakers):
+        raise InteropError("every utterance needs a speaker to write speakers; give none or all")
+    spaced = sorted({s for s in speakers or () if any(c.isspace() for c in s)})
+    if spaced and fmt != "npz":  # npz stores them as an array; utt2spk lines split on whitespace
+        raise InteropError(f"speakers with whitespace cannot be written to utt2spk {shown(spaced)}; use --format npz")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return {"kaldi": _kaldi, "npz": _npz, "npy": _npy}[fmt](ids, vectors, out, speakers, overwrite)
