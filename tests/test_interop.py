@@ -91,6 +91,24 @@ def test_npz_labels_are_the_speakers(tmp_path):
     assert np.array_equal(c.read("pooled", view=0), x)
 
 
+def test_npz_byte_string_ids_and_labels_are_decoded(tmp_path):
+    # h5py and numpy code often store strings as bytes (dtype S); str(b"x") would be "b'x'".
+    x, labels = vectors(), [f"spk{i % 2}" for i in range(len(IDS))]
+    np.savez(tmp_path / "v.npz", ids=np.array(IDS, dtype=bytes), vectors=x, labels=np.array(labels, dtype=bytes))
+    torch.save({"ids": [u.encode() for u in IDS], "embeddings": torch.from_numpy(x)}, tmp_path / "v.pt")
+    assert read_vectors(tmp_path / "v.npz")[::2] == (IDS, labels)
+    assert read_vectors(tmp_path / "v.pt")[0] == IDS
+
+
+@pytest.mark.parametrize("key", ["ids", "labels"])
+def test_npz_ids_or_labels_of_more_than_one_dimension_are_refused(tmp_path, key):
+    arrays = {"ids": np.array(IDS), "vectors": vectors(), "labels": np.array(SPEAKERS)}
+    arrays[key] = arrays[key][:, None]  # (N, 1): str() of each row would be "['...']"
+    np.savez(tmp_path / "v.npz", **arrays)
+    with pytest.raises(InteropError, match=rf"v\.npz: {key} of shape \(9, 1\); give a flat list of {len(IDS)} strings"):
+        read_vectors(tmp_path / "v.npz")
+
+
 def test_pt_dict_of_tensors(tmp_path):
     x = vectors()
     ids = [f"utt{i}" for i in range(len(x))]  # no speaker folder: an unlabelled set
