@@ -162,3 +162,15 @@ def test_extract_records_a_file_too_short_for_the_model_whatever_min_seconds_say
     assert result.exit_code == 0, result.output + repr(result.exception)
     meta = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert meta["summary"]["skipped_by_reason"] == {"too_short": 1}, meta["summary"]
+
+
+@pytest.mark.slow
+def test_verify_refuses_a_file_too_short_for_the_model_and_digital_silence(model, tmp_path):
+    # A decision about a file with no speaker in it is no decision: refused, as extract skips it.
+    voice = write_wav(tmp_path / "voice.wav", speech_like(1.0), SAMPLE_RATE)
+    short = write_wav(tmp_path / "short.wav", speech_like(1.0)[:MIN_SAMPLES - 1], SAMPLE_RATE)
+    line = error_line(run("verify", "--model", model, short, voice))
+    assert f"{short}: too_short: {MIN_SAMPLES - 1} samples" in line
+    silent = write_wav(tmp_path / "silent.wav", np.zeros(SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
+    line = error_line(run("verify", "--model", model, voice, silent))
+    assert f"{silent}: silent: peak 0.0e+00 is below 1e-04 (digital silence)" in line
