@@ -179,7 +179,7 @@ def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = F
     from rich.console import Console
     from rich.progress import Progress
 
-    from mrlcache.audio import SAMPLE_RATE, AudioError, load_audio
+    from mrlcache.audio import SAMPLE_RATE, AudioError, check_wave, load_audio
 
     if backbone is None:
         raise EvaluateError("scoring audio needs the model's backbone, and this model has none")
@@ -202,6 +202,7 @@ def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = F
                 if not path.is_file():
                     raise AudioError(path, "unreadable", "no such file")
                 wave = load_audio(path)[:limit]  # (T,)
+                check_wave(wave, path, min_seconds=0.0)  # too short or silent: missing, as extract skips it
                 with torch.no_grad():
                     x = torch.from_numpy(np.ascontiguousarray(wave))[None].to(device)  # (1, T)
                     vectors[utt] = pool(x)[0].cpu().numpy()  # (P,)

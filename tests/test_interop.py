@@ -91,6 +91,24 @@ def test_npz_labels_are_the_speakers(tmp_path):
     assert np.array_equal(c.read("pooled", view=0), x)
 
 
+def test_npz_byte_string_ids_and_labels_are_decoded(tmp_path):
+    # h5py and numpy code often store strings as bytes (dtype S); str(b"x") would be "b'x'".
+    x, labels = vectors(), [f"spk{i % 2}" for i in range(len(IDS))]
+    np.savez(tmp_path / "v.npz", ids=np.array(IDS, dtype=bytes), vectors=x, labels=np.array(labels, dtype=bytes))
+    torch.save({"ids": [u.encode() for u in IDS], "embeddings": torch.from_numpy(x)}, tmp_path / "v.pt")
+    assert read_vectors(tmp_path / "v.npz")[::2] == (IDS, labels)
+    assert read_vectors(tmp_path / "v.pt")[0] == IDS
+
+
+@pytest.mark.parametrize("key", ["ids", "labels"])
+def test_npz_ids_or_labels_of_more_than_one_dimension_are_refused(tmp_path, key):
+    arrays = {"ids": np.array(IDS), "vectors": vectors(), "labels": np.array(SPEAKERS)}
+    arrays[key] = arrays[key][:, None]  # (N, 1): str() of each row would be "['...']"
+    np.savez(tmp_path / "v.npz", **arrays)
+    with pytest.raises(InteropError, match=rf"v\.npz: {key} of shape \(9, 1\); give a flat list of {len(IDS)} strings"):
+        read_vectors(tmp_path / "v.npz")
+
+
 def test_pt_dict_of_tensors(tmp_path):
     x = vectors()
     ids = [f"utt{i}" for i in range(len(x))]  # no speaker folder: an unlabelled set
@@ -130,6 +148,25 @@ def test_kaldi_ark_and_scp(tmp_path):
     for name in ("xv.ark", "xv.scp"):
         ids, array, labels = read_vectors(tmp_path / name)
         assert ids == IDS and np.array_equal(array, x) and labels is None
+
+
+@pytest.mark.parametrize("entry", ["touch {m} |", "| touch {m}", "-"])
+def test_kaldi_scp_piped_commands_are_refused_before_they_run(tmp_path, monkeypatch, entry):
+    marker = tmp_path / "pwned"
+    kaldiio.save_ark(str(tmp_path / "xv.ark"), dict(zip(IDS, vectors())), scp=str(tmp_path / "xv.scp"))
+    lines = (tmp_path / "xv.scp").read_text().splitlines()
+    lines[1] = f"{IDS[1]} {entry.format(m=marker)}"
+    (tmp_path / "evil.scp").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InteropError, match=r"evil\.scp:2: .*not a file.*run it once"):
+        read_vectors(tmp_path / "evil.scp")
+    assert not marker.exists()
+    # An ark whose own name starts with '|' is opened as a file, not run by a shell.
+    monkeypatch.chdir(tmp_path)
+    odd = f"| touch {marker.name} ;.ark"
+    kaldiio.save_ark(str(tmp_path / "plain.ark"), dict(zip(IDS, vectors())))
+    os.replace(tmp_path / "plain.ark", tmp_path / odd)
+    ids, _, _ = read_vectors(odd)
+    assert ids == IDS and not marker.exists()
 
 
 def test_folder_of_npy_ids_are_relative_paths(tmp_path):
@@ -291,6 +328,19 @@ def test_npz_and_npy_outputs_read_back(tmp_path):
         write_vectors(IDS, x, "npz", tmp_path / "v.npz")
     with pytest.raises(InteropError, match="not relative file paths"):
         write_vectors(["../escape"], x[:1], "npy", tmp_path / "f2")
+
+
+def test_speakers_with_spaces_go_to_npz_and_are_named_where_utt2spk_cannot_hold_them(tmp_path):
+    # scan_tree takes a speaker folder 'spk A' as it is; only utt2spk cannot hold it.
+    x, speakers = vectors(), [f"spk {s}" for s in SPEAKERS]
+    write_vectors(IDS, x, "npz", tmp_path / "v.npz", speakers=speakers)
+    with np.load(tmp_path / "v.npz") as z:
+        assert z["speakers"].tolist() == speakers
+    for fmt, out in (("npy", "v.npy"), ("npy", "folder"), ("kaldi", "xv")):
+        with pytest.raises(InteropError, match=r"speakers with whitespace cannot be written to utt2spk 3: "
+                                               r"'spk id00000', 'spk id00001', 'spk id00002'; use --format npz"):
+            write_vectors(IDS, x, fmt, tmp_path / out, speakers=speakers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npz"]
 
 
 def _head_model(tmp_path, pooled_dim=6, dims=(2, 4)):

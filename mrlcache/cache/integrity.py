@@ -10,14 +10,26 @@ adds :func:`checksum_problems` (reads every vector).
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
 from mrlcache.cache import layout
-from mrlcache.cache.format import REPAIR, SHARDS_DIR, DamagedCacheError, shard_files, shard_rows
+from mrlcache.cache.format import REPAIR, SHARDS_DIR, DamagedCacheError, settings, shard_files, shard_rows
 
 ATTR_KEYS = ("shard", "rows", "n_ok", "n_skipped", "seconds", "skipped")
+
+
+def cache_binding(meta: dict) -> str:
+    """The ``cache`` attribute of a shard: SHA-256 of the settings and the manifest's SHA-256.
+
+    A shard copied from another cache with the same shard size and shape (other
+    utterances, or other weights, seed, views...) has sound checksums; only this tells.
+    Both parts are fixed for the life of a cache (the stored manifest keeps its paths).
+    """
+    text = json.dumps({"settings": settings(meta), "manifest_sha256": meta.get("manifest_sha256")}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def array_sha256(array: np.ndarray) -> str:
@@ -99,6 +111,9 @@ def inspect_shard(backend, path: Path, k: int, meta: dict, row_of: dict) -> tupl
         problems.append(f"it says shard {attrs['shard']} rows {attrs['rows']}, expected shard {k} rows {[rows.start, rows.stop]}")
     if attrs["n_ok"] != len(index) or (has_pooled and (shape is None or tuple(shape) != (len(index), views, dim))):
         problems.append(f"pooled shape {shape} with {len(index)} index rows, expected (n, {views}, {dim}) with n = {attrs['n_ok']}")
+    # Shards written before the binding existed lack it; those are checked as before.
+    if "cache" in attrs and attrs["cache"] != cache_binding(meta):
+        problems.append("written for another cache (other utterances or settings)")
     if problems:
         raise damaged(path, problems)
     if not has_pooled:

@@ -347,6 +347,7 @@ class CacheWriter:
             "seconds": float(seconds),
             "skipped": skipped,
             "sha256": integrity.checksums(stored, index, sums),  # checked by open(verify=True)
+            "cache": integrity.cache_binding(self.meta),  # a shard copied from another cache is refused
         }
         if windowed:  # absent otherwise: shards as before windows
             ids = set(self._ids(index))

@@ -12,7 +12,8 @@ and ``emb.ids.txt`` (the N utterance ids, one per line, same order); ``--out DIR
 and ``--format npz`` one ``OUT.npz`` (``ids``, ``vectors``), through
 :func:`mrlcache.interop.write_vectors`. Nothing is written outside DIR
 (an id such as ``../x.wav`` is refused) and no two inputs share an output file (``x.wav``
-and ``x.flac``): both are checked before any file is decoded.
+and ``x.flac``); existing outputs are kept unless ``--overwrite``: all are checked before
+any file is decoded.
 
 A file too short for the model's frames (``mrlcache.audio.MIN_SAMPLES``) or unreadable
 stops the run with its name; digital silence is embedded with a warning.
@@ -89,8 +90,9 @@ def _targets(out: Path, ids: list[str]) -> list[Path]:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="onnxruntime: the backbone exported to ONNX and run by onnxruntime on the CPU (faster here).")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.pass_context
-def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, device, engine):
+def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, device, engine, overwrite):
     """Write embeddings of audio FILES or folders (scanned as SPEAKER/.../FILE trees)."""
     check_device(device)
     import numpy as np
@@ -125,6 +127,11 @@ def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, d
             raise click.ClickException(str(err)) from None
     items = _inputs(inputs)
     out = Path(out)
+    from mrlcache.interop import InteropError, output_paths, write_vectors
+
+    there = [str(p) for p in output_paths(fmt, out) if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
+    if there and not overwrite:  # checked before any file is decoded
+        raise click.ClickException(f"--out: {', '.join(there)} already exist; use --overwrite or another --out")
     ids = [u for u, _ in items]
     targets = None if out.suffix == ".npy" or fmt != "npy" else _targets(out, ids)
     limit = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
@@ -148,19 +155,12 @@ def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, d
                 vectors[i] = emb[0].cpu().numpy()
             progress.advance(task)
 
-    if fmt != "npy":
-        from mrlcache.interop import InteropError, write_vectors
-
+    if targets is None:  # one file set, written aside and renamed into place
         try:
-            written = write_vectors(ids, vectors, fmt, out, overwrite=True)
+            written = write_vectors(ids, vectors, fmt, out, overwrite=overwrite)
         except InteropError as err:
             raise click.ClickException(str(err)) from None
         write_resolved(ctx, Path(written[0]).with_name(Path(written[0]).stem + ".options.yaml"))
-    elif targets is None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, vectors)
-        out.with_name(out.stem + ".ids.txt").write_text("\n".join(ids) + "\n")
-        write_resolved(ctx, out.with_name(out.stem + ".options.yaml"))
     else:
         out.mkdir(parents=True, exist_ok=True)
         for target, vector in zip(targets, vectors):

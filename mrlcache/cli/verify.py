@@ -70,7 +70,7 @@ def verify(model_path, files, pairs_path, data_dir, dim, prior, far, json_out, w
         _fail(f"--far {far}: must be in (0, 1)")
     pairs = _read_pairs(Path(pairs_path), data_dir) if pairs_path else [(Path(files[0]), Path(files[1]))]
 
-    from mrlcache.audio import AudioError, load_audio
+    from mrlcache.audio import AudioError, check_wave, load_audio
     from mrlcache.calibration import CalibrationError
     from mrlcache.model import ModelError, load_model
 
@@ -94,6 +94,10 @@ def verify(model_path, files, pairs_path, data_dir, dim, prior, far, json_out, w
             waves[path] = load_audio(path)  # (T,)
         except AudioError as err:
             _fail(f"{path}: cannot decode it ({err.reason}: {err.detail})")
+        try:  # as extract skips them: too short for the model's frames, or digital silence
+            check_wave(waves[path], path, min_seconds=0.0)
+        except AudioError as err:
+            _fail(f"{err}; verify needs a file with speech in it")
     # Each file is embedded once (pairs often share files), then every pair is scored.
     results = []
     for a, b in pairs:

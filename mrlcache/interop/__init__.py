@@ -8,13 +8,14 @@ docs/interop.md.
 """
 
 from mrlcache.interop.readers import InteropError, read_ids, read_utt2spk, read_vectors, speakers_for
-from mrlcache.interop.writers import FORMATS, export_vectors, import_vectors, source_sha256, write_vectors
+from mrlcache.interop.writers import FORMATS, export_vectors, import_vectors, output_paths, source_sha256, write_vectors
 
 __all__ = [
     "FORMATS",
     "InteropError",
     "export_vectors",
     "import_vectors",
+    "output_paths",
     "read_ids",
     "read_utt2spk",
     "read_vectors",

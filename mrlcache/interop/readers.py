@@ -211,16 +211,29 @@ def _npz(path: Path, ids_file) -> tuple:
         ids = read_ids(ids_file)
     elif ids is None:
         raise InteropError(f"{path}: no ids array ({', '.join(ID_KEYS)}); add one or give --ids FILE")
-    labels = _pick(data, LABEL_KEYS)
-    return [str(u) for u in np.asarray(ids).tolist()], vectors, _labels(labels)
+    return _strings(ids, "ids", path), vectors, _strings(_pick(data, LABEL_KEYS), "labels", path)
 
 
-def _labels(labels):
-    if labels is None:
+def _strings(values, what: str, source) -> list[str] | None:
+    """Ids or labels as a list of str: bytes decoded as UTF-8, numbers written out.
+
+    Raises:
+        InteropError: not one flat list (an (N, 1) array would become "['id']" strings),
+            or bytes that are not UTF-8.
+    """
+    if values is None:
         return None
-    if hasattr(labels, "tolist"):
-        labels = labels.tolist()
-    return [str(s) for s in labels]
+    if hasattr(values, "tolist"):
+        shape, values = np.shape(values), values.tolist()
+        if len(shape) != 1:
+            raise InteropError(f"{source}: {what} of shape {shape}; give a flat list of {shape[0] if shape else 1} strings")
+    nested = [v for v in values if isinstance(v, (list, tuple, dict))]
+    if nested:
+        raise InteropError(f"{source}: {what} hold lists {shown(nested)}; give a flat list of {len(values)} strings")
+    try:
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+    except UnicodeDecodeError as err:
+        raise InteropError(f"{source}: {what} are bytes that are not UTF-8 ({err})") from None
 
 
 def _numpy(x):
@@ -269,9 +282,7 @@ def _pt(path: Path, ids_file) -> tuple:
         ids = read_ids(ids_file) if ids_file is not None else _pick(obj, ID_KEYS)
         if ids is None:
             raise InteropError(f"{path}: no ids list ({', '.join(ID_KEYS)}); add one or give --ids FILE")
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return [str(u) for u in ids], _numpy(vectors), _labels(_pick(obj, LABEL_KEYS))
+        return _strings(ids, "ids", path), _numpy(vectors), _strings(_pick(obj, LABEL_KEYS), "labels", path)
     not_tensor = [k for k, v in obj.items() if not isinstance(v, (torch.Tensor, np.ndarray))]
     if not_tensor:
         raise InteropError(
@@ -282,15 +293,35 @@ def _pt(path: Path, ids_file) -> tuple:
     return ids, _stack(ids, [_numpy(v) for v in obj.values()], str(path)), None
 
 
+def _refuse_piped_entries(path: Path) -> None:
+    """An scp entry kaldiio would hand to a shell (``cmd |``, ``| cmd``) or read from stdin (``-``)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InteropError(f"{path}: unreadable Kaldi scp ({err})") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.strip().split(None, 1)
+        entry = fields[1].strip() if len(fields) == 2 else ""
+        if entry == "-" or entry.startswith("|") or entry.endswith("|"):
+            raise InteropError(
+                f"{path}:{n}: {entry!r} is not a file but a command or stdin, which would run; "
+                f"run it once, write its vectors to an ark and list that"
+            )
+
+
 def _kaldi(path: Path, ids_file) -> tuple:
     import kaldiio
 
     try:
-        if path.suffix == ".scp":
+        if path.suffix.lower() == ".scp":
+            _refuse_piped_entries(path)
             table = kaldiio.load_scp(str(path))
             items = [(k, table[k]) for k in table]
         else:
-            items = list(kaldiio.load_ark(str(path)))
+            with open(path, "rb") as f:  # an open file: kaldiio runs a name that starts with '|'
+                items = list(kaldiio.load_ark(f))
+    except InteropError:
+        raise
     except Exception as err:  # kaldiio raises ValueError, OSError, struct errors...
         raise InteropError(f"{path}: unreadable Kaldi {path.suffix[1:]} ({type(err).__name__}: {err})") from None
     if not items:

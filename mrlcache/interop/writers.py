@@ -252,11 +252,25 @@ def write_vectors(ids, vectors, fmt: str, out, speakers=None, overwrite: bool = 
     ids = [str(u) for u in ids]
     if vectors.ndim != 2 or len(ids) != len(vectors):
         raise InteropError(f"need (N, D) vectors with N ids, got {vectors.shape} and {len(ids)} ids")
-    if speakers is not None and any(not s or any(c.isspace() for c in s) for s in speakers):
-        raise InteropError("speakers must be non-empty and without whitespace to be written as utt2spk")
+    if speakers is not None and not all(speakers):
+        raise InteropError("every utterance needs a speaker to write speakers; give none or all")
+    spaced = sorted({s for s in speakers or () if any(c.isspace() for c in s)})
+    if spaced and fmt != "npz":  # npz stores them as an array; utt2spk lines split on whitespace
+        raise InteropError(f"speakers with whitespace cannot be written to utt2spk {shown(spaced)}; use --format npz")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return {"kaldi": _kaldi, "npz": _npz, "npy": _npy}[fmt](ids, vectors, out, speakers, overwrite)
+
+
+def output_paths(fmt: str, out) -> list[Path]:
+    """What ``write_vectors(ids, vectors, fmt, out)`` writes (utt2spk aside): files, or the folder."""
+    out = Path(out)
+    if fmt == "kaldi":
+        stem = out.with_suffix("") if out.suffix in (".ark", ".scp") else out
+        return [stem.with_name(stem.name + ".ark"), stem.with_name(stem.name + ".scp")]
+    if fmt == "npz":
+        return [out if out.suffix == ".npz" else out.with_name(out.name + ".npz")]
+    return [out, out.with_name(out.stem + ".ids.txt")] if out.suffix == ".npy" else [out]
 
 
 def _refuse_existing(paths, overwrite: bool) -> None:
@@ -273,9 +287,8 @@ def _kaldi(ids, vectors, out, speakers, overwrite):
     spaced = [u for u in ids if any(c.isspace() for c in u)]
     if spaced:
         raise InteropError(f"Kaldi keys cannot hold whitespace: ids {shown(spaced)}; use --format npz")
-    stem = out.with_suffix("") if out.suffix in (".ark", ".scp") else out
-    ark, scp = stem.with_name(stem.name + ".ark"), stem.with_name(stem.name + ".scp")
-    u2s = stem.with_name(stem.name + ".utt2spk")
+    ark, scp = output_paths("kaldi", out)
+    u2s = ark.with_suffix(".utt2spk")
     _refuse_existing([ark, scp] + ([u2s] if speakers else []), overwrite)
     tmp = _aside(ark, "tmp")
     index = io.StringIO()
@@ -299,7 +312,7 @@ def _kaldi(ids, vectors, out, speakers, overwrite):
 
 
 def _npz(ids, vectors, out, speakers, overwrite):
-    out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+    (out,) = output_paths("npz", out)
     _refuse_existing([out], overwrite)
     arrays = {"ids": np.array(ids, dtype=str), "vectors": vectors}
     if speakers:
@@ -321,7 +334,7 @@ def _npy(ids, vectors, out, speakers, overwrite):
     import io
 
     if out.suffix == ".npy":
-        side = out.with_name(out.stem + ".ids.txt")
+        side = output_paths("npy", out)[1]
         u2s = out.with_name(out.stem + ".utt2spk")
         _refuse_existing([out, side] + ([u2s] if speakers else []), overwrite)
         written = [atomic_write(side, _lines(ids))]

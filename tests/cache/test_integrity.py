@@ -189,6 +189,42 @@ def test_shard_in_another_shards_place_is_refused(written):
     assert_sound(out)
 
 
+def _other_cache(out, backend, other):
+    """A complete cache like ``written`` but of other utterances or with another seed."""
+    manifest = make_manifest(10)
+    if other == "utterances":
+        manifest = [Utterance(u.utt_id.replace("vid", "other"), u.path, u.speaker) for u in manifest]
+    meta = make_meta(seed=8) if other == "settings" else make_meta()
+    data = vectors(10) + 1.0
+    with cache.CacheWriter(out, meta, manifest, backend=backend) as writer:
+        for k in range(writer.num_shards):
+            rows = writer.shard_rows(k)
+            index = [r for r in rows if r not in SKIPPED_ROWS]
+            skipped = {manifest[r].utt_id: SKIPPED_ROWS[r] for r in rows if r in SKIPPED_ROWS}
+            writer.write_shard(k, index, data[index], skipped, seconds=2.5 * len(rows))
+        writer.finish({"utterances_per_second": 12.5})
+
+
+@pytest.mark.parametrize("other", ["utterances", "settings"])
+def test_shard_from_another_cache_is_refused_and_repaired(written, tmp_path, other):
+    # Same shard number, rows, shape, no skipped ids, sound checksums: only what it was written for differs.
+    out, backend = written
+    _other_cache(tmp_path / "other", backend, other)
+    target = shard_path(out, backend, 1)
+    _remove(target)
+    if backend == "zarr":
+        import shutil
+
+        shutil.copytree(shard_path(tmp_path / "other", backend, 1), target)
+    else:
+        target.write_bytes(shard_path(tmp_path / "other", backend, 1).read_bytes())
+    with pytest.raises(DamagedCacheError, match=rf"shard-00001.*written for another cache \(other utterances "
+                                                rf"or settings\)\); {REPAIR}"):
+        cache.open(out)
+    assert rerun(out, backend) == {1}
+    assert_sound(out)
+
+
 def test_swapped_manifest_ids_are_detected_and_repaired(written):
     out, backend = written
     manifest = out / "manifest.tsv"
@@ -250,7 +286,7 @@ def test_format_1_cache_without_checksums_still_opens(tmp_path):
     for path in (out / "shards").iterdir():
         group = zarr.open_group(path, mode="r+")
         attrs = dict(group.attrs)
-        del attrs["sha256"]
+        del attrs["sha256"], attrs["cache"]  # nor their binding to the cache
         group.attrs.clear()
         group.attrs.update(attrs)
     with pytest.raises(DamagedCacheError, match="attributes sha256 missing"):

@@ -58,7 +58,7 @@ COMMAND_ONLY = {
                 "random_init", "threads", "rank", "world_size", "overwrite", "quiet"},
     "eer": {"model_path", "trials_path", "cache_dir", "data_dir", "dims", "baselines", "pca_cache", "center_cache",
             "asnorm_cohort", "snorm_cohort", "calibration_path", "json_out", "plot_out"},
-    "embed": {"model_path", "inputs", "dim", "out", "fmt", "max_seconds", "device", "engine"},
+    "embed": {"model_path", "inputs", "dim", "out", "fmt", "max_seconds", "device", "engine", "overwrite"},
     "demo": {"out", "quick", "weights", "variant"},
 }
 

@@ -3,16 +3,17 @@ corpus, tiny backbone and random head."""
 
 import itertools
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tree
+from conftest import make_tree, speech_like, write_wav
 from conftest import TINY
 
 from mrlcache import metrics, scoring
-from mrlcache.audio import load_audio
+from mrlcache.audio import MIN_SAMPLES, SAMPLE_RATE, load_audio
 from mrlcache.cli import main
 from mrlcache.corpus import scan_tree
 from mrlcache.extract import ExtractConfig, extract
@@ -316,3 +317,21 @@ def test_embed_kaldi_and_npz_hold_the_npy_embeddings(setup, tmp_path):
     z = np.load(tmp_path / "z.npz")
     assert list(z["ids"]) == list(want)
     np.testing.assert_array_equal(z["vectors"], np.stack(list(want.values())))
+
+
+def test_audio_mode_skips_short_and_silent_files_as_extract_does(setup, tmp_path):
+    # Before: a file too short for the frames was a torch traceback, silence was scored.
+    root, utts = setup
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    write_wav(data / "id10001" / "v00" / "short.wav", speech_like(1.0)[:MIN_SAMPLES - 1], SAMPLE_RATE)
+    write_wav(data / "id10001" / "v00" / "silent.wav", np.zeros(SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
+    trials = tmp_path / "t.txt"
+    extra = [f"0 {utts[0].utt_id} id10001/v00/short.wav", f"1 id10001/v00/silent.wav {utts[1].utt_id}"]
+    trials.write_text((root / "trials.txt").read_text() + "\n".join(extra) + "\n")
+    result = run("eer", "--model", root / "model.pt", "--trials", trials, "--data", data)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "2 of 14 trial utterances are missing" in result.output and "--skip-missing" in result.output
+    assert "too_short" in result.output and "silent" in result.output
+    result = run("eer", "--model", root / "model.pt", "--trials", trials, "--data", data, "--skip-missing")
+    assert result.exit_code == 0 and "skipped 2 of 68 trials" in result.output, result.output

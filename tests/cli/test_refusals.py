@@ -162,3 +162,33 @@ def test_extract_records_a_file_too_short_for_the_model_whatever_min_seconds_say
     assert result.exit_code == 0, result.output + repr(result.exception)
     meta = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert meta["summary"]["skipped_by_reason"] == {"too_short": 1}, meta["summary"]
+
+
+@pytest.mark.slow
+def test_verify_refuses_a_file_too_short_for_the_model_and_digital_silence(model, tmp_path):
+    # A decision about a file with no speaker in it is no decision: refused, as extract skips it.
+    voice = write_wav(tmp_path / "voice.wav", speech_like(1.0), SAMPLE_RATE)
+    short = write_wav(tmp_path / "short.wav", speech_like(1.0)[:MIN_SAMPLES - 1], SAMPLE_RATE)
+    line = error_line(run("verify", "--model", model, short, voice))
+    assert f"{short}: too_short: {MIN_SAMPLES - 1} samples" in line
+    silent = write_wav(tmp_path / "silent.wav", np.zeros(SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
+    line = error_line(run("verify", "--model", model, voice, silent))
+    assert f"{silent}: silent: peak 0.0e+00 is below 1e-04 (digital silence)" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("out, fmt, made", [("e.npy", "npy", "e.npy"), ("embs", "npy", "embs"),
+                                            ("e", "kaldi", "e.scp"), ("e.npz", "npz", "e.npz")])
+def test_embed_keeps_existing_outputs_unless_overwrite(model, tmp_path, monkeypatch, out, fmt, made):
+    # As export-vectors: an embedding run can cost hours, so a second run never replaces it silently.
+    monkeypatch.chdir(tmp_path)
+    write_wav(tmp_path / "a.wav", speech_like(0.5), SAMPLE_RATE)
+    first = run("embed", "--model", model, "a.wav", "--out", out, "--format", fmt)
+    assert first.exit_code == 0, first.output
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    write_wav(tmp_path / "b.wav", speech_like(0.7), SAMPLE_RATE)
+    line = error_line(run("embed", "--model", model, "b.wav", "--out", out, "--format", fmt))
+    assert made in line and "--overwrite" in line
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file() and p.name != "b.wav"} == before
+    again = run("embed", "--model", model, "b.wav", "--out", out, "--format", fmt, "--overwrite")
+    assert again.exit_code == 0, again.output
