@@ -10,7 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
+import torch
+
+_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _same_threads_for_every_test():
+    """Every test starts with the session's torch thread count: ``extract --threads 1`` run
+    in-process sets it for the whole process, and CPU kernels reduce in a thread-dependent
+    order, so without this a fit's numbers would depend on which tests ran before."""
+    torch.set_num_threads(_THREADS)
+    yield
+    torch.set_num_threads(_THREADS)
+
 
 # broken_files() writes a "too_short" file of 0.25 s: it is too short for any
 # min_seconds above this value and long enough for none of the other checks to fire.
