@@ -20,8 +20,8 @@ SEED = click.IntRange(min=0)  # numpy's generators refuse negative seeds
 
 
 class _Window(click.ParamType):
-    """``--window-seconds``: seconds (at least MIN_WINDOW_SECONDS of mrlcache.streams.windows,
-    kept equal by a test) or ``none`` (one pass per utterance)."""
+    """``--window-seconds``: seconds (at least 1, MIN_WINDOW_SECONDS of mrlcache.streams.windows,
+    which ExtractConfig checks too) or ``none`` (one pass per utterance)."""
 
     name = "seconds|none"
 

@@ -75,6 +75,11 @@ class ExtractConfig:
         return parse_streams(self.streams)
 
     @property
+    def eval_window(self) -> float | None:
+        """The window whole utterances are computed in: ``window_seconds`` in eval mode; None for crops."""
+        return self.window_seconds if self.mode == "eval" else None
+
+    @property
     def needs_redimnet(self) -> bool:
         """True when a stream comes from a ReDimNet: pooled, or layers without a PTM."""
         return "pooled" in self.stream_names or ("layers" in self.stream_names and not self.ptm)

@@ -32,7 +32,7 @@ from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shar
 from mrlcache.runtime import DeviceError, autocast, resolve_device, resolve_precision
 from mrlcache.streams import windows
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
-from mrlcache.streams.windows import window_bounds
+from mrlcache.streams.windows import num_windows
 
 BACKBONE_FILE = "backbone.pt"  # random-init weights, saved beside the cache
 LONG_SECONDS = 300  # eval mode: a whole utterance longer than this in one pass gets a warning
@@ -209,7 +209,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    window = cfg.window_seconds if cfg.mode == "eval" else None
+    window = cfg.eval_window
     total_rows = sum(len(writer.shard_rows(k)) for k in todo)
     shard_of = {row: k for k in todo for row in writer.shard_rows(k)}
     pending = {}  # shard -> {"index": [], "pooled": [], "skipped": {}, "seconds": float, "left": int}
@@ -266,7 +266,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
 def _note_long(item, cfg: ExtractConfig, windowed: dict, bar) -> None:
     """Record and say how a long eval utterance is computed: in windows, or in one pass."""
     samples = item.views.shape[-1]
-    count = len(window_bounds(samples, cfg.window_seconds, 160)) if cfg.needs_redimnet else 1  # hop: count only
+    count = num_windows(samples, cfg.window_seconds) if cfg.needs_redimnet else 1
     if count > 1:
         windowed[item.utt_id] = count
         ptm = f"; the --ptm {cfg.ptm} layers take one pass" if cfg.ptm else ""

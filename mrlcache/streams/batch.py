@@ -70,7 +70,7 @@ def forward_streams(model, ptm, items, device, precision, cfg, seconds: dict) ->
     With a ReDimNet computing both layers and pooled, pooled is finished from the layers
     (one backbone pass; equal to ``model.pooled``).
     """
-    window = cfg.window_seconds if cfg.mode == "eval" else None  # crops are one pass
+    window = cfg.eval_window
 
     def one(wave):  # (B, T) -> {stream: (B, ...) float32 numpy}
         out = {}

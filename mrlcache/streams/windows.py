@@ -40,6 +40,13 @@ WINDOW_SECONDS = 300.0  # default: no VoxCeleb utterance is split; a 2-hour file
 MIN_WINDOW_SECONDS = 1.0
 
 
+def num_windows(num_samples: int, window_seconds: float | None) -> int:
+    """How many windows cover ``num_samples``: 1 when it fits (or no window), else ``ceil(T / window)``."""
+    if window_seconds is None:
+        return 1
+    return max(1, -(-num_samples // int(round(window_seconds * SAMPLE_RATE))))
+
+
 def window_bounds(num_samples: int, window_seconds: float | None, hop: int) -> list[tuple[int, int]]:
     """[(start, end), ...] sample ranges of the windows covering ``num_samples``.
 
@@ -47,10 +54,9 @@ def window_bounds(num_samples: int, window_seconds: float | None, hop: int) -> l
     ``ceil(T / window)`` ranges of whole hops (the first ``units % k`` one hop longer),
     the last ending at ``num_samples``; each is at most one hop longer than the window.
     """
-    window = None if window_seconds is None else int(round(window_seconds * SAMPLE_RATE))
-    if window is None or num_samples <= window:
+    k = num_windows(num_samples, window_seconds)
+    if k == 1:
         return [(0, num_samples)]
-    k = -(-num_samples // window)
     base, extra = divmod(num_samples // hop, k)
     bounds, start = [], 0
     for i in range(k):
@@ -80,6 +86,11 @@ def _hop(model) -> int:
     return int(model.model_config["hop_length"])
 
 
+def _frames(bounds, hop: int) -> list[int]:
+    """Frames each window's forward pools over (T // hop + 1 each)."""
+    return [(b - a) // hop + 1 for a, b in bounds]
+
+
 def pooled(model, waves: torch.Tensor, window_seconds: float | None) -> torch.Tensor:
     """ASTP vectors (B, pooled_dim) of whole utterances (B, T), window by window."""
     hop = _hop(model)
@@ -87,7 +98,7 @@ def pooled(model, waves: torch.Tensor, window_seconds: float | None) -> torch.Te
     if len(bounds) == 1:
         return model.pooled(waves)
     parts = [model.pooled(waves[..., a:b]) for a, b in bounds]
-    return combine_stats(parts, [(b - a) // hop + 1 for a, b in bounds])
+    return combine_stats(parts, _frames(bounds, hop))
 
 
 def layers(model, waves: torch.Tensor, window_seconds: float | None, *, stats: bool,
@@ -115,7 +126,7 @@ def layers(model, waves: torch.Tensor, window_seconds: float | None, *, stats: b
             kept.append(frames)
     pooled_value = None
     if with_pooled:
-        pooled_value = pools[0] if len(pools) == 1 else combine_stats(pools, [(b - a) // hop + 1 for a, b in bounds])
+        pooled_value = pools[0] if len(pools) == 1 else combine_stats(pools, _frames(bounds, hop))
     if not stats:
         return (kept[0] if len(kept) == 1 else torch.cat(kept, dim=-1)), pooled_value
     if len(summaries) == 1:
