@@ -236,9 +236,10 @@ class MRLModel(nn.Module):
 
 # Heads a model file can hold, by the name model.pt records: name -> class(**args).
 def _model_heads() -> dict:
+    from mrlcache.fit.heads.adaptor import AdaptorHead, WarmHead
     from mrlcache.fit.heads.streams import StreamModel
 
-    return {"mrl": MatryoshkaHead, "streams": StreamModel}
+    return {"mrl": MatryoshkaHead, "streams": StreamModel, "warm": WarmHead, "adaptor": AdaptorHead}
 
 
 def head_entry(head) -> dict:
@@ -246,6 +247,9 @@ def head_entry(head) -> dict:
     if isinstance(head, MatryoshkaHead):
         return {"head": {"name": "mrl", "args": {"pooled_dim": head.pooled_dim, "dims": list(head.dims)}},
                 "inputs": ["pooled"]}
+    named = {cls: name for name, cls in _model_heads().items()}
+    if type(head) in named and named[type(head)] != "streams":  # a head over the pooled vector
+        return {"head": {"name": named[type(head)], "args": head.spec()}, "inputs": ["pooled"]}
     return {"head": {"name": "streams", "args": head.spec()}, "inputs": list(head.inputs)}
 
 

@@ -66,10 +66,16 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
 
     backbone_ref = None
     imported = is_imported(meta)
-    if not cfg.head_only and not imported and backbone is None:
+    if (not cfg.head_only or cfg.starts_from_published) and not imported and backbone is None:
         from mrlcache.backbone import backbone_for_cache
 
         backbone, backbone_ref = backbone_for_cache(cache_dir, meta, weights=cfg.weights)
+    published = None
+    if cfg.starts_from_published:  # the published map: the backbone's head, or imported vectors as they are
+        from mrlcache.fit.heads.adaptor import affine_of
+
+        published = affine_of(backbone.head, pooled_dim) if backbone is not None else \
+            (np.eye(pooled_dim), np.zeros(pooled_dim))
     if cfg.head_only or imported:
         backbone = None
 
@@ -103,8 +109,12 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         fingerprint.update(train_speakers=len(train_names), val_speakers=val_names, features=mode)
         write_header(out, config, fingerprint)  # on resume: the same, up to epochs/patience
 
-        head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
-        job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device)
+        if published is None:
+            head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
+            job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device)
+        else:
+            job = _published_job(cfg, config, out, feats, mode, labels, published, val, len(train_names),
+                                 len(train_rows), device)
         result = train(job, resume)
         extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names)}
         if val is not None:
@@ -131,6 +141,40 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
         head, loss_fn = build_head(one, pooled_dim, num_classes, device)
         job = feature_job(one, config, out, head, loss_fn, feats, val, num_train, device)
         finish(job, train(job, resume), None, None, extra)
+
+
+def _published_job(cfg, config, out, feats, mode, labels, published, val, num_classes, num_train, device):
+    """The TrainJob of a head started from the published embedding (mrlcache.fit.heads.adaptor): epoch 0
+    is scored, and no epoch worse than it at the published size is selected."""
+    from mrlcache.fit.heads.adaptor import build_nested
+
+    pooled, rows_labels = training_sample(feats, mode, labels, cfg.seed)
+    try:
+        head, loss_fn, embed, guard = build_nested(cfg, int(feats.dim), num_classes, published, pooled,
+                                                   rows_labels, device)
+    except ValueError as err:
+        raise FitError(str(err)) from None
+    job = feature_job(cfg, config, out, head, loss_fn, feats, val, num_train, device)
+    return dataclasses.replace(job, embed=embed, score_start=True, guard_dim=guard)
+
+
+SAMPLE_ROWS = 50_000  # training vectors that fit the start's rotation, standardisation and classifier
+
+
+def training_sample(feats, mode: str, labels: np.ndarray, seed: int):
+    """Training vectors (n, P) float32 and their classes (n,): every view in memory (a seeded
+    sample of SAMPLE_ROWS when more), view 0 when streamed."""
+    rows = np.flatnonzero(labels >= 0)
+    if mode == "memory":
+        views = feats.pooled.shape[1]
+        flat = (rows[:, None] * views + np.arange(views)).ravel()
+        if len(flat) > SAMPLE_ROWS:
+            flat = np.sort(np.random.default_rng(seed).choice(len(flat), SAMPLE_ROWS, replace=False))
+            flat = (rows[:, None] * views + np.arange(views)).ravel()[flat]
+        pooled = np.asarray(feats.pooled.reshape(-1, feats.pooled.shape[2])[flat], dtype=np.float32)
+        return pooled, labels[flat // views]
+    pooled = np.concatenate([s.read("pooled", view=0, dtype=np.float32) for s in feats.shards])[rows]
+    return pooled, labels[rows]
 
 
 def recorded_sha256(meta: dict) -> str | None:

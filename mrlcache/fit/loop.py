@@ -50,6 +50,11 @@ class TrainJob:
     modules: dict = field(default_factory=dict)  # more modules to checkpoint, e.g. {"backbone": m}
     on_epoch_start: Callable | None = None  # on_epoch_start(epoch), e.g. to unfreeze the backbone
     grad_accum: int = 1  # batches per optimiser step
+    # A head that starts from a model worth keeping (the published embedding): epoch 0 (before
+    # any step) is validated and may be selected (best epoch -1), and no later epoch whose EER
+    # at guard_dim is worse than epoch 0's is selected.
+    score_start: bool = False
+    guard_dim: int | None = None
 
 
 def checkpoint(job: TrainJob, epoch: int, **more) -> dict:
@@ -115,6 +120,18 @@ def train(job: TrainJob, resume: bool) -> dict:
         history = [h for h in history if h["epoch"] < start]
         hist_path.write_text("".join(json.dumps(h) + "\n" for h in history))
     writer = SummaryWriter(str(out / "tensorboard"), purge_step=start if resume else None)
+    floor = None  # epoch 0's EER at guard_dim: the bound a selected epoch keeps
+    if job.score_start and job.val is not None:
+        if resume:
+            floor = state.get("start_floor")
+        else:
+            job.head.eval()
+            v = validate(job.val_embed, job.val, job.loss_fn.dims, job.device)
+            best = {"epoch": -1, "mean_eer": v["mean_eer"], "eer": {str(d): e for d, e in v["eer"].items()},
+                    "min_dcf": {str(d): e for d, e in v["min_dcf"].items()}}
+            mark = {"epoch": -1, "mean_eer": v["mean_eer"]}
+            floor = v["eer"][job.guard_dim] if job.guard_dim is not None else None
+            atomic_torch_save(checkpoint(job, -1, val=best), out / "best.pt")
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -176,7 +193,8 @@ def train(job: TrainJob, resume: bool) -> dict:
                 job.scheduler.step(v["mean_eer"])
             if mark["mean_eer"] is None or v["mean_eer"] < mark["mean_eer"] - cfg.min_delta:
                 mark = {"epoch": epoch, "mean_eer": v["mean_eer"]}  # patience counts from here
-            if best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]:
+            kept = floor is None or v["eer"][job.guard_dim] <= floor  # no worse than epoch 0 at guard_dim
+            if kept and (best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]):
                 best = {"epoch": epoch, "mean_eer": v["mean_eer"], "eer": rec["val_eer"],
                         "min_dcf": rec["val_min_dcf"]}
                 atomic_torch_save(checkpoint(job, epoch, val=best), out / "best.pt")
@@ -193,7 +211,7 @@ def train(job: TrainJob, resume: bool) -> dict:
         atomic_torch_save(checkpoint(job, epoch + 1, optimizer=job.optimizer.state_dict(),
                                      scheduler=job.scheduler.state_dict(), scaler=scaler.state_dict(),
                                      torch_rng=torch.get_rng_state(), best=best, patience_mark=mark,
-                                     config=job.config), last_path)
+                                     config=job.config, start_floor=floor), last_path)
         line = f"epoch {epoch + 1}/{cfg.epochs} loss {sum(train_loss) / len(dims):.3f} " \
                f"acc {train_acc[-1]:.3f} lr {rec['lr']:.2e} {rec['seconds']:.1f}s"
         if validating:
