@@ -65,7 +65,7 @@ class FixedHeads:
 # LDA of an embedding: what a user would fit to order (and truncate) the published dims
 # --------------------------------------------------------------------------------------
 
-LDA_RIDGE = 1e-6  # within-class scatter += LDA_RIDGE * mean variance * I (a singular Sw stays solvable)
+LDA_RIDGE = 1e-9  # within-class scatter += LDA_RIDGE * mean variance * I (a singular Sw stays solvable)
 
 
 def lda_from_stats(outer: np.ndarray, class_sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

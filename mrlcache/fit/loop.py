@@ -120,16 +120,17 @@ def train(job: TrainJob, resume: bool) -> dict:
         history = [h for h in history if h["epoch"] < start]
         hist_path.write_text("".join(json.dumps(h) + "\n" for h in history))
     writer = SummaryWriter(str(out / "tensorboard"), purge_step=start if resume else None)
-    floor = None  # epoch 0's EER at guard_dim: the bound a selected epoch keeps
+    floor, start_rec = None, None  # epoch 0's EER at guard_dim: the bound a selected epoch keeps
     if job.score_start and job.val is not None:
         if resume:
-            floor = state.get("start_floor")
+            floor, start_rec = state.get("start_floor"), state.get("start")
         else:
             job.head.eval()
             v = validate(job.val_embed, job.val, job.loss_fn.dims, job.device)
             best = {"epoch": -1, "mean_eer": v["mean_eer"], "eer": {str(d): e for d, e in v["eer"].items()},
                     "min_dcf": {str(d): e for d, e in v["min_dcf"].items()}}
             mark = {"epoch": -1, "mean_eer": v["mean_eer"]}
+            start_rec = dict(best)
             floor = v["eer"][job.guard_dim] if job.guard_dim is not None else None
             atomic_torch_save(checkpoint(job, -1, val=best), out / "best.pt")
 
@@ -211,7 +212,8 @@ def train(job: TrainJob, resume: bool) -> dict:
         atomic_torch_save(checkpoint(job, epoch + 1, optimizer=job.optimizer.state_dict(),
                                      scheduler=job.scheduler.state_dict(), scaler=scaler.state_dict(),
                                      torch_rng=torch.get_rng_state(), best=best, patience_mark=mark,
-                                     config=job.config, start_floor=floor), last_path)
+                                     config=job.config, start_floor=floor,
+                                     start=start_rec), last_path)
         line = f"epoch {epoch + 1}/{cfg.epochs} loss {sum(train_loss) / len(dims):.3f} " \
                f"acc {train_acc[-1]:.3f} lr {rec['lr']:.2e} {rec['seconds']:.1f}s"
         if validating:
@@ -223,7 +225,7 @@ def train(job: TrainJob, resume: bool) -> dict:
             console.print(f"early stop: no better mean EER for {cfg.patience} epochs")
             break
     writer.close()
-    return {"best": best, "history": history, "stopped_early": stopped_early}
+    return {"best": best, "history": history, "stopped_early": stopped_early, "start": start_rec}
 
 
 def _optimizer_step(job: TrainJob, scaler) -> None:
