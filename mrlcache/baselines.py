@@ -5,6 +5,11 @@ A run fitted with ``--fixed-baselines`` holds, beside ``RUN/model.pt``, one head
 ``--dims D`` fit gives on the same cache, data order and settings. ``mrlcache eer`` scores
 them as the system ``fixed`` (:class:`FixedHeads`) and reports the EER ratio MRL/fixed per
 dim (:func:`fixed_ratios`): the Matryoshka claim is that it stays near 1 at every dim.
+:func:`best_baseline_ratios` compares it with the best of every baseline scored at a dim.
+
+The LDA a user would fit on the published embedding (``eer --baseline lda``) is computed
+from sufficient statistics (:func:`lda_from_stats`, streamed over a cache by
+:func:`mrlcache.evaluate.fit_lda_cache`) or from vectors in hand (:func:`fit_lda`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,23 @@ def fixed_ratios(results) -> dict:
     fixed = {r["dim"]: r["eer"] for r in results if r["system"] == "fixed"}
     return {r["dim"]: (r["eer"] / fixed[r["dim"]] if fixed[r["dim"]] > 0 else None)
             for r in results if r["system"] == "mrl" and r["dim"] in fixed}
+
+
+def best_baseline_ratios(results) -> dict:
+    """{dim: (best other system, EER of mrl / its EER)} at every dim ``mrl`` and another system share.
+
+    The best is the lowest EER among the other systems' rows of that dim (``published`` and
+    ``raw`` count at their own size); the ratio is None where that EER is 0.
+    """
+    out = {}
+    for r in results:
+        if r["system"] != "mrl":
+            continue
+        others = [o for o in results if o["system"] != "mrl" and o["dim"] == r["dim"]]
+        if others:
+            best = min(others, key=lambda o: o["eer"])
+            out[r["dim"]] = (best["system"], r["eer"] / best["eer"] if best["eer"] > 0 else None)
+    return out
 
 
 class FixedHeads:
