@@ -18,7 +18,7 @@ read with ``torch.load(weights_only=True)``, so nothing in it can run code::
               or None}                                     # head only
 
 Files written before ``head`` existed hold an ``mrl`` head (rebuilt from ``pooled_dim`` and
-``dims``). A ``streams`` head is :class:`mrlcache.fit.heads.streams.StreamModel` (encoders,
+``dims``). A ``streams`` head is :class:`mrlcache.models.streams.StreamModel` (encoders,
 fusion, ``mrl`` or ``ecapa``); ``forward(wave)`` computes its streams with
 :mod:`mrlcache.streams`, ``project`` takes ``{stream: array}`` from a cache.
 
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mrlcache.fit.heads import MatryoshkaHead
+from mrlcache.models.matryoshka import MatryoshkaHead
 from mrlcache.streams import windows
 from mrlcache.streams.windows import WINDOW_SECONDS
 
@@ -236,7 +236,7 @@ class MRLModel(nn.Module):
 
 # Heads a model file can hold, by the name model.pt records: name -> class(**args).
 def _model_heads() -> dict:
-    from mrlcache.fit.heads.streams import StreamModel
+    from mrlcache.models.streams import StreamModel
 
     return {"mrl": MatryoshkaHead, "streams": StreamModel}
 
