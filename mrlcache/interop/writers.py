@@ -47,13 +47,10 @@ def source_sha256(path) -> str:
         lines = [f"{f.relative_to(path).as_posix()} {sha256_file(f)}" for f in sorted(path.rglob("*.npy"))]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
     if path.suffix == ".scp":
-        arks = []
-        for line in path.read_text().splitlines():
-            if line.strip():
-                ark = line.split(None, 1)[-1].rsplit(":", 1)[0]
-                if ark not in arks:
-                    arks.append(ark)
-        lines = [sha256_file(path)] + [f"{Path(a).name} {sha256_file(a)}" for a in arks if Path(a).is_file()]
+        from mrlcache.interop.kaldi import parse_scp
+
+        arks = list(dict.fromkeys(e.path for e in parse_scp(path)))  # each ark once, in order
+        lines = [sha256_file(path)] + [f"{Path(a).name} {sha256_file(a)}" for a in arks]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
     return sha256_file(path)
 
