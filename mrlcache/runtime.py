@@ -140,6 +140,18 @@ def temp_file(path: Path, mode: int = 0o644) -> tuple[int, Path]:
     return fd, Path(name)
 
 
+def temp_dir(path: Path) -> Path:
+    """A new empty folder beside ``path`` (exclusive, random name), to build ``path`` in."""
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published folder is readable like any other
+    return tmp
+
+
+def write_aside(path, data: bytes | str) -> Path:
+    """Write ``data`` to a new temporary file beside ``path`` (fsynced); returns its path."""
+    return _write_aside(Path(path), data)
+
+
 def _write_aside(path: Path, data: bytes | str) -> Path:
     fd, tmp = temp_file(path)
     try:
@@ -163,6 +175,39 @@ def atomic_write(path, data: bytes | str) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def publish_files(index: tuple[Path, Path], sides=()) -> None:
+    """Rename finished temporary files into place so a reader never pairs new and old files.
+
+    ``index`` is (temporary, final) of the file readers open (``X.npy``, ``X.scp``), ``sides``
+    those it refers to (``X.ids.txt``, ``X.ark``). The old index goes first and the new one
+    comes last, so an interrupt at any point leaves either no index or a complete new set,
+    never new vectors beside old ids.
+    """
+    tmp, final = index
+    if final.is_symlink() or final.exists():
+        final.unlink()
+        fsync_dir(final.parent)
+    for side_tmp, side_final in sides:
+        os.replace(side_tmp, side_final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out``; an old ``out`` is removed only after that."""
+    import shutil
+
+    fsync_tree(tmp)
+    old = None
+    if out.is_symlink() or out.exists():
+        old = temp_dir(out)
+        os.replace(out, old / "old")
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def write_exclusive(path, data: bytes | str) -> bool:
@@ -208,7 +253,11 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-class NotRegularFileError(OSError):
+class PathRefused(OSError):
+    """A path a command refuses to read or write; the message is the whole one-line error."""
+
+
+class NotRegularFileError(PathRefused):
     """An input that is not a regular file (a FIFO, a device, a folder); reading it could hang."""
 
 
