@@ -49,13 +49,15 @@ def is_run_dir(path) -> bool:
     return any((Path(path) / name).is_file() for name in RUN_MARKERS)
 
 
-def check_output(out, inputs=(), option: str = "--out") -> None:
+def check_output(out, inputs=(), option: str = "--out", folder: bool = False) -> None:
     """Refuse ``out`` when it is one of ``inputs`` or a cache's or a run's own file.
 
     Args:
         out: the file (or folder) a command is about to write.
         inputs: every path the command reads (files or folders; None entries are skipped).
         option: how the user gave ``out``, for the message ("--json").
+        folder: ``out`` is a folder the command replaces as a whole: no input may lie
+            inside it either.
 
     Raises:
         OutputPathError: one line naming the clash and the fix.
@@ -66,6 +68,9 @@ def check_output(out, inputs=(), option: str = "--out") -> None:
     for given in inputs:
         if given is not None and _same(real, Path(given)):
             raise OutputPathError(f"{option} {out}: is the input {given}; writing it would destroy it; "
+                                  f"choose another path")
+        if folder and given is not None and _real(given).is_relative_to(real):
+            raise OutputPathError(f"{option} {out}: holds the input {given}, and is replaced as a whole; "
                                   f"choose another path")
     parent = real.parent
     if is_cache_dir(parent) and real.name in CACHE_FILES + CACHE_DIRS:

@@ -86,7 +86,10 @@ def import_vectors(vectors, out, *, ids_file=None, utt2spk=None, name: str | Non
     """
     from mrlcache.cache import CacheWriter
 
+    from mrlcache.paths import check_output
+
     src, out = Path(vectors), Path(out)
+    check_output(out, [src, ids_file, utt2spk], folder=True)
     _check_target(out, overwrite)
     ids, array, labels = read_vectors(src, ids_file=ids_file, layout=layout)
     spk = speakers_for(ids, labels, read_utt2spk(utt2spk) if utt2spk else None, str(src))
