@@ -42,8 +42,11 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         resume: continue the fit in ``out`` from ``last.pt``.
         options: any field of :class:`mrlcache.fit.config.FitConfig`.
     """
+    from mrlcache.paths import check_run_dir
+
     cfg, _ = make_configs(dims, options)
     out = Path(out)
+    check_run_dir(out)  # before the cache is read: refusing must not wait for it
     cache_dir = None
     if isinstance(cache, (str, os.PathLike)):
         from mrlcache import cache as cache_mod
@@ -72,7 +75,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         backbone, backbone_ref = backbone_for_cache(cache_dir, meta, weights=cfg.weights)
     published = None
     if cfg.starts_from_published:  # the published map: the backbone's head, or imported vectors as they are
-        from mrlcache.fit.heads.adaptor import affine_of
+        from mrlcache.fit.adaptor import affine_of
 
         published = affine_of(backbone.head, pooled_dim) if backbone is not None else \
             (np.eye(pooled_dim), np.zeros(pooled_dim))
@@ -146,7 +149,7 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
 def _published_job(cfg, config, out, feats, mode, labels, published, val, num_classes, num_train, device):
     """The TrainJob of a head started from the published embedding (mrlcache.fit.heads.adaptor): epoch 0
     is scored, and no epoch worse than it at the published size is selected."""
-    from mrlcache.fit.heads.adaptor import build_nested
+    from mrlcache.fit.adaptor import build_nested
 
     pooled, rows_labels = training_sample(feats, mode, labels, cfg.seed)
     try:

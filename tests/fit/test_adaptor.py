@@ -13,8 +13,8 @@ from mrlcache import cache
 from mrlcache.baselines import fit_lda
 from mrlcache.corpus import Utterance
 from mrlcache.fit import fit
-from mrlcache.fit.heads.adaptor import (AdaptorHead, AdaptorLoss, WarmHead, adaptor_embed, affine_of,
-                                        start_rotation)
+from mrlcache.fit.adaptor import AdaptorLoss, adaptor_embed, affine_of, start_rotation, warm_map
+from mrlcache.models.adaptor import AdaptorHead, WarmHead
 
 EMBED = 12
 
@@ -63,7 +63,7 @@ def test_warm_start_reproduces_published_scores_at_full_size(data, rotation):
     q = start_rotation(emb, spk, rotation)
     np.testing.assert_allclose(q @ q.T, np.eye(EMBED), atol=1e-10)
     head = WarmHead(POOLED, (4, 8, EMBED, EMBED + 6), EMBED)
-    head.start_from(w, b, q, x.numpy(), seed=0)
+    head.set_map(*warm_map(w, b, q, x.numpy(), EMBED + 6, seed=0))
     with torch.no_grad():
         out = head(x)
     # Full (published) size: the same cosine scores as the published embedding.
@@ -81,7 +81,7 @@ def test_rotation_only_adaptor_keeps_published_scores_while_training(data):
     w, b = affine_of(layer, POOLED)
     q = start_rotation(x.double().numpy() @ w.T + b, spk, "pca")
     head = AdaptorHead(POOLED, (2, 4, 8), EMBED)
-    head.start_from(w, b, q)
+    head.set_map(w, b, q)
     start = head(x).detach()
     loss_fn = AdaptorLoss((2, 4, 8), EMBED, topk=5)
     opt = torch.optim.Adam(head.parameters(), lr=0.05)

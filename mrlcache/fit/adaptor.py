@@ -1,4 +1,4 @@
-"""Nested dims that start from the encoder's own embedding: a warm-started head and a Matryoshka adaptor.
+"""Starting and training the heads of :mod:`mrlcache.models.adaptor` from the encoder's own embedding.
 
 The comparison a user makes is against the encoder's published embedding ``e = W x + b``
 (its embedding layer: ReDimNet's BN + Linear [+ BN], ECAPA's BN + 1x1 conv, CAM++'s
@@ -29,15 +29,14 @@ no speaker labels; ``adaptor-supervised`` adds the Matryoshka margin loss on top
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mrlcache.baselines import fit_lda
-from mrlcache.fit.heads.mrl import check_dims
+from mrlcache.models.adaptor import AdaptorHead, WarmHead
+from mrlcache.models.matryoshka import check_dims
 
 ROTATIONS = ("pca", "lda")
 OBJECTIVES = ("margin", "adaptor", "adaptor-supervised")
@@ -86,52 +85,6 @@ def start_rotation(emb: np.ndarray, labels, kind: str) -> np.ndarray:
     return np.ascontiguousarray(q.T)
 
 
-class WarmHead(nn.Module):
-    """A linear map of the standardised pooled vector, started from the published embedding.
-
-    Args: pooled_dim P; dims nested sizes (the largest may exceed the published size
-    ``embed_dim``). ``shift``/``scale`` (P,) standardise the input (fixed buffers, so
-    the optimiser steps weights in standardised units, as after the mrl head's BatchNorm).
-    """
-
-    def __init__(self, pooled_dim: int, dims: Sequence[int], embed_dim: int):
-        super().__init__()
-        self.dims = check_dims(dims, pooled_dim)
-        self.pooled_dim, self.embed_dim = int(pooled_dim), int(embed_dim)
-        self.inputs = ("pooled",)
-        self.register_buffer("shift", torch.zeros(self.pooled_dim))
-        self.register_buffer("scale", torch.ones(self.pooled_dim))
-        self.linear = nn.Linear(self.pooled_dim, self.dims[-1])
-
-    def spec(self) -> dict:
-        return {"pooled_dim": self.pooled_dim, "dims": list(self.dims), "embed_dim": self.embed_dim}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, P) -> (B, max_dim), raw."""
-        return self.linear((x - self.shift) / self.scale)
-
-    @torch.no_grad()
-    def start_from(self, weight: np.ndarray, bias: np.ndarray, rotation: np.ndarray, pooled: np.ndarray,
-                   seed: int) -> None:
-        """Set the map to the rotated published embedding (+ extra dims), in float64 then cast.
-
-        Args: weight (E, P), bias (E,) the published affine map; rotation (E, E)
-        orthogonal; pooled (n, P) training vectors (standardisation and extra dims).
-        """
-        p64 = np.asarray(pooled, np.float64)
-        shift, scale = p64.mean(0), p64.std(0) + 1e-6
-        w = rotation @ weight  # (E, P)
-        b = rotation @ bias + w @ shift  # so that w' z + b' = w x + b for z = (x - shift) / scale
-        w, b = w[: self.dims[-1]], b[: self.dims[-1]]  # dims may stop below the published size
-        extra = self.dims[-1] - len(w)
-        if extra > 0:
-            w = np.concatenate([w, _extra_rows(w, p64 - shift, extra, seed)])
-            b = np.concatenate([b, np.zeros(extra)])
-        self.shift.copy_(torch.from_numpy(shift))
-        self.scale.copy_(torch.from_numpy(scale))
-        self.linear.weight.copy_(torch.from_numpy(w * scale))
-        self.linear.bias.copy_(torch.from_numpy(b))
-
 
 def _extra_rows(w: np.ndarray, centred: np.ndarray, k: int, seed: int) -> np.ndarray:
     """``k`` rows (k, P) orthogonal to the rows of ``w``: the top PCA directions of the pooled
@@ -152,49 +105,22 @@ def _extra_rows(w: np.ndarray, centred: np.ndarray, k: int, seed: int) -> np.nda
     return directions * (target / np.maximum(std, 1e-12))[:, None]
 
 
-class AdaptorHead(nn.Module):
-    """A learned orthogonal rotation (+ optional residual MLP) of the fixed published embedding.
+def warm_map(weight: np.ndarray, bias: np.ndarray, rotation: np.ndarray, pooled: np.ndarray, max_dim: int,
+             seed: int):
+    """The start of a :class:`WarmHead`: (weight (max_dim, P), bias (max_dim,), shift (P,), scale (P,)).
 
-    Args: pooled_dim P; dims nested sizes (at most the published size ``embed_dim`` E);
-    hidden: width of the residual MLP (0: rotation only). Buffers ``base_weight`` (E, P)
-    and ``base_bias`` (E,) hold the published map (the identity for imported vectors).
-    Output (B, E): the whole adapted embedding; its prefixes are the nested embeddings.
+    The rotated published map ``Q W x + Q b`` (its first ``max_dim`` rows when the dims stop
+    below the published size), then :func:`_extra_rows` with a zero bias for dims beyond it;
+    ``shift``/``scale``: the training vectors' mean and std (the head's standardisation).
     """
-
-    def __init__(self, pooled_dim: int, dims: Sequence[int], embed_dim: int, hidden: int = 0):
-        super().__init__()
-        self.dims = check_dims(dims, embed_dim)
-        self.pooled_dim, self.embed_dim, self.hidden = int(pooled_dim), int(embed_dim), int(hidden)
-        self.inputs = ("pooled",)
-        self.register_buffer("base_weight", torch.zeros(self.embed_dim, self.pooled_dim))
-        self.register_buffer("base_bias", torch.zeros(self.embed_dim))
-        self.rotation = nn.utils.parametrizations.orthogonal(nn.Linear(self.embed_dim, self.embed_dim, bias=False))
-        self.mlp = None
-        if self.hidden > 0:
-            self.mlp = nn.Sequential(nn.Linear(self.embed_dim, self.hidden), nn.GELU(),
-                                     nn.Linear(self.hidden, self.embed_dim))
-            nn.init.zeros_(self.mlp[2].weight)
-            nn.init.zeros_(self.mlp[2].bias)
-
-    def spec(self) -> dict:
-        return {"pooled_dim": self.pooled_dim, "dims": list(self.dims), "embed_dim": self.embed_dim,
-                "hidden": self.hidden}
-
-    def base(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, P) -> the published embedding (B, E)."""
-        return F.linear(x, self.base_weight, self.base_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, P) -> (B, E), raw."""
-        r = self.rotation(self.base(x))
-        return r if self.mlp is None else r + self.mlp(r)
-
-    @torch.no_grad()
-    def start_from(self, weight: np.ndarray, bias: np.ndarray, rotation: np.ndarray) -> None:
-        """Set the published map (E, P), (E,) and the starting rotation (E, E)."""
-        self.base_weight.copy_(torch.from_numpy(np.asarray(weight)))
-        self.base_bias.copy_(torch.from_numpy(np.asarray(bias)))
-        self.rotation.weight = torch.from_numpy(np.asarray(rotation, np.float32))  # the parametrisation's inverse
+    p64 = np.asarray(pooled, np.float64)
+    shift, scale = p64.mean(0), p64.std(0) + 1e-6
+    w, b = (rotation @ weight)[:max_dim], (rotation @ bias)[:max_dim]
+    extra = max_dim - len(w)
+    if extra > 0:
+        w = np.concatenate([w, _extra_rows(w, p64 - shift, extra, seed)])
+        b = np.concatenate([b, -(w[-extra:] @ shift)])  # extra dims centred on the training mean
+    return w, b, shift, scale
 
 
 def pair_distortion(adapted: torch.Tensor, base: torch.Tensor, dims: Sequence[int], topk: int) -> torch.Tensor:
@@ -293,7 +219,7 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
     guard = max((d for d in cfg.dims if d <= embed_dim), default=None)
     if cfg.objective == "margin":
         head = WarmHead(pooled_dim, cfg.dims, embed_dim)
-        head.start_from(weight, bias, rotation, pooled, cfg.seed)
+        head.set_map(*warm_map(weight, bias, rotation, pooled, cfg.dims[-1], cfg.seed))
         loss = make_loss(cfg, num_classes)
         start_classifier(loss, head(torch.from_numpy(np.asarray(pooled, np.float32))), torch.from_numpy(labels))
         return head.to(device), loss.to(device), head, guard
@@ -301,7 +227,7 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
         raise ValueError(f"dims {list(cfg.dims)}: the adaptor rotates the published {embed_dim}-dim embedding; "
                          f"give dims up to {embed_dim} (or --init published for more)")
     head = AdaptorHead(pooled_dim, cfg.dims, embed_dim, cfg.adaptor_hidden)
-    head.start_from(weight, bias, rotation)
+    head.set_map(weight, bias, rotation)
     margin = None
     if cfg.objective == "adaptor-supervised":
         margin = make_loss(cfg, num_classes)
