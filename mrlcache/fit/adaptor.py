@@ -203,7 +203,8 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
                  device):
     """The head, loss and training forward of ``fit --init published`` or ``--objective adaptor*``.
 
-    Args: published: the published affine map (W (E, P), b (E,)), see :func:`affine_of`;
+    Args: published: the published affine map (W (E, P), b (E,)), see :func:`affine_of`
+    (with ``cfg.init_center`` its training mean is subtracted: ``b - mean``);
     pooled (n, P), labels (n,): training vectors and their classes (the rotation, the
     standardisation, the extra dims and the classifier's start).
     Returns (head, loss, embed, guard_dim): ``guard_dim`` is the published size if it is a
@@ -214,6 +215,9 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
     weight, bias = published
     embed_dim = len(weight)
     emb = np.asarray(pooled, np.float64) @ weight.T + bias  # (n, E)
+    if cfg.init_center:  # the published embedding minus its training mean, as eer's pca baseline scores it
+        bias = bias - emb.mean(0)
+        emb = emb - emb.mean(0)
     rotation = start_rotation(emb, labels, cfg.init_rotation)
     torch.manual_seed(cfg.seed)
     guard = max((d for d in cfg.dims if d <= embed_dim), default=None)

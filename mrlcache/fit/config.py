@@ -61,6 +61,7 @@ class FitConfig:
     # preserve its similarities, no labels; adaptor-supervised: that plus the margin loss).
     init: str = "random"  # random | published (cache mode, --head mrl on pooled)
     init_rotation: str = "pca"  # pca | lda
+    init_center: bool = True  # start from the published embedding minus its training mean (False: as it is)
     objective: str = "margin"  # margin | adaptor | adaptor-supervised
     adaptor_hidden: int = 0  # residual MLP width of the adaptor; 0: rotation only
     adaptor_topk: int = 10  # nearest neighbours per row in the adaptor's top-k term

@@ -140,7 +140,7 @@ def test_warm_start_never_selects_worse_than_epoch_0_at_full_size(tmp_path):
 
     pooled = write_imported(tmp_path / "c", 40, seed=1)
     # A learning rate that wrecks the start: the guard must keep epoch 0's full-size EER.
-    run = fit(tmp_path / "c", (4, 16, POOLED), tmp_path / "run", init="published",
+    run = fit(tmp_path / "c", (4, 16, POOLED), tmp_path / "run", init="published", init_center=False,
               **{**FAST, "epochs": 3, "lr": 1.0, "warmup_epochs": 0})
     summary = json.loads((run / "summary.json").read_text())
     full = str(POOLED)
@@ -157,11 +157,20 @@ def test_adaptor_fit_writes_a_model_that_reloads(tmp_path):
     from mrlcache.model import load_model
 
     pooled = write_imported(tmp_path / "c", 30, seed=2)
-    run = fit(tmp_path / "c", (4, 16), tmp_path / "run", objective="adaptor", **{**FAST, "epochs": 2})
-    model = load_model(run / "model.pt")
     x = pooled[:, 0]
-    # Rotation only: the full-size (imported) scores are unchanged whatever epoch was kept.
-    assert model.project(x, 4).shape == (len(x), 4)
-    with torch.no_grad():
-        whole = model.head(torch.from_numpy(x))
-    torch.testing.assert_close(cosines(whole), cosines(x), atol=2e-5, rtol=0)
+    for center in (False, True):
+        run = fit(tmp_path / "c", (4, 16), tmp_path / f"run-{center}", objective="adaptor", init_center=center,
+                  **{**FAST, "epochs": 2})
+        model = load_model(run / "model.pt")
+        assert model.project(x, 4).shape == (len(x), 4)
+        with torch.no_grad():
+            whole = model.head(torch.from_numpy(x))
+        # Rotation only: the full-size scores are the imported vectors' (minus their training
+        # mean with init_center), whatever epoch was kept.
+        shift = -model.head.base_bias.numpy()
+        if center:
+            np.testing.assert_allclose(shift, pooled.reshape(-1, POOLED).mean(0), atol=0.5)
+            assert np.abs(shift).max() > 1.0  # the synthetic vectors have a large common offset
+        else:
+            assert not shift.any()
+        torch.testing.assert_close(cosines(whole), cosines(x - shift), atol=2e-5, rtol=0)
