@@ -80,7 +80,7 @@ def eers(emb, tr, dims) -> dict:
 def run_seed(tmp: Path, seed: int, args, dims) -> dict:
     from mrlcache.baselines import fit_lda
     from mrlcache.fit import fit
-    from mrlcache.fit.heads.adaptor import _pca
+    from mrlcache.fit.adaptor import _pca
     from mrlcache.interop.writers import import_vectors
     from mrlcache.model import load_model
 

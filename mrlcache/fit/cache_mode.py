@@ -147,7 +147,7 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
 
 
 def _published_job(cfg, config, out, feats, mode, labels, published, val, num_classes, num_train, device):
-    """The TrainJob of a head started from the published embedding (mrlcache.fit.heads.adaptor): epoch 0
+    """The TrainJob of a head started from the published embedding (mrlcache.fit.adaptor): epoch 0
     is scored, and no epoch worse than it at the published size is selected."""
     from mrlcache.fit.adaptor import build_nested
 

@@ -55,7 +55,7 @@ class FitConfig:
     ecapa_scale: int = 8  # Res2 groups; divides ecapa_channels
     ecapa_mfa_channels: int = 1536  # width after multi-layer aggregation
     ecapa_bottleneck: int = 128  # hidden width of the SE and pooling attention
-    # Nested dims from the encoder's own embedding (mrlcache.fit.heads.adaptor): the head's start,
+    # Nested dims from the encoder's own embedding (mrlcache.fit.adaptor): the head's start,
     # the rotation that orders the published dims, and the objective (margin: a head trained by
     # the margin loss; adaptor: a rotation (+ residual MLP) of the published embedding trained to
     # preserve its similarities, no labels; adaptor-supervised: that plus the margin loss).
