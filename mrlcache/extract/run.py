@@ -245,9 +245,8 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
                     writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"],
                                        windowed=state["windowed"])
                 else:
-                    pooled, others = gather(state, infos, cfg.views)
-                    writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"], others,
-                                       windowed=state["windowed"])
+                    writer.write_shard(k, state["index"], None, state["skipped"], state["seconds"],
+                                       gather(state, infos, cfg.views), windowed=state["windowed"])
                 del pending[k]
             done_rows += len(items)
             audio_seconds += seconds

@@ -21,6 +21,7 @@ import numpy as np
 
 from mrlcache.interop.readers import InteropError, ids_file_for, read_utt2spk, read_vectors, shown, speakers_for
 from mrlcache.runtime import atomic_write, fsync_dir, fsync_tree, sha256_file
+from mrlcache.streams.record import StreamRecord
 
 FORMATS = ("npy", "kaldi", "npz")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -151,8 +152,7 @@ def import_vectors(vectors, out, *, ids_file=None, utt2spk=None, name: str | Non
     if layers:
         # Layer stacks are the `layers` stream as per-layer vectors (as extract --layers-pooled
         # stores them), for the multi-stream heads (fit --inputs layers); there is no pooled.
-        meta["streams"] = {"layers": {"kind": "vector", "shape": [int(array.shape[1]), int(array.shape[2])],
-                                      "ragged": False, "frame_rate": None, "dtype": dtype}}
+        meta["streams"] = {"layers": StreamRecord("layers", "vector", array.shape[1:3], dtype).to_json()}
     tmp = _aside(out, "tmp")
     _remove(tmp)
     try:
