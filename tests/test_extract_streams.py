@@ -153,3 +153,41 @@ def test_stream_options_are_refused_in_one_line(tmp_path, args, message):
     result = run(["--data", str(tmp_path), "--out", str(tmp_path / "c"), *args], ok=False)
     assert result.exit_code != 0 and message in result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_projected_sizes_are_stated_and_match_what_is_written(corpus, tmp_path):
+    """extract states each stream's projected size first; dense streams are exact up to the
+    last chunk of each view (stored whole), pooled exactly."""
+    res = run(["--data", str(corpus), "--out", str(tmp_path / "c"), "--streams", "pooled,fbank,layers",
+               "--layers-pooled", *TRAIN, *COMMON])
+    line = next(x for x in res.output.splitlines() if x.startswith("projected cache size:"))
+    assert "pooled" in line and "fbank" in line and "layers" in line
+    written = mrlcache.cache.read_meta(tmp_path / "c")["summary"]["stream_bytes"]
+    from mrlcache.backbone import CONFIGS, ReDimNet
+    from mrlcache.corpus import scan_tree
+    from mrlcache.extract.config import ExtractConfig
+    from mrlcache.extract.sizes import projected_sizes
+
+    cfg = ExtractConfig(mode="train", views=2, crop_seconds=1.0, streams="pooled,fbank,layers", layers_pooled=True)
+    sizes = projected_sizes(scan_tree(corpus), cfg, ReDimNet(CONFIGS["b0"]), None)
+    assert sizes["pooled"] == written["pooled"]
+    assert sizes["layers"] == written["layers"]
+    c = mrlcache.cache.open(tmp_path / "c")
+    per_row = 2 * 80 * c.streams["fbank"].frames * 2  # views x bins x frames x float16
+    assert sizes["fbank"] <= written["fbank"] <= sizes["fbank"] + len(c.shards) * per_row
+
+
+def test_a_cache_bigger_than_the_free_disk_is_refused_before_work(corpus, tmp_path, monkeypatch):
+    import collections
+
+    import mrlcache.extract.sizes as sizes
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sizes.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    res = run(["--data", str(corpus), "--out", str(tmp_path / "c"), "--streams", "pooled,layers", *TRAIN, *COMMON],
+              ok=False)
+    assert res.exit_code != 0
+    message = [x for x in res.output.splitlines() if x.startswith("Error:")]
+    assert len(message) == 1 and "GB are free on its disk" in message[0]
+    assert "--layers-pooled" in message[0] and "fewer --views (now 2)" in message[0]
+    assert not (tmp_path / "c").exists()  # nothing written
