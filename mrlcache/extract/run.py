@@ -48,7 +48,7 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
     train = cfg.mode == "train"
     meta = {
         "model_config": model.model_config if model is not None else None,
-        "backbone": record.with_sha256(model.weights_sha256).to_dict() if model is not None else None,
+        "backbone": record.of_model(model).to_dict() if model is not None else None,
         "pooled_dim": model.pooled_dim if "pooled" in cfg.stream_names else 0,
         "sample_rate": SAMPLE_RATE,
         "mode": cfg.mode,
