@@ -189,7 +189,7 @@ def build_from_checkpoint(ckpt, origin):
         model = module.build(config)
     except module.ConfigError as e:
         raise CheckpointError(f"{origin}: {e}") from None
-    return load_strict(model, state, origin)
+    return load_strict(model, state, origin, getattr(module, "to_published", None))
 
 
 def _module(encoder, origin):
@@ -199,17 +199,21 @@ def _module(encoder, origin):
         raise CheckpointError(f"{origin}: unknown encoder {encoder!r}; known: {', '.join(BACKBONES)}") from None
 
 
-def load_strict(model, state, origin):
-    """Load ``state`` into ``model`` (float32), refusing any missing, unexpected or mis-shaped entry."""
+def load_strict(model, state, origin, rename=None):
+    """Load ``state`` into ``model`` (float32), refusing any missing, unexpected or mis-shaped entry.
+
+    ``rename``: the model's parameter name -> the file's, so that errors name what the file holds.
+    """
+    rename = rename or (lambda key: key)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{origin}: state_dict entries that are not tensors: {_listing(bad)}")
     # Published weights may be stored in half precision; the model computes in float32.
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     expected = model.state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+    missing = {rename(k) for k in set(expected) - set(state)}
+    unexpected = {rename(k) for k in set(state) - set(expected)}
+    wrong = [f"{rename(k)} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
         parts = [f"{label} ({len(keys)}): {_listing(keys)}"
@@ -239,7 +243,8 @@ def _published(path, backbone):
              and encoder_module(n).recognises(obj)]
     if not kinds:
         found = sorted(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointError(f"{weights}: not a checkpoint of any known encoder ({', '.join(BACKBONES)}); "
+        raise CheckpointError(f"{weights}: not a ReDimNet checkpoint (a dict with 'model_config' and 'state_dict') "
+                              f"nor the published weights of another encoder ({', '.join(list(BACKBONES)[1:])}); "
                               f"found {found}")
     _check_kind(kinds[0], backbone, weights)
     module = encoder_module(kinds[0])
@@ -248,7 +253,7 @@ def _published(path, backbone):
         model = module.build(config)
     except module.ConfigError as e:
         raise CheckpointError(f"{weights}: {e}") from None
-    return load_strict(model, state, weights), sha
+    return load_strict(model, state, weights, getattr(module, "to_published", None)), sha
 
 
 def _check_kind(found, wanted, path):
@@ -298,8 +303,8 @@ def load_backbone(source, *, backbone=None, train_type="ptn", dataset="vox2", de
         kind = backbone or DEFAULT_BACKBONE
         configs = CONFIGS if kind == DEFAULT_BACKBONE else encoder_module(kind).CONFIGS
         if source not in configs:
-            raise CheckpointError(f"random_init needs a {kind} configuration name "
-                                  f"({', '.join(configs)}), got {source!r}")
+            raise CheckpointError(f"random_init needs a variant with a known configuration: a {kind} "
+                                  f"configuration name ({', '.join(configs)}), got {source!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = ReDimNet(CONFIGS[source]) if kind == DEFAULT_BACKBONE else encoder_module(kind).build(configs[source])
