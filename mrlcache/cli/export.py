@@ -24,7 +24,7 @@ import click
 def export(model_path, fmt, out, dims, opset, verify):
     """Write RUN/model.pt as an ONNX or TorchScript file."""
     from mrlcache.export import TOLERANCE, ExportError, export_model, verify_export
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
 
     try:
         dims_t = None if dims is None else [int(d) for d in dims.split(",") if d.strip()]
@@ -32,6 +32,9 @@ def export(model_path, fmt, out, dims, opset, verify):
         raise click.BadParameter(f"{dims!r}: expected comma-separated integers, e.g. 64,128", param_hint="--dims") from None
     if opset is not None and fmt != "onnx":
         raise click.BadParameter("only ONNX files have an opset; drop --opset for torchscript", param_hint="--opset")
+    from mrlcache.paths import check_output
+
+    check_output(out, [model_path])
     try:
         model = load_model(model_path)
         path = export_model(model, out, format=fmt, dims=dims_t, opset=opset)
