@@ -172,9 +172,19 @@ class TDNNLayer(nn.Module):
 
 
 def segment_means(x: torch.Tensor, seg_len: int = 100) -> torch.Tensor:
-    """Each frame replaced by the mean of its 100-frame segment (the last segment: its own frames)."""
-    seg = F.avg_pool1d(x, kernel_size=seg_len, stride=seg_len, ceil_mode=True)  # (B, C, ceil(T / seg_len))
-    return seg.repeat_interleave(seg_len, dim=-1)[..., :x.shape[-1]]
+    """Each frame replaced by the mean of its 100-frame segment (the last segment: its own frames).
+
+    The reference pools with ``avg_pool1d(ceil_mode=True)`` and repeats each mean; here the
+    frames are zero-padded to whole segments, summed and divided by each segment's real
+    length, shapes that export with a dynamic length.
+    """
+    t = x.shape[-1]
+    n = (t + seg_len - 1) // seg_len
+    padded = F.pad(x, (0, n * seg_len - t))  # (B, C, n * seg_len)
+    sums = padded.unflatten(-1, (n, seg_len)).sum(dim=-1)  # (B, C, n)
+    counts = (t - seg_len * torch.arange(n, device=x.device)).clamp(max=seg_len).to(x.dtype)  # (n,)
+    segment = torch.arange(t, device=x.device) // seg_len  # (t,): each frame's segment
+    return (sums / counts).index_select(-1, segment)
 
 
 class CAMLayer(nn.Module):
