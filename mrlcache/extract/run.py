@@ -49,7 +49,7 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
     train = cfg.mode == "train"
     meta = {
         "model_config": model.model_config if model is not None else None,
-        "backbone": record.with_sha256(model.weights_sha256).to_dict() if model is not None else None,
+        "backbone": record.of_model(model).to_dict() if model is not None else None,
         "pooled_dim": model.pooled_dim if "pooled" in cfg.stream_names else 0,
         "sample_rate": SAMPLE_RATE,
         "mode": cfg.mode,
@@ -138,6 +138,10 @@ def extract(
     if model is None and cfg.needs_redimnet:
         why = "pooled needs it" if "pooled" in cfg.stream_names else "layers needs it or --ptm"
         raise ExtractError(f"--streams {cfg.streams}: give a ReDimNet backbone ({why})")
+    if model is not None and ptm is None and "layers" in cfg.stream_names \
+            and getattr(model, "encoder", "redimnet") != "redimnet":
+        raise ExtractError(f"--streams {cfg.streams}: the layers stream is ReDimNet's stem and stage outputs; "
+                           f"{model.encoder} has none in that form (use pooled, fbank, mfcc, f0, or --ptm)")
     if (ptm is None) != (cfg.ptm is None):
         raise ExtractError("cfg.ptm names the PTM and ptm= must be that model (load_ptm), both or neither")
     save_backbone = save_backbone and model is not None
