@@ -140,6 +140,9 @@ class ExportableModel(nn.Module):
         backbone = model.backbone
         if backbone is None:
             self.frontend = self.net = self.pool = None
+        elif _exports_itself(backbone):  # ECAPA-TDNN, CAM++: the front end is written to export
+            self.frontend = self.pool = None
+            self.net = copy.deepcopy(backbone)
         else:
             self.frontend = ExportableMelBanks(backbone.spec)
             self.net = copy.deepcopy(backbone.backbone)  # frames, as ReDimNet.frames after its front end
@@ -148,7 +151,21 @@ class ExportableModel(nn.Module):
     def forward(self, x):
         if self.net is None:
             return self.head(x)  # (B, pooled_dim) -> (B, width)
+        if self.frontend is None:
+            return self.head(self.net.pooled(x))
         return self.head(self.pool(self.net(self.frontend(x))))
+
+
+MIN_SAMPLES = 1600  # shortest wave an exported encoder other than ReDimNet takes (0.1 s)
+
+
+def _exports_itself(backbone) -> bool:
+    """True for encoders whose own ``pooled`` exports (every one but ReDimNet, whose STFT does not)."""
+    return getattr(backbone, "encoder", "redimnet") != "redimnet"
+
+
+def _min_samples(net) -> int:
+    return net.frontend.pad + 2 if net.frontend is not None else MIN_SAMPLES
 
 
 def _dims(model, dims) -> tuple[int, ...]:
@@ -225,7 +242,7 @@ def _export_onnx(net, example, name, meta, opset) -> bytes:
     batch = torch.export.Dim("batch", min=1)
     axes = {0: batch}
     if name == "wave":
-        axes[1] = torch.export.Dim("samples", min=net.frontend.pad + 2)
+        axes[1] = torch.export.Dim("samples", min=_min_samples(net))
     program = torch.onnx.export(net, (example,), dynamo=True, opset_version=opset, input_names=[name],
                                 output_names=["embedding"], dynamic_shapes={"x": axes}, verbose=False)
     proto = program.model_proto
@@ -315,17 +332,23 @@ ENGINES = ("torch", "onnxruntime")
 
 
 class ExportablePooled(nn.Module):
-    """Wave (B, T) -> ReDimNet's pooled vector (B, pooled_dim), with the exportable front end."""
+    """Wave (B, T) -> the backbone's pooled vector (B, pooled_dim), with an exportable front end."""
 
     def __init__(self, backbone):
         super().__init__()
         import copy
 
-        self.frontend = ExportableMelBanks(backbone.spec)
-        self.net = copy.deepcopy(backbone.backbone)
-        self.pool = copy.deepcopy(backbone.pool)
+        if _exports_itself(backbone):
+            self.frontend = self.pool = None
+            self.net = copy.deepcopy(backbone)
+        else:
+            self.frontend = ExportableMelBanks(backbone.spec)
+            self.net = copy.deepcopy(backbone.backbone)
+            self.pool = copy.deepcopy(backbone.pool)
 
     def forward(self, x):
+        if self.frontend is None:
+            return self.net.pooled(x)
         return self.pool(self.net(self.frontend(x)))
 
 
@@ -346,6 +369,7 @@ class OnnxBackbone:
             raise ExportError("--engine onnxruntime needs onnxruntime: pip install 'mrlcache[export]'") from None
         self.pooled_dim, self.model_config = backbone.pooled_dim, backbone.model_config
         self.weights_sha256 = backbone.weights_sha256
+        self.encoder = getattr(backbone, "encoder", "redimnet")
         net = ExportablePooled(backbone.cpu().eval()).eval()
         example = torch.randn(2, 16000, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():

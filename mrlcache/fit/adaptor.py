@@ -207,8 +207,9 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
     (with ``cfg.init_center`` its training mean is subtracted: ``b - mean``);
     pooled (n, P), labels (n,): training vectors and their classes (the rotation, the
     standardisation, the extra dims and the classifier's start).
-    Returns (head, loss, embed, guard_dim): ``guard_dim`` is the published size if it is a
-    trained dim, else the largest trained dim below it (the size kept no worse than epoch 0).
+    Returns (head, loss, embed_of, guard_dim): ``embed_of(head)`` is the training forward,
+    (B, P) -> what the loss takes; ``guard_dim`` is the published size if it is a trained
+    dim, else the largest trained dim below it (the size kept no worse than epoch 0).
     """
     from mrlcache.fit.heads import make_loss
 
@@ -226,7 +227,7 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
         head.set_map(*warm_map(weight, bias, rotation, pooled, cfg.dims[-1], cfg.seed))
         loss = make_loss(cfg, num_classes)
         start_classifier(loss, head(torch.from_numpy(np.asarray(pooled, np.float32))), torch.from_numpy(labels))
-        return head.to(device), loss.to(device), head, guard
+        return head.to(device), loss.to(device), (lambda h: h), guard
     if cfg.dims[-1] > embed_dim:
         raise ValueError(f"dims {list(cfg.dims)}: the adaptor rotates the published {embed_dim}-dim embedding; "
                          f"give dims up to {embed_dim} (or --init published for more)")
@@ -238,4 +239,4 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
         start_classifier(margin, torch.from_numpy((emb @ rotation.T).astype(np.float32)), torch.from_numpy(labels))
     loss = AdaptorLoss(cfg.dims, embed_dim, margin, cfg.adaptor_topk, cfg.dim_weights)
     head, loss = head.to(device), loss.to(device)
-    return head, loss, adaptor_embed(head), guard
+    return head, loss, adaptor_embed, guard
