@@ -1,9 +1,20 @@
 """Nested dims against the encoder's own embedding: scratch head, warm start, adaptor, PCA, LDA (issue 21).
 
-Run by hand (about 10 minutes on 2 loaded cores):
+Run by hand (about 10 minutes for the imported case on 2 loaded cores; an encoder's caches
+take 5-10 minutes more the first time):
     python benchmarks/bench_nested_init.py [--seeds 0,1,2] [--epochs 10]
+    python benchmarks/bench_nested_init.py --encoder ecapa --workdir /tmp/nested-enc
+    python benchmarks/bench_nested_init.py --encoder campplus --workdir /tmp/nested-enc
 
-An imported fixed-size embedding (what ``mrlcache import-vectors`` makes of another
+``--encoder ecapa|campplus``: the real SpeechBrain ECAPA-TDNN or 3D-Speaker CAM++ weights
+(../shared/fixtures/encoders) on the synthetic corpus (``mrlcache make-corpus``, 64
+speakers x 8 utterances, 16 of them for testing), extracted once into ``--workdir`` (train
+mode, 2 views; the test speakers in eval mode); the trials are every pair of test
+utterances. The fits read the encoder's pooled vectors, so ``--init published`` and the
+adaptor start from its own embedding layer; the seeds vary the fit (and its held-out
+speakers), not the data. ``pca``, ``lda`` and ``published`` are of the encoder's embedding.
+
+Without ``--encoder``: an imported fixed-size embedding (what ``mrlcache import-vectors`` makes of another
 toolkit's vectors), synthetic: a ``--embed``-dim "published" embedding in which speakers
 live in a ``--rank``-dim subspace at a random orientation (no coordinate ordering), with a
 within-speaker session spread in that subspace, a strong channel nuisance in another
@@ -77,6 +88,63 @@ def eers(emb, tr, dims) -> dict:
     return {d: 100 * eer(s, tr[2])[0] for d, s in zip(use, scores)}
 
 
+FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "encoders"
+ENCODERS = {"ecapa": FIXTURES / "ecapa-voxceleb", "campplus": FIXTURES / "campplus-zh-en" / "campplus_cn_en_common.pt"}
+
+
+def encoder_caches(workdir: Path, encoder: str) -> tuple[Path, Path]:
+    """The synthetic corpus and the encoder's train (2 views) and test (eval) caches, made once."""
+    import subprocess
+
+    def cli(*a):
+        subprocess.run([sys.executable, "-m", "mrlcache", *map(str, a)], check=True)
+
+    corpus = workdir / "corpus"
+    if not (corpus / "corpus.json").exists():
+        cli("make-corpus", corpus, "--speakers", 64, "--utterances", 8, "--test-speakers", 16, "--seed", 0)
+    out = []
+    for split, mode in (("train", ["--views", 2]), ("test", ["--mode", "eval"])):
+        cache_dir = workdir / f"{encoder}-{split}"
+        if not (cache_dir / "cache.json").exists():
+            cli("extract", "--data", corpus / split, "--out", cache_dir, "--weights", ENCODERS[encoder], *mode)
+        out.append(cache_dir)
+    return out[0], out[1]
+
+
+def run_encoder(tmp: Path, seed: int, args, dims, train_dir: Path, test_dir: Path) -> dict:
+    """EER per dim of every method on an encoder's caches (the fit's seed varies)."""
+    from mrlcache import cache as cache_mod
+    from mrlcache.backbone import backbone_for_cache
+    from mrlcache.baselines import fit_lda
+    from mrlcache.fit import fit
+    from mrlcache.fit.adaptor import _pca, affine_of
+    from mrlcache.model import load_model
+
+    train_cache, test_cache = cache_mod.open(train_dir), cache_mod.open(test_dir)
+    backbone, _ = backbone_for_cache(train_dir, dict(train_cache.meta))
+    w, b = affine_of(backbone.head, int(train_cache.dim))
+    pooled = train_cache.read("pooled", dtype=np.float32)  # (N, V, P)
+    train = (pooled.reshape(-1, pooled.shape[2]).astype(np.float64) @ w.T + b)
+    spk = np.repeat(np.asarray(train_cache.speakers), pooled.shape[1])
+    x = test_cache.read("pooled", view=0, dtype=np.float32)
+    test = x.astype(np.float64) @ w.T + b
+    test_spk = np.asarray(test_cache.speakers)
+    i, j = np.triu_indices(len(test_spk), k=1)
+    tr = (i, j, (test_spk[i] == test_spk[j]).astype(np.int8))
+    out = {"published": eers(test, tr, [len(w)])}
+    out["pca"] = eers((test - train.mean(0)) @ _pca(train), tr, dims)
+    mean, directions = fit_lda(train, spk)
+    out["lda"] = eers((test - mean) @ directions, tr, dims)
+    common = dict(epochs=args.epochs, progress=False, seed=seed, head_only=True, val_speakers=args.val_speakers)
+    for name, options in METHODS.items():
+        run = fit(train_dir, dims, tmp / f"{name}-{seed}", **common, **options)
+        out[name] = eers(load_model(run / "model.pt").project(x), tr, dims)
+        if options.get("fixed_baselines"):
+            out["fixed"] = {d: eers(load_model(run / "fixed" / str(d) / "model.pt").project(x), tr, [d])[d]
+                            for d in dims}
+    return out
+
+
 def run_seed(tmp: Path, seed: int, args, dims) -> dict:
     from mrlcache.baselines import fit_lda
     from mrlcache.fit import fit
@@ -121,19 +189,35 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--dims", default="16,32,64,128,192")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--encoder", choices=sorted(ENCODERS), help="real encoder weights on the synthetic corpus")
+    ap.add_argument("--workdir", type=Path, help="--encoder: where the corpus and caches are made (kept)")
+    ap.add_argument("--val-speakers", type=int, default=8, help="--encoder: held-out training speakers")
     args = ap.parse_args()
     dims = tuple(int(d) for d in args.dims.split(","))
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     per_seed = []
+    caches = None
+    if args.encoder:
+        if args.workdir is None:
+            ap.error("--encoder needs --workdir DIR (the corpus and caches are kept there)")
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        caches = encoder_caches(args.workdir, args.encoder)
+        print(f"caches ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            per_seed.append(run_seed(Path(tmp), seed, args, dims))
+            per_seed.append(run_encoder(Path(tmp), seed, args, dims, *caches) if caches
+                            else run_seed(Path(tmp), seed, args, dims))
             print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     names = list(per_seed[0])
-    print(f"imported {args.embed}-d embedding (speaker rank {args.rank}, session {args.session}, nuisance "
-          f"{args.nuisance}); {args.speakers} training speakers x {args.utts} utts, {args.test_speakers} test "
-          f"speakers, {args.epochs} epochs, seeds {seeds}; EER % mean +- sd")
+    if args.encoder:
+        print(f"{args.encoder} (real weights) on the synthetic corpus: 48 training speakers x 8 utts x 2 views "
+              f"({args.val_speakers} held out for validation), 16 test speakers (all pairs), {args.epochs} epochs, "
+              f"seeds {seeds}; EER % mean +- sd")
+    else:
+        print(f"imported {args.embed}-d embedding (speaker rank {args.rank}, session {args.session}, nuisance "
+              f"{args.nuisance}); {args.speakers} training speakers x {args.utts} utts, {args.test_speakers} "
+              f"test speakers, {args.epochs} epochs, seeds {seeds}; EER % mean +- sd")
     print(f"{'method':<12}" + "".join(f"{'dim ' + str(d):>16}" for d in dims))
     for name in names:
         cells = []
