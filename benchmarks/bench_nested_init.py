@@ -48,9 +48,10 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = {"scratch": {"fixed_baselines": True}, "warm-pca": {"init": "published"},
-           "warm-lda": {"init": "published", "init_rotation": "lda"}, "adaptor": {"objective": "adaptor"},
-           "adaptor-sup": {"objective": "adaptor-supervised"}}
+METHODS = {"scratch": {"fixed_baselines": True, "objective": "margin"},
+           "warm-pca": {"init": "published", "objective": "margin"},
+           "warm-lda": {"init": "published", "init_rotation": "lda", "objective": "margin"},
+           "adaptor": {"objective": "adaptor"}, "adaptor-sup": {"objective": "adaptor-supervised"}}
 
 
 def embeddings(n_spk, utts, embed, rank, session, nuisance, seed):

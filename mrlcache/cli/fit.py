@@ -109,7 +109,8 @@ OPTIONS = [
                                 "cache's published embeddings."),
     fit_option("no_init_center", "Start from the published embedding as it is (full-size scores exactly the "
                                  "published cosine scores), not minus its training mean (as eer's pca baseline)."),
-    fit_option("objective", "margin (a head trained by the margin loss), adaptor (an orthogonal rotation "
+    fit_option("objective", "auto (adaptor-supervised on imported vectors, else margin), margin (a head trained "
+                            "by the margin loss), adaptor (an orthogonal rotation "
                             "(+ residual MLP) of the published embedding trained to keep its similarities at "
                             "every prefix; no labels) or adaptor-supervised (adaptor + the margin loss)."),
     fit_option("adaptor_hidden", "Residual MLP width of the adaptor; 0: rotation only (full-size scores "

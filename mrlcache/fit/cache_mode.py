@@ -70,6 +70,8 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
 
     backbone_ref = None
     imported = is_imported(meta)
+    if cfg.objective == "auto":  # recorded resolved in config.yaml
+        cfg.objective = "adaptor-supervised" if imported and cfg.init == "random" else "margin"
     if (not cfg.head_only or cfg.starts_from_published) and not imported and backbone is None:
         from mrlcache.backbone import backbone_for_cache
 
@@ -130,7 +132,8 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
     """The fixed-size head of ``cfg.dims[i]``: a one-dim fit into ``out`` (resumed if it has a last.pt)."""
     margin = cfg.margin if cfg.margins is None else cfg.margins[i]
     one = dataclasses.replace(cfg, dims=(cfg.dims[i],), dim_weights=None, margins=None, margin=margin,
-                              grad_scaling=False, fixed_baselines=False, head_only=True)
+                              grad_scaling=False, fixed_baselines=False, head_only=True, init="random",
+                              objective="margin")
     config = run_config(one, cache_dir=cache_dir)
     lock, resume = open_run(out, config, resume and (out / "last.pt").exists(), fingerprint)
     with lock:

@@ -22,7 +22,7 @@ class FitError(ValueError):
 
 # Named choices, one place: FitConfig.check and the CLI's click.Choice read these.
 CHOICES = {"init": ("random", "published"), "init_rotation": ("pca", "lda"),
-           "objective": ("margin", "adaptor", "adaptor-supervised"), "optimizer": ("adamw", "sgd"), "scheduler": ("cosine", "plateau"), "loss": ("aam", "softmax"),
+           "objective": ("auto", "margin", "adaptor", "adaptor-supervised"), "optimizer": ("adamw", "sgd"), "scheduler": ("cosine", "plateau"), "loss": ("aam", "softmax"),
            "classifier": ("shared", "per-dim"), "device": ("auto", "cpu", "cuda"),
            "precision": ("fp32", "bf16"), "feature_dtype": ("float16", "float32")}
 
@@ -62,7 +62,9 @@ class FitConfig:
     init: str = "random"  # random | published (cache mode, --head mrl on pooled)
     init_rotation: str = "pca"  # pca | lda
     init_center: bool = True  # start from the published embedding minus its training mean (False: as it is)
-    objective: str = "margin"  # margin | adaptor | adaptor-supervised
+    # auto: adaptor-supervised on imported vectors (what measured best there, benchmarks/README.md),
+    # margin otherwise
+    objective: str = "auto"  # auto | margin | adaptor | adaptor-supervised
     adaptor_hidden: int = 0  # residual MLP width of the adaptor; 0: rotation only
     adaptor_topk: int = 10  # nearest neighbours per row in the adaptor's top-k term
     epochs: int = 30
@@ -143,8 +145,7 @@ class FitConfig:
             raise FitError(f"--init {self.init} --objective {self.objective}: start from the published "
                            f"embedding with --head mrl on --inputs pooled, not --head {self.head} on "
                            f"{','.join(self.inputs)}")
-        if self.objective != "margin" and self.fixed_baselines:
-            raise FitError("--fixed-baselines trains margin heads: fit them in a run with --objective margin")
+
         if self.dim_weights is not None:
             weights = list(self.dim_weights)
             if len(weights) != len(self.dims):
@@ -160,7 +161,7 @@ class FitConfig:
     @property
     def starts_from_published(self) -> bool:
         """A head started from the encoder's published embedding (warm start or adaptor)."""
-        return self.init == "published" or self.objective != "margin"
+        return self.init == "published" or self.objective not in ("margin", "auto")
 
     def _check_nested(self) -> None:
         """--margins (one per dim, >= 0; the largest becomes margin) and the mrl-only options."""
