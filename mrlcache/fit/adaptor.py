@@ -47,12 +47,16 @@ EXTRA_SCALE = 0.5  # std of an extra dim at the start, relative to the last publ
 def affine_of(fn, in_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """The affine map of an affine ``fn`` (B, in_dim) -> (B, E) by probing: (W (E, in_dim), b (E,)) float64.
 
-    ``b = fn(0)``, ``W = fn(I) - b``, computed in float64 on a float64 copy of ``fn``
-    when it is a module (eval mode: BatchNorm uses its running statistics).
+    ``b = fn(0)``, ``W = fn(I) - b``, computed in float64 on a float64 copy of ``fn`` when it
+    is a module, or of its module when it is a method like ``backbone.head`` (eval mode:
+    BatchNorm uses its running statistics).
     """
     import copy
 
-    if isinstance(fn, nn.Module):
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, nn.Module):  # a method such as backbone.head: probe a float64 copy of its module
+        fn = getattr(copy.deepcopy(owner).double().eval(), fn.__name__)
+    elif isinstance(fn, nn.Module):
         fn = copy.deepcopy(fn).double().eval()
     with torch.no_grad():
         b = fn(torch.zeros(1, in_dim, dtype=torch.float64))[0]

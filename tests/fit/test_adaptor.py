@@ -49,10 +49,23 @@ def data():
     return x, spk, layer, published
 
 
+class Encoder(torch.nn.Module):
+    """An encoder whose embedding layer is a method, as ``backbone.head`` is."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def head(self, pooled):
+        return self.layer(pooled)
+
+
 def test_probed_affine_map_is_the_layer(data):
     x, _, layer, published = data
-    w, b = affine_of(layer, POOLED)
-    np.testing.assert_allclose(x.double().numpy() @ w.T + b, published.double().numpy(), rtol=1e-5, atol=1e-5)
+    for fn in (layer, Encoder(layer).eval().head):
+        w, b = affine_of(fn, POOLED)
+        np.testing.assert_allclose(x.double().numpy() @ w.T + b, published.double().numpy(), rtol=1e-5, atol=1e-5)
+    assert next(layer.parameters()).dtype == torch.float32  # probed on a copy
 
 
 @pytest.mark.parametrize("rotation", ["pca", "lda"])
@@ -174,3 +187,22 @@ def test_adaptor_fit_writes_a_model_that_reloads(tmp_path):
         else:
             assert not shift.any()
         torch.testing.assert_close(cosines(whole), cosines(x - shift), atol=2e-5, rtol=0)
+
+
+def test_probed_affine_map_of_a_redimnet_head():
+    from conftest import TINY
+
+    from mrlcache.backbone.redimnet import ReDimNet
+
+    torch.manual_seed(0)
+    backbone = ReDimNet(TINY).eval()
+    with torch.no_grad():  # running statistics that are not the identity
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(5, backbone.pooled_dim)
+    w, b = affine_of(backbone.head, backbone.pooled_dim)
+    with torch.no_grad():
+        want = backbone.head(x).double().numpy()
+    np.testing.assert_allclose(x.double().numpy() @ w.T + b, want, rtol=1e-4, atol=1e-4)
