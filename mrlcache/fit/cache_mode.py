@@ -24,8 +24,9 @@ from mrlcache.fit.config import FitError, device_for, make_configs, run_config
 from mrlcache.fit.data import cache_features
 from mrlcache.fit.heads import build_head
 from mrlcache.fit.loop import feature_job, train
-from mrlcache.fit.rundir import finish, meta_hash, open_run, write_header
-from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer, split_speakers
+from mrlcache.fit.rundir import (finish, is_imported, meta_hash, open_run, recorded_sha256, split_and_open,
+                                 write_header)
+from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer
 
 
 def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False, **options) -> Path:
@@ -131,28 +132,3 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
         head, loss_fn = build_head(one, pooled_dim, num_classes, device)
         job = feature_job(one, config, out, head, loss_fn, feats, val, num_train, device)
         finish(job, train(job, resume), None, None, extra)
-
-
-def recorded_sha256(meta: dict) -> str | None:
-    """The SHA-256 of the weights (or imported file) the cache's vectors came from."""
-    from mrlcache.backbone import BackboneRecord
-
-    record = BackboneRecord.from_meta(meta)
-    return record.sha256 if record is not None else None
-
-
-def is_imported(meta: dict) -> bool:
-    """Vectors another toolkit made (``mrlcache import-vectors``): no backbone to embed in model.pt."""
-    return meta.get("mode") == "imported"
-
-
-def split_and_open(cfg, speakers, cache_dir, out: Path, resume: bool, fingerprint: dict):
-    """The held-out speaker split of a cache fit (none with an external validation set) and the
-    locked run directory: (val_names, train_names, labels, config, lock, resume)."""
-    val_names, train_names, labels, n_val = split_speakers(
-        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, f"the cache {cache_dir}")
-    if cfg.val_cache is None:
-        cfg.val_speakers = n_val
-    config = run_config(cfg, cache_dir=cache_dir)
-    lock, resume = open_run(out, config, resume, fingerprint)
-    return val_names, train_names, labels, config, lock, resume

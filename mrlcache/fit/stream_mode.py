@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrlcache.fit.cache_mode import is_imported, recorded_sha256, split_and_open
 from mrlcache.fit.config import FitError, device_for
 from mrlcache.fit.heads import make_loss
-from mrlcache.models.streams import StreamInputError, StreamModel, head_args, plan_groups
+from mrlcache.models import head_class
+from mrlcache.models.streams import StreamInputError, StreamModel, plan_groups
 from mrlcache.fit.loop import feature_job, train
-from mrlcache.fit.rundir import finish, meta_hash, write_header
+from mrlcache.fit.rundir import finish, is_imported, meta_hash, recorded_sha256, split_and_open, write_header
 from mrlcache.fit.stream_data import StreamFeatures, check_memory, load_streams, stream_info
 from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer
 
@@ -29,7 +29,7 @@ def build_model(cfg, info: dict, device) -> StreamModel:
     torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed only
     try:
         groups = plan_groups(cfg.inputs, info)
-        args = head_args(cfg, 1)
+        args = {"dims": list(cfg.dims), **head_class(cfg.head).option_args(cfg)}  # the width: from the streams
         return StreamModel(groups, cfg.head, args, fusion=cfg.fusion, encoder_dim=cfg.encoder_dim).to(device)
     except (StreamInputError, ValueError) as err:
         raise FitError(str(err)) from None
