@@ -32,6 +32,9 @@ def export(model_path, fmt, out, dims, opset, verify):
         raise click.BadParameter(f"{dims!r}: expected comma-separated integers, e.g. 64,128", param_hint="--dims") from None
     if opset is not None and fmt != "onnx":
         raise click.BadParameter("only ONNX files have an opset; drop --opset for torchscript", param_hint="--opset")
+    from mrlcache.paths import check_output
+
+    check_output(out, [model_path])
     try:
         model = load_model(model_path)
         path = export_model(model, out, format=fmt, dims=dims_t, opset=opset)

@@ -69,6 +69,9 @@ def verify(model_path, files, pairs_path, data_dir, dim, prior, far, json_out, w
     if far is not None and not 0.0 < far < 1.0:
         _fail(f"--far {far}: must be in (0, 1)")
     pairs = _read_pairs(Path(pairs_path), data_dir) if pairs_path else [(Path(files[0]), Path(files[1]))]
+    from mrlcache.paths import check_output
+
+    check_output(json_out, [model_path, pairs_path, *(p for pair in pairs for p in pair)], "--json")
 
     from mrlcache.audio import AudioError, check_wave, load_audio
     from mrlcache.calibration import CalibrationError
@@ -109,7 +112,9 @@ def verify(model_path, files, pairs_path, data_dir, dim, prior, far, json_out, w
     _print(results, model.calibration is not None)
     if json_out is not None:
         report = {"model": str(model_path), "calibrated": model.calibration is not None, "pairs": results}
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        from mrlcache.runtime import atomic_write
+
+        atomic_write(json_out, json.dumps(report, indent=2) + "\n")
 
 
 def _print(results, calibrated: bool):

@@ -96,8 +96,11 @@ def open_run(out: Path, config: dict, resume: bool, fingerprint: dict) -> tuple[
 
     The caller releases the lock when the fit ends (``with lock:``).
     """
+    from mrlcache.paths import check_run_dir
+
     if resume and not (out / "last.pt").exists():
         raise FitError(f"--resume: {out}/last.pt does not exist; start the fit without --resume")
+    check_run_dir(out)  # never over a cache, a finished run without last.pt, or another program's files
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out).acquire()  # first: a running fit is reported as such
     try:
