@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from mrlcache.export import onnx
-from mrlcache.export.frontend import ExportError, front_end
+from mrlcache.export.formats import ExportError
+from mrlcache.export.frontend import front_end
 
 
 class OnnxBackbone:

@@ -24,9 +24,7 @@ import math
 import torch
 from torch import nn
 
-
-class ExportError(Exception):
-    """A model, option or file that cannot be exported or verified."""
+from mrlcache.export.formats import ExportError
 
 
 class ExportableMelBanks(nn.Module):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from mrlcache.export.frontend import ExportError
+from mrlcache.export.formats import ExportError
 
 DEFAULT_OPSET = 18
 SUFFIX = ".onnx"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mrlcache.export.frontend import ExportError
+from mrlcache.export.formats import ExportError
 
 SUFFIX = ".pt"
 

@@ -13,7 +13,9 @@ Where each concern lives:
 - ``cache_mode.py`` / ``stream_mode.py`` / ``end_to_end.py``: each builds a TrainJob
   (cache_mode hands ``--inputs`` other than ``pooled`` or ``--head`` other than ``mrl`` to
   stream_mode);
-- ``heads/``: the registry of heads (``mrl``, ``ecapa``), fusions, and the stream model.
+- ``heads.py``: a head (from :data:`mrlcache.models.HEADS`) and its loss from the options;
+- ``losses.py`` / ``fused.py``: the Matryoshka margin losses and their kernels;
+- the heads, fusions and stream model themselves are inference modules: :mod:`mrlcache.models`.
 """
 
 from mrlcache.fit.config import EndToEndConfig, FitConfig, FitError
