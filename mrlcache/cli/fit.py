@@ -123,8 +123,8 @@ OPTIONS = [
     fit_option("memory_gb", "Memory for features; beyond it they are streamed [default: half the free memory].",
                type=float),
     click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads [default: torch's]."),
-    fit_option("weights", "Backbone file (when the cache does not carry it; end to end: the backbone).",
-               type=click.Path(exists=True, dir_okay=False)),
+    fit_option("weights", "Backbone file or model folder (when the cache does not carry it; end to end: the "
+               "backbone).", type=click.Path(exists=True)),
     fit_option("no_embed_backbone", "model.pt refers to the backbone by name/path + SHA-256 instead of holding it."),
     fit_option("head_only", "model.pt without any backbone (vectors of unknown origin)."),
     click.option("--resume", is_flag=True, help="Continue the fit in --out from last.pt."),

@@ -11,7 +11,7 @@ from mrlcache.export.frontend import front_end
 
 
 class OnnxBackbone:
-    """A ReDimNet whose ``pooled(wave)`` runs in onnxruntime (CPU), for ``--engine onnxruntime``.
+    """A backbone whose ``pooled(wave)`` runs in onnxruntime (CPU), for ``--engine onnxruntime``.
 
     The backbone is exported once into memory (its ``pooled`` front end, the dynamo exporter) and
     run by an onnxruntime session; everything else a caller reads (``pooled_dim``,
@@ -27,6 +27,7 @@ class OnnxBackbone:
             raise ExportError("--engine onnxruntime needs onnxruntime: pip install 'mrlcache[export]'") from None
         self.pooled_dim, self.model_config = backbone.pooled_dim, backbone.model_config
         self.weights_sha256 = backbone.weights_sha256
+        self.encoder = getattr(backbone, "encoder", "redimnet")
         net = front_end("pooled", backbone.cpu().eval()).eval()  # wave -> pooled vector
         example = torch.randn(2, 16000, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():

@@ -168,6 +168,26 @@ class _ReDimNetStreams(nn.Module):
         return mean_std(frames) if self.layers_pooled else frames
 
 
+MIN_SAMPLES = 1600  # shortest wave an exported encoder other than ReDimNet takes (0.1 s)
+
+
+class _OwnPooled(nn.Module):
+    """An encoder whose own ``pooled`` exports (ECAPA-TDNN, CAM++: their front ends are written to export)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.net = copy.deepcopy(backbone)
+        self.min_samples = MIN_SAMPLES
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.net.pooled(wave)
+
+
+def _exports_itself(backbone) -> bool:
+    """True for encoders whose own ``pooled`` exports (every one but ReDimNet, whose STFT does not)."""
+    return getattr(backbone, "encoder", "redimnet") != "redimnet"
+
+
 def front_end(stream: str, backbone, layers_pooled: bool = False) -> nn.Module:
     """The exportable module computing ``stream`` from a wave, as extract computes it.
 
@@ -182,6 +202,11 @@ def front_end(stream: str, backbone, layers_pooled: bool = False) -> nn.Module:
             raise ExportError(f"stream {stream!r} comes from the pretrained transformer {backbone.name}, whose "
                               "front end mrlcache does not rebuild for export; export a model on ReDimNet or "
                               "handcrafted streams")
+        if _exports_itself(backbone):
+            if stream != "pooled":
+                raise ExportError(f"stream {stream!r} of the {backbone.encoder} encoder has no exportable front end; "
+                                  "export a model on its pooled vector")
+            return _OwnPooled(backbone)
         return _ReDimNetStreams(backbone, stream, layers_pooled)
     if stream in ("fbank", "mfcc"):
         return ExportableKaldi(stream)

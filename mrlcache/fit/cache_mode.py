@@ -21,12 +21,13 @@ from typing import Sequence
 import numpy as np
 
 from mrlcache.fit.config import FitError, device_for, make_configs, run_config
-from mrlcache.fit.data import cache_features
 from mrlcache.fit.heads import build_head
+from mrlcache.fit.inputs import heldout_or_external, open_features, vector_input
 from mrlcache.fit.loop import feature_job, train
 from mrlcache.fit.rundir import (finish, is_imported, meta_hash, open_run, recorded_sha256, split_and_open,
                                  write_header)
-from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer
+from mrlcache.fit.stream_data import input_records
+from mrlcache.fit.validate import raw_eer
 
 
 def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False, **options) -> Path:
@@ -88,27 +89,17 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
                                                                           fingerprint)
     with lock:
         train_rows = np.flatnonzero(labels >= 0)
-        try:
-            feats, mode = cache_features(cache, labels, cfg.feature_dtype, cfg.memory_gb)
-        except ValueError as err:
-            raise FitError(f"{cache_dir}: {err}") from None
-
-        val = None
-        if cfg.val_cache is not None:
-            val = external_valset(cfg.val_cache, cfg.val_trials)
-        elif val_names:
-            rows = np.flatnonzero(labels < 0)
-            if mode == "memory":
-                pooled_val = np.ascontiguousarray(feats.pooled[:, 0][rows], dtype=np.float32)
-            else:
-                pooled_val = np.concatenate([s.read("pooled", view=0, dtype=np.float32) for s in feats.shards])[rows]
-            val = heldout_valset(pooled_val, speakers[rows], cfg.max_val_trials, cfg.seed,
-                                 f"{len(val_names)} held-out training speakers")
+        records = input_records(cache, cfg.inputs, f"--cache {cache_dir}", training=True)
+        head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
+        feats, plan = open_features(cache, records, labels, cfg, head, loss_fn,
+                                    lambda m: vector_input(m, cfg.inputs))
+        mode = plan.policy
+        val = heldout_or_external(cfg, feats, records, labels, speakers, val_names)
         fingerprint.update(train_speakers=len(train_names), val_speakers=val_names, features=mode)
         write_header(out, config, fingerprint)  # on resume: the same, up to epochs/patience
 
-        head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
-        job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device)
+        job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device,
+                          embed=vector_input(head, cfg.inputs))
         result = train(job, resume)
         extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names)}
         if val is not None:
@@ -133,5 +124,6 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
     with lock:
         write_header(out, config, fingerprint)
         head, loss_fn = build_head(one, pooled_dim, num_classes, device)
-        job = feature_job(one, config, out, head, loss_fn, feats, val, num_train, device)
+        job = feature_job(one, config, out, head, loss_fn, feats, val, num_train, device,
+                          embed=vector_input(head, one.inputs))
         finish(job, train(job, resume), None, None, extra)

@@ -261,7 +261,7 @@ def save_model(path, head, *, backbone=None, embed_backbone: bool = True,
         if not embed_backbone and not (backbone_ref and backbone_ref.source and not backbone_ref.is_random):
             raise ModelError("--no-embed-backbone needs a backbone file or name to refer to; "
                              "this backbone has none (embed it instead)")
-        record = (backbone_ref or BackboneRecord(None)).with_sha256(sha)
+        record = (backbone_ref or BackboneRecord(None)).of_model(backbone).with_sha256(sha)
         entry = {**record.to_dict(), **(checkpoint_dict(backbone) if embed_backbone else {})}
     obj = {"format": FORMAT, "version": VERSION, **record_of(head),
            "head_state": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "backbone": entry}

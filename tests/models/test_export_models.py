@@ -17,12 +17,14 @@ from mrlcache.export import ExportError, export_model, verify_export
 from mrlcache.models import FUSIONS, HEADS, head_class
 from mrlcache.models.model import save_model
 from mrlcache.models.streams import StreamModel, plan_groups
+from mrlcache.streams import StreamRecord
+from mrlcache.streams import StreamRecord
 
 pytest.importorskip("onnxruntime")
 
 OPTIONS = {"ecapa": dict(channels=8, scale=2, mfa_channels=16, attention_bottleneck=4, se_bottleneck=4)}
-FRAMES = {"fbank": {"kind": "frames", "shape": (80,)}, "mfcc": {"kind": "frames", "shape": (40,)},
-          "f0": {"kind": "frames", "shape": (2,)}, "layers": {"kind": "frames", "shape": (3, 8)}}
+FRAMES = {n: StreamRecord(n, "frames", shape, "float16", 100.0, ragged=True)
+          for n, shape in (("fbank", (80,)), ("mfcc", (40,)), ("f0", (2,)), ("layers", (3, 8)))}
 FORMATS = ("onnx", "torchscript")
 
 
@@ -114,7 +116,8 @@ def test_a_stream_model_on_a_backbone_exports_wave_in(tmp_path, head, fusion):
     from mrlcache.backbone.loading import load_backbone
 
     backbone = load_backbone("b0", random_init=True, seed=1)
-    info = {"layers": {"kind": "frames", "shape": streams.item_shape("layers", backbone)}, **FRAMES}
+    info = {**FRAMES, "layers": StreamRecord("layers", "frames", tuple(streams.item_shape("layers", backbone)),
+                                             "float16", 100.0, ragged=True)}
     torch.manual_seed(0)
     args = {"dims": [4, 8], **OPTIONS.get(head, {})}
     stream = _trained_looking(StreamModel(plan_groups(["layers", "fbank"], info), head, args, fusion=fusion,

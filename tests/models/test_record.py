@@ -9,6 +9,7 @@ from mrlcache.models import HEADS, head_args, head_class, record
 from mrlcache.models.matryoshka import MatryoshkaHead
 from mrlcache.models.model import save_model
 from mrlcache.models.streams import StreamModel, plan_groups
+from mrlcache.streams import StreamRecord
 
 
 class TinyOptions:
@@ -17,7 +18,8 @@ class TinyOptions:
     ecapa_channels, ecapa_scale, ecapa_mfa_channels, ecapa_bottleneck = 8, 2, 16, 4
 
 
-FRAMES = {"fbank": {"kind": "frames", "shape": (12,)}, "f0": {"kind": "frames", "shape": (2,)}}
+FRAMES = {n: StreamRecord(n, "frames", shape, "float16", 100.0, ragged=True) for n, shape in (("fbank", (12,)),
+                                                                                               ("f0", (2,)))}
 
 
 def _inputs(head_cls, n=3, seed=0):
