@@ -28,6 +28,7 @@ from mrlcache.fit.rundir import (finish, is_imported, meta_hash, open_run, recor
                                  write_header)
 from mrlcache.fit.stream_data import input_records
 from mrlcache.fit.validate import raw_eer
+from mrlcache.models import head_class
 
 
 def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False, **options) -> Path:
@@ -59,7 +60,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         cache = cache_mod.open(cache_dir)
     else:
         cache_dir = Path(cache.path) if getattr(cache, "path", None) else None
-    if tuple(cfg.inputs) != ("pooled",) or cfg.head != "mrl":  # a model on cached streams
+    if tuple(cfg.inputs) != ("pooled",) or head_class(cfg.head).reads != "vector":  # a model on cached streams
         from mrlcache.fit.stream_mode import fit_streams
 
         return fit_streams(cache, cache_dir, cfg, out, backbone=backbone, resume=resume)

@@ -248,8 +248,10 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
     cfg.check()
     if not end_to_end:
         return cfg, None
-    if tuple(cfg.inputs) != ("pooled",) or cfg.head != "mrl":
-        raise FitError(f"--inputs {','.join(cfg.inputs)} --head {cfg.head}: end to end trains the mrl head on "
+    from mrlcache.models import head_class
+
+    if tuple(cfg.inputs) != ("pooled",) or head_class(cfg.head).reads != "vector":
+        raise FitError(f"--inputs {','.join(cfg.inputs)} --head {cfg.head}: end to end trains a head on "
                        "the pooled vector only; fit other inputs and heads on a cache (--cache)")
     e2e = EndToEndConfig(**{k: v for k, v in options.items() if k in e2e_names})
     e2e.check(cfg.weights)

@@ -2,7 +2,7 @@
 
 The same loop, losses, schedules, selection, resume and run directory as the pooled fit
 (:mod:`mrlcache.fit.cache_mode`, which hands over here whenever ``--inputs`` is not
-``pooled`` alone or ``--head`` is not ``mrl``); the model is a
+``pooled`` alone or the head reads frames); the model is a
 :class:`~mrlcache.models.streams.StreamModel`. A gating fit also writes
 ``gating.json`` / ``gating.png`` (:func:`mrlcache.fit.report.write_gating`).
 """
