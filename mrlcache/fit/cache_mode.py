@@ -102,7 +102,8 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device,
                           embed=vector_input(head, cfg.inputs))
         result = train(job, resume)
-        extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names)}
+        extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names),
+                 "memory": plan.to_dict()}
         if val is not None:
             extra["raw_eer"] = raw_eer(val)
             extra["val_source"] = val.source

@@ -75,13 +75,17 @@ def epoch_plan(g: torch.Generator, sizes: np.ndarray, train_mask: np.ndarray, nu
 
 @dataclass
 class Block:
-    """Rows in hand: their positions in cache order (sorted) and {stream: (n, *item)} for the drawn views."""
+    """Rows in hand: their positions in cache order and {stream: (n, *item)} for the drawn views."""
 
     rows: np.ndarray
     arrays: dict
 
+    def __post_init__(self):
+        self._order = np.argsort(self.rows, kind="stable")
+        self._sorted = self.rows[self._order]
+
     def take(self, rows: np.ndarray) -> dict:
-        at = np.searchsorted(self.rows, rows)
+        at = self._order[np.searchsorted(self._sorted, rows)]
         return {name: a[at] for name, a in self.arrays.items()}
 
 
@@ -126,32 +130,28 @@ class Features:
         return {n: self.cache.read(n, view=view, rows=rows, dtype=dtype) for n in self.records}
 
     def _read_window(self, shards, views: np.ndarray, carry: Block | None, carry_rows: np.ndarray) -> Block:
-        """The training rows of ``shards`` with the views the epoch drew for them, plus the carried rows."""
-        parts = {name: [] for name in self.records}
-        all_rows = []
-        for k in sorted(int(s) for s in shards):
-            a = self.offsets[k]
-            local = np.flatnonzero(self.train_mask[a:a + self.sizes[k]])
-            drawn = views[a + local]
-            for name, record in self.records.items():
-                block = np.empty((len(local), *record.item_shape), self.dtype)
+        """The training rows of ``shards`` with the views the epoch drew for them, plus the
+        carried rows, in one array per stream filled in place."""
+        locals_ = {int(k): np.flatnonzero(self.train_mask[self.offsets[k]:self.offsets[k + 1]]) for k in shards}
+        rows = np.concatenate([carry_rows] + [self.offsets[k] + locals_[k] for k in sorted(locals_)])
+        arrays = {name: np.empty((len(rows), *r.item_shape), self.dtype) for name, r in self.records.items()}
+        start = len(carry_rows)
+        if start:
+            for name, a in carry.take(carry_rows).items():
+                arrays[name][:start] = a
+        for k in sorted(locals_):
+            local = locals_[k]
+            drawn = views[self.offsets[k] + local]
+            for name in self.records:
+                block = arrays[name][start:start + len(local)]
                 for view in np.unique(drawn):  # each needed view of the shard read once
                     sel = np.flatnonzero(drawn == view)
                     if len(sel) * 4 > self.sizes[k]:  # most rows: one sequential read of the view
                         block[sel] = self.shards[k].read(name, view=int(view), dtype=self.dtype)[local[sel]]
                     else:
                         block[sel] = self.shards[k].read(name, view=int(view), rows=local[sel], dtype=self.dtype)
-                parts[name].append(block)
-            all_rows.append(a + local)
-        rows = np.concatenate(all_rows) if all_rows else np.empty(0, np.int64)
-        arrays = {name: np.concatenate(p) if p else np.empty((0, *self.records[name].item_shape), self.dtype)
-                  for name, p in parts.items()}
-        if carry is not None and len(carry_rows):
-            kept = carry.take(np.sort(carry_rows))
-            rows = np.concatenate([np.sort(carry_rows), rows])
-            arrays = {name: np.concatenate([kept[name], arrays[name]]) for name in arrays}
-        order = np.argsort(rows, kind="stable")
-        return Block(rows[order], {name: a[order] for name, a in arrays.items()})
+            start += len(local)
+        return Block(rows, arrays)
 
     def epoch(self, seed: int, epoch: int, batch_size: int, device) -> Iterator[tuple[dict, torch.Tensor]]:
         """Yield ({stream: (b, *item) float32 on device}, labels (b,)) covering every training row once."""
@@ -209,6 +209,12 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return self.features + self.batches + self.model
+
+    def to_dict(self) -> dict:
+        """summary.json's ``memory``: the policy, the window and the estimate in bytes."""
+        return {"policy": self.policy, "window_shards": self.window, "features_bytes": self.features,
+                "batches_bytes": self.batches, "model_bytes": self.model, "estimate_bytes": self.total,
+                "budget_bytes": self.budget}
 
     def describe(self) -> str:
         window = "every shard" if self.window is None else f"{self.window} shard(s)"

@@ -73,7 +73,7 @@ def fit_streams(cache, cache_dir, cfg, out: Path, backbone=None, resume: bool = 
         job = feature_job(cfg, config, out, model, loss_fn, feats, val, len(train_rows), device)
         result = train(job, resume)
         extra = {"features": plan.policy, "inputs": list(cfg.inputs), "train_utterances": len(train_rows),
-                 "train_speakers": len(train_names)}
+                 "train_speakers": len(train_names), "memory": plan.to_dict()}
         if val is not None:
             extra["raw_eer"] = raw_eer(val)
             extra["val_source"] = val.source
