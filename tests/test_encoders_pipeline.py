@@ -33,6 +33,9 @@ ECAPA = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "en
 pytestmark = pytest.mark.skipif(not ECAPA.is_dir(), reason="needs ../shared/fixtures/encoders")
 
 
+pytestmark = [pytestmark, pytest.mark.slow]
+
+
 def cli(*args):
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
