@@ -29,6 +29,7 @@ from mrlcache.backbone.record import convert_v1_meta
 from mrlcache.cache import CacheWriter, IncompleteCacheError, read_meta
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
+from mrlcache.extract.sizes import check_free_disk, projected_sizes
 from mrlcache.runtime import DeviceError, autocast, resolve_device, resolve_precision
 from mrlcache.streams import windows
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
@@ -155,6 +156,10 @@ def extract(
                            "(or run once with --overwrite and --world-size 1) and start the ranks again")
     # Before any file is touched: a bad --noise-dir/--rir-dir fails here, not mid-run.
     dataset = UtteranceViews(utterances, cfg)
+    if rank == 0:  # the cache must fit the disk (less what an earlier run wrote)
+        present = sum(p.stat().st_size for p in (out / "shards").rglob("*") if p.is_file()) if not overwrite and \
+            (out / "shards").is_dir() else 0
+        check_free_disk(out, projected_sizes(utterances, cfg, model, ptm), cfg, present)
 
     if overwrite and world_size > 1 and rank != 0:
         barrier()  # rank 0 clears the old cache first
@@ -249,9 +254,8 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
                     writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"],
                                        windowed=state["windowed"])
                 else:
-                    pooled, others = gather(state, infos, cfg.views)
-                    writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"], others,
-                                       windowed=state["windowed"])
+                    writer.write_shard(k, state["index"], None, state["skipped"], state["seconds"],
+                                       gather(state, infos, cfg.views), windowed=state["windowed"])
                 del pending[k]
             done_rows += len(items)
             audio_seconds += seconds

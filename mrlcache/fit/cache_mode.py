@@ -21,11 +21,12 @@ from typing import Sequence
 import numpy as np
 
 from mrlcache.fit.config import FitError, device_for, make_configs, run_config
-from mrlcache.fit.data import cache_features
+from mrlcache.fit.data import Features, model_bytes, plan_features
 from mrlcache.fit.heads import build_head
 from mrlcache.fit.loop import feature_job, train
 from mrlcache.fit.rundir import finish, meta_hash, open_run, write_header
-from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer, split_speakers
+from mrlcache.fit.stream_data import input_records
+from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer, split_speakers, val_batch
 
 
 def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False, **options) -> Path:
@@ -87,27 +88,17 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
                                                                           fingerprint)
     with lock:
         train_rows = np.flatnonzero(labels >= 0)
-        try:
-            feats, mode = cache_features(cache, labels, cfg.feature_dtype, cfg.memory_gb)
-        except ValueError as err:
-            raise FitError(f"{cache_dir}: {err}") from None
-
-        val = None
-        if cfg.val_cache is not None:
-            val = external_valset(cfg.val_cache, cfg.val_trials)
-        elif val_names:
-            rows = np.flatnonzero(labels < 0)
-            if mode == "memory":
-                pooled_val = np.ascontiguousarray(feats.pooled[:, 0][rows], dtype=np.float32)
-            else:
-                pooled_val = np.concatenate([s.read("pooled", view=0, dtype=np.float32) for s in feats.shards])[rows]
-            val = heldout_valset(pooled_val, speakers[rows], cfg.max_val_trials, cfg.seed,
-                                 f"{len(val_names)} held-out training speakers")
+        records = input_records(cache, cfg.inputs, f"--cache {cache_dir}", training=True)
+        head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
+        feats, plan = open_features(cache, records, labels, cfg, head, loss_fn,
+                                    lambda m: vector_input(m, cfg.inputs))
+        mode = plan.policy
+        val = heldout_or_external(cfg, feats, records, labels, speakers, val_names)
         fingerprint.update(train_speakers=len(train_names), val_speakers=val_names, features=mode)
         write_header(out, config, fingerprint)  # on resume: the same, up to epochs/patience
 
-        head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
-        job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device)
+        job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device,
+                          embed=vector_input(head, cfg.inputs))
         result = train(job, resume)
         extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names)}
         if val is not None:
@@ -132,8 +123,64 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
     with lock:
         write_header(out, config, fingerprint)
         head, loss_fn = build_head(one, pooled_dim, num_classes, device)
-        job = feature_job(one, config, out, head, loss_fn, feats, val, num_train, device)
+        job = feature_job(one, config, out, head, loss_fn, feats, val, num_train, device,
+                          embed=vector_input(head, one.inputs))
         finish(job, train(job, resume), None, None, extra)
+
+
+def vector_input(head, inputs):
+    """A head over one vector stream as a model of {stream: (b, D)} batches."""
+    (name,) = inputs
+    return lambda batch: head(batch[name])
+
+
+def open_features(cache, records: dict, labels, cfg, model, loss_fn, embed_of):
+    """The training features of ``records`` in memory or streamed, as the budget allows: (Features, MemoryPlan).
+
+    The plan counts the float32 batches and the model with its optimiser state and the
+    activations of one batch (measured on a two-row probe of copies of the model and loss).
+    """
+    import copy
+
+    import torch
+
+    probe = {name: cache.read(name, view=0, rows=np.arange(min(2, len(cache))), dtype=np.float32)
+             for name in records}
+    model_copy, loss_copy = copy.deepcopy(model), copy.deepcopy(loss_fn)
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel()
+        return t
+
+    rows = len(next(iter(probe.values())))
+    device = next(model.parameters()).device
+    batch = {k: torch.from_numpy(v).to(device) for k, v in probe.items()}
+    labels_probe = torch.zeros(rows, dtype=torch.long, device=device)
+    embed = embed_of(model_copy)  # the model as a function of {stream: batch}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        state = torch.get_rng_state()
+        try:
+            emb = embed(batch)
+            loss_copy(emb, labels_probe, None)
+        except Exception:  # a head that cannot run on two rows: count parameters only
+            saved[0] = 0
+        torch.set_rng_state(state)
+    per_row = saved[0] // max(1, rows)
+    plan = plan_features(cache, records, cfg.feature_dtype, cfg.batch_size,
+                         model_bytes(model, loss_fn, cfg.batch_size, per_row), cfg.memory_gb)
+    return Features(cache, records, labels, cfg.feature_dtype, plan.policy, plan.window), plan
+
+
+def heldout_or_external(cfg, feats, records, labels, speakers, val_names):
+    """The validation set: the external cache and trials, or trials among held-out speakers (their rows only)."""
+    if cfg.val_cache is not None:
+        return external_valset(cfg.val_cache, cfg.val_trials, cfg.inputs)
+    if not val_names:
+        return None
+    rows = np.flatnonzero(labels < 0)  # held in the features' dtype, as the training rows
+    return heldout_valset(feats.rows(rows, 0, feats.dtype), speakers[rows], cfg.max_val_trials, cfg.seed,
+                          f"{len(val_names)} held-out training speakers", batch=val_batch(records), records=records)
 
 
 def recorded_sha256(meta: dict) -> str | None:

@@ -67,17 +67,20 @@ def load_checkpoint(path: Path, device="cpu") -> dict:
 
 
 
-def feature_job(cfg, config: dict, out: Path, model, loss_fn, feats, val, num_train: int, device) -> TrainJob:
-    """The TrainJob of a fit on features in hand (cache mode, stream mode).
+def feature_job(cfg, config: dict, out: Path, model, loss_fn, feats, val, num_train: int, device,
+                embed: Callable | None = None) -> TrainJob:
+    """The TrainJob of a fit on cached features (cache mode, stream mode).
 
-    ``feats.epoch(seed, epoch, batch_size, device)`` gives the batches; ``model`` trains and
-    validates alike; one optimiser covers the model and the loss, with the per-step schedule.
+    ``feats.epoch(seed, epoch, batch_size, device)`` gives the batches {stream: (b, ...)};
+    ``embed`` (default ``model``) embeds one, in training and validation alike; one
+    optimiser covers the model and the loss, with the per-step schedule.
     """
+    embed = embed or model
     opt = make_optimizer(cfg, param_groups([model, loss_fn], cfg))
     steps = len(batch_slices(num_train, cfg.batch_size))
     return TrainJob(cfg=cfg, config=config, out=out, head=model, loss_fn=loss_fn,
                     batches=lambda epoch: feats.epoch(cfg.seed, epoch, cfg.batch_size, device),
-                    embed=model, val_embed=model, val=val, steps_per_epoch=steps, device=device,
+                    embed=embed, val_embed=embed, val=val, steps_per_epoch=steps, device=device,
                     optimizer=opt, scheduler=make_scheduler(cfg, opt, steps))
 
 

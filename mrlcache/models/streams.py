@@ -28,6 +28,7 @@ from torch import nn
 from mrlcache.models.ecapa import ECAPATDNN
 from mrlcache.models.fusion import FUSIONS, CNN1dEncoder, LayerWeightedSum, MeanStdPool, match_length
 from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.streams import spec as stream_spec
 
 HANDCRAFTED = ("fbank", "mfcc", "f0")
 # head name -> (module, what it reads); constructor arguments are plain values (model.pt).
@@ -60,25 +61,25 @@ def plan_groups(inputs: Sequence[str], streams: dict) -> list[dict]:
                                f"'mrlcache extract --streams ...,{missing[0]}'")
     groups = []
     if "layers" in inputs:
-        info = streams["layers"]
+        record = streams["layers"]
         groups.append({"name": "layers", "kind": "layers", "streams": ["layers"],
-                       "frames": info["kind"] == "frames", "shape": [int(v) for v in info["shape"]]})
+                       "frames": record.kind == "frames", "shape": list(record.shape)})
     hand = [s for s in inputs if s in HANDCRAFTED]
     if hand:
         for s in hand:
-            if streams[s]["kind"] != "frames":
+            if streams[s].kind != "frames":
                 raise StreamInputError(f"--inputs: stream {s!r} is not stored as frames")
-        width = sum(2 if s == "f0" else int(streams[s]["shape"][0]) for s in hand)
+        width = sum(stream_spec(s).input_channels(streams[s]) for s in hand)
         groups.append({"name": "+".join(hand), "kind": "handcrafted", "streams": hand, "frames": True,
                        "shape": [width]})
     for s in inputs:
         if s not in HANDCRAFTED and s != "layers":
-            info = streams[s]
-            if info["kind"] != "vector" or len(info["shape"]) != 1:
-                raise StreamInputError(f"--inputs: stream {s!r} ({info['kind']} {tuple(info['shape'])}) "
+            record = streams[s]
+            if record.kind != "vector" or len(record.shape) != 1:
+                raise StreamInputError(f"--inputs: stream {s!r} ({record.kind} {record.shape}) "
                                        f"has no encoder; use layers, fbank, mfcc, f0 or pooled")
             groups.append({"name": s, "kind": "vector", "streams": [s], "frames": False,
-                           "shape": [int(info["shape"][0])]})
+                           "shape": [int(record.shape[0])]})
     return groups
 
 
@@ -156,12 +157,10 @@ class StreamModel(nn.Module):
 
     def encode(self, batch: dict) -> list[torch.Tensor]:
         """Each encoder's output: (B, encoder_dim, T) frames or (B, D) vectors."""
-        from mrlcache.streams import f0_features
-
         outs = []
         for g, enc in zip(self.groups, self.encoders):
             if g["kind"] == "handcrafted":
-                parts = [f0_features(batch[s]) if s == "f0" else batch[s].float() for s in g["streams"]]
+                parts = [stream_spec(s).encoder_input(batch[s]) for s in g["streams"]]
                 x = torch.cat([match_length(p, parts[0].shape[-1]) for p in parts], dim=1)  # (B, W, T)
             else:
                 x = batch[g["streams"][0]].float()
