@@ -111,9 +111,10 @@ def extract(ctx, data, list_file, utt2spk, out, backend, backbone_name, variant,
     Rerunning the same command resumes: finished shards are kept. Under
     `torchrun --nproc-per-node N -m mrlcache extract ...` each process writes its own shards.
     """
-    from mrlcache.runtime import passive_openmp
+    from mrlcache.runtime import passive_openmp, reuse_large_allocations
 
     passive_openmp()  # before torch: the decoding workers share the cores with the model
+    reuse_large_allocations()  # the backbone's activations reuse the heap instead of fresh pages
     check_device(device)
     import torch
     from rich.console import Console
