@@ -74,6 +74,14 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
     return meta
 
 
+def check_layers_source(model, cfg: ExtractConfig, ptm=None) -> None:
+    """ExtractError when ``layers`` would come from an encoder other than ReDimNet (none has them)."""
+    if model is not None and ptm is None and "layers" in cfg.stream_names \
+            and getattr(model, "encoder", "redimnet") != "redimnet":
+        raise ExtractError(f"--streams {cfg.streams}: the layers stream is ReDimNet's stem and stage outputs; "
+                           f"{model.encoder} has none in that form (use pooled, fbank, mfcc, f0, or --ptm)")
+
+
 def _record_of(backbone, weights_source) -> BackboneRecord:
     """The backbone record: given, or read from a format-1 style ``weights_source`` string."""
     if isinstance(backbone, BackboneRecord):
@@ -138,10 +146,7 @@ def extract(
     if model is None and cfg.needs_redimnet:
         why = "pooled needs it" if "pooled" in cfg.stream_names else "layers needs it or --ptm"
         raise ExtractError(f"--streams {cfg.streams}: give a ReDimNet backbone ({why})")
-    if model is not None and ptm is None and "layers" in cfg.stream_names \
-            and getattr(model, "encoder", "redimnet") != "redimnet":
-        raise ExtractError(f"--streams {cfg.streams}: the layers stream is ReDimNet's stem and stage outputs; "
-                           f"{model.encoder} has none in that form (use pooled, fbank, mfcc, f0, or --ptm)")
+    check_layers_source(model, cfg, ptm)
     if (ptm is None) != (cfg.ptm is None):
         raise ExtractError("cfg.ptm names the PTM and ptm= must be that model (load_ptm), both or neither")
     save_backbone = save_backbone and model is not None
