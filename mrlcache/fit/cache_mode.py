@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mrlcache import distributed
 from mrlcache.fit.config import FitError, device_for, make_configs, run_config
 from mrlcache.fit.data import cache_features
 from mrlcache.fit.heads import build_head
@@ -28,6 +29,7 @@ from mrlcache.fit.rundir import finish, meta_hash, open_run, write_header
 from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer, split_speakers
 
 
+@distributed.launched
 def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False, **options) -> Path:
     """Fit a Matryoshka head on a feature cache; returns the run directory.
 

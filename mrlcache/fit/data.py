@@ -16,6 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mrlcache import distributed
+
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     # One generator per epoch (and per use: 0 data, 1 class sampling), so a resumed fit
@@ -59,12 +61,11 @@ class MemoryFeatures:
         g = epoch_generator(seed, epoch)
         views = torch.randint(self.num_views, (len(self.labels),), generator=g).numpy()
         order = self.train_rows[torch.randperm(len(self.train_rows), generator=g).numpy()]
-        slices = batch_slices(len(order), batch_size)
-        cap = max(s.stop - s.start for s in slices)
+        batches = list(distributed.rank_batches(order, batch_size))  # this rank's rows of each batch
+        cap = max(len(rows) for rows in batches)
         gathered = np.empty((cap, self.dim), dtype=self.pooled.dtype)
         x = torch.empty((cap, self.dim), dtype=torch.float32)
-        for sl in slices:
-            rows = order[sl]
+        for rows in batches:
             yield _gather(self._flat, rows * self.num_views + views[rows], gathered, x, device), \
                 self.labels[rows].to(device)
 
@@ -90,7 +91,7 @@ class StreamedFeatures:
         g = epoch_generator(seed, epoch)
         views = torch.randint(self.num_views, (int(self.offsets[-1]),), generator=g).numpy()
         shard_order = torch.randperm(len(self.shards), generator=g).numpy()
-        cap = batch_size + 1  # batch_slices may give the last batch one more row
+        cap = batch_size + 2  # the last batch may take a short tail (1 row; under 2 per rank on N ranks)
         gathered = np.empty((cap, self.dim), dtype=self.dtype)
         x = torch.empty((cap, self.dim), dtype=torch.float32)
         carry_x = np.empty((0, self.dim), self.dtype)
@@ -110,9 +111,9 @@ class StreamedFeatures:
             xw, yw = np.concatenate(xs), np.concatenate(ys)
             perm = torch.randperm(len(yw), generator=g).numpy()
             last = w + self.window >= len(shard_order)
-            n_full = len(yw) if last else (len(yw) // batch_size) * batch_size
-            for sl in batch_slices(n_full, batch_size):
-                rows = perm[sl]
+            step = distributed.global_batch(batch_size)  # rows of one step over every rank
+            n_full = len(yw) if last else (len(yw) // step) * step
+            for rows in distributed.rank_batches(perm[:n_full], batch_size):
                 yield _gather(xw, rows, gathered, x, device), torch.from_numpy(yw[rows]).to(device)
             carry_x, carry_y = xw[perm[n_full:]], yw[perm[n_full:]]
 

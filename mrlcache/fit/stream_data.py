@@ -16,8 +16,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mrlcache import distributed
 from mrlcache.fit.config import FitError
-from mrlcache.fit.data import batch_slices, epoch_generator
+from mrlcache.fit.data import epoch_generator
 
 
 def stream_info(cache, inputs, where) -> dict:
@@ -120,7 +121,6 @@ class StreamFeatures:
         g = epoch_generator(seed, epoch)  # the draws of MemoryFeatures.epoch, in the same order
         views = torch.randint(self.num_views, (len(self.labels),), generator=g).numpy()
         order = self.train_rows[torch.randperm(len(self.train_rows), generator=g).numpy()]
-        for sl in batch_slices(len(order), batch_size):
-            rows = order[sl]
+        for rows in distributed.rank_batches(order, batch_size):  # this rank's rows of each batch
             batch = {k: v[rows, views[rows]] for k, v in self.arrays.items()}
             yield to_device(batch, device), self.labels[rows].to(device)
