@@ -151,8 +151,12 @@ def barrier(where: str) -> None:
         raise _lost(err, where) from None
 
 
-def all_reduce_(tensor, where: str):
-    """Sum ``tensor`` over the ranks in place (a CPU tensor is sent through the group's device)."""
+def all_reduce_(tensor, where: str | None):
+    """Sum ``tensor`` over the ranks in place (a CPU tensor is sent through the group's device).
+
+    A lost rank raises RankLostError naming ``where``; with ``where=None`` torch's error
+    passes through, for a :func:`guard` around the step to name it.
+    """
     dist = _dist()
     if dist is None:
         return tensor
@@ -163,6 +167,8 @@ def all_reduce_(tensor, where: str):
     try:
         dist.all_reduce(sent)
     except RuntimeError as err:
+        if where is None:
+            raise
         raise _lost(err, where) from None
     tensor.copy_(sent.to(tensor.device))
     return tensor
@@ -250,7 +256,7 @@ def _slices(n: int, batch_size: int) -> list[slice]:
     size = world()
     if size == 1:
         return batch_slices(n, batch_size)  # a last batch of one row joins the previous one
-    if n < 2 * size:
+    if 0 < n < 2 * size:
         raise _fit_error()(f"{n} training rows cannot give each of {size} ranks two rows (BatchNorm); "
                        "use fewer processes")
     # Each rank needs two rows of the last batch: a shorter last batch joins the previous one.
@@ -280,7 +286,7 @@ def loss_share(n_local: int, device):
 
     if world() == 1:
         return 1.0
-    total = all_reduce_(torch.tensor([float(n_local)], dtype=torch.float64), "a training step")
+    total = all_reduce_(torch.tensor([float(n_local)], dtype=torch.float64), None)  # in the loop's guard
     return n_local * world() / float(total.item())
 
 
@@ -355,7 +361,8 @@ def sync_batchnorm(module) -> None:
     """Replace every BatchNorm under ``module`` (in place) by one whose training statistics
     are over the global batch: torch's SyncBatchNorm on GPUs, :func:`_cpu_sync_bn`'s on the CPU.
 
-    State dicts keep their keys, so checkpoints load into plain BatchNorm models.
+    Parameters and buffers are kept (the optimiser holds them); state dicts keep their keys,
+    so checkpoints load into plain BatchNorm models.
     """
     import torch
 
@@ -364,11 +371,12 @@ def sync_batchnorm(module) -> None:
                 child, (torch.nn.SyncBatchNorm, _cpu_sync_bn())):
             cls = torch.nn.SyncBatchNorm if child.weight is not None and child.weight.is_cuda else _cpu_sync_bn()
             new = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            new.load_state_dict(child.state_dict())
-            new.to(child.running_mean.device if child.running_mean is not None else "cpu")
+            # The same parameter and buffer objects: the optimiser, built before, steps them.
             if child.affine:
-                new.weight.requires_grad_(child.weight.requires_grad)
-                new.bias.requires_grad_(child.bias.requires_grad)
+                new.weight, new.bias = child.weight, child.bias
+            if child.track_running_stats:
+                new.running_mean, new.running_var = child.running_mean, child.running_var
+                new.num_batches_tracked = child.num_batches_tracked
             new.train(child.training)
             setattr(module, name, new)
         else:
@@ -379,9 +387,10 @@ def sync_batchnorm(module) -> None:
 def _cpu_sync_bn():
     """The class of a BatchNorm whose training statistics are summed over the ranks (torch's SyncBatchNorm is GPU-only).
 
-    Sums, sums of squares and the row count go through one differentiable all-reduce, so
-    the backward pass all-reduces their gradients too: the same forward and gradients as
-    one BatchNorm over the global batch, up to float rounding. Eval mode is plain BatchNorm.
+    The sums and row count, then the squared deviations from the global mean, go through
+    differentiable all-reduces, so the backward pass all-reduces their gradients too: the
+    same forward and gradients as one BatchNorm over the global batch, up to float
+    rounding. Eval mode is plain BatchNorm.
     """
     import torch
     import torch.distributed.nn.functional as dist_nn
@@ -396,20 +405,23 @@ def _cpu_sync_bn():
                 return super().forward(x)
             c = x.shape[1]
             dims = [0, *range(2, x.dim())]
+            shape = [1, c] + [1] * (x.dim() - 2)
             xf = x.float()  # the sums in float32 whatever the autocast
+            # Two passes, as BatchNorm itself: the global mean, then the global mean square
+            # deviation (E[x^2] - E[x]^2 would cancel badly for inputs far from zero).
             count = torch.tensor([x.numel() / c], dtype=torch.float32, device=x.device)
-            stats = dist_nn.all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
-            n = stats[-1]
-            mean = stats[:c] / n
-            var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalises
+            sums = dist_nn.all_reduce(torch.cat([xf.sum(dims), count]))
+            n = sums[-1]
+            mean = sums[:c] / n
+            dev = xf - mean.view(shape)
+            var = dist_nn.all_reduce((dev * dev).sum(dims)) / n  # biased, as BatchNorm normalises
             if self.track_running_stats:
                 with torch.no_grad():
                     self.num_batches_tracked += 1
                     m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                     self.running_mean.lerp_(mean, m)
                     self.running_var.lerp_(var * n / (n - 1).clamp_min(1), m)
-            shape = [1, c] + [1] * (x.dim() - 2)
-            y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+            y = dev * torch.rsqrt(var.view(shape) + self.eps)
             if self.affine:
                 y = y * self.weight.view(shape) + self.bias.view(shape)
             return y.to(x.dtype)
