@@ -263,17 +263,25 @@ def _slices(n: int, batch_size: int) -> list[slice]:
     return _global_slices(n, batch_size * size, 2 * size)
 
 
-def rank_batches(order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """This rank's rows of each batch of ``order`` (the epoch's global order of rows).
+def global_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """The rows of each step over all ranks: ``order`` in batches of ``batch_size`` x world size.
 
-    One process: ``order`` in batches of ``batch_size`` (:func:`mrlcache.fit.data.batch_slices`).
-    N ranks: global batches of ``batch_size * N`` rows, each cut into N contiguous parts
-    (sizes differ by at most one), rank r taking part r.
+    One process: :func:`mrlcache.fit.data.batch_slices` (a last batch of one row joins the
+    previous one). N ranks: a last batch under two rows per rank joins the previous one.
     """
-    size, me = world(), rank()
-    for sl in _slices(len(order), batch_size):
-        rows = order[sl]
-        yield rows if size == 1 else np.array_split(rows, size)[me]
+    return [order[sl] for sl in _slices(len(order), batch_size)]
+
+
+def my_part(rows: np.ndarray) -> np.ndarray:
+    """This rank's part of a global batch: N contiguous parts whose sizes differ by at most one."""
+    size = world()
+    return rows if size == 1 else np.array_split(rows, size)[rank()]
+
+
+def rank_batches(order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """This rank's rows of each batch of ``order`` (the epoch's order of rows, drawn as on one process)."""
+    for rows in global_batches(order, batch_size):
+        yield my_part(rows)
 
 
 def loss_share(n_local: int, device):

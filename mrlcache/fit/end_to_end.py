@@ -24,6 +24,7 @@ from mrlcache.fit.loop import TrainJob, train
 from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
 from mrlcache.fit.rundir import SkipLog, finish, meta_hash, open_run, write_header
 from mrlcache.fit.validate import heldout_valset, split_speakers
+from mrlcache.paths import check_run_dir
 
 
 @distributed.launched
@@ -53,6 +54,7 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **op
 
     cfg, e2e = make_configs(dims, {**options, "data": str(data)}, end_to_end=True)
     out = Path(out)
+    check_run_dir(out)  # before any audio is scanned
     device = device_for(cfg)
     utts = scan_tree(data)
     if not utts:
@@ -169,12 +171,12 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
     val_rows = np.array([row for _, row, reason, _ in val_items if not reason], np.int64)
     if len(val_rows):
         val_waves = np.stack([wave.numpy() for wave, _, reason, _ in val_items if not reason])  # (N, S)
-        val = heldout_valset(val_waves, speakers[val_rows], cfg.max_val_trials, cfg.seed,
+        val = heldout_valset({"wave": val_waves}, speakers[val_rows], cfg.max_val_trials, cfg.seed,
                              f"{num_val} held-out speakers, clean {e2e.crop_seconds}s crops", batch=32)
 
-    def val_embed(wave):
+    def val_embed(batch):
         backbone.eval()
-        emb = head(backbone.pooled(wave))
+        emb = head(backbone.pooled(batch["wave"]))
         backbone.train(state["unfrozen"])
         return emb
 
