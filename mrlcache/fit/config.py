@@ -47,7 +47,7 @@ class FitConfig:
     """Every option both modes share; names match the ``mrlcache fit`` options."""
 
     dims: tuple[int, ...] = (64, 128, 192, 256)
-    head: str = "mrl"  # a name in mrlcache.fit.heads.HEADS
+    head: str = "mrl"  # a name in mrlcache.models.HEADS
     inputs: tuple[str, ...] = ("pooled",)  # cached streams the head reads (mrlcache.streams names)
     fusion: str | None = None  # concat | cross-attention | gating: needed when inputs make several encoders
     encoder_dim: int = 256  # width of the layer / handcrafted encoders and of the fusion
@@ -103,18 +103,25 @@ class FitConfig:
     weights: str | None = None  # backbone file (cache mode: when the cache does not carry it)
     head_only: bool = False  # model.pt without a backbone (vectors from no known backbone)
     progress: bool = True
+    dist_timeout: float = 1800.0  # torchrun: seconds a rank waits for the others before the fit stops
 
     def check(self) -> None:
         """Raise FitError for an option value no fit can use."""
+        from mrlcache.models import HEADS
         from mrlcache.models.matryoshka import check_dims
-        from mrlcache.fit.heads import HEADS
 
         try:
             self.dims = check_dims(self.dims)
         except ValueError as err:
             raise FitError(str(err)) from None
+        from mrlcache.models import STARTED_HEADS
+
+        if self.head in STARTED_HEADS:
+            raise FitError(f"--head {self.head}: this head starts from the encoder's published embedding; "
+                           "fit it with --init published (warm) or --objective adaptor (adaptor), --head mrl")
         if self.head not in HEADS:
-            raise FitError(f"--head {self.head}: choose one of {', '.join(sorted(HEADS))}")
+            names = sorted(set(HEADS) - set(STARTED_HEADS))
+            raise FitError(f"--head {self.head}: choose one of {', '.join(names)}")
         self._check_inputs()
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
@@ -140,6 +147,7 @@ class FitConfig:
             "ecapa_bottleneck": (lambda v: v >= 1, ">= 1"),
             "adaptor_hidden": (lambda v: v >= 0, ">= 0 (0: rotation only)"),
             "adaptor_topk": (lambda v: v >= 1, ">= 1"),
+            "dist_timeout": (lambda v: v > 0, "> 0 (seconds)"),
         })
         if self.starts_from_published and (self.head != "mrl" or tuple(self.inputs) != ("pooled",)):
             raise FitError(f"--init {self.init} --objective {self.objective}: start from the published "
@@ -182,8 +190,8 @@ class FitConfig:
 
     def _check_inputs(self) -> None:
         """--inputs names known streams, once each; --fusion a known fusion (the geometry is
-        checked against the cache by mrlcache.fit.heads.streams)."""
-        from mrlcache.models.fusion import FUSIONS
+        checked against the cache by mrlcache.models.streams)."""
+        from mrlcache.models import FUSIONS
         from mrlcache.streams import STREAMS
 
         if isinstance(self.inputs, str):
@@ -276,8 +284,10 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
     if cfg.starts_from_published:
         raise FitError(f"--init {cfg.init} --objective {cfg.objective}: a start from the published embedding "
                        "is fitted on a cache (--cache), not end to end")
-    if tuple(cfg.inputs) != ("pooled",) or cfg.head != "mrl":
-        raise FitError(f"--inputs {','.join(cfg.inputs)} --head {cfg.head}: end to end trains the mrl head on "
+    from mrlcache.models import head_class
+
+    if tuple(cfg.inputs) != ("pooled",) or head_class(cfg.head).reads != "vector":
+        raise FitError(f"--inputs {','.join(cfg.inputs)} --head {cfg.head}: end to end trains a head on "
                        "the pooled vector only; fit other inputs and heads on a cache (--cache)")
     e2e = EndToEndConfig(**{k: v for k, v in options.items() if k in e2e_names})
     e2e.check(cfg.weights)
@@ -291,8 +301,13 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
 
 
 def run_config(cfg, e2e=None, cache_dir=None) -> dict:
-    """The run's one resolved config (config.yaml and last.pt): every option, by mode."""
+    """The run's one resolved config (config.yaml and last.pt): every option, by mode, and the
+    processes (torchrun) with the effective batch: rows per optimiser step over all of them."""
+    from mrlcache import distributed
+
+    accum = e2e.grad_accum if e2e is not None else 1
     return {**cfg.to_dict(), "mode": "end-to-end" if e2e is not None else "cache",
+            "world_size": distributed.world(), "effective_batch": distributed.global_batch(cfg.batch_size) * accum,
             "cache": str(cache_dir) if cache_dir is not None else None,
             "end_to_end": e2e.to_dict() if e2e is not None else None}
 

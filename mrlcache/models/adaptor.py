@@ -33,6 +33,9 @@ class WarmHead(nn.Module):
     the optimiser steps weights in standardised units, as after the mrl head's BatchNorm).
     """
 
+    reads = "vector"
+    width_arg = "pooled_dim"
+
     def __init__(self, pooled_dim: int, dims: Sequence[int], embed_dim: int):
         super().__init__()
         self.dims = check_dims(dims, pooled_dim)
@@ -42,7 +45,13 @@ class WarmHead(nn.Module):
         self.register_buffer("scale", torch.ones(self.pooled_dim))
         self.linear = nn.Linear(self.pooled_dim, self.dims[-1])
 
-    def spec(self) -> dict:
+    @staticmethod
+    def option_args(options) -> dict:
+        """None from a fit's options: ``embed_dim`` is the encoder's (mrlcache.fit.adaptor builds this head)."""
+        return {}
+
+    def args(self) -> dict:
+        """What rebuilds this head: ``Class(**args)``."""
         return {"pooled_dim": self.pooled_dim, "dims": list(self.dims), "embed_dim": self.embed_dim}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +75,12 @@ class AdaptorHead(nn.Module):
     Args: pooled_dim P; dims nested sizes (at most the published size ``embed_dim`` E);
     hidden: width of the residual MLP (0: rotation only). Buffers ``base_weight`` (E, P)
     and ``base_bias`` (E,) hold the published map (the identity for imported vectors).
-    Output (B, E): the whole adapted embedding; its prefixes are the nested embeddings.
+    Output (B, E): the whole adapted embedding (wider than ``dims[-1]`` when the dims stop
+    below E); its prefixes are the nested embeddings.
     """
+
+    reads = "vector"
+    width_arg = "pooled_dim"
 
     def __init__(self, pooled_dim: int, dims: Sequence[int], embed_dim: int, hidden: int = 0):
         super().__init__()
@@ -84,7 +97,13 @@ class AdaptorHead(nn.Module):
             nn.init.zeros_(self.mlp[2].weight)
             nn.init.zeros_(self.mlp[2].bias)
 
-    def spec(self) -> dict:
+    @staticmethod
+    def option_args(options) -> dict:
+        """None from a fit's options: ``embed_dim`` is the encoder's (mrlcache.fit.adaptor builds this head)."""
+        return {}
+
+    def args(self) -> dict:
+        """What rebuilds this head: ``Class(**args)``."""
         return {"pooled_dim": self.pooled_dim, "dims": list(self.dims), "embed_dim": self.embed_dim,
                 "hidden": self.hidden}
 
