@@ -18,7 +18,7 @@ from mrlcache.models import FUSIONS
 FUSION_NAMES = tuple(FUSIONS)  # the registry (mrlcache.models imports no torch)
 
 # Flags that switch off a dataclass option that is on by default: flag -> field.
-INVERTED = {"no_embed_backbone": "embed_backbone", "quiet": "progress", "no_init_center": "init_center"}
+INVERTED = {"no_embed_backbone": "embed_backbone", "quiet": "progress"}
 # Options that only make sense in one mode (refused in the other, never silently ignored).
 CACHE_ONLY = ("feature_dtype", "memory_gb", "head_only")
 AUGMENT = ("noise_dir", "rir_dir", "speed_perturb")  # -> mrlcache.augment.AugmentConfig
@@ -108,8 +108,9 @@ OPTIONS = [
                        "rotated so prefixes are ordered; epoch 0 is scored and the published size kept no worse)."),
     fit_option("init_rotation", "Rotation ordering the published dims at the start: pca or lda of the training "
                                 "cache's published embeddings."),
-    fit_option("no_init_center", "Start from the published embedding as it is (full-size scores exactly the "
-                                 "published cosine scores), not minus its training mean (as eer's pca baseline)."),
+    fit_option("init_center", "Start from the published embedding minus its training mean (as eer's pca baseline "
+                              "scores it), not as it is (then the full-size scores at epoch 0 are exactly the "
+                              "published ones). Measured: centring can hurt a lot (benchmarks/README.md)."),
     fit_option("objective", "auto (adaptor-supervised on imported vectors, else margin), margin (a head trained "
                             "by the margin loss), adaptor (an orthogonal rotation "
                             "(+ residual MLP) of the published embedding trained to keep its similarities at "

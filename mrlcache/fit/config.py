@@ -61,7 +61,7 @@ class FitConfig:
     # preserve its similarities, no labels; adaptor-supervised: that plus the margin loss).
     init: str = "random"  # random | published (cache mode, --head mrl on pooled)
     init_rotation: str = "pca"  # pca | lda
-    init_center: bool = True  # start from the published embedding minus its training mean (False: as it is)
+    init_center: bool = False  # start from the published embedding minus its training mean (default: as it is)
     # auto: adaptor-supervised on imported vectors (what measured best there, benchmarks/README.md),
     # margin otherwise
     objective: str = "auto"  # auto | margin | adaptor | adaptor-supervised
