@@ -21,8 +21,8 @@ class FitError(ValueError):
 
 
 # Named choices, one place: FitConfig.check and the CLI's click.Choice read these.
-CHOICES = {"init": ("random", "published"), "init_rotation": ("pca", "lda"),
-           "objective": ("auto", "margin", "adaptor", "adaptor-supervised"), "optimizer": ("adamw", "sgd"), "scheduler": ("cosine", "plateau"), "loss": ("aam", "softmax"),
+CHOICES = {"init": ("auto", "random", "published"), "init_rotation": ("pca", "lda"),
+           "objective": ("margin", "adaptor", "adaptor-supervised"), "optimizer": ("adamw", "sgd"), "scheduler": ("cosine", "plateau"), "loss": ("aam", "softmax"),
            "classifier": ("shared", "per-dim"), "device": ("auto", "cpu", "cuda"),
            "precision": ("fp32", "bf16"), "feature_dtype": ("float16", "float32")}
 
@@ -59,12 +59,11 @@ class FitConfig:
     # the rotation that orders the published dims, and the objective (margin: a head trained by
     # the margin loss; adaptor: a rotation (+ residual MLP) of the published embedding trained to
     # preserve its similarities, no labels; adaptor-supervised: that plus the margin loss).
-    init: str = "random"  # random | published (cache mode, --head mrl on pooled)
+    # auto: published on imported vectors (what measured best there, benchmarks/README.md), else random
+    init: str = "auto"  # auto | random | published (cache mode, --head mrl on pooled)
     init_rotation: str = "pca"  # pca | lda
     init_center: bool = False  # start from the published embedding minus its training mean (default: as it is)
-    # auto: adaptor-supervised on imported vectors (what measured best there, benchmarks/README.md),
-    # margin otherwise
-    objective: str = "auto"  # auto | margin | adaptor | adaptor-supervised
+    objective: str = "margin"  # margin | adaptor | adaptor-supervised
     adaptor_hidden: int = 0  # residual MLP width of the adaptor; 0: rotation only
     adaptor_topk: int = 10  # nearest neighbours per row in the adaptor's top-k term
     epochs: int = 30
@@ -169,7 +168,7 @@ class FitConfig:
     @property
     def starts_from_published(self) -> bool:
         """A head started from the encoder's published embedding (warm start or adaptor)."""
-        return self.init == "published" or self.objective not in ("margin", "auto")
+        return self.init == "published" or self.objective != "margin"
 
     def _check_nested(self) -> None:
         """--margins (one per dim, >= 0; the largest becomes margin) and the mrl-only options."""
