@@ -251,7 +251,7 @@ def num_batches(n: int, batch_size: int) -> int:
 
 
 def _slices(n: int, batch_size: int) -> list[slice]:
-    from mrlcache.fit.data import batch_slices
+    from mrlcache.fit.batches import batch_slices
 
     size = world()
     if size == 1:
@@ -266,7 +266,7 @@ def _slices(n: int, batch_size: int) -> list[slice]:
 def global_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """The rows of each step over all ranks: ``order`` in batches of ``batch_size`` x world size.
 
-    One process: :func:`mrlcache.fit.data.batch_slices` (a last batch of one row joins the
+    One process: :func:`mrlcache.fit.batches.batch_slices` (a last batch of one row joins the
     previous one). N ranks: a last batch under two rows per rank joins the previous one.
     """
     return [order[sl] for sl in _slices(len(order), batch_size)]

@@ -266,18 +266,6 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
     return cfg, e2e
 
 
-def run_config(cfg, e2e=None, cache_dir=None) -> dict:
-    """The run's one resolved config (config.yaml and last.pt): every option, by mode, and the
-    processes (torchrun) with the effective batch: rows per optimiser step over all of them."""
-    from mrlcache import distributed
-
-    accum = e2e.grad_accum if e2e is not None else 1
-    return {**cfg.to_dict(), "mode": "end-to-end" if e2e is not None else "cache",
-            "world_size": distributed.world(), "effective_batch": distributed.global_batch(cfg.batch_size) * accum,
-            "cache": str(cache_dir) if cache_dir is not None else None,
-            "end_to_end": e2e.to_dict() if e2e is not None else None}
-
-
 def device_for(cfg):
     """The device of ``cfg.device`` (runtime's rule), with fit's error type."""
     from mrlcache.runtime import DeviceError, resolve_device

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from mrlcache import distributed
-from mrlcache.fit.config import FitError, device_for, make_configs, run_config
+from mrlcache.fit.config import FitError, device_for, make_configs
 from mrlcache.fit.data import epoch_generator
 from mrlcache.fit.heads import build_head
 from mrlcache.fit.loop import TrainJob, train
 from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
-from mrlcache.fit.rundir import SkipLog, finish, meta_hash, open_run, write_header
+from mrlcache.fit.rundir import SkipLog, finish, meta_hash, open_run, run_config, write_header
 from mrlcache.fit.validate import heldout_valset, split_speakers
 from mrlcache.paths import check_run_dir
 

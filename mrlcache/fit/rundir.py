@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from mrlcache import distributed
-from mrlcache.fit.config import FitConfig, FitError, run_config
+from mrlcache.fit.config import FitConfig, FitError
 from mrlcache.fit.loop import load_checkpoint
 from mrlcache.fit.validate import split_speakers
 from mrlcache.models.model import save_model
@@ -38,6 +38,18 @@ _HELD: dict[str, int] = {}  # run directories this process has locked -> lock fi
 # product (x grad_accum), effective_batch, must not.
 RESUME_FREE = {"epochs", "patience", "progress", "device", "val_every", "cache", "end_to_end.workers",
                "batch_size", "world_size", "dist_timeout"}
+
+
+def run_config(cfg, e2e=None, cache_dir=None) -> dict:
+    """The run's one resolved config (config.yaml and last.pt): every option, by mode, and the
+    processes (torchrun) with the effective batch: rows per optimiser step over all of them."""
+    from mrlcache import distributed
+
+    accum = e2e.grad_accum if e2e is not None else 1
+    return {**cfg.to_dict(), "mode": "end-to-end" if e2e is not None else "cache",
+            "world_size": distributed.world(), "effective_batch": distributed.global_batch(cfg.batch_size) * accum,
+            "cache": str(cache_dir) if cache_dir is not None else None,
+            "end_to_end": e2e.to_dict() if e2e is not None else None}
 
 
 def meta_hash(meta: dict) -> str:
