@@ -97,9 +97,10 @@ def passive_openmp() -> None:
     """Let OpenMP threads sleep between parallel regions; call before torch starts its threads.
 
     For commands whose decoding workers share the cores with the model: busy-waiting
-    model threads starved them (b2 ran 9x slower on 2 cores under load). Commands without
-    workers keep OpenMP's default, which is faster alone (a fit step: 47 -> 39 ms). A value
-    the user set is kept.
+    model threads starved them (b2 ran 9x slower on 2 cores under load), and for every fit
+    (a cache fit ran 6.5x slower with busy waiting on a busy machine, benchmarks/README.md).
+    Other commands keep OpenMP's default, which is faster alone (a fit step: 47 -> 39 ms on
+    a quiet machine). A value the user set is kept.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
