@@ -238,7 +238,9 @@ class Calibration:
         """Read a file written by :meth:`to_json`; CalibrationError naming the file on any defect."""
         path = Path(path)
         try:
-            obj = json.loads(path.read_text())
+            from mrlcache.runtime import read_text
+
+            obj = json.loads(read_text(path))
         except FileNotFoundError:
             raise CalibrationError(f"{path}: no such calibration file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

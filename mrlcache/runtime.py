@@ -298,3 +298,9 @@ def check_regular(path, what: str = "") -> None:
     """Refuse ``path`` unless it is a regular file (see :func:`open_regular`); opens nothing that blocks."""
     with open_regular(path, what):
         pass
+
+
+def read_text(path, encoding: str = "utf-8", what: str = "") -> str:
+    """A regular file's text (:func:`open_regular`): a FIFO given as an input is refused, not waited on."""
+    with open_regular(path, what) as f:
+        return f.read().decode(encoding)

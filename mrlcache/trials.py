@@ -108,7 +108,9 @@ def read_trials(path) -> Trials:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        from mrlcache.runtime import read_text
+
+        text = read_text(path, "utf-8-sig")  # a FIFO is refused, not waited on
     except (OSError, UnicodeDecodeError) as err:
         raise TrialsError(f"{path}: cannot read trial list ({err})") from err
     labels, enroll, test = [], [], []

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mrlcache.runtime import check_regular, read_text
+
 # Keys looked for in .npz files and in .pt dicts of arrays, in this order.
 VECTOR_KEYS = ("vectors", "embeddings", "embedding", "xvectors", "x")
 ID_KEYS = ("ids", "utt_ids", "utts", "keys")
@@ -45,7 +47,7 @@ def read_ids(path) -> list[str]:
     """Utterance ids, one per line (surrounding whitespace stripped; no blank lines inside)."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = read_text(path).splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise InteropError(f"--ids {path}: unreadable ({err})") from None
     while lines and not lines[-1].strip():
@@ -62,7 +64,7 @@ def read_utt2spk(path) -> dict[str, str]:
     path = Path(path)
     out: dict[str, str] = {}
     try:
-        text = path.read_text()
+        text = read_text(path)
     except (OSError, UnicodeDecodeError) as err:
         raise InteropError(f"--utt2spk {path}: unreadable ({err})") from None
     twice = []
@@ -349,6 +351,10 @@ def read_vectors(path, ids_file=None, layout: str | None = None):
     if path.is_dir():
         reader = _folder
     else:
+        try:
+            check_regular(path, "--vectors")  # a FIFO would hang np.load or torch.load
+        except OSError as err:
+            raise InteropError(str(err)) from None
         reader = READERS.get(path.suffix.lower())
         if reader is None:
             raise InteropError(

@@ -1,0 +1,90 @@
+"""Hostile fits: a damaged or crafted last.pt on --resume, a loss gone NaN, one speaker.
+
+Each is one FitError line naming the file or the cause (the CLI prints it as one line),
+and a NaN stops the fit with the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from test_fit import DIMS, FAST, write_synth_cache
+
+from mrlcache.cli import main
+from mrlcache.fit import FitError, fit
+from mrlcache.fit import loop
+
+OPTS = dict(FAST, epochs=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def train(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile-fit")
+    write_synth_cache(root / "train", n_spk=16, utts=4, views=2, seed=1)
+    return root / "train"
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _one_epoch_run(train, out):
+    return fit(train, DIMS, out, **dict(OPTS, epochs=1))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("pickle", "could run code|refused"),
+    ("truncated", "truncated or foreign"),
+    ("inconsistent", "does not match this run"),
+    ("not-a-dict", "not a checkpoint of mrlcache fit"),
+])
+def test_resume_from_a_bad_last_pt_is_one_line(train, tmp_path, damage, message):
+    run = _one_epoch_run(train, tmp_path / "run")
+    last = run / "last.pt"
+    marker = tmp_path / "pwned"
+    if damage == "pickle":
+        torch.save({"epoch": 1, "head": _Payload(marker)}, last)
+    elif damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "inconsistent":
+        state = torch.load(last, weights_only=True)
+        state["head"] = {"weight": torch.zeros(3)}
+        torch.save(state, last)
+    else:
+        torch.save([1, 2, 3], last)
+    with pytest.raises(FitError, match=message):
+        fit(train, DIMS, run, resume=True, **OPTS)
+    assert not marker.exists()
+    if damage == "pickle":  # the command line prints it as one line, no traceback
+        result = CliRunner().invoke(main, ["fit", "--cache", str(train), "--out", str(run), "--resume",
+                                           "--dims", ",".join(map(str, DIMS)), "--epochs", "2", "--seed", "3",
+                                           "--batch-size", "32", "--lr", "1e-2", "--warmup-epochs", "1",
+                                           "--margin-warmup-epochs", "2", "--scale", "16", "--head-only"])
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+        assert "Traceback" not in result.output and not marker.exists()
+
+
+def test_a_loss_gone_nan_stops_and_keeps_the_last_good_checkpoint(train, tmp_path, monkeypatch):
+    real = loop._optimizer_step
+    steps = {"n": 0}
+
+    def diverging(job, scaler):  # the weights blow up in the second epoch, as with a huge --lr
+        real(job, scaler)
+        steps["n"] += 1
+        if steps["n"] > job.steps_per_epoch:  # one optimiser step per batch (no --grad-accum)
+            with torch.no_grad():
+                loop._trained(job)[0].fill_(float("nan"))
+
+    monkeypatch.setattr(loop, "_optimizer_step", diverging)
+    with pytest.raises(FitError, match=r"epoch 2: the training loss or the weights became NaN or Inf; stopped, "
+                                       r".*last\.pt is kept as the last good checkpoint; lower --lr"):
+        fit(train, DIMS, tmp_path / "run", **dict(OPTS, epochs=3))
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1  # epoch 1's checkpoint, not the NaN one
+    assert all(torch.isfinite(v).all() for v in state["head"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "model.pt").exists()
