@@ -16,7 +16,7 @@ from mrlcache.runtime import PathRefused, check_regular
 
 # A cache directory's own entries (cache/format.py; backbone.pt: extract/run.py). Kept
 # literal so the guard does not import the storage backends; a test keeps them in step.
-CACHE_FILES = ("cache.json", "manifest.tsv", "skipped.tsv", "backbone.pt")
+CACHE_FILES = ("cache.json", "manifest.tsv", "skipped.tsv", "sources.tsv", "backbone.pt")
 CACHE_DIRS = ("shards", "locks")
 # What a run directory holds (fit/rundir.py, fit/loop.py, fit/report.py; a test checks a
 # real run's files against it).

@@ -304,3 +304,38 @@ def read_text(path, encoding: str = "utf-8", what: str = "") -> str:
     """A regular file's text (:func:`open_regular`): a FIFO given as an input is refused, not waited on."""
     with open_regular(path, what) as f:
         return f.read().decode(encoding)
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this worker process end when ``parent_pid`` does, even on ``kill -9`` of it.
+
+    Linux: the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``).
+    Elsewhere, or if that call fails: a daemon thread checks the parent every second.
+    Either way a worker whose parent is already gone exits at once.
+    """
+    import signal
+    import sys
+    import threading
+    import time
+
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+        def watch():
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()

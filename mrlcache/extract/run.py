@@ -16,6 +16,7 @@ shards exist, by whichever rank finishes last.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from mrlcache.backbone.record import convert_v1_meta
 from mrlcache.cache import CacheWriter, IncompleteCacheError, read_meta
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
+from mrlcache.extract.sources import check_sources
 from mrlcache.runtime import DeviceError, autocast, resolve_device, resolve_precision
 from mrlcache.streams import windows
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
@@ -162,6 +164,7 @@ def extract(
             # Every rank writes the same bytes, atomically, so concurrent ranks cannot mix them.
             sha = save_checkpoint(model, out / BACKBONE_FILE)
             assert sha == meta["backbone"]["sha256"], "random backbone bytes changed between hashing and saving"
+        check_sources(out, utterances)  # a rerun never keeps vectors of audio replaced since
         mine = [k for k in range(writer.num_shards) if k % world_size == rank]
         todo = sorted(set(mine) - writer.done_shards())
         if not todo:
@@ -204,7 +207,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate,
-        worker_init_fn=worker_init if workers else None,
+        worker_init_fn=functools.partial(worker_init, parent=os.getpid()) if workers else None,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,

@@ -8,7 +8,9 @@ give no usable wave are left out and listed once in ``RUN/skipped.tsv``.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,6 +26,7 @@ from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
 from mrlcache.fit.rundir import SkipLog, finish, meta_hash, open_run, write_header
 from mrlcache.fit.validate import heldout_valset, split_speakers
 from mrlcache.paths import check_run_dir
+from mrlcache.runtime import die_with_parent
 
 
 def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **options) -> Path:
@@ -102,6 +105,10 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **op
     return out
 
 
+def _worker_init(parent: int, _worker_id: int) -> None:
+    die_with_parent(parent)  # a killed fit must not leave its decoding workers running
+
+
 def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_rows, num_classes, num_val,
          skips) -> TrainJob:
     """The end-to-end TrainJob: crops through the backbone, then the head."""
@@ -113,7 +120,8 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
         # The cache mode's batch boundaries (a lone last crop joins the previous batch).
         slices = [list(range(s.start, s.stop)) for s in batch_slices(len(items), cfg.batch_size)]
         ds = _CropDataset(paths, ids, items, cfg.seed, crop, e2e.augment, e2e.min_seconds)
-        return torch.utils.data.DataLoader(ds, batch_sampler=slices, num_workers=e2e.workers)
+        return torch.utils.data.DataLoader(ds, batch_sampler=slices, num_workers=e2e.workers,
+                                           worker_init_fn=functools.partial(_worker_init, os.getpid()))
 
     labels_t = torch.from_numpy(labels)
 

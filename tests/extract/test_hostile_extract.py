@@ -1,0 +1,44 @@
+"""Hostile extract reruns: a source replaced by other audio is refused by name, a copy is not."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import TINY, make_tree, speech_like, write_wav
+
+from mrlcache.backbone import state_sha256
+from mrlcache.backbone.redimnet import ReDimNet
+from mrlcache.corpus import scan_tree
+from mrlcache.extract import ExtractConfig, ExtractError, extract
+
+
+@pytest.fixture
+def backbone():
+    torch.manual_seed(0)
+    model = ReDimNet(TINY).eval()
+    model.weights_sha256 = state_sha256(model)
+    return model
+
+
+def test_a_replaced_source_is_refused_and_a_copied_one_is_not(tmp_path, backbone):
+    data = tmp_path / "data"
+    make_tree(data, speakers=2, videos=1, utts=2, seconds=0.5)
+    cfg = ExtractConfig(mode="eval", dtype="float32", shard_size=2, device="cpu", workers=0)
+    utts = scan_tree(data)
+    extract(utts, backbone, tmp_path / "cache", cfg, progress=False)
+    # Moved to another disk: new paths and modification times, same bytes -> accepted.
+    shutil.copytree(data, tmp_path / "moved")
+    for p in (tmp_path / "moved").rglob("*.wav"):
+        os.utime(p, ns=(1, 1))
+    extract(scan_tree(tmp_path / "moved"), backbone, tmp_path / "cache", cfg, progress=False)
+    # Replaced by other audio of exactly the same length (so the same size) -> refused by name.
+    victim = utts[1].path
+    size = os.path.getsize(victim)
+    write_wav(victim, speech_like(0.5, seed=99, f0=200.0), 16000)
+    assert os.path.getsize(victim) == size
+    with pytest.raises(ExtractError, match=rf"{victim}: changed since its vectors were extracted .*--overwrite"):
+        extract(utts, backbone, tmp_path / "cache", cfg, progress=False)
+    extract(utts, backbone, tmp_path / "cache", cfg, progress=False, overwrite=True)  # the fix works
