@@ -58,7 +58,8 @@ def load_plain(file, origin):
     try:
         if isinstance(file, (str, os.PathLike)):
             check_regular(file)  # a FIFO is refused, not waited on
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with torch.sparse.check_sparse_tensor_invariants():  # a crafted sparse tensor fails here, not later
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None:
