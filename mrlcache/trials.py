@@ -53,6 +53,11 @@ class Trials:
         return list(seen)
 
     @property
+    def self_trials(self) -> list[int]:
+        """Indices of trials comparing an utterance with itself (a score of 1 whatever the model)."""
+        return [i for i, (e, t) in enumerate(zip(self.enroll, self.test)) if e == t]
+
+    @property
     def n_target(self) -> int:
         return int(np.count_nonzero(self.labels == 1))
 
