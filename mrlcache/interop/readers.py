@@ -345,8 +345,31 @@ def _kaldi(path: Path, ids_file) -> tuple:
     return ids, _stack(ids, [np.asarray(v) for _, v in items], str(path)), None
 
 
+def folder_npy_files(path: Path) -> list[Path]:
+    """The .npy files under ``path``, sorted; links that leave it are refused, not followed.
+
+    Raises:
+        InteropError: a linked subfolder (its files would be read from elsewhere, or left
+            out without a word) or a linked .npy file whose target is outside ``path``.
+    """
+    root = path.resolve()
+    files = []
+    for folder, dirs, names in os.walk(path):
+        for d in dirs:
+            if os.path.islink(os.path.join(folder, d)):
+                raise InteropError(f"{Path(folder, d)}: a linked folder inside --vectors {path}; it is not "
+                                   f"followed: copy its files in, or import it separately")
+        for name in names:
+            f = Path(folder, name)
+            if f.suffix == ".npy":
+                if f.is_symlink() and not f.resolve().is_relative_to(root):
+                    raise InteropError(f"{f}: a link to {f.resolve()}, outside --vectors {path}; copy the file in")
+                files.append(f)
+    return sorted(files)
+
+
 def _folder(path: Path, ids_file) -> tuple:
-    files = sorted(path.rglob("*.npy"))
+    files = folder_npy_files(path)
     if not files:
         raise InteropError(f"{path}: a folder with no .npy files; expected one .npy per utterance")
     ids, arrays = [], []

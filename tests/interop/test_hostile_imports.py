@@ -80,3 +80,23 @@ def test_fifos_as_vectors_ids_or_trials_are_refused_not_waited_on(tmp_path):
         errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
         assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
         assert len(errors) == 1 and message in errors[0], run.stderr
+
+
+def test_folder_import_never_follows_links_out_of_the_folder(tmp_path):
+    folder, outside = tmp_path / "emb", tmp_path / "elsewhere"
+    (folder / "spk1").mkdir(parents=True)
+    (outside / "spk2").mkdir(parents=True)
+    np.save(folder / "spk1" / "a.npy", np.ones(4, np.float32))
+    np.save(outside / "spk2" / "b.npy", np.full(4, 2, np.float32))
+    (folder / "spk2").symlink_to(outside / "spk2")
+    with pytest.raises(InteropError, match=r"spk2: a linked folder inside --vectors .*not followed"):
+        read_vectors(folder)
+    (folder / "spk2").unlink()
+    (folder / "spk1" / "b.npy").symlink_to(outside / "spk2" / "b.npy")
+    with pytest.raises(InteropError, match=r"b\.npy: a link to .*outside --vectors"):
+        read_vectors(folder)
+    (folder / "spk1" / "b.npy").unlink()
+    np.save(folder / "spk1" / "c.npy", np.full(4, 3, np.float32))
+    (folder / "spk1" / "d.npy").symlink_to(folder / "spk1" / "c.npy")  # inside: fine
+    ids, array, _ = read_vectors(folder)
+    assert ids == ["spk1/a", "spk1/c", "spk1/d"] and array[2, 0] == 3
