@@ -167,6 +167,11 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
     head.load_state_dict(best_state["head"])
     if "backbone" in best_state.get("extra", {}) and backbone is not None:
         backbone.load_state_dict(best_state["extra"]["backbone"])
+        after = ((job.config or {}).get("end_to_end") or {}).get("unfreeze_after")
+        if after is not None and int(best_state["epoch"]) >= int(after):
+            # The selected epoch trained the backbone: the recorded SHA-256 names the weights it
+            # started from; save_model records the trained weights' own, so their caches refuse.
+            backbone.weights_sha256 = None
     save_model(out / "model.pt", head, backbone=backbone, embed_backbone=cfg.embed_backbone,
                backbone_ref=backbone_ref)
     summary = {"best_epoch": result["best"]["epoch"], "best": result["best"],

@@ -88,3 +88,22 @@ def test_a_loss_gone_nan_stops_and_keeps_the_last_good_checkpoint(train, tmp_pat
     assert state["epoch"] == 1  # epoch 1's checkpoint, not the NaN one
     assert all(torch.isfinite(v).all() for v in state["head"].values() if v.is_floating_point())
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_an_unfrozen_backbone_gets_its_own_sha256(tmp_path):
+    """A model whose backbone was trained must not match caches of the weights it started from."""
+    from conftest import make_tree
+
+    from mrlcache.backbone.loading import load_backbone
+    from mrlcache.fit import fit_end_to_end
+    from mrlcache.model import load_model
+
+    data = tmp_path / "data"
+    make_tree(data, speakers=3, videos=2, utts=2, seconds=1.0)
+    run = fit_end_to_end(data, (16, 32), tmp_path / "run", views=1, epochs=1, unfreeze_after=0, backbone_lr=1e-2,
+                         variant="b0", random_init=True, crop_seconds=0.5, batch_size=4, lr=1e-2, val_speakers=0,
+                         margin_warmup_epochs=0, scale=16, progress=False)
+    start = load_backbone(str(run / "backbone.pt"))
+    model = load_model(run / "model.pt")
+    assert start.weights_sha256 and model.weights_sha256 and model.weights_sha256 != start.weights_sha256
