@@ -94,7 +94,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
 
         val = None
         if cfg.val_cache is not None:
-            val = external_valset(cfg.val_cache, cfg.val_trials)
+            val = external_valset(cfg.val_cache, cfg.val_trials, train_meta=meta)
         elif val_names:
             rows = np.flatnonzero(labels < 0)
             if mode == "memory":

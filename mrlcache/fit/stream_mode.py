@@ -66,7 +66,7 @@ def fit_streams(cache, cache_dir, cfg, out: Path, backbone=None, resume: bool = 
                                labels, train_rows)
         val = None
         if cfg.val_cache is not None:
-            val = external_valset(cfg.val_cache, cfg.val_trials, inputs=cfg.inputs)
+            val = external_valset(cfg.val_cache, cfg.val_trials, inputs=cfg.inputs, train_meta=cache.meta)
         elif val_names:
             rows = np.flatnonzero(labels < 0)
             val = heldout_valset(feats.view0(rows), speakers[rows], cfg.max_val_trials, cfg.seed,

@@ -52,15 +52,38 @@ def heldout_trials(speakers: np.ndarray, max_trials: int, seed: int):
     return i, j, labels
 
 
-def external_valset(val_cache, trials_path, inputs=None) -> ValSet:
+def _makers(meta: dict) -> dict:
+    """What made a cache's vectors: {"backbone": SHA-256, "PTM": SHA-256} (None when absent)."""
+    from mrlcache.backbone import BackboneRecord, RecordError
+
+    try:
+        record = BackboneRecord.from_meta(meta)
+    except RecordError:
+        record = None
+    ptm = meta.get("ptm") if isinstance(meta.get("ptm"), dict) else {}
+    return {"backbone": record.sha256 if record is not None else None, "PTM": ptm.get("sha256")}
+
+
+def external_valset(val_cache, trials_path, inputs=None, train_meta: dict | None = None) -> ValSet:
     """Validation vectors (view 0) from a cache and a trial list naming its utterances.
 
-    ``inputs``: the streams of a stream model (None: the pooled vectors).
+    ``inputs``: the streams of a stream model (None: the pooled vectors). ``train_meta``:
+    the training cache's metadata; a validation cache whose vectors another backbone or
+    PTM made is refused (its EERs would select the model on meaningless scores).
     """
     from mrlcache import cache as cache_mod
     from mrlcache.trials import read_trials
 
     vc = cache_mod.open(val_cache) if isinstance(val_cache, (str, os.PathLike)) else val_cache
+    if train_meta is not None:
+        want, have = _makers(train_meta), _makers(vc.meta)
+        for what in want:
+            if want[what] != have[what]:
+                def show(sha):
+                    return f"{sha[:12]}..." if sha else "none"
+                raise FitError(f"--val-cache {val_cache}: its vectors come from {what} {show(have[what])}, the "
+                               f"training cache's from {show(want[what])}; extract the validation audio with the "
+                               f"same {what}")
     trials = read_trials(trials_path)
     index = {u: k for k, u in enumerate(vc.utterances)}
     missing = sorted({u for u in (*trials.enroll, *trials.test) if u not in index})

@@ -107,3 +107,25 @@ def test_an_unfrozen_backbone_gets_its_own_sha256(tmp_path):
     start = load_backbone(str(run / "backbone.pt"))
     model = load_model(run / "model.pt")
     assert start.weights_sha256 and model.weights_sha256 and model.weights_sha256 != start.weights_sha256
+
+
+def test_a_validation_cache_from_another_backbone_is_refused(train, tmp_path):
+    from test_fit import POOLED, synth_vectors
+
+    from mrlcache import cache
+    from mrlcache.corpus import Utterance
+
+    pooled, spk = synth_vectors(4, 3, 1, seed=2)
+    manifest = [Utterance(f"v{s}/x/{i}.wav", f"/none/{i}.wav", f"v{s}") for i, s in enumerate(spk)]
+    meta = {"model_config": {"synthetic": True}, "weights_sha256": "1" * 64, "pooled_dim": POOLED,
+            "sample_rate": 16000, "mode": "eval", "views": 1, "augment": {}, "seed": 0, "dtype": "float32",
+            "shard_size": 64}
+    with cache.CacheWriter(tmp_path / "val", meta, manifest) as writer:
+        writer.write_shard(0, list(range(len(spk))), pooled, {}, seconds=0.0)
+        writer.finish()
+    (tmp_path / "trials.txt").write_text(f"1 {manifest[0].utt_id} {manifest[1].utt_id}\n"
+                                         f"0 {manifest[0].utt_id} {manifest[4].utt_id}\n")
+    with pytest.raises(FitError, match=r"--val-cache .*: its vectors come from backbone 111111111111\.\.\., the "
+                                       r"training cache's from 000000000000\.\.\.; extract the validation audio"):
+        fit(train, DIMS, tmp_path / "run", val_cache=str(tmp_path / "val"), val_trials=str(tmp_path / "trials.txt"),
+            **OPTS)
