@@ -113,7 +113,7 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
     from mrlcache import evaluate as ev
     from mrlcache import metrics, scoring
     from mrlcache.calibration import CalibrationError, fit_calibration, make_calibration_trials
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
     from mrlcache.runtime import sha256_file
     from mrlcache.trials import TrialsError, read_trials
 

@@ -184,7 +184,7 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
     check_device(device)
     from mrlcache import evaluate as ev
     from mrlcache import metrics, scoring
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
     from mrlcache.trials import TrialsError, read_trials
 
     try:

@@ -103,7 +103,7 @@ def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, d
     from rich.progress import Progress
 
     from mrlcache.audio import SAMPLE_RATE, SILENCE_PEAK, AudioError, check_length, load_audio, peak
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
     from mrlcache.streams import windows
 
     try:

@@ -24,7 +24,7 @@ import click
 def export(model_path, fmt, out, dims, opset, verify):
     """Write RUN/model.pt as an ONNX or TorchScript file."""
     from mrlcache.export import TOLERANCE, ExportError, export_model, verify_export
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
 
     try:
         dims_t = None if dims is None else [int(d) for d in dims.split(",") if d.strip()]

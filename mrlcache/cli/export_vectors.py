@@ -24,7 +24,7 @@ def export_vectors(cache, model_path, dim, fmt, out, view, overwrite):
     from mrlcache.interop import InteropError
     from mrlcache.interop import export_vectors as collect
     from mrlcache.interop import write_vectors
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
 
     from mrlcache.interop import output_paths
     from mrlcache.paths import check_output

@@ -14,7 +14,7 @@ from mrlcache.cli.options import verify_option
 from mrlcache.config import CommaList, config_option
 from mrlcache.fit.config import CHOICES, EndToEndConfig, FitConfig
 
-FUSION_NAMES = ("concat", "cross-attention", "gating")  # mrlcache.fit.heads.fusion.FUSIONS (no torch here)
+FUSION_NAMES = ("concat", "cross-attention", "gating")  # mrlcache.models.fusion.FUSIONS (no torch here)
 
 # Flags that switch off a dataclass option that is on by default: flag -> field.
 INVERTED = {"no_embed_backbone": "embed_backbone", "quiet": "progress"}
@@ -184,7 +184,7 @@ def fit(ctx, **params):
     from mrlcache.cache import CacheError
     from mrlcache.fit import FitError, fit_end_to_end
     from mrlcache.fit import fit as run_fit
-    from mrlcache.model import ModelError
+    from mrlcache.models.model import ModelError
     from mrlcache.backbone import CheckpointError
     from mrlcache.trials import TrialsError
 

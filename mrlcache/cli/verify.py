@@ -1,6 +1,6 @@
 """``mrlcache verify``: is it the same speaker? Cosine, LLR and accept/reject per pair of files.
 
-Thin over :meth:`mrlcache.model.MRLModel.verify`: each file is decoded once and embedded
+Thin over :meth:`mrlcache.models.model.MRLModel.verify`: each file is decoded once and embedded
 once, however many pairs it is in. The LLR and the decision need a calibration attached
 to the model (``mrlcache calibrate ... --attach``); without one only the cosine is printed,
 with a note saying how to make one. Method: docs/metrics.md ("Verify").
@@ -77,7 +77,7 @@ def verify(model_path, files, pairs_path, data_dir, dim, prior, far, json_out, w
 
     from mrlcache.audio import AudioError, check_wave, load_audio
     from mrlcache.calibration import CalibrationError
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
 
     try:
         model = load_model(model_path, device=device)

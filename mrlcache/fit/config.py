@@ -93,7 +93,8 @@ class FitConfig:
 
     def check(self) -> None:
         """Raise FitError for an option value no fit can use."""
-        from mrlcache.fit.heads import HEADS, check_dims
+        from mrlcache.models.matryoshka import check_dims
+        from mrlcache.fit.heads import HEADS
 
         try:
             self.dims = check_dims(self.dims)
@@ -157,7 +158,7 @@ class FitConfig:
     def _check_inputs(self) -> None:
         """--inputs names known streams, once each; --fusion a known fusion (the geometry is
         checked against the cache by mrlcache.fit.heads.streams)."""
-        from mrlcache.fit.heads.fusion import FUSIONS
+        from mrlcache.models.fusion import FUSIONS
         from mrlcache.streams import STREAMS
 
         if isinstance(self.inputs, str):

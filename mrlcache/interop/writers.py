@@ -172,7 +172,7 @@ def export_vectors(cache, model=None, dim: int | None = None, view: int = 0):
 
     Args:
         cache: cache directory or an opened Cache.
-        model: an MRLModel (``mrlcache.model.load_model``) or None for the raw cached vectors.
+        model: an MRLModel (``mrlcache.models.model.load_model``) or None for the raw cached vectors.
         dim: embedding size (default the model's largest; raw vectors: the cached size only).
         view: which stored view to export.
 
