@@ -47,7 +47,7 @@ def resolve_device(name: str, local_rank: int | None = None):
     import torch
 
     if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = env_int("LOCAL_RANK", 0)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -100,6 +100,40 @@ def passive_openmp() -> None:
     the user set is kept.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """An integer from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), checked.
+
+    Raises:
+        DeviceError: a value that is not an integer >= ``minimum``, named with the fix.
+    """
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise DeviceError(f"{name}={text!r} in the environment is not an integer >= {minimum}; unset it, or "
+                          f"launch with torchrun, which sets it")
+    return value
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) that torchrun set, checked; (0, 1, 0) without it.
+
+    Raises:
+        DeviceError: malformed values, or a rank outside [0, world_size).
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, env_int("LOCAL_RANK", 0)
+    rank, world = env_int("RANK", 0), env_int("WORLD_SIZE", 1, minimum=1)
+    if rank >= world:
+        raise DeviceError(f"RANK={rank} is not below WORLD_SIZE={world} in the environment; unset both, or "
+                          f"launch with torchrun")
+    return rank, world, env_int("LOCAL_RANK", rank)
 
 
 # ----------------------------------------------------------------------------- files

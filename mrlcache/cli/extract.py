@@ -10,10 +10,14 @@ from mrlcache.config import config_option, write_resolved
 
 
 def dist_env() -> tuple[int, int, bool]:
-    """(rank, world_size, launched_by_torchrun) from the torchrun environment variables."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "MASTER_ADDR" in os.environ
-    return 0, 1, False
+    """(rank, world_size, launched_by_torchrun) from the torchrun environment variables (checked)."""
+    from mrlcache.runtime import DeviceError, env_ranks
+
+    try:
+        rank, world, _ = env_ranks()
+    except DeviceError as err:
+        raise click.ClickException(str(err)) from None
+    return rank, world, "MASTER_ADDR" in os.environ and "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def load_utterances(data, list_file, utt2spk):

@@ -31,7 +31,7 @@ from mrlcache.cache import CacheWriter, IncompleteCacheError, read_meta
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
 from mrlcache.extract.sources import check_sources
-from mrlcache.runtime import DeviceError, autocast, resolve_device, resolve_precision
+from mrlcache.runtime import DeviceError, autocast, env_int, resolve_device, resolve_precision
 from mrlcache.streams import windows
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.streams.windows import num_windows
@@ -130,7 +130,10 @@ def extract(
     if not 0 <= rank < world_size:
         raise ExtractError(f"rank {rank} is not in [0, {world_size})")
     out = Path(out)
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    try:
+        local_rank = env_int("LOCAL_RANK", rank)
+    except DeviceError as err:
+        raise ExtractError(str(err)) from None
     try:
         device = resolve_device(cfg.device, local_rank)
         precision = resolve_precision(cfg.precision, device)
