@@ -170,6 +170,9 @@ def split_speakers(speakers: np.ndarray, val_speakers: int | None, seed: int, wh
                        "speaker labels (extract with speaker folders or a list with speakers, or import "
                        "with --utt2spk)")
     names = sorted(set(speakers.tolist()))
+    if len(names) < 2:
+        raise FitError(f"{where}: {len(names)} speaker(s) ({', '.join(map(repr, names[:1]))}); a speaker "
+                       f"classifier needs at least 2: give a cache (or audio) with more speakers")
     n_val = val_speakers
     if n_val is None:
         n_val = min(200, max(2, len(names) // 20)) if len(names) >= 6 else 0

@@ -129,3 +129,9 @@ def test_a_validation_cache_from_another_backbone_is_refused(train, tmp_path):
                                        r"training cache's from 000000000000\.\.\.; extract the validation audio"):
         fit(train, DIMS, tmp_path / "run", val_cache=str(tmp_path / "val"), val_trials=str(tmp_path / "trials.txt"),
             **OPTS)
+
+
+def test_a_fit_on_one_speaker_is_one_line(tmp_path):
+    write_synth_cache(tmp_path / "one", n_spk=1, utts=4, views=2, seed=1)
+    with pytest.raises(FitError, match=r"1 speaker\(s\) \('id00000'\); a speaker classifier needs at least 2"):
+        fit(tmp_path / "one", DIMS, tmp_path / "run", **OPTS)
