@@ -135,3 +135,10 @@ def test_a_fit_on_one_speaker_is_one_line(tmp_path):
     write_synth_cache(tmp_path / "one", n_spk=1, utts=4, views=2, seed=1)
     with pytest.raises(FitError, match=r"1 speaker\(s\) \('id00000'\); a speaker classifier needs at least 2"):
         fit(tmp_path / "one", DIMS, tmp_path / "run", **OPTS)
+
+
+def test_fixed_baselines_on_streams_is_refused_not_ignored(train, tmp_path):
+    with pytest.raises(FitError, match=r"--fixed-baselines fits fixed-size heads on the pooled vector only; "
+                                       r"with --inputs fbank none would be fitted"):
+        fit(train, DIMS, tmp_path / "run", inputs=("fbank",), fixed_baselines=True, **OPTS)
+    assert not (tmp_path / "run").exists()
