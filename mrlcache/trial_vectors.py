@@ -86,6 +86,13 @@ def open_cache_for(path, model, what: str = "cache", log=_note):
             f"{what} {path} was extracted with backbone weights {have}, but the model's backbone "
             f"is {want}; extract it again with the model's backbone"
         )
+    fitted_on = (getattr(model, "ptm", None) or {}).get("sha256")
+    made_by = (cache.meta.get("ptm") or {}).get("sha256") if isinstance(cache.meta.get("ptm"), dict) else None
+    if fitted_on and fitted_on != made_by:
+        name = (cache.meta.get("ptm") or {}).get("name") if made_by else None
+        raise EvaluateError(f"{what} {path} holds layers of {name or 'no PTM'} ({(made_by or 'none')[:12]}), but "
+                            f"the model was fitted on {model.ptm.get('name')} ({fitted_on[:12]}); extract it "
+                            f"with --ptm {model.ptm.get('name')}")
     inputs = tuple(getattr(model, "inputs", ("pooled",)))
     if inputs != ("pooled",):  # a model on streams: the cache must hold every one it reads
         held = getattr(cache, "streams", None) or {"pooled": None}

@@ -155,7 +155,7 @@ class SkipLog:
         return {r: list(self.reasons.values()).count(r) for r in sorted(set(self.reasons.values()))}
 
 
-def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
+def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: dict | None = None):
     """Write model.pt from best.pt, summary.json, curves.png, model_summary.{json,txt}, and
     print the final table; returns the head with the best weights (on the CPU, eval mode)."""
     from mrlcache.fit.report import write_curves, write_model_summary
@@ -173,7 +173,7 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
             # started from; save_model records the trained weights' own, so their caches refuse.
             backbone.weights_sha256 = None
     save_model(out / "model.pt", head, backbone=backbone, embed_backbone=cfg.embed_backbone,
-               backbone_ref=backbone_ref)
+               backbone_ref=backbone_ref, ptm=ptm)
     summary = {"best_epoch": result["best"]["epoch"], "best": result["best"],
                "epochs_run": len(result["history"]), "stopped_early": result["stopped_early"],
                "selected_by": "val mean EER" if job.val is not None else "last epoch (no validation)",

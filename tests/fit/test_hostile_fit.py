@@ -142,3 +142,34 @@ def test_fixed_baselines_on_streams_is_refused_not_ignored(train, tmp_path):
                                        r"with --inputs fbank none would be fitted"):
         fit(train, DIMS, tmp_path / "run", inputs=("fbank",), fixed_baselines=True, **OPTS)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("cache_ptm, refused", [("a" * 64, False), ("b" * 64, True), (None, True)])
+def test_a_model_fitted_on_one_ptm_refuses_a_cache_of_another(tmp_path, cache_ptm, refused):
+    from test_fit import POOLED, synth_vectors
+
+    from mrlcache import cache
+    from mrlcache.corpus import Utterance
+    from mrlcache.evaluate import EvaluateError, open_cache_for
+    from mrlcache.models.matryoshka import MatryoshkaHead
+    from mrlcache.models.model import load_model, save_model
+
+    pooled, spk = synth_vectors(2, 2, 1, seed=2)
+    manifest = [Utterance(f"v{s}/x/{i}.wav", f"/none/{i}.wav", f"v{s}") for i, s in enumerate(spk)]
+    meta = {"model_config": {"synthetic": True}, "weights_sha256": "0" * 64, "pooled_dim": POOLED,
+            "sample_rate": 16000, "mode": "eval", "views": 1, "augment": {}, "seed": 0, "dtype": "float32",
+            "shard_size": 64}
+    if cache_ptm:
+        meta["ptm"] = {"name": "other-ptm" if refused else "wavlm-x", "source": "hub", "sha256": cache_ptm}
+    with cache.CacheWriter(tmp_path / "c", meta, manifest) as writer:
+        writer.write_shard(0, list(range(len(spk))), pooled, {}, seconds=0.0)
+        writer.finish()
+    save_model(tmp_path / "model.pt", MatryoshkaHead(POOLED, DIMS), ptm={"name": "wavlm-x", "sha256": "a" * 64})
+    model = load_model(tmp_path / "model.pt")
+    assert model.ptm == {"name": "wavlm-x", "sha256": "a" * 64}
+    if refused:
+        with pytest.raises(EvaluateError, match=r"the model was fitted on wavlm-x \(aaaaaaaaaaaa\); extract it "
+                                                r"with --ptm wavlm-x"):
+            open_cache_for(tmp_path / "c", model)
+    else:
+        assert open_cache_for(tmp_path / "c", model).path is not None
