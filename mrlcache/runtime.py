@@ -373,3 +373,24 @@ def die_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
         threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def surviving_workers(batches, error, hint: str):
+    """Iterate a DataLoader; a decoding worker that died (killed, out of memory) is one line.
+
+    torch raises ``RuntimeError: DataLoader worker (pid N) is killed by signal ...``; that
+    becomes ``error(message)`` naming the worker and ``hint`` (how to resume), never a
+    traceback. Other errors pass through.
+    """
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            if "DataLoader worker" not in text:
+                raise
+            raise error(f"{text.rstrip('. ')} (the system kills a worker when memory runs out); {hint}") from None
+        yield batch

@@ -31,7 +31,7 @@ from mrlcache.cache import CacheWriter, IncompleteCacheError, read_meta
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
 from mrlcache.extract.sources import check_sources
-from mrlcache.runtime import DeviceError, autocast, env_int, resolve_device, resolve_precision
+from mrlcache.runtime import DeviceError, autocast, env_int, resolve_device, resolve_precision, surviving_workers
 from mrlcache.streams import windows
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.streams.windows import num_windows
@@ -223,7 +223,8 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
     started = time.perf_counter()
     bar = ExtractProgress(total_rows, rank, enabled=progress)
     with bar, torch.inference_mode():
-        for items in loader:
+        for items in surviving_workers(loader, ExtractError, "the shards written so far are kept: rerun the "
+                                       "same command to resume, with fewer --workers if memory is short"):
             k = shard_of[items[0].row]
             state = pending.setdefault(k, {"index": [], "pooled": [], "skipped": {}, "windowed": {}, "seconds": 0.0,
                                            "left": len(writer.shard_rows(k))})

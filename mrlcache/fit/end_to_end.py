@@ -26,7 +26,7 @@ from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
 from mrlcache.fit.rundir import SkipLog, finish, meta_hash, open_run, write_header
 from mrlcache.fit.validate import heldout_valset, split_speakers
 from mrlcache.paths import check_run_dir
-from mrlcache.runtime import die_with_parent
+from mrlcache.runtime import die_with_parent, surviving_workers
 
 
 def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **options) -> Path:
@@ -132,7 +132,9 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
         g = epoch_generator(cfg.seed, epoch)
         v = torch.randint(e2e.views, (len(utts),), generator=g).numpy()
         order = train_rows[torch.randperm(len(train_rows), generator=g).numpy()]
-        crops = loader(np.stack([order, v[order]], 1))
+        crops = surviving_workers(loader(np.stack([order, v[order]], 1)), FitError,
+                                  "last.pt keeps the last finished epoch: resume with --resume, with fewer "
+                                  "--workers if memory is short")
         for wave, rows in _readable_batches(crops, lambda row, r, d: skips.add(ids[row], r, d)):
             yield wave.to(device), labels_t[rows].to(device)
 

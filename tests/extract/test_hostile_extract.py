@@ -42,3 +42,25 @@ def test_a_replaced_source_is_refused_and_a_copied_one_is_not(tmp_path, backbone
     with pytest.raises(ExtractError, match=rf"{victim}: changed since its vectors were extracted .*--overwrite"):
         extract(utts, backbone, tmp_path / "cache", cfg, progress=False)
     extract(utts, backbone, tmp_path / "cache", cfg, progress=False, overwrite=True)  # the fix works
+
+
+def test_a_decoding_worker_killed_mid_extract_is_one_line(tmp_path, backbone, monkeypatch):
+    import signal
+
+    from mrlcache.extract import data
+
+    make_tree(tmp_path / "data", speakers=2, videos=1, utts=2, seconds=0.5)
+    real = data.UtteranceViews.__getitem__
+
+    def killed(self, row):  # as the out-of-memory killer would, on the third file
+        if row == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, row)
+
+    monkeypatch.setattr(data.UtteranceViews, "__getitem__", killed)
+    cfg = ExtractConfig(mode="eval", dtype="float32", shard_size=2, device="cpu", workers=1)
+    with pytest.raises(ExtractError, match=r"DataLoader worker \(pid.*\) (is killed by signal|exited unexpectedly).*rerun the same "
+                                           r"command to resume"):
+        extract(scan_tree(tmp_path / "data"), backbone, tmp_path / "cache", cfg, progress=False)
+    monkeypatch.setattr(data.UtteranceViews, "__getitem__", real)
+    extract(scan_tree(tmp_path / "data"), backbone, tmp_path / "cache", cfg, progress=False)  # resumes
