@@ -22,7 +22,7 @@ CACHE_DIRS = ("shards", "locks")
 # real run's files against it).
 RUN_FILES = ("config.yaml", "fingerprint.json", "history.jsonl", "last.pt", "best.pt", "model.pt",
              "summary.json", "curves.png", "model_summary.json", "model_summary.txt", "gating.json",
-             "gating.png", "skipped.tsv", "backbone.pt", ".fit.lock")
+             "gating.png", "skipped.tsv", "backbone.pt", ".fit.lock", "tensorboard", "fixed")
 RUN_MARKERS = ("model.pt", "last.pt", "config.yaml", "fingerprint.json")
 
 

@@ -173,3 +173,10 @@ def test_a_model_fitted_on_one_ptm_refuses_a_cache_of_another(tmp_path, cache_pt
             open_cache_for(tmp_path / "c", model)
     else:
         assert open_cache_for(tmp_path / "c", model).path is not None
+
+
+def test_the_output_guard_knows_every_file_of_a_run(train, tmp_path):
+    from mrlcache.paths import RUN_FILES
+
+    run = fit(train, DIMS, tmp_path / "run", fixed_baselines=True, **dict(OPTS, epochs=1))
+    assert {p.name for p in run.iterdir()} <= set(RUN_FILES)
