@@ -13,8 +13,9 @@ import click
 from mrlcache.cli.options import verify_option
 from mrlcache.config import CommaList, config_option
 from mrlcache.fit.config import CHOICES, EndToEndConfig, FitConfig
+from mrlcache.models import FUSIONS
 
-FUSION_NAMES = ("concat", "cross-attention", "gating")  # mrlcache.models.fusion.FUSIONS (no torch here)
+FUSION_NAMES = tuple(FUSIONS)  # the registry (mrlcache.models imports no torch)
 
 # Flags that switch off a dataclass option that is on by default: flag -> field.
 INVERTED = {"no_embed_backbone": "embed_backbone", "quiet": "progress"}
@@ -70,7 +71,7 @@ OPTIONS = [
     click.option("--cache", type=click.Path(file_okay=False), help="Feature cache from 'mrlcache extract'."),
     fit_option("dims", "Nested sizes, increasing; '256' alone: a fixed-size head."),
     click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory."),
-    fit_option("head", "Head, by name (mrlcache.fit.heads.HEADS): mrl (BN + linear over a pooled input; "
+    fit_option("head", "Head, by name (mrlcache.models.HEADS): mrl (BN + linear over a pooled input; "
                        "frames are mean+std pooled first) or ecapa (ECAPA-TDNN over frames)."),
     fit_option("inputs", "Cached streams the head reads, e.g. pooled | layers | fbank,f0 | layers,fbank,f0.",
                type=CommaList()),
@@ -122,8 +123,8 @@ OPTIONS = [
     fit_option("memory_gb", "Memory for features; beyond it they are streamed [default: half the free memory].",
                type=float),
     click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads [default: torch's]."),
-    fit_option("weights", "Backbone file (when the cache does not carry it; end to end: the backbone).",
-               type=click.Path(exists=True, dir_okay=False)),
+    fit_option("weights", "Backbone file or model folder (when the cache does not carry it; end to end: the "
+               "backbone).", type=click.Path(exists=True)),
     fit_option("no_embed_backbone", "model.pt refers to the backbone by name/path + SHA-256 instead of holding it."),
     fit_option("head_only", "model.pt without any backbone (vectors of unknown origin)."),
     click.option("--resume", is_flag=True, help="Continue the fit in --out from last.pt."),

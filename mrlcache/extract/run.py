@@ -30,6 +30,7 @@ from mrlcache.backbone.record import convert_v1_meta
 from mrlcache.cache import CacheWriter, IncompleteCacheError, read_meta
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
+from mrlcache.extract.sizes import check_free_disk, projected_sizes
 from mrlcache.extract.sources import check_sources
 from mrlcache.runtime import DeviceError, autocast, env_int, resolve_device, resolve_precision, surviving_workers
 from mrlcache.streams import windows
@@ -50,7 +51,7 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
     train = cfg.mode == "train"
     meta = {
         "model_config": model.model_config if model is not None else None,
-        "backbone": record.with_sha256(model.weights_sha256).to_dict() if model is not None else None,
+        "backbone": record.of_model(model).to_dict() if model is not None else None,
         "pooled_dim": model.pooled_dim if "pooled" in cfg.stream_names else 0,
         "sample_rate": SAMPLE_RATE,
         "mode": cfg.mode,
@@ -142,6 +143,10 @@ def extract(
     if model is None and cfg.needs_redimnet:
         why = "pooled needs it" if "pooled" in cfg.stream_names else "layers needs it or --ptm"
         raise ExtractError(f"--streams {cfg.streams}: give a ReDimNet backbone ({why})")
+    if model is not None and ptm is None and "layers" in cfg.stream_names \
+            and getattr(model, "encoder", "redimnet") != "redimnet":
+        raise ExtractError(f"--streams {cfg.streams}: the layers stream is ReDimNet's stem and stage outputs; "
+                           f"{model.encoder} has none in that form (use pooled, fbank, mfcc, f0, or --ptm)")
     if (ptm is None) != (cfg.ptm is None):
         raise ExtractError("cfg.ptm names the PTM and ptm= must be that model (load_ptm), both or neither")
     save_backbone = save_backbone and model is not None
@@ -156,6 +161,10 @@ def extract(
                            "(or run once with --overwrite and --world-size 1) and start the ranks again")
     # Before any file is touched: a bad --noise-dir/--rir-dir fails here, not mid-run.
     dataset = UtteranceViews(utterances, cfg)
+    if rank == 0:  # the cache must fit the disk (less what an earlier run wrote)
+        present = sum(p.stat().st_size for p in (out / "shards").rglob("*") if p.is_file()) if not overwrite and \
+            (out / "shards").is_dir() else 0
+        check_free_disk(out, projected_sizes(utterances, cfg, model, ptm), cfg, present)
 
     if overwrite and world_size > 1 and rank != 0:
         barrier()  # rank 0 clears the old cache first
@@ -198,6 +207,10 @@ def extract(
 def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) -> dict:
     """Decode, forward and write the shards ``todo``; returns this rank's timing numbers."""
     model, ptm = (m.to(device).eval() if m is not None else None for m in models)
+    if "layers" not in cfg.stream_names and hasattr(model, "for_inference"):
+        # The frozen copy with BatchNorm folded and a channels-last layout (same vectors to
+        # ~1e-6, faster); the layers stream reads the model's own stages, so it keeps them.
+        model = model.for_inference()
     names = cfg.stream_names
     infos = writer.meta.get("streams") or {}
     stream_seconds = dict.fromkeys(names, 0.0)
@@ -252,9 +265,8 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
                     writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"],
                                        windowed=state["windowed"])
                 else:
-                    pooled, others = gather(state, infos, cfg.views)
-                    writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"], others,
-                                       windowed=state["windowed"])
+                    writer.write_shard(k, state["index"], None, state["skipped"], state["seconds"],
+                                       gather(state, infos, cfg.views), windowed=state["windowed"])
                 del pending[k]
             done_rows += len(items)
             audio_seconds += seconds

@@ -46,7 +46,7 @@ class FitConfig:
     """Every option both modes share; names match the ``mrlcache fit`` options."""
 
     dims: tuple[int, ...] = (64, 128, 192, 256)
-    head: str = "mrl"  # a name in mrlcache.fit.heads.HEADS
+    head: str = "mrl"  # a name in mrlcache.models.HEADS
     inputs: tuple[str, ...] = ("pooled",)  # cached streams the head reads (mrlcache.streams names)
     fusion: str | None = None  # concat | cross-attention | gating: needed when inputs make several encoders
     encoder_dim: int = 256  # width of the layer / handcrafted encoders and of the fusion
@@ -93,8 +93,8 @@ class FitConfig:
 
     def check(self) -> None:
         """Raise FitError for an option value no fit can use."""
+        from mrlcache.models import HEADS
         from mrlcache.models.matryoshka import check_dims
-        from mrlcache.fit.heads import HEADS
 
         try:
             self.dims = check_dims(self.dims)
@@ -160,8 +160,8 @@ class FitConfig:
 
     def _check_inputs(self) -> None:
         """--inputs names known streams, once each; --fusion a known fusion (the geometry is
-        checked against the cache by mrlcache.fit.heads.streams)."""
-        from mrlcache.models.fusion import FUSIONS
+        checked against the cache by mrlcache.models.streams)."""
+        from mrlcache.models import FUSIONS
         from mrlcache.streams import STREAMS
 
         if isinstance(self.inputs, str):
@@ -251,8 +251,10 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
     cfg.check()
     if not end_to_end:
         return cfg, None
-    if tuple(cfg.inputs) != ("pooled",) or cfg.head != "mrl":
-        raise FitError(f"--inputs {','.join(cfg.inputs)} --head {cfg.head}: end to end trains the mrl head on "
+    from mrlcache.models import head_class
+
+    if tuple(cfg.inputs) != ("pooled",) or head_class(cfg.head).reads != "vector":
+        raise FitError(f"--inputs {','.join(cfg.inputs)} --head {cfg.head}: end to end trains a head on "
                        "the pooled vector only; fit other inputs and heads on a cache (--cache)")
     e2e = EndToEndConfig(**{k: v for k, v in options.items() if k in e2e_names})
     e2e.check(cfg.weights)

@@ -175,12 +175,12 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
     val_rows = np.array([row for _, row, reason, _ in val_items if not reason], np.int64)
     if len(val_rows):
         val_waves = np.stack([wave.numpy() for wave, _, reason, _ in val_items if not reason])  # (N, S)
-        val = heldout_valset(val_waves, speakers[val_rows], cfg.max_val_trials, cfg.seed,
+        val = heldout_valset({"wave": val_waves}, speakers[val_rows], cfg.max_val_trials, cfg.seed,
                              f"{num_val} held-out speakers, clean {e2e.crop_seconds}s crops", batch=32)
 
-    def val_embed(wave):
+    def val_embed(batch):
         backbone.eval()
-        emb = head(backbone.pooled(wave))
+        emb = head(backbone.pooled(batch["wave"]))
         backbone.train(state["unfrozen"])
         return emb
 

@@ -2,10 +2,11 @@
 
 A mode (cache or end to end) builds a TrainJob: what an epoch's batches are, how a batch
 is embedded in training and in validation, which modules a checkpoint holds beyond the
-head and loss, and a hook run at each epoch's start. :func:`train` runs the epochs:
-margin warm-up, the step (autocast, gradient accumulation, clipping, the schedule),
-validation and model selection by mean EER, ``history.jsonl``, TensorBoard, and the
-checkpoints ``best.pt`` and ``last.pt``, all built by :func:`checkpoint`.
+head and loss, and a hook run at each epoch's start. :func:`train` runs the epochs: the
+margin schedule (only stepped here: :class:`~mrlcache.fit.optim.MarginWarmup`), the step
+(autocast, gradient accumulation, clipping, the learning-rate schedule), validation and
+model selection by mean EER, ``history.jsonl``, TensorBoard, and the checkpoints ``best.pt``
+and ``last.pt``, all built by :func:`checkpoint`.
 
 Determinism: every random draw of epoch ``e`` (views, order; the classes of
 ``class_sample`` from a second stream) comes from a generator seeded by ``(seed, e)``,
@@ -26,7 +27,7 @@ import torch
 from mrlcache.fit.config import FitError
 from mrlcache.fit.data import batch_slices, epoch_generator
 from mrlcache.fit.losses import sample_classes
-from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
+from mrlcache.fit.optim import MarginWarmup, make_optimizer, make_scheduler, param_groups
 from mrlcache.fit.validate import ValSet, validate
 from mrlcache.runtime import atomic_torch_save
 
@@ -51,6 +52,11 @@ class TrainJob:
     modules: dict = field(default_factory=dict)  # more modules to checkpoint, e.g. {"backbone": m}
     on_epoch_start: Callable | None = None  # on_epoch_start(epoch), e.g. to unfreeze the backbone
     grad_accum: int = 1  # batches per optimiser step
+    margin: MarginWarmup | None = None  # stepped at each epoch's start; default: cfg's warm-up of loss_fn
+
+    def __post_init__(self):
+        if self.margin is None:
+            self.margin = MarginWarmup(self.loss_fn, self.cfg.margin, self.cfg.margin_warmup_epochs)
 
 
 def checkpoint(job: TrainJob, epoch: int, **more) -> dict:
@@ -109,17 +115,20 @@ def _restore(job: "TrainJob", scaler, path: Path) -> dict:
 
 
 
-def feature_job(cfg, config: dict, out: Path, model, loss_fn, feats, val, num_train: int, device) -> TrainJob:
-    """The TrainJob of a fit on features in hand (cache mode, stream mode).
+def feature_job(cfg, config: dict, out: Path, model, loss_fn, feats, val, num_train: int, device,
+                embed: Callable | None = None) -> TrainJob:
+    """The TrainJob of a fit on cached features (cache mode, stream mode).
 
-    ``feats.epoch(seed, epoch, batch_size, device)`` gives the batches; ``model`` trains and
-    validates alike; one optimiser covers the model and the loss, with the per-step schedule.
+    ``feats.epoch(seed, epoch, batch_size, device)`` gives the batches {stream: (b, ...)};
+    ``embed`` (default ``model``) embeds one, in training and validation alike; one
+    optimiser covers the model and the loss, with the per-step schedule.
     """
+    embed = embed or model
     opt = make_optimizer(cfg, param_groups([model, loss_fn], cfg))
     steps = len(batch_slices(num_train, cfg.batch_size))
     return TrainJob(cfg=cfg, config=config, out=out, head=model, loss_fn=loss_fn,
                     batches=lambda epoch: feats.epoch(cfg.seed, epoch, cfg.batch_size, device),
-                    embed=model, val_embed=model, val=val, steps_per_epoch=steps, device=device,
+                    embed=embed, val_embed=embed, val=val, steps_per_epoch=steps, device=device,
                     optimizer=opt, scheduler=make_scheduler(cfg, opt, steps))
 
 
@@ -151,14 +160,13 @@ def train(job: TrainJob, resume: bool) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True, quiet=not cfg.progress)
-    dims = job.loss_fn.dims
+    dims = job.head.dims
     stopped_early = False
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         if job.on_epoch_start:
             job.on_epoch_start(epoch)
-        warm = cfg.margin_warmup_epochs
-        job.loss_fn.set_margin(cfg.margin * (min(1.0, epoch / warm) if warm > 0 else 1.0))
+        margin = job.margin.step(epoch)
         job.head.train()
         job.loss_fn.train()
         sums = torch.zeros(2, len(dims), dtype=torch.float64)  # loss, accuracy per dim, x rows
@@ -200,7 +208,7 @@ def train(job: TrainJob, resume: bool) -> dict:
                            f"{kept}; lower --lr (or --scale, --margin), or check the cache for bad vectors")
         train_loss = (sums[0] / max(seen, 1)).tolist()
         train_acc = (sums[1] / max(seen, 1)).tolist()
-        rec = {"epoch": epoch, "margin": job.loss_fn.margin, "lr": job.optimizer.param_groups[0]["lr"],
+        rec = {"epoch": epoch, "margin": margin, "lr": job.optimizer.param_groups[0]["lr"],
                "samples": seen, "loss": dict(zip(map(str, dims), train_loss)),
                "accuracy": dict(zip(map(str, dims), train_acc))}
         validating = job.val is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)

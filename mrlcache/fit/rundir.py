@@ -23,8 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from mrlcache.fit.config import FitConfig, FitError
+from mrlcache.fit.config import FitConfig, FitError, run_config
 from mrlcache.fit.loop import load_checkpoint
+from mrlcache.fit.validate import split_speakers
+from mrlcache.models.model import save_model
 
 LOCK_NAME = ".fit.lock"
 _HELD: dict[str, int] = {}  # run directories this process has locked -> lock file descriptor
@@ -159,7 +161,6 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: 
     """Write model.pt from best.pt, summary.json, curves.png, model_summary.{json,txt}, and
     print the final table; returns the head with the best weights (on the CPU, eval mode)."""
     from mrlcache.fit.report import write_curves, write_model_summary
-    from mrlcache.models.model import save_model
 
     cfg, out = job.cfg, job.out
     best_state = load_checkpoint(out / "best.pt")
@@ -196,3 +197,28 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: 
             table.add_row(f"raw {job.head.pooled_dim or ''}", f"{100 * extra_summary['raw_eer']:.2f}", "")
         Console(stderr=True).print(table)
     return head.eval()
+
+
+def recorded_sha256(meta: dict) -> str | None:
+    """The SHA-256 of the weights (or imported file) the cache's vectors came from."""
+    from mrlcache.backbone import BackboneRecord
+
+    record = BackboneRecord.from_meta(meta)
+    return record.sha256 if record is not None else None
+
+
+def is_imported(meta: dict) -> bool:
+    """Vectors another toolkit made (``mrlcache import-vectors``): no backbone to embed in model.pt."""
+    return meta.get("mode") == "imported"
+
+
+def split_and_open(cfg, speakers, cache_dir, out: Path, resume: bool, fingerprint: dict):
+    """The held-out speaker split of a cache fit (none with an external validation set) and the
+    locked run directory: (val_names, train_names, labels, config, lock, resume)."""
+    val_names, train_names, labels, n_val = split_speakers(
+        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, f"the cache {cache_dir}")
+    if cfg.val_cache is None:
+        cfg.val_speakers = n_val
+    config = run_config(cfg, cache_dir=cache_dir)
+    lock, resume = open_run(out, config, resume, fingerprint)
+    return val_names, train_names, labels, config, lock, resume

@@ -21,6 +21,7 @@ import numpy as np
 
 from mrlcache.interop.readers import InteropError, folder_npy_files, ids_file_for, read_utt2spk, read_vectors, shown, speakers_for
 from mrlcache.runtime import publish_dir, publish_files, sha256_file, temp_dir, temp_file, write_aside
+from mrlcache.streams.record import StreamRecord
 
 FORMATS = ("npy", "kaldi", "npz")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -134,8 +135,7 @@ def import_vectors(vectors, out, *, ids_file=None, utt2spk=None, name: str | Non
     if layers:
         # Layer stacks are the `layers` stream as per-layer vectors (as extract --layers-pooled
         # stores them), for the multi-stream heads (fit --inputs layers); there is no pooled.
-        meta["streams"] = {"layers": {"kind": "vector", "shape": [int(array.shape[1]), int(array.shape[2])],
-                                      "ragged": False, "frame_rate": None, "dtype": dtype}}
+        meta["streams"] = {"layers": StreamRecord("layers", "vector", array.shape[1:3], dtype).to_json()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out)
     try:
