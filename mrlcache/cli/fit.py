@@ -129,6 +129,8 @@ OPTIONS = [
     fit_option("head_only", "model.pt without any backbone (vectors of unknown origin)."),
     click.option("--resume", is_flag=True, help="Continue the fit in --out from last.pt."),
     fit_option("quiet", "No progress display."),
+    fit_option("dist_timeout", "Under torchrun: seconds a rank waits for the others (rank 0 validating, a "
+                               "lost rank) before the fit stops with a message."),
     click.option("--end-to-end", is_flag=True, help="Train on audio with the backbone run on the fly."),
     e2e_option("data", "VoxCeleb-style audio tree.", type=DIR),
     e2e_option("variant", "published ReDimNet name (b0..b6, S, M).", type=str),
@@ -241,4 +243,7 @@ def fit(ctx, **params):
             run = run_fit(cache, dims, out, resume=resume, **params)
     except (FitError, ModelError, CacheError, CheckpointError, TrialsError) as err:
         raise click.ClickException(str(err))
-    click.echo(str(Path(run) / "model.pt"))
+    from mrlcache.distributed import env
+
+    if env()[0] == 0:  # under torchrun: rank 0 wrote the run directory
+        click.echo(str(Path(run) / "model.pt"))

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mrlcache import distributed
 from mrlcache.fit.config import FitError, device_for, make_configs, run_config
 from mrlcache.fit.heads import build_head
 from mrlcache.fit.inputs import heldout_or_external, open_features, vector_input
@@ -31,6 +32,7 @@ from mrlcache.fit.validate import raw_eer
 from mrlcache.models import head_class
 
 
+@distributed.launched
 def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False, **options) -> Path:
     """Fit a Matryoshka head on a feature cache; returns the run directory.
 

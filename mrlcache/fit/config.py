@@ -90,6 +90,7 @@ class FitConfig:
     weights: str | None = None  # backbone file (cache mode: when the cache does not carry it)
     head_only: bool = False  # model.pt without a backbone (vectors from no known backbone)
     progress: bool = True
+    dist_timeout: float = 1800.0  # torchrun: seconds a rank waits for the others before the fit stops
 
     def check(self) -> None:
         """Raise FitError for an option value no fit can use."""
@@ -125,6 +126,7 @@ class FitConfig:
             "encoder_dim": (lambda v: v >= 1, ">= 1"), "ecapa_channels": (lambda v: v >= 1, ">= 1"),
             "ecapa_scale": (lambda v: v >= 1, ">= 1"), "ecapa_mfa_channels": (lambda v: v >= 1, ">= 1"),
             "ecapa_bottleneck": (lambda v: v >= 1, ">= 1"),
+            "dist_timeout": (lambda v: v > 0, "> 0 (seconds)"),
         })
         if self.dim_weights is not None:
             weights = list(self.dim_weights)
@@ -268,8 +270,13 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
 
 
 def run_config(cfg, e2e=None, cache_dir=None) -> dict:
-    """The run's one resolved config (config.yaml and last.pt): every option, by mode."""
+    """The run's one resolved config (config.yaml and last.pt): every option, by mode, and the
+    processes (torchrun) with the effective batch: rows per optimiser step over all of them."""
+    from mrlcache import distributed
+
+    accum = e2e.grad_accum if e2e is not None else 1
     return {**cfg.to_dict(), "mode": "end-to-end" if e2e is not None else "cache",
+            "world_size": distributed.world(), "effective_batch": distributed.global_batch(cfg.batch_size) * accum,
             "cache": str(cache_dir) if cache_dir is not None else None,
             "end_to_end": e2e.to_dict() if e2e is not None else None}
 

@@ -28,6 +28,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mrlcache import distributed
+
 GB = 2**30
 
 
@@ -58,7 +60,7 @@ def epoch_plan(g: torch.Generator, sizes: np.ndarray, train_mask: np.ndarray, nu
     if window >= len(sizes):
         train_rows = np.flatnonzero(train_mask)
         order = train_rows[torch.randperm(len(train_rows), generator=g).numpy()]
-        return views, [(np.arange(len(sizes)), [order[sl] for sl in batch_slices(len(order), batch_size)])]
+        return views, [(np.arange(len(sizes)), distributed.global_batches(order, batch_size))]
     shard_order = torch.randperm(len(sizes), generator=g).numpy()
     plan, carry = [], np.empty(0, np.int64)
     for w in range(0, len(shard_order), window):
@@ -67,8 +69,9 @@ def epoch_plan(g: torch.Generator, sizes: np.ndarray, train_mask: np.ndarray, nu
                                          for k in shards])
         perm = torch.randperm(len(rows), generator=g).numpy()
         last = w + window >= len(shard_order)
-        n_full = len(rows) if last else (len(rows) // batch_size) * batch_size
-        plan.append((shards, [rows[perm[sl]] for sl in batch_slices(n_full, batch_size)]))
+        step = distributed.global_batch(batch_size)  # rows of one step over every rank (torchrun)
+        n_full = len(rows) if last else (len(rows) // step) * step
+        plan.append((shards, distributed.global_batches(rows[perm[:n_full]], batch_size)))
         carry = rows[perm[n_full:]]
     return views, plan
 
@@ -129,10 +132,12 @@ class Features:
             return {n: np.ascontiguousarray(a[rows, view], dtype=dtype) for n, a in self.arrays.items()}
         return {n: self.cache.read(n, view=view, rows=rows, dtype=dtype) for n in self.records}
 
-    def _read_window(self, shards, views: np.ndarray, carry: Block | None, carry_rows: np.ndarray) -> Block:
-        """The training rows of ``shards`` with the views the epoch drew for them, plus the
-        carried rows, in one array per stream filled in place."""
-        locals_ = {int(k): np.flatnonzero(self.train_mask[self.offsets[k]:self.offsets[k + 1]]) for k in shards}
+    def _read_window(self, shards, views: np.ndarray, carry: Block | None, carry_rows: np.ndarray,
+                     wanted: np.ndarray | None = None) -> Block:
+        """The training rows of ``shards`` (those of ``wanted`` (N,) bool, default all) with the
+        views the epoch drew for them, plus the carried rows, in one array per stream filled in place."""
+        wanted = self.train_mask if wanted is None else wanted
+        locals_ = {int(k): np.flatnonzero(wanted[self.offsets[k]:self.offsets[k + 1]]) for k in shards}
         rows = np.concatenate([carry_rows] + [self.offsets[k] + locals_[k] for k in sorted(locals_)])
         arrays = {name: np.empty((len(rows), *r.item_shape), self.dtype) for name, r in self.records.items()}
         start = len(carry_rows)
@@ -161,19 +166,24 @@ class Features:
         if self.arrays is not None:
             flat = {n: a.reshape(-1, *a.shape[2:]) for n, a in self.arrays.items()}  # views, no copies
             for _, batches in plan:
-                for rows in batches:
+                for rows in map(distributed.my_part, batches):  # on N ranks, this rank's part
                     at = rows * self.num_views + views[rows]
                     yield {n: _float(f, at, device) for n, f in flat.items()}, labels[rows].to(device)
             return
+        plan = [(shards, [distributed.my_part(b) for b in batches]) for shards, batches in plan]
+        wanted = None  # N ranks (torchrun): each reads only the rows of its own parts
+        if distributed.world() > 1:
+            wanted = np.zeros(len(self.labels), bool)
+            wanted[np.concatenate([b for _, batches in plan for b in batches])] = True
         with ThreadPoolExecutor(1) as pool:  # the next window is read while this one trains
             block, carry_rows = None, np.empty(0, np.int64)
-            pending = pool.submit(self._read_window, plan[0][0], views, None, carry_rows)
+            pending = pool.submit(self._read_window, plan[0][0], views, None, carry_rows, wanted)
             for i, (_, batches) in enumerate(plan):
                 block = pending.result()
                 used = np.concatenate(batches) if batches else np.empty(0, np.int64)
                 carry_rows = np.setdiff1d(block.rows, used)  # rows this window leaves to the next
                 if i + 1 < len(plan):
-                    pending = pool.submit(self._read_window, plan[i + 1][0], views, block, carry_rows)
+                    pending = pool.submit(self._read_window, plan[i + 1][0], views, block, carry_rows, wanted)
                 for rows in batches:
                     got = block.take(rows)
                     yield {n: _float(a, None, device) for n, a in got.items()}, labels[rows].to(device)

@@ -78,7 +78,7 @@ def fit_streams(cache, cache_dir, cfg, out: Path, backbone=None, resume: bool = 
             extra["raw_eer"] = raw_eer(val)
             extra["val_source"] = val.source
         best_model = finish(job, result, backbone, backbone_ref, extra, ptm=cache.meta.get("ptm"))
-        if cfg.fusion == "gating":
+        if cfg.fusion == "gating" and best_model is not None:  # (N ranks: rank 0 has it)
             from mrlcache.fit.report import write_gating
 
             if val is None:  # no validation data: the gates on view 0 of the training rows
