@@ -35,7 +35,7 @@ import torch
 from mrlcache.backbone.record import BackboneRecord, RecordError
 from mrlcache.backbone.redimnet import CONFIGS, ConfigError, ReDimNet
 from mrlcache.backbone.registry import BACKBONES, DEFAULT_BACKBONE, encoder_module
-from mrlcache.runtime import atomic_torch_save, torch_bytes
+from mrlcache.runtime import atomic_torch_save, check_regular, torch_bytes
 
 URL_TEMPLATE = "https://github.com/IDRnD/ReDimNet/releases/download/latest/{name}-{dataset}-{train_type}.pt"
 VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "S", "M")
@@ -62,7 +62,10 @@ def load_plain(file, origin):
         Anything else torch raises for a truncated, corrupt or foreign file.
     """
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(file, (str, os.PathLike)):
+            check_regular(file)  # a FIFO is refused, not waited on
+        with torch.sparse.check_sparse_tensor_invariants():  # a crafted sparse tensor fails here, not later
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None:

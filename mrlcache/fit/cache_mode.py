@@ -109,7 +109,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         if val is not None:
             extra["raw_eer"] = raw_eer(val)
             extra["val_source"] = val.source
-        finish(job, result, backbone, backbone_ref, extra)
+        finish(job, result, backbone, backbone_ref, extra, ptm=meta.get("ptm"))
         if cfg.fixed_baselines:
             for i, d in enumerate(cfg.dims):
                 _fit_fixed(cfg, i, out / "fixed" / str(d), cache_dir, fingerprint, feats, val, pooled_dim,

@@ -156,6 +156,9 @@ class FitConfig:
             self.margins, self.margin = tuple(margins), max(margins)
         if self.head != "mrl" and (self.margins is not None or self.grad_scaling or self.fixed_baselines):
             raise FitError(f"--margins, --grad-scaling and --fixed-baselines apply to --head mrl, not {self.head}")
+        if self.fixed_baselines and tuple(self.inputs) != ("pooled",):
+            raise FitError(f"--fixed-baselines fits fixed-size heads on the pooled vector only; with --inputs "
+                           f"{','.join(self.inputs)} none would be fitted: drop it")
 
     def _check_inputs(self) -> None:
         """--inputs names known streams, once each; --fusion a known fusion (the geometry is

@@ -209,7 +209,7 @@ class SkipLog:
         return {r: list(self.reasons.values()).count(r) for r in sorted(set(self.reasons.values()))}
 
 
-def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
+def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: dict | None = None):
     """Write model.pt from best.pt, summary.json, curves.png, model_summary.{json,txt}, and
     print the final table; returns the head with the best weights (on the CPU, eval mode).
 
@@ -234,8 +234,13 @@ def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
     head.load_state_dict(best_state["head"])
     if "backbone" in best_state.get("extra", {}) and backbone is not None:
         backbone.load_state_dict(best_state["extra"]["backbone"])
+        after = ((job.config or {}).get("end_to_end") or {}).get("unfreeze_after")
+        if after is not None and int(best_state["epoch"]) >= int(after):
+            # The selected epoch trained the backbone: the recorded SHA-256 names the weights it
+            # started from; save_model records the trained weights' own, so their caches refuse.
+            backbone.weights_sha256 = None
     save_model(out / "model.pt", head, backbone=backbone, embed_backbone=cfg.embed_backbone,
-               backbone_ref=backbone_ref)
+               backbone_ref=backbone_ref, ptm=ptm)
     summary = {"best_epoch": result["best"]["epoch"], "best": result["best"],
                "epochs_run": len(result["history"]), "stopped_early": result["stopped_early"],
                "selected_by": "val mean EER" if job.val is not None else "last epoch (no validation)",
