@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from mrlcache.streams.record import StreamRecord, records_from_meta
+from mrlcache.streams import StreamRecord, records_from_meta
 
 CHUNK_BYTES = 4 << 20
 OFFSETS = "_offsets"

@@ -22,10 +22,11 @@ def demo(out, quick, backbone_name, weights, variant, seed):
     """Make a synthetic corpus, extract, fit the Matryoshka head, score: EER per dim."""
     import time
 
-    from mrlcache.cli import main
     from mrlcache.demo import FULL, QUICK, run_demo
 
-    debug = ["--debug"] if click.get_current_context().find_root().params.get("debug") else []
+    root = click.get_current_context().find_root()
+    main = root.command  # the mrlcache group (taken from the context: no import of the group here)
+    debug = ["--debug"] if root.params.get("debug") else []
 
     def run(args):  # each demo step is the real command, run in this process
         main.main(args=[*debug, *args], prog_name="mrlcache", standalone_mode=False)

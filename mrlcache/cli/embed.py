@@ -97,6 +97,9 @@ def _targets(out: Path, ids: list[str]) -> list[Path]:
 def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, device, engine, overwrite):
     """Write embeddings of audio FILES or folders (scanned as SPEAKER/.../FILE trees)."""
     check_device(device)
+    from mrlcache.runtime import reuse_large_allocations
+
+    reuse_large_allocations()  # the backbone's activations reuse the heap instead of fresh pages
     import numpy as np
     import torch
     from rich.console import Console

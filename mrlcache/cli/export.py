@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import click
 
+from mrlcache.export.formats import FORMATS
+
 
 @click.command("export")
 @click.argument("model_path", metavar="RUN/model.pt", type=click.Path(exists=True, dir_okay=False))
-@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]),
+@click.option("--format", "fmt", required=True, type=click.Choice(list(FORMATS)),
               help="onnx (run with onnxruntime) or torchscript (torch.jit.load).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write, e.g. model.onnx.")
 @click.option("--dims", default=None, help="Sizes to export, comma-separated (default every trained size).")

@@ -1,6 +1,5 @@
 """``mrlcache extract``: the frozen backbone over a corpus, once, into a feature cache."""
 
-import os
 from pathlib import Path
 
 import click
@@ -8,13 +7,7 @@ import click
 from mrlcache.backbone.registry import backbone_names
 from mrlcache.cli.options import CAP, COUNT, SECONDS, SEED, WORKERS, check_device, window_option
 from mrlcache.config import config_option, write_resolved
-
-
-def dist_env() -> tuple[int, int, bool]:
-    """(rank, world_size, launched_by_torchrun) from the torchrun environment variables."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "MASTER_ADDR" in os.environ
-    return 0, 1, False
+from mrlcache.distributed import env as dist_env
 
 
 def load_utterances(data, list_file, utt2spk):
@@ -111,9 +104,10 @@ def extract(ctx, data, list_file, utt2spk, out, backend, backbone_name, variant,
     Rerunning the same command resumes: finished shards are kept. Under
     `torchrun --nproc-per-node N -m mrlcache extract ...` each process writes its own shards.
     """
-    from mrlcache.runtime import passive_openmp
+    from mrlcache.runtime import passive_openmp, reuse_large_allocations
 
     passive_openmp()  # before torch: the decoding workers share the cores with the model
+    reuse_large_allocations()  # the backbone's activations reuse the heap instead of fresh pages
     check_device(device)
     import torch
     from rich.console import Console

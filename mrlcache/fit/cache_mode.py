@@ -20,15 +20,19 @@ from typing import Sequence
 
 import numpy as np
 
+from mrlcache import distributed
 from mrlcache.fit.config import FitError, device_for, make_configs, run_config
-from mrlcache.fit.data import Features, model_bytes, plan_features
 from mrlcache.fit.heads import build_head
+from mrlcache.fit.inputs import heldout_or_external, open_features, vector_input
 from mrlcache.fit.loop import feature_job, train
-from mrlcache.fit.rundir import finish, meta_hash, open_run, write_header
+from mrlcache.fit.rundir import (finish, is_imported, meta_hash, open_run, recorded_sha256, split_and_open,
+                                 write_header)
 from mrlcache.fit.stream_data import input_records
-from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer, split_speakers, val_batch
+from mrlcache.fit.validate import raw_eer
+from mrlcache.models import head_class
 
 
+@distributed.launched
 def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False, **options) -> Path:
     """Fit a Matryoshka head on a feature cache; returns the run directory.
 
@@ -58,7 +62,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         cache = cache_mod.open(cache_dir)
     else:
         cache_dir = Path(cache.path) if getattr(cache, "path", None) else None
-    if tuple(cfg.inputs) != ("pooled",) or cfg.head != "mrl":  # a model on cached streams
+    if tuple(cfg.inputs) != ("pooled",) or head_class(cfg.head).reads != "vector":  # a model on cached streams
         from mrlcache.fit.stream_mode import fit_streams
 
         return fit_streams(cache, cache_dir, cfg, out, backbone=backbone, resume=resume)
@@ -100,7 +104,8 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device,
                           embed=vector_input(head, cfg.inputs))
         result = train(job, resume)
-        extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names)}
+        extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names),
+                 "memory": plan.to_dict()}
         if val is not None:
             extra["raw_eer"] = raw_eer(val)
             extra["val_source"] = val.source
@@ -126,83 +131,3 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
         job = feature_job(one, config, out, head, loss_fn, feats, val, num_train, device,
                           embed=vector_input(head, one.inputs))
         finish(job, train(job, resume), None, None, extra)
-
-
-def vector_input(head, inputs):
-    """A head over one vector stream as a model of {stream: (b, D)} batches."""
-    (name,) = inputs
-    return lambda batch: head(batch[name])
-
-
-def open_features(cache, records: dict, labels, cfg, model, loss_fn, embed_of):
-    """The training features of ``records`` in memory or streamed, as the budget allows: (Features, MemoryPlan).
-
-    The plan counts the float32 batches and the model with its optimiser state and the
-    activations of one batch (measured on a two-row probe of copies of the model and loss).
-    """
-    import copy
-
-    import torch
-
-    probe = {name: cache.read(name, view=0, rows=np.arange(min(2, len(cache))), dtype=np.float32)
-             for name in records}
-    model_copy, loss_copy = copy.deepcopy(model), copy.deepcopy(loss_fn)
-    saved = [0]
-
-    def pack(t):
-        saved[0] += t.numel()
-        return t
-
-    rows = len(next(iter(probe.values())))
-    device = next(model.parameters()).device
-    batch = {k: torch.from_numpy(v).to(device) for k, v in probe.items()}
-    labels_probe = torch.zeros(rows, dtype=torch.long, device=device)
-    embed = embed_of(model_copy)  # the model as a function of {stream: batch}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        state = torch.get_rng_state()
-        try:
-            emb = embed(batch)
-            loss_copy(emb, labels_probe, None)
-        except Exception:  # a head that cannot run on two rows: count parameters only
-            saved[0] = 0
-        torch.set_rng_state(state)
-    per_row = saved[0] // max(1, rows)
-    plan = plan_features(cache, records, cfg.feature_dtype, cfg.batch_size,
-                         model_bytes(model, loss_fn, cfg.batch_size, per_row), cfg.memory_gb)
-    return Features(cache, records, labels, cfg.feature_dtype, plan.policy, plan.window), plan
-
-
-def heldout_or_external(cfg, feats, records, labels, speakers, val_names):
-    """The validation set: the external cache and trials, or trials among held-out speakers (their rows only)."""
-    if cfg.val_cache is not None:
-        return external_valset(cfg.val_cache, cfg.val_trials, cfg.inputs)
-    if not val_names:
-        return None
-    rows = np.flatnonzero(labels < 0)  # held in the features' dtype, as the training rows
-    return heldout_valset(feats.rows(rows, 0, feats.dtype), speakers[rows], cfg.max_val_trials, cfg.seed,
-                          f"{len(val_names)} held-out training speakers", batch=val_batch(records), records=records)
-
-
-def recorded_sha256(meta: dict) -> str | None:
-    """The SHA-256 of the weights (or imported file) the cache's vectors came from."""
-    from mrlcache.backbone import BackboneRecord
-
-    record = BackboneRecord.from_meta(meta)
-    return record.sha256 if record is not None else None
-
-
-def is_imported(meta: dict) -> bool:
-    """Vectors another toolkit made (``mrlcache import-vectors``): no backbone to embed in model.pt."""
-    return meta.get("mode") == "imported"
-
-
-def split_and_open(cfg, speakers, cache_dir, out: Path, resume: bool, fingerprint: dict):
-    """The held-out speaker split of a cache fit (none with an external validation set) and the
-    locked run directory: (val_names, train_names, labels, config, lock, resume)."""
-    val_names, train_names, labels, n_val = split_speakers(
-        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, f"the cache {cache_dir}")
-    if cfg.val_cache is None:
-        cfg.val_speakers = n_val
-    config = run_config(cfg, cache_dir=cache_dir)
-    lock, resume = open_run(out, config, resume, fingerprint)
-    return val_names, train_names, labels, config, lock, resume

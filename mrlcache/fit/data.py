@@ -28,6 +28,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mrlcache import distributed
+
 GB = 2**30
 
 
@@ -58,7 +60,7 @@ def epoch_plan(g: torch.Generator, sizes: np.ndarray, train_mask: np.ndarray, nu
     if window >= len(sizes):
         train_rows = np.flatnonzero(train_mask)
         order = train_rows[torch.randperm(len(train_rows), generator=g).numpy()]
-        return views, [(np.arange(len(sizes)), [order[sl] for sl in batch_slices(len(order), batch_size)])]
+        return views, [(np.arange(len(sizes)), distributed.global_batches(order, batch_size))]
     shard_order = torch.randperm(len(sizes), generator=g).numpy()
     plan, carry = [], np.empty(0, np.int64)
     for w in range(0, len(shard_order), window):
@@ -67,21 +69,26 @@ def epoch_plan(g: torch.Generator, sizes: np.ndarray, train_mask: np.ndarray, nu
                                          for k in shards])
         perm = torch.randperm(len(rows), generator=g).numpy()
         last = w + window >= len(shard_order)
-        n_full = len(rows) if last else (len(rows) // batch_size) * batch_size
-        plan.append((shards, [rows[perm[sl]] for sl in batch_slices(n_full, batch_size)]))
+        step = distributed.global_batch(batch_size)  # rows of one step over every rank (torchrun)
+        n_full = len(rows) if last else (len(rows) // step) * step
+        plan.append((shards, distributed.global_batches(rows[perm[:n_full]], batch_size)))
         carry = rows[perm[n_full:]]
     return views, plan
 
 
 @dataclass
 class Block:
-    """Rows in hand: their positions in cache order (sorted) and {stream: (n, *item)} for the drawn views."""
+    """Rows in hand: their positions in cache order and {stream: (n, *item)} for the drawn views."""
 
     rows: np.ndarray
     arrays: dict
 
+    def __post_init__(self):
+        self._order = np.argsort(self.rows, kind="stable")
+        self._sorted = self.rows[self._order]
+
     def take(self, rows: np.ndarray) -> dict:
-        at = np.searchsorted(self.rows, rows)
+        at = self._order[np.searchsorted(self._sorted, rows)]
         return {name: a[at] for name, a in self.arrays.items()}
 
 
@@ -125,33 +132,31 @@ class Features:
             return {n: np.ascontiguousarray(a[rows, view], dtype=dtype) for n, a in self.arrays.items()}
         return {n: self.cache.read(n, view=view, rows=rows, dtype=dtype) for n in self.records}
 
-    def _read_window(self, shards, views: np.ndarray, carry: Block | None, carry_rows: np.ndarray) -> Block:
-        """The training rows of ``shards`` with the views the epoch drew for them, plus the carried rows."""
-        parts = {name: [] for name in self.records}
-        all_rows = []
-        for k in sorted(int(s) for s in shards):
-            a = self.offsets[k]
-            local = np.flatnonzero(self.train_mask[a:a + self.sizes[k]])
-            drawn = views[a + local]
-            for name, record in self.records.items():
-                block = np.empty((len(local), *record.item_shape), self.dtype)
+    def _read_window(self, shards, views: np.ndarray, carry: Block | None, carry_rows: np.ndarray,
+                     wanted: np.ndarray | None = None) -> Block:
+        """The training rows of ``shards`` (those of ``wanted`` (N,) bool, default all) with the
+        views the epoch drew for them, plus the carried rows, in one array per stream filled in place."""
+        wanted = self.train_mask if wanted is None else wanted
+        locals_ = {int(k): np.flatnonzero(wanted[self.offsets[k]:self.offsets[k + 1]]) for k in shards}
+        rows = np.concatenate([carry_rows] + [self.offsets[k] + locals_[k] for k in sorted(locals_)])
+        arrays = {name: np.empty((len(rows), *r.item_shape), self.dtype) for name, r in self.records.items()}
+        start = len(carry_rows)
+        if start:
+            for name, a in carry.take(carry_rows).items():
+                arrays[name][:start] = a
+        for k in sorted(locals_):
+            local = locals_[k]
+            drawn = views[self.offsets[k] + local]
+            for name in self.records:
+                block = arrays[name][start:start + len(local)]
                 for view in np.unique(drawn):  # each needed view of the shard read once
                     sel = np.flatnonzero(drawn == view)
                     if len(sel) * 4 > self.sizes[k]:  # most rows: one sequential read of the view
                         block[sel] = self.shards[k].read(name, view=int(view), dtype=self.dtype)[local[sel]]
                     else:
                         block[sel] = self.shards[k].read(name, view=int(view), rows=local[sel], dtype=self.dtype)
-                parts[name].append(block)
-            all_rows.append(a + local)
-        rows = np.concatenate(all_rows) if all_rows else np.empty(0, np.int64)
-        arrays = {name: np.concatenate(p) if p else np.empty((0, *self.records[name].item_shape), self.dtype)
-                  for name, p in parts.items()}
-        if carry is not None and len(carry_rows):
-            kept = carry.take(np.sort(carry_rows))
-            rows = np.concatenate([np.sort(carry_rows), rows])
-            arrays = {name: np.concatenate([kept[name], arrays[name]]) for name in arrays}
-        order = np.argsort(rows, kind="stable")
-        return Block(rows[order], {name: a[order] for name, a in arrays.items()})
+            start += len(local)
+        return Block(rows, arrays)
 
     def epoch(self, seed: int, epoch: int, batch_size: int, device) -> Iterator[tuple[dict, torch.Tensor]]:
         """Yield ({stream: (b, *item) float32 on device}, labels (b,)) covering every training row once."""
@@ -161,19 +166,24 @@ class Features:
         if self.arrays is not None:
             flat = {n: a.reshape(-1, *a.shape[2:]) for n, a in self.arrays.items()}  # views, no copies
             for _, batches in plan:
-                for rows in batches:
+                for rows in map(distributed.my_part, batches):  # on N ranks, this rank's part
                     at = rows * self.num_views + views[rows]
                     yield {n: _float(f, at, device) for n, f in flat.items()}, labels[rows].to(device)
             return
+        plan = [(shards, [distributed.my_part(b) for b in batches]) for shards, batches in plan]
+        wanted = None  # N ranks (torchrun): each reads only the rows of its own parts
+        if distributed.world() > 1:
+            wanted = np.zeros(len(self.labels), bool)
+            wanted[np.concatenate([b for _, batches in plan for b in batches])] = True
         with ThreadPoolExecutor(1) as pool:  # the next window is read while this one trains
             block, carry_rows = None, np.empty(0, np.int64)
-            pending = pool.submit(self._read_window, plan[0][0], views, None, carry_rows)
+            pending = pool.submit(self._read_window, plan[0][0], views, None, carry_rows, wanted)
             for i, (_, batches) in enumerate(plan):
                 block = pending.result()
                 used = np.concatenate(batches) if batches else np.empty(0, np.int64)
                 carry_rows = np.setdiff1d(block.rows, used)  # rows this window leaves to the next
                 if i + 1 < len(plan):
-                    pending = pool.submit(self._read_window, plan[i + 1][0], views, block, carry_rows)
+                    pending = pool.submit(self._read_window, plan[i + 1][0], views, block, carry_rows, wanted)
                 for rows in batches:
                     got = block.take(rows)
                     yield {n: _float(a, None, device) for n, a in got.items()}, labels[rows].to(device)
@@ -209,6 +219,12 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         return self.features + self.batches + self.model
+
+    def to_dict(self) -> dict:
+        """summary.json's ``memory``: the policy, the window and the estimate in bytes."""
+        return {"policy": self.policy, "window_shards": self.window, "features_bytes": self.features,
+                "batches_bytes": self.batches, "model_bytes": self.model, "estimate_bytes": self.total,
+                "budget_bytes": self.budget}
 
     def describe(self) -> str:
         window = "every shard" if self.window is None else f"{self.window} shard(s)"

@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrlcache.fit.config import CHOICES
 from mrlcache.fit.fused import MarginCrossEntropy, PrefixScores, ScaleGrad, Scratch
 from mrlcache.models.matryoshka import check_dims
 
-CLASSIFIERS = ("shared", "per-dim")
-KINDS = ("aam", "softmax")
+CLASSIFIERS, KINDS = CHOICES["classifier"], CHOICES["loss"]  # named once, in the fit's options
 
 
 def sample_classes(labels: torch.Tensor, num_classes: int, rate: float, generator: torch.Generator) -> torch.Tensor:

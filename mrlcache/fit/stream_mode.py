@@ -2,7 +2,7 @@
 
 The same loop, losses, schedules, selection, resume and run directory as the pooled fit
 (:mod:`mrlcache.fit.cache_mode`, which hands over here whenever ``--inputs`` is not
-``pooled`` alone or ``--head`` is not ``mrl``); the model is a
+``pooled`` alone or the head reads frames); the model is a
 :class:`~mrlcache.models.streams.StreamModel`. A gating fit also writes
 ``gating.json`` / ``gating.png`` (:func:`mrlcache.fit.report.write_gating`).
 """
@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrlcache.fit.cache_mode import heldout_or_external, is_imported, open_features, recorded_sha256, split_and_open
 from mrlcache.fit.config import FitError, device_for
 from mrlcache.fit.heads import make_loss
-from mrlcache.models.streams import StreamInputError, StreamModel, head_args, plan_groups
+from mrlcache.fit.inputs import heldout_or_external, open_features
 from mrlcache.fit.loop import feature_job, train
-from mrlcache.fit.rundir import finish, meta_hash, write_header
+from mrlcache.fit.rundir import finish, is_imported, meta_hash, recorded_sha256, split_and_open, write_header
+from mrlcache.models import head_class
+from mrlcache.models.streams import StreamInputError, StreamModel, plan_groups
 from mrlcache.fit.stream_data import input_records
 from mrlcache.fit.validate import raw_eer
 
@@ -29,7 +30,7 @@ def build_model(cfg, info: dict, device) -> StreamModel:
     torch.manual_seed(cfg.seed)  # the model's initial weights depend on the seed only
     try:
         groups = plan_groups(cfg.inputs, info)
-        args = head_args(cfg, 1)
+        args = {"dims": list(cfg.dims), **head_class(cfg.head).option_args(cfg)}  # the width: from the streams
         return StreamModel(groups, cfg.head, args, fusion=cfg.fusion, encoder_dim=cfg.encoder_dim).to(device)
     except (StreamInputError, ValueError) as err:
         raise FitError(str(err)) from None
@@ -72,12 +73,12 @@ def fit_streams(cache, cache_dir, cfg, out: Path, backbone=None, resume: bool = 
         job = feature_job(cfg, config, out, model, loss_fn, feats, val, len(train_rows), device)
         result = train(job, resume)
         extra = {"features": plan.policy, "inputs": list(cfg.inputs), "train_utterances": len(train_rows),
-                 "train_speakers": len(train_names)}
+                 "train_speakers": len(train_names), "memory": plan.to_dict()}
         if val is not None:
             extra["raw_eer"] = raw_eer(val)
             extra["val_source"] = val.source
         best_model = finish(job, result, backbone, backbone_ref, extra)
-        if cfg.fusion == "gating":
+        if cfg.fusion == "gating" and best_model is not None:  # (N ranks: rank 0 has it)
             from mrlcache.fit.report import write_gating
 
             if val is None:  # no validation data: the gates on view 0 of the training rows

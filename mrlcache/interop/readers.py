@@ -19,15 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mrlcache.interop.errors import InteropError  # noqa: F401 (raised here; part of this API)
+
 # Keys looked for in .npz files and in .pt dicts of arrays, in this order.
 VECTOR_KEYS = ("vectors", "embeddings", "embedding", "xvectors", "x")
 ID_KEYS = ("ids", "utt_ids", "utts", "keys")
 LABEL_KEYS = ("labels", "speakers", "spk", "speaker")
 LAYOUTS = ("views", "layers")
-
-
-class InteropError(ValueError):
-    """Vectors or side files that cannot be imported or exported; the message names the fix."""
 
 
 def shown(items, limit: int = 5) -> str:

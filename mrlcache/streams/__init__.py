@@ -33,17 +33,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from mrlcache.streams.record import StreamRecord, record_from_json, records_from_meta
+from mrlcache.streams.grid import kaldi_frames
+from mrlcache.streams.record import StreamRecord
 
 
 class StreamError(ValueError):
     """A stream that cannot be computed as asked (unknown name, wrong backbone)."""
-
-
-def kaldi_frames(num_samples: int, sample_rate: int = 16000) -> int:
-    """Number of Kaldi frames (snip_edges, 25 ms every 10 ms) for ``num_samples``; 0 when shorter than a window."""
-    window, shift = sample_rate * 25 // 1000, sample_rate * 10 // 1000
-    return 0 if num_samples < window else 1 + (num_samples - window) // shift
 
 
 def _is_ptm(backbone) -> bool:
@@ -187,6 +182,31 @@ STREAMS = {
                      lambda b, p: (2,), _kaldi_grid, encoding="nan-as-zero", features=_f0_features,
                      feature_channels=2),
 }
+
+
+def record_from_json(name: str, info: dict) -> StreamRecord:
+    """The record of ``name`` from cache.json's ``info``; missing encoding/chunking from the stream's spec."""
+    known = STREAMS.get(name)
+    encoding = info.get("encoding", known.encoding if known is not None else None)
+    chunking = known.chunking if known is not None else "rows"
+    missing = {"kind", "shape", "ragged", "frame_rate", "dtype"} - set(info)
+    if missing:
+        raise ValueError(f"stream {name!r} lacks {', '.join(sorted(missing))}")
+    return StreamRecord(name, info["kind"], tuple(info["shape"]), info["dtype"], info["frame_rate"],
+                        bool(info["ragged"]), info.get("frames"), encoding, chunking)
+
+
+def records_from_meta(meta: dict) -> dict[str, StreamRecord]:
+    """{name: record} of the streams a cache holds; the one converter of older cache.json.
+
+    A cache.json without ``streams`` (every cache before streams, and every pooled-only
+    cache) holds the pooled vectors alone, ``pooled_dim`` wide in the cache's dtype.
+    """
+    streams = meta.get("streams")
+    if isinstance(streams, dict):
+        return {name: record_from_json(name, info) for name, info in streams.items()}
+    return {"pooled": record_from_json("pooled", {"kind": "vector", "shape": [int(meta["pooled_dim"])],
+                                                  "ragged": False, "frame_rate": None, "dtype": meta["dtype"]})}
 
 
 def spec(name: str) -> StreamSpec:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torchaudio.compliance import kaldi
 
-from mrlcache.streams import kaldi_frames
+from mrlcache.streams.grid import kaldi_frames
 
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0

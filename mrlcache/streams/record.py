@@ -4,7 +4,7 @@ A :class:`StreamRecord` says what one stream of a cache is: its name, kind (``ve
 per utterance or ``frames`` over time), per-item shape, frame rate, stored dtype, whether
 its frames are ragged (eval mode) or dense crops of ``frames`` frames (train mode), how
 its values are encoded on disk, and how its arrays are chunked. cache.json stores
-``{"streams": {name: record.to_json()}}``; :func:`records_from_meta` is the one place that
+``{"streams": {name: record.to_json()}}``; :func:`mrlcache.streams.records_from_meta` is the one place that
 reads it back, old caches included (no ``streams`` key: pooled alone; no ``encoding`` or
 ``chunking``: the stream's own defaults, see :data:`mrlcache.streams.STREAMS`).
 
@@ -98,30 +98,3 @@ class StreamRecord:
         if self.encoding is not None:
             out["encoding"] = self.encoding
         return out
-
-
-def record_from_json(name: str, info: dict) -> StreamRecord:
-    """The record of ``name`` from cache.json's ``info``; missing encoding/chunking from the stream's spec."""
-    from mrlcache.streams import STREAMS
-
-    known = STREAMS.get(name)
-    encoding = info.get("encoding", known.encoding if known is not None else None)
-    chunking = known.chunking if known is not None else "rows"
-    missing = {"kind", "shape", "ragged", "frame_rate", "dtype"} - set(info)
-    if missing:
-        raise ValueError(f"stream {name!r} lacks {', '.join(sorted(missing))}")
-    return StreamRecord(name, info["kind"], tuple(info["shape"]), info["dtype"], info["frame_rate"],
-                        bool(info["ragged"]), info.get("frames"), encoding, chunking)
-
-
-def records_from_meta(meta: dict) -> dict[str, StreamRecord]:
-    """{name: record} of the streams a cache holds; the one converter of older cache.json.
-
-    A cache.json without ``streams`` (every cache before streams, and every pooled-only
-    cache) holds the pooled vectors alone, ``pooled_dim`` wide in the cache's dtype.
-    """
-    streams = meta.get("streams")
-    if isinstance(streams, dict):
-        return {name: record_from_json(name, info) for name, info in streams.items()}
-    return {"pooled": record_from_json("pooled", {"kind": "vector", "shape": [int(meta["pooled_dim"])],
-                                                  "ragged": False, "frame_rate": None, "dtype": meta["dtype"]})}

@@ -39,7 +39,8 @@ def test_ecapa_on_handcrafted_round_trips_and_embeds_audio(tmp_path):
                                          dict(ECAPA, dims=[8, 16])))
     path = save_model(tmp_path / "model.pt", model)
     raw = torch.load(path, weights_only=True)  # plain containers only
-    assert raw["head"]["name"] == "streams" and raw["inputs"] == ["fbank", "f0"]
+    assert raw["head"]["name"] == "ecapa" and [g["streams"] for g in raw["streams"]["groups"]] == [["fbank", "f0"]]
+    assert raw["version"] == 2 and not {"dims", "pooled_dim", "inputs"} & set(raw)  # each fact once, in the record
     loaded = load_model(path)
     assert loaded.inputs == ("fbank", "f0") and loaded.dims == (8, 16)
     waves = _waves()
