@@ -307,63 +307,10 @@ def verify_export(path, model, dims=None, lengths=(1.0, 2.37), batches=(1, 3), t
     return {"max_rel_error": worst, "passed": worst <= TOLERANCE, "errors": errors}
 
 
-# --------------------------------------------------------------------------------------
-# onnxruntime as an engine for extract and embed
-# --------------------------------------------------------------------------------------
+def __getattr__(name):
+    """``OnnxBackbone`` and friends moved to :mod:`mrlcache.engine`; still importable from here."""
+    if name in ("OnnxBackbone", "ExportablePooled", "ENGINES"):
+        from mrlcache import engine
 
-ENGINES = ("torch", "onnxruntime")
-
-
-class ExportablePooled(nn.Module):
-    """Wave (B, T) -> ReDimNet's pooled vector (B, pooled_dim), with the exportable front end."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        import copy
-
-        self.frontend = ExportableMelBanks(backbone.spec)
-        self.net = copy.deepcopy(backbone.backbone)
-        self.pool = copy.deepcopy(backbone.pool)
-
-    def forward(self, x):
-        return self.pool(self.net(self.frontend(x)))
-
-
-class OnnxBackbone:
-    """A ReDimNet whose ``pooled(wave)`` runs in onnxruntime (CPU), for ``--engine onnxruntime``.
-
-    The backbone is exported once into memory (ExportablePooled, the dynamo exporter) and
-    run by an onnxruntime session; everything else a caller reads (``pooled_dim``,
-    ``model_config``, ``weights_sha256``) is the torch backbone's. onnxruntime was 1.4-4.4x
-    faster than PyTorch on this project's CPU (benchmarks/README.md), and its vectors equal
-    PyTorch's to about 1e-6 (tests/test_engine.py).
-    """
-
-    def __init__(self, backbone, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ExportError("--engine onnxruntime needs onnxruntime: pip install 'mrlcache[export]'") from None
-        self.pooled_dim, self.model_config = backbone.pooled_dim, backbone.model_config
-        self.weights_sha256 = backbone.weights_sha256
-        net = ExportablePooled(backbone.cpu().eval()).eval()
-        example = torch.randn(2, 16000, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            data = _export_onnx(net, example, "wave", {"format": "mrlcache-engine", "dims": [backbone.pooled_dim]},
-                                DEFAULT_OPSET)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
-    def to(self, device):
-        if torch.device(device).type != "cpu":
-            raise ExportError("--engine onnxruntime runs on the CPU: use --device cpu (or the torch engine on CUDA)")
-        return self
-
-    def eval(self):
-        return self
-
-    def pooled(self, wave: torch.Tensor) -> torch.Tensor:
-        """(B, T) float32 at 16 kHz -> (B, pooled_dim) float32, as ReDimNet.pooled."""
-        x = np.ascontiguousarray(wave.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {"wave": x})[0])
+        return getattr(engine, name)
+    raise AttributeError(f"module 'mrlcache.export' has no attribute {name!r}")
