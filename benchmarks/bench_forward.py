@@ -66,7 +66,7 @@ def main():
         flops = counter.get_total_flops()
         contenders = {"torch": model.pooled, "torch for_inference": model.for_inference().pooled}
         if args.onnx:
-            from mrlcache.engine import OnnxBackbone
+            from mrlcache.export.engine import OnnxBackbone
 
             for spin in (True, False):
                 if args.startup and spin:

@@ -20,8 +20,8 @@ def fixed_models(model_path, model) -> dict:
     Empty when the run has none (a fit without ``--fixed-baselines``). Raises EvaluateError
     for a head that does not fit ``model`` (another pooled size, or not one fixed dim D).
     """
-    from mrlcache.evaluate import EvaluateError
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.trial_vectors import EvaluateError
+    from mrlcache.models.model import ModelError, load_model
 
     out = {}
     for path in sorted((Path(model_path).parent / "fixed").glob("*/model.pt")):

@@ -37,7 +37,7 @@ def engine_cache(tmp_path, monkeypatch):
 
 
 def test_engine_is_exported_once_then_read_from_disk_and_checked(tmp_path, monkeypatch):
-    import mrlcache.engine as engine_mod
+    import mrlcache.export.engine as engine_mod
 
     backbone = load_backbone("b0", random_init=True, seed=3)
     notes = []
@@ -48,8 +48,8 @@ def test_engine_is_exported_once_then_read_from_disk_and_checked(tmp_path, monke
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
-    real_export = engine_mod._export_onnx
-    monkeypatch.setattr(engine_mod, "_export_onnx", no_export)
+    real_export = engine_mod._export
+    monkeypatch.setattr(engine_mod, "_export", no_export)
     second = engine_mod.OnnxBackbone(backbone, cache_dir=tmp_path / "c", spin=False, log=notes.append)
     wave = 0.1 * torch.randn(2, 9000, generator=torch.Generator().manual_seed(5))
     assert np.array_equal(first.pooled(wave).numpy(), second.pooled(wave).numpy()) and not notes
@@ -57,7 +57,7 @@ def test_engine_is_exported_once_then_read_from_disk_and_checked(tmp_path, monke
     # A damaged file does not match its record: exported again, and said so.
     onnx_file = next((tmp_path / "c").glob("*.onnx"))
     onnx_file.write_bytes(onnx_file.read_bytes()[:-10] + b"0123456789")
-    monkeypatch.setattr(engine_mod, "_export_onnx", real_export)
+    monkeypatch.setattr(engine_mod, "_export", real_export)
     engine_mod.OnnxBackbone(backbone, cache_dir=tmp_path / "c", log=notes.append)
     assert len(notes) == 1 and "does not match" in notes[0]
     # Other weights: another key, another file.
@@ -68,7 +68,7 @@ def test_engine_is_exported_once_then_read_from_disk_and_checked(tmp_path, monke
 
 
 def test_onnx_backbone_pooled_equals_torch_at_two_lengths_and_batches():
-    from mrlcache.engine import OnnxBackbone
+    from mrlcache.export import OnnxBackbone
 
     backbone = load_backbone("b0", random_init=True, seed=3)
     engine = OnnxBackbone(backbone)
@@ -95,8 +95,8 @@ def test_extract_and_embed_with_onnxruntime_equal_the_torch_engine(tmp_path):
     result = run("extract", *common, "--out", tmp_path / "ort")
     assert result.exit_code != 0 and "engine" in result.output
 
-    from mrlcache.fit.heads import MatryoshkaHead
-    from mrlcache.model import save_model
+    from mrlcache.models.matryoshka import MatryoshkaHead
+    from mrlcache.models.model import save_model
 
     torch.manual_seed(0)
     backbone = load_backbone(str(tmp_path / "torch" / "backbone.pt"))

@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from mrlcache import cache as cache_mod
+from mrlcache import load_model
 from mrlcache.cache import CacheWriter
 from mrlcache.cli.export_vectors import export_vectors
 from mrlcache.cli.import_vectors import import_vectors
@@ -81,8 +82,8 @@ def test_round_trip_cache_export_import_is_identical(tmp_path, fmt, out, back):
 
 @pytest.mark.slow
 def test_export_through_a_head_writes_kaldi_vectors_of_that_dim(tmp_path):
-    from mrlcache.fit.heads import MatryoshkaHead
-    from mrlcache.model import save_model
+    from mrlcache.models.matryoshka import MatryoshkaHead
+    from mrlcache.models.model import save_model
 
     src, x = source_cache(tmp_path)
     torch.manual_seed(1)
@@ -208,4 +209,5 @@ def test_a_head_on_imported_layer_stacks(tmp_path):
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert np.mean(list(history[-1]["loss"].values())) < 0.8 * np.mean(list(history[0]["loss"].values()))
     model = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    assert model["backbone"] is None and list(model["inputs"]) == ["layers"]  # head-only, on the layer stream
+    assert model["backbone"] is None and [g["streams"] for g in model["streams"]["groups"]] == [["layers"]]
+    assert load_model(tmp_path / "run" / "model.pt").inputs == ("layers",)  # head-only, on the layer stream

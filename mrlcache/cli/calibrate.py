@@ -43,6 +43,11 @@ def _parse_dims(text, model_dims) -> list[int]:
     return dims
 
 
+def _beside(out, suffix: str) -> Path:
+    """The side file of ``--out X.json``: X.options.yaml, X.trials.txt."""
+    return Path(out).with_name(Path(out).stem + suffix)
+
+
 def _write_trials(trials, path: Path) -> None:
     from mrlcache.runtime import atomic_write
 
@@ -97,12 +102,18 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
     if asnorm_cohort and snorm_cohort:
         _fail("give at most one of --asnorm-cohort and --snorm-cohort")
 
+    from mrlcache.paths import check_output
+
+    inputs = [model_path, trials_path]
+    for path in (out_path, _beside(out_path, ".options.yaml"), make_trials and _beside(out_path, ".trials.txt")):
+        check_output(path or None, inputs)
+
     import numpy as np
 
     from mrlcache import evaluate as ev
     from mrlcache import metrics, scoring
     from mrlcache.calibration import CalibrationError, fit_calibration, make_calibration_trials
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
     from mrlcache.runtime import sha256_file
     from mrlcache.trials import TrialsError, read_trials
 
@@ -128,7 +139,7 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
             trials = make_calibration_trials(cache.utterances, cache.speakers, make_trials, seed)
         except CalibrationError as err:
             _fail(f"--make-trials {make_trials} on {cache_dir}: {err}")
-        trials_path = out.with_name(out.stem + ".trials.txt")
+        trials_path = _beside(out, ".trials.txt")
         _write_trials(trials, trials_path)
         source = {"made": make_trials, "seed": seed, "file": str(trials_path)}
     else:
@@ -178,7 +189,7 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
     cal.to_json(out)
     if attach:
         cal.to_json(Path(model_path).with_name(Path(model_path).stem + ".calibration.json"))
-    write_resolved(ctx, out.with_name(out.stem + ".options.yaml"))
+    write_resolved(ctx, _beside(out, ".options.yaml"))
     _print_table(cal, f"{out}: {trials.n_target} target / {trials.n_nontarget} non-target calibration trials, "
                       f"prior {prior}")
 

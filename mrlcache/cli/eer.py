@@ -174,10 +174,17 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
         except ImportError:
             _fail("--plot needs matplotlib, which is not installed: pip install 'mrlcache[plot]'")
 
+    from mrlcache.paths import check_output
+
+    inputs = [model_path, trials_path, calibration_path]
+    check_output(json_out, inputs, "--json")
+    if json_out is not None:
+        check_output(Path(json_out).with_name(Path(json_out).stem + ".options.yaml"), inputs, "--json")
+    check_output(plot_out, inputs, "--plot")
     check_device(device)
     from mrlcache import evaluate as ev
     from mrlcache import metrics, scoring
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
     from mrlcache.trials import TrialsError, read_trials
 
     try:
@@ -276,7 +283,9 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
         if calibration_path:
             report["calibration"] = {"file": str(calibration_path), "system": "mrl", "p_targets": [0.01, 0.05],
                                      "c_miss": 1.0, "c_fa": 1.0, "cllr_unit": "bits"}
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        from mrlcache.runtime import atomic_write
+
+        atomic_write(json_out, json.dumps(report, indent=2) + "\n")
         write_resolved(ctx, Path(json_out).with_name(Path(json_out).stem + ".options.yaml"))
     if plot_out is not None:
         _plot(results, plot_out, title)

@@ -13,7 +13,9 @@ and ``--format npz`` one ``OUT.npz`` (``ids``, ``vectors``), through
 :func:`mrlcache.interop.write_vectors`. Nothing is written outside DIR
 (an id such as ``../x.wav`` is refused) and no two inputs share an output file (``x.wav``
 and ``x.flac``); existing outputs are kept unless ``--overwrite``: all are checked before
-any file is decoded.
+any file is decoded. A folder output is built aside and replaces the old folder whole (only
+a folder embed wrote, with its ``ids.txt``), so no earlier run's files stay beside the new
+ones; no output may be an input or hold one (:func:`mrlcache.paths.check_output`).
 
 A file too short for the model's frames (``mrlcache.audio.MIN_SAMPLES``) or unreadable
 stops the run with its name; digital silence is embedded with a warning.
@@ -104,7 +106,7 @@ def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, d
     from rich.progress import Progress
 
     from mrlcache.audio import SAMPLE_RATE, SILENCE_PEAK, AudioError, check_length, load_audio, peak
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
     from mrlcache.streams import windows
 
     try:
@@ -119,8 +121,8 @@ def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, d
         raise click.ClickException(f"{model_path} was fitted head-only (no backbone): it cannot embed audio")
     pooled_by = None  # the torch model computes everything unless --engine onnxruntime
     if engine == "onnxruntime":
-        from mrlcache.engine import OnnxBackbone
         from mrlcache.export import ExportError
+        from mrlcache.export.engine import OnnxBackbone
 
         if model.inputs != ("pooled",) or model.backbone is None or torch.device(device).type != "cpu":
             raise click.ClickException("--engine onnxruntime runs a pooled-vector model with its backbone on the "
@@ -132,12 +134,18 @@ def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, d
     items = _inputs(inputs)
     out = Path(out)
     from mrlcache.interop import InteropError, output_paths, write_vectors
+    from mrlcache.paths import check_output
 
+    targets = None if out.suffix == ".npy" or fmt != "npy" else _targets(out, [u for u, _ in items])
+    for path in output_paths(fmt, out):  # checked before any file is decoded
+        check_output(path, [model_path, *inputs, *(p for _, p in items)], folder=targets is not None)
     there = [str(p) for p in output_paths(fmt, out) if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
-    if there and not overwrite:  # checked before any file is decoded
+    if there and not overwrite:
         raise click.ClickException(f"--out: {', '.join(there)} already exist; use --overwrite or another --out")
+    if there and targets is not None and not (out / "ids.txt").is_file():
+        raise click.ClickException(f"--out {out}: a folder not written by 'mrlcache embed' (no ids.txt); "
+                                   f"--overwrite replaces only those: choose another --out")
     ids = [u for u, _ in items]
-    targets = None if out.suffix == ".npy" or fmt != "npy" else _targets(out, ids)
     limit = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
     vectors = np.empty((len(items), dim), dtype=np.float32)
     with Progress(console=Console(stderr=True), transient=True) as progress:
@@ -165,11 +173,22 @@ def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, d
         except InteropError as err:
             raise click.ClickException(str(err)) from None
         write_resolved(ctx, Path(written[0]).with_name(Path(written[0]).stem + ".options.yaml"))
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        for target, vector in zip(targets, vectors):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            np.save(target, vector)
-        (out / "ids.txt").write_text("\n".join(ids) + "\n")
-        write_resolved(ctx, out / "options.yaml")
+    else:  # the folder is built aside and replaces the old one whole: no earlier run's files stay
+        from mrlcache.runtime import publish_dir, temp_dir
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir(out)
+        try:
+            for target, vector in zip(targets, vectors):
+                target = tmp / target.relative_to(out)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                np.save(target, vector)
+            (tmp / "ids.txt").write_text("\n".join(ids) + "\n")
+            write_resolved(ctx, tmp / "options.yaml")
+            publish_dir(tmp, out)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     click.echo(f"{len(ids)} embeddings of dim {dim} -> {out}", err=True)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import click
 
+from mrlcache.export.formats import FORMATS
+
 
 @click.command("export")
 @click.argument("model_path", metavar="RUN/model.pt", type=click.Path(exists=True, dir_okay=False))
-@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]),
+@click.option("--format", "fmt", required=True, type=click.Choice(list(FORMATS)),
               help="onnx (run with onnxruntime) or torchscript (torch.jit.load).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write, e.g. model.onnx.")
 @click.option("--dims", default=None, help="Sizes to export, comma-separated (default every trained size).")
@@ -24,7 +26,7 @@ import click
 def export(model_path, fmt, out, dims, opset, verify):
     """Write RUN/model.pt as an ONNX or TorchScript file."""
     from mrlcache.export import TOLERANCE, ExportError, export_model, verify_export
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
 
     try:
         dims_t = None if dims is None else [int(d) for d in dims.split(",") if d.strip()]
@@ -32,6 +34,9 @@ def export(model_path, fmt, out, dims, opset, verify):
         raise click.BadParameter(f"{dims!r}: expected comma-separated integers, e.g. 64,128", param_hint="--dims") from None
     if opset is not None and fmt != "onnx":
         raise click.BadParameter("only ONNX files have an opset; drop --opset for torchscript", param_hint="--opset")
+    from mrlcache.paths import check_output
+
+    check_output(out, [model_path])
     try:
         model = load_model(model_path)
         path = export_model(model, out, format=fmt, dims=dims_t, opset=opset)

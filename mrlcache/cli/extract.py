@@ -1,19 +1,13 @@
 """``mrlcache extract``: the frozen backbone over a corpus, once, into a feature cache."""
 
-import os
 from pathlib import Path
 
 import click
 
+from mrlcache.backbone.registry import backbone_names
 from mrlcache.cli.options import CAP, COUNT, SECONDS, SEED, WORKERS, check_device, window_option
 from mrlcache.config import config_option, write_resolved
-
-
-def dist_env() -> tuple[int, int, bool]:
-    """(rank, world_size, launched_by_torchrun) from the torchrun environment variables."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "MASTER_ADDR" in os.environ
-    return 0, 1, False
+from mrlcache.distributed import env as dist_env
 
 
 def load_utterances(data, list_file, utt2spk):
@@ -29,19 +23,27 @@ def load_utterances(data, list_file, utt2spk):
     return corpus.read_list(list_file)
 
 
-def load_weights(variant, weights, random_init, seed, train_type, dataset):
-    """The backbone and a description of where its weights come from."""
+def load_weights(variant, weights, random_init, seed, train_type, dataset, backbone=None):
+    """The backbone and a description of where its weights come from.
+
+    ``backbone``: the encoder (registry name); None: told by the weights file, ReDimNet for
+    a variant name. With ``random_init``, ``variant`` names one of its configurations.
+    """
     from mrlcache.backbone.loading import load_backbone
+    from mrlcache.backbone.registry import config_names
 
     if random_init:
         if not variant or weights:
-            raise click.UsageError("--random-init needs --variant NAME (and no --weights)")
-        return load_backbone(variant, random_init=True, seed=seed), f"random-init:{variant}:seed={seed}"
+            names = ", ".join(config_names(backbone or "redimnet"))
+            raise click.UsageError(f"--random-init needs --variant NAME ({names}) and no --weights")
+        return (load_backbone(variant, backbone=backbone, random_init=True, seed=seed),
+                f"random-init:{variant}:seed={seed}")
     if bool(variant) == bool(weights):
         raise click.UsageError("give exactly one of --variant NAME, --weights PATH (or --random-init --variant NAME)")
     if weights:
-        return load_backbone(weights), str(Path(weights).resolve())
-    return load_backbone(variant, train_type=train_type, dataset=dataset), f"{variant}-{dataset}-{train_type}"
+        return load_backbone(weights, backbone=backbone), str(Path(weights).resolve())
+    return (load_backbone(variant, backbone=backbone, train_type=train_type, dataset=dataset),
+            f"{variant}-{dataset}-{train_type}")
 
 
 @click.command()
@@ -51,10 +53,14 @@ def load_weights(variant, weights, random_init, seed, train_type, dataset):
 @click.option("--utt2spk", type=click.Path(exists=True, dir_okay=False), help="Kaldi utt2spk; makes --list a wav.scp.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory.")
 @click.option("--format", "backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
-@click.option("--variant", help="Published ReDimNet: b0..b6, S, M (downloaded once).")
+@click.option("--backbone", "backbone_name", type=click.Choice(backbone_names()), default=None,
+              help="Frozen encoder [default: told by --weights; redimnet for --variant].")
+@click.option("--variant", help="Published ReDimNet: b0..b6, S, M (downloaded once); with --random-init, a "
+                                "configuration of --backbone (ecapa-tdnn: c1024, c512; campplus: e192, e512).")
 @click.option("--train-type", default="ptn", show_default=True, help="Published file: ptn, ft_lm, ft_mix.")
 @click.option("--dataset", default="vox2", show_default=True, help="Published file's training data.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local published-format checkpoint.")
+@click.option("--weights", type=click.Path(exists=True), help="Local weights: a ReDimNet checkpoint, a SpeechBrain "
+              "ECAPA-TDNN folder (or its embedding_model.ckpt), a 3D-Speaker CAM++ state dict.")
 @click.option("--random-init", is_flag=True, help="Random backbone (and --ptm) from --seed (the ReDimNet saved as OUT/backbone.pt).")
 @click.option("--mode", type=click.Choice(["train", "eval"]), default="train", show_default=True)
 @click.option("--views", type=COUNT, default=4, show_default=True, help="Train mode: crops per utterance (view 0 clean).")
@@ -89,7 +95,7 @@ def load_weights(variant, weights, random_init, seed, train_type, dataset):
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, dataset, weights, random_init, mode,
+def extract(ctx, data, list_file, utt2spk, out, backend, backbone_name, variant, train_type, dataset, weights, random_init, mode,
             views, crop_seconds, max_seconds, window_seconds, min_seconds, noise_dir, rir_dir, speed_perturb, seed, shard_size,
             dtype, batch_size, workers, threads, device, precision, rank, world_size, streams, layers_pooled, ptm,
             ptm_weights, engine, overwrite, quiet):
@@ -146,7 +152,7 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
 
             ptm_model = load_ptm(ptm, weights=ptm_weights, random_init=random_init and not ptm_weights, seed=seed)
         if cfg.needs_redimnet or variant or weights:
-            model, source = load_weights(variant, weights, random_init, seed, train_type, dataset)
+            model, source = load_weights(variant, weights, random_init, seed, train_type, dataset, backbone_name)
         else:
             model, source = None, None
         if torchrun and world_size > 1 and overwrite:
@@ -163,6 +169,13 @@ def extract(ctx, data, list_file, utt2spk, out, backend, variant, train_type, da
             described += f", streams {','.join(cfg.stream_names)}"
         console.print(f"extract: {len(utterances)} utterances, {described}, "
                       f"mode {mode}, views {cfg.views}, rank {rank}/{world_size} -> {out}")
+        from mrlcache.extract.run import check_layers_source
+        from mrlcache.extract.sizes import describe, projected_sizes
+
+        check_layers_source(model, cfg, ptm_model)
+        sizes = projected_sizes(utterances, cfg, model, ptm_model)
+        console.print(f"projected cache size: {describe(sizes)} (total {sum(sizes.values()) / 1e9:.3g} GB)",
+                      soft_wrap=True, markup=False, highlight=False)
         summary = run_extract(
             utterances, model, out, cfg, backend=backend, overwrite=overwrite, rank=rank, world_size=world_size,
             weights_source=source or "", save_backbone=random_init and model is not None, barrier=barrier,

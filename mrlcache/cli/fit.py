@@ -13,8 +13,9 @@ import click
 from mrlcache.cli.options import verify_option
 from mrlcache.config import CommaList, config_option
 from mrlcache.fit.config import CHOICES, EndToEndConfig, FitConfig
+from mrlcache.models import FUSIONS
 
-FUSION_NAMES = ("concat", "cross-attention", "gating")  # mrlcache.fit.heads.fusion.FUSIONS (no torch here)
+FUSION_NAMES = tuple(FUSIONS)  # the registry (mrlcache.models imports no torch)
 
 # Flags that switch off a dataclass option that is on by default: flag -> field.
 INVERTED = {"no_embed_backbone": "embed_backbone", "quiet": "progress"}
@@ -70,7 +71,7 @@ OPTIONS = [
     click.option("--cache", type=click.Path(file_okay=False), help="Feature cache from 'mrlcache extract'."),
     fit_option("dims", "Nested sizes, increasing; '256' alone: a fixed-size head."),
     click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory."),
-    fit_option("head", "Head, by name (mrlcache.fit.heads.HEADS): mrl (BN + linear over a pooled input; "
+    fit_option("head", "Head, by name (mrlcache.models.HEADS): mrl (BN + linear over a pooled input; "
                        "frames are mean+std pooled first) or ecapa (ECAPA-TDNN over frames)."),
     fit_option("inputs", "Cached streams the head reads, e.g. pooled | layers | fbank,f0 | layers,fbank,f0.",
                type=CommaList()),
@@ -122,12 +123,14 @@ OPTIONS = [
     fit_option("memory_gb", "Memory for features; beyond it they are streamed [default: half the free memory].",
                type=float),
     click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads [default: torch's]."),
-    fit_option("weights", "Backbone file (when the cache does not carry it; end to end: the backbone).",
-               type=click.Path(exists=True, dir_okay=False)),
+    fit_option("weights", "Backbone file or model folder (when the cache does not carry it; end to end: the "
+               "backbone).", type=click.Path(exists=True)),
     fit_option("no_embed_backbone", "model.pt refers to the backbone by name/path + SHA-256 instead of holding it."),
     fit_option("head_only", "model.pt without any backbone (vectors of unknown origin)."),
     click.option("--resume", is_flag=True, help="Continue the fit in --out from last.pt."),
     fit_option("quiet", "No progress display."),
+    fit_option("dist_timeout", "Under torchrun: seconds a rank waits for the others (rank 0 validating, a "
+                               "lost rank) before the fit stops with a message."),
     click.option("--end-to-end", is_flag=True, help="Train on audio with the backbone run on the fly."),
     e2e_option("data", "VoxCeleb-style audio tree.", type=DIR),
     e2e_option("variant", "published ReDimNet name (b0..b6, S, M).", type=str),
@@ -184,7 +187,7 @@ def fit(ctx, **params):
     from mrlcache.cache import CacheError
     from mrlcache.fit import FitError, fit_end_to_end
     from mrlcache.fit import fit as run_fit
-    from mrlcache.model import ModelError
+    from mrlcache.models.model import ModelError
     from mrlcache.backbone import CheckpointError
     from mrlcache.trials import TrialsError
 
@@ -240,4 +243,7 @@ def fit(ctx, **params):
             run = run_fit(cache, dims, out, resume=resume, **params)
     except (FitError, ModelError, CacheError, CheckpointError, TrialsError) as err:
         raise click.ClickException(str(err))
-    click.echo(str(Path(run) / "model.pt"))
+    from mrlcache.distributed import env
+
+    if env()[0] == 0:  # under torchrun: rank 0 wrote the run directory
+        click.echo(str(Path(run) / "model.pt"))

@@ -46,7 +46,7 @@ class FitConfig:
     """Every option both modes share; names match the ``mrlcache fit`` options."""
 
     dims: tuple[int, ...] = (64, 128, 192, 256)
-    head: str = "mrl"  # a name in mrlcache.fit.heads.HEADS
+    head: str = "mrl"  # a name in mrlcache.models.HEADS
     inputs: tuple[str, ...] = ("pooled",)  # cached streams the head reads (mrlcache.streams names)
     fusion: str | None = None  # concat | cross-attention | gating: needed when inputs make several encoders
     encoder_dim: int = 256  # width of the layer / handcrafted encoders and of the fusion
@@ -90,10 +90,12 @@ class FitConfig:
     weights: str | None = None  # backbone file (cache mode: when the cache does not carry it)
     head_only: bool = False  # model.pt without a backbone (vectors from no known backbone)
     progress: bool = True
+    dist_timeout: float = 1800.0  # torchrun: seconds a rank waits for the others before the fit stops
 
     def check(self) -> None:
         """Raise FitError for an option value no fit can use."""
-        from mrlcache.fit.heads import HEADS, check_dims
+        from mrlcache.models import HEADS
+        from mrlcache.models.matryoshka import check_dims
 
         try:
             self.dims = check_dims(self.dims)
@@ -124,6 +126,7 @@ class FitConfig:
             "encoder_dim": (lambda v: v >= 1, ">= 1"), "ecapa_channels": (lambda v: v >= 1, ">= 1"),
             "ecapa_scale": (lambda v: v >= 1, ">= 1"), "ecapa_mfa_channels": (lambda v: v >= 1, ">= 1"),
             "ecapa_bottleneck": (lambda v: v >= 1, ">= 1"),
+            "dist_timeout": (lambda v: v > 0, "> 0 (seconds)"),
         })
         if self.dim_weights is not None:
             weights = list(self.dim_weights)
@@ -156,8 +159,8 @@ class FitConfig:
 
     def _check_inputs(self) -> None:
         """--inputs names known streams, once each; --fusion a known fusion (the geometry is
-        checked against the cache by mrlcache.fit.heads.streams)."""
-        from mrlcache.fit.heads.fusion import FUSIONS
+        checked against the cache by mrlcache.models.streams)."""
+        from mrlcache.models import FUSIONS
         from mrlcache.streams import STREAMS
 
         if isinstance(self.inputs, str):
@@ -247,8 +250,10 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
     cfg.check()
     if not end_to_end:
         return cfg, None
-    if tuple(cfg.inputs) != ("pooled",) or cfg.head != "mrl":
-        raise FitError(f"--inputs {','.join(cfg.inputs)} --head {cfg.head}: end to end trains the mrl head on "
+    from mrlcache.models import head_class
+
+    if tuple(cfg.inputs) != ("pooled",) or head_class(cfg.head).reads != "vector":
+        raise FitError(f"--inputs {','.join(cfg.inputs)} --head {cfg.head}: end to end trains a head on "
                        "the pooled vector only; fit other inputs and heads on a cache (--cache)")
     e2e = EndToEndConfig(**{k: v for k, v in options.items() if k in e2e_names})
     e2e.check(cfg.weights)
@@ -262,8 +267,13 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
 
 
 def run_config(cfg, e2e=None, cache_dir=None) -> dict:
-    """The run's one resolved config (config.yaml and last.pt): every option, by mode."""
+    """The run's one resolved config (config.yaml and last.pt): every option, by mode, and the
+    processes (torchrun) with the effective batch: rows per optimiser step over all of them."""
+    from mrlcache import distributed
+
+    accum = e2e.grad_accum if e2e is not None else 1
     return {**cfg.to_dict(), "mode": "end-to-end" if e2e is not None else "cache",
+            "world_size": distributed.world(), "effective_batch": distributed.global_batch(cfg.batch_size) * accum,
             "cache": str(cache_dir) if cache_dir is not None else None,
             "end_to_end": e2e.to_dict() if e2e is not None else None}
 

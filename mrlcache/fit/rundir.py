@@ -2,7 +2,7 @@
 
 Files: ``config.yaml`` (the one resolved config of the run), ``fingerprint.json`` (what it
 was fitted on), ``history.jsonl``, TensorBoard events, ``last.pt`` (resumable),
-``best.pt``, ``model.pt`` (see :mod:`mrlcache.model`), ``summary.json``, ``curves.png``,
+``best.pt``, ``model.pt`` (see :mod:`mrlcache.models.model`), ``summary.json``, ``curves.png``,
 ``model_summary.{json,txt}`` (:mod:`mrlcache.fit.report`); a gating fit also ``gating.{json,png}``;
 end to end also ``skipped.tsv``; and ``.fit.lock``, locked while a fit writes the directory.
 
@@ -13,6 +13,7 @@ in any way (a killed fit leaves no stale lock; the empty file stays).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import fcntl
@@ -23,14 +24,20 @@ from pathlib import Path
 
 import yaml
 
-from mrlcache.fit.config import FitConfig, FitError
+from mrlcache import distributed
+from mrlcache.fit.config import FitConfig, FitError, run_config
 from mrlcache.fit.loop import load_checkpoint
+from mrlcache.fit.validate import split_speakers
+from mrlcache.models.model import save_model
 
 LOCK_NAME = ".fit.lock"
 _HELD: dict[str, int] = {}  # run directories this process has locked -> lock file descriptor
 
 # Options that may change on --resume: they do not change what an epoch computes.
-RESUME_FREE = {"epochs", "patience", "progress", "device", "val_every", "cache", "end_to_end.workers"}
+# batch_size and world_size may change together (resume on another number of ranks): their
+# product (x grad_accum), effective_batch, must not.
+RESUME_FREE = {"epochs", "patience", "progress", "device", "val_every", "cache", "end_to_end.workers",
+               "batch_size", "world_size", "dist_timeout"}
 
 
 def meta_hash(meta: dict) -> str:
@@ -89,13 +96,28 @@ def _flatten(config: dict) -> dict:
     return flat
 
 
-def open_run(out: Path, config: dict, resume: bool, fingerprint: dict) -> tuple[RunLock, bool]:
+def open_run(out: Path, config: dict, resume: bool, fingerprint: dict):
     """Create and lock the run directory and check it; returns (lock, whether to resume).
 
-    The caller releases the lock when the fit ends (``with lock:``).
+    The caller releases the lock when the fit ends (``with lock:``). On N ranks rank 0
+    does this and holds the lock; the others get its answer (or its error) and a no-op lock.
     """
+    held = {}
+
+    def opened():
+        held["lock"], answer = _open_run(out, config, resume, fingerprint)
+        return answer
+
+    resume = distributed.from_main(opened, f"opening {out}")
+    return held.get("lock", contextlib.nullcontext()), resume
+
+
+def _open_run(out: Path, config: dict, resume: bool, fingerprint: dict) -> tuple[RunLock, bool]:
+    from mrlcache.paths import check_run_dir
+
     if resume and not (out / "last.pt").exists():
         raise FitError(f"--resume: {out}/last.pt does not exist; start the fit without --resume")
+    check_run_dir(out)  # never over a cache, a finished run without last.pt, or another program's files
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out).acquire()  # first: a running fit is reported as such
     try:
@@ -113,18 +135,29 @@ def _check_resume(out: Path, config: dict, fingerprint: dict) -> bool:
     if old.get("cache_meta_sha256") != fingerprint["cache_meta_sha256"]:
         raise FitError(f"--resume: {out} was fitted on another cache (metadata hash differs)")
     old_cfg = _flatten(yaml.safe_load((out / "config.yaml").read_text()))
+    # A run from before effective_batch was recorded ran on one process.
+    accum = old_cfg.get("end_to_end.grad_accum") or 1
+    old_cfg.setdefault("effective_batch", old_cfg.get("batch_size", FitConfig.batch_size) * accum)
     # Options that change what an epoch computes must match; epochs/patience may grow.
     # A key a run from before it existed lacks matches when it holds today's default.
     defaults = FitConfig().to_dict()
     changed = sorted(k for k, v in _flatten(config).items() if k not in RESUME_FREE
                      and old_cfg.get(k, defaults.get(k)) != v)
+    if "effective_batch" in changed:
+        ranks = config.get("world_size", 1)
+        raise FitError(f"--resume: {out} trained with an effective batch of {old_cfg['effective_batch']} rows "
+                       f"per step; now {config['effective_batch']} (--batch-size {config['batch_size']} x {ranks} "
+                       f"rank(s)); on {ranks} rank(s) give --batch-size "
+                       f"{old_cfg['effective_batch'] // ranks // (config.get('end_to_end') or {}).get('grad_accum', 1)}")
     if changed:
         raise FitError(f"--resume: options differ from {out}/config.yaml: {', '.join(changed)}")
     return True
 
 
 def write_header(out: Path, config: dict, fingerprint: dict) -> None:
-    """``config.yaml`` (the resolved options) and ``fingerprint.json`` (the inputs)."""
+    """``config.yaml`` (the resolved options) and ``fingerprint.json`` (the inputs); rank 0 only."""
+    if not distributed.is_main():
+        return
     (out / "config.yaml").write_text("# mrlcache fit: resolved options\n" + yaml.safe_dump(config, sort_keys=True))
     (out / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
 
@@ -134,19 +167,31 @@ class SkipLog:
 
     def __init__(self, path: Path, resume: bool):
         self.path, self.reasons = path, {}
+        self.main, self.new = distributed.is_main(), []  # N ranks: rank 0 writes, the others report
         if resume and path.exists():  # a resumed fit knows what it already recorded
             for line in path.read_text().splitlines()[1:]:
                 utt, reason = line.split("\t")[:2]
                 self.reasons[utt] = reason
-        else:
+        elif self.main:
             path.write_text("utt_id\treason\tdetail\n")
 
     def add(self, utt_id: str, reason: str, detail: str) -> None:
         if utt_id in self.reasons:
             return
         self.reasons[utt_id] = reason
-        with open(self.path, "a") as f:
-            f.write(f"{utt_id}\t{reason}\t{' '.join(detail.split())}\n")
+        self.new.append([utt_id, reason, " ".join(detail.split())])
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(f"{utt_id}\t{reason}\t{self.new[-1][2]}\n")
+
+    def sync(self) -> None:
+        """N ranks: every rank learns what the others left out; rank 0 appends those to the file."""
+        if distributed.world() == 1:
+            return
+        for rows in distributed.all_gather_json(self.new, "collecting skipped files"):
+            for utt_id, reason, detail in rows:
+                self.add(utt_id, reason, detail)
+        self.new = []
 
     def by_reason(self) -> dict:
         return {r: list(self.reasons.values()).count(r) for r in sorted(set(self.reasons.values()))}
@@ -154,9 +199,22 @@ class SkipLog:
 
 def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
     """Write model.pt from best.pt, summary.json, curves.png, model_summary.{json,txt}, and
-    print the final table; returns the head with the best weights (on the CPU, eval mode)."""
+    print the final table; returns the head with the best weights (on the CPU, eval mode).
+
+    On N ranks rank 0 writes and the others return None once it has (or raise its error).
+    """
+    held = {}
+
+    def written():
+        held["head"] = _finish(job, result, backbone, backbone_ref, extra_summary)
+        return True
+
+    distributed.from_main(written, "writing the run's files")
+    return held.get("head")
+
+
+def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
     from mrlcache.fit.report import write_curves, write_model_summary
-    from mrlcache.model import save_model
 
     cfg, out = job.cfg, job.out
     best_state = load_checkpoint(out / "best.pt")
@@ -188,3 +246,28 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
             table.add_row(f"raw {job.head.pooled_dim or ''}", f"{100 * extra_summary['raw_eer']:.2f}", "")
         Console(stderr=True).print(table)
     return head.eval()
+
+
+def recorded_sha256(meta: dict) -> str | None:
+    """The SHA-256 of the weights (or imported file) the cache's vectors came from."""
+    from mrlcache.backbone import BackboneRecord
+
+    record = BackboneRecord.from_meta(meta)
+    return record.sha256 if record is not None else None
+
+
+def is_imported(meta: dict) -> bool:
+    """Vectors another toolkit made (``mrlcache import-vectors``): no backbone to embed in model.pt."""
+    return meta.get("mode") == "imported"
+
+
+def split_and_open(cfg, speakers, cache_dir, out: Path, resume: bool, fingerprint: dict):
+    """The held-out speaker split of a cache fit (none with an external validation set) and the
+    locked run directory: (val_names, train_names, labels, config, lock, resume)."""
+    val_names, train_names, labels, n_val = split_speakers(
+        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, f"the cache {cache_dir}")
+    if cfg.val_cache is None:
+        cfg.val_speakers = n_val
+    config = run_config(cfg, cache_dir=cache_dir)
+    lock, resume = open_run(out, config, resume, fingerprint)
+    return val_names, train_names, labels, config, lock, resume
