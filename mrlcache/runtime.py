@@ -80,7 +80,31 @@ def resolve_precision(precision: str, device) -> str:
         return "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise DeviceError("--precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        _warn_once("bf16-cpu", "--precision bf16 on a CPU without native bfloat16 (no avx512_bf16 or AMX): "
+                   "emulated, measured 7.5x slower than fp32 for a ReDimNet b2 forward (benchmarks/README.md); "
+                   "use --precision fp32 on this machine")
     return precision
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """One line on stderr the first time ``key`` is warned about in this process."""
+    import sys
+
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (avx512_bf16 or AMX tiles), as oneDNN needs."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def autocast(device, precision: str):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -189,12 +190,15 @@ def extract(
             if previous:
                 return previous  # nothing to do: keep the numbers of the run that did the work
         if cfg.engine == "onnxruntime":
-            from mrlcache.export import ExportError, OnnxBackbone
+            from mrlcache.export import ExportError
+            from mrlcache.export.engine import OnnxBackbone
 
             if device.type != "cpu":
                 raise ExtractError("--engine onnxruntime runs on the CPU: use --device cpu, or the torch engine")
             try:
-                model = OnnxBackbone(model)  # exported once, in memory; the saved backbone stays torch's
+                # Exported once and kept on disk; the saved backbone stays torch's. Idle threads
+                # sleep when decoding workers share the cores (spinning cost 1.13-1.31x there).
+                model = OnnxBackbone(model, spin=cfg.workers == 0, log=lambda m: print(m, file=sys.stderr))
             except ExportError as err:
                 raise ExtractError(str(err)) from None
         stats = _run(writer, dataset, (model, ptm), cfg, device, precision, todo, rank, progress)
