@@ -68,7 +68,7 @@ def _saved_floats(embed_of, model, loss_fn, probe: dict) -> int:
 def heldout_or_external(cfg, feats, records, labels, speakers, val_names):
     """The validation set: the external cache and trials, or trials among held-out speakers (their rows only)."""
     if cfg.val_cache is not None:
-        return external_valset(cfg.val_cache, cfg.val_trials, cfg.inputs)
+        return external_valset(cfg.val_cache, cfg.val_trials, cfg.inputs, train_meta=feats.cache.meta)
     if not val_names:
         return None
     rows = np.flatnonzero(labels < 0)  # held in the features' dtype, as the training rows
