@@ -29,7 +29,7 @@ from torch import nn
 
 from mrlcache.runtime import atomic_write
 
-FORMATS = ("onnx", "torchscript")
+from mrlcache.names import EXPORT_FORMATS as FORMATS  # noqa: E402 (onnx, torchscript)
 DEFAULT_OPSET = 18
 TOLERANCE = 1e-4  # largest relative error verify_export accepts
 

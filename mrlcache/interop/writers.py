@@ -22,7 +22,7 @@ import numpy as np
 from mrlcache.interop.readers import InteropError, ids_file_for, read_utt2spk, read_vectors, shown, speakers_for
 from mrlcache.runtime import atomic_write, fsync_dir, fsync_tree, sha256_file
 
-FORMATS = ("npy", "kaldi", "npz")
+from mrlcache.names import VECTOR_FORMATS as FORMATS  # noqa: E402 (npy, kaldi, npz)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
