@@ -19,7 +19,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy's generators take any seed in [0, 2**63)
+SEED_MAX = 2**32 - 1  # the usual seed range; torch.manual_seed fails beyond 2**64, numpy below 0
 
 
 class RangeError(ValueError):
@@ -121,8 +121,9 @@ def parse_list(text, range: Range, flag: str, allow_empty: bool = False) -> tupl
         try:
             values.append(range.parse(v))
         except ValueError:
-            kind = "integers" if range.integer else "numbers"
-            raise RangeError(f"{flag} {text}: expected comma-separated {kind}, got {str(v)!r}") from None
+            example = "64,128" if range.integer else "1,0.5"
+            raise RangeError(f"{flag} {text}: {str(v).strip()!r} is not {range.text()}; give comma-separated "
+                             f"values, e.g. {example}") from None
         if not range.ok(values[-1]):
             raise RangeError(f"{flag} {text}: {v} is not {range.text()}")
     return tuple(values)

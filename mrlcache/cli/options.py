@@ -36,11 +36,11 @@ class Number(click.ParamType):
         try:
             number = self.range.parse(value)
         except ValueError:
-            self.fail(f"{value!r} is not {'an integer' if self.range.integer else 'a number'}"
-                      + (f" or '{self.none_word}'" if self.none_word else ""), param, ctx)
+            self.fail(f"{value!r} is not {self.range.text()}"
+                      + (f", nor '{self.none_word}'" if self.none_word else ""), param, ctx)
         if not self.range.ok(number):
             self.fail(f"{value} is not {self.range.text()}"
-                      + (f"; or '{self.none_word}'" if self.none_word else ""), param, ctx)
+                      + (f", nor '{self.none_word}'" if self.none_word else ""), param, ctx)
         return number
 
 
@@ -71,7 +71,7 @@ SEED = Number(ranges.SEED)
 PROBABILITY = Number(ranges.PROBABILITY)  # --prior, --far
 DIMS = NumberList(ranges.COUNT)  # --dims of the commands that score or export a model
 WINDOW = Number(ranges.WINDOW_SECONDS, none_word="none")
-WINDOW_DEFAULT = 300.0  # mrlcache.streams.windows.WINDOW_SECONDS (not imported: torch); a test keeps them equal
+WINDOW_DEFAULT = ranges.DEFAULT_WINDOW_SECONDS  # mrlcache.streams.windows.WINDOW_SECONDS
 WINDOW_HELP = ("Whole utterances longer than this are embedded window by window and the pooled statistics "
                "combined, so memory stays that of one window; 'none': one pass each (memory grows with length).")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from mrlcache.cli.options import window_option
+from mrlcache.cli.options import COUNT, PROBABILITY, window_option
 
 
 def _fail(message: str):
@@ -48,10 +48,10 @@ def _read_pairs(pairs_path: Path, data_dir) -> list[tuple[Path, Path]]:
               help="List of pairs, one 'a.wav b.wav' per line, instead of two FILES.")
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
               help="--pairs: audio root the paths are relative to (default: the list's folder).")
-@click.option("--dim", type=int, default=None, help="Embedding dim to score at; default the model's largest.")
-@click.option("--prior", type=float, default=None,
+@click.option("--dim", type=COUNT, default=None, help="Embedding dim to score at; default the model's largest.")
+@click.option("--prior", type=PROBABILITY, default=None,
               help="Target prior of the Bayes threshold (default 0.01; c_miss = c_fa = 1).")
-@click.option("--far", type=float, default=None,
+@click.option("--far", type=PROBABILITY, default=None,
               help="Threshold at this false-accept rate on the calibration trials instead of --prior.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @window_option
@@ -64,10 +64,6 @@ def verify(model_path, files, pairs_path, data_dir, dim, prior, far, json_out, w
         _fail("--data is the audio root of --pairs; give the two files' paths directly instead")
     if prior is not None and far is not None:
         _fail("give at most one of --prior and --far")
-    if prior is not None and not 0.0 < prior < 1.0:
-        _fail(f"--prior {prior}: must be in (0, 1)")
-    if far is not None and not 0.0 < far < 1.0:
-        _fail(f"--far {far}: must be in (0, 1)")
     pairs = _read_pairs(Path(pairs_path), data_dir) if pairs_path else [(Path(files[0]), Path(files[1]))]
 
     from mrlcache.audio import AudioError, check_wave, load_audio
