@@ -44,8 +44,8 @@ def main():
     import onnxruntime as ort
 
     from mrlcache.export import ExportableModel, export_model
-    from mrlcache.fit.heads import MatryoshkaHead
-    from mrlcache.model import MRLModel
+    from mrlcache.models.matryoshka import MatryoshkaHead
+    from mrlcache.models.model import MRLModel
     from mrlcache.backbone import load_backbone
 
     torch.set_num_threads(args.threads)

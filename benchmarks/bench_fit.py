@@ -49,7 +49,8 @@ def synthetic_cache(out: Path, utts: int, classes: int, dim: int, views: int = 4
 def step_breakdown(pooled_dim: int, classes: int, precision: str, steps: int, class_sample: float = 1.0) -> dict:
     """Median milliseconds per phase of a training step (batch 256, dims 64..256, AAM)."""
     from mrlcache.fit import FitConfig
-    from mrlcache.fit.heads import MatryoshkaHead, MatryoshkaMarginLoss, sample_classes
+    from mrlcache.models.matryoshka import MatryoshkaHead
+    from mrlcache.fit.losses import MatryoshkaMarginLoss, sample_classes
     from mrlcache.fit.optim import make_optimizer, param_groups
 
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ END = "<!-- END GENERATED -->"
 NO_DEFAULT = "—"  # the option is unset unless given; its help says what happens then
 
 # Meanings of the options whose --help says little or nothing, written from the code
-# (mrlcache/cli/*.py, extract.py, fit/, fit/heads/). Keys are (command, parameter name);
+# (mrlcache/cli/*.py, extract.py, fit/, models/). Keys are (command, parameter name);
 # tests/test_docs.py fails on an entry whose parameter no longer exists.
 EXTRA = {
     ("demo", "seed"): "Seed of the corpus, the views, the random backbone and the fit.",

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_backbone": "mrlcache.backbone.loading",
-    "load_model": "mrlcache.model",
+    "load_model": "mrlcache.models.model",
 }
 
 

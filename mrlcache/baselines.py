@@ -21,7 +21,7 @@ def fixed_models(model_path, model) -> dict:
     for a head that does not fit ``model`` (another pooled size, or not one fixed dim D).
     """
     from mrlcache.evaluate import EvaluateError
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
 
     out = {}
     for path in sorted((Path(model_path).parent / "fixed").glob("*/model.pt")):

@@ -157,7 +157,7 @@ def resolved_options(ctx: click.Context) -> dict:
 
 def write_resolved(ctx: click.Context, path: str | Path) -> None:
     """Write the resolved options of the running command as YAML to ``path``."""
-    Path(path).write_text(
-        f"# mrlcache {ctx.command.name}: resolved options\n"
-        + yaml.safe_dump(resolved_options(ctx), sort_keys=True)
-    )
+    from mrlcache.runtime import atomic_write
+
+    atomic_write(path, f"# mrlcache {ctx.command.name}: resolved options\n"
+                 + yaml.safe_dump(resolved_options(ctx), sort_keys=True))

@@ -4,8 +4,8 @@
 than ``window_seconds`` go through the backbone window by window, as in extract), and
 returns the raw prefix of the Matryoshka head output, as ``model(wave, dim)`` gives it:
 L2-normalise before cosine scoring. :func:`audio_inputs` names the files of the inputs
-(folders scanned as speaker trees) and :func:`folder_targets` places one ``.npy`` per file
-under an output folder without leaving it.
+(folders scanned as speaker trees), :func:`folder_targets` places one ``.npy`` per file
+under an output folder without leaving it and :func:`write_folder` writes them.
 """
 
 from __future__ import annotations
@@ -126,6 +126,31 @@ def embed_files(model, paths, dim: int | None = None, *, max_seconds=None, windo
                 vectors[i] = embed(x)[0].cpu().numpy()
             bar.advance(task)
     return vectors
+
+
+def write_folder(out: Path, targets: list[Path], ids: list[str], vectors, extra=None) -> None:
+    """``out/<id>.npy`` per row and ``out/ids.txt``, built aside and put in place of ``out`` whole
+    (no earlier run's files stay beside the new ones); ``extra(folder)`` may add files to it."""
+    import shutil
+
+    import numpy as np
+
+    from mrlcache.runtime import publish_dir, temp_dir
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(out)
+    try:
+        for target, vector in zip(targets, vectors):
+            target = tmp / target.relative_to(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.save(target, vector)
+        (tmp / "ids.txt").write_text("\n".join(ids) + "\n")
+        if extra is not None:
+            extra(tmp)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _printer(bar):

@@ -184,7 +184,7 @@ def export_model(model, path, format: str = "onnx", dims=None, opset: int | None
     """Write ``model`` (an MRLModel) as an ONNX or TorchScript file; returns the path.
 
     Args:
-        model: from :func:`mrlcache.model.load_model` (with or without a backbone).
+        model: from :func:`mrlcache.models.model.load_model` (with or without a backbone).
         path: output file.
         format: "onnx" or "torchscript".
         dims: the sizes to export (default every trained size); the output has

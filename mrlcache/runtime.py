@@ -8,7 +8,10 @@
 - **OpenMP**: passive waiting where decoding workers share the cores with the model.
 - **Files**: every file a reader may open while it is written (cache metadata, shards'
   neighbours, checkpoints, model files) is written aside and renamed into place, so a
-  reader sees the old file or the new one, never half of one.
+  reader sees the old file or the new one, never half of one. The file aside is created
+  exclusively with an unpredictable name (``tempfile.mkstemp`` in the target folder), so
+  a link planted there never redirects a write. Input files are opened by
+  :func:`open_regular`, which refuses a FIFO, device or folder without blocking on it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import contextlib
 import hashlib
 import io
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 # torch is imported inside the functions: passive_openmp must run before torch loads
@@ -121,22 +126,47 @@ def fsync_tree(path) -> None:
             os.close(fd)
 
 
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+TEMP_MARK = ".tmp-"  # temporary files are ".NAME.tmp-XXXXXXXX" (mkstemp's random part)
+
+
+def temp_file(path: Path, mode: int = 0o644) -> tuple[int, Path]:
+    """Create a new empty file beside ``path`` exclusively; returns (open fd, its path).
+
+    ``mkstemp`` uses O_CREAT|O_EXCL with a random name: it never opens an existing file or
+    follows a link planted under the name, unlike the predictable names used before.
+    """
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}")
+    os.fchmod(fd, mode)
+    return fd, Path(name)
+
+
+def temp_dir(path: Path) -> Path:
+    """A new empty folder beside ``path`` (exclusive, random name), to build ``path`` in."""
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published folder is readable like any other
+    return tmp
+
+
+def write_aside(path, data: bytes | str) -> Path:
+    """Write ``data`` to a new temporary file beside ``path`` (fsynced); returns its path."""
+    return _write_aside(Path(path), data)
 
 
 def _write_aside(path: Path, data: bytes | str) -> Path:
-    tmp = _temp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
+    fd, tmp = temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
 
 
 def atomic_write(path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` aside (``.NAME.tmp-PID``), fsync, then rename into place."""
+    """Write ``data`` to ``path`` aside (``.NAME.tmp-XXXXXXXX``), fsync, then rename into place."""
     path = Path(path)
     tmp = _write_aside(path, data)
     try:
@@ -145,6 +175,39 @@ def atomic_write(path, data: bytes | str) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def publish_files(index: tuple[Path, Path], sides=()) -> None:
+    """Rename finished temporary files into place so a reader never pairs new and old files.
+
+    ``index`` is (temporary, final) of the file readers open (``X.npy``, ``X.scp``), ``sides``
+    those it refers to (``X.ids.txt``, ``X.ark``). The old index goes first and the new one
+    comes last, so an interrupt at any point leaves either no index or a complete new set,
+    never new vectors beside old ids.
+    """
+    tmp, final = index
+    if final.is_symlink() or final.exists():
+        final.unlink()
+        fsync_dir(final.parent)
+    for side_tmp, side_final in sides:
+        os.replace(side_tmp, side_final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out``; an old ``out`` is removed only after that."""
+    import shutil
+
+    fsync_tree(tmp)
+    old = None
+    if out.is_symlink() or out.exists():
+        old = temp_dir(out)
+        os.replace(out, old / "old")
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def write_exclusive(path, data: bytes | str) -> bool:
@@ -188,3 +251,50 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class PathRefused(OSError):
+    """A path a command refuses to read or write; the message is the whole one-line error."""
+
+
+class NotRegularFileError(PathRefused):
+    """An input that is not a regular file (a FIFO, a device, a folder); reading it could hang."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path, what: str = ""):
+    """Open an input file for binary reading, refusing anything but a regular file.
+
+    Opened non-blocking first, so a FIFO is refused at once instead of waiting for a
+    writer; ``what`` names the option in the message ("--trials").
+
+    Raises:
+        NotRegularFileError: a FIFO, device, socket or folder (an OSError, so commands
+            print it as one line).
+        OSError: missing or unreadable.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            label = f"{what} {path}" if what else str(path)
+            raise NotRegularFileError(f"{label}: is {_kind(mode)}, not a regular file; give a file "
+                                      f"(copy the data to one first)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular(path, what: str = "") -> None:
+    """Refuse ``path`` unless it is a regular file (see :func:`open_regular`); opens nothing that blocks."""
+    with open_regular(path, what):
+        pass

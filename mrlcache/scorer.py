@@ -88,7 +88,7 @@ class Scorer:
                  pca_cache=None, calibration=None, durations: bool = False, device: str = "cpu", log=None):
         from mrlcache import evaluate as ev
         from mrlcache.dims import select_dims
-        from mrlcache.model import load_model
+        from mrlcache.models.model import load_model
 
         self.model_path, self.config, self.device = model_path, config or ScoreConfig(), device
         self.log = log or ev._note

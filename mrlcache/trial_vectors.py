@@ -62,7 +62,7 @@ def open_cache_for(path, model, what: str = "cache", log=_note):
     """Open a cache of pooled vectors for scoring with ``model``; refuse it if another backbone made it.
 
     Args:
-        path: cache directory; model: the :class:`mrlcache.model.MRLModel` to score with;
+        path: cache directory; model: the :class:`mrlcache.models.model.MRLModel` to score with;
         what: how to name the cache in messages; log: callable for a warning line.
     Returns:
         the opened cache. Raises EvaluateError on other weights or another pooled size.

@@ -20,8 +20,8 @@ from mrlcache import metrics
 from mrlcache.calibration import Calibration
 from mrlcache.cli import main
 from mrlcache.corpus import Utterance
-from mrlcache.fit.heads import MatryoshkaHead
-from mrlcache.model import load_model, save_model
+from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.models.model import load_model, save_model
 
 P, DIMS = 32, [8, 16]
 

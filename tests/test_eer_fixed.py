@@ -17,7 +17,7 @@ from mrlcache import metrics  # noqa: E402
 from mrlcache.cli import main  # noqa: E402
 from mrlcache.corpus import Utterance  # noqa: E402
 from mrlcache.fit import fit  # noqa: E402
-from mrlcache.model import load_model  # noqa: E402
+from mrlcache.models.model import load_model  # noqa: E402
 from mrlcache.trials import read_trials  # noqa: E402
 
 DIMS = (4, 8, 16)

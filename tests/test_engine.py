@@ -57,8 +57,8 @@ def test_extract_and_embed_with_onnxruntime_equal_the_torch_engine(tmp_path):
     result = run("extract", *common, "--out", tmp_path / "ort")
     assert result.exit_code != 0 and "engine" in result.output
 
-    from mrlcache.fit.heads import MatryoshkaHead
-    from mrlcache.model import save_model
+    from mrlcache.models.matryoshka import MatryoshkaHead
+    from mrlcache.models.model import save_model
 
     torch.manual_seed(0)
     backbone = load_backbone(str(tmp_path / "torch" / "backbone.pt"))

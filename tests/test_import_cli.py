@@ -81,8 +81,8 @@ def test_round_trip_cache_export_import_is_identical(tmp_path, fmt, out, back):
 
 @pytest.mark.slow
 def test_export_through_a_head_writes_kaldi_vectors_of_that_dim(tmp_path):
-    from mrlcache.fit.heads import MatryoshkaHead
-    from mrlcache.model import save_model
+    from mrlcache.models.matryoshka import MatryoshkaHead
+    from mrlcache.models.model import save_model
 
     src, x = source_cache(tmp_path)
     torch.manual_seed(1)

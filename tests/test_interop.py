@@ -344,8 +344,8 @@ def test_speakers_with_spaces_go_to_npz_and_are_named_where_utt2spk_cannot_hold_
 
 
 def _head_model(tmp_path, pooled_dim=6, dims=(2, 4)):
-    from mrlcache.fit.heads import MatryoshkaHead
-    from mrlcache.model import load_model, save_model
+    from mrlcache.models.matryoshka import MatryoshkaHead
+    from mrlcache.models.model import load_model, save_model
 
     torch.manual_seed(0)
     head = MatryoshkaHead(pooled_dim, list(dims))

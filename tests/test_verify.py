@@ -20,8 +20,8 @@ from mrlcache.audio import load_audio
 from mrlcache.backbone import load_backbone
 from mrlcache.calibration import fit_calibration
 from mrlcache.cli import main
-from mrlcache.fit.heads import MatryoshkaHead
-from mrlcache.model import ModelError, calibration_path, load_model, save_model
+from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.models.model import ModelError, calibration_path, load_model, save_model
 from mrlcache.runtime import sha256_file
 from mrlcache.demo.synth import make_corpus
 

@@ -425,7 +425,7 @@ def _ours(name: str) -> bool:
     """True for the names a cache directory holds (including writers' temporary files)."""
     files = "|".join(re.escape(f) for f in (META_FILE, MANIFEST_FILE, SKIPPED_FILE))
     return name in (META_FILE, MANIFEST_FILE, SKIPPED_FILE, SHARDS_DIR, LOCKS_DIR) or re.match(
-        rf"^\.({files})\.tmp-\d+$", name
+        rf"^\.({files})\.tmp-[A-Za-z0-9_]+$", name
     ) is not None
 
 

@@ -16,6 +16,7 @@ import click
 
 from mrlcache.cli.options import DIMS, PROBABILITY, SEED, COUNT, score_config, score_options, verify_option
 from mrlcache.config import config_option, write_resolved
+from mrlcache.paths import check_output
 
 # The published VoxCeleb1 evaluation lists (and WeSpeaker's Kaldi versions of them).
 EVAL_LISTS = ("veri_test.txt", "veri_test2.txt", "list_test_all.txt", "list_test_all2.txt",
@@ -70,10 +71,14 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
             _fail(f"--trials {trials_path} is a VoxCeleb evaluation list: calibrating on it makes its Cllr "
                   f"meaningless; use trials of training speakers (--make-trials N on a training cache)")
     config = score_config(score)
+    inputs = [model_path, trials_path]
+    for path in (out_path, _beside(out_path, ".options.yaml"), make_trials and _beside(out_path, ".trials.txt")):
+        check_output(path or None, inputs)
+
     from mrlcache import evaluate as ev
     from mrlcache import metrics, scoring
     from mrlcache.calibration import CalibrationError, fit_calibration
-    from mrlcache.model import ModelError
+    from mrlcache.models.model import ModelError
     from mrlcache.ranges import RangeError
     from mrlcache.runtime import sha256_file
     from mrlcache.scorer import Scorer
@@ -99,7 +104,7 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
     cal.to_json(out)
     if attach:
         cal.to_json(Path(model_path).with_name(Path(model_path).stem + ".calibration.json"))
-    write_resolved(ctx, out.with_name(out.stem + ".options.yaml"))
+    write_resolved(ctx, _beside(out, ".options.yaml"))
     _print_table(cal, f"{out}: {trials.n_target} target / {trials.n_nontarget} non-target calibration trials, "
                       f"prior {prior}")
 
@@ -119,9 +124,14 @@ def _trials(cache, cache_dir, trials_path, make_trials, seed, out: Path):
         trials = make_calibration_trials(cache.utterances, cache.speakers, make_trials, seed)
     except CalibrationError as err:
         _fail(f"--make-trials {make_trials} on {cache_dir}: {err}")
-    path = out.with_name(out.stem + ".trials.txt")
+    path = _beside(out, ".trials.txt")
     _write_trials(trials, path)
     return trials, {"made": make_trials, "seed": seed, "file": str(path)}
+
+
+def _beside(out, suffix: str) -> Path:
+    """The side file of ``--out X.json``: X.options.yaml, X.trials.txt."""
+    return Path(out).with_name(Path(out).stem + suffix)
 
 
 def _write_trials(trials, path: Path) -> None:

@@ -18,6 +18,8 @@ import click
 from mrlcache import names
 from mrlcache.cli.options import CAP, DIMS, check_device, check_plot, score_config, score_options, verify_option, window_option
 from mrlcache.config import config_option, write_resolved
+from mrlcache.paths import check_output
+from mrlcache.runtime import atomic_write
 
 
 def _fail(message: str):
@@ -118,6 +120,10 @@ def eer(ctx, **params):
         _fail("give exactly one of --cache (eval cache of the trial audio) or --data (audio root)")
     config = score_config(params)
     check_plot(p["plot_out"])
+    inputs = [p["model_path"], p["trials_path"], p["calibration_path"]]
+    for what, path in (("--json", p["json_out"]), ("--json", _beside(p["json_out"], ".options.yaml")),
+                       ("--plot", p["plot_out"])):
+        check_output(path, inputs, what)
     check_device(p["device"])
     from mrlcache.scorer import Scorer
 
@@ -142,9 +148,14 @@ def eer(ctx, **params):
     _print_table(results, title, ratios)
     if p["json_out"] is not None:
         _write_json(p["json_out"], p["trials_path"], vectors, results, ratios, p["calibration_path"])
-        write_resolved(ctx, Path(p["json_out"]).with_name(Path(p["json_out"]).stem + ".options.yaml"))
+        write_resolved(ctx, _beside(p["json_out"], ".options.yaml"))
     if p["plot_out"] is not None:
         _plot(results, p["plot_out"], title)
+
+
+def _beside(out, suffix: str) -> Path | None:
+    """The side file of ``--json X.json``: X.options.yaml."""
+    return out and Path(out).with_name(Path(out).stem + suffix)
 
 
 def _read_trials(path):
@@ -166,7 +177,7 @@ def _one_line(trials_path):
     """The library's refusals as one line each (a scoring failure names the trial list)."""
     from mrlcache import metrics, scoring
     from mrlcache.evaluate import EvaluateError, MissingUtterancesError
-    from mrlcache.model import ModelError
+    from mrlcache.models.model import ModelError
     from mrlcache.ranges import RangeError
     from mrlcache.trials import TrialsError
 
@@ -195,4 +206,4 @@ def _write_json(path, trials_path, vectors, results, ratios, calibration_path):
     if calibration_path:
         report["calibration"] = {"file": str(calibration_path), "system": "mrl", "p_targets": [0.01, 0.05],
                                  "c_miss": 1.0, "c_fa": 1.0, "cllr_unit": "bits"}
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(path, json.dumps(report, indent=2) + "\n")

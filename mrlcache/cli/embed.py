@@ -13,7 +13,9 @@ and ``--format npz`` one ``OUT.npz`` (``ids``, ``vectors``), through
 :func:`mrlcache.interop.write_vectors`. Nothing is written outside DIR
 (an id such as ``../x.wav`` is refused) and no two inputs share an output file (``x.wav``
 and ``x.flac``); existing outputs are kept unless ``--overwrite``: all are checked before
-any file is decoded.
+any file is decoded. A folder output is built aside and replaces the old folder whole (only
+a folder embed wrote, with its ``ids.txt``), so no earlier run's files stay beside the new
+ones; no output may be an input or hold one (:func:`mrlcache.paths.check_output`).
 
 A file too short for the model's frames (``mrlcache.audio.MIN_SAMPLES``) or unreadable
 stops the run with its name; digital silence is embedded with a warning.
@@ -50,11 +52,11 @@ from mrlcache.config import config_option, write_resolved
 def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, device, engine, overwrite):
     """Write embeddings of audio FILES or folders (scanned as SPEAKER/.../FILE trees)."""
     check_device(device)
-    import numpy as np
 
-    from mrlcache.embed import EmbedError, audio_inputs, embed_files, embedder, folder_targets
+    from mrlcache.embed import EmbedError, audio_inputs, embed_files, embedder, folder_targets, write_folder
     from mrlcache.interop import InteropError, output_paths, write_vectors
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
+    from mrlcache.paths import check_output
 
     out = Path(out)
     try:
@@ -63,23 +65,23 @@ def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, d
         dim = model.dims[-1] if dim is None else dim
         embed = embedder(model, dim, engine, device, window_seconds, name=model_path)
         items = audio_inputs(inputs)
-        there = [str(p) for p in output_paths(fmt, out) if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
-        if there and not overwrite:  # checked before any file is decoded
-            raise EmbedError(f"--out: {', '.join(there)} already exist; use --overwrite or another --out")
         ids = [u for u, _ in items]
         targets = None if out.suffix == ".npy" or fmt != "npy" else folder_targets(out, ids)
+        for path in output_paths(fmt, out):  # checked before any file is decoded
+            check_output(path, [model_path, *inputs, *(p for _, p in items)], folder=targets is not None)
+        there = [str(p) for p in output_paths(fmt, out) if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
+        if there and not overwrite:
+            raise EmbedError(f"--out: {', '.join(there)} already exist; use --overwrite or another --out")
+        if there and targets is not None and not (out / "ids.txt").is_file():
+            raise EmbedError(f"--out {out}: a folder not written by 'mrlcache embed' (no ids.txt); "
+                             f"--overwrite replaces only those: choose another --out")
         vectors = embed_files(model, [p for _, p in items], dim, max_seconds=max_seconds,
                               window_seconds=window_seconds, device=device, embed=embed)
         if targets is None:  # one file set, written aside and renamed into place
             written = write_vectors(ids, vectors, fmt, out, overwrite=overwrite)
             write_resolved(ctx, Path(written[0]).with_name(Path(written[0]).stem + ".options.yaml"))
+        else:
+            write_folder(out, targets, ids, vectors, extra=lambda folder: write_resolved(ctx, folder / "options.yaml"))
     except (ModelError, EmbedError, InteropError) as err:
         raise click.ClickException(str(err)) from None
-    if targets is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for target, vector in zip(targets, vectors):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            np.save(target, vector)
-        (out / "ids.txt").write_text("\n".join(ids) + "\n")
-        write_resolved(ctx, out / "options.yaml")
     click.echo(f"{len(ids)} embeddings of dim {dim} -> {out}", err=True)

@@ -29,11 +29,14 @@ OPSET = Number(ranges.OPSET)
 def export(model_path, fmt, out, dims, opset, verify):
     """Write RUN/model.pt as an ONNX or TorchScript file."""
     from mrlcache.export import TOLERANCE, ExportError, export_model, verify_export
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
 
     dims_t = None if dims is None else list(dims)
     if opset is not None and fmt != "onnx":
         raise click.BadParameter("only ONNX files have an opset; drop --opset for torchscript", param_hint="--opset")
+    from mrlcache.paths import check_output
+
+    check_output(out, [model_path])
     try:
         model = load_model(model_path)
         path = export_model(model, out, format=fmt, dims=dims_t, opset=opset)

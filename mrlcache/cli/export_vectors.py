@@ -25,8 +25,13 @@ def export_vectors(cache, model_path, dim, fmt, out, view, overwrite):
     from mrlcache.interop import InteropError
     from mrlcache.interop import export_vectors as collect
     from mrlcache.interop import write_vectors
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
 
+    from mrlcache.interop import output_paths
+    from mrlcache.paths import check_output
+
+    for path in output_paths(fmt, out):
+        check_output(path, [cache, model_path], folder=fmt == "npy" and path.suffix != ".npy")
     try:
         model = None if model_path is None else load_model(model_path)
         ids, vectors, speakers = collect(cache, model=model, dim=dim, view=view)

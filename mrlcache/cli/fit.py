@@ -147,7 +147,7 @@ def fit(ctx, **params):
     from mrlcache.cache import CacheError
     from mrlcache.fit import FitError, fit_end_to_end
     from mrlcache.fit import fit as run_fit
-    from mrlcache.model import ModelError
+    from mrlcache.models.model import ModelError
     from mrlcache.backbone import CheckpointError
     from mrlcache.trials import TrialsError
 

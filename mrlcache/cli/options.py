@@ -185,6 +185,10 @@ def check_device(name: str) -> str:
 
 def describe_os_error(err: OSError) -> str:
     """One line for an operating-system failure: the path, what went wrong, what to do."""
+    from mrlcache.runtime import PathRefused
+
+    if isinstance(err, PathRefused):  # a refusal of ours: its message names the path and the fix
+        return str(err)
     path = err.filename if err.filename is not None else None
     if err.filename2 is not None:
         path = f"{err.filename} -> {err.filename2}"

@@ -1,8 +1,6 @@
 """``mrlcache runs``: one table comparing fit run directories."""
 
 import json
-from pathlib import Path
-
 import click
 
 
@@ -28,6 +26,10 @@ def runs(runs, sort, json_path):
     from rich.table import Table
 
     from mrlcache.fit.report import runs_table
+    from mrlcache.paths import check_output
+    from mrlcache.runtime import atomic_write
+
+    check_output(json_path, runs, "--json")  # and a run's own files: check_output knows them
 
     try:
         columns, rows = runs_table(runs, sort=sort)
@@ -41,4 +43,4 @@ def runs(runs, sort, json_path):
         table.add_row(*(_cell(c, r.get(c)) for c in columns))
     Console(width=max(160, 12 * len(columns))).print(table)
     if json_path:
-        Path(json_path).write_text(json.dumps({"sort": sort, "columns": columns, "runs": rows}, indent=2) + "\n")
+        atomic_write(json_path, json.dumps({"sort": sort, "columns": columns, "runs": rows}, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """``mrlcache verify``: is it the same speaker? Cosine, LLR and accept/reject per pair of files.
 
-Thin over :meth:`mrlcache.model.MRLModel.verify`: each file is decoded once and embedded
+Thin over :meth:`mrlcache.models.model.MRLModel.verify`: each file is decoded once and embedded
 once, however many pairs it is in. The LLR and the decision need a calibration attached
 to the model (``mrlcache calibrate ... --attach``); without one only the cosine is printed,
 with a note saying how to make one. Method: docs/metrics.md ("Verify").
@@ -65,10 +65,13 @@ def verify(model_path, files, pairs_path, data_dir, dim, prior, far, json_out, w
     if prior is not None and far is not None:
         _fail("give at most one of --prior and --far")
     pairs = _read_pairs(Path(pairs_path), data_dir) if pairs_path else [(Path(files[0]), Path(files[1]))]
+    from mrlcache.paths import check_output
+
+    check_output(json_out, [model_path, pairs_path, *(p for pair in pairs for p in pair)], "--json")
 
     from mrlcache.audio import AudioError, check_wave, load_audio
     from mrlcache.calibration import CalibrationError
-    from mrlcache.model import ModelError, load_model
+    from mrlcache.models.model import ModelError, load_model
 
     try:
         model = load_model(model_path, device=device)
@@ -105,7 +108,9 @@ def verify(model_path, files, pairs_path, data_dir, dim, prior, far, json_out, w
     _print(results, model.calibration is not None)
     if json_out is not None:
         report = {"model": str(model_path), "calibrated": model.calibration is not None, "pairs": results}
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        from mrlcache.runtime import atomic_write
+
+        atomic_write(json_out, json.dumps(report, indent=2) + "\n")
 
 
 def _print(results, calibrated: bool):

@@ -10,6 +10,7 @@ must do far better. With ``weights`` or ``variant`` the real backbone is used.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,13 +64,42 @@ def demo_commands(out: Path, size: DemoSize, *, seed: int = 0, variant: str = "b
     ]
 
 
+def _inventory(out: Path) -> dict[str, int]:
+    """{relative path: size} of every file and link under ``out`` (links are not followed)."""
+    found = {}
+    for root, dirs, files in os.walk(out):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = Path(root, name)
+            found[path.relative_to(out).as_posix()] = path.lstat().st_size
+    return found
+
+
+def _record(out: Path, record: dict) -> None:
+    from mrlcache.runtime import atomic_write
+
+    atomic_write(out / MARKER, json.dumps(record, indent=2) + "\n")
+
+
 def prepare_out(out: Path) -> None:
-    """Make ``out`` ready: new, empty, or a previous demo (cleared). Anything else is refused."""
+    """Make ``out`` ready: new, empty, or a previous demo (cleared). Anything else is refused.
+
+    A previous demo is deleted only when the demo can prove it wrote all of it: its
+    ``demo.json`` lists every file the demo left (path and size), and nothing else is there.
+    """
     import shutil
 
     if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).exists():
-            raise ValueError(f"{out}: not empty and not a previous demo; choose another --out")
+        try:
+            written = json.loads((out / MARKER).read_text())["files"]
+            assert isinstance(written, dict)
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            raise ValueError(f"{out}: not empty and not a previous demo (no list of the files the demo wrote); "
+                             f"choose another --out") from None
+        foreign = [f for f, size in _inventory(out).items() if f != MARKER and written.get(f) != size]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ValueError(f"{out}: a previous demo, but these files are not the ones it wrote: {shown}; "
+                             f"move them away or choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -86,13 +116,18 @@ def run_demo(out, run: Callable[[list[str]], None], size: DemoSize = FULL, *, se
     out = Path(out).resolve()
     prepare_out(out)
     commands = demo_commands(out, size, seed=seed, variant=variant, weights=weights, random_init=random_init)
-    (out / MARKER).write_text(json.dumps({"size": size.__dict__, "seed": seed, "random_init": random_init,
-                                          "commands": [["mrlcache", *c] for c in commands]}, indent=2) + "\n")
+    record = {"size": size.__dict__, "seed": seed, "random_init": random_init,
+              "commands": [["mrlcache", *c] for c in commands], "files": {}}
+    _record(out, record)
     if random_init and not weights:
         echo("NOTE: the backbone is a randomly initialised ReDimNet b0 (no published weights are downloaded). "
              "Its raw pooled vectors are a random feature extractor; the fitted head must do far better. "
              "Use --weights PATH or --variant NAME for a real backbone.")
-    for args in commands:
-        echo("$ mrlcache " + shlex.join(args))
-        run(args)
+    try:
+        for args in commands:
+            echo("$ mrlcache " + shlex.join(args))
+            run(args)
+    finally:  # also when a step fails or is interrupted: a rerun may then clear what was written
+        record["files"] = {f: n for f, n in _inventory(out).items() if f != MARKER}
+        _record(out, record)
     return json.loads((out / "results.json").read_text())

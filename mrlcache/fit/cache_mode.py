@@ -42,8 +42,11 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         resume: continue the fit in ``out`` from ``last.pt``.
         options: any field of :class:`mrlcache.fit.config.FitConfig`.
     """
+    from mrlcache.paths import check_run_dir
+
     cfg, _ = make_configs(dims, options)
     out = Path(out)
+    check_run_dir(out)  # before the cache is read: refusing must not wait for it
     cache_dir = None
     if isinstance(cache, (str, os.PathLike)):
         from mrlcache import cache as cache_mod

@@ -80,7 +80,7 @@ class FitConfig:
 
     def check(self) -> None:
         """Raise FitError for an option value no fit can use."""
-        from mrlcache.fit.heads import check_dims
+        from mrlcache.models.matryoshka import check_dims
 
         try:
             self.dims = check_dims(self.dims)

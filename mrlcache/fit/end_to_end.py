@@ -23,6 +23,7 @@ from mrlcache.fit.loop import TrainJob, train
 from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
 from mrlcache.fit.rundir import SkipLog, finish, meta_hash, open_run, write_header
 from mrlcache.fit.validate import heldout_valset, split_speakers
+from mrlcache.paths import check_run_dir
 
 
 def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **options) -> Path:
@@ -51,6 +52,7 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **op
 
     cfg, e2e = make_configs(dims, {**options, "data": str(data)}, end_to_end=True)
     out = Path(out)
+    check_run_dir(out)  # before any audio is scanned
     device = device_for(cfg)
     utts = scan_tree(data)
     if not utts:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from mrlcache.fit.data import batch_slices, epoch_generator
-from mrlcache.fit.heads import sample_classes
+from mrlcache.fit.losses import sample_classes
 from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
 from mrlcache.fit.validate import ValSet, validate
 from mrlcache.runtime import atomic_torch_save

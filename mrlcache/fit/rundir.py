@@ -2,7 +2,7 @@
 
 Files: ``config.yaml`` (the one resolved config of the run), ``fingerprint.json`` (what it
 was fitted on), ``history.jsonl``, TensorBoard events, ``last.pt`` (resumable),
-``best.pt``, ``model.pt`` (see :mod:`mrlcache.model`), ``summary.json``, ``curves.png``,
+``best.pt``, ``model.pt`` (see :mod:`mrlcache.models.model`), ``summary.json``, ``curves.png``,
 ``model_summary.{json,txt}`` (:mod:`mrlcache.fit.report`); a gating fit also ``gating.{json,png}``;
 end to end also ``skipped.tsv``; and ``.fit.lock``, locked while a fit writes the directory.
 
@@ -94,8 +94,11 @@ def open_run(out: Path, config: dict, resume: bool, fingerprint: dict) -> tuple[
 
     The caller releases the lock when the fit ends (``with lock:``).
     """
+    from mrlcache.paths import check_run_dir
+
     if resume and not (out / "last.pt").exists():
         raise FitError(f"--resume: {out}/last.pt does not exist; start the fit without --resume")
+    check_run_dir(out)  # never over a cache, a finished run without last.pt, or another program's files
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out).acquire()  # first: a running fit is reported as such
     try:
@@ -156,7 +159,7 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
     """Write model.pt from best.pt, summary.json, curves.png, model_summary.{json,txt}, and
     print the final table; returns the head with the best weights (on the CPU, eval mode)."""
     from mrlcache.fit.report import write_curves, write_model_summary
-    from mrlcache.model import save_model
+    from mrlcache.models.model import save_model
 
     cfg, out = job.cfg, job.out
     best_state = load_checkpoint(out / "best.pt")

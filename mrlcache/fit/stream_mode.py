@@ -3,7 +3,7 @@
 The same loop, losses, schedules, selection, resume and run directory as the pooled fit
 (:mod:`mrlcache.fit.cache_mode`, which hands over here whenever ``--inputs`` is not
 ``pooled`` alone or ``--head`` is not ``mrl``); the model is a
-:class:`~mrlcache.fit.heads.streams.StreamModel`. A gating fit also writes
+:class:`~mrlcache.models.streams.StreamModel`. A gating fit also writes
 ``gating.json`` / ``gating.png`` (:func:`mrlcache.fit.report.write_gating`).
 """
 
@@ -17,7 +17,7 @@ import torch
 from mrlcache.fit.cache_mode import is_imported, recorded_sha256, split_and_open
 from mrlcache.fit.config import FitError, device_for
 from mrlcache.fit.heads import make_loss
-from mrlcache.fit.heads.streams import StreamInputError, StreamModel, head_args, plan_groups
+from mrlcache.models.streams import StreamInputError, StreamModel, head_args, plan_groups
 from mrlcache.fit.loop import feature_job, train
 from mrlcache.fit.rundir import finish, meta_hash, write_header
 from mrlcache.fit.stream_data import StreamFeatures, check_memory, load_streams, stream_info

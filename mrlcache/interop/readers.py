@@ -6,7 +6,8 @@ Every reader returns ``(ids, array, labels)``: ``ids`` a list of N utterance ids
 
 Inputs (by path): ``.npy`` + ids file, ``.npz``, ``.pt``/``.pth`` (loaded with
 ``torch.load(weights_only=True)`` only: a pickle that carries code is refused before
-anything in it runs), Kaldi ``.ark``/``.scp`` (kaldiio), and a folder of one ``.npy`` per
+anything in it runs), Kaldi ``.ark``/``.scp`` (parsed by ``interop/kaldi.py``: no scp
+entry runs a command, no record is unpickled), and a folder of one ``.npy`` per
 utterance (SpeechBrain style; the id is the path relative to the folder without
 ``.npy``). Bad input is refused, naming the offending ids, never dropped.
 """
@@ -293,36 +294,14 @@ def _pt(path: Path, ids_file) -> tuple:
     return ids, _stack(ids, [_numpy(v) for v in obj.values()], str(path)), None
 
 
-def _refuse_piped_entries(path: Path) -> None:
-    """An scp entry kaldiio would hand to a shell (``cmd |``, ``| cmd``) or read from stdin (``-``)."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InteropError(f"{path}: unreadable Kaldi scp ({err})") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        fields = line.strip().split(None, 1)
-        entry = fields[1].strip() if len(fields) == 2 else ""
-        if entry == "-" or entry.startswith("|") or entry.endswith("|"):
-            raise InteropError(
-                f"{path}:{n}: {entry!r} is not a file but a command or stdin, which would run; "
-                f"run it once, write its vectors to an ark and list that"
-            )
-
-
 def _kaldi(path: Path, ids_file) -> tuple:
-    import kaldiio
+    from mrlcache.interop.kaldi import read_ark, read_scp
 
     try:
-        if path.suffix.lower() == ".scp":
-            _refuse_piped_entries(path)
-            table = kaldiio.load_scp(str(path))
-            items = [(k, table[k]) for k in table]
-        else:
-            with open(path, "rb") as f:  # an open file: kaldiio runs a name that starts with '|'
-                items = list(kaldiio.load_ark(f))
+        items = read_scp(path) if path.suffix.lower() == ".scp" else read_ark(path)
     except InteropError:
         raise
-    except Exception as err:  # kaldiio raises ValueError, OSError, struct errors...
+    except Exception as err:  # kaldiio's decoders raise ValueError, AssertionError, struct errors...
         raise InteropError(f"{path}: unreadable Kaldi {path.suffix[1:]} ({type(err).__name__}: {err})") from None
     if not items:
         raise InteropError(f"{path}: no vectors")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mrlcache.interop.readers import InteropError, ids_file_for, read_utt2spk, read_vectors, shown, speakers_for
-from mrlcache.runtime import atomic_write, fsync_dir, fsync_tree, sha256_file
+from mrlcache.runtime import publish_dir, publish_files, sha256_file, temp_dir, temp_file, write_aside
 
 from mrlcache.names import VECTOR_FORMATS as FORMATS  # noqa: E402 (npy, kaldi, npz)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -47,19 +47,12 @@ def source_sha256(path) -> str:
         lines = [f"{f.relative_to(path).as_posix()} {sha256_file(f)}" for f in sorted(path.rglob("*.npy"))]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
     if path.suffix == ".scp":
-        arks = []
-        for line in path.read_text().splitlines():
-            if line.strip():
-                ark = line.split(None, 1)[-1].rsplit(":", 1)[0]
-                if ark not in arks:
-                    arks.append(ark)
-        lines = [sha256_file(path)] + [f"{Path(a).name} {sha256_file(a)}" for a in arks if Path(a).is_file()]
+        from mrlcache.interop.kaldi import parse_scp
+
+        arks = list(dict.fromkeys(e.path for e in parse_scp(path)))  # each ark once, in order
+        lines = [sha256_file(path)] + [f"{Path(a).name} {sha256_file(a)}" for a in arks]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
     return sha256_file(path)
-
-
-def _aside(out: Path, tag: str) -> Path:
-    return out.with_name(f".{out.name}.{tag}-{os.getpid()}")
 
 
 def _remove(path: Path) -> None:
@@ -67,19 +60,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def _publish_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``out``; an old ``out`` goes only after that."""
-    fsync_tree(tmp)
-    old = None
-    if out.exists():
-        old = _aside(out, "old")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        _remove(old)
 
 
 # ---------------------------------------------------------------------------- import
@@ -106,7 +86,10 @@ def import_vectors(vectors, out, *, ids_file=None, utt2spk=None, name: str | Non
     """
     from mrlcache.cache import CacheWriter
 
+    from mrlcache.paths import check_output
+
     src, out = Path(vectors), Path(out)
+    check_output(out, [src, ids_file, utt2spk], folder=True)
     _check_target(out, overwrite)
     ids, array, labels = read_vectors(src, ids_file=ids_file, layout=layout)
     spk = speakers_for(ids, labels, read_utt2spk(utt2spk) if utt2spk else None, str(src))
@@ -153,8 +136,8 @@ def import_vectors(vectors, out, *, ids_file=None, utt2spk=None, name: str | Non
         # stores them), for the multi-stream heads (fit --inputs layers); there is no pooled.
         meta["streams"] = {"layers": {"kind": "vector", "shape": [int(array.shape[1]), int(array.shape[2])],
                                       "ragged": False, "frame_rate": None, "dtype": dtype}}
-    tmp = _aside(out, "tmp")
-    _remove(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(out)
     try:
         with CacheWriter(tmp, meta, manifest, backend=backend) as writer:
             for k in range(writer.num_shards):
@@ -165,7 +148,7 @@ def import_vectors(vectors, out, *, ids_file=None, utt2spk=None, name: str | Non
                 else:
                     writer.write_shard(k, np.arange(rows.start, rows.stop), part, {}, 0.0)
             summary = writer.finish({"imported_from": str(src.resolve())})
-        _publish_dir(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         _remove(tmp)
         raise
@@ -189,7 +172,7 @@ def export_vectors(cache, model=None, dim: int | None = None, view: int = 0):
 
     Args:
         cache: cache directory or an opened Cache.
-        model: an MRLModel (``mrlcache.model.load_model``) or None for the raw cached vectors.
+        model: an MRLModel (``mrlcache.models.model.load_model``) or None for the raw cached vectors.
         dim: embedding size (default the model's largest; raw vectors: the cached size only).
         view: which stored view to export.
 
@@ -280,8 +263,6 @@ def _refuse_existing(paths, overwrite: bool) -> None:
 
 
 def _kaldi(ids, vectors, out, speakers, overwrite):
-    import io
-
     import kaldiio
 
     spaced = [u for u in ids if any(c.isspace() for c in u)]
@@ -290,25 +271,29 @@ def _kaldi(ids, vectors, out, speakers, overwrite):
     ark, scp = output_paths("kaldi", out)
     u2s = ark.with_suffix(".utt2spk")
     _refuse_existing([ark, scp] + ([u2s] if speakers else []), overwrite)
-    tmp = _aside(ark, "tmp")
-    index = io.StringIO()
+    fd, tmp = temp_file(ark)
+    made = [tmp]
     try:
-        kaldiio.save_ark(str(tmp), {u: v for u, v in zip(ids, vectors)}, scp=index)
-        with open(tmp, "rb+") as f:
+        offsets = []  # where each record's data starts: after 'key '
+        with os.fdopen(fd, "wb") as f:
+            for u, v in zip(ids, vectors):
+                offsets.append(f.tell() + len(u.encode()) + 1)
+                kaldiio.save_ark(f, {u: v})
+            f.flush()
             os.fsync(f.fileno())
-        # kaldiio names the file it wrote; the scp must name the ark under its final name.
-        final = str(ark.resolve())
-        lines = [line.rsplit(":", 1) for line in index.getvalue().splitlines()]
-        scp_text = "".join(f"{u} {final}:{offset}\n" for u, (_, offset) in zip(ids, lines))
-        os.replace(tmp, ark)
+        final = str(ark.resolve())  # the scp names the ark under its final name
+        sides = [(tmp, ark)]
+        if speakers:
+            sides.append((write_aside(u2s, _utt2spk_text(ids, speakers)), u2s))
+            made.append(sides[-1][0])
+        scp_tmp = write_aside(scp, "".join(f"{u} {final}:{o}\n" for u, o in zip(ids, offsets)))
+        made.append(scp_tmp)
+        publish_files((scp_tmp, scp), sides)  # the scp, the index readers open, last
     except BaseException:
-        _remove(tmp)
+        for path in made:
+            path.unlink(missing_ok=True)
         raise
-    written = [ark]
-    if speakers:
-        written.append(atomic_write(u2s, _utt2spk_text(ids, speakers)))
-    written.append(atomic_write(scp, scp_text))  # last: the index readers open
-    return written
+    return [ark] + ([u2s] if speakers else []) + [scp]
 
 
 def _npz(ids, vectors, out, speakers, overwrite):
@@ -317,15 +302,15 @@ def _npz(ids, vectors, out, speakers, overwrite):
     arrays = {"ids": np.array(ids, dtype=str), "vectors": vectors}
     if speakers:
         arrays["speakers"] = np.array(speakers, dtype=str)
-    tmp = _aside(out, "tmp")
+    fd, tmp = temp_file(out)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+        publish_files((tmp, out))
     except BaseException:
-        _remove(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return [out]
 
@@ -337,12 +322,21 @@ def _npy(ids, vectors, out, speakers, overwrite):
         side = output_paths("npy", out)[1]
         u2s = out.with_name(out.stem + ".utt2spk")
         _refuse_existing([out, side] + ([u2s] if speakers else []), overwrite)
-        written = [atomic_write(side, _lines(ids))]
-        if speakers:
-            written.append(atomic_write(u2s, _utt2spk_text(ids, speakers)))
         buffer = io.BytesIO()
         np.save(buffer, vectors)
-        return [atomic_write(out, buffer.getvalue())] + written
+        made = []
+        try:
+            made.append(write_aside(out, buffer.getvalue()))
+            sides = [(write_aside(side, _lines(ids)), side)]
+            if speakers:
+                sides.append((write_aside(u2s, _utt2spk_text(ids, speakers)), u2s))
+            made += [t for t, _ in sides]
+            publish_files((made[0], out), sides)  # X.npy, the file readers open, last
+        except BaseException:
+            for path in made:
+                path.unlink(missing_ok=True)
+            raise
+        return [out] + [final for _, final in sides]
     unsafe = [u for u in ids if u.startswith("/") or any(p in ("", ".", "..") for p in u.split("/"))]
     if unsafe:
         raise InteropError(f"ids that are not relative file paths {shown(unsafe)}; use --format npz or kaldi")
@@ -351,8 +345,8 @@ def _npy(ids, vectors, out, speakers, overwrite):
             raise InteropError(f"--out {out}: already exists; use --overwrite or another --out")
         if not (out / "ids.txt").is_file():
             raise InteropError(f"--out {out}: not a folder written by export-vectors (no ids.txt); choose another --out")
-    tmp = _aside(out, "tmp")
-    _remove(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(out)
     try:
         for u, v in zip(ids, vectors):
             target = tmp / f"{u}.npy"
@@ -361,7 +355,7 @@ def _npy(ids, vectors, out, speakers, overwrite):
         (tmp / "ids.txt").write_text(_lines(ids))
         if speakers:
             (tmp / "utt2spk").write_text(_utt2spk_text(ids, speakers))
-        _publish_dir(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         _remove(tmp)
         raise

@@ -13,8 +13,8 @@ from mrlcache.cli import main
 from mrlcache.demo import run as demo_run
 from mrlcache.evaluate import evaluate, pooled_from_audio
 from mrlcache.extract import ExtractConfig
-from mrlcache.fit.heads import MatryoshkaHead
-from mrlcache.model import MRLModel
+from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.models.model import MRLModel
 
 
 def _field_defaults(cls) -> dict:

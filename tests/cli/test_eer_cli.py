@@ -17,8 +17,8 @@ from mrlcache.audio import MIN_SAMPLES, SAMPLE_RATE, load_audio
 from mrlcache.cli import main
 from mrlcache.corpus import scan_tree
 from mrlcache.extract import ExtractConfig, extract
-from mrlcache.fit.heads import MatryoshkaHead
-from mrlcache.model import load_model, save_model
+from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.models.model import load_model, save_model
 from mrlcache.backbone.loading import save_checkpoint
 from mrlcache.backbone.redimnet import ReDimNet
 

@@ -11,8 +11,8 @@ from conftest import speech_like, write_wav
 from mrlcache.backbone.loading import load_backbone
 from mrlcache.cli import main
 from mrlcache.evaluate import pooled_from_audio
-from mrlcache.fit.heads import MatryoshkaHead
-from mrlcache.model import save_model
+from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.models.model import save_model
 from mrlcache.streams import windows
 from mrlcache.trials import read_trials
 

@@ -234,7 +234,7 @@ def test_end_to_end_frozen_loss_falls(tiny_corpus, tmp_path):
 @pytest.mark.slow
 def test_end_to_end_unfreezing_trains_the_backbone(tiny_corpus, tmp_path):
     from mrlcache.fit import fit_end_to_end
-    from mrlcache.model import load_model
+    from mrlcache.models.model import load_model
     from mrlcache.backbone.loading import load_backbone
 
     run = fit_end_to_end(tiny_corpus, (16, 32), tmp_path / "run", views=2, epochs=2, unfreeze_after=1,

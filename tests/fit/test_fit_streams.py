@@ -9,7 +9,7 @@ import torch
 from mrlcache.fit import FitError, fit
 from mrlcache.fit.data import MemoryFeatures
 from mrlcache.fit.stream_data import StreamFeatures
-from mrlcache.model import load_model
+from mrlcache.models.model import load_model
 from stream_standin import StandInCache, make_streams, stream_cache
 
 DIMS = (8, 16)
@@ -217,8 +217,8 @@ def test_cli_refuses_streams_a_real_cache_lacks(tmp_path):
     from click.testing import CliRunner
 
     from mrlcache.cli import main
-    from mrlcache.fit.heads.streams import StreamModel, plan_groups
-    from mrlcache.model import save_model
+    from mrlcache.models.streams import StreamModel, plan_groups
+    from mrlcache.models.model import save_model
     from test_fit import write_synth_cache
 
     write_synth_cache(tmp_path / "cache", n_spk=8, utts=3, views=1, seed=0)  # today's cache: pooled only

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrlcache.fit.heads import MatryoshkaHead, MatryoshkaMarginLoss, check_dims, sample_classes
+from mrlcache.models.matryoshka import MatryoshkaHead, check_dims
+from mrlcache.fit.losses import MatryoshkaMarginLoss, sample_classes
 
 DIMS = (8, 16, 24, 32)
 CLASSES = 7

@@ -10,7 +10,8 @@ from test_fit import FAST, write_synth_cache
 
 from mrlcache.fit import FitError, fit
 from mrlcache.fit.config import make_configs
-from mrlcache.fit.heads import MatryoshkaHead, MatryoshkaMarginLoss
+from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.fit.losses import MatryoshkaMarginLoss
 
 DIMS = (8, 16, 24, 32)
 MARGINS = (0.1, 0.15, 0.2, 0.3)

@@ -111,8 +111,8 @@ def test_layers_frames_line_up_with_one_pass(tiny):
 
 
 def test_model_embeds_long_waves_window_by_window(tmp_path, tiny):
-    from mrlcache.fit.heads import MatryoshkaHead
-    from mrlcache.model import MRLModel
+    from mrlcache.models.matryoshka import MatryoshkaHead
+    from mrlcache.models.model import MRLModel
 
     head = MatryoshkaHead(tiny.pooled_dim, (4, 8)).eval()
     model = MRLModel(tiny, head).eval()

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from heads_synthetic import LENGTHS, WIDTHS, check_learns
-from mrlcache.fit.heads import MatryoshkaHead
-from mrlcache.fit.heads import fusion
+from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.models import fusion
 
 
 class PooledModel(nn.Module):

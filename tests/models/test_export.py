@@ -14,13 +14,13 @@ from conftest import speech_like
 
 from mrlcache.cli.export import export as export_cmd
 from mrlcache.export import ExportableMelBanks, ExportError, export_model, verify_export
-from mrlcache.fit.heads import MatryoshkaHead
-from mrlcache.model import load_model, save_model
+from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.models.model import load_model, save_model
 from mrlcache.backbone.features import MelBanks
 from mrlcache.backbone.loading import build_from_checkpoint, load_backbone
 
 FIXTURES = Path(os.environ.get("MRLCACHE_REDIMNET_FIXTURES",
-                               Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "redimnet"))
+                               Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "redimnet"))
 needs_fixtures = pytest.mark.skipif(os.environ.get("MRLCACHE_SKIP_MISSING_FIXTURES") == "1"
                                     and not (FIXTURES / "b2.pt").is_file(),
                                     reason=f"ReDimNet reference fixtures not found in {FIXTURES}")

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mrlcache.fit.heads.mrl import MatryoshkaHead
+from mrlcache.models.matryoshka import MatryoshkaHead
 
 
 def _conv_relu_bn(cin, cout, kernel=1, dilation=1):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mrlcache.fit.heads import MatryoshkaMarginLoss
+from mrlcache.fit.losses import MatryoshkaMarginLoss
 from mrlcache.metrics import eer
 
 WIDTHS, LENGTHS = (10, 6), (24, 22)

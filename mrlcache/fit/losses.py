@@ -1,8 +1,8 @@
-"""Matryoshka projection head and margin-softmax losses over nested prefixes.
+"""Margin-softmax losses over nested prefixes, for every head of :mod:`mrlcache.models`.
 
-The head maps a pooled backbone vector to one embedding of the largest requested size;
-every smaller requested size is a *prefix* of it (Matryoshka Representation Learning,
-Kusupati et al., NeurIPS 2022). The loss is a weighted sum, over the prefix sizes, of a
+A head maps its input to one embedding of the largest requested size; every smaller
+requested size is a *prefix* of it (Matryoshka Representation Learning, Kusupati et al.,
+NeurIPS 2022; :mod:`mrlcache.models.matryoshka`). The loss is a weighted sum, over the prefix sizes, of a
 margin softmax on the L2-normalised prefix:
 
 - ``aam``: additive angular margin, logit of the true class ``s * cos(theta + m)``
@@ -21,7 +21,7 @@ that plain MRL can degrade some sizes of a speaker embedding:
   output is in every prefix longer than ``j``, so it collects the gradient of
   ``n_j = #{d in dims : d > j}`` losses and the last segment's coordinates only one; the
   gradient reaching coordinate ``j`` is multiplied by ``1 / n_j`` so every coordinate
-  gets one loss's worth (:class:`~mrlcache.fit.heads.fused.ScaleGrad`). The paper's own
+  gets one loss's worth (:class:`~mrlcache.fit.fused.ScaleGrad`). The paper's own
   normalisation was not at hand: this rule is ours, stated here; it counts sizes and
   ignores ``dim_weights``.
 
@@ -34,7 +34,7 @@ ICCVW 2021, arXiv:2010.05222): the batch's own classes plus others drawn uniform
 the classes takes about half the time; classes left out get no gradient at that step.
 
 The fused autograd kernels that keep a step near its matmul cost are in
-:mod:`mrlcache.fit.heads.fused`; tests/fit/test_head.py checks them against a plain loop.
+:mod:`mrlcache.fit.fused`; tests/fit/test_head.py checks them against a plain loop.
 """
 
 from __future__ import annotations
@@ -46,27 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrlcache.fit.heads.fused import MarginCrossEntropy, PrefixScores, ScaleGrad, Scratch
+from mrlcache.fit.fused import MarginCrossEntropy, PrefixScores, ScaleGrad, Scratch
+from mrlcache.models.matryoshka import check_dims
 
-CLASSIFIERS = ("shared", "per-dim")
-KINDS = ("aam", "softmax")
-
-
-def check_dims(dims: Sequence[int], pooled_dim: int | None = None) -> tuple[int, ...]:
-    """Validate prefix sizes: positive, strictly increasing, at most ``pooled_dim``.
-
-    Raises ValueError naming the problem.
-    """
-    dims = tuple(int(d) for d in dims)
-    if not dims:
-        raise ValueError("dims: give at least one embedding size, e.g. 64,128,192,256")
-    if any(d <= 0 for d in dims):
-        raise ValueError(f"dims {list(dims)}: sizes must be positive")
-    if any(b <= a for a, b in zip(dims, dims[1:])):
-        raise ValueError(f"dims {list(dims)}: sizes must be strictly increasing, e.g. 64,128,192,256")
-    if pooled_dim is not None and dims[-1] > pooled_dim:
-        raise ValueError(f"dims {list(dims)}: largest size {dims[-1]} exceeds the pooled size {pooled_dim}")
-    return dims
+from mrlcache.names import CLASSIFIERS  # noqa: E402 (shared, per-dim)
+from mrlcache.names import LOSSES as KINDS  # noqa: E402 (aam, softmax)
 
 
 def sample_classes(labels: torch.Tensor, num_classes: int, rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -86,25 +70,6 @@ def sample_classes(labels: torch.Tensor, num_classes: int, rate: float, generato
     perm = torch.randperm(num_classes, generator=generator)
     others = perm[~is_pos[perm]][: want - len(pos)]
     return torch.cat([pos, others]).sort().values
-
-
-class MatryoshkaHead(nn.Module):
-    """BatchNorm over the pooled vector, then one linear map to the largest size.
-
-    Args: pooled_dim: size of the backbone's pooled vector; dims: nested sizes.
-    The first ``d`` outputs are the ``d``-dimensional embedding, for every ``d`` in dims.
-    """
-
-    def __init__(self, pooled_dim: int, dims: Sequence[int]):
-        super().__init__()
-        self.dims = check_dims(dims, pooled_dim)
-        self.pooled_dim = int(pooled_dim)
-        self.bn = nn.BatchNorm1d(self.pooled_dim)
-        self.linear = nn.Linear(self.pooled_dim, self.dims[-1])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, pooled_dim) -> (B, max_dim), raw (not normalised)."""
-        return self.linear(self.bn(x))
 
 
 def coordinate_counts(dims: Sequence[int]) -> torch.Tensor:

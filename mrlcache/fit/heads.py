@@ -6,11 +6,12 @@ geometry, and returns the head (``(B, pooled_dim) -> (B, max_dim)``, with ``dims
 losses, per-dim accuracies)``, with ``dims``, ``num_classes``, ``margin`` and
 ``set_margin``). Register a new head with :func:`register_head`.
 
-Today: ``mrl``, the Matryoshka head and margin loss of :mod:`mrlcache.fit.heads.mrl`
-(over a pooled vector), and ``ecapa``, ECAPA-TDNN over frames (:mod:`~mrlcache.fit.heads.ecapa`)
+Today: ``mrl``, the Matryoshka head of :mod:`mrlcache.models.matryoshka` with the loss of
+:mod:`mrlcache.fit.losses`
+(over a pooled vector), and ``ecapa``, ECAPA-TDNN over frames (:mod:`~mrlcache.models.ecapa`)
 with the same loss. On cached streams other than ``pooled`` both sit at the end of a
-:class:`~mrlcache.fit.heads.streams.StreamModel` (encoders, fusion, head), which builds
-them from :data:`~mrlcache.fit.heads.streams.HEAD_MODULES` (class + what it reads, plain
+:class:`~mrlcache.models.streams.StreamModel` (encoders, fusion, head), which builds
+them from :data:`~mrlcache.models.streams.HEAD_MODULES` (class + what it reads, plain
 constructor arguments for model.pt): a new head for streams goes there too.
 """
 
@@ -20,10 +21,10 @@ from typing import Callable
 
 import torch
 
-from mrlcache.fit.heads.mrl import MatryoshkaHead, MatryoshkaMarginLoss, check_dims, sample_classes
+from mrlcache.fit.losses import MatryoshkaMarginLoss
+from mrlcache.models.matryoshka import MatryoshkaHead
 
-__all__ = ["HEADS", "MatryoshkaHead", "MatryoshkaMarginLoss", "build_head", "check_dims", "make_loss", "register_head",
-           "sample_classes"]
+__all__ = ["HEADS", "build_head", "make_loss", "register_head"]
 
 HEADS: dict[str, Callable] = {}
 
@@ -47,8 +48,8 @@ def _mrl(cfg, pooled_dim: int, num_classes: int):
 
 
 def _ecapa(cfg, in_dim: int, num_classes: int):
-    from mrlcache.fit.heads.ecapa import ECAPATDNN
-    from mrlcache.fit.heads.streams import head_args
+    from mrlcache.models.ecapa import ECAPATDNN
+    from mrlcache.models.streams import head_args
 
     return ECAPATDNN(**head_args(cfg, in_dim)), make_loss(cfg, num_classes)
 

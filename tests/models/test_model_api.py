@@ -10,8 +10,8 @@ from mrlcache.corpus import Utterance
 from mrlcache.backbone import BackboneRecord, CheckpointError
 from mrlcache.backbone.loading import load_backbone, save_checkpoint
 from mrlcache.fit import fit
-from mrlcache.fit.heads import MatryoshkaHead
-from mrlcache.model import ModelError
+from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.models.model import ModelError
 
 DIMS = (16, 32)
 SPEAKERS, UTTS = 4, 3
@@ -66,7 +66,7 @@ def test_project_on_cached_vectors_equals_forward_on_audio(setup):
 
 @pytest.mark.slow  # the setup runs the backbone on audio
 def test_head_is_the_best_checkpoint_and_round_trips(setup, tmp_path):
-    from mrlcache.model import save_model
+    from mrlcache.models.model import save_model
 
     root, cache_dir, run, waves, pooled, sha = setup
     model = load_model(run / "model.pt")
@@ -126,8 +126,8 @@ def test_fit_refuses_a_backbone_that_is_not_the_caches(setup, tmp_path):
 def test_numpy_waves_give_numpy_embeddings_equal_to_torch():
     import numpy as np
 
-    from mrlcache.fit.heads import MatryoshkaHead
-    from mrlcache.model import MRLModel
+    from mrlcache.models.matryoshka import MatryoshkaHead
+    from mrlcache.models.model import MRLModel
     from mrlcache.backbone.loading import load_backbone
 
     backbone = load_backbone("b0", random_init=True, seed=1)

@@ -6,8 +6,8 @@ import torch
 from conftest import speech_like
 
 from mrlcache import load_model, streams
-from mrlcache.fit.heads.streams import StreamModel, plan_groups
-from mrlcache.model import ModelError, save_model
+from mrlcache.models.streams import StreamModel, plan_groups
+from mrlcache.models.model import ModelError, save_model
 
 ECAPA = dict(channels=16, scale=4, mfa_channels=32, attention_bottleneck=8, se_bottleneck=8)
 HANDCRAFTED = {"fbank": {"kind": "frames", "shape": (80,)}, "f0": {"kind": "frames", "shape": (2,)},

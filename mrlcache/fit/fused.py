@@ -1,4 +1,4 @@
-"""Fused autograd kernels of the Matryoshka margin loss (:mod:`mrlcache.fit.heads.mrl`).
+"""Fused autograd kernels of the Matryoshka margin loss (:mod:`mrlcache.fit.losses`).
 
 Cost: the class scores dominate a head step (batch 256, 5994 classes, 4 sizes: ~6M
 logits). These choices keep a step near its matmul cost (2-core CPU, b2 geometry:

@@ -2,11 +2,11 @@
 
 The cached streams a fit reads (``--inputs``) are grouped into encoders:
 
-- ``layers`` -> :class:`~mrlcache.fit.heads.fusion.LayerWeightedSum` (+ projection to
+- ``layers`` -> :class:`~mrlcache.models.fusion.LayerWeightedSum` (+ projection to
   ``encoder_dim``), on frames (B, L, D, T) or per-layer pooled vectors (B, L, 2D);
 - the handcrafted frame streams (``fbank``, ``mfcc``, ``f0``), concatenated per frame
   (f0 through :func:`mrlcache.streams.f0_features`, so unvoiced frames are a flag, not a
-  NaN) -> one :class:`~mrlcache.fit.heads.fusion.CNN1dEncoder` of ``encoder_dim``
+  NaN) -> one :class:`~mrlcache.models.fusion.CNN1dEncoder` of ``encoder_dim``
   (alone under ``ecapa``: only an input BatchNorm, ECAPA-TDNN being a frame encoder itself;
   measured on the synthetic stream cache: EER 14% this way, 37% through a CNN-1D first);
 - ``pooled`` passes as it is (B, P).
@@ -25,9 +25,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mrlcache.fit.heads.ecapa import ECAPATDNN
-from mrlcache.fit.heads.fusion import FUSIONS, CNN1dEncoder, LayerWeightedSum, MeanStdPool, match_length
-from mrlcache.fit.heads.mrl import MatryoshkaHead
+from mrlcache.models.ecapa import ECAPATDNN
+from mrlcache.models.fusion import FUSIONS, CNN1dEncoder, LayerWeightedSum, MeanStdPool, match_length
+from mrlcache.models.matryoshka import MatryoshkaHead
 
 HANDCRAFTED = ("fbank", "mfcc", "f0")
 # head name -> (module, what it reads); constructor arguments are plain values (model.pt).

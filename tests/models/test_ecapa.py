@@ -6,7 +6,7 @@ from torch import nn
 
 from heads_synthetic import WIDTHS, check_learns
 
-from mrlcache.fit.heads import ecapa, fusion
+from mrlcache.models import ecapa, fusion
 
 TINY = dict(channels=16, scale=4, mfa_channels=32, attention_bottleneck=8, se_bottleneck=8)
 
