@@ -1,11 +1,12 @@
-"""Trial scoring with a fitted model, set up once: the verb behind ``eer`` and ``calibrate``.
+"""Trial scoring with a fitted model, set up once: the verbs behind ``eer``, ``calibrate`` and ``verify``.
 
 A :class:`Scorer` holds everything that turns trial vectors into scores: the model and the
 systems to score (``mrl`` and baselines), the centering mean and the AS-Norm/S-Norm cohort
 (:class:`ScoreConfig`, statistics read from training caches once), and a calibration
 checked against all of these. ``mrlcache eer`` asks it for the metrics of a trial list
 (:meth:`Scorer.evaluate`), ``mrlcache calibrate`` for the ``mrl`` scores and their quality
-measures (:meth:`Scorer.scores`), made the same way. From Python::
+measures (:meth:`Scorer.scores`), made the same way; ``mrlcache verify`` scores pairs of
+files with :func:`verify_files`. From Python::
 
     scorer = Scorer("run/model.pt", ScoreConfig(asnorm_cohort="caches/train"))
     vectors = scorer.trial_vectors(read_trials("veri_test2.txt"), cache="caches/vox1-eval")
@@ -218,4 +219,68 @@ class Scorer:
         return scores, quality
 
 
-__all__ = ["RangeError", "ScoreConfig", "Scorer"]
+def read_pairs(path, root=None) -> list[tuple[Path, Path]]:
+    """Lines ``a.wav b.wav`` of a pair list (blank lines and ``#`` comments skipped), as paths
+    under ``root`` (default: the list's folder). Raises EvaluateError naming the line."""
+    from mrlcache.trial_vectors import EvaluateError
+
+    path = Path(path)
+    root = Path(root) if root else path.parent
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise EvaluateError(f"--pairs {path}: cannot read it ({err})") from None
+    pairs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 2:
+            raise EvaluateError(f"--pairs {path}:{n}: expected two paths 'a.wav b.wav', got {len(fields)} fields")
+        pairs.append((root / fields[0], root / fields[1]))
+    if not pairs:
+        raise EvaluateError(f"--pairs {path}: no pairs in it (lines 'a.wav b.wav')")
+    return pairs
+
+
+def verify_files(model, pairs, dim: int | None = None, *, prior=None, far=None, name="--model") -> list[dict]:
+    """Same speaker or not, for each pair of audio files: cosine, and LLR and decision with a calibration.
+
+    Each file is decoded and checked once, however many pairs it is in; then
+    :meth:`mrlcache.models.model.MRLModel.verify` scores each pair. Returns one dict per pair:
+    ``a``, ``b`` and the fields of a ``Verification``. Raises EvaluateError naming the file
+    or option (``name`` is how the model is called in messages).
+    """
+    from mrlcache.audio import AudioError, check_wave, load_audio
+    from mrlcache.calibration import CalibrationError
+    from mrlcache.trial_vectors import EvaluateError
+
+    if model.backbone is None:
+        raise EvaluateError(f"{name} was fitted head-only (no backbone): verify needs a model.pt with its backbone")
+    if dim is not None and dim not in model.dims:
+        raise EvaluateError(f"--dim {dim}: the model was trained for dims {list(model.dims)}")
+    if model.calibration is not None and dim is not None and dim not in model.calibration.dims:
+        raise EvaluateError(f"--dim {dim}: the attached calibration covers dims {model.calibration.dims} only")
+    waves = {}
+    for path in dict.fromkeys(p for pair in pairs for p in pair):
+        if not Path(path).is_file():
+            raise EvaluateError(f"{path}: no such audio file")
+        try:
+            waves[path] = load_audio(path)  # (T,)
+        except AudioError as err:
+            raise EvaluateError(f"{path}: cannot decode it ({err.reason}: {err.detail})") from None
+        try:  # as extract skips them: too short for the model's frames, or digital silence
+            check_wave(waves[path], path, min_seconds=0.0)
+        except AudioError as err:
+            raise EvaluateError(f"{err}; verify needs a file with speech in it") from None
+    results = []
+    for a, b in pairs:
+        try:
+            v = model.verify(waves[a], waves[b], dim, prior=prior, far=far)
+        except CalibrationError as err:
+            raise EvaluateError(f"{name}: {err}") from None
+        results.append({"a": str(a), "b": str(b), **vars(v)})
+    return results
+
+
+__all__ = ["RangeError", "ScoreConfig", "Scorer", "read_pairs", "verify_files"]
