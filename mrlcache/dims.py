@@ -2,7 +2,7 @@
 
 ``--dims 64,128`` is parsed by :func:`parse_dims` (each a positive integer; empty text is
 refused, it never means "every dim"); :func:`select_dims` keeps the request to the dims the
-model was trained for. Imports neither torch nor click.
+model was trained for, :func:`select_dim` one ``--dim``. Imports neither torch nor click.
 """
 
 from __future__ import annotations
@@ -13,6 +13,16 @@ from mrlcache.ranges import COUNT, RangeError, parse_list
 def parse_dims(text, flag: str = "--dims") -> tuple[int, ...]:
     """``"64,128"`` or ``[64, 128]`` -> ``(64, 128)``; RangeError on empty text or a bad value."""
     return parse_list(text, COUNT, flag)
+
+
+def select_dim(dim, trained, flag: str = "--dim") -> int:
+    """One embedding size the model was trained for; None -> its largest. RangeError otherwise."""
+    trained = [int(d) for d in trained]
+    if dim is None:
+        return trained[-1]
+    if isinstance(dim, bool) or int(dim) != dim or int(dim) not in trained:
+        raise RangeError(f"{flag} {dim}: the model was trained for dims {trained}")
+    return int(dim)
 
 
 def select_dims(requested, trained, flag: str = "--dims") -> list[int]:

@@ -64,9 +64,13 @@ def embedder(model, dim: int | None = None, engine: str = "torch", device: str =
 
     from mrlcache.streams import windows
 
-    dim = model.dims[-1] if dim is None else dim
-    if dim not in model.dims:
-        raise EmbedError(f"--dim {dim}: the model was trained for dims {list(model.dims)}")
+    from mrlcache.dims import select_dim
+    from mrlcache.ranges import RangeError
+
+    try:
+        dim = select_dim(dim, model.dims)
+    except RangeError as err:
+        raise EmbedError(str(err)) from None
     if model.backbone is None and model.needs_backbone:  # handcrafted streams need none
         raise EmbedError(f"{name} was fitted head-only (no backbone): it cannot embed audio")
     if engine == "torch":

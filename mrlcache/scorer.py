@@ -257,8 +257,13 @@ def verify_files(model, pairs, dim: int | None = None, *, prior=None, far=None, 
 
     if model.backbone is None:
         raise EvaluateError(f"{name} was fitted head-only (no backbone): verify needs a model.pt with its backbone")
-    if dim is not None and dim not in model.dims:
-        raise EvaluateError(f"--dim {dim}: the model was trained for dims {list(model.dims)}")
+    from mrlcache.dims import select_dim
+
+    if dim is not None:
+        try:
+            select_dim(dim, model.dims)
+        except RangeError as err:
+            raise EvaluateError(str(err)) from None
     if model.calibration is not None and dim is not None and dim not in model.calibration.dims:
         raise EvaluateError(f"--dim {dim}: the attached calibration covers dims {model.calibration.dims} only")
     waves = {}

@@ -7,7 +7,7 @@ By hand only (never in CI: it downloads torch and its CUDA libraries, several GB
 those need), installs mrlcache itself without dependencies, then runs the smoke: import
 every module, ``mrlcache --help``, and with ``--demo`` the whole quick demo (extract into a
 zarr cache, fit, eer). It prints the installed versions and the verdict; record the result
-in docs/install.md ("Tested floors"). ``--python`` below ``requires-python`` must fail at
+in docs/getting-started.md ("Lowest versions"). ``--python`` below ``requires-python`` must fail at
 the resolution step, which is the point of checking it too.
 """
 

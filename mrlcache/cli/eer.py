@@ -119,11 +119,11 @@ def eer(ctx, **params):
     if (p["cache_dir"] is None) == (p["data_dir"] is None) and not (p["cache_dir"] and p["calibration_path"]):
         _fail("give exactly one of --cache (eval cache of the trial audio) or --data (audio root)")
     config = score_config(params)
-    check_plot(p["plot_out"])
     inputs = [p["model_path"], p["trials_path"], p["calibration_path"]]
     for what, path in (("--json", p["json_out"]), ("--json", _beside(p["json_out"], ".options.yaml")),
                        ("--plot", p["plot_out"])):
         check_output(path, inputs, what)
+    check_plot(p["plot_out"])
     check_device(p["device"])
     from mrlcache.scorer import Scorer
 

@@ -151,41 +151,48 @@ def fit(ctx, **params):
     from mrlcache.backbone import CheckpointError
     from mrlcache.trials import TrialsError
 
-    cache, out, resume, threads = (params.pop(k) for k in ("cache", "out", "resume", "threads"))
+    out, resume, threads = (params.pop(k) for k in ("out", "resume", "threads"))
     if threads:
         torch.set_num_threads(threads)
     for flag, field in INVERTED.items():
         params[field] = not params.pop(flag)
     params["inputs"] = tuple(s.strip() for s in params["inputs"].split(",") if s.strip())
-    noise_dir, rir_dir, speed = (params.pop(k) for k in AUGMENT)
     dims = params.pop("dims")
     try:
-        if end_to_end:
-            if cache or not params["data"]:
-                raise click.UsageError("--end-to-end trains on audio: give --data DIR (and no --cache)")
-            given = _given(ctx, CACHE_ONLY)
-            if given:
-                raise click.UsageError(f"{', '.join(given)} only apply to a fit on a cache, not --end-to-end")
-            from mrlcache.augment import AugmentConfig
-
-            if params["views"] > 1:
-                params["augment"] = AugmentConfig(noise_dir=noise_dir and str(Path(noise_dir).resolve()),
-                                                  rir_dir=rir_dir and str(Path(rir_dir).resolve()), speed=speed)
-            for name in CACHE_ONLY:
-                params.pop(name)
-            data = params.pop("data")
-            run = fit_end_to_end(data, dims, out, resume=resume, **params)
-        else:
-            if not cache:
-                raise click.UsageError("give --cache DIR (from 'mrlcache extract'), or --end-to-end --data DIR")
-            # End-to-end options given in cache mode would be silently ignored: refuse them.
-            given = _given(ctx, E2E_ONLY)
-            if given:
-                raise click.UsageError(f"{', '.join(given)} only apply with --end-to-end (cache mode reads "
-                                       "the views extract made)")
-            for name in E2E_ONLY:
-                params.pop(name, None)
-            run = run_fit(cache, dims, out, resume=resume, **params)
+        source = _for_mode(ctx, params, end_to_end)
+        run = (fit_end_to_end if end_to_end else run_fit)(source, dims, out, resume=resume, **params)
     except (FitError, ModelError, CacheError, CheckpointError, TrialsError) as err:
         raise click.ClickException(str(err))
     click.echo(str(Path(run) / "model.pt"))
+
+
+def _for_mode(ctx, params: dict, end_to_end: bool) -> str:
+    """What the fit reads (--data or --cache), leaving in ``params`` only the options of that mode.
+
+    An option of the other mode given by hand is refused: it would be silently ignored.
+    """
+    noise_dir, rir_dir, speed = (params.pop(k) for k in AUGMENT)
+    cache = params.pop("cache")
+    if end_to_end:
+        if cache or not params["data"]:
+            raise click.UsageError("--end-to-end trains on audio: give --data DIR (and no --cache)")
+        given = _given(ctx, CACHE_ONLY)
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply to a fit on a cache, not --end-to-end")
+        if params["views"] > 1:
+            from mrlcache.augment import AugmentConfig
+
+            params["augment"] = AugmentConfig(noise_dir=noise_dir and str(Path(noise_dir).resolve()),
+                                              rir_dir=rir_dir and str(Path(rir_dir).resolve()), speed=speed)
+        for name in CACHE_ONLY:
+            params.pop(name)
+        return params.pop("data")
+    if not cache:
+        raise click.UsageError("give --cache DIR (from 'mrlcache extract'), or --end-to-end --data DIR")
+    given = _given(ctx, E2E_ONLY)
+    if given:
+        raise click.UsageError(f"{', '.join(given)} only apply with --end-to-end (cache mode reads "
+                               "the views extract made)")
+    for name in E2E_ONLY:
+        params.pop(name, None)
+    return cache
