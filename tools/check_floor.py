@@ -44,7 +44,7 @@ def run(cmd, **kw):
 SMOKE = """
 import importlib, pkgutil, sys
 import mrlcache
-names = [m.name for m in pkgutil.walk_packages(mrlcache.__path__, 'mrlcache.')]
+names = [m.name for m in pkgutil.walk_packages(mrlcache.__path__, 'mrlcache.') if m.name != 'mrlcache.__main__']
 for name in names:
     importlib.import_module(name)
 print(f'imported {len(names)} modules')
