@@ -44,7 +44,7 @@ class Number(click.ParamType):
         return number
 
 
-class NumberList(click.ParamType):
+class NumberList(CommaList):
     """``64,128,192`` (or a YAML list) -> a tuple of numbers, each in ``range`` (:func:`mrlcache.ranges.parse_list`).
 
     Empty text is refused unless ``allow_empty`` (then it is None, the option's "unset").
