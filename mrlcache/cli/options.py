@@ -159,7 +159,8 @@ def check_plot(path) -> None:
         matplotlib.use("Agg")
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
-        raise click.ClickException("--plot needs matplotlib, which is not installed: pip install 'mrlcache[plot]'")
+        raise click.ClickException("--plot needs matplotlib, a dependency of mrlcache that is missing here: "
+                                   "pip install 'matplotlib>=3.9'")
     kinds = FigureCanvasBase.get_supported_filetypes()
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in kinds:
