@@ -271,7 +271,7 @@ def test_plot_needs_matplotlib(setup, tmp_path):
         import matplotlib  # noqa: F401
     except ImportError:
         result = run(*args)
-        assert result.exit_code != 0 and "pip install 'mrlcache[plot]'" in result.output
+        assert result.exit_code != 0 and "pip install 'matplotlib>=3.9'" in result.output
     else:
         result = run(*args)
         assert result.exit_code == 0, result.output
