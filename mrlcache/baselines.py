@@ -20,7 +20,7 @@ def fixed_models(model_path, model) -> dict:
     Empty when the run has none (a fit without ``--fixed-baselines``). Raises EvaluateError
     for a head that does not fit ``model`` (another pooled size, or not one fixed dim D).
     """
-    from mrlcache.evaluate import EvaluateError
+    from mrlcache.trial_vectors import EvaluateError
     from mrlcache.models.model import ModelError, load_model
 
     out = {}

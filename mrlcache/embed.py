@@ -75,7 +75,8 @@ def embedder(model, dim: int | None = None, engine: str = "torch", device: str =
         raise EmbedError(f"{name} was fitted head-only (no backbone): it cannot embed audio")
     if engine == "torch":
         return lambda x: model(x, dim=dim)
-    from mrlcache.export import ExportError, OnnxBackbone
+    from mrlcache.export import ExportError
+    from mrlcache.export.engine import OnnxBackbone
 
     if tuple(model.inputs) != ("pooled",) or model.backbone is None or torch.device(device).type != "cpu":
         raise EmbedError("--engine onnxruntime runs a pooled-vector model with its backbone on the CPU; use the "

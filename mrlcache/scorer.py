@@ -226,8 +226,10 @@ def read_pairs(path, root=None) -> list[tuple[Path, Path]]:
 
     path = Path(path)
     root = Path(root) if root else path.parent
+    from mrlcache.runtime import read_text
+
     try:
-        text = path.read_text()
+        text = read_text(path)  # a regular file only (a FIFO would block)
     except (OSError, UnicodeDecodeError) as err:
         raise EvaluateError(f"--pairs {path}: cannot read it ({err})") from None
     pairs = []

@@ -50,10 +50,10 @@ def test_train_streams_shapes_rates_and_views(corpus, tmp_path):
     run(["--data", str(corpus), "--out", str(tmp_path / "c"), "--streams", ALL, *TRAIN, *COMMON])
     c = mrlcache.cache.open(tmp_path / "c", verify=True)
     info = c.streams
-    assert info["fbank"]["shape"] == (80,) and info["mfcc"]["shape"] == (40,) and info["f0"]["shape"] == (2,)
-    assert info["layers"]["shape"][1] == 600 and info["layers"]["frame_rate"] == 100.0  # b0: F*C = 600
-    assert all(info[s]["dtype"] == "float16" for s in info)
-    assert info["fbank"]["frames"] == 98 and info["layers"]["frames"] == 101  # 1 s crops
+    assert info["fbank"].shape == (80,) and info["mfcc"].shape == (40,) and info["f0"].shape == (2,)
+    assert info["layers"].shape[1] == 600 and info["layers"].frame_rate == 100.0  # b0: F*C = 600
+    assert all(info[s].dtype == "float16" for s in info)
+    assert info["fbank"].frames == 98 and info["layers"].frames == 101  # 1 s crops
     fbank = c.read("fbank")
     assert fbank.shape == (len(c), 2, 80, 98)
     # The fbank of view 0 (clean) of row 2 is the fbank of the crop the backbone saw.
@@ -76,7 +76,7 @@ def test_eval_streams_are_ragged_and_match_the_registry(corpus, tmp_path, backen
     run(["--data", str(corpus), "--out", str(tmp_path / "c"), "--mode", "eval", "--format", backend,
          "--streams", "fbank,f0,layers,pooled", *COMMON])
     c = mrlcache.cache.open(tmp_path / "c", verify=True)
-    assert c.streams["fbank"]["ragged"] and not c.streams["pooled"]["ragged"]
+    assert c.streams["fbank"].ragged and not c.streams["pooled"].ragged
     paths = {p.relative_to(corpus).as_posix(): p for p in corpus.rglob("*.wav")}
     wave = torch.from_numpy(load_audio(paths[c.utterances[1]]))
     fbank, f0 = c.read("fbank", rows=[1])[0], c.read("f0", rows=[1])[0]
@@ -137,7 +137,7 @@ def test_layers_pooled_is_mean_and_std_of_the_frames(corpus, tmp_path):
          "--dtype", "float32", *TRAIN, *COMMON])
     frames = mrlcache.cache.open(tmp_path / "f").read("layers")  # (N, V, L, D, T)
     c = mrlcache.cache.open(tmp_path / "s")
-    assert c.streams["layers"]["kind"] == "vector" and c.streams["layers"]["shape"] == (6, 1200)
+    assert c.streams["layers"].kind == "vector" and c.streams["layers"].shape == (6, 1200)
     stats = c.read("layers")
     np.testing.assert_allclose(stats[..., :600], frames.mean(-1), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(stats[..., 600:], frames.std(-1), rtol=1e-3, atol=1e-4)
@@ -153,3 +153,41 @@ def test_stream_options_are_refused_in_one_line(tmp_path, args, message):
     result = run(["--data", str(tmp_path), "--out", str(tmp_path / "c"), *args], ok=False)
     assert result.exit_code != 0 and message in result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_projected_sizes_are_stated_and_match_what_is_written(corpus, tmp_path):
+    """extract states each stream's projected size first; dense streams are exact up to the
+    last chunk of each view (stored whole), pooled exactly."""
+    res = run(["--data", str(corpus), "--out", str(tmp_path / "c"), "--streams", "pooled,fbank,layers",
+               "--layers-pooled", *TRAIN, *COMMON])
+    line = next(x for x in res.output.splitlines() if x.startswith("projected cache size:"))
+    assert "pooled" in line and "fbank" in line and "layers" in line
+    written = mrlcache.cache.read_meta(tmp_path / "c")["summary"]["stream_bytes"]
+    from mrlcache.backbone import CONFIGS, ReDimNet
+    from mrlcache.corpus import scan_tree
+    from mrlcache.extract.config import ExtractConfig
+    from mrlcache.extract.sizes import projected_sizes
+
+    cfg = ExtractConfig(mode="train", views=2, crop_seconds=1.0, streams="pooled,fbank,layers", layers_pooled=True)
+    sizes = projected_sizes(scan_tree(corpus), cfg, ReDimNet(CONFIGS["b0"]), None)
+    assert sizes["pooled"] == written["pooled"]
+    assert sizes["layers"] == written["layers"]
+    c = mrlcache.cache.open(tmp_path / "c")
+    per_row = 2 * 80 * c.streams["fbank"].frames * 2  # views x bins x frames x float16
+    assert sizes["fbank"] <= written["fbank"] <= sizes["fbank"] + len(c.shards) * per_row
+
+
+def test_a_cache_bigger_than_the_free_disk_is_refused_before_work(corpus, tmp_path, monkeypatch):
+    import collections
+
+    import mrlcache.extract.sizes as sizes
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sizes.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    res = run(["--data", str(corpus), "--out", str(tmp_path / "c"), "--streams", "pooled,layers", *TRAIN, *COMMON],
+              ok=False)
+    assert res.exit_code != 0
+    message = [x for x in res.output.splitlines() if x.startswith("Error:")]
+    assert len(message) == 1 and "GB are free on its disk" in message[0]
+    assert "--layers-pooled" in message[0] and "fewer --views (now 2)" in message[0]
+    assert not (tmp_path / "c").exists()  # nothing written

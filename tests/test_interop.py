@@ -207,7 +207,7 @@ def test_layer_stacks_become_the_layers_stream_of_per_layer_vectors(tmp_path):
     src, ids = npy_input(tmp_path, x)
     c = imported(tmp_path, src, ids_file=ids, layout="layers")
     assert set(c.streams) == {"layers"}  # no pooled vector: the heads read the layers
-    assert c.streams["layers"]["kind"] == "vector" and list(c.streams["layers"]["shape"]) == [4, 6]
+    assert c.streams["layers"].kind == "vector" and list(c.streams["layers"].shape) == [4, 6]
     got = c.read("layers", view=0)  # (N, L, D) in cache order
     assert np.array_equal(got[c.index_of(IDS)], x)
 

@@ -43,7 +43,7 @@ def caches(tmp_path_factory):
 def test_extracted_streams_are_dense_in_train_and_ragged_in_eval(caches):
     train, test = cache_mod.open(caches / "train"), cache_mod.open(caches / "test")
     assert set(train.streams) == set(test.streams) == {"pooled", "layers", "fbank", "f0"}
-    assert not train.streams["fbank"]["ragged"] and test.streams["fbank"]["ragged"]
+    assert not train.streams["fbank"].ragged and test.streams["fbank"].ragged
     fb = train.read("fbank", view=1)  # (N, 80, T): 0.6 s crops at 100 frames/s
     assert fb.shape[:2] == (len(train), 80) and abs(fb.shape[2] - 60) <= 2
     ragged = test.read("fbank", rows=np.array([0, 2]))

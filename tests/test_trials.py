@@ -100,3 +100,26 @@ def test_duplicate_trials_are_reported_in_either_order(tmp_path):
 def test_a_pair_listed_with_both_labels_is_refused(tmp_path):
     with pytest.raises(TrialsError, match=r"trials\.txt:2: the pair .* is listed on line 1 with the opposite label"):
         read_trials(write(tmp_path, f"1 {A} {B}\n0 {B} {A}\n"))
+
+
+@pytest.mark.parametrize("kaldi", [False, True])
+def test_vectorised_reader_equals_the_line_by_line_reader(tmp_path, kaldi):
+    from mrlcache.trials import _read_lines
+
+    rng = np.random.default_rng(0)
+    utts = [f"id{i % 7}/v{i}/{i:05d}.wav" for i in range(40)]
+    lines = []
+    for k in range(400):
+        a, b = rng.integers(0, 40, 2)
+        label = int(a % 7 == b % 7)
+        if k % 97 == 5:
+            lines.append("")  # blank lines keep the numbering
+        lines.append(f"{utts[a]} {utts[b]} {'target' if label else 'nontarget'}" if kaldi
+                     else f"{label} {utts[a]}\t{utts[b]}")
+    path = tmp_path / "t.txt"
+    path.write_text("\n".join(lines) + "\n")
+    fast, slow = read_trials(path), _read_lines(path, path.read_text())
+    assert fast.duplicates and fast.duplicates == slow.duplicates  # pairs repeat, in both orders
+    assert np.array_equal(fast.labels, slow.labels) and fast.enroll == slow.enroll and fast.test == slow.test
+    fresh = Trials(fast.labels, fast.enroll, fast.test)  # utterances computed the plain way
+    assert fast.utterances == fresh.utterances == slow.utterances

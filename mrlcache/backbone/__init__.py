@@ -1,19 +1,34 @@
-"""ReDimNet backbone: architecture (`redimnet`), log-mel front end (`features`), checkpoints and
-the one source of backbone bytes and SHA-256 (`loading`), where weights come from (`record`)."""
+"""Frozen encoders: ReDimNet (`redimnet`, `blocks`, `features`), ECAPA-TDNN (`ecapa_tdnn`) and
+CAM++ (`campplus`), named in `registry` (torch-free); checkpoints and the one source of
+backbone bytes and SHA-256 (`loading`), where weights come from (`record`).
 
-from mrlcache.backbone.loading import (
-    VARIANTS,
-    CheckpointError,
-    UnsafeFileError,
-    backbone_bytes,
-    backbone_for_cache,
-    load_backbone,
-    save_checkpoint,
-    state_sha256,
-)
-from mrlcache.backbone.record import BackboneRecord, RecordError
-from mrlcache.backbone.redimnet import CONFIGS, ConfigError, ReDimNet
+Names are imported lazily, so that ``mrlcache.backbone.registry`` can be read without torch.
+"""
 
-__all__ = ["CONFIGS", "VARIANTS", "BackboneRecord", "CheckpointError", "ConfigError", "ReDimNet", "RecordError",
-           "UnsafeFileError", "backbone_bytes", "backbone_for_cache", "load_backbone", "save_checkpoint",
-           "state_sha256"]
+_LAZY = {
+    "VARIANTS": "mrlcache.backbone.loading",
+    "CheckpointError": "mrlcache.backbone.loading",
+    "UnsafeFileError": "mrlcache.backbone.loading",
+    "backbone_bytes": "mrlcache.backbone.loading",
+    "backbone_for_cache": "mrlcache.backbone.loading",
+    "load_backbone": "mrlcache.backbone.loading",
+    "save_checkpoint": "mrlcache.backbone.loading",
+    "state_sha256": "mrlcache.backbone.loading",
+    "BackboneRecord": "mrlcache.backbone.record",
+    "RecordError": "mrlcache.backbone.record",
+    "CONFIGS": "mrlcache.backbone.redimnet",
+    "ConfigError": "mrlcache.backbone.redimnet",
+    "ReDimNet": "mrlcache.backbone.redimnet",
+    "BACKBONES": "mrlcache.backbone.registry",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mrlcache.backbone' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -1,9 +1,14 @@
-"""Loading and saving ReDimNet checkpoints in the published format.
+"""Loading and saving backbone checkpoints: ReDimNet's published format, and every encoder's.
 
-A checkpoint is a torch file holding ``{"model_config": dict, "state_dict": dict}``
+A ReDimNet checkpoint is a torch file holding ``{"model_config": dict, "state_dict": dict}``
 (extra top-level entries are ignored). The model is built from the file's own
 ``model_config`` and its ``state_dict`` is loaded strictly: any missing, unexpected or
 mis-shaped entry is an error listing them. float16/bfloat16 weights are cast to float32.
+Other encoders (:mod:`mrlcache.backbone.registry`) load from their own published files,
+the kind told by the file (a SpeechBrain ECAPA-TDNN folder or ``embedding_model.ckpt``, a
+3D-Speaker CAM++ state dict), the architecture read from the weights' shapes, loaded as
+strictly; mrlcache writes them as ``{"encoder", "model_config", "state_dict"}`` with the
+state dict under the published names.
 
 Variant names ("b0".."b6", "S", "M") resolve to the files published by the ReDimNet
 authors, downloaded once into the torch hub checkpoint cache
@@ -29,7 +34,8 @@ import torch
 
 from mrlcache.backbone.record import BackboneRecord, RecordError
 from mrlcache.backbone.redimnet import CONFIGS, ConfigError, ReDimNet
-from mrlcache.runtime import atomic_torch_save, torch_bytes
+from mrlcache.backbone.registry import BACKBONES, DEFAULT_BACKBONE, encoder_module
+from mrlcache.runtime import atomic_torch_save, check_regular, torch_bytes
 
 URL_TEMPLATE = "https://github.com/IDRnD/ReDimNet/releases/download/latest/{name}-{dataset}-{train_type}.pt"
 VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "S", "M")
@@ -56,7 +62,10 @@ def load_plain(file, origin):
         Anything else torch raises for a truncated, corrupt or foreign file.
     """
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(file, (str, os.PathLike)):
+            check_regular(file)  # a FIFO is refused, not waited on
+        with torch.sparse.check_sparse_tensor_invariants():  # a crafted sparse tensor fails here, not later
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None:
@@ -111,14 +120,8 @@ def cached_checkpoint(name, train_type="ptn", dataset="vox2"):
     return path
 
 
-def read_checkpoint(path):
-    """Read a published-format checkpoint file.
-
-    Returns:
-        (checkpoint dict, SHA-256 hex digest of the file bytes).
-    Raises:
-        CheckpointError: unreadable, corrupt, truncated, or not a {model_config, state_dict} dict.
-    """
+def _read_file(path):
+    """(what the torch file holds, SHA-256 of its bytes); CheckpointError if unreadable."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -132,6 +135,18 @@ def read_checkpoint(path):
         raise CheckpointError(f"{path}: not a readable torch checkpoint, the file may be corrupt or "
                               f"truncated ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
                               "delete it and download it again") from e
+    return ckpt, sha
+
+
+def read_checkpoint(path):
+    """Read a published-format ReDimNet checkpoint file (or mrlcache's file of any encoder).
+
+    Returns:
+        (checkpoint dict, SHA-256 hex digest of the file bytes).
+    Raises:
+        CheckpointError: unreadable, corrupt, truncated, or not a {model_config, state_dict} dict.
+    """
+    ckpt, sha = _read_file(path)
     if not isinstance(ckpt, dict) or not {"model_config", "state_dict"} <= set(ckpt):
         found = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not a ReDimNet checkpoint: expected a dict with 'model_config' "
@@ -145,29 +160,72 @@ def _listing(keys, limit=10):
     return ", ".join(keys[:limit]) + more
 
 
+def read_state(path):
+    """A published plain state dict file (ECAPA-TDNN, CAM++) -> (state dict, SHA-256 of the file)."""
+    state, sha = _read_file(path)
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: not a state dict (found {type(state).__name__})")
+    return state, sha
+
+
 def build_from_checkpoint(ckpt, origin):
-    """Build ReDimNet from ckpt['model_config'] and load ckpt['state_dict'] strictly (float32).
+    """Build the encoder ckpt names (ReDimNet without ``encoder``) from ckpt['model_config'] and
+    load ckpt['state_dict'] strictly (float32).
 
     Args:
-        ckpt: dict with 'model_config' and 'state_dict'.
+        ckpt: dict with 'model_config' and 'state_dict' (and 'encoder' for other encoders).
         origin: file name (or description) used in error messages.
     """
     config, state = ckpt["model_config"], ckpt["state_dict"]
     if not isinstance(config, dict) or not isinstance(state, dict):
         raise CheckpointError(f"{origin}: 'model_config' and 'state_dict' must both be dicts")
+    encoder = ckpt.get("encoder", DEFAULT_BACKBONE)
+    if encoder == DEFAULT_BACKBONE:
+        try:
+            model = ReDimNet(config)
+        except ConfigError as e:
+            raise CheckpointError(f"{origin}: {e}") from e
+        return load_strict(model, state, origin)
+    return _build_published(_module(encoder, origin), state, origin)
+
+
+def _build_published(module, state, origin):
+    """An encoder module's model from its published state dict: config from the shapes, strict load."""
     try:
-        model = ReDimNet(config)
-    except ConfigError as e:
-        raise CheckpointError(f"{origin}: {e}") from e
+        config, state = module.from_published(state, origin)
+        model = module.build(config)
+    except module.ConfigError as e:
+        raise CheckpointError(f"{origin}: {e}") from None
+    return load_strict(model, state, origin, getattr(module, "to_published", None))
+
+
+def _others():
+    """The registry's encoders other than ReDimNet (each with the module interface of the registry)."""
+    return [encoder_module(n) for n in BACKBONES if n != DEFAULT_BACKBONE]
+
+
+def _module(encoder, origin):
+    try:
+        return encoder_module(encoder)
+    except KeyError:
+        raise CheckpointError(f"{origin}: unknown encoder {encoder!r}; known: {', '.join(BACKBONES)}") from None
+
+
+def load_strict(model, state, origin, rename=None):
+    """Load ``state`` into ``model`` (float32), refusing any missing, unexpected or mis-shaped entry.
+
+    ``rename``: the model's parameter name -> the file's, so that errors name what the file holds.
+    """
+    rename = rename or (lambda key: key)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{origin}: state_dict entries that are not tensors: {_listing(bad)}")
     # Published weights may be stored in half precision; the model computes in float32.
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     expected = model.state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+    missing = {rename(k) for k in set(expected) - set(state)}
+    unexpected = {rename(k) for k in set(state) - set(expected)}
+    wrong = [f"{rename(k)} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
         parts = [f"{label} ({len(keys)}): {_listing(keys)}"
@@ -177,12 +235,44 @@ def build_from_checkpoint(ckpt, origin):
     return model
 
 
+def _published(path, backbone):
+    """Build and load a file or folder whose kind its content tells. Returns (model, sha256)."""
+    path = Path(path)
+    weights = path
+    if path.is_dir():
+        files = [m.weights_file(path) for m in _others() if hasattr(m, "weights_file")]
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise CheckpointError(f"{path}: a folder with no weights file mrlcache knows (a SpeechBrain "
+                                  "ECAPA-TDNN folder holds embedding_model.ckpt and hyperparams.yaml)")
+        weights = files[0]
+    obj, sha = _read_file(weights)
+    if isinstance(obj, dict) and {"model_config", "state_dict"} <= set(obj):
+        kind = obj.get("encoder", DEFAULT_BACKBONE)
+        _check_kind(kind, backbone, weights)
+        return build_from_checkpoint(obj, weights), sha
+    kinds = [m for m in _others() if isinstance(obj, dict) and m.recognises(obj)]
+    if not kinds:
+        found = sorted(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{weights}: not a ReDimNet checkpoint (a dict with 'model_config' and 'state_dict') "
+                              f"nor the published weights of another encoder "
+                              f"({', '.join(m.NAME for m in _others())}); found {found}")
+    _check_kind(kinds[0].NAME, backbone, weights)
+    return _build_published(kinds[0], obj, weights), sha
+
+
+def _check_kind(found, wanted, path):
+    if wanted is not None and found != wanted:
+        raise CheckpointError(f"{path}: holds a {found} checkpoint, not {wanted}; drop --backbone or "
+                              f"pass --backbone {found}")
+
+
 def _resolve(source, train_type, dataset):
     """A variant name or a path -> path of a local checkpoint file."""
     if source in VARIANTS:
         return cached_checkpoint(source, train_type, dataset)
     path = Path(source)
-    if path.is_file():
+    if path.is_file() or path.is_dir():
         return path
     if path.suffix or os.sep in str(source) or path.exists():
         raise CheckpointError(f"{source}: no such checkpoint file")
@@ -190,11 +280,16 @@ def _resolve(source, train_type, dataset):
                           "or a path to a published-format .pt checkpoint")
 
 
-def load_backbone(source, *, train_type="ptn", dataset="vox2", device="cpu", random_init=False, seed=0):
-    """Load a ReDimNet in eval mode from a checkpoint file or a published variant name.
+def load_backbone(source, *, backbone=None, train_type="ptn", dataset="vox2", device="cpu", random_init=False,
+                  seed=0):
+    """Load a frozen encoder in eval mode from a checkpoint file or folder, or a published variant name.
 
     Args:
-        source: path to a {model_config, state_dict} file, or "b0".."b6", "S", "M".
+        source: path to a {model_config, state_dict} file, a SpeechBrain ECAPA-TDNN folder
+            or its embedding_model.ckpt, a 3D-Speaker CAM++ state dict; or "b0".."b6", "S", "M";
+            with ``random_init``, a configuration name of ``backbone``.
+        backbone: the encoder expected (``registry.BACKBONES``); None: told by the file
+            (ReDimNet for a variant name or random weights).
         train_type, dataset: pick the published file for a name ("ptn"/"ft_lm"/"ft_mix";
             "vox2", "vb2", "vb2+vox2+cnc"), e.g. b2 -> b2-vox2-ptn.pt.
         device: where to put the model.
@@ -202,29 +297,44 @@ def load_backbone(source, *, train_type="ptn", dataset="vox2", device="cpu", ran
             of loading any file (tests, benchmarks); `seed` makes them deterministic without
             touching the caller's global RNG state.
     Returns:
-        ReDimNet with `.weights_sha256` = SHA-256 of the file (None for random init).
+        The encoder (ReDimNet, ECAPATDNN, CAMPPlus) with `.weights_sha256` = SHA-256 of the
+        weights file (None for random init).
     Raises:
         CheckpointError: unknown name, missing/corrupt file, failed download, mismatching weights.
     """
+    if backbone is not None and backbone not in BACKBONES:
+        raise CheckpointError(f"unknown backbone {backbone!r}: use one of {', '.join(BACKBONES)}")
     if random_init:
-        if source not in CONFIGS:
-            raise CheckpointError(f"random_init needs a variant with a known configuration "
-                                  f"({', '.join(CONFIGS)}), got {source!r}")
+        kind = backbone or DEFAULT_BACKBONE
+        configs = CONFIGS if kind == DEFAULT_BACKBONE else encoder_module(kind).CONFIGS
+        if source not in configs:
+            raise CheckpointError(f"random_init needs a variant with a known configuration: a {kind} "
+                                  f"configuration name ({', '.join(configs)}), got {source!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = ReDimNet(CONFIGS[source])
+            model = ReDimNet(CONFIGS[source]) if kind == DEFAULT_BACKBONE else encoder_module(kind).build(configs[source])
         return model.eval().to(device)
+    if source in VARIANTS and backbone not in (None, DEFAULT_BACKBONE):
+        raise CheckpointError(f"{source} is a ReDimNet variant; {backbone} weights are loaded from a file "
+                              "or folder (--weights PATH)")
     path = _resolve(source, train_type, dataset)
-    ckpt, sha = read_checkpoint(path)
-    model = build_from_checkpoint(ckpt, path)
+    model, sha = _published(path, backbone)
     model.weights_sha256 = sha
     return model.eval().to(device)
 
 
 def checkpoint_dict(model) -> dict:
-    """``{"model_config", "state_dict"}`` of a ReDimNet, on the CPU: what a published file holds."""
-    return {"model_config": model.model_config,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    """``{"model_config", "state_dict"}`` of a ReDimNet, on the CPU: what a published file holds.
+
+    Other encoders add ``"encoder": name`` (first) and store their state dict under the
+    published names, so the file loads back here and its weights into the reference code.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    encoder = getattr(model, "encoder", DEFAULT_BACKBONE)
+    if encoder == DEFAULT_BACKBONE:
+        return {"model_config": model.model_config, "state_dict": state}
+    rename = getattr(encoder_module(encoder), "to_published", lambda key: key)
+    return {"encoder": encoder, "model_config": model.model_config, "state_dict": {rename(k): v for k, v in state.items()}}
 
 
 def backbone_bytes(model) -> bytes:
@@ -248,9 +358,9 @@ def save_checkpoint(model, path) -> str:
 
 
 def load_recorded(record: BackboneRecord, device="cpu"):
-    """The backbone a record names (a variant name or a file), checked by nothing yet."""
-    return load_backbone(record.source, train_type=record.train_type or "ptn", dataset=record.dataset or "vox2",
-                         device=device)
+    """The backbone a record names (a variant name, a file or a folder), checked by nothing yet."""
+    return load_backbone(record.source, backbone=record.encoder, train_type=record.train_type or "ptn",
+                         dataset=record.dataset or "vox2", device=device)
 
 
 def _loadable(source: str | None) -> bool:
@@ -305,4 +415,4 @@ def backbone_for_cache(cache_dir, meta: dict, weights=None):
     if int(meta.get("pooled_dim", backbone.pooled_dim)) != backbone.pooled_dim:
         raise CheckpointError(f"backbone {record.source} pools {backbone.pooled_dim} dims, the cache holds "
                               f"{meta['pooled_dim']}")
-    return backbone, record.with_sha256(backbone.weights_sha256)
+    return backbone, record.of_model(backbone)

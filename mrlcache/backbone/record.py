@@ -1,11 +1,15 @@
 """Where a backbone's weights come from, as one record the cache and model.pt both carry.
 
 A record has four plain fields (JSON in ``cache.json["backbone"]``, plain dict entries in
-``model.pt["backbone"]``)::
+``model.pt["backbone"]``), and a fifth for encoders other than ReDimNet::
 
-    {"source": "b2" | "/abs/path.pt" | "random-init:b0",
+    {"source": "b2" | "/abs/path.pt" | "/abs/model-folder" | "random-init:b0",
      "train_type": "ptn", "dataset": "vox2",     # published weights; None otherwise
-     "sha256": "..."}                              # of the published-format file bytes
+     "sha256": "...",                              # of the weights file's bytes
+     "encoder": "ecapa-tdnn"}                      # absent (None) for ReDimNet
+
+(the encoder's configuration is the ``model_config`` stored beside the record). Records
+without ``encoder`` (every record before there were other encoders) are ReDimNet's.
 
 so fit, eer and embed find the weights and check them without parsing strings. Caches of
 format 1 recorded ``weights_source`` as a packed string ("b2-vox2-ptn", a path, or
@@ -35,12 +39,14 @@ class BackboneRecord:
         train_type, dataset: which published file a variant name means ("ptn", "vox2");
             None for files and random weights.
         sha256: SHA-256 of the weights in the published format (the file's bytes).
+        encoder: the encoder's registry name (:mod:`mrlcache.backbone.registry`); None for ReDimNet.
     """
 
     source: str | None
     train_type: str | None = None
     dataset: str | None = None
     sha256: str | None = None
+    encoder: str | None = None
 
     @classmethod
     def published(cls, variant: str, train_type: str = "ptn", dataset: str = "vox2", sha256=None):
@@ -66,12 +72,21 @@ class BackboneRecord:
     def with_sha256(self, sha256: str | None) -> BackboneRecord:
         return replace(self, sha256=sha256)
 
+    def of_model(self, model) -> BackboneRecord:
+        """This record with ``model``'s SHA-256 and encoder name (None for ReDimNet)."""
+        encoder = getattr(model, "encoder", None)
+        return replace(self, sha256=model.weights_sha256, encoder=None if encoder == "redimnet" else encoder)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a plain dict; ``encoder`` only when set (ReDimNet records keep their four keys)."""
+        data = asdict(self)
+        if data["encoder"] is None:
+            del data["encoder"]
+        return data
 
     @classmethod
     def from_dict(cls, data) -> BackboneRecord:
-        """The record of a dict holding some of the four fields (missing ones are None).
+        """The record of a dict holding some of the fields (missing ones are None).
 
         Raises:
             RecordError: not a dict, an unknown key, or a field that is not a string or None.

@@ -268,6 +268,17 @@ class ReDimNet(nn.Module):
         """Waveform -> published embedding (B, embed_dim)."""
         return self.head(self.pooled(wave))
 
+    def for_inference(self):
+        """A frozen copy laid out for fast inference (BatchNorm folded, time-major, channels-last).
+
+        Same outputs to about 1e-6 (tests/backbone/test_inference.py); this model, its
+        state_dict and its SHA-256 are unchanged. Eval mode only; see
+        :mod:`mrlcache.backbone.inference`.
+        """
+        from mrlcache.backbone.inference import InferenceReDimNet
+
+        return InferenceReDimNet(self)
+
 
 # --------------------------------------------------------------------------------------
 # Named configurations (published sizes; a checkpoint's own model_config always wins)

@@ -1,10 +1,12 @@
 """The storage interface of one shard, and the one registry of the formats that implement it.
 
-A backend is a small class (one file each: ``zarr_backend.py``, ``hdf5_backend.py``) that
-writes one complete shard, reads its metadata and vectors back, and lists what is
-structurally wrong with a shard file. It registers itself with :func:`register_backend`;
-``BACKENDS`` maps the name given to ``--format`` (and stored in cache.json's ``format``) to
-the class. Everything else (layout, checks of rows, checksums, resume) is format-neutral.
+A shard is a set of named arrays plus a small JSON-able dict of attributes. A backend is a
+small class (one file each: ``zarr_backend.py``, ``hdf5_backend.py``) with array verbs:
+write a shard's arrays, read (rows of) an array, check an array's structure, read the
+metadata. It registers itself with :func:`register_backend`; ``BACKENDS`` maps the name
+given to ``--format`` (and stored in cache.json's ``format``) to the class. Which arrays a
+stream is stored as, and everything else (checks of rows, checksums, resume), is
+format-neutral (layout.py, integrity.py).
 """
 
 from __future__ import annotations
@@ -20,33 +22,24 @@ class ShardBackend(Protocol):
     name: str  # e.g. "zarr": the value of --format and of cache.json's "format"
     suffix: str  # e.g. ".zarr": shard file names are shard-00000<suffix>
 
-    def write(self, path, pooled: np.ndarray | None, index: np.ndarray, attrs: dict, arrays: dict | None = None) -> None:
-        """Write a complete shard at ``path`` (must not exist).
+    def write(self, path, attrs: dict, arrays: dict) -> None:
+        """Write a complete shard at ``path`` (must not exist): ``attrs`` JSON-able (with
+        ``skipped``, {utt_id: reason}, which may be large), ``arrays`` {name: (array,
+        chunks)}, uncompressed; chunks None is one block (HDF5: contiguous)."""
 
-        pooled: (n, V, D) in the stored dtype, or None (no pooled stream); index: (n,)
-        int64; attrs: JSON-able dict, including ``skipped`` ({utt_id: reason}); arrays:
-        the other streams' arrays {name: (array, chunks)} (layout.py), uncompressed.
-        """
+    def read_meta(self, path) -> tuple[dict, dict]:
+        """Return (attrs, {array name: shape}) of the shard at ``path``; reads no array values."""
 
-    def read_meta(self, path) -> tuple[dict, np.ndarray, tuple | None]:
-        """Return (attrs, index (n,) int64, pooled shape (n, V, D) or None) of the shard at ``path``."""
-
-    def read_array(self, path, name: str, selection=()) -> np.ndarray:
+    def read_array(self, path, name: str, selection=(), out: np.ndarray | None = None) -> np.ndarray:
         """``array[selection]`` (ints, slices, at most one increasing int array), reading only
-        the chunks the selection touches."""
+        the chunks the selection touches; into ``out`` when given (any float dtype), returned."""
+
+    def check_array(self, path, name: str, shape: tuple, dtype, chunks: tuple | None) -> list[str]:
+        """Structural problems of the array ``name`` (missing, shape, dtype, chunks missing or
+        short); reads no values. Empty when sound."""
 
     def array_bytes(self, path, name: str) -> int:
         """Bytes on disk of the array ``name``."""
-
-    def check_array(self, path, name: str, shape: tuple, dtype, chunks: tuple) -> list[str]:
-        """Structural problems of the array ``name`` (missing, shape, dtype, chunks); reads no values."""
-
-    def read_pooled(self, path, out: np.ndarray, view: int | None = None) -> None:
-        """Fill ``out`` ((n, V, D), or (n, D) for one view) with the shard's vectors."""
-
-    def check(self, path, shape: tuple, dtype: np.dtype) -> list[str]:
-        """Structural problems of the shard at ``path`` (missing or short chunks, wrong
-        dtype or chunking) for pooled shape ``shape``; empty when sound. Reads no vectors."""
 
 
 # Name -> backend class, in registration order (zarr first: the default).

@@ -1,7 +1,7 @@
 """What makes a shard trustworthy: its structure and rows (always checked), its checksums
 (checked on demand), and the summary numbers computed from the shards.
 
-The writer stores ``sha256 = {"pooled": ..., "index": ...}`` in each shard's attributes:
+The writer stores ``sha256 = {<array>: ..., "index": ...}`` in each shard's attributes:
 SHA-256 of the little-endian, C-order bytes of the arrays as stored. Opening a cache runs
 :func:`inspect_shard` on every shard (reads metadata and the index only); ``verify=True``
 adds :func:`checksum_problems` (reads every vector).
@@ -38,42 +38,33 @@ def array_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(array.view(np.uint8).reshape(-1)).hexdigest()
 
 
-def checksums(pooled: np.ndarray | None, index: np.ndarray, arrays: dict | None = None) -> dict:
-    """The ``sha256`` attribute of a shard: {"pooled": hex, "index": hex, <array>: hex...}.
-
-    ``pooled`` None: a cache without pooled; ``arrays``: the other streams' stored arrays.
-    """
-    found = {} if pooled is None else {"pooled": array_sha256(pooled)}
-    found["index"] = array_sha256(np.asarray(index, dtype=np.int64))
-    for name, array in (arrays or {}).items():
-        found[name] = array_sha256(array)
+def checksums(index: np.ndarray, arrays: dict) -> dict:
+    """The ``sha256`` attribute of a shard: {<array>: hex, ..., "index": hex} over the
+    streams' stored ``arrays`` {name: array} and the index."""
+    found = {name: array_sha256(array) for name, array in arrays.items()}
+    found[layout.INDEX] = array_sha256(np.asarray(index, dtype=np.int64))
     return found
 
 
 def stream_arrays(backend, path, meta: dict, n: int) -> tuple[dict, list[str]]:
-    """{array: (shape, dtype, chunks)} the shard's non-pooled streams must have, and problems
+    """{array: (shape, dtype, chunks)} the shard's streams and index must have, and problems
     found on the way (a ragged stream's offsets are read: (n + 1,) int64, small)."""
-    views, expected, problems = int(meta["views"]), {}, []
-    for name, info in layout.cache_streams(meta).items():
-        if name == "pooled":
-            continue
-        dtype = np.dtype(info["dtype"])
-        if not info["ragged"]:
-            item = layout.item_shape(info)
-            expected[name] = ((n, views, *item), dtype, layout.dense_chunks(n, views, item, dtype.itemsize))
-            continue
-        offsets_name = name + layout.OFFSETS
-        bad = backend.check_array(path, offsets_name, (n + 1,), np.int64, (n + 1,))
-        if bad:
-            problems += bad
-            continue
-        offsets = backend.read_array(path, offsets_name)
-        if offsets[0] != 0 or (np.diff(offsets) < 0).any():
-            problems.append(f"{offsets_name} does not start at 0 and increase")
-            continue
-        shape = tuple(int(s) for s in info["shape"])
-        total = int(offsets[-1])
-        expected[name] = ((*shape, total), dtype, layout.ragged_chunks(shape, total, dtype.itemsize))
+    views = int(meta["views"])
+    expected, problems = {layout.INDEX: ((n,), np.dtype(np.int64), None)}, []
+    for record in layout.cache_records(meta).values():
+        arrays = layout.expected_arrays(record, n, views)
+        if record.ragged:
+            offsets_name = record.name + layout.OFFSETS
+            bad = backend.check_array(path, offsets_name, *arrays[offsets_name])
+            if bad:
+                problems += bad
+                continue
+            offsets = backend.read_array(path, offsets_name)
+            if offsets[0] != 0 or (np.diff(offsets) < 0).any():
+                problems.append(f"{offsets_name} does not start at 0 and increase")
+                continue
+            arrays = layout.expected_arrays(record, n, views, offsets)
+        expected.update(arrays)
     return expected, problems
 
 
@@ -82,11 +73,11 @@ def damaged(path: Path, problems: list[str]) -> DamagedCacheError:
     return DamagedCacheError(f"{path}: damaged shard ({'; '.join(problems)}); {REPAIR}")
 
 
-def inspect_shard(backend, path: Path, k: int, meta: dict, row_of: dict) -> tuple[dict, np.ndarray, tuple]:
-    """Check the structure of shard ``k`` at ``path``; return (attrs, index (n,), shape (n, V, D)).
+def inspect_shard(backend, path: Path, k: int, meta: dict, row_of: dict) -> tuple[dict, np.ndarray]:
+    """Check the structure of shard ``k`` at ``path``; return (attrs, index (n,)).
 
     Checks what costs no vector reads: the file opens, its numbers are those of shard k,
-    the pooled shape matches cache.json, every chunk is present with its full size, and the
+    every stream's shape matches cache.json, every chunk is present with its full size, and the
     index plus the skipped ids cover the shard's manifest rows exactly once.
 
     Args:
@@ -96,32 +87,34 @@ def inspect_shard(backend, path: Path, k: int, meta: dict, row_of: dict) -> tupl
         DamagedCacheError: naming the shard, its problems and the fix.
     """
     try:
-        attrs, index, shape = backend.read_meta(path)
+        attrs, shapes = backend.read_meta(path)
+        index = np.asarray(backend.read_array(path, layout.INDEX), dtype=np.int64) if layout.INDEX in shapes else None
     except Exception as err:  # any library error means the same: the file is not readable
         raise damaged(path, [f"unreadable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"]) from None
+    if index is None:
+        raise damaged(path, [f"array {layout.INDEX} is missing"])
     required = ATTR_KEYS + (("sha256",) if meta.get("format_version", 1) >= 2 else ())
     lacking = [key for key in required if key not in attrs]
     if lacking:
         raise damaged(path, [f"attributes {', '.join(lacking)} missing"])
     rows = shard_rows(k, int(meta["shard_size"]), int(meta["num_utterances"]))
-    views, dim = int(meta["views"]), int(meta["pooled_dim"])
-    has_pooled = "pooled" in layout.cache_streams(meta)
+    views = int(meta["views"])
     problems = []
     if attrs["shard"] != k or list(attrs["rows"]) != [rows.start, rows.stop]:
         problems.append(f"it says shard {attrs['shard']} rows {attrs['rows']}, expected shard {k} rows {[rows.start, rows.stop]}")
-    if attrs["n_ok"] != len(index) or (has_pooled and (shape is None or tuple(shape) != (len(index), views, dim))):
-        problems.append(f"pooled shape {shape} with {len(index)} index rows, expected (n, {views}, {dim}) with n = {attrs['n_ok']}")
+    if attrs["n_ok"] != len(index):
+        problems.append(f"{len(index)} index rows, expected n_ok = {attrs['n_ok']}")
+    for record in layout.cache_records(meta).values():
+        if not record.ragged and shapes.get(record.name) != (len(index), views, *record.item_shape):
+            problems.append(f"{record.name} shape {shapes.get(record.name)} with {len(index)} index rows, "
+                            f"expected (n, {views}, {', '.join(map(str, record.item_shape))}) with n = {attrs['n_ok']}")
     # Shards written before the binding existed lack it; those are checked as before.
     if "cache" in attrs and attrs["cache"] != cache_binding(meta):
         problems.append("written for another cache (other utterances or settings)")
     if problems:
         raise damaged(path, problems)
-    if not has_pooled:
-        shape = (len(index), views, 0)
     try:
-        problems = backend.check(path, tuple(shape), np.dtype(meta["dtype"])) if has_pooled else []
-        expected, found = stream_arrays(backend, path, meta, len(index))
-        problems += found
+        expected, problems = stream_arrays(backend, path, meta, len(index))
         for name, (array_shape, dtype, chunks) in expected.items():
             problems += backend.check_array(path, name, array_shape, dtype, chunks)
     except Exception as err:
@@ -139,10 +132,10 @@ def inspect_shard(backend, path: Path, k: int, meta: dict, row_of: dict) -> tupl
         bad = [int(i) for i in index if not rows.start <= i < rows.stop][:3]
         what = f"index values outside rows {rows.start}..{rows.stop - 1}: {bad}" if bad else "index has duplicate rows"
         raise damaged(path, [f"{what} (index and skipped must cover the rows exactly once)"])
-    return attrs, index, tuple(shape)
+    return attrs, index
 
 
-def checksum_problems(backend, path: Path, attrs: dict, index: np.ndarray, shape: tuple, dtype) -> list[str]:
+def checksum_problems(backend, path: Path, attrs: dict, index: np.ndarray) -> list[str]:
     """Recompute the shard's checksums (reads every vector); the mismatches, if any.
 
     A format-1 shard has no checksums: nothing to compare, no problem.
@@ -151,14 +144,10 @@ def checksum_problems(backend, path: Path, attrs: dict, index: np.ndarray, shape
     if recorded is None:
         return []
     try:
-        pooled = None
-        if "pooled" in recorded:
-            pooled = np.empty(shape, dtype=dtype)
-            backend.read_pooled(path, pooled)
-        arrays = {name: backend.read_array(path, name) for name in recorded if name not in ("pooled", "index")}
+        arrays = {name: backend.read_array(path, name) for name in recorded if name != layout.INDEX}
     except Exception as err:
         return [f"vectors unreadable: {type(err).__name__}: {err}"]
-    found = checksums(pooled, index, arrays)
+    found = checksums(index, arrays)
     return [f"{name} checksum mismatch (bytes changed since written)" for name in found if found[name] != recorded.get(name)]
 
 
@@ -199,8 +188,8 @@ def totals(out: Path, shards: dict[int, dict], meta: dict | None = None, backend
     if meta is not None and isinstance(meta.get("streams"), dict):
         files = shard_files(out / SHARDS_DIR, meta["format"])
         stream_bytes = {}
-        for name, info in meta["streams"].items():
-            arrays = [name, name + layout.OFFSETS] if info["ragged"] else [name]
+        for name, record in layout.cache_records(meta).items():
+            arrays = [name, name + layout.OFFSETS] if record.ragged else [name]
             stream_bytes[name] = sum(backend.array_bytes(files[k], a) for k in sorted(shards) for a in arrays)
         found["stream_bytes"] = stream_bytes
     return found

@@ -31,8 +31,8 @@ from mrlcache.cache.format import (
 class Shard:
     """One complete shard: its streams and the ids of the utterances they belong to."""
 
-    def __init__(self, path: Path, backend, attrs: dict, index: np.ndarray, shape: tuple, utt_ids, speakers,
-                 streams: dict | None = None):
+    def __init__(self, path: Path, backend, attrs: dict, index: np.ndarray, utt_ids, speakers, streams: dict,
+                 views: int):
         self.path = path
         self._backend = backend
         self.attrs = attrs
@@ -40,41 +40,41 @@ class Shard:
         self.index = index  # (n,) manifest rows
         self.skipped = dict(attrs["skipped"])
         self.seconds = float(attrs["seconds"])
-        self.shape = shape  # (n, V, D) of pooled (D = 0 without pooled)
-        self.streams = streams or {"pooled": {"kind": "vector", "shape": [shape[2]], "ragged": False,
-                                              "frame_rate": None, "dtype": "float32"}}
+        self.streams = streams  # {name: StreamRecord}
+        self.num_views = int(views)
         self.utterances = [utt_ids[i] for i in index]
         self.speakers = [speakers[i] for i in index]
         self._offsets = {}
 
     def __len__(self) -> int:
-        return self.shape[0]
+        return len(self.index)
 
-    def read(self, stream: str = "pooled", view: int | None = None, rows=None, dtype=np.float32):
+    def read(self, stream: str = "pooled", view: int | None = None, rows=None, dtype=np.float32, out=None):
         """One stream of this shard (shapes as :meth:`Cache.read`); ``rows``: positions in the
-        shard (any order, repeats allowed), reading only the chunks that hold them."""
-        info = _check_stream(stream, self.streams)
-        n, views = self.shape[:2]
-        view = _check_view(view, views)
+        shard (any order, repeats allowed), reading only the chunks that hold them; ``out``:
+        a dense stream's whole selection is read into it (returned)."""
+        record = _check_stream(stream, self.streams)
+        n = len(self)
+        view = _check_view(view, self.num_views)
         if rows is not None:
             rows = np.asarray(rows, dtype=np.int64).reshape(-1)
             if len(rows) and (rows.min() < 0 or rows.max() >= n):
                 raise IndexError(f"rows out of range: shard {self.number} holds {n} rows")
-        if info["ragged"]:
-            return self._read_ragged(stream, info, view, rows, dtype)
-        if stream == "pooled" and rows is None:
-            dim = self.shape[2]
-            out = np.empty((n, views, dim) if view is None else (n, dim), dtype=dtype)
-            self._backend.read_pooled(self.path, out, view)
-            return out
+        if record.ragged:
+            return self._read_ragged(record, view, rows, dtype)
         selection = [slice(None) if view is None else view]
         if rows is None:
-            data = self._backend.read_array(self.path, stream, [slice(None)] + selection)
+            if out is None:
+                out = np.empty((n, *(() if view is not None else (self.num_views,)), *record.item_shape), dtype)
+            data = self._backend.read_array(self.path, stream, [slice(None)] + selection, out=out)
         else:
             # Backends select increasing rows: read each distinct row once, then reorder.
             unique, inverse = np.unique(rows, return_inverse=True)
-            data = self._backend.read_array(self.path, stream, [unique] + selection)[inverse]
-        return layout.decode(stream, data.astype(dtype, copy=False))
+            data = self._backend.read_array(self.path, stream, [unique] + selection)[inverse].astype(dtype, copy=False)
+            if out is not None:
+                out[...] = data
+                data = out
+        return record.decode(data)
 
     def offsets(self, stream: str) -> np.ndarray:
         """(n + 1,) int64 frame offsets of a ragged stream: row i is frames offsets[i]:offsets[i+1]."""
@@ -82,18 +82,19 @@ class Shard:
             self._offsets[stream] = self._backend.read_array(self.path, stream + layout.OFFSETS)
         return self._offsets[stream]
 
-    def _read_ragged(self, stream, info, view, rows, dtype) -> list[np.ndarray]:
+    def _read_ragged(self, record, view, rows, dtype) -> list[np.ndarray]:
         if view not in (None, 0):
-            raise IndexError(f"stream {stream!r} is ragged (eval mode): it has view 0 only")
-        offsets = self.offsets(stream)
-        lead = [slice(None)] * len(info["shape"])
+            raise IndexError(f"stream {record.name!r} is ragged (eval mode): it has view 0 only")
+        offsets = self.offsets(record.name)
+        lead = [slice(None)] * len(record.shape)
         if rows is None:  # one read of every frame, split into utterances
-            values = layout.decode(stream, self._backend.read_array(self.path, stream).astype(dtype, copy=False))
+            values = record.decode(self._backend.read_array(self.path, record.name).astype(dtype, copy=False))
             return [values[..., a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         out = []
         for r in rows:
-            part = self._backend.read_array(self.path, stream, lead + [slice(int(offsets[r]), int(offsets[r + 1]))])
-            out.append(layout.decode(stream, part.astype(dtype, copy=False)))
+            part = self._backend.read_array(self.path, record.name,
+                                            lead + [slice(int(offsets[r]), int(offsets[r + 1]))])
+            out.append(record.decode(part.astype(dtype, copy=False)))
         return out
 
 
@@ -135,18 +136,16 @@ class Cache:
         self.path = path
         self.meta = meta
         self._backend = BACKENDS[meta["format"]]
-        # {name: {"kind", "shape", "ragged", "frame_rate", "dtype"}}; pooled alone in older caches
-        self.streams = {name: dict(info) for name, info in layout.cache_streams(meta).items()}
-        for info in self.streams.values():
-            info["shape"] = tuple(info["shape"])
+        # {name: StreamRecord}; pooled alone in caches without "streams"
+        self.streams = layout.cache_records(meta)
         self._manifest = _read_checked_manifest(path, meta)
         utt_ids, speakers, _ = self._manifest
         row_of = {u: i for i, u in enumerate(utt_ids)}
         self.shards: list[Shard] = []
         for k in sorted(shard_files):
-            attrs, index, shape = integrity.inspect_shard(self._backend, shard_files[k], k, meta, row_of)
-            self.shards.append(Shard(shard_files[k], self._backend, attrs, index, shape, utt_ids, speakers,
-                                     self.streams))
+            attrs, index = integrity.inspect_shard(self._backend, shard_files[k], k, meta, row_of)
+            self.shards.append(Shard(shard_files[k], self._backend, attrs, index, utt_ids, speakers,
+                                     self.streams, self.num_views))
         self.utterances = [u for s in self.shards for u in s.utterances]
         self.speakers = [s_ for s in self.shards for s_ in s.speakers]
         self.skipped = {u: r for s in self.shards for u, r in s.skipped.items()}
@@ -192,37 +191,31 @@ class Cache:
         Raises:
             KeyError: the cache has no such stream (naming the ones it holds).
         """
-        info = _check_stream(stream, self.streams)
+        record = _check_stream(stream, self.streams)
         view = _check_view(view, self.num_views)
         if rows is not None:
-            return self._read_rows(stream, info, view, rows, dtype)
-        if stream != "pooled":
-            parts = [shard.read(stream, view, dtype=dtype) for shard in self.shards]
-            if info["ragged"]:
-                return [x for part in parts for x in part]
-            if parts:
-                return np.concatenate(parts)
-            return np.empty((0, *(() if view is not None else (self.num_views,)), *layout.item_shape(info)), dtype)
-        n = len(self)
-        out = np.empty((n, self.num_views, self.dim) if view is None else (n, self.dim), dtype=dtype)
+            return self._read_rows(stream, record, view, rows, dtype)
+        if record.ragged:
+            return [x for shard in self.shards for x in shard.read(stream, view, dtype=dtype)]
+        lead = () if view is not None else (self.num_views,)
+        out = np.empty((len(self), *lead, *record.item_shape), dtype=dtype)
         start = 0
-        for shard in self.shards:
-            stop = start + len(shard)
-            self._backend.read_pooled(shard.path, out[start:stop], view)
-            start = stop
+        for shard in self.shards:  # straight into one preallocated array
+            shard.read(stream, view, dtype=dtype, out=out[start:start + len(shard)])
+            start += len(shard)
         return out
 
-    def _read_rows(self, stream, info, view, rows, dtype):
+    def _read_rows(self, stream, record, view, rows, dtype):
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"rows out of range: the cache holds {len(self)} rows (0..{len(self) - 1})")
         starts = np.cumsum([0] + [len(s) for s in self.shards])
         which = np.searchsorted(starts, rows, side="right") - 1  # shard of each row
-        out = [None] * len(rows) if info["ragged"] else None
+        out = [None] * len(rows) if record.ragged else None
         for k in np.unique(which):
             picked = np.flatnonzero(which == k)
             part = self.shards[k].read(stream, view, rows=rows[picked] - starts[k], dtype=dtype)
-            if info["ragged"]:
+            if record.ragged:
                 for i, x in zip(picked, part):
                     out[i] = x
                 continue
@@ -231,7 +224,7 @@ class Cache:
             out[picked] = part
         if out is None:  # no rows asked
             lead = () if view is not None else (self.num_views,)
-            out = np.empty((0, *lead, *layout.item_shape(info)), dtype=dtype)
+            out = np.empty((0, *lead, *record.item_shape), dtype=dtype)
         return out
 
     def index_of(self, utt_ids) -> np.ndarray:
@@ -262,9 +255,7 @@ class Cache:
         """One line per shard whose vectors or index no longer match their checksums (reads all)."""
         found = []
         for shard in self.shards:
-            bad = integrity.checksum_problems(
-                self._backend, shard.path, shard.attrs, shard.index, shard.shape, self.dtype
-            )
+            bad = integrity.checksum_problems(self._backend, shard.path, shard.attrs, shard.index)
             if bad:
                 found.append(str(integrity.damaged(shard.path, bad)))
         return found
@@ -350,12 +341,12 @@ def problems(path, full: bool = False) -> list[str]:
         )
     for k in sorted(k for k in files if k < total):
         try:
-            attrs, index, shape = integrity.inspect_shard(backend, files[k], k, meta, row_of)
+            attrs, index = integrity.inspect_shard(backend, files[k], k, meta, row_of)
         except DamagedCacheError as err:
             found.append(str(err))
             continue
         if full:
-            bad = integrity.checksum_problems(backend, files[k], attrs, index, shape, np.dtype(meta["dtype"]))
+            bad = integrity.checksum_problems(backend, files[k], attrs, index)
             if bad:
                 found.append(str(integrity.damaged(files[k], bad)))
                 continue

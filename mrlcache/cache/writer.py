@@ -27,6 +27,7 @@ from mrlcache.cache.format import (
     REQUIRED_KEYS,
     SHARDS_DIR,
     SKIPPED_FILE,
+    SOURCES_FILE,
     TMP_RE,
     CacheError,
     CacheLockedError,
@@ -82,15 +83,17 @@ class CacheWriter:
             raise ValueError(f"cache metadata lacks {', '.join(missing)}")
         if meta["dtype"] not in DTYPES:
             raise ValueError(f"cache dtype {meta['dtype']!r} not supported; use one of {', '.join(DTYPES)}")
-        streams = layout.cache_streams(meta)
-        if int(meta["shard_size"]) < 1 or int(meta["views"]) < 1 or ("pooled" in streams and int(meta["pooled_dim"]) < 1):
-            raise ValueError("shard_size, views and pooled_dim must be positive")
-        for name, info in streams.items():
-            missing = {"kind", "shape", "ragged", "frame_rate", "dtype"} - set(info)
-            if missing or info["dtype"] not in DTYPES or (info["kind"] == "frames" and not info["ragged"]
-                                                           and "frames" not in info):
-                raise ValueError(f"cache metadata: stream {name!r} needs kind, shape, ragged, frame_rate, a dtype "
-                                 f"in {', '.join(DTYPES)} (and frames when dense), got {info}")
+        if int(meta["shard_size"]) < 1 or int(meta["views"]) < 1:
+            raise ValueError("shard_size and views must be positive")
+        try:
+            records = layout.cache_records(meta)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"cache metadata: {err}") from None
+        for name, record in records.items():
+            if record.dtype not in DTYPES or not record.item_shape or min(record.item_shape) < 1:
+                raise ValueError(f"cache metadata: stream {name!r} needs a positive shape and a dtype in "
+                                 f"{', '.join(DTYPES)}, got {record}")
+        self.records = records
         self.out = Path(out)
         self.backend = BACKENDS[backend]
         self.rank = int(rank)
@@ -163,7 +166,7 @@ class CacheWriter:
         for name in (SHARDS_DIR, LOCKS_DIR):
             if (self.out / name).is_dir():
                 shutil.rmtree(self.out / name)
-        for name in (META_FILE, MANIFEST_FILE, SKIPPED_FILE):
+        for name in (META_FILE, MANIFEST_FILE, SKIPPED_FILE, SOURCES_FILE):
             (self.out / name).unlink(missing_ok=True)
 
     def _create_or_check(self) -> None:
@@ -198,6 +201,8 @@ class CacheWriter:
             fsync_dir(self.out)
             return
         old = read_meta(self.out)
+        if old.get("streams") != self.meta.get("streams") and _same_records(old, self.meta):
+            self.meta["streams"] = old["streams"]  # the same streams written by an older version
         new, have = settings(self.meta), settings(old)
         differ = sorted(k for k in set(new) | set(have) if new.get(k) != have.get(k))
         if differ:
@@ -246,10 +251,10 @@ class CacheWriter:
             if k >= self.num_shards:
                 continue
             try:
-                attrs, index, shape = integrity.inspect_shard(self.backend, path, k, self.meta, self._row_of)
+                attrs, index = integrity.inspect_shard(self.backend, path, k, self.meta, self._row_of)
             except DamagedCacheError:
                 continue
-            if verify and integrity.checksum_problems(self.backend, path, attrs, index, shape, self.meta["dtype"]):
+            if verify and integrity.checksum_problems(self.backend, path, attrs, index):
                 continue
             sound[k] = attrs
         return sound
@@ -285,16 +290,12 @@ class CacheWriter:
         """
         rows = self.shard_rows(k)
         index = np.asarray(index, dtype=np.int64).reshape(-1)  # (n_ok,)
-        views, dim = int(self.meta["views"]), int(self.meta["pooled_dim"])
-        infos = layout.cache_streams(self.meta)
-        given = set(streams or {}) | ({"pooled"} if pooled is not None else set())
-        if given != set(infos):
-            raise ValueError(f"shard {k}: streams given {sorted(given)}, the cache holds {sorted(infos)}")
+        views = int(self.meta["views"])
+        given = dict(streams or {})
         if pooled is not None:
-            pooled = np.asarray(pooled)
-            if pooled.shape != (len(index), views, dim):
-                expected = (len(index), views, dim)
-                raise ValueError(f"shard {k}: pooled has shape {pooled.shape}, expected {expected}")
+            given = {"pooled": pooled, **given}
+        if set(given) != set(self.records):
+            raise ValueError(f"shard {k}: streams given {sorted(given)}, the cache holds {sorted(self.records)}")
         skipped = {str(u): str(r) for u, r in skipped.items()}
         unknown = [u for u in skipped if self._row_of.get(u) not in rows]
         if unknown:
@@ -306,32 +307,16 @@ class CacheWriter:
                 f"shard {k}: index ({len(index)}) and skipped ({len(skipped)}) must cover manifest rows "
                 f"{rows.start}..{rows.stop - 1} exactly once"
             )
-        stored = None
-        if pooled is not None:
-            stored = layout.to_stored(k, "pooled", pooled, self.meta["dtype"], self._ids(index))
         arrays = {}
-        for name, data in (streams or {}).items():
-            info = infos[name]
-            dtype = np.dtype(info["dtype"])
-            if info["ragged"]:
-                values, offsets = layout.concat_ragged(k, name, info, data, len(index))
-                values = layout.to_stored(k, name, values, dtype, self._ids(index), offsets)
-                arrays[name] = (values, layout.ragged_chunks(values.shape[:-1], values.shape[-1], dtype.itemsize))
-                arrays[name + layout.OFFSETS] = (offsets, (len(offsets),))
-            else:
-                data = np.asarray(data)
-                expected = (len(index), views, *layout.item_shape(info))
-                if data.shape != expected:
-                    raise ValueError(f"shard {k}: stream {name} has shape {data.shape}, expected {expected}")
-                values = layout.to_stored(k, name, layout.encode(name, data), dtype, self._ids(index))
-                arrays[name] = (values, layout.dense_chunks(len(index), views, expected[2:], dtype.itemsize))
+        for name, record in self.records.items():
+            arrays.update(layout.stored_arrays(k, record, given[name], len(index), views, self._ids(index)))
         sums = {name: array for name, (array, _) in arrays.items()}
         final = self.shards_dir / shard_name(k, self.backend.name)
         if final.exists():
             # Rare (a rerun rewriting a damaged shard): checking it fully costs one shard read.
             try:
-                attrs, old_index, shape = integrity.inspect_shard(self.backend, final, k, self.meta, self._row_of)
-                sound = not integrity.checksum_problems(self.backend, final, attrs, old_index, shape, self.meta["dtype"])
+                attrs, old_index = integrity.inspect_shard(self.backend, final, k, self.meta, self._row_of)
+                sound = not integrity.checksum_problems(self.backend, final, attrs, old_index)
             except DamagedCacheError:
                 sound = False
             if sound:
@@ -346,7 +331,7 @@ class CacheWriter:
             "n_skipped": len(skipped),
             "seconds": float(seconds),
             "skipped": skipped,
-            "sha256": integrity.checksums(stored, index, sums),  # checked by open(verify=True)
+            "sha256": integrity.checksums(index, sums),  # checked by open(verify=True)
             "cache": integrity.cache_binding(self.meta),  # a shard copied from another cache is refused
         }
         if windowed:  # absent otherwise: shards as before windows
@@ -356,10 +341,7 @@ class CacheWriter:
                 raise ValueError(f"shard {k}: windowed ids without vectors in this shard: {stray[:3]}")
             attrs["windowed"] = {str(u): int(n) for u, n in sorted(windowed.items())}
         try:
-            if arrays:
-                self.backend.write(tmp, stored, index, attrs, arrays)
-            else:  # pooled alone: the call (and the shard) of caches before streams
-                self.backend.write(tmp, stored, index, attrs)
+            self.backend.write(tmp, attrs, {**arrays, layout.INDEX: (index, None)})
             fsync_tree(tmp)
             os.replace(tmp, final)
         except BaseException:
@@ -414,6 +396,13 @@ class CacheWriter:
         self.close()
 
 
+def _same_records(a: dict, b: dict) -> bool:
+    try:
+        return layout.cache_records(a) == layout.cache_records(b)
+    except (ValueError, TypeError, KeyError):
+        return False
+
+
 def _read_meta_if_any(out: Path) -> dict | None:
     try:
         return read_meta(out)
@@ -423,8 +412,8 @@ def _read_meta_if_any(out: Path) -> dict | None:
 
 def _ours(name: str) -> bool:
     """True for the names a cache directory holds (including writers' temporary files)."""
-    files = "|".join(re.escape(f) for f in (META_FILE, MANIFEST_FILE, SKIPPED_FILE))
-    return name in (META_FILE, MANIFEST_FILE, SKIPPED_FILE, SHARDS_DIR, LOCKS_DIR) or re.match(
+    files = "|".join(re.escape(f) for f in (META_FILE, MANIFEST_FILE, SKIPPED_FILE, SOURCES_FILE))
+    return name in (META_FILE, MANIFEST_FILE, SKIPPED_FILE, SOURCES_FILE, SHARDS_DIR, LOCKS_DIR) or re.match(
         rf"^\.({files})\.tmp-[A-Za-z0-9_]+$", name
     ) is not None
 

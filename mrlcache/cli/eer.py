@@ -169,6 +169,11 @@ def _read_trials(path):
         shown = ", ".join(f"line {line} repeats line {was}" for line, was in trials.duplicates[:3])
         _warn(f"{path}: {len(trials.duplicates)} duplicate trial(s) ({shown}); each is scored "
               "as often as it is listed")
+    if trials.self_trials:
+        i = trials.self_trials[0]
+        _warn(f"{path}: {len(trials.self_trials)} trial(s) compare an utterance with itself (e.g. "
+              f"{trials.enroll[i]!r}); they score as a perfect match whatever the model, so the EER looks "
+              f"better than it is: remove them from the list")
     return trials
 
 

@@ -52,7 +52,9 @@ from mrlcache.config import config_option, write_resolved
 def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, device, engine, overwrite):
     """Write embeddings of audio FILES or folders (scanned as SPEAKER/.../FILE trees)."""
     check_device(device)
+    from mrlcache.runtime import reuse_large_allocations
 
+    reuse_large_allocations()  # the backbone's activations reuse the heap instead of fresh pages
     from mrlcache.embed import EmbedError, audio_inputs, embed_files, embedder, folder_targets, write_folder
     from mrlcache.interop import InteropError, output_paths, write_vectors
     from mrlcache.models.model import ModelError, load_model

@@ -17,7 +17,7 @@ from mrlcache.extract.config import ExtractConfig
 DIR = click.Path(exists=True, file_okay=False)
 FILE = click.Path(exists=True, dir_okay=False)
 AUGMENT = ("noise_dir", "rir_dir", "speed_perturb")  # -> mrlcache.augment.AugmentConfig
-MODELS = ("variant", "weights", "random_init", "train_type", "dataset")  # -> mrlcache.extract.sources.load_models
+MODELS = ("variant", "weights", "random_init", "train_type", "dataset")  # -> mrlcache.extract.prepare.load_models
 
 
 def opt(name, help=None, **kw):
@@ -32,10 +32,14 @@ OPTIONS = [
     click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory."),
     click.option("--format", "backend", type=click.Choice(names.BACKENDS), default=names.BACKENDS[0],
                  show_default=True),
-    click.option("--variant", help="Published ReDimNet: b0..b6, S, M (downloaded once)."),
+    click.option("--backbone", "backbone_name", type=click.Choice(names.BACKBONES), default=None,
+                 help="Frozen encoder [default: told by --weights; redimnet for --variant]."),
+    click.option("--variant", help="Published ReDimNet: b0..b6, S, M (downloaded once); with --random-init, a "
+                                   "configuration of --backbone (ecapa-tdnn: c1024, c512; campplus: e192, e512)."),
     click.option("--train-type", default="ptn", show_default=True, help="Published file: ptn, ft_lm, ft_mix."),
     click.option("--dataset", default="vox2", show_default=True, help="Published file's training data."),
-    click.option("--weights", type=FILE, help="Local published-format checkpoint."),
+    click.option("--weights", type=click.Path(exists=True), help="Local weights: a ReDimNet checkpoint, a "
+                 "SpeechBrain ECAPA-TDNN folder (or its embedding_model.ckpt), a 3D-Speaker CAM++ state dict."),
     click.option("--random-init", is_flag=True,
                  help="Random backbone (and --ptm) from --seed (the ReDimNet saved as OUT/backbone.pt)."),
     opt("mode"),
@@ -90,9 +94,10 @@ def extract(ctx, **params):
     Rerunning the same command resumes: finished shards are kept. Under
     `torchrun --nproc-per-node N -m mrlcache extract ...` each process writes its own shards.
     """
-    from mrlcache.runtime import passive_openmp
+    from mrlcache.runtime import passive_openmp, reuse_large_allocations
 
     passive_openmp()  # before torch: the decoding workers share the cores with the model
+    reuse_large_allocations()  # the backbone's activations reuse the heap instead of fresh pages
     check_device(params["device"])
     import torch
     from rich.console import Console
@@ -101,7 +106,9 @@ def extract(ctx, **params):
     from mrlcache.backbone.loading import CheckpointError
     from mrlcache.cache import CacheError
     from mrlcache.corpus import CorpusError
-    from mrlcache.extract import ExtractError, sources
+    from mrlcache.extract import ExtractError, prepare
+    from mrlcache.extract.run import check_layers_source
+    from mrlcache.extract.sizes import describe, projected_sizes
     from mrlcache.extract import extract as run_extract
     from mrlcache.streams import PTMError
 
@@ -112,17 +119,25 @@ def extract(ctx, **params):
                                "--crop-seconds long")
     if params["threads"]:
         torch.set_num_threads(params["threads"])
-    rank, world_size, torchrun = sources.dist_env(params["rank"], params["world_size"])
+    try:
+        rank, world_size, torchrun = prepare.dist_env(params["rank"], params["world_size"])
+    except ExtractError as err:
+        raise click.ClickException(str(err)) from None
     out, console = params["out"], Console(stderr=True)
     noise, rir = (params[k] and str(Path(params[k]).resolve()) for k in ("noise_dir", "rir_dir"))
     try:
         cfg = ExtractConfig(**{f: params[f] for f in ExtractConfig.__dataclass_fields__ if f in params},
                             augment=AugmentConfig(noise_dir=noise, rir_dir=rir, speed=params["speed_perturb"]))
-        utterances = sources.load_utterances(params["data"], params["list_file"], params["utt2spk"])
-        model, source, ptm, described = sources.load_models(cfg, **{k: params[k] for k in MODELS})
+        utterances = prepare.load_utterances(params["data"], params["list_file"], params["utt2spk"])
+        model, source, ptm, described = prepare.load_models(cfg, backbone=params["backbone_name"],
+                                                            **{k: params[k] for k in MODELS})
         console.print(f"extract: {len(utterances)} utterances, {described}, "
                       f"mode {cfg.mode}, views {cfg.views}, rank {rank}/{world_size} -> {out}")
-        with sources.overwrite_barrier(torchrun, world_size, params["overwrite"]) as barrier:
+        check_layers_source(model, cfg, ptm)
+        sizes = projected_sizes(utterances, cfg, model, ptm)
+        console.print(f"projected cache size: {describe(sizes)} (total {sum(sizes.values()) / 1e9:.3g} GB)",
+                      soft_wrap=True, markup=False, highlight=False)
+        with prepare.overwrite_barrier(torchrun, world_size, params["overwrite"]) as barrier:
             summary = run_extract(utterances, model, out, cfg, backend=params["backend"],
                                   overwrite=params["overwrite"], rank=rank, world_size=world_size,
                                   weights_source=source or "", save_backbone=params["random_init"] and model is not None,

@@ -85,12 +85,14 @@ OPTIONS = [
     fit_option("feature_dtype"),
     fit_option("memory_gb", "Memory for features; beyond it they are streamed [default: half the free memory]."),
     click.option("--threads", type=COUNT, default=None, help="Torch CPU threads [default: torch's]."),
-    fit_option("weights", "Backbone file (when the cache does not carry it; end to end: the backbone).",
-               type=click.Path(exists=True, dir_okay=False)),
+    fit_option("weights", "Backbone file or model folder (when the cache does not carry it; end to end: the "
+               "backbone).", type=click.Path(exists=True)),
     fit_option("no_embed_backbone", "model.pt refers to the backbone by name/path + SHA-256 instead of holding it."),
     fit_option("head_only", "model.pt without any backbone (vectors of unknown origin)."),
     click.option("--resume", is_flag=True, help="Continue the fit in --out from last.pt."),
     fit_option("quiet", "No progress display."),
+    fit_option("dist_timeout", "Under torchrun: seconds a rank waits for the others (rank 0 validating, a "
+                               "lost rank) before the fit stops with a message."),
     click.option("--end-to-end", is_flag=True, help="Train on audio with the backbone run on the fly."),
     e2e_option("data", "VoxCeleb-style audio tree.", type=DIR),
     e2e_option("variant", "published ReDimNet name (b0..b6, S, M).", type=str),
@@ -138,10 +140,12 @@ def fit(ctx, **params):
     runs with 'mrlcache runs'.
     """
     end_to_end = params.pop("end_to_end")
-    if end_to_end:
-        from mrlcache.runtime import passive_openmp
+    from mrlcache.runtime import passive_openmp
 
-        passive_openmp()  # before torch: decoding workers share the cores with the backbone
+    # Before torch, for every fit: decoding workers (end to end) or the reading thread
+    # (streamed features) share the cores, and on a busy machine busy-waiting threads ran a
+    # cache fit 6.5x slower (benchmarks/README.md, "Streamed fits").
+    passive_openmp()
     import torch
 
     from mrlcache.cache import CacheError
@@ -163,7 +167,10 @@ def fit(ctx, **params):
         run = (fit_end_to_end if end_to_end else run_fit)(source, dims, out, resume=resume, **params)
     except (FitError, ModelError, CacheError, CheckpointError, TrialsError) as err:
         raise click.ClickException(str(err))
-    click.echo(str(Path(run) / "model.pt"))
+    from mrlcache.distributed import env
+
+    if env()[0] == 0:  # under torchrun: rank 0 wrote the run directory
+        click.echo(str(Path(run) / "model.pt"))
 
 
 def _for_mode(ctx, params: dict, end_to_end: bool) -> str:

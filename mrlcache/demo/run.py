@@ -38,15 +38,20 @@ QUICK = DemoSize(speakers=40, utterances=6, views=2, crop_seconds=1.5, epochs=20
 
 
 def demo_commands(out: Path, size: DemoSize, *, seed: int = 0, variant: str = "b0", weights: str | None = None,
-                  random_init: bool = True) -> list[list[str]]:
-    """The commands the demo runs, as argument lists (without the leading 'mrlcache')."""
+                  random_init: bool = True, backbone_name: str | None = None) -> list[list[str]]:
+    """The commands the demo runs, as argument lists (without the leading 'mrlcache').
+
+    With real weights (``weights`` or a published ``variant``), eer also scores the
+    encoder's own published embedding next to the head.
+    """
     corpus, train, test, run = out / "corpus", out / "cache-train", out / "cache-test", out / "run"
+    named = ["--backbone", backbone_name] if backbone_name else []
     if weights:
-        backbone = ["--weights", str(weights)]
+        backbone = [*named, "--weights", str(weights)]
     elif random_init:
-        backbone = ["--random-init", "--variant", variant]
+        backbone = [*named, "--random-init", "--variant", variant]
     else:
-        backbone = ["--variant", variant]
+        backbone = [*named, "--variant", variant]
     # The test cache must use exactly the training cache's weights: for a random backbone
     # that is the file extract saved beside the training cache.
     test_backbone = ["--weights", str(train / "backbone.pt")] if random_init and not weights else backbone
@@ -60,7 +65,8 @@ def demo_commands(out: Path, size: DemoSize, *, seed: int = 0, variant: str = "b
         ["fit", "--cache", str(train), "--dims", "64,128,192,256", "--out", str(run), "--epochs", str(size.epochs),
          "--batch-size", str(size.batch_size), "--seed", str(seed)],
         ["eer", "--model", str(run / "model.pt"), "--trials", str(corpus / "trials.txt"), "--cache", str(test),
-         "--baseline", "raw", "--json", str(out / "results.json")],
+         "--baseline", "raw", *([] if random_init and not weights else ["--baseline", "published"]),
+         "--json", str(out / "results.json")],
     ]
 
 
@@ -105,7 +111,8 @@ def prepare_out(out: Path) -> None:
 
 
 def run_demo(out, run: Callable[[list[str]], None], size: DemoSize = FULL, *, seed: int = 0, variant: str = "b0",
-             weights: str | None = None, random_init: bool = True, echo=print) -> dict:
+             weights: str | None = None, random_init: bool = True, backbone_name: str | None = None,
+             echo=print) -> dict:
     """Run every demo command; returns the eer results (the JSON the last command wrote).
 
     Args:
@@ -115,14 +122,15 @@ def run_demo(out, run: Callable[[list[str]], None], size: DemoSize = FULL, *, se
     """
     out = Path(out).resolve()
     prepare_out(out)
-    commands = demo_commands(out, size, seed=seed, variant=variant, weights=weights, random_init=random_init)
+    commands = demo_commands(out, size, seed=seed, variant=variant, weights=weights, random_init=random_init,
+                             backbone_name=backbone_name)
     record = {"size": size.__dict__, "seed": seed, "random_init": random_init,
               "commands": [["mrlcache", *c] for c in commands], "files": {}}
     _record(out, record)
     if random_init and not weights:
         echo("NOTE: the backbone is a randomly initialised ReDimNet b0 (no published weights are downloaded). "
              "Its raw pooled vectors are a random feature extractor; the fitted head must do far better. "
-             "Use --weights PATH or --variant NAME for a real backbone.")
+             "Use --weights PATH or --variant NAME for a real backbone (README: published weights).")
     try:
         for args in commands:
             echo("$ mrlcache " + shlex.join(args))

@@ -1,96 +1,77 @@
-"""What an extraction reads: the utterances, the models, and this process's rank.
+"""What each audio file was when its vectors were extracted, so a rerun notices a replaced file.
 
-The command line's ``mrlcache extract`` parses options and calls these, then
-:func:`mrlcache.extract.extract`; every refusal is an :class:`ExtractError` naming the fix.
+``sources.tsv`` in the cache holds, per manifest row: utt_id, size in bytes, modification
+time (ns) and a cheap content hash (SHA-256 of the size, the first and the last 4 KiB).
+A rerun (resume or a finished cache) compares every file: the same size and time pass at
+once; otherwise the size and the hash must match, so data copied elsewhere (new times)
+passes and a file replaced by other audio is refused, naming it. Hashing reads 8 KiB per
+file, once when the cache is made and again only for files whose time changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-from mrlcache.extract.config import ExtractConfig, ExtractError
+from mrlcache.extract.config import ExtractError
+
+SOURCES_FILE = "sources.tsv"
+HEADER = "utt_id\tsize\tmtime_ns\thead_tail_sha256\n"
+EDGE = 4096
 
 
-def dist_env(rank: int | None = None, world_size: int | None = None) -> tuple[int, int, bool]:
-    """(rank, world_size, launched_by_torchrun): the arguments, else torchrun's environment, else (0, 1)."""
-    env_rank, env_world, torchrun = 0, 1, False
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        env_rank, env_world, torchrun = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "MASTER_ADDR" in os.environ
-    return (env_rank if rank is None else rank), (env_world if world_size is None else world_size), torchrun
+def content_hash(path, size: int) -> str:
+    """SHA-256 of the size and the first and last EDGE bytes: cheap, and moved by any re-encode."""
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(EDGE))
+        if size > 2 * EDGE:
+            f.seek(size - EDGE)
+        h.update(f.read(EDGE))
+    return h.hexdigest()
 
 
-def load_utterances(data=None, list_file=None, utt2spk=None):
-    """The manifest from ``data`` (a speaker tree) or ``list_file`` (an utt list or a Kaldi wav.scp)."""
-    from mrlcache import corpus
-
-    if bool(data) == bool(list_file):
-        raise ExtractError("give exactly one of --data DIR or --list FILE")
-    if data:
-        return corpus.scan_tree(data)
-    if utt2spk or Path(list_file).name == "wav.scp":
-        return corpus.read_kaldi(list_file, utt2spk)  # finds utt2spk beside wav.scp itself
-    return corpus.read_list(list_file)
+def _row(utt) -> str:
+    try:
+        st = os.stat(utt.path)
+        fields = (st.st_size, st.st_mtime_ns, content_hash(utt.path, st.st_size))
+    except OSError:  # unreadable now: extract records it as skipped; nothing to compare later
+        fields = (-1, -1, "")
+    return f"{utt.utt_id}\t{fields[0]}\t{fields[1]}\t{fields[2]}\n"
 
 
-def load_weights(variant=None, weights=None, random_init=False, seed=0, train_type="ptn", dataset="vox2"):
-    """The ReDimNet backbone and a description of where its weights come from."""
-    from mrlcache.backbone.loading import load_backbone
+def check_sources(out: Path, utterances) -> None:
+    """Record the files on the first run; on a rerun refuse any that changed since.
 
-    if random_init:
-        if not variant or weights:
-            raise ExtractError("--random-init needs --variant NAME (and no --weights)")
-        return load_backbone(variant, random_init=True, seed=seed), f"random-init:{variant}:seed={seed}"
-    if bool(variant) == bool(weights):
-        raise ExtractError("give exactly one of --variant NAME, --weights PATH (or --random-init --variant NAME)")
-    if weights:
-        return load_backbone(weights), str(Path(weights).resolve())
-    return load_backbone(variant, train_type=train_type, dataset=dataset), f"{variant}-{dataset}-{train_type}"
+    Raises:
+        ExtractError: a file whose size or content differs from the recorded one.
+    """
+    from mrlcache.runtime import write_exclusive
 
-
-def load_models(cfg: ExtractConfig, variant=None, weights=None, random_init=False, train_type="ptn",
-                dataset="vox2"):
-    """(ReDimNet or None, its source or None, PTM or None, one line describing them) for ``cfg``."""
-    if cfg.ptm and "pooled" in cfg.stream_names and not (variant or weights):
-        raise ExtractError(f"--streams {cfg.streams}: pooled is ReDimNet's vector and --ptm {cfg.ptm} has none; "
-                           "also give --variant/--weights, or drop pooled")
-    ptm = None
-    if cfg.ptm:
-        from mrlcache.streams import load_ptm
-
-        ptm = load_ptm(cfg.ptm, weights=cfg.ptm_weights, random_init=random_init and not cfg.ptm_weights,
-                       seed=cfg.seed)
-    model, source = None, None
-    if cfg.needs_redimnet or variant or weights:
-        model, source = load_weights(variant, weights, random_init, cfg.seed, train_type, dataset)
-    described = f"backbone {source} (pooled {model.pooled_dim})" if model is not None else "no ReDimNet"
-    if ptm is not None:
-        described += f", PTM {cfg.ptm} ({ptm.source})"
-    if cfg.stream_names != ("pooled",):
-        described += f", streams {','.join(cfg.stream_names)}"
-    return model, source, ptm, described
-
-
-class overwrite_barrier:
-    """Context manager: a gloo barrier when torchrun starts several ranks with ``--overwrite``
-    (rank 0 clears the old cache before the others open it), else None."""
-
-    def __init__(self, torchrun: bool, world_size: int, overwrite: bool):
-        self.needed = torchrun and world_size > 1 and overwrite
-
-    def __enter__(self):
-        if not self.needed:
-            return None
-        import datetime
-
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=1))
-        return dist.barrier
-
-    def __exit__(self, *exc):
-        if self.needed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-        return False
+    path = Path(out) / SOURCES_FILE
+    if not path.exists():
+        write_exclusive(path, HEADER + "".join(_row(u) for u in utterances))
+        return
+    recorded = {}
+    for line in path.read_text().splitlines()[1:]:
+        fields = line.split("\t")
+        if len(fields) == 4 and fields[1].lstrip("-").isdigit() and fields[2].lstrip("-").isdigit():
+            recorded[fields[0]] = (int(fields[1]), int(fields[2]), fields[3])
+    changed = []
+    for utt in utterances:
+        old = recorded.get(utt.utt_id)
+        if old is None or old[0] < 0:
+            continue  # not recorded, or unreadable then: nothing to compare with
+        try:
+            st = os.stat(utt.path)
+        except OSError:
+            continue  # missing now: extract reports it when it decodes the file
+        if (st.st_size, st.st_mtime_ns) == old[:2]:
+            continue
+        if st.st_size != old[0] or content_hash(utt.path, st.st_size) != old[2]:
+            changed.append(utt)
+    if changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ExtractError(f"{changed[0].path}: changed since its vectors were extracted into {out}{more}; "
+                           f"use --overwrite to extract again, or restore the file")

@@ -11,9 +11,11 @@ Where each concern lives:
 - ``rundir.py``: the run directory (lock, resume checks, header files, model.pt, summary);
 - ``report.py``: curves.png, model summary, gating analysis, the ``mrlcache runs`` table;
 - ``cache_mode.py`` / ``stream_mode.py`` / ``end_to_end.py``: each builds a TrainJob
-  (cache_mode hands ``--inputs`` other than ``pooled`` or ``--head`` other than ``mrl`` to
-  stream_mode);
-- ``heads/``: the registry of heads (``mrl``, ``ecapa``), fusions, and the stream model.
+  (cache_mode hands ``--inputs`` other than ``pooled``, or a head reading frames, to
+  stream_mode); ``inputs.py``: the features and validation set both cache modes share;
+- ``heads.py``: a head (from :data:`mrlcache.models.HEADS`) and its loss from the options;
+- ``losses.py`` / ``fused.py``: the Matryoshka margin losses and their kernels;
+- the heads, fusions and stream model themselves are inference modules: :mod:`mrlcache.models`.
 """
 
 from mrlcache.fit.config import EndToEndConfig, FitConfig, FitError

@@ -20,14 +20,19 @@ from typing import Sequence
 
 import numpy as np
 
-from mrlcache.fit.config import FitError, device_for, make_configs, run_config
-from mrlcache.fit.data import cache_features
+from mrlcache import distributed
+from mrlcache.fit.config import FitError, device_for, make_configs
 from mrlcache.fit.heads import build_head
+from mrlcache.fit.inputs import heldout_or_external, open_features, vector_input
 from mrlcache.fit.loop import feature_job, train
-from mrlcache.fit.rundir import finish, meta_hash, open_run, write_header
-from mrlcache.fit.validate import external_valset, heldout_valset, raw_eer, split_speakers
+from mrlcache.fit.rundir import (finish, is_imported, meta_hash, open_run, recorded_sha256, run_config,
+                                 split_and_open, write_header)
+from mrlcache.fit.stream_data import input_records
+from mrlcache.fit.validate import raw_eer
+from mrlcache.models import head_class
 
 
+@distributed.launched
 def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False, **options) -> Path:
     """Fit a Matryoshka head on a feature cache; returns the run directory.
 
@@ -57,7 +62,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         cache = cache_mod.open(cache_dir)
     else:
         cache_dir = Path(cache.path) if getattr(cache, "path", None) else None
-    if tuple(cfg.inputs) != ("pooled",) or cfg.head != "mrl":  # a model on cached streams
+    if tuple(cfg.inputs) != ("pooled",) or head_class(cfg.head).reads != "vector":  # a model on cached streams
         from mrlcache.fit.stream_mode import fit_streams
 
         return fit_streams(cache, cache_dir, cfg, out, backbone=backbone, resume=resume)
@@ -87,33 +92,24 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
                                                                           fingerprint)
     with lock:
         train_rows = np.flatnonzero(labels >= 0)
-        try:
-            feats, mode = cache_features(cache, labels, cfg.feature_dtype, cfg.memory_gb)
-        except ValueError as err:
-            raise FitError(f"{cache_dir}: {err}") from None
-
-        val = None
-        if cfg.val_cache is not None:
-            val = external_valset(cfg.val_cache, cfg.val_trials)
-        elif val_names:
-            rows = np.flatnonzero(labels < 0)
-            if mode == "memory":
-                pooled_val = np.ascontiguousarray(feats.pooled[:, 0][rows], dtype=np.float32)
-            else:
-                pooled_val = np.concatenate([s.read("pooled", view=0, dtype=np.float32) for s in feats.shards])[rows]
-            val = heldout_valset(pooled_val, speakers[rows], cfg.max_val_trials, cfg.seed,
-                                 f"{len(val_names)} held-out training speakers")
+        records = input_records(cache, cfg.inputs, f"--cache {cache_dir}", training=True)
+        head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
+        feats, plan = open_features(cache, records, labels, cfg, head, loss_fn,
+                                    lambda m: vector_input(m, cfg.inputs))
+        mode = plan.policy
+        val = heldout_or_external(cfg, feats, records, labels, speakers, val_names)
         fingerprint.update(train_speakers=len(train_names), val_speakers=val_names, features=mode)
         write_header(out, config, fingerprint)  # on resume: the same, up to epochs/patience
 
-        head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
-        job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device)
+        job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device,
+                          embed=vector_input(head, cfg.inputs))
         result = train(job, resume)
-        extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names)}
+        extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names),
+                 "memory": plan.to_dict()}
         if val is not None:
             extra["raw_eer"] = raw_eer(val)
             extra["val_source"] = val.source
-        finish(job, result, backbone, backbone_ref, extra)
+        finish(job, result, backbone, backbone_ref, extra, ptm=meta.get("ptm"))
         if cfg.fixed_baselines:
             for i, d in enumerate(cfg.dims):
                 _fit_fixed(cfg, i, out / "fixed" / str(d), cache_dir, fingerprint, feats, val, pooled_dim,
@@ -132,30 +128,6 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
     with lock:
         write_header(out, config, fingerprint)
         head, loss_fn = build_head(one, pooled_dim, num_classes, device)
-        job = feature_job(one, config, out, head, loss_fn, feats, val, num_train, device)
+        job = feature_job(one, config, out, head, loss_fn, feats, val, num_train, device,
+                          embed=vector_input(head, one.inputs))
         finish(job, train(job, resume), None, None, extra)
-
-
-def recorded_sha256(meta: dict) -> str | None:
-    """The SHA-256 of the weights (or imported file) the cache's vectors came from."""
-    from mrlcache.backbone import BackboneRecord
-
-    record = BackboneRecord.from_meta(meta)
-    return record.sha256 if record is not None else None
-
-
-def is_imported(meta: dict) -> bool:
-    """Vectors another toolkit made (``mrlcache import-vectors``): no backbone to embed in model.pt."""
-    return meta.get("mode") == "imported"
-
-
-def split_and_open(cfg, speakers, cache_dir, out: Path, resume: bool, fingerprint: dict):
-    """The held-out speaker split of a cache fit (none with an external validation set) and the
-    locked run directory: (val_names, train_names, labels, config, lock, resume)."""
-    val_names, train_names, labels, n_val = split_speakers(
-        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, f"the cache {cache_dir}")
-    if cfg.val_cache is None:
-        cfg.val_speakers = n_val
-    config = run_config(cfg, cache_dir=cache_dir)
-    lock, resume = open_run(out, config, resume, fingerprint)
-    return val_names, train_names, labels, config, lock, resume

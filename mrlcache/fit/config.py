@@ -33,7 +33,7 @@ class FitConfig:
     """Every option both modes share; names match the ``mrlcache fit`` options."""
 
     dims: tuple[int, ...] = bounded((64, 128, 192, 256), COUNT)
-    head: str = choice("mrl", names.HEADS)  # a name in mrlcache.fit.heads.HEADS
+    head: str = choice("mrl", names.HEADS)  # a name in mrlcache.models.HEADS
     inputs: tuple[str, ...] = ("pooled",)  # cached streams the head reads (mrlcache.streams names)
     fusion: str | None = choice(None, names.FUSIONS)  # needed when inputs make several encoders
     encoder_dim: int = bounded(256, COUNT)  # width of the layer / handcrafted encoders and of the fusion
@@ -77,6 +77,7 @@ class FitConfig:
     weights: str | None = None  # backbone file (cache mode: when the cache does not carry it)
     head_only: bool = False  # model.pt without a backbone (vectors from no known backbone)
     progress: bool = True
+    dist_timeout: float = bounded(1800.0, POSITIVE)  # torchrun: seconds a rank waits for the others before the fit stops
 
     def check(self) -> None:
         """Raise FitError for an option value no fit can use."""
@@ -115,10 +116,13 @@ class FitConfig:
             self.margins, self.margin = tuple(margins), max(margins)
         if self.head != "mrl" and (self.margins is not None or self.grad_scaling or self.fixed_baselines):
             raise FitError(f"--margins, --grad-scaling and --fixed-baselines apply to --head mrl, not {self.head}")
+        if self.fixed_baselines and tuple(self.inputs) != ("pooled",):
+            raise FitError(f"--fixed-baselines fits fixed-size heads on the pooled vector only; with --inputs "
+                           f"{','.join(self.inputs)} none would be fitted: drop it")
 
     def _check_inputs(self) -> None:
         """--inputs names known streams, once each; --fusion a known fusion (the geometry is
-        checked against the cache by mrlcache.fit.heads.streams)."""
+        checked against the cache by mrlcache.models.streams)."""
         from mrlcache.names import STREAMS
 
         if isinstance(self.inputs, str):
@@ -201,8 +205,10 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
     cfg.check()
     if not end_to_end:
         return cfg, None
-    if tuple(cfg.inputs) != ("pooled",) or cfg.head != "mrl":
-        raise FitError(f"--inputs {','.join(cfg.inputs)} --head {cfg.head}: end to end trains the mrl head on "
+    from mrlcache.models import head_class
+
+    if tuple(cfg.inputs) != ("pooled",) or head_class(cfg.head).reads != "vector":
+        raise FitError(f"--inputs {','.join(cfg.inputs)} --head {cfg.head}: end to end trains a head on "
                        "the pooled vector only; fit other inputs and heads on a cache (--cache)")
     e2e = EndToEndConfig(**{k: v for k, v in options.items() if k in e2e_names})
     e2e.check(cfg.weights)
@@ -213,13 +219,6 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
         raise FitError("end-to-end mode validates on held-out training speakers: use --val-speakers, "
                        "not --val-cache (cached vectors go stale once the backbone trains)")
     return cfg, e2e
-
-
-def run_config(cfg, e2e=None, cache_dir=None) -> dict:
-    """The run's one resolved config (config.yaml and last.pt): every option, by mode."""
-    return {**cfg.to_dict(), "mode": "end-to-end" if e2e is not None else "cache",
-            "cache": str(cache_dir) if cache_dir is not None else None,
-            "end_to_end": e2e.to_dict() if e2e is not None else None}
 
 
 def device_for(cfg):

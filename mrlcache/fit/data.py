@@ -1,20 +1,37 @@
-"""Training features for the cache mode: in memory or streamed, one view per row per epoch.
+"""Training features of a cache fit: one container for every stream, in memory or streamed.
 
 Each epoch every training utterance contributes one of its cached views, drawn at random
 from :func:`epoch_generator` ``(seed, epoch)``, so augmentation costs nothing at fit time
-and a resumed fit draws exactly what an uninterrupted one does. The features live in
-memory (float16 or float32) when they fit the memory budget (:class:`MemoryFeatures`);
-otherwise they are read shard by shard, each shard read whole for the views it needs and
-shuffled within a window of shards (:class:`StreamedFeatures`).
+and a resumed fit draws exactly what an uninterrupted one does. :class:`Features` holds the
+streams a head reads (``pooled`` alone, or any mix such as ``layers,fbank,f0``) and yields
+batches ``({stream: (b, ...) float32}, labels)``.
+
+The order of an epoch is :func:`epoch_plan`: with a shuffle window covering every shard,
+one permutation of all training rows; with a window of ``w`` shards, the shards in a
+random order, ``w`` at a time, rows permuted within each window (rows left over from a
+window's last full batch join the next window). Where the rows come from is a policy:
+``memory`` holds every view of every row in the stored dtype; ``streamed`` reads one
+window at a time (only the views the epoch drew, only the training rows) while the
+previous window trains (a reading thread). Both give the same batches for the same window,
+so the memory budget (``--memory-gb``) only decides the policy and the window
+(:func:`plan_features`); it never refuses a fit. A cache that fits the budget is read in
+memory with one window (one permutation of every row, as every fit before streaming).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+
+from mrlcache import distributed
+from mrlcache.fit.batches import batch_slices  # noqa: F401 (its callers import it from here)
+
+GB = 2**30
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -23,98 +40,152 @@ def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) + int(stream) * 2**40)
 
 
-def batch_slices(n: int, batch_size: int) -> list[slice]:
-    """Batches covering 0..n; a last batch of one row joins the previous one (BatchNorm)."""
-    starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] == 1:
-        starts.pop()
-    return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
+def epoch_plan(g: torch.Generator, sizes: np.ndarray, train_mask: np.ndarray, num_views: int, window: int,
+               batch_size: int):
+    """The draws of one epoch: (views (N,) drawn per row, [(shards of a window, [batch rows...])]).
+
+    Rows are positions in cache order; ``window``: shards per window (>= the number of
+    shards: one permutation of every training row).
+    """
+    n = int(sizes.sum())
+    views = torch.randint(num_views, (n,), generator=g).numpy()
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    if window >= len(sizes):
+        train_rows = np.flatnonzero(train_mask)
+        order = train_rows[torch.randperm(len(train_rows), generator=g).numpy()]
+        return views, [(np.arange(len(sizes)), distributed.global_batches(order, batch_size))]
+    shard_order = torch.randperm(len(sizes), generator=g).numpy()
+    plan, carry = [], np.empty(0, np.int64)
+    for w in range(0, len(shard_order), window):
+        shards = shard_order[w:w + window]
+        rows = np.concatenate([carry] + [offsets[k] + np.flatnonzero(train_mask[offsets[k]:offsets[k + 1]])
+                                         for k in shards])
+        perm = torch.randperm(len(rows), generator=g).numpy()
+        last = w + window >= len(shard_order)
+        step = distributed.global_batch(batch_size)  # rows of one step over every rank (torchrun)
+        n_full = len(rows) if last else (len(rows) // step) * step
+        plan.append((shards, distributed.global_batches(rows[perm[:n_full]], batch_size)))
+        carry = rows[perm[n_full:]]
+    return views, plan
 
 
-def _gather(src: np.ndarray, idx: np.ndarray, gathered: np.ndarray, x: torch.Tensor, device) -> torch.Tensor:
-    """Rows ``src[idx]`` as float32 on ``device``, through the reused buffers ``gathered``
-    (src's dtype) and ``x`` (float32): gathers and conversion into preallocated buffers are
-    ~10x faster than fresh allocations here. On the CPU the result is a view of ``x``."""
-    n = len(idx)
-    np.take(src, idx, axis=0, out=gathered[:n])
-    x[:n].copy_(torch.from_numpy(gathered[:n]))
-    return x[:n].to(device, non_blocking=True)
+@dataclass
+class Block:
+    """Rows in hand: their positions in cache order and {stream: (n, *item)} for the drawn views."""
+
+    rows: np.ndarray
+    arrays: dict
+
+    def __post_init__(self):
+        self._order = np.argsort(self.rows, kind="stable")
+        self._sorted = self.rows[self._order]
+
+    def take(self, rows: np.ndarray) -> dict:
+        at = self._order[np.searchsorted(self._sorted, rows)]
+        return {name: a[at] for name, a in self.arrays.items()}
 
 
-class MemoryFeatures:
-    """All views of all utterances in memory; each epoch gathers one view per row."""
+class Features:
+    """The training rows of a cache for the streams ``records`` (see the module docstring).
 
-    def __init__(self, pooled: np.ndarray, labels: np.ndarray, train_rows: np.ndarray):
-        self.pooled = pooled  # (N, V, D) float16 or float32
-        self.labels = torch.from_numpy(labels.astype(np.int64))  # (N,), -1 for held out
-        self.train_rows = train_rows
-        n, self.num_views, self.dim = pooled.shape
-        self._flat = pooled.reshape(n * self.num_views, self.dim)  # a view, no copy
+    Args:
+        cache: an opened cache (``shards``, ``read``, ``num_views``).
+        records: {stream: StreamRecord} the head reads (dense streams).
+        labels: (N,) class per cached row, -1 for held-out rows.
+        dtype: the dtype rows are held in (float16 or float32).
+        policy: "memory" or "streamed"; window: shards per shuffle window (None: all).
+    """
 
-    def epoch(self, seed: int, epoch: int, batch_size: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (x (b, D) float32 on device, labels (b,)) covering every training row once.
-
-        On the CPU ``x`` is a view of one reused buffer: consume it before the next batch.
-        """
-        g = epoch_generator(seed, epoch)
-        views = torch.randint(self.num_views, (len(self.labels),), generator=g).numpy()
-        order = self.train_rows[torch.randperm(len(self.train_rows), generator=g).numpy()]
-        slices = batch_slices(len(order), batch_size)
-        cap = max(s.stop - s.start for s in slices)
-        gathered = np.empty((cap, self.dim), dtype=self.pooled.dtype)
-        x = torch.empty((cap, self.dim), dtype=torch.float32)
-        for sl in slices:
-            rows = order[sl]
-            yield _gather(self._flat, rows * self.num_views + views[rows], gathered, x, device), \
-                self.labels[rows].to(device)
-
-
-class StreamedFeatures:
-    """Features read shard by shard each epoch: only the sampled views, shuffled in windows."""
-
-    def __init__(self, shards: list, labels: np.ndarray, train_mask: np.ndarray, num_views: int,
-                 dim: int, window_rows: int, dtype):
-        self.shards = shards
-        self.sizes = np.array([len(s.utterances) for s in shards])
+    def __init__(self, cache, records: dict, labels: np.ndarray, dtype, policy: str = "memory",
+                 window: int | None = None):
+        self.cache, self.records, self.dtype = cache, dict(records), np.dtype(dtype)
+        self.shards = list(cache.shards)
+        self.sizes = np.array([len(s) for s in self.shards], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
-        self.labels, self.train_mask = labels.astype(np.int64), train_mask
-        self.num_views, self.dim, self.dtype = num_views, dim, dtype
-        self.window = max(1, int(window_rows // max(1, self.sizes.max())))  # shards per window
+        self.labels = np.asarray(labels, np.int64)
+        self.train_mask = self.labels >= 0
+        self.num_views = int(cache.num_views)
+        self.policy = policy
+        self.window = len(self.shards) if window is None else max(1, int(window))
+        self.arrays = None
+        if policy == "memory":  # every view of every row, straight into one array per stream
+            self.arrays = {name: cache.read(name, dtype=self.dtype) for name in self.records}
+        elif policy != "streamed":
+            raise ValueError(f"policy {policy!r}: memory or streamed")
 
-    def epoch(self, seed, epoch, batch_size, device):
-        """Yield (x (b, D) float32 on device, labels (b,)) covering every training row once.
+    @property
+    def num_train(self) -> int:
+        return int(self.train_mask.sum())
 
-        Rows stay in the stored dtype until a batch is gathered and converted into one reused
-        float32 buffer (on the CPU ``x`` is a view of it: consume it before the next batch).
-        """
-        g = epoch_generator(seed, epoch)
-        views = torch.randint(self.num_views, (int(self.offsets[-1]),), generator=g).numpy()
-        shard_order = torch.randperm(len(self.shards), generator=g).numpy()
-        cap = batch_size + 1  # batch_slices may give the last batch one more row
-        gathered = np.empty((cap, self.dim), dtype=self.dtype)
-        x = torch.empty((cap, self.dim), dtype=torch.float32)
-        carry_x = np.empty((0, self.dim), self.dtype)
-        carry_y = np.empty((0,), np.int64)
-        for w in range(0, len(shard_order), self.window):
-            xs, ys = [carry_x], [carry_y]
-            for k in shard_order[w:w + self.window]:
-                a, b = self.offsets[k], self.offsets[k + 1]
-                keep = np.flatnonzero(self.train_mask[a:b])
-                v = views[a:b][keep]
-                block = np.empty((len(keep), self.dim), self.dtype)
-                for view in np.unique(v):  # read each needed view of the shard once
-                    sel = np.flatnonzero(v == view)
-                    block[sel] = self.shards[k].read("pooled", view=int(view), dtype=self.dtype)[keep[sel]]
-                xs.append(block)
-                ys.append(self.labels[a:b][keep])
-            xw, yw = np.concatenate(xs), np.concatenate(ys)
-            perm = torch.randperm(len(yw), generator=g).numpy()
-            last = w + self.window >= len(shard_order)
-            n_full = len(yw) if last else (len(yw) // batch_size) * batch_size
-            for sl in batch_slices(n_full, batch_size):
-                rows = perm[sl]
-                yield _gather(xw, rows, gathered, x, device), torch.from_numpy(yw[rows]).to(device)
-            carry_x, carry_y = xw[perm[n_full:]], yw[perm[n_full:]]
+    def rows(self, rows: np.ndarray, view: int = 0, dtype=np.float32) -> dict:
+        """{stream: (len(rows), *item)} of one view of ``rows`` (cache order): validation
+        and gating inputs, read from the shards holding them unless held in memory."""
+        rows = np.asarray(rows, np.int64)
+        if self.arrays is not None:
+            return {n: np.ascontiguousarray(a[rows, view], dtype=dtype) for n, a in self.arrays.items()}
+        return {n: self.cache.read(n, view=view, rows=rows, dtype=dtype) for n in self.records}
+
+    def _read_window(self, shards, views: np.ndarray, carry: Block | None, carry_rows: np.ndarray,
+                     wanted: np.ndarray | None = None) -> Block:
+        """The training rows of ``shards`` (those of ``wanted`` (N,) bool, default all) with the
+        views the epoch drew for them, plus the carried rows, in one array per stream filled in place."""
+        wanted = self.train_mask if wanted is None else wanted
+        locals_ = {int(k): np.flatnonzero(wanted[self.offsets[k]:self.offsets[k + 1]]) for k in shards}
+        rows = np.concatenate([carry_rows] + [self.offsets[k] + locals_[k] for k in sorted(locals_)])
+        arrays = {name: np.empty((len(rows), *r.item_shape), self.dtype) for name, r in self.records.items()}
+        start = len(carry_rows)
+        if start:
+            for name, a in carry.take(carry_rows).items():
+                arrays[name][:start] = a
+        for k in sorted(locals_):
+            local = locals_[k]
+            drawn = views[self.offsets[k] + local]
+            for name in self.records:
+                block = arrays[name][start:start + len(local)]
+                for view in np.unique(drawn):  # each needed view of the shard read once
+                    sel = np.flatnonzero(drawn == view)
+                    if len(sel) * 4 > self.sizes[k]:  # most rows: one sequential read of the view
+                        block[sel] = self.shards[k].read(name, view=int(view), dtype=self.dtype)[local[sel]]
+                    else:
+                        block[sel] = self.shards[k].read(name, view=int(view), rows=local[sel], dtype=self.dtype)
+            start += len(local)
+        return Block(rows, arrays)
+
+    def epoch(self, seed: int, epoch: int, batch_size: int, device) -> Iterator[tuple[dict, torch.Tensor]]:
+        """Yield ({stream: (b, *item) float32 on device}, labels (b,)) covering every training row once."""
+        views, plan = epoch_plan(epoch_generator(seed, epoch), self.sizes, self.train_mask, self.num_views,
+                                 self.window, batch_size)
+        labels = torch.from_numpy(self.labels)
+        if self.arrays is not None:
+            flat = {n: a.reshape(-1, *a.shape[2:]) for n, a in self.arrays.items()}  # views, no copies
+            for _, batches in plan:
+                for rows in map(distributed.my_part, batches):  # on N ranks, this rank's part
+                    at = rows * self.num_views + views[rows]
+                    yield {n: _float(f, at, device) for n, f in flat.items()}, labels[rows].to(device)
+            return
+        plan = [(shards, [distributed.my_part(b) for b in batches]) for shards, batches in plan]
+        wanted = None  # N ranks (torchrun): each reads only the rows of its own parts
+        if distributed.world() > 1:
+            wanted = np.zeros(len(self.labels), bool)
+            wanted[np.concatenate([b for _, batches in plan for b in batches])] = True
+        with ThreadPoolExecutor(1) as pool:  # the next window is read while this one trains
+            block, carry_rows = None, np.empty(0, np.int64)
+            pending = pool.submit(self._read_window, plan[0][0], views, None, carry_rows, wanted)
+            for i, (_, batches) in enumerate(plan):
+                block = pending.result()
+                used = np.concatenate(batches) if batches else np.empty(0, np.int64)
+                carry_rows = np.setdiff1d(block.rows, used)  # rows this window leaves to the next
+                if i + 1 < len(plan):
+                    pending = pool.submit(self._read_window, plan[i + 1][0], views, block, carry_rows, wanted)
+                for rows in batches:
+                    got = block.take(rows)
+                    yield {n: _float(a, None, device) for n, a in got.items()}, labels[rows].to(device)
+
+
+def _float(src: np.ndarray, at, device) -> torch.Tensor:
+    """Rows ``src[at]`` (all when None) as a float32 tensor on ``device``."""
+    rows = src if at is None else np.take(src, at, axis=0)
+    return torch.from_numpy(np.ascontiguousarray(rows)).float().to(device, non_blocking=True)
 
 
 def available_gb() -> float:
@@ -127,22 +198,60 @@ def available_gb() -> float:
     return 4.0
 
 
-def cache_features(cache, labels: np.ndarray, feature_dtype: str, memory_gb: float | None):
-    """The training features of ``cache``: in memory when they fit the budget, else streamed.
+@dataclass
+class MemoryPlan:
+    """What a fit holds, in bytes, and the policy and window chosen for the budget."""
 
-    Args: labels (N,) class per cached utterance, -1 for held-out rows; memory_gb: the
-    budget (None: half the available memory).
-    Returns (features, "memory" | "streamed"). Raises ValueError if the shards do not hold
-    the utterances in the cache's order.
+    policy: str
+    window: int | None  # shards per shuffle window (None: all)
+    features: int  # rows held: every view of every row (memory) or two windows (streamed)
+    batches: int  # float32 batches and their gathers
+    model: int  # parameters, gradients, optimiser state and activations of one batch
+    budget: int
+
+    @property
+    def total(self) -> int:
+        return self.features + self.batches + self.model
+
+    def to_dict(self) -> dict:
+        """summary.json's ``memory``: the policy, the window and the estimate in bytes."""
+        return {"policy": self.policy, "window_shards": self.window, "features_bytes": self.features,
+                "batches_bytes": self.batches, "model_bytes": self.model, "estimate_bytes": self.total,
+                "budget_bytes": self.budget}
+
+    def describe(self) -> str:
+        window = "every shard" if self.window is None else f"{self.window} shard(s)"
+        return (f"{self.policy}, shuffle window {window}: features {self.features / GB:.3g} GB + batches "
+                f"{self.batches / GB:.3g} GB + model {self.model / GB:.3g} GB of a {self.budget / GB:.3g} GB budget")
+
+
+def plan_features(cache, records: dict, dtype, batch_size: int, model_bytes: int, memory_gb: float | None) -> MemoryPlan:
+    """Choose in memory or streamed, and the window, for ``memory_gb`` (None: half the available memory).
+
+    In memory when every view of every row plus the batches and the model fit the budget;
+    otherwise streamed with as many shards per window as two windows (one training, one
+    being read) allow, at least one: the budget never refuses a fit.
     """
-    dtype = np.dtype(feature_dtype)
-    pooled_dim = int(cache.dim)
-    need_gb = len(labels) * cache.num_views * pooled_dim * dtype.itemsize / 2**30
-    budget = memory_gb if memory_gb is not None else available_gb() / 2
-    if need_gb <= budget:
-        return MemoryFeatures(cache.read("pooled", dtype=dtype), labels, np.flatnonzero(labels >= 0)), "memory"
-    shards = list(cache.iter_shards())
-    if [u for s in shards for u in s.utterances] != list(cache.utterances):
-        raise ValueError("shard order differs from the cache's utterance list")
-    window = int(budget * 2**30 / (4 * pooled_dim) / 2)  # rows of float32 in half the budget
-    return StreamedFeatures(shards, labels, labels >= 0, cache.num_views, pooled_dim, window, dtype), "streamed"
+    itemsize = np.dtype(dtype).itemsize
+    views, n = int(cache.num_views), len(cache)
+    row = sum(r.row_bytes(1, itemsize) for r in records.values())  # one view of one row
+    row32 = sum(r.row_bytes(1, 4) for r in records.values())
+    batches = 3 * (batch_size + 1) * row32  # the float32 batch, its gather and the device copy
+    budget = int((memory_gb if memory_gb is not None else available_gb() / 2) * GB)
+    whole = n * views * row
+    if whole + batches + model_bytes <= budget:
+        return MemoryPlan("memory", None, whole, batches, model_bytes, budget)
+    largest = max((len(s) for s in cache.shards), default=1)
+    # a window holds its rows (one view each); the read of one view of a shard is transient
+    per_shard = largest * row
+    spare = budget - batches - model_bytes - largest * row
+    window = max(1, int(spare // (2 * per_shard))) if spare > 0 else 1
+    window = min(window, max(1, len(cache.shards)))
+    return MemoryPlan("streamed", window, 2 * window * per_shard + largest * row, batches, model_bytes, budget)
+
+
+def model_bytes(model: torch.nn.Module, loss: torch.nn.Module, batch_size: int, activations_per_row: int) -> int:
+    """Parameters, gradients and two optimiser states of ``model`` and ``loss`` (float32), and
+    ``activations_per_row`` float32 values per row of a batch kept for the backward pass."""
+    params = sum(p.numel() for m in (model, loss) for p in m.parameters())
+    return 4 * (4 * params + batch_size * activations_per_row)

@@ -8,7 +8,9 @@ give no usable wave are left out and listed once in ``RUN/skipped.tsv``.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -16,16 +18,19 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from mrlcache.fit.config import FitError, device_for, make_configs, run_config
-from mrlcache.fit.data import batch_slices, epoch_generator
+from mrlcache import distributed
+from mrlcache.fit.config import FitError, device_for, make_configs
+from mrlcache.fit.data import epoch_generator
 from mrlcache.fit.heads import build_head
 from mrlcache.fit.loop import TrainJob, train
 from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
-from mrlcache.fit.rundir import SkipLog, finish, meta_hash, open_run, write_header
+from mrlcache.fit.rundir import SkipLog, finish, meta_hash, open_run, run_config, write_header
 from mrlcache.fit.validate import heldout_valset, split_speakers
 from mrlcache.paths import check_run_dir
+from mrlcache.runtime import die_with_parent, surviving_workers
 
 
+@distributed.launched
 def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **options) -> Path:
     """Fit the head (and optionally the backbone) on audio crops; returns the run directory.
 
@@ -86,20 +91,25 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **op
     lock, resume = open_run(out, config, resume, fingerprint)
     with lock:
         write_header(out, config, fingerprint)
-        if e2e.random_init and not resume:
+        if e2e.random_init and not resume and distributed.is_main():
             save_checkpoint(backbone, out / "backbone.pt")  # the weights the run started from
         skips = SkipLog(out / "skipped.tsv", resume)
         job = _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_rows,
                    len(train_names), len(val_names), skips)
         result = train(job, resume)
+        skips.sync()  # the files other ranks left out, into rank 0's skipped.tsv
         extra = {"features": "end-to-end", "train_utterances": len(train_rows), "train_speakers": len(train_names),
                  "skipped": len(skips.reasons), "skipped_by_reason": skips.by_reason()}
         finish(job, result, backbone, backbone_ref, extra)
-    if skips.reasons:
+    if skips.reasons and distributed.is_main():
         reasons = ", ".join(f"{r}: {n}" for r, n in extra["skipped_by_reason"].items())
         print(f"skipped {len(skips.reasons)} of {len(utts)} utterances with no usable audio ({reasons}); "
               f"listed in {out / 'skipped.tsv'}", file=sys.stderr)
     return out
+
+
+def _worker_init(parent: int, _worker_id: int) -> None:
+    die_with_parent(parent)  # a killed fit must not leave its decoding workers running
 
 
 def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_rows, num_classes, num_val,
@@ -110,10 +120,12 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
     crop = int(round(e2e.crop_seconds * 16000))
 
     def loader(items):
-        # The cache mode's batch boundaries (a lone last crop joins the previous batch).
-        slices = [list(range(s.start, s.stop)) for s in batch_slices(len(items), cfg.batch_size)]
+        # The cache mode's batch boundaries (a lone last crop joins the previous batch); on
+        # N ranks this rank's part of each global batch, decoded by this rank's workers.
+        slices = [rows.tolist() for rows in distributed.rank_batches(np.arange(len(items)), cfg.batch_size)]
         ds = _CropDataset(paths, ids, items, cfg.seed, crop, e2e.augment, e2e.min_seconds)
-        return torch.utils.data.DataLoader(ds, batch_sampler=slices, num_workers=e2e.workers)
+        return torch.utils.data.DataLoader(ds, batch_sampler=slices, num_workers=e2e.workers,
+                                           worker_init_fn=functools.partial(_worker_init, os.getpid()))
 
     labels_t = torch.from_numpy(labels)
 
@@ -124,8 +136,11 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
         g = epoch_generator(cfg.seed, epoch)
         v = torch.randint(e2e.views, (len(utts),), generator=g).numpy()
         order = train_rows[torch.randperm(len(train_rows), generator=g).numpy()]
-        crops = loader(np.stack([order, v[order]], 1))
-        for wave, rows in _readable_batches(crops, lambda row, r, d: skips.add(ids[row], r, d)):
+        crops = surviving_workers(loader(np.stack([order, v[order]], 1)), FitError,
+                                  "last.pt keeps the last finished epoch: resume with --resume, with fewer "
+                                  "--workers if memory is short")
+        for wave, rows in _readable_batches(crops, lambda row, r, d: skips.add(ids[row], r, d),
+                                            merge=distributed.world() == 1):
             yield wave.to(device), labels_t[rows].to(device)
 
     head, loss_fn = build_head(cfg, backbone.pooled_dim, num_classes, device)
@@ -135,12 +150,13 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
         # gradient, so the optimiser skips them until unfreezing.
         groups += param_groups([backbone], cfg, lr=e2e.backbone_lr)
     opt = make_optimizer(cfg, groups)
-    n_batches = len(batch_slices(len(train_rows), cfg.batch_size))
+    n_batches = distributed.num_batches(len(train_rows), cfg.batch_size)
     opt_steps = math.ceil(n_batches / e2e.grad_accum)
 
     state = {"unfrozen": False}
 
     def on_epoch_start(epoch):
+        skips.sync()
         if e2e.unfreeze_after is not None and epoch >= e2e.unfreeze_after and not state["unfrozen"]:
             for p in backbone.parameters():
                 p.requires_grad_(True)
@@ -165,12 +181,12 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
     val_rows = np.array([row for _, row, reason, _ in val_items if not reason], np.int64)
     if len(val_rows):
         val_waves = np.stack([wave.numpy() for wave, _, reason, _ in val_items if not reason])  # (N, S)
-        val = heldout_valset(val_waves, speakers[val_rows], cfg.max_val_trials, cfg.seed,
+        val = heldout_valset({"wave": val_waves}, speakers[val_rows], cfg.max_val_trials, cfg.seed,
                              f"{num_val} held-out speakers, clean {e2e.crop_seconds}s crops", batch=32)
 
-    def val_embed(wave):
+    def val_embed(batch):
         backbone.eval()
-        emb = head(backbone.pooled(wave))
+        emb = head(backbone.pooled(batch["wave"]))
         backbone.train(state["unfrozen"])
         return emb
 
@@ -216,13 +232,17 @@ class _CropDataset(torch.utils.data.Dataset):
         return torch.from_numpy(crop), row, "", ""
 
 
-def _readable_batches(batches, skip) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _readable_batches(batches, skip, merge: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Drop the failed crops of each batch: (wave, rows, reasons, details) -> (wave, rows).
 
     ``skip(row, reason, detail)`` is called for each failed crop. A batch left with fewer than
     two crops joins the next one, and a lone crop at the end joins the last batch (one batch
     is held back for that): BatchNorm needs two rows, and no readable crop is left out.
     With no failures the batches pass through unchanged.
+
+    ``merge=False`` (N ranks): one batch out per batch in, as every rank must step together;
+    BatchNorm is synchronised over the ranks, so a rank may hold one crop; a rank with none
+    readable stops the fit with a message (DDP needs every rank's forward).
     """
     carry, held = None, None
     for wave, rows, reasons, details in batches:
@@ -230,6 +250,12 @@ def _readable_batches(batches, skip) -> Iterator[tuple[torch.Tensor, torch.Tenso
         for k in torch.nonzero(~ok).flatten().tolist():
             skip(int(rows[k]), reasons[k], details[k])
         wave, rows = wave[ok], rows[ok]  # (b', S), (b',)
+        if not merge:
+            if not len(rows):
+                raise FitError(f"rank {distributed.rank()}: no crop of a batch has readable audio (all "
+                               f"{len(ok)} listed in skipped.tsv); remove those files and --resume")
+            yield wave, rows
+            continue
         if carry is not None:
             wave, rows = torch.cat([carry[0], wave]), torch.cat([carry[1], rows])
             carry = None
@@ -239,6 +265,8 @@ def _readable_batches(batches, skip) -> Iterator[tuple[torch.Tensor, torch.Tenso
         if held is not None:
             yield held
         held = (wave, rows)
+    if not merge:
+        return
     if carry is not None and held is not None:
         held = (torch.cat([held[0], carry[0]]), torch.cat([held[1], carry[1]]))
     if held is None:

@@ -1,37 +1,21 @@
-"""Heads a fit can train, by name: ``HEADS[name](cfg, pooled_dim, num_classes) -> (head, loss)``.
+"""A head and its loss from the fit's options: the head class from :data:`mrlcache.models.HEADS`.
 
-A builder gets the fit's options (:class:`mrlcache.fit.config.FitConfig`) and the input
-geometry, and returns the head (``(B, pooled_dim) -> (B, max_dim)``, with ``dims`` and
-``pooled_dim`` attributes) and its loss (``loss(emb, labels, classes) -> (total, per-dim
-losses, per-dim accuracies)``, with ``dims``, ``num_classes``, ``margin`` and
-``set_margin``). Register a new head with :func:`register_head`.
-
-Today: ``mrl``, the Matryoshka head of :mod:`mrlcache.models.matryoshka` with the loss of
-:mod:`mrlcache.fit.losses`
-(over a pooled vector), and ``ecapa``, ECAPA-TDNN over frames (:mod:`~mrlcache.models.ecapa`)
-with the same loss. On cached streams other than ``pooled`` both sit at the end of a
-:class:`~mrlcache.models.streams.StreamModel` (encoders, fusion, head), which builds
-them from :data:`~mrlcache.models.streams.HEAD_MODULES` (class + what it reads, plain
-constructor arguments for model.pt): a new head for streams goes there too.
+:func:`build_head` makes the head a fit trains directly on a vector (``--inputs pooled``)
+and :func:`make_loss` the Matryoshka margin loss every head trains with
+(:mod:`mrlcache.fit.losses`). A head on other cached streams sits inside a
+:class:`~mrlcache.models.streams.StreamModel` (:mod:`mrlcache.fit.stream_mode`). A new head
+is a file in ``mrlcache/models/`` and one line in ``mrlcache.models.HEADS``; nothing here
+names a head.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from mrlcache.fit.losses import MatryoshkaMarginLoss
-from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.models import head_args, head_class
 
-__all__ = ["HEADS", "build_head", "make_loss", "register_head"]
-
-HEADS: dict[str, Callable] = {}
-
-
-def register_head(name: str, builder: Callable) -> None:
-    """Make ``builder(cfg, pooled_dim, num_classes) -> (head, loss)`` available as ``--head name``."""
-    HEADS[name] = builder
+__all__ = ["build_head", "make_loss"]
 
 
 def make_loss(cfg, num_classes: int):
@@ -42,24 +26,9 @@ def make_loss(cfg, num_classes: int):
                                 kind=cfg.loss, grad_scaling=cfg.grad_scaling)
 
 
-def _mrl(cfg, pooled_dim: int, num_classes: int):
-    head = MatryoshkaHead(pooled_dim, cfg.dims)
-    return head, make_loss(cfg, num_classes)
-
-
-def _ecapa(cfg, in_dim: int, num_classes: int):
-    from mrlcache.models.ecapa import ECAPATDNN
-    from mrlcache.models.streams import head_args
-
-    return ECAPATDNN(**head_args(cfg, in_dim)), make_loss(cfg, num_classes)
-
-
-register_head("mrl", _mrl)
-register_head("ecapa", _ecapa)  # over frames (B, in_dim, T): fit on frame streams (--inputs layers, fbank...)
-
-
-def build_head(cfg, pooled_dim: int, num_classes: int, device):
-    """The head and loss of ``cfg.head`` on ``device``, initialised from ``cfg.seed``."""
+def build_head(cfg, width: int, num_classes: int, device):
+    """The head ``cfg.head`` over vectors of ``width`` and its loss, on ``device``, initialised
+    from ``cfg.seed``: (head, loss)."""
     torch.manual_seed(cfg.seed)  # the head's initial weights depend on the seed only
-    head, loss = HEADS[cfg.head](cfg, pooled_dim, num_classes)
-    return head.to(device), loss.to(device)
+    head = head_class(cfg.head)(**head_args(cfg.head, width, cfg.dims, cfg))
+    return head.to(device), make_loss(cfg, num_classes).to(device)

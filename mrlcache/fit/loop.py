@@ -2,10 +2,11 @@
 
 A mode (cache or end to end) builds a TrainJob: what an epoch's batches are, how a batch
 is embedded in training and in validation, which modules a checkpoint holds beyond the
-head and loss, and a hook run at each epoch's start. :func:`train` runs the epochs:
-margin warm-up, the step (autocast, gradient accumulation, clipping, the schedule),
-validation and model selection by mean EER, ``history.jsonl``, TensorBoard, and the
-checkpoints ``best.pt`` and ``last.pt``, all built by :func:`checkpoint`.
+head and loss, and a hook run at each epoch's start. :func:`train` runs the epochs: the
+margin schedule (only stepped here: :class:`~mrlcache.fit.optim.MarginWarmup`), the step
+(autocast, gradient accumulation, clipping, the learning-rate schedule), validation and
+model selection by mean EER, ``history.jsonl``, TensorBoard, and the checkpoints ``best.pt``
+and ``last.pt``, all built by :func:`checkpoint`.
 
 Determinism: every random draw of epoch ``e`` (views, order; the classes of
 ``class_sample`` from a second stream) comes from a generator seeded by ``(seed, e)``,
@@ -15,6 +16,7 @@ same epochs as an uninterrupted one (bit-identical on the CPU with the same thre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,9 +25,11 @@ from typing import Callable
 
 import torch
 
-from mrlcache.fit.data import batch_slices, epoch_generator
+from mrlcache import distributed
+from mrlcache.fit.config import FitError
+from mrlcache.fit.data import epoch_generator
 from mrlcache.fit.losses import sample_classes
-from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
+from mrlcache.fit.optim import MarginWarmup, make_optimizer, make_scheduler, param_groups
 from mrlcache.fit.validate import ValSet, validate
 from mrlcache.runtime import atomic_torch_save
 
@@ -50,6 +54,11 @@ class TrainJob:
     modules: dict = field(default_factory=dict)  # more modules to checkpoint, e.g. {"backbone": m}
     on_epoch_start: Callable | None = None  # on_epoch_start(epoch), e.g. to unfreeze the backbone
     grad_accum: int = 1  # batches per optimiser step
+    margin: MarginWarmup | None = None  # stepped at each epoch's start; default: cfg's warm-up of loss_fn
+
+    def __post_init__(self):
+        if self.margin is None:
+            self.margin = MarginWarmup(self.loss_fn, self.cfg.margin, self.cfg.margin_warmup_epochs)
 
 
 def checkpoint(job: TrainJob, epoch: int, **more) -> dict:
@@ -62,22 +71,66 @@ def checkpoint(job: TrainJob, epoch: int, **more) -> dict:
 
 
 def load_checkpoint(path: Path, device="cpu") -> dict:
-    """A checkpoint written by :func:`checkpoint`; tensors and plain containers only."""
-    return torch.load(path, map_location=device, weights_only=True)
+    """A checkpoint written by :func:`checkpoint`; tensors and plain containers only.
 
-
-
-def feature_job(cfg, config: dict, out: Path, model, loss_fn, feats, val, num_train: int, device) -> TrainJob:
-    """The TrainJob of a fit on features in hand (cache mode, stream mode).
-
-    ``feats.epoch(seed, epoch, batch_size, device)`` gives the batches; ``model`` trains and
-    validates alike; one optimiser covers the model and the loss, with the per-step schedule.
+    Raises:
+        FitError: one line for a file that is not such a checkpoint (code-carrying,
+            truncated, foreign), naming it.
     """
+    from mrlcache.backbone.loading import UnsafeFileError, load_plain
+
+    try:
+        state = load_plain(path, path)
+    except UnsafeFileError as err:
+        raise FitError(f"{err}; delete it and start the fit again") from None
+    except FileNotFoundError:
+        raise FitError(f"{path}: no such checkpoint") from None
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise FitError(f"{path}: not a checkpoint of mrlcache fit ({type(err).__name__}: {str(err)[:120]}); "
+                       f"it is truncated or foreign: delete it and start the fit again") from None
+    if not isinstance(state, dict):
+        raise FitError(f"{path}: holds {type(state).__name__}, not a checkpoint of mrlcache fit")
+    return state  # on the CPU: load_state_dict copies onto each module's own device
+
+
+def _restore(job: "TrainJob", scaler, path: Path) -> dict:
+    """Load ``last.pt`` into the job; FitError in one line when it does not fit this run."""
+    state = load_checkpoint(path, job.device)
+    try:
+        job.head.load_state_dict(state["head"])
+        job.loss_fn.load_state_dict(state["loss"])
+        for name, mod in job.modules.items():
+            mod.load_state_dict(state["extra"][name])
+        if job.on_epoch_start:
+            job.on_epoch_start(state["epoch"])  # restore e.g. the unfrozen param group first
+        job.optimizer.load_state_dict(state["optimizer"])
+        job.scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        start, best = int(state["epoch"]), dict(state["best"])
+        mark = state.get("patience_mark", {"epoch": best["epoch"], "mean_eer": best["mean_eer"]})
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+        what = f"missing {err}" if isinstance(err, KeyError) else str(err).splitlines()[0][:160]
+        raise FitError(f"--resume: {path} does not match this run ({type(err).__name__}: {what}); it is damaged "
+                       f"or from another fit: delete it or choose another --out") from None
+    return {"start": start, "best": best, "mark": mark}
+
+
+
+def feature_job(cfg, config: dict, out: Path, model, loss_fn, feats, val, num_train: int, device,
+                embed: Callable | None = None) -> TrainJob:
+    """The TrainJob of a fit on cached features (cache mode, stream mode).
+
+    ``feats.epoch(seed, epoch, batch_size, device)`` gives the batches {stream: (b, ...)};
+    ``embed`` (default ``model``) embeds one, in training and validation alike; one
+    optimiser covers the model and the loss, with the per-step schedule.
+    """
+    embed = embed or model
     opt = make_optimizer(cfg, param_groups([model, loss_fn], cfg))
-    steps = len(batch_slices(num_train, cfg.batch_size))
+    steps = distributed.num_batches(num_train, cfg.batch_size)
     return TrainJob(cfg=cfg, config=config, out=out, head=model, loss_fn=loss_fn,
                     batches=lambda epoch: feats.epoch(cfg.seed, epoch, cfg.batch_size, device),
-                    embed=model, val_embed=model, val=val, steps_per_epoch=steps, device=device,
+                    embed=embed, val_embed=embed, val=val, steps_per_epoch=steps, device=device,
                     optimizer=opt, scheduler=make_scheduler(cfg, opt, steps))
 
 
@@ -96,38 +149,30 @@ def train(job: TrainJob, resume: bool) -> dict:
     mark = {"epoch": None, "mean_eer": None}
     last_path, hist_path = out / "last.pt", out / "history.jsonl"
     if resume:
-        state = load_checkpoint(last_path, job.device)
-        job.head.load_state_dict(state["head"])
-        job.loss_fn.load_state_dict(state["loss"])
-        for name, mod in job.modules.items():
-            mod.load_state_dict(state["extra"][name])
-        if job.on_epoch_start:
-            job.on_epoch_start(state["epoch"])  # restore e.g. the unfrozen param group first
-        job.optimizer.load_state_dict(state["optimizer"])
-        job.scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        start, best = state["epoch"], state["best"]
-        mark = state.get("patience_mark", {"epoch": best["epoch"], "mean_eer": best["mean_eer"]})
+        restored = _restore(job, scaler, last_path)
+        start, best, mark = restored["start"], restored["best"], restored["mark"]
         # Keep only the epochs the checkpoint has seen (a crash may leave one more line).
         lines = hist_path.read_text().splitlines() if hist_path.exists() else []
         history = [json.loads(x) for x in lines if x.strip()]
         history = [h for h in history if h["epoch"] < start]
-        hist_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start if resume else None)
+        if distributed.is_main():
+            hist_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    # N ranks (torchrun): DDP around what trains; only rank 0 validates and writes files.
+    step_fn, main = distributed.Step(job), distributed.is_main()
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start if resume else None) if main else None
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True, quiet=not cfg.progress)
-    dims = job.loss_fn.dims
+    console = Console(stderr=True, quiet=not cfg.progress or not main)
+    dims = job.head.dims
     stopped_early = False
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         if job.on_epoch_start:
             job.on_epoch_start(epoch)
-        warm = cfg.margin_warmup_epochs
-        job.loss_fn.set_margin(cfg.margin * (min(1.0, epoch / warm) if warm > 0 else 1.0))
+        step_fn.refresh()  # an unfrozen backbone joins DDP
+        margin = job.margin.step(epoch)
         job.head.train()
         job.loss_fn.train()
         sums = torch.zeros(2, len(dims), dtype=torch.float64)  # loss, accuracy per dim, x rows
@@ -135,20 +180,24 @@ def train(job: TrainJob, resume: bool) -> dict:
         seen = 0
         with Progress(TextColumn(f"epoch {epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=console, transient=True,
-                      disable=not cfg.progress) as bar:
+                      disable=not cfg.progress or not main) as bar, distributed.guard(f"epoch {epoch + 1}"):
             task = bar.add_task("fit", total=job.steps_per_epoch)
             pending = False  # gradients accumulated since the last optimiser step
             for step, (x, y) in enumerate(job.batches(epoch)):
+                stepping = (step + 1) % job.grad_accum == 0 or step + 1 == job.steps_per_epoch
                 with torch.autocast(job.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    emb = job.embed(x)
                     classes = None
                     if class_gen is not None:
                         classes = sample_classes(y, job.loss_fn.num_classes, cfg.class_sample, class_gen).to(y.device)
-                    loss, dim_loss, dim_acc = job.loss_fn(emb, y, classes)
+                    loss, dim_loss, dim_acc = step_fn(x, y, classes)
+                if distributed.world() > 1:
+                    # This rank's share of the global batch's mean (DDP averages the ranks).
+                    loss = loss * distributed.loss_share(len(y), job.device)
                 # Gradient accumulation: average over grad_accum batches, then one step.
-                scaler.scale(loss / job.grad_accum).backward()
+                with step_fn.no_sync() if not stepping else contextlib.nullcontext():
+                    scaler.scale(loss / job.grad_accum).backward()
                 pending = True
-                if (step + 1) % job.grad_accum == 0 or step + 1 == job.steps_per_epoch:
+                if stepping:
                     _optimizer_step(job, scaler)
                     pending = False
                 n = len(y)
@@ -160,15 +209,29 @@ def train(job: TrainJob, resume: bool) -> dict:
                 # Fewer batches than planned (end to end: unreadable files dropped): the
                 # epoch's last accumulated gradients still make a step.
                 _optimizer_step(job, scaler)
+        if distributed.world() > 1:  # the epoch's sums over every rank's rows
+            seen = _reduce_sums(sums, seen)
+        # A loss or weights gone NaN/Inf only get worse: stop before this epoch is saved,
+        # so last.pt stays the last good epoch (checked once per epoch: no per-step sync).
+        if not torch.isfinite(sums).all() or not all(torch.isfinite(p).all() for p in _trained(job)):
+            kept = (f"{last_path} is kept as the last good checkpoint" if last_path.exists()
+                    else "no checkpoint was written yet")
+            raise FitError(f"epoch {epoch + 1}: the training loss or the weights became NaN or Inf; stopped, "
+                           f"{kept}; lower --lr (or --scale, --margin), or check the cache for bad vectors")
         train_loss = (sums[0] / max(seen, 1)).tolist()
         train_acc = (sums[1] / max(seen, 1)).tolist()
-        rec = {"epoch": epoch, "margin": job.loss_fn.margin, "lr": job.optimizer.param_groups[0]["lr"],
+        rec = {"epoch": epoch, "margin": margin, "lr": job.optimizer.param_groups[0]["lr"],
                "samples": seen, "loss": dict(zip(map(str, dims), train_loss)),
                "accuracy": dict(zip(map(str, dims), train_acc))}
+        if distributed.world() > 1:
+            rec.update(world_size=distributed.world(),
+                       effective_batch=distributed.global_batch(cfg.batch_size) * job.grad_accum)
         validating = job.val is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
         if validating:
             job.head.eval()
-            v = validate(job.val_embed, job.val, dims, job.device)
+            # Rank 0 validates; the others wait and take its numbers (the same selection,
+            # schedule and early stop on every rank).
+            v = distributed.from_main(lambda: _validate(job, dims), f"validation of epoch {epoch + 1}")
             rec["val_eer"] = {str(d): e for d, e in v["eer"].items()}
             rec["val_min_dcf"] = {str(d): e for d, e in v["min_dcf"].items()}
             rec["val_mean_eer"] = v["mean_eer"]
@@ -179,33 +242,56 @@ def train(job: TrainJob, resume: bool) -> dict:
             if best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]:
                 best = {"epoch": epoch, "mean_eer": v["mean_eer"], "eer": rec["val_eer"],
                         "min_dcf": rec["val_min_dcf"]}
-                atomic_torch_save(checkpoint(job, epoch, val=best), out / "best.pt")
+                if main:
+                    atomic_torch_save(checkpoint(job, epoch, val=best), out / "best.pt")
         elif job.val is None:
             # No validation: the last epoch is the model (recorded as such in summary.json).
             best = {"epoch": epoch, "mean_eer": None}
-            atomic_torch_save(checkpoint(job, epoch, val=None), out / "best.pt")
+            if main:
+                atomic_torch_save(checkpoint(job, epoch, val=None), out / "best.pt")
         rec["seconds"] = time.perf_counter() - t0
         rec["samples_per_s"] = seen / rec["seconds"]
-        with open(hist_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
         history.append(rec)
-        _log_tensorboard(writer, rec, dims)
-        atomic_torch_save(checkpoint(job, epoch + 1, optimizer=job.optimizer.state_dict(),
-                                     scheduler=job.scheduler.state_dict(), scaler=scaler.state_dict(),
-                                     torch_rng=torch.get_rng_state(), best=best, patience_mark=mark,
-                                     config=job.config), last_path)
+        if main:
+            with open(hist_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            _log_tensorboard(writer, rec, dims)
+            atomic_torch_save(checkpoint(job, epoch + 1, optimizer=job.optimizer.state_dict(),
+                                         scheduler=job.scheduler.state_dict(), scaler=scaler.state_dict(),
+                                         torch_rng=torch.get_rng_state(), best=best, patience_mark=mark,
+                                         config=job.config), last_path)
         line = f"epoch {epoch + 1}/{cfg.epochs} loss {sum(train_loss) / len(dims):.3f} " \
                f"acc {train_acc[-1]:.3f} lr {rec['lr']:.2e} {rec['seconds']:.1f}s"
         if validating:
-            line += " EER% " + " ".join(f"{d}:{100 * v['eer'][d]:.2f}" for d in dims)
+            line += " EER% " + " ".join(f"{d}:{100 * v['eer'][str(d)]:.2f}" for d in dims)
         console.print(line)
         if (cfg.patience > 0 and mark["epoch"] is not None and job.val is not None
                 and epoch - mark["epoch"] >= cfg.patience):
             stopped_early = True
             console.print(f"early stop: no better mean EER for {cfg.patience} epochs")
             break
-    writer.close()
+    if writer is not None:
+        writer.close()
     return {"best": best, "history": history, "stopped_early": stopped_early}
+
+
+def _trained(job: "TrainJob"):
+    return [p for g in job.optimizer.param_groups for p in g["params"]]
+
+
+def _validate(job: TrainJob, dims) -> dict:
+    """:func:`validate` with plain keys (dims as strings), as sent between ranks."""
+    v = validate(job.val_embed, job.val, dims, job.device)
+    return {"eer": {str(d): float(e) for d, e in v["eer"].items()},
+            "min_dcf": {str(d): float(e) for d, e in v["min_dcf"].items()}, "mean_eer": float(v["mean_eer"])}
+
+
+def _reduce_sums(sums: torch.Tensor, seen: int) -> int:
+    """Sum the epoch's loss/accuracy sums (in place) and rows seen over the ranks; returns all rows."""
+    both = distributed.all_reduce_(torch.cat([sums.flatten(), torch.tensor([float(seen)], dtype=torch.float64)]),
+                                   "the end of the epoch")
+    sums.copy_(both[:-1].view_as(sums))
+    return int(both[-1].item())
 
 
 def _optimizer_step(job: TrainJob, scaler) -> None:

@@ -48,9 +48,8 @@ from torch import nn
 
 from mrlcache.fit.fused import MarginCrossEntropy, PrefixScores, ScaleGrad, Scratch
 from mrlcache.models.matryoshka import check_dims
-
-from mrlcache.names import CLASSIFIERS  # noqa: E402 (shared, per-dim)
-from mrlcache.names import LOSSES as KINDS  # noqa: E402 (aam, softmax)
+from mrlcache.names import CLASSIFIERS  # shared, per-dim
+from mrlcache.names import LOSSES as KINDS  # aam, softmax
 
 
 def sample_classes(labels: torch.Tensor, num_classes: int, rate: float, generator: torch.Generator) -> torch.Tensor:

@@ -42,3 +42,23 @@ def make_scheduler(cfg, opt, steps_per_epoch: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / (total - warm))))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class MarginWarmup:
+    """The loss's margin grows linearly from 0 to ``margin`` over ``epochs`` epochs.
+
+    The loop only calls :meth:`step` at each epoch's start and records :attr:`value`; this
+    object is what sets the margin on the loss (``loss.set_margin``), as a learning-rate
+    schedule sets the optimiser's rate. ``epochs=0``: the full margin from the start.
+    """
+
+    def __init__(self, loss, margin: float, epochs: int):
+        self.loss, self.margin, self.epochs = loss, float(margin), int(epochs)
+        self.value = None
+
+    def step(self, epoch: int) -> float:
+        """Set the margin of ``epoch`` (0-based) on the loss; returns the margin the loss uses."""
+        share = min(1.0, epoch / self.epochs) if self.epochs > 0 else 1.0
+        self.loss.set_margin(self.margin * share)
+        self.value = self.loss.margin  # 0 for a loss without a margin (softmax)
+        return self.value

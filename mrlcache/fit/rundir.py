@@ -13,6 +13,7 @@ in any way (a killed fit leaves no stale lock; the empty file stays).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import fcntl
@@ -23,14 +24,32 @@ from pathlib import Path
 
 import yaml
 
+from mrlcache import distributed
 from mrlcache.fit.config import FitConfig, FitError
 from mrlcache.fit.loop import load_checkpoint
+from mrlcache.fit.validate import split_speakers
+from mrlcache.models.model import save_model
 
 LOCK_NAME = ".fit.lock"
 _HELD: dict[str, int] = {}  # run directories this process has locked -> lock file descriptor
 
 # Options that may change on --resume: they do not change what an epoch computes.
-RESUME_FREE = {"epochs", "patience", "progress", "device", "val_every", "cache", "end_to_end.workers"}
+# batch_size and world_size may change together (resume on another number of ranks): their
+# product (x grad_accum), effective_batch, must not.
+RESUME_FREE = {"epochs", "patience", "progress", "device", "val_every", "cache", "end_to_end.workers",
+               "batch_size", "world_size", "dist_timeout"}
+
+
+def run_config(cfg, e2e=None, cache_dir=None) -> dict:
+    """The run's one resolved config (config.yaml and last.pt): every option, by mode, and the
+    processes (torchrun) with the effective batch: rows per optimiser step over all of them."""
+    from mrlcache import distributed
+
+    accum = e2e.grad_accum if e2e is not None else 1
+    return {**cfg.to_dict(), "mode": "end-to-end" if e2e is not None else "cache",
+            "world_size": distributed.world(), "effective_batch": distributed.global_batch(cfg.batch_size) * accum,
+            "cache": str(cache_dir) if cache_dir is not None else None,
+            "end_to_end": e2e.to_dict() if e2e is not None else None}
 
 
 def meta_hash(meta: dict) -> str:
@@ -89,11 +108,23 @@ def _flatten(config: dict) -> dict:
     return flat
 
 
-def open_run(out: Path, config: dict, resume: bool, fingerprint: dict) -> tuple[RunLock, bool]:
+def open_run(out: Path, config: dict, resume: bool, fingerprint: dict):
     """Create and lock the run directory and check it; returns (lock, whether to resume).
 
-    The caller releases the lock when the fit ends (``with lock:``).
+    The caller releases the lock when the fit ends (``with lock:``). On N ranks rank 0
+    does this and holds the lock; the others get its answer (or its error) and a no-op lock.
     """
+    held = {}
+
+    def opened():
+        held["lock"], answer = _open_run(out, config, resume, fingerprint)
+        return answer
+
+    resume = distributed.from_main(opened, f"opening {out}")
+    return held.get("lock", contextlib.nullcontext()), resume
+
+
+def _open_run(out: Path, config: dict, resume: bool, fingerprint: dict) -> tuple[RunLock, bool]:
     from mrlcache.paths import check_run_dir
 
     if resume and not (out / "last.pt").exists():
@@ -116,18 +147,29 @@ def _check_resume(out: Path, config: dict, fingerprint: dict) -> bool:
     if old.get("cache_meta_sha256") != fingerprint["cache_meta_sha256"]:
         raise FitError(f"--resume: {out} was fitted on another cache (metadata hash differs)")
     old_cfg = _flatten(yaml.safe_load((out / "config.yaml").read_text()))
+    # A run from before effective_batch was recorded ran on one process.
+    accum = old_cfg.get("end_to_end.grad_accum") or 1
+    old_cfg.setdefault("effective_batch", old_cfg.get("batch_size", FitConfig.batch_size) * accum)
     # Options that change what an epoch computes must match; epochs/patience may grow.
     # A key a run from before it existed lacks matches when it holds today's default.
     defaults = FitConfig().to_dict()
     changed = sorted(k for k, v in _flatten(config).items() if k not in RESUME_FREE
                      and old_cfg.get(k, defaults.get(k)) != v)
+    if "effective_batch" in changed:
+        ranks = config.get("world_size", 1)
+        raise FitError(f"--resume: {out} trained with an effective batch of {old_cfg['effective_batch']} rows "
+                       f"per step; now {config['effective_batch']} (--batch-size {config['batch_size']} x {ranks} "
+                       f"rank(s)); on {ranks} rank(s) give --batch-size "
+                       f"{old_cfg['effective_batch'] // ranks // (config.get('end_to_end') or {}).get('grad_accum', 1)}")
     if changed:
         raise FitError(f"--resume: options differ from {out}/config.yaml: {', '.join(changed)}")
     return True
 
 
 def write_header(out: Path, config: dict, fingerprint: dict) -> None:
-    """``config.yaml`` (the resolved options) and ``fingerprint.json`` (the inputs)."""
+    """``config.yaml`` (the resolved options) and ``fingerprint.json`` (the inputs); rank 0 only."""
+    if not distributed.is_main():
+        return
     (out / "config.yaml").write_text("# mrlcache fit: resolved options\n" + yaml.safe_dump(config, sort_keys=True))
     (out / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
 
@@ -137,29 +179,54 @@ class SkipLog:
 
     def __init__(self, path: Path, resume: bool):
         self.path, self.reasons = path, {}
+        self.main, self.new = distributed.is_main(), []  # N ranks: rank 0 writes, the others report
         if resume and path.exists():  # a resumed fit knows what it already recorded
             for line in path.read_text().splitlines()[1:]:
                 utt, reason = line.split("\t")[:2]
                 self.reasons[utt] = reason
-        else:
+        elif self.main:
             path.write_text("utt_id\treason\tdetail\n")
 
     def add(self, utt_id: str, reason: str, detail: str) -> None:
         if utt_id in self.reasons:
             return
         self.reasons[utt_id] = reason
-        with open(self.path, "a") as f:
-            f.write(f"{utt_id}\t{reason}\t{' '.join(detail.split())}\n")
+        self.new.append([utt_id, reason, " ".join(detail.split())])
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(f"{utt_id}\t{reason}\t{self.new[-1][2]}\n")
+
+    def sync(self) -> None:
+        """N ranks: every rank learns what the others left out; rank 0 appends those to the file."""
+        if distributed.world() == 1:
+            return
+        for rows in distributed.all_gather_json(self.new, "collecting skipped files"):
+            for utt_id, reason, detail in rows:
+                self.add(utt_id, reason, detail)
+        self.new = []
 
     def by_reason(self) -> dict:
         return {r: list(self.reasons.values()).count(r) for r in sorted(set(self.reasons.values()))}
 
 
-def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
+def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: dict | None = None):
     """Write model.pt from best.pt, summary.json, curves.png, model_summary.{json,txt}, and
-    print the final table; returns the head with the best weights (on the CPU, eval mode)."""
+    print the final table; returns the head with the best weights (on the CPU, eval mode).
+
+    On N ranks rank 0 writes and the others return None once it has (or raise its error).
+    """
+    held = {}
+
+    def written():
+        held["head"] = _finish(job, result, backbone, backbone_ref, extra_summary)
+        return True
+
+    distributed.from_main(written, "writing the run's files")
+    return held.get("head")
+
+
+def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
     from mrlcache.fit.report import write_curves, write_model_summary
-    from mrlcache.models.model import save_model
 
     cfg, out = job.cfg, job.out
     best_state = load_checkpoint(out / "best.pt")
@@ -167,8 +234,13 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
     head.load_state_dict(best_state["head"])
     if "backbone" in best_state.get("extra", {}) and backbone is not None:
         backbone.load_state_dict(best_state["extra"]["backbone"])
+        after = ((job.config or {}).get("end_to_end") or {}).get("unfreeze_after")
+        if after is not None and int(best_state["epoch"]) >= int(after):
+            # The selected epoch trained the backbone: the recorded SHA-256 names the weights it
+            # started from; save_model records the trained weights' own, so their caches refuse.
+            backbone.weights_sha256 = None
     save_model(out / "model.pt", head, backbone=backbone, embed_backbone=cfg.embed_backbone,
-               backbone_ref=backbone_ref)
+               backbone_ref=backbone_ref, ptm=ptm)
     summary = {"best_epoch": result["best"]["epoch"], "best": result["best"],
                "epochs_run": len(result["history"]), "stopped_early": result["stopped_early"],
                "selected_by": "val mean EER" if job.val is not None else "last epoch (no validation)",
@@ -191,3 +263,28 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
             table.add_row(f"raw {job.head.pooled_dim or ''}", f"{100 * extra_summary['raw_eer']:.2f}", "")
         Console(stderr=True).print(table)
     return head.eval()
+
+
+def recorded_sha256(meta: dict) -> str | None:
+    """The SHA-256 of the weights (or imported file) the cache's vectors came from."""
+    from mrlcache.backbone import BackboneRecord
+
+    record = BackboneRecord.from_meta(meta)
+    return record.sha256 if record is not None else None
+
+
+def is_imported(meta: dict) -> bool:
+    """Vectors another toolkit made (``mrlcache import-vectors``): no backbone to embed in model.pt."""
+    return meta.get("mode") == "imported"
+
+
+def split_and_open(cfg, speakers, cache_dir, out: Path, resume: bool, fingerprint: dict):
+    """The held-out speaker split of a cache fit (none with an external validation set) and the
+    locked run directory: (val_names, train_names, labels, config, lock, resume)."""
+    val_names, train_names, labels, n_val = split_speakers(
+        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, f"the cache {cache_dir}")
+    if cfg.val_cache is None:
+        cfg.val_speakers = n_val
+    config = run_config(cfg, cache_dir=cache_dir)
+    lock, resume = open_run(out, config, resume, fingerprint)
+    return val_names, train_names, labels, config, lock, resume

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrlcache.interop.readers import InteropError
+from mrlcache.interop.errors import InteropError
 from mrlcache.runtime import NotRegularFileError, open_regular
 
 KALDI_SPACE = " \t\r\f\v"  # C isspace() without the newline, which ends a line

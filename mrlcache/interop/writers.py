@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mrlcache.interop.readers import InteropError, ids_file_for, read_utt2spk, read_vectors, shown, speakers_for
+from mrlcache.interop.readers import InteropError, folder_npy_files, ids_file_for, read_utt2spk, read_vectors, shown, speakers_for
 from mrlcache.runtime import publish_dir, publish_files, sha256_file, temp_dir, temp_file, write_aside
+from mrlcache.streams.record import StreamRecord
 
 from mrlcache.names import VECTOR_FORMATS as FORMATS  # noqa: E402 (npy, kaldi, npz)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -44,7 +45,7 @@ def source_sha256(path) -> str:
     """
     path = Path(path)
     if path.is_dir():
-        lines = [f"{f.relative_to(path).as_posix()} {sha256_file(f)}" for f in sorted(path.rglob("*.npy"))]
+        lines = [f"{f.relative_to(path).as_posix()} {sha256_file(f)}" for f in folder_npy_files(path)]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
     if path.suffix == ".scp":
         from mrlcache.interop.kaldi import parse_scp
@@ -134,8 +135,7 @@ def import_vectors(vectors, out, *, ids_file=None, utt2spk=None, name: str | Non
     if layers:
         # Layer stacks are the `layers` stream as per-layer vectors (as extract --layers-pooled
         # stores them), for the multi-stream heads (fit --inputs layers); there is no pooled.
-        meta["streams"] = {"layers": {"kind": "vector", "shape": [int(array.shape[1]), int(array.shape[2])],
-                                      "ragged": False, "frame_rate": None, "dtype": dtype}}
+        meta["streams"] = {"layers": StreamRecord("layers", "vector", array.shape[1:3], dtype).to_json()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out)
     try:

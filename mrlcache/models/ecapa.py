@@ -99,10 +99,17 @@ class ECAPATDNN(nn.Module):
     at a time.
     """
 
+    reads = "frames"
+    width_arg = "in_dim"
+
     def __init__(self, in_dim: int, dims: Sequence[int] = (192,), channels: int = 512, scale: int = 8,
                  dilations: Sequence[int] = (2, 3, 4, 5), mfa_channels: int = 1536,
                  attention_bottleneck: int = 128, se_bottleneck: int = 128):
         super().__init__()
+        self._args = {"in_dim": int(in_dim), "dims": [int(d) for d in dims], "channels": int(channels),
+                      "scale": int(scale), "dilations": [int(d) for d in dilations],
+                      "mfa_channels": int(mfa_channels), "attention_bottleneck": int(attention_bottleneck),
+                      "se_bottleneck": int(se_bottleneck)}
         self.in_dim = int(in_dim)
         self.stem = _conv_relu_bn(in_dim, channels, kernel=5)
         self.blocks = nn.ModuleList(SERes2Block(channels, 3, d, scale, se_bottleneck) for d in dilations)
@@ -110,6 +117,19 @@ class ECAPATDNN(nn.Module):
         self.pool = AttentiveStatsPool(mfa_channels, attention_bottleneck)
         self.embedding = MatryoshkaHead(2 * mfa_channels, dims)  # BN + linear: the embedding layer
         self.dims = self.embedding.dims
+        self.pooled_dim = None  # reads frames, not a pooled vector
+
+    @staticmethod
+    def option_args(options) -> dict:
+        """The fit options ``ecapa_channels``, ``ecapa_scale``, ``ecapa_mfa_channels`` and
+        ``ecapa_bottleneck`` (the SE and the pooling attention share it)."""
+        return {"channels": options.ecapa_channels, "scale": options.ecapa_scale,
+                "mfa_channels": options.ecapa_mfa_channels, "attention_bottleneck": options.ecapa_bottleneck,
+                "se_bottleneck": options.ecapa_bottleneck}
+
+    def args(self) -> dict:
+        """What rebuilds this head: ``ECAPATDNN(**args)``."""
+        return dict(self._args)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_dim, T) -> pooled statistics (B, 2 * mfa_channels)."""

@@ -9,7 +9,8 @@ Encoders bring each stream to a common width:
   per frame, e.g. 80 + 2): Conv1d-ReLU-BN layers, 768 wide by default;
 - pooled vectors pass through (``nn.Identity``).
 
-Fusions take a list of encoded streams, all (B, D_i, T_i) frames or all (B, D_i) vectors,
+Fusions (registered in :data:`mrlcache.models.FUSIONS`; ``frames_only`` says whether one
+also fuses pooled vectors) take a list of encoded streams, all (B, D_i, T_i) frames or all (B, D_i) vectors,
 and return (B, out_dim, T) frames (T = the first stream's length) or (B, out_dim):
 
 - :class:`ConcatFusion`: concatenate the channels, 1x1 projection;
@@ -86,7 +87,8 @@ class CNN1dEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3 or x.shape[1] != self.in_dim:
             raise ValueError(f"CNN1dEncoder expects frames (B, {self.in_dim}, T), got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
+        # A check on the values: eager runs only (an exported or traced graph has no branch on data).
+        if not (torch.compiler.is_exporting() or torch.jit.is_tracing()) and not torch.isfinite(x).all():
             raise ValueError("CNN1dEncoder input has NaN/inf: pass the f0 stream through "
                              "mrlcache.streams.f0_features first")
         return self.net(x.float())
@@ -114,6 +116,8 @@ def _project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 class ConcatFusion(nn.Module):
     """Concatenate the streams' channels, then project: -> (B, out_dim, T) or (B, out_dim)."""
 
+    frames_only = False  # fuses frames or vectors
+
     def __init__(self, in_dims: Sequence[int], out_dim: int):
         super().__init__()
         self.in_dims = tuple(in_dims)
@@ -134,6 +138,8 @@ class CrossAttentionFusion(nn.Module):
     y_i are brought to the first stream's length, concatenated and projected.
     (B, D_i, T_i) x n -> (B, out_dim, T_0). Needs at least two frame streams.
     """
+
+    frames_only = True  # attention needs frames; pooled vectors have none
 
     def __init__(self, in_dims: Sequence[int], out_dim: int, heads: int = 8):
         super().__init__()
@@ -168,6 +174,8 @@ class GatingFusion(nn.Module):
     summing to one over the n streams.
     """
 
+    frames_only = False
+
     def __init__(self, in_dims: Sequence[int], out_dim: int, per_frame: bool = True):
         super().__init__()
         self.in_dims, self.per_frame = tuple(in_dims), per_frame
@@ -190,9 +198,6 @@ class GatingFusion(nn.Module):
         g = gates.unsqueeze(2) if gates.ndim == 3 else gates.view(*gates.shape, *([1] * (zs.ndim - 2)))
         fused = (g * zs).sum(dim=1)
         return (fused, gates) if return_gates else fused
-
-
-FUSIONS = {"concat": ConcatFusion, "cross-attention": CrossAttentionFusion, "gating": GatingFusion}
 
 
 class MeanStdPool(nn.Module):

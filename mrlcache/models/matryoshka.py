@@ -37,12 +37,24 @@ class MatryoshkaHead(nn.Module):
     The first ``d`` outputs are the ``d``-dimensional embedding, for every ``d`` in dims.
     """
 
+    reads = "vector"
+    width_arg = "pooled_dim"
+
     def __init__(self, pooled_dim: int, dims: Sequence[int]):
         super().__init__()
         self.dims = check_dims(dims, pooled_dim)
         self.pooled_dim = int(pooled_dim)
         self.bn = nn.BatchNorm1d(self.pooled_dim)
         self.linear = nn.Linear(self.pooled_dim, self.dims[-1])
+
+    @staticmethod
+    def option_args(options) -> dict:
+        """No options beside the width and dims."""
+        return {}
+
+    def args(self) -> dict:
+        """What rebuilds this head: ``MatryoshkaHead(**args)``."""
+        return {"pooled_dim": self.pooled_dim, "dims": list(self.dims)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, pooled_dim) -> (B, max_dim), raw (not normalised)."""

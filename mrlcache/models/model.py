@@ -8,19 +8,20 @@ normalisation (and of score normalisation) to the caller.
 ``model.pt`` (written by ``mrlcache fit``) holds only tensors and plain containers, and is
 read with ``torch.load(weights_only=True)``, so nothing in it can run code::
 
-    {"format": "mrlcache-model", "version": 1, "dims": [...], "pooled_dim": int or None,
+    {"format": "mrlcache-model", "version": 2,
+     "head": {"name": "mrl" | "ecapa" | ..., "args": {...}},  # HEADS[name](**args)
+     "streams": None or {"groups", "fusion", "encoder_dim"},  # a StreamModel around the head
      "head_state": {...},
-     "head": {"name": "mrl" | "streams", "args": {...}},  # rebuilds the head: class(**args)
-     "inputs": ["pooled"] or the cached streams a stream model reads, e.g. ["layers", "fbank", "f0"],
-     "backbone": {source, train_type, dataset, sha256,     # the backbone record, as in cache.json
-                  "model_config", "state_dict"}            # embedded (default)
-              or {source, train_type, dataset, sha256}     # referenced (--no-embed-backbone)
-              or None}                                     # head only
+     "backbone": {source, train_type, dataset, sha256,         # the backbone record, as in cache.json
+                  "model_config", "state_dict"}                # embedded (default)
+              or {source, train_type, dataset, sha256}         # referenced (--no-embed-backbone)
+              or None}                                         # head only
 
-Files written before ``head`` existed hold an ``mrl`` head (rebuilt from ``pooled_dim`` and
-``dims``). A ``streams`` head is :class:`mrlcache.models.streams.StreamModel` (encoders,
-fusion, ``mrl`` or ``ecapa``); ``forward(wave)`` computes its streams with
-:mod:`mrlcache.streams`, ``project`` takes ``{stream: array}`` from a cache.
+``head`` and ``streams`` are the model record (:mod:`mrlcache.models.record`, which also
+converts version 1 files: the only place older layouts are read). A model with ``streams``
+is a :class:`mrlcache.models.streams.StreamModel` (encoders, fusion, head); ``forward(wave)``
+computes its streams with :mod:`mrlcache.streams`, ``project`` takes ``{stream: array}``
+from a cache.
 
 The record is :class:`mrlcache.backbone.BackboneRecord` (files written before it had only
 ``sha256`` beside an embedded backbone; they load the same). A referenced backbone is loaded
@@ -42,12 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.models.record import READS, VERSION, build, record_of, upgrade
 from mrlcache.streams import windows
 from mrlcache.streams.windows import WINDOW_SECONDS
 
 FORMAT = "mrlcache-model"
-VERSION = 1
 
 
 class ModelError(Exception):
@@ -83,19 +83,22 @@ class MRLModel(nn.Module):
     Args:
         backbone: a ReDimNet (``.pooled(wave)`` -> (B, pooled_dim)), or None for a head-only
             model (only :meth:`project` works).
-        head: the fitted :class:`~mrlcache.fit.heads.MatryoshkaHead`.
+        head: the fitted head (a head of :data:`mrlcache.models.HEADS` on the pooled vector, or a
+            :class:`~mrlcache.models.streams.StreamModel`).
         dims: the trained sizes (default ``head.dims``).
         weights_sha256: SHA-256 of the backbone weights file, when the backbone does not carry it.
     """
 
-    def __init__(self, backbone, head: MatryoshkaHead, dims=None, weights_sha256: str | None = None):
+    def __init__(self, backbone, head, dims=None, weights_sha256: str | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.dims = tuple(int(d) for d in (dims or head.dims))
-        self.inputs = tuple(getattr(head, "inputs", ("pooled",)))  # the cached streams the head reads
+        self.on_streams = hasattr(head, "groups")  # a StreamModel (else a head on the pooled vector)
+        self.inputs = tuple(head.inputs) if self.on_streams else ("pooled",)  # the cached streams it reads
         self._sha = weights_sha256
         self.calibration = None  # a mrlcache.calibration.Calibration, set by load_model
+        self.ptm = None  # {name, source, sha256} of the PTM whose layers it was fitted on, set by load_model
         # Whole waveforms longer than this go through the backbone window by window, as in
         # extract (mrlcache.streams.windows); None: one pass.
         self.window_seconds = WINDOW_SECONDS
@@ -128,7 +131,7 @@ class MRLModel(nn.Module):
     def _head_on_wave(self, wave: torch.Tensor) -> torch.Tensor:
         """(B, T) -> head output (B, max_dim): the pooled vector, or the streams the head reads,
         computed by the streams registry as extract computes them."""
-        if self.inputs == ("pooled",):
+        if not self.on_streams:
             return self.head(self._pooled(wave))
         from mrlcache import streams
 
@@ -181,7 +184,7 @@ class MRLModel(nn.Module):
                 return self.head(pooled)[:, :d]
             with torch.no_grad():
                 return self.head({s: self._tensor(pooled[s]) for s in self.inputs})[:, :d].cpu().numpy()
-        if self.inputs != ("pooled",):
+        if self.on_streams:
             raise ModelError(f"project: this model reads streams {', '.join(self.inputs)}; "
                              "pass {stream: array} (e.g. from cache.read(stream, view=0))")
         if isinstance(pooled, torch.Tensor):
@@ -234,38 +237,8 @@ class MRLModel(nn.Module):
         return Verification(d, score, llr, threshold, llr >= threshold, prior, far)
 
 
-# Heads a model file can hold, by the name model.pt records: name -> class(**args).
-def _model_heads() -> dict:
-    from mrlcache.models.streams import StreamModel
-
-    return {"mrl": MatryoshkaHead, "streams": StreamModel}
-
-
-def head_entry(head) -> dict:
-    """What rebuilds ``head`` (plain containers): {"head": {"name", "args"}, "inputs": [streams]}."""
-    if isinstance(head, MatryoshkaHead):
-        return {"head": {"name": "mrl", "args": {"pooled_dim": head.pooled_dim, "dims": list(head.dims)}},
-                "inputs": ["pooled"]}
-    return {"head": {"name": "streams", "args": head.spec()}, "inputs": list(head.inputs)}
-
-
-def build_head(obj: dict, path):
-    """The head of a model file with its weights; files without a ``head`` entry hold an mrl head."""
-    entry = obj.get("head") or {"name": "mrl", "args": {"pooled_dim": obj["pooled_dim"], "dims": obj["dims"]}}
-    heads = _model_heads()
-    if entry.get("name") not in heads:
-        raise ModelError(f"{path}: head {entry.get('name')!r} is not known to this mrlcache "
-                         f"(it knows {', '.join(heads)}); load it with the mrlcache that wrote it")
-    try:
-        head = heads[entry["name"]](**entry["args"])
-        head.load_state_dict(obj["head_state"])
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise ModelError(f"{path}: cannot rebuild its {entry['name']} head: {err}") from None
-    return head
-
-
-def save_model(path, head: MatryoshkaHead, *, backbone=None, embed_backbone: bool = True,
-               backbone_ref=None) -> Path:
+def save_model(path, head, *, backbone=None, embed_backbone: bool = True,
+               backbone_ref=None, ptm: dict | None = None) -> Path:
     """Write ``model.pt`` atomically; returns its path.
 
     Args:
@@ -275,6 +248,8 @@ def save_model(path, head: MatryoshkaHead, *, backbone=None, embed_backbone: boo
         backbone_ref: where the backbone comes from, a :class:`~mrlcache.backbone.BackboneRecord`
             (as :func:`~mrlcache.backbone.backbone_for_cache` returns) or a dict of its fields;
             needed when not embedding. Its SHA-256 is the backbone's own.
+        ptm: the PTM record of the cache the head was fitted on ({name, source, sha256}),
+            so scoring refuses a cache another PTM made.
     """
     from mrlcache.backbone import BackboneRecord, state_sha256
     from mrlcache.backbone.loading import checkpoint_dict
@@ -289,13 +264,31 @@ def save_model(path, head: MatryoshkaHead, *, backbone=None, embed_backbone: boo
         if not embed_backbone and not (backbone_ref and backbone_ref.source and not backbone_ref.is_random):
             raise ModelError("--no-embed-backbone needs a backbone file or name to refer to; "
                              "this backbone has none (embed it instead)")
-        record = (backbone_ref or BackboneRecord(None)).with_sha256(sha)
+        record = (backbone_ref or BackboneRecord(None)).of_model(backbone).with_sha256(sha)
         entry = {**record.to_dict(), **(checkpoint_dict(backbone) if embed_backbone else {})}
-    obj = {"format": FORMAT, "version": VERSION, "dims": list(head.dims), "pooled_dim": head.pooled_dim,
-           "head_state": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "backbone": entry,
-           **head_entry(head)}
+    obj = {"format": FORMAT, "version": VERSION, **record_of(head),
+           "head_state": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "backbone": entry}
+    if ptm:
+        obj["ptm"] = {k: str(ptm[k]) for k in ("name", "source", "sha256") if ptm.get(k) is not None}
     atomic_torch_save(obj, path)
     return path
+
+
+def _head(obj: dict, path):
+    """The model of a (current-layout) model file with its weights."""
+    from mrlcache.models import HEADS
+
+    name = (obj.get("head") or {}).get("name")
+    if name not in HEADS:
+        raise ModelError(f"{path}: head {name!r} is not known to this mrlcache (it knows {', '.join(HEADS)}); "
+                         "load it with the mrlcache that wrote it")
+    try:
+        head = build(obj)
+        head.load_state_dict(obj["head_state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ModelError(f"{path}: cannot rebuild its {name} head ({type(err).__name__}: {err}); "
+                         "load it with the mrlcache that wrote it") from None
+    return head
 
 
 def calibration_path(path) -> Path:
@@ -348,9 +341,10 @@ def load_model(path, device: str = "cpu", calibration: bool = True) -> MRLModel:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         hint = " (a backbone checkpoint? load it with load_backbone)" if isinstance(obj, dict) and "state_dict" in obj else ""
         raise ModelError(f"{path}: not an mrlcache model file{hint}; expected RUN/model.pt from 'mrlcache fit'")
-    if obj.get("version") != VERSION:
-        raise ModelError(f"{path}: model format version {obj.get('version')} (this mrlcache reads {VERSION})")
-    head = build_head(obj, path)
+    if obj.get("version") not in READS:
+        raise ModelError(f"{path}: model format version {obj.get('version')} (this mrlcache reads "
+                         f"{', '.join(map(str, READS))}); load it with the mrlcache that wrote it")
+    head = _head(upgrade(obj), path)
     entry, backbone, sha = obj["backbone"], None, None
     if entry is not None:
         try:
@@ -374,7 +368,8 @@ def load_model(path, device: str = "cpu", calibration: bool = True) -> MRLModel:
             raise ModelError(f"{path}: cannot load its backbone: {err}") from None
         if head.pooled_dim is not None and backbone.pooled_dim != head.pooled_dim:
             raise ModelError(f"{path}: backbone pools {backbone.pooled_dim} dims, head expects {head.pooled_dim}")
-    model = MRLModel(backbone, head, obj["dims"], weights_sha256=sha).to(device).eval()
+    model = MRLModel(backbone, head, weights_sha256=sha).to(device).eval()
+    model.ptm = obj.get("ptm") if isinstance(obj.get("ptm"), dict) else None  # the PTM of its training cache
     if calibration:
         model.calibration = _attached_calibration(path)
     return model

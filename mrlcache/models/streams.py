@@ -13,9 +13,9 @@ The cached streams a fit reads (``--inputs``) are grouped into encoders:
 
 Several encoders need a fusion (``FUSIONS``); when one of them gives vectors, the frame
 encoders are mean+std pooled first (vector fusion). The head is a name of
-:data:`HEAD_MODULES`: ``mrl`` reads a vector (frames are mean+std pooled before it),
-``ecapa`` reads frames. :class:`StreamModel` is rebuilt from :meth:`StreamModel.spec`
-(plain containers) in model.pt.
+:data:`mrlcache.models.HEADS`: ``mrl`` reads a vector (frames are mean+std pooled before it),
+``ecapa`` reads frames. model.pt rebuilds a :class:`StreamModel` from
+:meth:`StreamModel.record` (plain containers; :mod:`mrlcache.models.record`).
 """
 
 from __future__ import annotations
@@ -25,26 +25,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mrlcache.models.ecapa import ECAPATDNN
-from mrlcache.models.fusion import FUSIONS, CNN1dEncoder, LayerWeightedSum, MeanStdPool, match_length
-from mrlcache.models.matryoshka import MatryoshkaHead
+from mrlcache.models import FUSIONS, HEADS, fusion_class, head_class
+from mrlcache.models.fusion import CNN1dEncoder, LayerWeightedSum, MeanStdPool, match_length
+from mrlcache.streams import spec as stream_spec
 
 HANDCRAFTED = ("fbank", "mfcc", "f0")
-# head name -> (module, what it reads); constructor arguments are plain values (model.pt).
-HEAD_MODULES = {"mrl": (MatryoshkaHead, "vector"), "ecapa": (ECAPATDNN, "frames")}
 
 
 class StreamInputError(ValueError):
     """Inputs, fusion and head that do not fit together; the message names the option."""
-
-
-def head_args(cfg, in_dim: int) -> dict:
-    """Constructor arguments of ``cfg.head`` over inputs of width ``in_dim`` (plain values)."""
-    if cfg.head == "ecapa":
-        return {"in_dim": int(in_dim), "dims": list(cfg.dims), "channels": cfg.ecapa_channels,
-                "scale": cfg.ecapa_scale, "mfa_channels": cfg.ecapa_mfa_channels,
-                "attention_bottleneck": cfg.ecapa_bottleneck, "se_bottleneck": cfg.ecapa_bottleneck}
-    return {"pooled_dim": int(in_dim), "dims": list(cfg.dims)}
 
 
 def plan_groups(inputs: Sequence[str], streams: dict) -> list[dict]:
@@ -60,41 +49,45 @@ def plan_groups(inputs: Sequence[str], streams: dict) -> list[dict]:
                                f"'mrlcache extract --streams ...,{missing[0]}'")
     groups = []
     if "layers" in inputs:
-        info = streams["layers"]
+        record = streams["layers"]
         groups.append({"name": "layers", "kind": "layers", "streams": ["layers"],
-                       "frames": info["kind"] == "frames", "shape": [int(v) for v in info["shape"]]})
+                       "frames": record.kind == "frames", "shape": list(record.shape)})
     hand = [s for s in inputs if s in HANDCRAFTED]
     if hand:
         for s in hand:
-            if streams[s]["kind"] != "frames":
+            if streams[s].kind != "frames":
                 raise StreamInputError(f"--inputs: stream {s!r} is not stored as frames")
-        width = sum(2 if s == "f0" else int(streams[s]["shape"][0]) for s in hand)
+        width = sum(stream_spec(s).input_channels(streams[s]) for s in hand)
         groups.append({"name": "+".join(hand), "kind": "handcrafted", "streams": hand, "frames": True,
                        "shape": [width]})
     for s in inputs:
         if s not in HANDCRAFTED and s != "layers":
-            info = streams[s]
-            if info["kind"] != "vector" or len(info["shape"]) != 1:
-                raise StreamInputError(f"--inputs: stream {s!r} ({info['kind']} {tuple(info['shape'])}) "
+            record = streams[s]
+            if record.kind != "vector" or len(record.shape) != 1:
+                raise StreamInputError(f"--inputs: stream {s!r} ({record.kind} {record.shape}) "
                                        f"has no encoder; use layers, fbank, mfcc, f0 or pooled")
             groups.append({"name": s, "kind": "vector", "streams": [s], "frames": False,
-                           "shape": [int(info["shape"][0])]})
+                           "shape": [int(record.shape[0])]})
     return groups
 
 
 class StreamModel(nn.Module):
     """Cached streams {name: (B, *shape[, T])} -> Matryoshka embedding (B, dims[-1]).
 
-    Args: groups (from :func:`plan_groups`); head: a name of HEAD_MODULES; head_args: its
-    constructor arguments without ``in_dim``/``pooled_dim``; fusion: a name of FUSIONS or
+    Args: groups (from :func:`plan_groups`); head: a name of :data:`mrlcache.models.HEADS`;
+    head_args: its constructor arguments (its width argument, if given, is replaced by the
+    width the encoders and fusion give); fusion: a name of :data:`mrlcache.models.FUSIONS` or
     None (one encoder); encoder_dim: width of the encoders and the fusion.
     """
 
     def __init__(self, groups: list[dict], head: str, head_args: dict, fusion: str | None = None,
                  encoder_dim: int = 256):
         super().__init__()
-        if head not in HEAD_MODULES:
-            raise StreamInputError(f"--head {head}: choose one of {', '.join(HEAD_MODULES)}")
+        if head not in HEADS:
+            raise StreamInputError(f"--head {head}: choose one of {', '.join(HEADS)}")
+        if fusion is not None and fusion not in FUSIONS:
+            raise StreamInputError(f"--fusion {fusion}: choose one of {', '.join(FUSIONS)}")
+        module = head_class(head)
         if len(groups) > 1 and fusion is None:
             names = ", ".join(g["name"] for g in groups)
             raise StreamInputError(f"--inputs give {len(groups)} encoders ({names}): choose how to join "
@@ -107,30 +100,30 @@ class StreamModel(nn.Module):
         self.fusion_name, self.head_name, self.encoder_dim = fusion, head, int(encoder_dim)
         # ECAPA-TDNN is itself a frame encoder: on the handcrafted streams alone it reads them
         # directly (after an input BatchNorm) rather than through a CNN-1D encoder in front.
-        self.direct = len(groups) == 1 and groups[0]["kind"] == "handcrafted" and HEAD_MODULES[head][1] == "frames"
+        self.direct = len(groups) == 1 and groups[0]["kind"] == "handcrafted" and module.reads == "frames"
         self.encoders = nn.ModuleList(self._encoder(g) for g in groups)
         vector_fusion = any(not g["frames"] for g in groups)
         widths = [self._width(g) * (2 if vector_fusion and g["frames"] else 1) for g in groups]
         self.pool_before_fusion = vector_fusion
         if fusion is not None:
-            if fusion == "cross-attention" and vector_fusion:
-                raise StreamInputError("--fusion cross-attention attends between frame streams; "
-                                       "pooled inputs have none: use --fusion concat or gating")
-            self.fusion = FUSIONS[fusion](widths, self.encoder_dim)
+            cls = fusion_class(fusion)
+            if cls.frames_only and vector_fusion:
+                raise StreamInputError(f"--fusion {fusion} works on frame streams; pooled inputs have none: "
+                                       f"use --fusion {' or '.join(n for n in FUSIONS if not fusion_class(n).frames_only)}")
+            self.fusion = cls(widths, self.encoder_dim)
             out_dim, frames = self.encoder_dim, not vector_fusion
         else:
             self.fusion = None
             out_dim, frames = widths[0], groups[0]["frames"]
-        module, reads = HEAD_MODULES[head]
+        reads = module.reads
         if reads == "frames" and not frames:
             raise StreamInputError(f"--head {head} reads frames; the inputs give pooled vectors "
                                    f"({', '.join(g['name'] for g in groups if not g['frames'])}): "
                                    "use --head mrl, or frame streams")
         self.pool = MeanStdPool() if reads == "vector" and frames else None
         in_dim = 2 * out_dim if self.pool is not None else out_dim
-        key = "in_dim" if reads == "frames" else "pooled_dim"
-        self.head_args = {k: v for k, v in head_args.items() if k not in ("in_dim", "pooled_dim")}
-        self.head = module(**{key: in_dim, **self.head_args})
+        self.head_args = {k: v for k, v in head_args.items() if k != module.width_arg}
+        self.head = module(**{module.width_arg: in_dim, **self.head_args})
         self.dims = self.head.dims
         self.pooled_dim = None  # not a head over the pooled vector alone
 
@@ -154,14 +147,17 @@ class StreamModel(nn.Module):
         return {"groups": self.groups, "head": self.head_name, "head_args": dict(self.head_args),
                 "fusion": self.fusion_name, "encoder_dim": self.encoder_dim}
 
+    def record(self) -> dict:
+        """The model record (:mod:`mrlcache.models.record`): the head's and the streams' parts."""
+        return {"head": {"name": self.head_name, "args": self.head.args()},
+                "streams": {"groups": self.groups, "fusion": self.fusion_name, "encoder_dim": self.encoder_dim}}
+
     def encode(self, batch: dict) -> list[torch.Tensor]:
         """Each encoder's output: (B, encoder_dim, T) frames or (B, D) vectors."""
-        from mrlcache.streams import f0_features
-
         outs = []
         for g, enc in zip(self.groups, self.encoders):
             if g["kind"] == "handcrafted":
-                parts = [f0_features(batch[s]) if s == "f0" else batch[s].float() for s in g["streams"]]
+                parts = [stream_spec(s).encoder_input(batch[s]) for s in g["streams"]]
                 x = torch.cat([match_length(p, parts[0].shape[-1]) for p in parts], dim=1)  # (B, W, T)
             else:
                 x = batch[g["streams"][0]].float()

@@ -1,9 +1,12 @@
 """Streams: everything extract can compute and store per utterance, in one registry.
 
 ``STREAMS`` maps a stream name to a :class:`StreamSpec`: what it is, whether it is one
-vector per utterance or a sequence of frames, its frame rate, its shape for a given
-backbone, the dtype it is stored in (float16 by default) and the function computing it
-for a batch of waveforms. Shapes (time last, channels first, as the encoders read them):
+vector per utterance or a sequence of frames, and everything that depends on which stream
+it is: its shape and frame grid for a given backbone, how it is encoded and chunked on
+disk, what an encoder reads from it, and the function computing it for a batch of
+waveforms. :meth:`StreamSpec.record` gives the typed record cache.json stores
+(:class:`~mrlcache.streams.record.StreamRecord`). Nobody outside a stream's own entry
+branches on its name. Shapes (time last, channels first, as the encoders read them):
 
 ========= ========================== ============ =====================================
 name      per item                   frames/s     what
@@ -20,6 +23,9 @@ f0        (2, T)                     100          [F0 Hz, NaN if unvoiced; perio
 
 fbank, mfcc and f0 share Kaldi's frame grid (``1 + (T - 400) // 160`` frames); ReDimNet
 layers have ``T // 160 + 1`` frames, PTM layers ``(T - 400) // 320 + 1``.
+
+This module imports no torch (the cache reads records through it); computing a stream
+imports what it needs.
 """
 
 from __future__ import annotations
@@ -27,60 +33,180 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
-from mrlcache.streams.f0 import f0_features, yin
-from mrlcache.streams.handcrafted import fbank, kaldi_frames, mfcc
-from mrlcache.streams import windows
-from mrlcache.streams.layers import mean_std, redimnet_layer_dim, redimnet_num_layers
-from mrlcache.streams.ptm import PTM, PTMS, PTMError, load_ptm
+from mrlcache.streams.grid import kaldi_frames
+from mrlcache.streams.record import StreamRecord
 
 
 class StreamError(ValueError):
     """A stream that cannot be computed as asked (unknown name, wrong backbone)."""
 
 
+def _is_ptm(backbone) -> bool:
+    return hasattr(backbone, "hidden_states")  # a PTM (mrlcache.streams.ptm), not a ReDimNet
+
+
 @dataclass(frozen=True)
 class StreamSpec:
-    """What one stream is. ``compute(waves (B, T), backbone, layers_pooled, window_seconds) -> (B, ...)``
+    """What one stream is.
 
-    (``window_seconds``: see :mod:`mrlcache.streams.windows`; None is one pass).
+    ``compute(waves (B, T), backbone, layers_pooled, window_seconds) -> (B, ...)``
+    (``window_seconds``: see :mod:`mrlcache.streams.windows`; None is one pass);
+    ``shape(backbone, layers_pooled)``: per item without time; ``grid(backbone)``: (frames
+    per second, frames(num_samples)) of a frame stream; ``features(x)``: stored values (B,
+    *shape, T) -> what an encoder reads (finite), ``feature_channels`` its channels.
     """
 
     name: str
     description: str
     per_frame: bool  # frames over time (False: one vector per utterance)
     needs_backbone: bool
-    compute: Callable[..., torch.Tensor]
+    compute: Callable
+    shape: Callable
+    grid: Callable | None = None
     dtype: str = "float16"
+    encoding: str | None = None  # a name of mrlcache.streams.record.ENCODINGS
+    chunking: str = "rows"  # see mrlcache.streams.record.CHUNKINGS
+    poolable: bool = False  # layers_pooled stores mean and std over time: a vector
+    features: Callable | None = None
+    feature_channels: int | None = None  # channels of features(x); None: the stored channels
+
+    def is_frames(self, layers_pooled: bool = False) -> bool:
+        return self.per_frame and not (self.poolable and layers_pooled)
+
+    def item_shape(self, backbone=None, layers_pooled: bool = False) -> tuple:
+        if self.needs_backbone and backbone is None:
+            raise StreamError(f"stream {self.name!r} needs a backbone")
+        return tuple(self.shape(backbone, layers_pooled))
+
+    def record(self, backbone, *, layers_pooled: bool, dtype: str, crop_samples: int | None,
+               sample_rate: int = 16000) -> StreamRecord:
+        """The record cache.json stores for this stream: dense crops of ``crop_samples``, or
+        ragged whole utterances (``crop_samples`` None)."""
+        frames = self.is_frames(layers_pooled)
+        rate = count = None
+        if frames:
+            rate, count_of = self.grid(backbone, sample_rate)
+            count = count_of(crop_samples) if crop_samples is not None else None
+        return StreamRecord(self.name, "frames" if frames else "vector", self.item_shape(backbone, layers_pooled),
+                            dtype, rate, frames and crop_samples is None, count, self.encoding, self.chunking)
+
+    def encoder_input(self, x):
+        """Stored values (B, *shape, T) as the float32 frames an encoder reads."""
+        return self.features(x) if self.features is not None else x.float()
+
+    def input_channels(self, record: StreamRecord) -> int:
+        """Channels per frame of :meth:`encoder_input` for a stream stored as ``record``."""
+        return int(self.feature_channels) if self.feature_channels is not None else int(record.shape[0])
 
 
-def _is_ptm(backbone) -> bool:
-    return isinstance(backbone, PTM)
+# -- the streams' own rules (compute imports torch and the stream's module lazily)
 
+def _pooled_compute(waves, backbone, layers_pooled, window_seconds):
+    from mrlcache.streams import windows
 
-def _pooled(waves, backbone, layers_pooled, window_seconds):
     if _is_ptm(backbone):
         raise StreamError(f"stream 'pooled' needs a ReDimNet backbone; {backbone.name} has none (use 'layers')")
     return windows.pooled(backbone, waves, window_seconds)
 
 
-def _layers(waves, backbone, layers_pooled, window_seconds):
+def _pooled_shape(backbone, layers_pooled):
+    if _is_ptm(backbone):
+        raise StreamError(f"stream 'pooled' needs a ReDimNet backbone; {backbone.name} has none")
+    return (backbone.pooled_dim,)
+
+
+def _layers_compute(waves, backbone, layers_pooled, window_seconds):
+    import torch
+
+    from mrlcache.streams import windows
+    from mrlcache.streams.layers import mean_std
+
     if not _is_ptm(backbone):
         return windows.layers(backbone, waves, window_seconds, stats=layers_pooled)[0]
     frames = torch.stack(backbone.hidden_states(waves), dim=1)  # (B, L, D, T): a PTM, one pass
     return mean_std(frames) if layers_pooled else frames
 
 
+def _layers_shape(backbone, layers_pooled):
+    if _is_ptm(backbone):
+        num, dim = backbone.num_layers, backbone.layer_dim
+    else:
+        cfg = backbone.model_config
+        num, dim = 1 + len(backbone.backbone.stage_names), cfg["F"] * cfg["C"]
+    return (num, 2 * dim) if layers_pooled else (num, dim)
+
+
+def _layers_grid(backbone, sample_rate):
+    if backbone is None:
+        raise StreamError("stream 'layers' needs a backbone")
+    if _is_ptm(backbone):
+        return float(backbone.frame_rate), lambda n: max(0, (n - 400) // 320 + 1)
+    hop = int(backbone.model_config["hop_length"])
+    return sample_rate / hop, lambda n: n // hop + 1
+
+
+def _kaldi_grid(backbone, sample_rate):
+    return 100.0, lambda n: kaldi_frames(n, sample_rate)
+
+
+def _handcrafted(fn_name):
+    def compute(waves, backbone, layers_pooled, window_seconds):
+        from mrlcache.streams import handcrafted
+
+        return getattr(handcrafted, fn_name)(waves)
+    return compute
+
+
+def _yin(waves, backbone, layers_pooled, window_seconds):
+    from mrlcache.streams.f0 import yin
+
+    return yin(waves)
+
+
+def _f0_features(x):
+    from mrlcache.streams.f0 import f0_features
+
+    return f0_features(x)
+
+
 STREAMS = {
-    "pooled": StreamSpec("pooled", "ReDimNet ASTP vector", False, True, _pooled, dtype="float32"),
-    "layers": StreamSpec("layers", "backbone intermediate outputs per layer", True, True, _layers),
-    "fbank": StreamSpec("fbank", "80 Kaldi log-mel energies, 25 ms / 10 ms", True, False,
-                        lambda w, b, p, s: fbank(w)),
-    "mfcc": StreamSpec("mfcc", "40 Kaldi MFCCs, 25 ms / 10 ms", True, False, lambda w, b, p, s: mfcc(w)),
-    "f0": StreamSpec("f0", "YIN F0 in Hz (NaN unvoiced) and periodicity, 10 ms", True, False,
-                     lambda w, b, p, s: yin(w)),
+    "pooled": StreamSpec("pooled", "ReDimNet ASTP vector", False, True, _pooled_compute, _pooled_shape,
+                         dtype="float32", chunking="view"),
+    "layers": StreamSpec("layers", "backbone intermediate outputs per layer", True, True, _layers_compute,
+                         _layers_shape, _layers_grid, poolable=True),
+    "fbank": StreamSpec("fbank", "80 Kaldi log-mel energies, 25 ms / 10 ms", True, False, _handcrafted("fbank"),
+                        lambda b, p: (80,), _kaldi_grid),
+    "mfcc": StreamSpec("mfcc", "40 Kaldi MFCCs, 25 ms / 10 ms", True, False, _handcrafted("mfcc"),
+                       lambda b, p: (40,), _kaldi_grid),
+    "f0": StreamSpec("f0", "YIN F0 in Hz (NaN unvoiced) and periodicity, 10 ms", True, False, _yin,
+                     lambda b, p: (2,), _kaldi_grid, encoding="nan-as-zero", features=_f0_features,
+                     feature_channels=2),
 }
+
+
+def record_from_json(name: str, info: dict) -> StreamRecord:
+    """The record of ``name`` from cache.json's ``info``; missing encoding/chunking from the stream's spec."""
+    known = STREAMS.get(name)
+    encoding = info.get("encoding", known.encoding if known is not None else None)
+    chunking = known.chunking if known is not None else "rows"
+    missing = {"kind", "shape", "ragged", "frame_rate", "dtype"} - set(info)
+    if missing:
+        raise ValueError(f"stream {name!r} lacks {', '.join(sorted(missing))}")
+    return StreamRecord(name, info["kind"], tuple(info["shape"]), info["dtype"], info["frame_rate"],
+                        bool(info["ragged"]), info.get("frames"), encoding, chunking)
+
+
+def records_from_meta(meta: dict) -> dict[str, StreamRecord]:
+    """{name: record} of the streams a cache holds; the one converter of older cache.json.
+
+    A cache.json without ``streams`` (every cache before streams, and every pooled-only
+    cache) holds the pooled vectors alone, ``pooled_dim`` wide in the cache's dtype.
+    """
+    streams = meta.get("streams")
+    if isinstance(streams, dict):
+        return {name: record_from_json(name, info) for name, info in streams.items()}
+    return {"pooled": record_from_json("pooled", {"kind": "vector", "shape": [int(meta["pooled_dim"])],
+                                                  "ragged": False, "frame_rate": None, "dtype": meta["dtype"]})}
 
 
 def spec(name: str) -> StreamSpec:
@@ -104,58 +230,32 @@ def parse_streams(text: str) -> tuple[str, ...]:
 
 def item_shape(name: str, backbone=None, layers_pooled: bool = False) -> tuple[int, ...]:
     """Shape of one utterance's stream without the time axis, e.g. (80,) or (L, D)."""
-    s = spec(name)
-    if s.needs_backbone and backbone is None:
-        raise StreamError(f"stream {name!r} needs a backbone")
-    if name == "pooled":
-        if _is_ptm(backbone):
-            raise StreamError(f"stream 'pooled' needs a ReDimNet backbone; {backbone.name} has none")
-        return (backbone.pooled_dim,)
-    if name == "layers":
-        if _is_ptm(backbone):
-            num, dim = backbone.num_layers, backbone.layer_dim
-        else:
-            num, dim = redimnet_num_layers(backbone), redimnet_layer_dim(backbone)
-        return (num, 2 * dim) if layers_pooled else (num, dim)
-    return {"fbank": (80,), "mfcc": (40,), "f0": (2,)}[name]
+    return spec(name).item_shape(backbone, layers_pooled)
 
 
 def frame_rate(name: str, backbone=None, sample_rate: int = 16000) -> float | None:
     """Frames per second of a frame stream at ``sample_rate``; None for per-utterance streams."""
     s = spec(name)
-    if not s.per_frame:
-        return None
-    if name == "layers":
-        if backbone is None:
-            raise StreamError("stream 'layers' needs a backbone")
-        return float(backbone.frame_rate) if _is_ptm(backbone) else sample_rate / backbone.model_config["hop_length"]
-    return 100.0
+    return s.grid(backbone, sample_rate)[0] if s.per_frame else None
 
 
 def num_frames(name: str, num_samples: int, backbone=None) -> int | None:
     """Frames of a frame stream for ``num_samples`` at 16 kHz; None for per-utterance streams."""
     s = spec(name)
-    if not s.per_frame:
-        return None
-    if name == "layers":
-        if backbone is None:
-            raise StreamError("stream 'layers' needs a backbone")
-        if _is_ptm(backbone):
-            return max(0, (num_samples - 400) // 320 + 1)
-        return num_samples // backbone.model_config["hop_length"] + 1
-    return kaldi_frames(num_samples)
+    return s.grid(backbone, 16000)[1](num_samples) if s.per_frame else None
 
 
-def compute(name: str, waves: torch.Tensor, backbone=None, layers_pooled: bool = False,
-            window_seconds: float | None = None) -> torch.Tensor:
+def compute(name: str, waves, backbone=None, layers_pooled: bool = False, window_seconds: float | None = None):
     """Compute stream ``name`` for a batch (B, T) of 16 kHz waveforms, without gradients.
 
     ``window_seconds``: whole utterances longer than this go through a ReDimNet window by
     window (:mod:`mrlcache.streams.windows`); None (crops, or on request) is one pass.
 
     Returns (B, *item_shape) for per-utterance streams and pooled layers, else
-    (B, *item_shape, frames), float32 (the caller casts to ``spec(name).dtype`` to store).
+    (B, *item_shape, frames), float32 (the caller casts to the record's dtype to store).
     """
+    import torch
+
     s = spec(name)
     if s.needs_backbone and backbone is None:
         raise StreamError(f"stream {name!r} needs a backbone")
@@ -163,11 +263,24 @@ def compute(name: str, waves: torch.Tensor, backbone=None, layers_pooled: bool =
         return s.compute(waves, backbone, layers_pooled, window_seconds).float()
 
 
-def compute_one(name: str, wave: torch.Tensor, backbone=None, layers_pooled: bool = False,
-                window_seconds: float | None = None) -> torch.Tensor:
+def compute_one(name: str, wave, backbone=None, layers_pooled: bool = False, window_seconds: float | None = None):
     """:func:`compute` for one utterance (T,) -> item without the batch axis."""
     return compute(name, wave[None], backbone, layers_pooled, window_seconds)[0]
 
 
-__all__ = ["PTM", "PTMS", "PTMError", "STREAMS", "StreamError", "StreamSpec", "compute", "compute_one",
-           "f0_features", "frame_rate", "item_shape", "load_ptm", "num_frames", "parse_streams", "spec"]
+_LAZY = {"f0_features": "mrlcache.streams.f0", "yin": "mrlcache.streams.f0", "PTM": "mrlcache.streams.ptm",
+         "PTMS": "mrlcache.streams.ptm", "PTMError": "mrlcache.streams.ptm", "load_ptm": "mrlcache.streams.ptm",
+         "fbank": "mrlcache.streams.handcrafted", "mfcc": "mrlcache.streams.handcrafted"}
+
+
+def __getattr__(name):  # torch-importing names on first use
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mrlcache.streams' has no attribute {name!r}")
+
+
+__all__ = ["PTM", "PTMS", "PTMError", "STREAMS", "StreamError", "StreamRecord", "StreamSpec", "compute",
+           "compute_one", "f0_features", "frame_rate", "item_shape", "kaldi_frames", "load_ptm", "num_frames",
+           "parse_streams", "record_from_json", "records_from_meta", "spec"]

@@ -19,20 +19,13 @@ from mrlcache.runtime import autocast
 from mrlcache.streams import windows
 
 
-def stream_info(name: str, cfg: ExtractConfig, model, ptm) -> dict:
-    """cache.json's description of one stream: kind, shape, ragged, frame_rate, dtype (+ frames)."""
+def stream_info(name: str, cfg, model, ptm) -> dict:
+    """cache.json's record of one stream (:meth:`mrlcache.streams.StreamSpec.record`, as JSON)."""
     source = ptm if name == "layers" and ptm is not None else model
-    per_frame = streams.spec(name).per_frame and not (name == "layers" and cfg.layers_pooled)
-    info = {
-        "kind": "frames" if per_frame else "vector",
-        "shape": list(streams.item_shape(name, source, cfg.layers_pooled)),
-        "ragged": per_frame and cfg.mode == "eval",
-        "frame_rate": streams.frame_rate(name, source, SAMPLE_RATE) if per_frame else None,
-        "dtype": cfg.dtype,
-    }
-    if per_frame and cfg.mode == "train":
-        info["frames"] = streams.num_frames(name, int(round(cfg.crop_seconds * SAMPLE_RATE)), source)
-    return info
+    crop = int(round(cfg.crop_seconds * SAMPLE_RATE)) if cfg.mode == "train" else None
+    record = streams.spec(name).record(source, layers_pooled=cfg.layers_pooled, dtype=cfg.dtype, crop_samples=crop,
+                                       sample_rate=SAMPLE_RATE)
+    return record.to_json()
 
 
 def ptm_sha256(ptm) -> str:
@@ -44,22 +37,19 @@ def ptm_sha256(ptm) -> str:
     return digest.hexdigest()
 
 
-def gather(state: dict, infos: dict, views: int):
-    """One shard's batches -> (pooled (n, V, D) or None, {stream: dense array or list})."""
-    pooled, others = None, {}
+def gather(state: dict, infos: dict, views: int) -> dict:
+    """One shard's batches -> {stream: dense array or list}, what ``CacheWriter.write_shard`` takes."""
+    out = {}
     for name, info in infos.items():
+        record = streams.record_from_json(name, info)
         parts = state.get(name, [])
-        if info["ragged"]:
-            value = [x for part in parts for x in part]
+        if record.ragged:
+            out[name] = [x for part in parts for x in part]
         elif parts:
-            value = np.concatenate(parts)
+            out[name] = np.concatenate(parts)
         else:
-            value = np.zeros((0, views, *info["shape"], *([info["frames"]] if "frames" in info else [])), np.float32)
-        if name == "pooled":
-            pooled = value
-        else:
-            others[name] = value
-    return pooled, others
+            out[name] = np.zeros((0, views, *record.item_shape), np.float32)
+    return out
 
 
 def forward_streams(model, ptm, items, device, precision, cfg, seconds: dict) -> dict:
@@ -98,8 +88,7 @@ def forward_streams(model, ptm, items, device, precision, cfg, seconds: dict) ->
     per_item = [one(torch.from_numpy(it.views).to(device)) for it in items]  # each (1, ...)
     result = {}
     for name in per_item[0]:
-        kind_frames = streams.spec(name).per_frame and not (name == "layers" and cfg.layers_pooled)
-        if kind_frames:
+        if streams.spec(name).is_frames(cfg.layers_pooled):
             result[name] = [d[name][0] for d in per_item]
         else:
             result[name] = np.stack([d[name] for d in per_item])  # (n, 1, ...)

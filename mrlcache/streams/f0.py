@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mrlcache.streams.handcrafted import kaldi_frames
+from mrlcache.streams.grid import kaldi_frames
 
 F0_MIN, F0_MAX = 50.0, 550.0  # Hz: covers low male to child/high female voices
 

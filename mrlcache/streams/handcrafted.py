@@ -12,17 +12,12 @@ from __future__ import annotations
 import torch
 from torchaudio.compliance import kaldi
 
+from mrlcache.streams.grid import kaldi_frames
+
 FRAME_LENGTH_MS = 25.0
 FRAME_SHIFT_MS = 10.0
 NUM_MEL_BINS = 80
 NUM_CEPS = 40
-
-
-def kaldi_frames(num_samples: int, sample_rate: int = 16000) -> int:
-    """Number of Kaldi frames (snip_edges) for ``num_samples``; 0 when shorter than a window."""
-    window = int(sample_rate * FRAME_LENGTH_MS / 1000)
-    shift = int(sample_rate * FRAME_SHIFT_MS / 1000)
-    return 0 if num_samples < window else 1 + (num_samples - window) // shift
 
 
 def _per_utterance(fn, waves: torch.Tensor, sample_rate: int, **kwargs) -> torch.Tensor:

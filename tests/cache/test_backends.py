@@ -110,8 +110,9 @@ def test_readable_without_mrlcache(tmp_path):
 def test_registry_holds_both_backends_in_order():
     assert list(cache.BACKENDS) == ["zarr", "hdf5"]
     assert [b.suffix for b in cache.BACKENDS.values()] == [".zarr", ".h5"]
+    verbs = ("write", "read_meta", "read_array", "check_array", "array_bytes")
     for backend in cache.BACKENDS.values():  # every registered class has the whole protocol
-        assert all(callable(getattr(backend, m)) for m in ("write", "read_meta", "read_pooled", "check"))
+        assert all(callable(getattr(backend, m)) for m in verbs)
     with pytest.raises(ValueError, match="clashes with the registered 'zarr'"):
         cache.register_backend(type("Other", (), {"name": "zarr", "suffix": ".zz"}))
     assert cache.register_backend(cache.BACKENDS["hdf5"]) is cache.BACKENDS["hdf5"]  # idempotent
@@ -120,18 +121,30 @@ def test_registry_holds_both_backends_in_order():
 
 @pytest.mark.parametrize("name", list(cache.BACKENDS))
 def test_every_registered_backend_round_trips_one_shard(tmp_path, name):
+    """The array verbs: write named arrays, read their metadata, rows of them, into a buffer, check them."""
     backend = cache.BACKENDS[name]
     pooled = vectors(5).astype(np.float16)
+    frames = np.arange(5 * V * 3 * 4, dtype=np.float32).reshape(5, V, 3, 4)
     attrs = {"shard": 0, "rows": [0, 5], "n_ok": 5, "n_skipped": 0, "seconds": 1.5, "skipped": {"u": "empty"}}
     path = tmp_path / f"s{backend.suffix}"
-    backend.write(path, pooled, np.arange(5, dtype=np.int64), attrs)
-    read_attrs, index, shape = backend.read_meta(path)
-    assert read_attrs == attrs and shape == (5, V, D)
-    np.testing.assert_array_equal(index, np.arange(5))
+    arrays = {"pooled": (pooled, (5, 1, D)), "index": (np.arange(5, dtype=np.int64), None),
+              "frames": (frames, (2, 1, 3, 4))}
+    backend.write(path, attrs, arrays)
+    read_attrs, shapes = backend.read_meta(path)
+    assert read_attrs == attrs and shapes == {"pooled": (5, V, D), "index": (5,), "frames": (5, V, 3, 4)}
+    np.testing.assert_array_equal(backend.read_array(path, "index"), np.arange(5))
     out = np.empty((5, D), dtype=np.float32)
-    backend.read_pooled(path, out, view=2)
+    assert backend.read_array(path, "pooled", (slice(None), 2), out=out) is out  # converted into the buffer
     np.testing.assert_array_equal(out, pooled[:, 2].astype(np.float32))
-    assert backend.check(path, (5, V, D), np.dtype("float16")) == []
-    assert "float32" in backend.check(path, (5, V, D), np.dtype("float32"))[0]
+    same = np.empty((5, D), dtype=np.float16)
+    np.testing.assert_array_equal(backend.read_array(path, "pooled", (slice(None), 1), out=same), pooled[:, 1])
+    rows = np.array([1, 3, 4])
+    np.testing.assert_array_equal(backend.read_array(path, "frames", (rows, 2)), frames[rows, 2])
+    for name_, (data, chunks) in arrays.items():
+        assert backend.check_array(path, name_, data.shape, data.dtype, chunks) == []
+    assert "float32" in backend.check_array(path, "pooled", (5, V, D), np.float32, (5, 1, D))[0]
+    assert "chunks" in backend.check_array(path, "frames", frames.shape, frames.dtype, (5, 1, 3, 4))[0]
+    assert "missing" in backend.check_array(path, "nothing", (5,), np.int64, None)[0]
+    assert backend.array_bytes(path, "frames") == 6 * V * 3 * 4 * 4  # 3 chunks of 2 rows per view, edges whole
     with pytest.raises(Exception):
-        backend.write(path, pooled, np.arange(5), attrs)  # never overwrites a shard
+        backend.write(path, attrs, arrays)  # never overwrites a shard

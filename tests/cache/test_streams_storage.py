@@ -7,6 +7,7 @@ import pytest
 from cache_builders import BACKENDS, make_manifest, make_meta
 
 import mrlcache.cache as cache
+from mrlcache.streams import StreamRecord
 from mrlcache.cache.format import DamagedCacheError
 
 V, N, T = 2, 10, 7
@@ -58,8 +59,8 @@ def write(out, backend, mode, shards=None):
 def test_dense_round_trip_with_rows_and_views(tmp_path, backend):
     d = write(tmp_path / "c", backend, "train")
     c = cache.open(tmp_path / "c", verify=True)
-    assert c.streams["fbank"] == {"kind": "frames", "shape": (80,), "ragged": False, "frame_rate": 100.0,
-                                  "dtype": "float16", "frames": T}
+    assert c.streams["fbank"] == StreamRecord("fbank", "frames", (80,), "float16", 100.0, False, T)
+    assert c.streams["f0"].encoding == "nan-as-zero" and c.streams["f0"].chunking == "rows"
     fbank = c.read("fbank")
     assert fbank.shape == (N, V, 80, T) and fbank.dtype == np.float32
     np.testing.assert_array_equal(fbank, np.stack(d["fbank"]).astype(np.float16).astype(np.float32))
@@ -83,7 +84,7 @@ def test_dense_round_trip_with_rows_and_views(tmp_path, backend):
 def test_ragged_round_trip_with_rows(tmp_path, backend):
     d = write(tmp_path / "c", backend, "eval")
     c = cache.open(tmp_path / "c", verify=True)
-    assert c.streams["f0"]["ragged"] and c.shards[0].offsets("fbank").dtype == np.int64
+    assert c.streams["f0"].ragged and c.shards[0].offsets("fbank").dtype == np.int64
     fbank = c.read("fbank")
     assert isinstance(fbank, list) and len(fbank) == N
     for got, want in zip(fbank, d["fbank"]):
@@ -157,6 +158,6 @@ def test_cache_without_streams_key_holds_pooled_only(tmp_path):
     write_cache(tmp_path / "c").close()
     c = cache.open(tmp_path / "c")
     assert "streams" not in cache.read_meta(tmp_path / "c")
-    assert c.streams == {"pooled": {"kind": "vector", "shape": (16,), "ragged": False, "frame_rate": None,
-                                    "dtype": "float32"}}
+    # read back as the typed record of a dense vector stream, one chunk per view
+    assert c.streams == {"pooled": StreamRecord("pooled", "vector", (16,), "float32", None, chunking="view")}
     np.testing.assert_array_equal(c.read("pooled", view=2, rows=[3, 0]), c.read("pooled", view=2)[[3, 0]])

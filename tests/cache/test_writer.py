@@ -125,8 +125,8 @@ def test_failed_shard_write_leaves_nothing(tmp_path, backend, monkeypatch):
     writer = cache.CacheWriter(tmp_path / "c", make_meta(), make_manifest(10), backend=backend)
     real_write = writer.backend.write
 
-    def write_then_fail(path, pooled, index, attrs):
-        real_write(path, pooled, index, attrs)  # the whole shard is on disk, under its temp name
+    def write_then_fail(path, attrs, arrays):
+        real_write(path, attrs, arrays)  # the whole shard is on disk, under its temp name
         assert Path(path).name.startswith(".shard-00001.tmp-r0-")
         raise OSError("disk full")
 

@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from mrlcache import cache as cache_mod
+from mrlcache import load_model
 from mrlcache.cache import CacheWriter
 from mrlcache.cli.export_vectors import export_vectors
 from mrlcache.cli.import_vectors import import_vectors
@@ -208,4 +209,5 @@ def test_a_head_on_imported_layer_stacks(tmp_path):
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert np.mean(list(history[-1]["loss"].values())) < 0.8 * np.mean(list(history[0]["loss"].values()))
     model = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    assert model["backbone"] is None and list(model["inputs"]) == ["layers"]  # head-only, on the layer stream
+    assert model["backbone"] is None and [g["streams"] for g in model["streams"]["groups"]] == [["layers"]]
+    assert load_model(tmp_path / "run" / "model.pt").inputs == ("layers",)  # head-only, on the layer stream

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mrlcache.streams import StreamRecord
+
 LAYERS, LAYER_DIM, FBANK, POOLED, FRAMES = 3, 8, 10, 12, 20
 
 
@@ -31,24 +33,28 @@ class StandInCache:
         self.dim = arrays["pooled"].shape[-1] if "pooled" in arrays else None
         self.streams = {}
         for name, a in arrays.items():
-            vector = name == "pooled"
-            self.streams[name] = {"kind": "vector" if vector else "frames",
-                                  "shape": tuple(a.shape[2:] if vector else a.shape[2:-1]),
-                                  "ragged": name in ragged, "frame_rate": None if vector else 100.0,
-                                  "dtype": "float16"}
+            vector = a.ndim == 3  # (N, V, D): a vector stream
+            self.streams[name] = StreamRecord(name, "vector" if vector else "frames",
+                                              a.shape[2:] if vector else a.shape[2:-1], "float16",
+                                              None if vector else 100.0, name in ragged,
+                                              None if vector or name in ragged else a.shape[-1])
+        self.shards = [self]  # one shard holding every row
 
     def __len__(self):
         return len(self.utterances)
 
-    def read(self, stream, view=None, rows=None, dtype=np.float32):
+    def read(self, stream, view=None, rows=None, dtype=np.float32, out=None):
         if stream not in self.arrays:
             raise KeyError(f"stream {stream!r}: this cache holds {', '.join(self.arrays)}")
         a = self.arrays[stream]
         if rows is not None:
             a = a[np.asarray(rows)]
-        if self.streams[stream]["ragged"]:  # eval mode: view 0 only, a list of (*shape, T_i)
+        if self.streams[stream].ragged:  # eval mode: view 0 only, a list of (*shape, T_i)
             return [x[0].astype(dtype) for x in a]
-        return (a if view is None else a[:, view]).astype(dtype)
+        got = (a if view is None else a[:, view]).astype(dtype)
+        if out is not None:
+            out[...] = got
+        return got
 
 
 def make_streams(speakers: int, utts: int, views: int, seed: int, nuisance: float = 3.0) -> tuple[dict, list]:

@@ -162,28 +162,54 @@ def test_interrupted_fit_resumes_bit_identical(caches, tmp_path, monkeypatch, cl
     assert [h["val_eer"] for h in ha] == [h["val_eer"] for h in hb]
 
 
-def test_streamed_features_cover_every_training_row_once(caches, tmp_path):
-    from mrlcache.fit.data import MemoryFeatures, StreamedFeatures
+@pytest.mark.parametrize("window", [None, 2])
+def test_memory_and_streamed_features_give_the_same_batches(caches, window):
+    """One container, two reading policies: the same epoch is the same batches, each training
+    row once with one of its cached views, whether held in memory or read window by window."""
+    from mrlcache.fit.data import Features
 
     c = cache.open(caches / "train")
+    assert len(c.shards) > 2
     labels = np.arange(len(c.utterances)) % 7
     labels[::10] = -1  # held-out rows never appear
-    mem = MemoryFeatures(c.read("pooled"), labels, np.flatnonzero(labels >= 0))
-    streamed = StreamedFeatures(list(c.iter_shards()), labels, labels >= 0, c.num_views, c.dim,
-                                window_rows=100, dtype=np.float32)
-    for feats in (mem, streamed):
-        # Batches may live in a reused buffer: copy each before asking for the next.
-        xs, ys = zip(*[(x.clone(), y) for x, y in feats.epoch(seed=0, epoch=3, batch_size=32, device="cpu")])
-        x, y = torch.cat(xs).numpy(), torch.cat(ys).numpy()
-        assert len(y) == (labels >= 0).sum()
-        # Each row is one of the cached views of a training utterance with that label.
-        allv = c.read("pooled")
-        flat = allv.reshape(-1, c.dim)
-        match = (np.abs(flat[None, :, :] - x[:, None, :]).max(-1) == 0)
-        hits = match.argmax(1) // c.num_views
-        assert match.any(1).all()
-        assert sorted(hits.tolist()) == np.flatnonzero(labels >= 0).tolist()
-        assert (labels[hits] == y).all()
+    records = {"pooled": c.streams["pooled"]}
+    batches = {}
+    for policy in ("memory", "streamed"):
+        feats = Features(c, records, labels, np.float16, policy, window)
+        batches[policy] = [(x["pooled"].clone(), y) for x, y in feats.epoch(seed=0, epoch=3, batch_size=32,
+                                                                             device="cpu")]
+    assert len(batches["memory"]) == len(batches["streamed"])
+    for (xm, ym), (xs, ys) in zip(batches["memory"], batches["streamed"]):
+        assert torch.equal(xm, xs) and torch.equal(ym, ys)
+    x = torch.cat([b[0] for b in batches["streamed"]]).numpy()
+    y = torch.cat([b[1] for b in batches["streamed"]]).numpy()
+    assert len(y) == (labels >= 0).sum()
+    flat = c.read("pooled", dtype=np.float16).astype(np.float32).reshape(-1, c.dim)
+    match = (np.abs(flat[None, :, :] - x[:, None, :]).max(-1) == 0)
+    hits = match.argmax(1) // c.num_views
+    assert match.any(1).all()
+    assert sorted(hits.tolist()) == np.flatnonzero(labels >= 0).tolist()
+    assert (labels[hits] == y).all()
+
+
+def test_streamed_fit_has_the_losses_of_the_fit_in_memory(caches, tmp_path, monkeypatch):
+    """Same seed, same window: a fit reading the cache window by window from disk computes
+    exactly what the fit holding it in memory does (the window the budget would choose, 2 shards)."""
+    from mrlcache.fit import cache_mode, data
+
+    real = data.plan_features
+    for policy in ("memory", "streamed"):
+        def forced(*args, policy=policy, **kwargs):
+            plan = real(*args, **kwargs)
+            plan.policy, plan.window = policy, 2
+            return plan
+
+        monkeypatch.setattr(cache_mode, "plan_features", forced)
+        fit(caches / "train", DIMS, tmp_path / policy, **dict(FAST, epochs=2))
+    memory, streamed = read_history(tmp_path / "memory"), read_history(tmp_path / "streamed")
+    assert [h["loss"] for h in memory] == [h["loss"] for h in streamed]
+    assert [h["val_eer"] for h in memory] == [h["val_eer"] for h in streamed]
+    assert json.loads((tmp_path / "streamed" / "summary.json").read_text())["features"] == "streamed"
 
 
 def test_streamed_fit_runs_under_a_tiny_memory_budget(caches, tmp_path):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mrlcache.fit import FitError, fit
-from mrlcache.fit.data import MemoryFeatures
-from mrlcache.fit.stream_data import StreamFeatures
+from mrlcache.fit.data import Features
 from mrlcache.models.model import load_model
+from mrlcache.streams import StreamRecord
 from stream_standin import StandInCache, make_streams, stream_cache
 
 DIMS = (8, 16)
@@ -121,15 +121,14 @@ def test_model_file_rebuilds_the_best_head(runs, cache, name):
 
 
 def test_stream_batches_draw_what_the_pooled_fit_draws(cache):
-    """The same (seed, epoch) gives the same views and order as the pooled MemoryFeatures."""
+    """The same (seed, epoch) gives the same views and order whatever streams the container holds."""
     labels = np.repeat(np.arange(40), 6)
     labels[labels >= 36] = -1
-    pooled = cache.read("pooled")
-    mem = MemoryFeatures(pooled, labels, np.flatnonzero(labels >= 0))
-    streams = StreamFeatures({"pooled": pooled, "fbank": cache.read("fbank")}, labels, np.flatnonzero(labels >= 0))
+    pooled = Features(cache, {"pooled": cache.streams["pooled"]}, labels, np.float32)
+    both = Features(cache, {n: cache.streams[n] for n in ("pooled", "fbank")}, labels, np.float32)
     for epoch in (0, 3):
-        a = [(x.clone(), y) for x, y in mem.epoch(7, epoch, 32, "cpu")]
-        b = list(streams.epoch(7, epoch, 32, "cpu"))
+        a = [(x["pooled"].clone(), y) for x, y in pooled.epoch(7, epoch, 32, "cpu")]
+        b = list(both.epoch(7, epoch, 32, "cpu"))
         assert len(a) == len(b)
         for (xa, ya), (xb, yb) in zip(a, b):
             torch.testing.assert_close(xa, xb["pooled"], rtol=0, atol=0)
@@ -205,11 +204,15 @@ def test_ragged_training_streams_are_refused(tmp_path):
         fit(ragged, DIMS, tmp_path / "run", **dict(FAST, inputs="fbank", val_speakers=2))
 
 
-def test_streams_beyond_the_memory_budget_are_refused(cache, tmp_path):
-    # layers: 240 rows x 2 views x 3 x 8 x 20 float16 = 460800 bytes = 0.000429 GiB; budget a tenth of it.
-    message = r"streams layers take 0\.000429 GB.*4e-05 GB budget \(--memory-gb\).*--layers-pooled"
-    with pytest.raises(FitError, match=message):
-        fit(cache, DIMS, tmp_path / "run", **dict(FAST, inputs="layers", memory_gb=0.00004))
+def test_streams_beyond_the_memory_budget_are_streamed_with_the_same_result(cache, tmp_path):
+    # layers: 240 rows x 2 views x 3 x 8 x 20 float16 = 0.000429 GiB; a budget a tenth of it
+    # streams them (one shard: one window, the order of the fit in memory) instead of refusing.
+    opts = dict(FAST, epochs=2, inputs="layers")
+    small = fit(cache, DIMS, tmp_path / "small", **dict(opts, memory_gb=0.00004))
+    big = fit(cache, DIMS, tmp_path / "big", **opts)
+    assert summary(small)["features"] == "streamed" and summary(big)["features"] == "memory"
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in h]
+    assert strip(history(small)) == strip(history(big))
 
 
 @pytest.mark.slow  # full CLI commands
@@ -229,7 +232,7 @@ def test_cli_refuses_streams_a_real_cache_lacks(tmp_path):
     res = CliRunner().invoke(main, ["fit", "--cache", str(tmp_path / "cache"), "--inputs", "pooled",
                                     "--head", "ecapa", "--out", str(tmp_path / "run"), "--head-only"])
     assert res.exit_code != 0 and "--head ecapa reads frames" in res.output
-    model = StreamModel(plan_groups(["fbank"], {"fbank": {"kind": "frames", "shape": (80,)}}), "mrl",
+    model = StreamModel(plan_groups(["fbank"], {"fbank": StreamRecord("fbank", "frames", (80,), "float16", 100.0, ragged=True)}), "mrl",
                         {"dims": [8]}, encoder_dim=8)
     path = save_model(tmp_path / "model.pt", model)
     (tmp_path / "trials.txt").write_text("1 id00000/v/00000.wav id00000/v/00001.wav\n")

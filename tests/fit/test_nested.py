@@ -154,7 +154,7 @@ def test_fixed_baselines_are_the_separate_fits(train_cache, tmp_path):
 def test_small_dims_fit_with_both_options(train_cache, tmp_path):
     dims = (2, 4, 8, 16, 32)
     run = fit(train_cache, dims, tmp_path / "run", margins=(0.05, 0.1, 0.15, 0.2, 0.2), grad_scaling=True, **OPTS)
-    assert list(torch.load(run / "model.pt", weights_only=True)["dims"]) == list(dims)
+    assert list(torch.load(run / "model.pt", weights_only=True)["head"]["args"]["dims"]) == list(dims)
     hist = [yaml.safe_load(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert set(hist[-1]["val_eer"]) == {str(d) for d in dims}
     assert hist[0]["margin"] == 0 and hist[-1]["margin"] == pytest.approx(0.2)  # warmed up

@@ -6,7 +6,7 @@ from torch import nn
 
 from heads_synthetic import LENGTHS, WIDTHS, check_learns
 from mrlcache.models.matryoshka import MatryoshkaHead
-from mrlcache.models import fusion
+from mrlcache.models import FUSIONS, fusion, fusion_class
 
 
 class PooledModel(nn.Module):
@@ -15,7 +15,7 @@ class PooledModel(nn.Module):
     def __init__(self, fusion_name, dims, width=32):
         super().__init__()
         self.encoders = nn.ModuleList(fusion.CNN1dEncoder(w, width, hidden=32, num_layers=2) for w in WIDTHS)
-        self.fusion = fusion.FUSIONS[fusion_name]([width] * len(WIDTHS), width)
+        self.fusion = fusion_class(fusion_name)([width] * len(WIDTHS), width)
         self.pool = fusion.MeanStdPool()
         self.head = MatryoshkaHead(2 * width, dims)
 
@@ -23,7 +23,7 @@ class PooledModel(nn.Module):
         return self.head(self.pool(self.fusion([e(x) for e, x in zip(self.encoders, streams)])))
 
 
-@pytest.mark.parametrize("name", list(fusion.FUSIONS))
+@pytest.mark.parametrize("name", list(FUSIONS))
 def test_each_fusion_trains_and_beats_raw_cosine(name):
     torch.manual_seed(0)
     check_learns(PooledModel(name, dims=(8, 16)), dims=(8, 16))

@@ -6,12 +6,13 @@ import torch
 from conftest import speech_like
 
 from mrlcache import load_model, streams
-from mrlcache.models.streams import StreamModel, plan_groups
 from mrlcache.models.model import ModelError, save_model
+from mrlcache.models.streams import StreamModel, plan_groups
+from mrlcache.streams import StreamRecord
 
 ECAPA = dict(channels=16, scale=4, mfa_channels=32, attention_bottleneck=8, se_bottleneck=8)
-HANDCRAFTED = {"fbank": {"kind": "frames", "shape": (80,)}, "f0": {"kind": "frames", "shape": (2,)},
-               "mfcc": {"kind": "frames", "shape": (40,)}}
+HANDCRAFTED = {n: StreamRecord(n, "frames", shape, "float16", 100.0, ragged=True)
+               for n, shape in (("fbank", (80,)), ("f0", (2,)), ("mfcc", (40,)))}
 
 
 def _trained_looking(model: StreamModel) -> StreamModel:
@@ -38,7 +39,8 @@ def test_ecapa_on_handcrafted_round_trips_and_embeds_audio(tmp_path):
                                          dict(ECAPA, dims=[8, 16])))
     path = save_model(tmp_path / "model.pt", model)
     raw = torch.load(path, weights_only=True)  # plain containers only
-    assert raw["head"]["name"] == "streams" and raw["inputs"] == ["fbank", "f0"]
+    assert raw["head"]["name"] == "ecapa" and [g["streams"] for g in raw["streams"]["groups"]] == [["fbank", "f0"]]
+    assert raw["version"] == 2 and not {"dims", "pooled_dim", "inputs"} & set(raw)  # each fact once, in the record
     loaded = load_model(path)
     assert loaded.inputs == ("fbank", "f0") and loaded.dims == (8, 16)
     waves = _waves()
@@ -53,7 +55,7 @@ def test_ecapa_on_handcrafted_round_trips_and_embeds_audio(tmp_path):
 
 @pytest.mark.parametrize("fusion", ["concat", "cross-attention", "gating"])
 def test_fusion_models_round_trip_with_identical_embeddings(tmp_path, fusion):
-    info = {"layers": {"kind": "frames", "shape": (3, 8)}, **HANDCRAFTED}
+    info = {"layers": StreamRecord("layers", "frames", (3, 8), "float16", 100.0, ragged=True), **HANDCRAFTED}
     torch.manual_seed(1)
     model = _trained_looking(StreamModel(plan_groups(["layers", "mfcc", "f0"], info), "mrl", {"dims": [4, 8]},
                                          fusion=fusion, encoder_dim=16))
@@ -78,8 +80,8 @@ def test_layers_model_embeds_audio_through_the_saved_backbone(tmp_path):
     from mrlcache.streams.layers import redimnet_layer_dim, redimnet_layers, redimnet_num_layers
 
     backbone = load_backbone("b0", random_init=True, seed=3).eval()
-    info = {"layers": {"kind": "frames", "shape": (redimnet_num_layers(backbone), redimnet_layer_dim(backbone))},
-            **HANDCRAFTED}
+    info = {"layers": StreamRecord("layers", "frames", (redimnet_num_layers(backbone), redimnet_layer_dim(backbone)),
+                                   "float16", 100.0, ragged=True), **HANDCRAFTED}
     torch.manual_seed(2)
     model = _trained_looking(StreamModel(plan_groups(["layers", "fbank"], info), "ecapa", dict(ECAPA, dims=[8]),
                                          fusion="gating", encoder_dim=16))
@@ -120,7 +122,8 @@ class _EvalStreams:
     def __init__(self, items: dict, utterances):
         self.items, self.utterances = items, list(utterances)
         self.meta, self.skipped, self.path, self.num_views = {"mode": "eval"}, {}, "standin", 1
-        self.streams = {n: {"kind": "frames", "shape": v[0].shape[:-1], "ragged": True} for n, v in items.items()}
+        self.streams = {n: StreamRecord(n, "frames", v[0].shape[:-1], "float16", 100.0, ragged=True)
+                        for n, v in items.items()}
 
     def index_of(self, ids):
         where = {u: i for i, u in enumerate(self.utterances)}

@@ -1,0 +1,41 @@
+"""The frozen encoders mrlcache runs, by name: plain data, importable without torch.
+
+Each entry is the module implementing the encoder and the names of its configurations
+(random weights from a name: tests, benchmarks; published weights always carry their own
+shapes). A new encoder is one module plus one line here. Every module but ReDimNet's
+(whose loading predates the registry and lives in :mod:`mrlcache.backbone.loading`)
+provides::
+
+    NAME, CONFIGS (name -> config dict), ConfigError,
+    build(config) -> nn.Module with features / frames / pooled / head / forward,
+        model_config, pooled_dim, embed_dim, weights_sha256 and encoder = NAME,
+    recognises(state_dict) -> bool          # the published layout, told by its keys
+    from_published(state_dict, path) -> (config, state_dict under the module's names)
+    to_published(key) -> key               # optional: mrlcache's name -> the published one
+    weights_file(path) -> Path              # optional: a model folder -> its weights file
+"""
+
+BACKBONES = {
+    "redimnet": ("mrlcache.backbone.redimnet", ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "S", "M")),
+    "ecapa-tdnn": ("mrlcache.backbone.ecapa_tdnn", ("c1024", "c512")),
+    "campplus": ("mrlcache.backbone.campplus", ("e192", "e512")),
+}
+DEFAULT_BACKBONE = "redimnet"
+
+
+def backbone_names() -> tuple[str, ...]:
+    return tuple(BACKBONES)
+
+
+def config_names(backbone: str) -> tuple[str, ...]:
+    """Named configurations of ``backbone`` (ReDimNet's: its published variants)."""
+    return BACKBONES[backbone][1]
+
+
+def encoder_module(backbone: str):
+    """The module implementing ``backbone`` (imports torch)."""
+    import importlib
+
+    if backbone not in BACKBONES:
+        raise KeyError(f"unknown backbone {backbone!r}: use one of {', '.join(BACKBONES)}")
+    return importlib.import_module(BACKBONES[backbone][0])

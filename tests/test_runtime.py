@@ -1,0 +1,58 @@
+"""runtime: glibc serves large buffers from the heap once tuned; bf16 on a CPU without it warns once."""
+
+import ctypes
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import ctypes, sys
+from mrlcache.runtime import reuse_large_allocations
+if sys.argv[1] == "tuned":
+    assert reuse_large_allocations()
+libc = ctypes.CDLL(None)
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+before = libc.mallinfo2().hblkhd  # bytes served by mmap
+p = libc.malloc(8 << 20)  # an 8 MiB activation
+print(libc.mallinfo2().hblkhd - before)
+libc.free(p)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+                    reason="glibc >= 2.33 only")
+def test_large_buffers_come_from_the_heap_once_tuned():
+    def mmapped(mode):
+        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                             env={**{k: v for k, v in __import__("os").environ.items()
+                                                             if not k.startswith("MALLOC_")}})
+        return int(out.stdout.split()[-1])
+
+    assert mmapped("default") >= 8 << 20  # glibc's default: a fresh mapping, unmapped on free
+    assert mmapped("tuned") == 0
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, capsys):
+    import torch
+
+    from mrlcache import runtime
+
+    monkeypatch.setattr(runtime, "_WARNED", set())
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.resolve_precision("bf16", cpu) == "bf16"
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.resolve_precision("bf16", cpu) == "bf16"
+    assert runtime.resolve_precision("bf16", cpu) == "bf16"
+    assert runtime.resolve_precision("fp32", cpu) == "fp32"
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "7.5x slower than fp32" in err and "--precision fp32" in err
