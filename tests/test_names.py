@@ -10,17 +10,17 @@ from mrlcache import names
 
 
 def _registries():
-    from mrlcache import evaluate, export, interop, runtime
+    from mrlcache import evaluate, interop, runtime
     from mrlcache.cache.backends import BACKENDS
+    from mrlcache.export.formats import FORMATS
     from mrlcache.fit import losses
-    from mrlcache.fit.heads import HEADS
-    from mrlcache.models.fusion import FUSIONS
+    from mrlcache.models import FUSIONS, HEADS
     from mrlcache.streams import STREAMS
     from mrlcache.streams.ptm import PTMS
 
     return {"HEADS": HEADS, "FUSIONS": FUSIONS, "STREAMS": STREAMS, "PTMS": PTMS, "BACKENDS": BACKENDS,
             "LOSSES": losses.KINDS, "CLASSIFIERS": losses.CLASSIFIERS, "VECTOR_FORMATS": interop.FORMATS,
-            "EXPORT_FORMATS": export.FORMATS, "SYSTEMS": evaluate.SYSTEMS, "NORMS": evaluate.NORMS,
+            "EXPORT_FORMATS": FORMATS, "SYSTEMS": evaluate.SYSTEMS, "NORMS": evaluate.NORMS,
             "PRECISIONS": runtime.PRECISIONS}
 
 
@@ -39,6 +39,7 @@ def test_the_command_line_offers_exactly_the_registries():
     assert choices("fit", "loss") == names.LOSSES
     assert choices("fit", "fusion") == names.FUSIONS
     assert choices("extract", "backend") == names.BACKENDS
+    assert choices("extract", "backbone_name") == names.BACKBONES
     assert choices("extract", "ptm") == names.PTMS
     assert choices("embed", "fmt") == names.VECTOR_FORMATS
     assert choices("export", "fmt") == names.EXPORT_FORMATS
