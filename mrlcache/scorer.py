@@ -103,18 +103,19 @@ class Scorer:
         self.systems = ["mrl", *(["fixed"] if fixed else []), *dict.fromkeys(b for b in baselines if b != "fixed")]
         if self.model.backbone is None and "published" in self.systems:
             raise ev.EvaluateError("--baseline published needs the backbone's own head, but this model is head-only")
-        if "pca" in self.systems and pca_cache is None:
-            raise ev.EvaluateError("--baseline pca needs --pca-cache TRAIN_CACHE to fit the PCA on")
+        for name in ("pca", "lda"):
+            if name in self.systems and pca_cache is None:
+                raise ev.EvaluateError(f"--baseline {name} needs --pca-cache TRAIN_CACHE to fit the {name.upper()} on")
         cfg = self.config
         if self.on_streams and (len(self.systems) > 1 or cfg.center or cfg.cohort):
             raise ev.EvaluateError(
                 f"{model_path} reads streams {', '.join(self.model.inputs)}: --baseline, --center, --asnorm-cohort "
                 "and --snorm-cohort work on pooled-vector models only; score it without them")
         self.calibration = self._calibration(calibration, durations) if calibration else None
-        pca = self.open(pca_cache, "--pca-cache") if "pca" in self.systems else None
+        pca = self.open(pca_cache, "--pca-cache") if {"pca", "lda"} & set(self.systems) else None
         try:
             self.transforms = ev.transforms(self.model, self.systems, pca_cache=pca, device=device, fixed=fixed)
-        except ev.EvaluateError as err:  # only the PCA fit can fail here
+        except ev.EvaluateError as err:  # only the PCA / LDA fits can fail here
             raise ev.EvaluateError(f"--pca-cache {err}") from None
         # One pass per distinct cache, shared by the centering and the cohort.
         stats = {p: ev.cache_stats(self.open(p, "cache"), self.transforms)

@@ -30,13 +30,15 @@ def _warn(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _print_table(results, title, ratios=None):
+def _print_table(results, title, ratios=None, best=None):
     from rich.console import Console
     from rich.table import Table
 
     caption = "bytes: float32 embedding per utterance; minDCF at p_target .01/.05"
     if ratios:
         caption += "; MRL/fixed: EER of the nested prefix over the fixed-size head's"
+    if best:
+        caption += "; MRL/best: EER of the nested prefix over the best baseline's at that dim"
     calibrated = any("cllr" in r for r in results)
     if calibrated:
         caption = ("bytes: float32 embedding per utterance; minDCF and actDCF at p_target .01/.05, c_miss = c_fa = 1 "
@@ -46,7 +48,8 @@ def _print_table(results, title, ratios=None):
              ("actDCF .05", "act_dcf_0.05")] if calibrated else []
     for name, justify in [("system", "left"), ("dim", "right"), ("EER (%)", "right"), ("threshold", "right"),
                           ("minDCF .01", "right"), ("minDCF .05", "right"), *((n, "right") for n, _ in extra),
-                          ("bytes", "right"), *([("MRL/fixed", "right")] if ratios else [])]:
+                          ("bytes", "right"), *([("MRL/fixed", "right")] if ratios else []),
+                          *([("MRL/best", "right")] if best else [])]:
         table.add_column(name, justify=justify)
     for r in results:
         ratio = ratios.get(r["dim"], "") if ratios and r["system"] == "mrl" else ""
@@ -54,8 +57,17 @@ def _print_table(results, title, ratios=None):
                       f"{r['min_dcf_0.01']:.4f}", f"{r['min_dcf_0.05']:.4f}",
                       *(f"{r[k]:.4f}" if k in r else "" for _, k in extra), str(r["bytes_per_utterance"]),
                       *([f"{ratio:.3f}" if isinstance(ratio, float) else ("n/a" if ratio is None else "")]
-                        if ratios else []))
+                        if ratios else []),
+                      *([_best_cell(best, r)] if best else []))
     Console().print(table)
+
+
+def _best_cell(best, row) -> str:
+    """'0.950 (lda)' on an mrl row whose dim has a baseline; '' elsewhere."""
+    if row["system"] != "mrl" or row["dim"] not in best:
+        return ""
+    system, ratio = best[row["dim"]]
+    return f"{ratio:.3f} ({system})" if ratio is not None else f"n/a ({system})"
 
 
 def _plot(results, path, title):
@@ -98,10 +110,12 @@ def _plot(results, path, title):
                    "a --calibration's durations).")
 @click.option("--dims", type=DIMS, default=None, help="Comma-separated dims to score; default every dim of the model.")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(names.SYSTEMS[1:]),
-              help="Also score a baseline (repeatable): raw, published or pca; fixed (the run's "
-                   "--fixed-baselines heads) is scored whenever the run has them.")
+              help="Also score a baseline (repeatable): raw, published, pca or lda (the published embedding "
+                   "after PCA / LDA of a training cache, truncated per dim); fixed (the run's "
+                   "--fixed-baselines heads) is scored whenever the run has them. The table gives, per dim, "
+                   "the best baseline and MRL's EER over it.")
 @click.option("--pca-cache", type=click.Path(exists=True, file_okay=False),
-              help="Training cache to fit the PCA of --baseline pca on.")
+              help="Training cache to fit the PCA of --baseline pca and the LDA of --baseline lda on.")
 @score_options
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False),
               help="calibration.json from 'mrlcache calibrate': also report Cllr, minCllr and actDCF of mrl.")
@@ -144,10 +158,10 @@ def eer(ctx, **params):
     trials = vectors.trials
     title = (f"{p['trials_path']}: {trials.n_target} target / {trials.n_nontarget} non-target trials"
              f"{config.describe()}" + (f", calibrated by {p['calibration_path']}" if p["calibration_path"] else ""))
-    ratios = _fixed_ratios(results)
-    _print_table(results, title, ratios)
+    ratios, best = _ratios(results)
+    _print_table(results, title, ratios, best)
     if p["json_out"] is not None:
-        _write_json(p["json_out"], p["trials_path"], vectors, results, ratios, p["calibration_path"])
+        _write_json(p["json_out"], p["trials_path"], vectors, results, ratios, best, p["calibration_path"])
         write_resolved(ctx, _beside(p["json_out"], ".options.yaml"))
     if p["plot_out"] is not None:
         _plot(results, p["plot_out"], title)
@@ -196,18 +210,21 @@ def _one_line(trials_path):
         _fail(f"{trials_path}: {err}")
 
 
-def _fixed_ratios(results):
-    from mrlcache.evaluate import fixed_ratios
+def _ratios(results):
+    """MRL's EER over the fixed heads' and over the best baseline's, per dim."""
+    from mrlcache.evaluate import best_baseline_ratios, fixed_ratios
 
-    return fixed_ratios(results)
+    return fixed_ratios(results), best_baseline_ratios(results)
 
 
-def _write_json(path, trials_path, vectors, results, ratios, calibration_path):
+def _write_json(path, trials_path, vectors, results, ratios, best, calibration_path):
     trials = vectors.trials
     report = {"trials": str(trials_path), "n_target": trials.n_target, "n_nontarget": trials.n_nontarget,
               "skipped_trials": vectors.skipped_trials, "results": results}
     if ratios:
         report["mrl_over_fixed_eer"] = {str(d): r for d, r in ratios.items()}
+    if best:
+        report["mrl_over_best_baseline_eer"] = {str(d): {"system": b, "ratio": r} for d, (b, r) in best.items()}
     if calibration_path:
         report["calibration"] = {"file": str(calibration_path), "system": "mrl", "p_targets": [0.01, 0.05],
                                  "c_miss": 1.0, "c_fa": 1.0, "cllr_unit": "bits"}

@@ -41,6 +41,18 @@ class FitConfig:
     ecapa_scale: int = bounded(8, COUNT)  # Res2 groups; divides ecapa_channels
     ecapa_mfa_channels: int = bounded(1536, COUNT)  # width after multi-layer aggregation
     ecapa_bottleneck: int = bounded(128, COUNT)  # hidden width of the SE and pooling attention
+    # Nested dims from the encoder's own embedding (mrlcache.fit.adaptor): the head's start,
+    # the rotation that orders the published dims, and the objective (margin: a head trained by
+    # the margin loss; adaptor: a rotation (+ residual MLP) of the published embedding trained to
+    # preserve its similarities, no labels; adaptor-supervised: that plus the margin loss).
+    init: str = choice("random", names.INITS)  # random | published (cache mode, --head mrl on pooled)
+    init_rotation: str = choice("pca", names.INIT_ROTATIONS)  # pca | lda
+    init_center: bool = False  # start from the published embedding minus its training mean (default: as it is)
+    # auto: adaptor-supervised on imported vectors (what measured best there, benchmarks/README.md),
+    # margin otherwise
+    objective: str = choice("auto", names.OBJECTIVES)  # auto | margin | adaptor | adaptor-supervised
+    adaptor_hidden: int = bounded(0, NON_NEGATIVE_INT)  # residual MLP width of the adaptor; 0: rotation only
+    adaptor_topk: int = bounded(10, COUNT)  # nearest neighbours per row in the adaptor's top-k term
     epochs: int = bounded(30, COUNT)
     batch_size: int = bounded(256, Range(lo=2, integer=True))  # BatchNorm needs two rows
     optimizer: str = choice("adamw", names.OPTIMIZERS)
@@ -87,9 +99,18 @@ class FitConfig:
             self.dims = check_dims(self.dims)
         except ValueError as err:
             raise FitError(str(err)) from None
+        from mrlcache.models import STARTED_HEADS
+
+        if self.head in STARTED_HEADS:
+            raise FitError(f"--head {self.head}: this head starts from the encoder's published embedding; "
+                           "fit it with --init published (warm) or --objective adaptor (adaptor), --head mrl")
         self._check_inputs()
         check_choices(self, FitError)
         check_fields(self, FitError)
+        if self.starts_from_published and (self.head != "mrl" or tuple(self.inputs) != ("pooled",)):
+            raise FitError(f"--init {self.init} --objective {self.objective}: start from the published "
+                           f"embedding with --head mrl on --inputs pooled, not --head {self.head} on "
+                           f"{','.join(self.inputs)}")
         if self.dim_weights is not None:
             weights = list(self.dim_weights)
             if len(weights) != len(self.dims):
@@ -101,6 +122,11 @@ class FitConfig:
             raise FitError("validation needs both --val-cache DIR and --val-trials FILE (or neither)")
         if self.scheduler == "plateau" and self.val_speakers == 0 and self.val_cache is None:
             raise FitError("scheduler=plateau steps on the validation EER: do not disable validation")
+
+    @property
+    def starts_from_published(self) -> bool:
+        """A head started from the encoder's published embedding (warm start or adaptor)."""
+        return self.init == "published" or self.objective not in ("margin", "auto")
 
     def _check_nested(self) -> None:
         """--margins (one per dim, >= 0; the largest becomes margin) and the mrl-only options."""
@@ -205,6 +231,9 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
     cfg.check()
     if not end_to_end:
         return cfg, None
+    if cfg.starts_from_published:
+        raise FitError(f"--init {cfg.init} --objective {cfg.objective}: a start from the published embedding "
+                       "is fitted on a cache (--cache), not end to end")
     from mrlcache.models import head_class
 
     if tuple(cfg.inputs) != ("pooled",) or head_class(cfg.head).reads != "vector":
