@@ -30,7 +30,7 @@ from pathlib import Path
 # (libgomp reads OMP_WAIT_POLICY once, when torch starts its thread pool), and writing a
 # JSON file atomically should not load torch at all.
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from mrlcache.names import PRECISIONS  # noqa: E402 (auto, fp32, bf16, fp16)
 
 
 class DeviceError(ValueError):
