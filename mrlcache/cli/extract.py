@@ -120,7 +120,12 @@ def extract(ctx, data, list_file, utt2spk, out, backend, backbone_name, variant,
     from mrlcache.backbone.loading import CheckpointError
     from mrlcache.streams import PTMError
 
-    env_rank, env_world, torchrun = dist_env()
+    from mrlcache.runtime import DeviceError
+
+    try:
+        env_rank, env_world, torchrun = dist_env()
+    except DeviceError as err:
+        raise click.ClickException(str(err)) from None
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
     if threads:

@@ -16,6 +16,7 @@ shards exist, by whichever rank finishes last.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -30,7 +31,8 @@ from mrlcache.cache import CacheWriter, IncompleteCacheError, read_meta
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
 from mrlcache.extract.sizes import check_free_disk, projected_sizes
-from mrlcache.runtime import DeviceError, resolve_device, resolve_precision
+from mrlcache.extract.sources import check_sources
+from mrlcache.runtime import DeviceError, env_int, resolve_device, resolve_precision, surviving_workers
 from mrlcache.streams import record_from_json, records_from_meta
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.streams.windows import num_windows
@@ -138,7 +140,10 @@ def extract(
     if not 0 <= rank < world_size:
         raise ExtractError(f"rank {rank} is not in [0, {world_size})")
     out = Path(out)
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    try:
+        local_rank = env_int("LOCAL_RANK", rank)
+    except DeviceError as err:
+        raise ExtractError(str(err)) from None
     try:
         device = resolve_device(cfg.device, local_rank)
         precision = resolve_precision(cfg.precision, device)
@@ -177,6 +182,7 @@ def extract(
             # Every rank writes the same bytes, atomically, so concurrent ranks cannot mix them.
             sha = save_checkpoint(model, out / BACKBONE_FILE)
             assert sha == meta["backbone"]["sha256"], "random backbone bytes changed between hashing and saving"
+        check_sources(out, utterances)  # a rerun never keeps vectors of audio replaced since
         mine = [k for k in range(writer.num_shards) if k % world_size == rank]
         todo = sorted(set(mine) - writer.done_shards())
         if not todo:
@@ -226,7 +232,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate,
-        worker_init_fn=worker_init if workers else None,
+        worker_init_fn=functools.partial(worker_init, parent=os.getpid()) if workers else None,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
@@ -239,7 +245,8 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
     started = time.perf_counter()
     bar = ExtractProgress(total_rows, rank, enabled=progress)
     with bar, torch.inference_mode():
-        for items in loader:
+        for items in surviving_workers(loader, ExtractError, "the shards written so far are kept: rerun the "
+                                       "same command to resume, with fewer --workers if memory is short"):
             k = shard_of[items[0].row]
             state = pending.setdefault(k, {"index": [], "skipped": {}, "windowed": {}, "seconds": 0.0,
                                            "left": len(writer.shard_rows(k))})

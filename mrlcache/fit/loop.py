@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from mrlcache import distributed
+from mrlcache.fit.config import FitError
 from mrlcache.fit.data import epoch_generator
 from mrlcache.fit.losses import sample_classes
 from mrlcache.fit.optim import MarginWarmup, make_optimizer, make_scheduler, param_groups
@@ -54,6 +55,11 @@ class TrainJob:
     on_epoch_start: Callable | None = None  # on_epoch_start(epoch), e.g. to unfreeze the backbone
     grad_accum: int = 1  # batches per optimiser step
     margin: MarginWarmup | None = None  # stepped at each epoch's start; default: cfg's warm-up of loss_fn
+    # A head that starts from a model worth keeping (the published embedding): epoch 0 (before
+    # any step) is validated and may be selected (best epoch -1), and no later epoch whose EER
+    # at guard_dim is worse than epoch 0's is selected.
+    score_start: bool = False
+    guard_dim: int | None = None
 
     def __post_init__(self):
         if self.margin is None:
@@ -70,8 +76,49 @@ def checkpoint(job: TrainJob, epoch: int, **more) -> dict:
 
 
 def load_checkpoint(path: Path, device="cpu") -> dict:
-    """A checkpoint written by :func:`checkpoint`; tensors and plain containers only."""
-    return torch.load(path, map_location=device, weights_only=True)
+    """A checkpoint written by :func:`checkpoint`; tensors and plain containers only.
+
+    Raises:
+        FitError: one line for a file that is not such a checkpoint (code-carrying,
+            truncated, foreign), naming it.
+    """
+    from mrlcache.backbone.loading import UnsafeFileError, load_plain
+
+    try:
+        state = load_plain(path, path)
+    except UnsafeFileError as err:
+        raise FitError(f"{err}; delete it and start the fit again") from None
+    except FileNotFoundError:
+        raise FitError(f"{path}: no such checkpoint") from None
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise FitError(f"{path}: not a checkpoint of mrlcache fit ({type(err).__name__}: {str(err)[:120]}); "
+                       f"it is truncated or foreign: delete it and start the fit again") from None
+    if not isinstance(state, dict):
+        raise FitError(f"{path}: holds {type(state).__name__}, not a checkpoint of mrlcache fit")
+    return state  # on the CPU: load_state_dict copies onto each module's own device
+
+
+def _restore(job: "TrainJob", scaler, path: Path) -> dict:
+    """Load ``last.pt`` into the job; FitError in one line when it does not fit this run."""
+    state = load_checkpoint(path, job.device)
+    try:
+        job.head.load_state_dict(state["head"])
+        job.loss_fn.load_state_dict(state["loss"])
+        for name, mod in job.modules.items():
+            mod.load_state_dict(state["extra"][name])
+        if job.on_epoch_start:
+            job.on_epoch_start(state["epoch"])  # restore e.g. the unfrozen param group first
+        job.optimizer.load_state_dict(state["optimizer"])
+        job.scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        start, best = int(state["epoch"]), dict(state["best"])
+        mark = state.get("patience_mark", {"epoch": best["epoch"], "mean_eer": best["mean_eer"]})
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+        what = f"missing {err}" if isinstance(err, KeyError) else str(err).splitlines()[0][:160]
+        raise FitError(f"--resume: {path} does not match this run ({type(err).__name__}: {what}); it is damaged "
+                       f"or from another fit: delete it or choose another --out") from None
+    return {"start": start, "best": best, "mark": mark}
 
 
 
@@ -107,19 +154,8 @@ def train(job: TrainJob, resume: bool) -> dict:
     mark = {"epoch": None, "mean_eer": None}
     last_path, hist_path = out / "last.pt", out / "history.jsonl"
     if resume:
-        state = load_checkpoint(last_path, job.device)
-        job.head.load_state_dict(state["head"])
-        job.loss_fn.load_state_dict(state["loss"])
-        for name, mod in job.modules.items():
-            mod.load_state_dict(state["extra"][name])
-        if job.on_epoch_start:
-            job.on_epoch_start(state["epoch"])  # restore e.g. the unfrozen param group first
-        job.optimizer.load_state_dict(state["optimizer"])
-        job.scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        start, best = state["epoch"], state["best"]
-        mark = state.get("patience_mark", {"epoch": best["epoch"], "mean_eer": best["mean_eer"]})
+        restored = _restore(job, scaler, last_path)
+        start, best, mark = restored["start"], restored["best"], restored["mark"]
         # Keep only the epochs the checkpoint has seen (a crash may leave one more line).
         lines = hist_path.read_text().splitlines() if hist_path.exists() else []
         history = [json.loads(x) for x in lines if x.strip()]
@@ -136,6 +172,18 @@ def train(job: TrainJob, resume: bool) -> dict:
     console = Console(stderr=True, quiet=not cfg.progress or not main)
     dims = job.head.dims
     stopped_early = False
+    floor, start_rec = None, None  # epoch 0's EER at guard_dim: the bound a selected epoch keeps
+    if job.score_start and job.val is not None:
+        if resume:
+            floor, start_rec = state.get("start_floor"), state.get("start")
+        else:
+            job.head.eval()
+            v = distributed.from_main(lambda: _validate(job, dims), "validation of epoch 0")
+            best = {"epoch": -1, "mean_eer": v["mean_eer"], "eer": v["eer"], "min_dcf": v["min_dcf"]}
+            mark, start_rec = {"epoch": -1, "mean_eer": v["mean_eer"]}, dict(best)
+            floor = v["eer"][str(job.guard_dim)] if job.guard_dim is not None else None
+            if main:
+                atomic_torch_save(checkpoint(job, -1, val=best), out / "best.pt")
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         if job.on_epoch_start:
@@ -180,6 +228,13 @@ def train(job: TrainJob, resume: bool) -> dict:
                 _optimizer_step(job, scaler)
         if distributed.world() > 1:  # the epoch's sums over every rank's rows
             seen = _reduce_sums(sums, seen)
+        # A loss or weights gone NaN/Inf only get worse: stop before this epoch is saved,
+        # so last.pt stays the last good epoch (checked once per epoch: no per-step sync).
+        if not torch.isfinite(sums).all() or not all(torch.isfinite(p).all() for p in _trained(job)):
+            kept = (f"{last_path} is kept as the last good checkpoint" if last_path.exists()
+                    else "no checkpoint was written yet")
+            raise FitError(f"epoch {epoch + 1}: the training loss or the weights became NaN or Inf; stopped, "
+                           f"{kept}; lower --lr (or --scale, --margin), or check the cache for bad vectors")
         train_loss = (sums[0] / max(seen, 1)).tolist()
         train_acc = (sums[1] / max(seen, 1)).tolist()
         rec = {"epoch": epoch, "margin": margin, "lr": job.optimizer.param_groups[0]["lr"],
@@ -201,7 +256,8 @@ def train(job: TrainJob, resume: bool) -> dict:
                 job.scheduler.step(v["mean_eer"])
             if mark["mean_eer"] is None or v["mean_eer"] < mark["mean_eer"] - cfg.min_delta:
                 mark = {"epoch": epoch, "mean_eer": v["mean_eer"]}  # patience counts from here
-            if best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]:
+            kept = floor is None or v["eer"][str(job.guard_dim)] <= floor  # no worse than epoch 0 there
+            if kept and (best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]):
                 best = {"epoch": epoch, "mean_eer": v["mean_eer"], "eer": rec["val_eer"],
                         "min_dcf": rec["val_min_dcf"]}
                 if main:
@@ -221,7 +277,7 @@ def train(job: TrainJob, resume: bool) -> dict:
             atomic_torch_save(checkpoint(job, epoch + 1, optimizer=job.optimizer.state_dict(),
                                          scheduler=job.scheduler.state_dict(), scaler=scaler.state_dict(),
                                          torch_rng=torch.get_rng_state(), best=best, patience_mark=mark,
-                                         config=job.config), last_path)
+                                         config=job.config, start_floor=floor, start=start_rec), last_path)
         line = f"epoch {epoch + 1}/{cfg.epochs} loss {sum(train_loss) / len(dims):.3f} " \
                f"acc {train_acc[-1]:.3f} lr {rec['lr']:.2e} {rec['seconds']:.1f}s"
         if validating:
@@ -234,7 +290,11 @@ def train(job: TrainJob, resume: bool) -> dict:
             break
     if writer is not None:
         writer.close()
-    return {"best": best, "history": history, "stopped_early": stopped_early}
+    return {"best": best, "history": history, "stopped_early": stopped_early, "start": start_rec}
+
+
+def _trained(job: "TrainJob"):
+    return [p for g in job.optimizer.param_groups for p in g["params"]]
 
 
 def _validate(job: TrainJob, dims) -> dict:

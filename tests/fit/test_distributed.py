@@ -202,3 +202,36 @@ def test_rank_batches_split_every_global_batch_into_contiguous_parts(monkeypatch
         assert np.array_equal(joined, order[lo:lo + len(joined)])
         assert max(len(parts[r][step]) for r in range(4)) - min(len(parts[r][step]) for r in range(4)) <= 1
     assert sum(len(parts[r][2]) for r in range(4)) == 103 - 64
+
+
+def test_end_to_end_on_two_ranks_unfreezes_and_trains_as_one_process(tmp_path):
+    """Audio decoded by each rank's DataLoader worker, the backbone unfrozen after epoch 1
+    (its BatchNorm then synchronised, DDP re-wrapped), a broken file left out by whichever
+    rank read it and listed once by rank 0: the curve of one process with the doubled batch."""
+    from conftest import make_tree
+
+    from mrlcache.fit import fit_end_to_end
+
+    data = tmp_path / "data"
+    make_tree(data, speakers=3, videos=2, utts=2, seconds=1.0)  # 12 utterances
+    broken = sorted(data.glob("id*"))[0] / "v00" / "zz_not_audio.wav"
+    broken.write_bytes(b"not audio\n" * 50)
+    opts = dict(variant="b0", random_init=True, crop_seconds=0.5, lr=1e-2, val_speakers=0, margin_warmup_epochs=0,
+                scale=16, progress=False, views=2, epochs=2, unfreeze_after=1, backbone_lr=1e-3, workers=1,
+                optimizer="sgd")
+    one = fit_end_to_end(data, (16, 32), tmp_path / "one", batch_size=8, **opts)
+    two = tmp_path / "two"
+    spec = tmp_path / "e.json"
+    spec.write_text(json.dumps({"data": str(data), "dims": [16, 32], "out": str(two),
+                                "options": dict(opts, batch_size=4)}))
+    torchrun(RUNNER, spec)
+    a, b = history(one), history(two)
+    assert [h["samples"] for h in b] == [h["samples"] for h in a] == [12, 12]  # 13 files, 1 left out
+    for x, y in zip(a, b):
+        for d in ("16", "32"):
+            assert y["loss"][d] == pytest.approx(x["loss"][d], rel=1e-3)
+    assert (two / "skipped.tsv").read_text() == (one / "skipped.tsv").read_text()
+    assert json.loads((two / "summary.json").read_text())["skipped"] == 1
+    sa, sb = (torch.load(r / "last.pt", weights_only=True)["extra"]["backbone"] for r in (one, two))
+    moved = [k for k, v in sa.items() if v.is_floating_point() and "running" not in k]
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-4, rtol=1e-3) for k in moved)
