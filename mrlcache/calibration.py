@@ -203,7 +203,10 @@ class Calibration:
             durations: whether the caller can give log durations (``--data``).
         """
         want = self.info.get("model_sha256")
-        if model_sha256 is not None and want is not None and want != model_sha256:
+        if model_sha256 is not None and want is None:
+            raise CalibrationError("the calibration records no model SHA-256, so it cannot be checked against "
+                                   "this model; run 'mrlcache calibrate' for this model")
+        if model_sha256 is not None and want != model_sha256:
             raise CalibrationError(f"the calibration was fitted for another model.pt (SHA-256 {want[:16]}..., "
                                    f"this one {model_sha256[:16]}...); run 'mrlcache calibrate' for this model")
         missing = [int(d) for d in dims if int(d) not in self.params]
@@ -235,10 +238,17 @@ class Calibration:
 
     @classmethod
     def from_json(cls, path) -> Calibration:
-        """Read a file written by :meth:`to_json`; CalibrationError naming the file on any defect."""
+        """Read a file written by :meth:`to_json`; CalibrationError naming the file on any defect.
+
+        Strict: the format, version, every parameter and the ``info`` block with the
+        ``model_sha256`` of the model it was fitted for are required (a file stripped of
+        them could otherwise be applied to any model).
+        """
         path = Path(path)
         try:
-            obj = json.loads(path.read_text())
+            from mrlcache.runtime import read_text
+
+            obj = json.loads(read_text(path))
         except FileNotFoundError:
             raise CalibrationError(f"{path}: no such calibration file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -268,11 +278,17 @@ class Calibration:
                 params[int(d)] = entry
             if not params:
                 raise ValueError("no dims")
+            info = obj["info"]
+            if not isinstance(info, dict):
+                raise ValueError("its info block is not a mapping")
+            sha = info["model_sha256"]  # a calibration is only ever applied to the model it was fitted for
+            if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+                raise ValueError(f"model_sha256 {sha!r} is not a SHA-256")
         except (KeyError, TypeError, ValueError, CalibrationError) as err:
             what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
             raise CalibrationError(f"{path}: damaged calibration file ({what}); "
                                    f"write it again with 'mrlcache calibrate'") from None
-        return cls(prior, quality, params, dict(obj.get("info") or {}))
+        return cls(prior, quality, params, dict(info))
 
 
 def fit_calibration(scores, labels, dims, quality: dict | None = None, prior: float = 0.01,

@@ -35,7 +35,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_yaml(path: str | Path):
     """Parse a YAML file with the safe loader, refusing duplicate keys (raises yaml.YAMLError)."""
-    return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
+    from mrlcache.runtime import read_text
+
+    return yaml.load(read_text(path), Loader=_UniqueKeyLoader)
 
 
 def read_yaml_options(path: str | Path, command: click.Command) -> dict:

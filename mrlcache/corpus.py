@@ -110,7 +110,9 @@ def _speaker_from_id(utt_id: str, where: str) -> str:
 def _lines(path: Path):
     """Yield (line_number, fields) of the non-blank, non-comment lines of a text file."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not data
+        from mrlcache.runtime import read_text
+
+        text = read_text(path, "utf-8-sig")  # a byte-order mark (Windows editors) is not data
     except (OSError, UnicodeDecodeError) as err:
         raise CorpusError(f"{path}: cannot read ({err})") from None
     for number, line in enumerate(text.splitlines(), start=1):

@@ -49,10 +49,17 @@ _COMM_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "
 
 
 def env() -> tuple[int, int, bool]:
-    """(rank, world_size, launched_by_torchrun) from torchrun's environment variables."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "MASTER_ADDR" in os.environ
-    return 0, 1, False
+    """(rank, world_size, launched_by_torchrun) from torchrun's environment variables.
+
+    Raises:
+        mrlcache.runtime.DeviceError: malformed values or a rank outside the world, in one
+            line (:func:`mrlcache.runtime.env_ranks` checks them).
+    """
+    from mrlcache.runtime import env_ranks
+
+    rank_, size, _ = env_ranks()
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return rank_, size, launched and "MASTER_ADDR" in os.environ
 
 
 def _dist():
@@ -87,7 +94,12 @@ def session(device: str = "auto", timeout_s: float | None = None):
     stop at once; the timeout covers a rank that hangs). At a clean exit the ranks meet
     once more, so none returns before rank 0 has written the run's last file.
     """
-    rank_, size, torchrun = env()
+    from mrlcache.runtime import DeviceError
+
+    try:
+        rank_, size, torchrun = env()
+    except DeviceError as err:
+        raise _fit_error()(str(err)) from None
     dist = None
     if torchrun and size > 1:
         import torch
@@ -251,7 +263,7 @@ def num_batches(n: int, batch_size: int) -> int:
 
 
 def _slices(n: int, batch_size: int) -> list[slice]:
-    from mrlcache.fit.data import batch_slices
+    from mrlcache.fit.batches import batch_slices
 
     size = world()
     if size == 1:
@@ -266,7 +278,7 @@ def _slices(n: int, batch_size: int) -> list[slice]:
 def global_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """The rows of each step over all ranks: ``order`` in batches of ``batch_size`` x world size.
 
-    One process: :func:`mrlcache.fit.data.batch_slices` (a last batch of one row joins the
+    One process: :func:`mrlcache.fit.batches.batch_slices` (a last batch of one row joins the
     previous one). N ranks: a last batch under two rows per rank joins the previous one.
     """
     return [order[sl] for sl in _slices(len(order), batch_size)]

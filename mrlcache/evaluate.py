@@ -40,6 +40,7 @@ from mrlcache.trial_vectors import (  # noqa: F401 (part of this API: where the 
     MissingUtterancesError,
     TrialVectors,
     _note,
+    audio_path,
     embeddings_from_cache,
     open_cache_for,
     pooled_from_audio,
@@ -183,7 +184,7 @@ def log_durations(data_dir, utts, max_seconds=None) -> dict:
     out = {}
     for u in utts:
         try:
-            rate, frames, _ = audio_info(Path(data_dir) / u)
+            rate, frames, _ = audio_info(audio_path(data_dir, u))
         except AudioError as err:
             raise EvaluateError(f"audio root {data_dir}: {u}: {err}") from None
         if frames is None or frames <= 0:

@@ -16,13 +16,13 @@ from mrlcache.runtime import PathRefused, check_regular
 
 # A cache directory's own entries (cache/format.py; backbone.pt: extract/run.py). Kept
 # literal so the guard does not import the storage backends; a test keeps them in step.
-CACHE_FILES = ("cache.json", "manifest.tsv", "skipped.tsv", "backbone.pt")
+CACHE_FILES = ("cache.json", "manifest.tsv", "skipped.tsv", "sources.tsv", "backbone.pt")
 CACHE_DIRS = ("shards", "locks")
 # What a run directory holds (fit/rundir.py, fit/loop.py, fit/report.py; a test checks a
 # real run's files against it).
 RUN_FILES = ("config.yaml", "fingerprint.json", "history.jsonl", "last.pt", "best.pt", "model.pt",
              "summary.json", "curves.png", "model_summary.json", "model_summary.txt", "gating.json",
-             "gating.png", "skipped.tsv", "backbone.pt", ".fit.lock")
+             "gating.png", "skipped.tsv", "backbone.pt", ".fit.lock", "tensorboard", "fixed")
 RUN_MARKERS = ("model.pt", "last.pt", "config.yaml", "fingerprint.json")
 
 

@@ -49,7 +49,7 @@ def resolve_device(name: str, local_rank: int | None = None):
     import torch
 
     if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = env_int("LOCAL_RANK", 0)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -80,7 +80,31 @@ def resolve_precision(precision: str, device) -> str:
         return "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise DeviceError("--precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        _warn_once("bf16-cpu", "--precision bf16 on a CPU without native bfloat16 (no avx512_bf16 or AMX): "
+                   "emulated, measured 7.5x slower than fp32 for a ReDimNet b2 forward (benchmarks/README.md); "
+                   "use --precision fp32 on this machine")
     return precision
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """One line on stderr the first time ``key`` is warned about in this process."""
+    import sys
+
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (avx512_bf16 or AMX tiles), as oneDNN needs."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def autocast(device, precision: str):
@@ -97,11 +121,46 @@ def passive_openmp() -> None:
     """Let OpenMP threads sleep between parallel regions; call before torch starts its threads.
 
     For commands whose decoding workers share the cores with the model: busy-waiting
-    model threads starved them (b2 ran 9x slower on 2 cores under load). Commands without
-    workers keep OpenMP's default, which is faster alone (a fit step: 47 -> 39 ms). A value
-    the user set is kept.
+    model threads starved them (b2 ran 9x slower on 2 cores under load), and for every fit
+    (a cache fit ran 6.5x slower with busy waiting on a busy machine, benchmarks/README.md).
+    Other commands keep OpenMP's default, which is faster alone (a fit step: 47 -> 39 ms on
+    a quiet machine). A value the user set is kept.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """An integer from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), checked.
+
+    Raises:
+        DeviceError: a value that is not an integer >= ``minimum``, named with the fix.
+    """
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise DeviceError(f"{name}={text!r} in the environment is not an integer >= {minimum}; unset it, or "
+                          f"launch with torchrun, which sets it")
+    return value
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) that torchrun set, checked; (0, 1, 0) without it.
+
+    Raises:
+        DeviceError: malformed values, or a rank outside [0, world_size).
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, env_int("LOCAL_RANK", 0)
+    rank, world = env_int("RANK", 0), env_int("WORLD_SIZE", 1, minimum=1)
+    if rank >= world:
+        raise DeviceError(f"RANK={rank} is not below WORLD_SIZE={world} in the environment; unset both, or "
+                          f"launch with torchrun")
+    return rank, world, env_int("LOCAL_RANK", rank)
 
 
 # glibc mallopt parameters (malloc.h)
@@ -335,3 +394,65 @@ def check_regular(path, what: str = "") -> None:
     """Refuse ``path`` unless it is a regular file (see :func:`open_regular`); opens nothing that blocks."""
     with open_regular(path, what):
         pass
+
+
+def read_text(path, encoding: str = "utf-8", what: str = "") -> str:
+    """A regular file's text (:func:`open_regular`): a FIFO given as an input is refused, not waited on."""
+    with open_regular(path, what) as f:
+        return f.read().decode(encoding)
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this worker process end when ``parent_pid`` does, even on ``kill -9`` of it.
+
+    Linux: the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``).
+    Elsewhere, or if that call fails: a daemon thread checks the parent every second.
+    Either way a worker whose parent is already gone exits at once.
+    """
+    import signal
+    import sys
+    import threading
+    import time
+
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+        def watch():
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def surviving_workers(batches, error, hint: str):
+    """Iterate a DataLoader; a decoding worker that died (killed, out of memory) is one line.
+
+    torch raises ``RuntimeError: DataLoader worker (pid N) is killed by signal ...``; that
+    becomes ``error(message)`` naming the worker and ``hint`` (how to resume), never a
+    traceback. Other errors pass through.
+    """
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            if "DataLoader worker" not in text:
+                raise
+            raise error(f"{text.rstrip('. ')} (the system kills a worker when memory runs out); {hint}") from None
+        yield batch

@@ -86,6 +86,13 @@ def open_cache_for(path, model, what: str = "cache", log=_note):
             f"{what} {path} was extracted with backbone weights {have}, but the model's backbone "
             f"is {want}; extract it again with the model's backbone"
         )
+    fitted_on = (getattr(model, "ptm", None) or {}).get("sha256")
+    made_by = (cache.meta.get("ptm") or {}).get("sha256") if isinstance(cache.meta.get("ptm"), dict) else None
+    if fitted_on and fitted_on != made_by:
+        name = (cache.meta.get("ptm") or {}).get("name") if made_by else None
+        raise EvaluateError(f"{what} {path} holds layers of {name or 'no PTM'} ({(made_by or 'none')[:12]}), but "
+                            f"the model was fitted on {model.ptm.get('name')} ({fitted_on[:12]}); extract it "
+                            f"with --ptm {model.ptm.get('name')}")
     inputs = tuple(getattr(model, "inputs", ("pooled",)))
     if inputs != ("pooled",):  # a model on streams: the cache must hold every one it reads
         held = getattr(cache, "streams", None) or {"pooled": None}
@@ -111,7 +118,24 @@ def _resolve_missing(trials, missing, where, reasons, skip_missing) -> tuple[Tri
         return trials, 0
     if not skip_missing:
         raise MissingUtterancesError(missing, len(trials.utterances), where, reasons)
+    if len(set(missing)) == len(trials.utterances):
+        raise EvaluateError(f"{where}: none of the {len(trials.utterances)} trial utterances is available "
+                            f"(e.g. {missing[0]!r}: {reasons.get(missing[0], 'missing')}); nothing left to score")
     return _drop_missing(trials, missing)
+
+
+def audio_path(data_dir, utt: str) -> Path:
+    """``data_dir / utt`` for a trial id, refusing ids that leave the audio root.
+
+    Raises:
+        EvaluateError: an absolute id or one with a '..' component (trial lists name files
+            relative to --data; nothing outside it is ever read).
+    """
+    parts = utt.replace("\\", "/").split("/")
+    if utt.startswith(("/", "\\")) or Path(utt).is_absolute() or ".." in parts:
+        raise EvaluateError(f"audio root {data_dir}: trial id {utt!r} leaves it (absolute or '..'); "
+                            f"trial ids must be paths relative to --data")
+    return Path(data_dir) / utt
 
 
 def pooled_from_cache(cache, trials: Trials, skip_missing: bool = False) -> TrialVectors:
@@ -198,12 +222,13 @@ def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = F
         pool = backbone  # an MRLModel on streams: (1, T) -> (1, dim)
     data_dir = Path(data_dir)
     utts = trials.utterances
+    paths = {utt: audio_path(data_dir, utt) for utt in utts}  # every id checked before any decoding
     vectors, reasons = {}, {}
     limit = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
     with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
         task = bar.add_task("embedding trial audio", total=len(utts))
         for utt in utts:
-            path = data_dir / utt
+            path = paths[utt]
             try:
                 if not path.is_file():
                     raise AudioError(path, "unreadable", "no such file")

@@ -59,6 +59,11 @@ class Trials:
         return list(seen)
 
     @property
+    def self_trials(self) -> list[int]:
+        """Indices of trials comparing an utterance with itself (a score of 1 whatever the model)."""
+        return [i for i, (e, t) in enumerate(zip(self.enroll, self.test)) if e == t]
+
+    @property
     def n_target(self) -> int:
         return int(np.count_nonzero(self.labels == 1))
 
@@ -114,7 +119,9 @@ def read_trials(path) -> Trials:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        from mrlcache.runtime import read_text
+
+        text = read_text(path, "utf-8-sig")  # a FIFO is refused, not waited on
     except (OSError, UnicodeDecodeError) as err:
         raise TrialsError(f"{path}: cannot read trial list ({err})") from err
     trials = _read_vectorised(text)

@@ -95,7 +95,7 @@ def test_threshold_for_prior_and_far():
 def test_json_round_trip(tmp_path):
     s, y, d = cosine_trials(1000, seed=6)
     cal = fit_calibration(np.stack([s, s + 0.1 * d]), y, [16, 32], quality={"log_dur_test": d},
-                          prior=0.01, info={"trials": "made: 1000"})
+                          prior=0.01, info={"trials": "made: 1000", "model_sha256": "ab" * 32})
     path = cal.to_json(tmp_path / "calibration.json")
     back = Calibration.from_json(path)
     assert back.dims == [16, 32] and back.prior == 0.01 and back.quality == ["log_dur_test"]
@@ -107,7 +107,8 @@ def test_json_round_trip(tmp_path):
 
 def test_bad_calibration_files(tmp_path):
     s, y, _ = cosine_trials(500, seed=7)
-    good = json.loads(fit_calibration(s[None], y, [8]).to_json(tmp_path / "good.json").read_text())
+    info = {"model_sha256": "cd" * 32}
+    good = json.loads(fit_calibration(s[None], y, [8], info=info).to_json(tmp_path / "good.json").read_text())
     with pytest.raises(CalibrationError, match="no such calibration file"):
         Calibration.from_json(tmp_path / "missing.json")
     (tmp_path / "text.json").write_text("not json")
@@ -122,6 +123,10 @@ def test_bad_calibration_files(tmp_path):
         "weights": ({**good, "quality": ["log_dur_test"]}, "0 quality weights for 1"),
         "missing": ({k: v for k, v in good.items() if k != "prior"}, "missing key 'prior'"),
         "nan": ({**good, "dims": {"8": {**good["dims"]["8"], "b": float("nan")}}}, "non-finite"),
+        # Strict (issue 19): without its info block or model SHA-256 a file could be applied to any model.
+        "no-info": ({k: v for k, v in good.items() if k != "info"}, "missing key 'info'"),
+        "no-sha": ({**good, "info": {}}, "missing key 'model_sha256'"),
+        "bad-sha": ({**good, "info": {"model_sha256": "x"}}, "'x' is not a SHA-256"),
     }
     for name, (obj, message) in cases.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(obj))

@@ -94,3 +94,21 @@ def test_real_ecapa_weights_through_extract_fit_eer(corpus, tmp_path):
     cosine = torch.nn.functional.cosine_similarity(cached, torch.stack([direct[n] for n in names]), dim=1)
     assert cosine.min() >= 0.9999
     assert published_eer(real, corpus) == pytest.approx(systems[("published", 192)], abs=1e-9)
+
+
+@pytest.mark.parametrize("backbone,config", [("ecapa-tdnn", "c512"), ("campplus", "e192")])
+def test_two_ranks_and_a_rerun_equal_one_process_with_augmented_views(backbone, config, tmp_path):
+    from conftest import make_tree
+
+    make_tree(tmp_path / "data", speakers=2, videos=1, utts=2, seconds=1.0)
+    common = ["extract", "--data", tmp_path / "data", "--backbone", backbone, "--random-init", "--variant", config,
+              "--views", 2, "--crop-seconds", 0.8, "--shard-size", 1, "--dtype", "float32", "--workers", 0, "--quiet"]
+    cli(*common, "--out", tmp_path / "one")
+    for rank in (0, 1):
+        cli(*common, "--out", tmp_path / "two", "--rank", rank, "--world-size", 2)
+    cli(*common, "--out", tmp_path / "two", "--rank", 0, "--world-size", 2)  # a rerun: every shard is kept
+    one, two = mrlcache.cache.open(tmp_path / "one"), mrlcache.cache.open(tmp_path / "two")
+    assert one.meta["backbone"] == two.meta["backbone"] and one.meta["backbone"]["encoder"] == backbone
+    assert np.array_equal(one.read("pooled"), two.read("pooled"))  # (N, 2 views, pooled_dim)
+    saved = load_backbone(str(tmp_path / "one" / "backbone.pt"))  # the random weights, saved beside the cache
+    assert saved.encoder == backbone and saved.weights_sha256 == one.meta["backbone"]["sha256"]

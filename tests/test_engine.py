@@ -29,6 +29,44 @@ def rel(a, b):
     return float(np.max(np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)))
 
 
+@pytest.fixture(autouse=True)
+def engine_cache(tmp_path, monkeypatch):
+    """Exported engines go to this test's folder, not the user's cache."""
+    monkeypatch.setenv("MRLCACHE_ENGINE_CACHE", str(tmp_path / "engines"))
+    return tmp_path / "engines"
+
+
+def test_engine_is_exported_once_then_read_from_disk_and_checked(tmp_path, monkeypatch):
+    import mrlcache.export.engine as engine_mod
+
+    backbone = load_backbone("b0", random_init=True, seed=3)
+    notes = []
+    first = engine_mod.OnnxBackbone(backbone, cache_dir=tmp_path / "c", log=notes.append)
+    files = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".onnx") and not notes
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    real_export = engine_mod._export
+    monkeypatch.setattr(engine_mod, "_export", no_export)
+    second = engine_mod.OnnxBackbone(backbone, cache_dir=tmp_path / "c", spin=False, log=notes.append)
+    wave = 0.1 * torch.randn(2, 9000, generator=torch.Generator().manual_seed(5))
+    assert np.array_equal(first.pooled(wave).numpy(), second.pooled(wave).numpy()) and not notes
+
+    # A damaged file does not match its record: exported again, and said so.
+    onnx_file = next((tmp_path / "c").glob("*.onnx"))
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-10] + b"0123456789")
+    monkeypatch.setattr(engine_mod, "_export", real_export)
+    engine_mod.OnnxBackbone(backbone, cache_dir=tmp_path / "c", log=notes.append)
+    assert len(notes) == 1 and "does not match" in notes[0]
+    # Other weights: another key, another file.
+    other = load_backbone("b0", random_init=True, seed=4)
+    assert engine_mod.engine_key(other) != engine_mod.engine_key(backbone)
+    engine_mod.OnnxBackbone(other, cache_dir=tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.onnx"))) == 2
+
+
 def test_onnx_backbone_pooled_equals_torch_at_two_lengths_and_batches():
     from mrlcache.export import OnnxBackbone
 

@@ -345,25 +345,23 @@ def config_from_state(state: dict, dilations=None) -> dict:
     return {k: int(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in cfg.items()}
 
 
-class _TaggedLoader:
-    """A YAML safe loader that reads SpeechBrain's ``!new:``/``!ref``/``!name:`` tags as plain data."""
+def _load_tagged_yaml(text: str):
+    """YAML with the safe loader, SpeechBrain's ``!new:``/``!ref``/``!name:`` tags read as plain data
+    (nothing is constructed or imported)."""
+    import yaml
 
-    @staticmethod
-    def load(text: str):
-        import yaml
+    class Loader(yaml.SafeLoader):
+        pass
 
-        class Loader(yaml.SafeLoader):
-            pass
+    def plain(loader, suffix, node):
+        if isinstance(node, yaml.MappingNode):
+            return loader.construct_mapping(node, deep=True)
+        if isinstance(node, yaml.SequenceNode):
+            return loader.construct_sequence(node, deep=True)
+        return loader.construct_scalar(node)
 
-        def plain(loader, suffix, node):
-            if isinstance(node, yaml.MappingNode):
-                return loader.construct_mapping(node, deep=True)
-            if isinstance(node, yaml.SequenceNode):
-                return loader.construct_sequence(node, deep=True)
-            return loader.construct_scalar(node)
-
-        Loader.add_multi_constructor("!", plain)
-        return yaml.load(text, Loader=Loader)
+    Loader.add_multi_constructor("!", plain)
+    return yaml.load(text, Loader=Loader)
 
 
 def _ref(value, hparams):
@@ -383,7 +381,7 @@ def read_hyperparams(path: Path) -> dict:
     import yaml
 
     try:
-        hp = _TaggedLoader.load(path.read_text())
+        hp = _load_tagged_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read ({err})") from None
     model = hp.get("embedding_model") if isinstance(hp, dict) else None

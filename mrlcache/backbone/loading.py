@@ -35,7 +35,7 @@ import torch
 from mrlcache.backbone.record import BackboneRecord, RecordError
 from mrlcache.backbone.redimnet import CONFIGS, ConfigError, ReDimNet
 from mrlcache.backbone.registry import BACKBONES, DEFAULT_BACKBONE, encoder_module
-from mrlcache.runtime import atomic_torch_save, torch_bytes
+from mrlcache.runtime import atomic_torch_save, check_regular, torch_bytes
 
 URL_TEMPLATE = "https://github.com/IDRnD/ReDimNet/releases/download/latest/{name}-{dataset}-{train_type}.pt"
 VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "S", "M")
@@ -62,7 +62,10 @@ def load_plain(file, origin):
         Anything else torch raises for a truncated, corrupt or foreign file.
     """
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(file, (str, os.PathLike)):
+            check_regular(file)  # a FIFO is refused, not waited on
+        with torch.sparse.check_sparse_tensor_invariants():  # a crafted sparse tensor fails here, not later
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found is None:
@@ -183,13 +186,22 @@ def build_from_checkpoint(ckpt, origin):
         except ConfigError as e:
             raise CheckpointError(f"{origin}: {e}") from e
         return load_strict(model, state, origin)
-    module = _module(encoder, origin)
+    return _build_published(_module(encoder, origin), state, origin)
+
+
+def _build_published(module, state, origin):
+    """An encoder module's model from its published state dict: config from the shapes, strict load."""
     try:
         config, state = module.from_published(state, origin)
         model = module.build(config)
     except module.ConfigError as e:
         raise CheckpointError(f"{origin}: {e}") from None
     return load_strict(model, state, origin, getattr(module, "to_published", None))
+
+
+def _others():
+    """The registry's encoders other than ReDimNet (each with the module interface of the registry)."""
+    return [encoder_module(n) for n in BACKBONES if n != DEFAULT_BACKBONE]
 
 
 def _module(encoder, origin):
@@ -228,32 +240,25 @@ def _published(path, backbone):
     path = Path(path)
     weights = path
     if path.is_dir():
-        folders = [n for n in BACKBONES if n != DEFAULT_BACKBONE and hasattr(encoder_module(n), "weights_file")
-                   and encoder_module(n).weights_file(path).is_file()]
-        if not folders:
+        files = [m.weights_file(path) for m in _others() if hasattr(m, "weights_file")]
+        files = [f for f in files if f.is_file()]
+        if not files:
             raise CheckpointError(f"{path}: a folder with no weights file mrlcache knows (a SpeechBrain "
                                   "ECAPA-TDNN folder holds embedding_model.ckpt and hyperparams.yaml)")
-        weights = encoder_module(folders[0]).weights_file(path)
+        weights = files[0]
     obj, sha = _read_file(weights)
     if isinstance(obj, dict) and {"model_config", "state_dict"} <= set(obj):
         kind = obj.get("encoder", DEFAULT_BACKBONE)
         _check_kind(kind, backbone, weights)
         return build_from_checkpoint(obj, weights), sha
-    kinds = [n for n in BACKBONES if n != DEFAULT_BACKBONE and isinstance(obj, dict)
-             and encoder_module(n).recognises(obj)]
+    kinds = [m for m in _others() if isinstance(obj, dict) and m.recognises(obj)]
     if not kinds:
         found = sorted(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{weights}: not a ReDimNet checkpoint (a dict with 'model_config' and 'state_dict') "
-                              f"nor the published weights of another encoder ({', '.join(list(BACKBONES)[1:])}); "
-                              f"found {found}")
-    _check_kind(kinds[0], backbone, weights)
-    module = encoder_module(kinds[0])
-    try:
-        config, state = module.from_published(obj, weights)
-        model = module.build(config)
-    except module.ConfigError as e:
-        raise CheckpointError(f"{weights}: {e}") from None
-    return load_strict(model, state, weights, getattr(module, "to_published", None)), sha
+                              f"nor the published weights of another encoder "
+                              f"({', '.join(m.NAME for m in _others())}); found {found}")
+    _check_kind(kinds[0].NAME, backbone, weights)
+    return _build_published(kinds[0], obj, weights), sha
 
 
 def _check_kind(found, wanted, path):

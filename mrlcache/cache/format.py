@@ -32,6 +32,7 @@ READABLE_VERSIONS = (1, 2)
 META_FILE = "cache.json"
 MANIFEST_FILE = "manifest.tsv"
 SKIPPED_FILE = "skipped.tsv"  # utt_id, reason, path of every utterance without vectors
+SOURCES_FILE = "sources.tsv"  # extract's record of every audio file (mrlcache/extract/sources.py)
 SHARDS_DIR = "shards"
 LOCKS_DIR = "locks"
 MANIFEST_HEADER = "index\tutt_id\tspeaker\tpath"

@@ -27,6 +27,7 @@ from mrlcache.cache.format import (
     REQUIRED_KEYS,
     SHARDS_DIR,
     SKIPPED_FILE,
+    SOURCES_FILE,
     TMP_RE,
     CacheError,
     CacheLockedError,
@@ -165,7 +166,7 @@ class CacheWriter:
         for name in (SHARDS_DIR, LOCKS_DIR):
             if (self.out / name).is_dir():
                 shutil.rmtree(self.out / name)
-        for name in (META_FILE, MANIFEST_FILE, SKIPPED_FILE):
+        for name in (META_FILE, MANIFEST_FILE, SKIPPED_FILE, SOURCES_FILE):
             (self.out / name).unlink(missing_ok=True)
 
     def _create_or_check(self) -> None:
@@ -411,8 +412,8 @@ def _read_meta_if_any(out: Path) -> dict | None:
 
 def _ours(name: str) -> bool:
     """True for the names a cache directory holds (including writers' temporary files)."""
-    files = "|".join(re.escape(f) for f in (META_FILE, MANIFEST_FILE, SKIPPED_FILE))
-    return name in (META_FILE, MANIFEST_FILE, SKIPPED_FILE, SHARDS_DIR, LOCKS_DIR) or re.match(
+    files = "|".join(re.escape(f) for f in (META_FILE, MANIFEST_FILE, SKIPPED_FILE, SOURCES_FILE))
+    return name in (META_FILE, MANIFEST_FILE, SKIPPED_FILE, SOURCES_FILE, SHARDS_DIR, LOCKS_DIR) or re.match(
         rf"^\.({files})\.tmp-[A-Za-z0-9_]+$", name
     ) is not None
 

@@ -196,6 +196,11 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
         shown = ", ".join(f"line {line} repeats line {was}" for line, was in trials.duplicates[:3])
         _warn(f"{trials_path}: {len(trials.duplicates)} duplicate trial(s) ({shown}); each is scored "
               "as often as it is listed")
+    if trials.self_trials:
+        i = trials.self_trials[0]
+        _warn(f"{trials_path}: {len(trials.self_trials)} trial(s) compare an utterance with itself (e.g. "
+              f"{trials.enroll[i]!r}); they score as a perfect match whatever the model, so the EER looks "
+              f"better than it is: remove them from the list")
     dims = _parse_dims(dims, model.dims)
     try:
         fixed = ev.fixed_models(model_path, model)

@@ -121,7 +121,8 @@ def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, d
         raise click.ClickException(f"{model_path} was fitted head-only (no backbone): it cannot embed audio")
     pooled_by = None  # the torch model computes everything unless --engine onnxruntime
     if engine == "onnxruntime":
-        from mrlcache.export import ExportError, OnnxBackbone
+        from mrlcache.export import ExportError
+        from mrlcache.export.engine import OnnxBackbone
 
         if model.inputs != ("pooled",) or model.backbone is None or torch.device(device).type != "cpu":
             raise click.ClickException("--engine onnxruntime runs a pooled-vector model with its backbone on the "

@@ -2,8 +2,10 @@
 
 The file maps a wave (B, T) float32 at 16 kHz (dynamic B and T) to ``embedding``
 (B, max(dims)); the d-dimensional embedding is its first d columns, raw (L2-normalise
-before cosine scoring). Head-only models export the head: ``pooled`` (B, pooled_dim) in.
-See :mod:`mrlcache.export`.
+before cosine scoring). Every model fit writes exports (pooled, stream models with any
+fusion, ECAPA-TDNN); head-only models take what they were fitted on (``pooled`` vectors, or
+one input per cached stream); a stream with no exportable front end (f0, a pretrained
+transformer's layers) is refused in one line. See :mod:`mrlcache.export`.
 """
 
 from __future__ import annotations

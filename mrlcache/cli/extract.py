@@ -120,7 +120,12 @@ def extract(ctx, data, list_file, utt2spk, out, backend, backbone_name, variant,
     from mrlcache.backbone.loading import CheckpointError
     from mrlcache.streams import PTMError
 
-    env_rank, env_world, torchrun = dist_env()
+    from mrlcache.runtime import DeviceError
+
+    try:
+        env_rank, env_world, torchrun = dist_env()
+    except DeviceError as err:
+        raise click.ClickException(str(err)) from None
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
     if threads:
@@ -169,8 +174,10 @@ def extract(ctx, data, list_file, utt2spk, out, backend, backbone_name, variant,
             described += f", streams {','.join(cfg.stream_names)}"
         console.print(f"extract: {len(utterances)} utterances, {described}, "
                       f"mode {mode}, views {cfg.views}, rank {rank}/{world_size} -> {out}")
+        from mrlcache.extract.run import check_layers_source
         from mrlcache.extract.sizes import describe, projected_sizes
 
+        check_layers_source(model, cfg, ptm_model)
         sizes = projected_sizes(utterances, cfg, model, ptm_model)
         console.print(f"projected cache size: {describe(sizes)} (total {sum(sizes.values()) / 1e9:.3g} GB)",
                       soft_wrap=True, markup=False, highlight=False)

@@ -178,10 +178,12 @@ def fit(ctx, **params):
     runs with 'mrlcache runs'.
     """
     end_to_end = params.pop("end_to_end")
-    if end_to_end:
-        from mrlcache.runtime import passive_openmp
+    from mrlcache.runtime import passive_openmp
 
-        passive_openmp()  # before torch: decoding workers share the cores with the backbone
+    # Before torch, for every fit: decoding workers (end to end) or the reading thread
+    # (streamed features) share the cores, and on a busy machine busy-waiting threads ran a
+    # cache fit 6.5x slower (benchmarks/README.md, "Streamed fits").
+    passive_openmp()
     import torch
 
     from mrlcache.cache import CacheError

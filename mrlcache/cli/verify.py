@@ -24,7 +24,9 @@ def _read_pairs(pairs_path: Path, data_dir) -> list[tuple[Path, Path]]:
     """Lines ``a.wav b.wav`` (blank lines and ``#`` comments skipped), relative to --data or the list's folder."""
     root = Path(data_dir) if data_dir else pairs_path.parent
     try:
-        text = pairs_path.read_text()
+        from mrlcache.runtime import read_text
+
+        text = read_text(pairs_path)
     except (OSError, UnicodeDecodeError) as err:
         _fail(f"--pairs {pairs_path}: cannot read it ({err})")
     pairs = []

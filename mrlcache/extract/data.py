@@ -68,7 +68,12 @@ def collate(items):
     return items
 
 
-def worker_init(_):
+def worker_init(_, parent: int | None = None):
+    """A decoding worker: dies with its parent (``parent``: its pid), uses one thread."""
+    from mrlcache.runtime import die_with_parent
+
+    if parent is not None:  # a killed extract must not leave its workers decoding for hours
+        die_with_parent(parent)
     # Workers only decode and augment: one thread each, so they never fight the model.
     torch.set_num_threads(1)
 

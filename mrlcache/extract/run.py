@@ -16,11 +16,12 @@ shards exist, by whichever rank finishes last.
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mrlcache.audio import SAMPLE_RATE
@@ -30,8 +31,9 @@ from mrlcache.cache import CacheWriter, IncompleteCacheError, read_meta
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
 from mrlcache.extract.sizes import check_free_disk, projected_sizes
-from mrlcache.runtime import DeviceError, autocast, resolve_device, resolve_precision
-from mrlcache.streams import windows
+from mrlcache.extract.sources import check_sources
+from mrlcache.runtime import DeviceError, env_int, resolve_device, resolve_precision, surviving_workers
+from mrlcache.streams import record_from_json, records_from_meta
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.streams.windows import num_windows
 
@@ -66,12 +68,21 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
     }
     if cfg.engine != "torch":  # torch caches keep exactly the keys they had before engines
         meta["engine"] = cfg.engine
-    if cfg.stream_names == ("pooled",) and ptm is None:
-        return meta
-    meta["streams"] = {name: stream_info(name, cfg, model, ptm) for name in cfg.stream_names}
+    records = {name: stream_info(name, cfg, model, ptm) for name in cfg.stream_names}
+    if ptm is None and {n: record_from_json(n, r) for n, r in records.items()} == records_from_meta(meta):
+        return meta  # what a cache without "streams" holds (pooled alone): written as before streams
+    meta["streams"] = records
     if ptm is not None:
         meta["ptm"] = {"name": ptm.name, "source": ptm.source, "sha256": ptm_sha256(ptm)}
     return meta
+
+
+def check_layers_source(model, cfg: ExtractConfig, ptm=None) -> None:
+    """ExtractError when ``layers`` would come from an encoder other than ReDimNet (none has them)."""
+    if model is not None and ptm is None and "layers" in cfg.stream_names \
+            and getattr(model, "encoder", "redimnet") != "redimnet":
+        raise ExtractError(f"--streams {cfg.streams}: the layers stream is ReDimNet's stem and stage outputs; "
+                           f"{model.encoder} has none in that form (use pooled, fbank, mfcc, f0, or --ptm)")
 
 
 def _record_of(backbone, weights_source) -> BackboneRecord:
@@ -129,7 +140,10 @@ def extract(
     if not 0 <= rank < world_size:
         raise ExtractError(f"rank {rank} is not in [0, {world_size})")
     out = Path(out)
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    try:
+        local_rank = env_int("LOCAL_RANK", rank)
+    except DeviceError as err:
+        raise ExtractError(str(err)) from None
     try:
         device = resolve_device(cfg.device, local_rank)
         precision = resolve_precision(cfg.precision, device)
@@ -138,10 +152,7 @@ def extract(
     if model is None and cfg.needs_redimnet:
         why = "pooled needs it" if "pooled" in cfg.stream_names else "layers needs it or --ptm"
         raise ExtractError(f"--streams {cfg.streams}: give a ReDimNet backbone ({why})")
-    if model is not None and ptm is None and "layers" in cfg.stream_names \
-            and getattr(model, "encoder", "redimnet") != "redimnet":
-        raise ExtractError(f"--streams {cfg.streams}: the layers stream is ReDimNet's stem and stage outputs; "
-                           f"{model.encoder} has none in that form (use pooled, fbank, mfcc, f0, or --ptm)")
+    check_layers_source(model, cfg, ptm)
     if (ptm is None) != (cfg.ptm is None):
         raise ExtractError("cfg.ptm names the PTM and ptm= must be that model (load_ptm), both or neither")
     save_backbone = save_backbone and model is not None
@@ -171,6 +182,7 @@ def extract(
             # Every rank writes the same bytes, atomically, so concurrent ranks cannot mix them.
             sha = save_checkpoint(model, out / BACKBONE_FILE)
             assert sha == meta["backbone"]["sha256"], "random backbone bytes changed between hashing and saving"
+        check_sources(out, utterances)  # a rerun never keeps vectors of audio replaced since
         mine = [k for k in range(writer.num_shards) if k % world_size == rank]
         todo = sorted(set(mine) - writer.done_shards())
         if not todo:
@@ -178,12 +190,15 @@ def extract(
             if previous:
                 return previous  # nothing to do: keep the numbers of the run that did the work
         if cfg.engine == "onnxruntime":
-            from mrlcache.export import ExportError, OnnxBackbone
+            from mrlcache.export import ExportError
+            from mrlcache.export.engine import OnnxBackbone
 
             if device.type != "cpu":
                 raise ExtractError("--engine onnxruntime runs on the CPU: use --device cpu, or the torch engine")
             try:
-                model = OnnxBackbone(model)  # exported once, in memory; the saved backbone stays torch's
+                # Exported once and kept on disk; the saved backbone stays torch's. Idle threads
+                # sleep when decoding workers share the cores (spinning cost 1.13-1.31x there).
+                model = OnnxBackbone(model, spin=cfg.workers == 0, log=lambda m: print(m, file=sys.stderr))
             except ExportError as err:
                 raise ExtractError(str(err)) from None
         stats = _run(writer, dataset, (model, ptm), cfg, device, precision, todo, rank, progress)
@@ -206,7 +221,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         # ~1e-6, faster); the layers stream reads the model's own stages, so it keeps them.
         model = model.for_inference()
     names = cfg.stream_names
-    infos = writer.meta.get("streams") or {}
+    infos = {name: record.to_json() for name, record in writer.records.items()}
     stream_seconds = dict.fromkeys(names, 0.0)
     batch_size = cfg.batch_size or (8 if device.type == "cpu" else 128)
     utts_per_batch = 1 if cfg.mode == "eval" else max(1, batch_size // cfg.views)
@@ -217,7 +232,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate,
-        worker_init_fn=worker_init if workers else None,
+        worker_init_fn=functools.partial(worker_init, parent=os.getpid()) if workers else None,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
@@ -225,14 +240,15 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
     window = cfg.eval_window
     total_rows = sum(len(writer.shard_rows(k)) for k in todo)
     shard_of = {row: k for k in todo for row in writer.shard_rows(k)}
-    pending = {}  # shard -> {"index": [], "pooled": [], "skipped": {}, "seconds": float, "left": int}
+    pending = {}  # shard -> {"index": [], <stream>: [batches], "skipped": {}, "seconds": float, "left": int}
     done_rows, audio_seconds, model_seconds = 0, 0.0, 0.0
     started = time.perf_counter()
     bar = ExtractProgress(total_rows, rank, enabled=progress)
     with bar, torch.inference_mode():
-        for items in loader:
+        for items in surviving_workers(loader, ExtractError, "the shards written so far are kept: rerun the "
+                                       "same command to resume, with fewer --workers if memory is short"):
             k = shard_of[items[0].row]
-            state = pending.setdefault(k, {"index": [], "pooled": [], "skipped": {}, "windowed": {}, "seconds": 0.0,
+            state = pending.setdefault(k, {"index": [], "skipped": {}, "windowed": {}, "seconds": 0.0,
                                            "left": len(writer.shard_rows(k))})
             ok = [it for it in items if it.views is not None]
             for it in items:
@@ -242,24 +258,16 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
                     _note_long(it, cfg, state["windowed"], bar)
             if ok:
                 tick = time.perf_counter()
-                if names == ("pooled",):
-                    state["pooled"].append(_forward(model, ok, device, precision, window))  # (n, V, D) float32
-                else:
-                    for name, value in forward_streams(model, ptm, ok, device, precision, cfg, stream_seconds).items():
-                        state.setdefault(name, []).append(value)
+                for name, value in forward_streams(model, ptm, ok, device, precision, cfg, stream_seconds).items():
+                    state.setdefault(name, []).append(value)
                 model_seconds += time.perf_counter() - tick
                 state["index"].extend(it.row for it in ok)
             seconds = sum(it.seconds for it in items)
             state["seconds"] += seconds
             state["left"] -= len(items)
             if state["left"] == 0:
-                if names == ("pooled",):
-                    pooled = np.concatenate(state["pooled"]) if state["pooled"] else np.zeros((0, cfg.views, model.pooled_dim), np.float32)
-                    writer.write_shard(k, state["index"], pooled, state["skipped"], state["seconds"],
-                                       windowed=state["windowed"])
-                else:
-                    writer.write_shard(k, state["index"], None, state["skipped"], state["seconds"],
-                                       gather(state, infos, cfg.views), windowed=state["windowed"])
+                writer.write_shard(k, state["index"], None, state["skipped"], state["seconds"],
+                                   gather(state, infos, cfg.views), windowed=state["windowed"])
                 del pending[k]
             done_rows += len(items)
             audio_seconds += seconds
@@ -271,7 +279,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         "audio_seconds_per_second": audio_seconds / elapsed if elapsed > 0 else 0.0,
         "model_busy_fraction": model_seconds / elapsed if elapsed > 0 else 0.0,
         "device": str(device),
-        **({"stream_seconds": stream_seconds} if names != ("pooled",) else {}),
+        **({"stream_seconds": stream_seconds} if "streams" in writer.meta else {}),
     }
 
 
@@ -292,20 +300,3 @@ def _note_long(item, cfg: ExtractConfig, windowed: dict, bar) -> None:
         bar.note(f"warning: {item.utt_id}: {samples / SAMPLE_RATE / 60:.1f} minutes in one forward pass ({why}; "
                  f"memory grows with length, about 5 MB per second of audio for b0); cap such files with "
                  f"--max-seconds or a smaller --window-seconds")
-
-
-def _forward(model, items, device, precision, window) -> np.ndarray:
-    """Pooled vectors (n, V, D) float32 of a batch of decoded items (``window``: eval seconds or None)."""
-    if all(it.views.shape == items[0].views.shape for it in items):
-        # Train crops all have one length: one forward over every view of every item.
-        wave = torch.from_numpy(np.concatenate([it.views for it in items])).to(device, non_blocking=True)
-        with autocast(device, precision):
-            pooled = windows.pooled(model, wave, window)  # (n*V, D); eval: one utterance a batch
-        return pooled.float().cpu().numpy().reshape(len(items), items[0].views.shape[0], -1)
-    # Whole utterances of different lengths: one forward each, never padded, since padding
-    # would change the time-mean normalisation and the pooling statistics.
-    out = []
-    for it in items:
-        with autocast(device, precision):
-            out.append(windows.pooled(model, torch.from_numpy(it.views).to(device), window).float().cpu().numpy())
-    return np.stack(out)

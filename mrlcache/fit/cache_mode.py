@@ -21,12 +21,12 @@ from typing import Sequence
 import numpy as np
 
 from mrlcache import distributed
-from mrlcache.fit.config import FitError, device_for, make_configs, run_config
+from mrlcache.fit.config import FitError, device_for, make_configs
 from mrlcache.fit.heads import build_head
 from mrlcache.fit.inputs import heldout_or_external, open_features, vector_input
 from mrlcache.fit.loop import feature_job, train
-from mrlcache.fit.rundir import (finish, is_imported, meta_hash, open_run, recorded_sha256, split_and_open,
-                                 write_header)
+from mrlcache.fit.rundir import (finish, is_imported, meta_hash, open_run, recorded_sha256, run_config,
+                                 split_and_open, write_header)
 from mrlcache.fit.stream_data import input_records
 from mrlcache.fit.validate import raw_eer
 from mrlcache.models import head_class
@@ -109,7 +109,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         if val is not None:
             extra["raw_eer"] = raw_eer(val)
             extra["val_source"] = val.source
-        finish(job, result, backbone, backbone_ref, extra)
+        finish(job, result, backbone, backbone_ref, extra, ptm=meta.get("ptm"))
         if cfg.fixed_baselines:
             for i, d in enumerate(cfg.dims):
                 _fit_fixed(cfg, i, out / "fixed" / str(d), cache_dir, fingerprint, feats, val, pooled_dim,

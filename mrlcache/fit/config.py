@@ -156,6 +156,9 @@ class FitConfig:
             self.margins, self.margin = tuple(margins), max(margins)
         if self.head != "mrl" and (self.margins is not None or self.grad_scaling or self.fixed_baselines):
             raise FitError(f"--margins, --grad-scaling and --fixed-baselines apply to --head mrl, not {self.head}")
+        if self.fixed_baselines and tuple(self.inputs) != ("pooled",):
+            raise FitError(f"--fixed-baselines fits fixed-size heads on the pooled vector only; with --inputs "
+                           f"{','.join(self.inputs)} none would be fitted: drop it")
 
     def _check_inputs(self) -> None:
         """--inputs names known streams, once each; --fusion a known fusion (the geometry is
@@ -264,18 +267,6 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
         raise FitError("end-to-end mode validates on held-out training speakers: use --val-speakers, "
                        "not --val-cache (cached vectors go stale once the backbone trains)")
     return cfg, e2e
-
-
-def run_config(cfg, e2e=None, cache_dir=None) -> dict:
-    """The run's one resolved config (config.yaml and last.pt): every option, by mode, and the
-    processes (torchrun) with the effective batch: rows per optimiser step over all of them."""
-    from mrlcache import distributed
-
-    accum = e2e.grad_accum if e2e is not None else 1
-    return {**cfg.to_dict(), "mode": "end-to-end" if e2e is not None else "cache",
-            "world_size": distributed.world(), "effective_batch": distributed.global_batch(cfg.batch_size) * accum,
-            "cache": str(cache_dir) if cache_dir is not None else None,
-            "end_to_end": e2e.to_dict() if e2e is not None else None}
 
 
 def device_for(cfg):

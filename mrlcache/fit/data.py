@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from mrlcache import distributed
+from mrlcache.fit.batches import batch_slices  # noqa: F401 (its callers import it from here)
 
 GB = 2**30
 
@@ -37,14 +38,6 @@ def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     # One generator per epoch (and per use: 0 data, 1 class sampling), so a resumed fit
     # draws exactly what an uninterrupted one does.
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) + int(stream) * 2**40)
-
-
-def batch_slices(n: int, batch_size: int) -> list[slice]:
-    """Batches covering 0..n; a last batch of one row joins the previous one (BatchNorm)."""
-    starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] == 1:
-        starts.pop()
-    return [slice(a, b) for a, b in zip(starts, starts[1:] + [n])]
 
 
 def epoch_plan(g: torch.Generator, sizes: np.ndarray, train_mask: np.ndarray, num_views: int, window: int,

@@ -8,7 +8,9 @@ give no usable wave are left out and listed once in ``RUN/skipped.tsv``.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,14 +19,15 @@ import numpy as np
 import torch
 
 from mrlcache import distributed
-from mrlcache.fit.config import FitError, device_for, make_configs, run_config
+from mrlcache.fit.config import FitError, device_for, make_configs
 from mrlcache.fit.data import epoch_generator
 from mrlcache.fit.heads import build_head
 from mrlcache.fit.loop import TrainJob, train
 from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
-from mrlcache.fit.rundir import SkipLog, finish, meta_hash, open_run, write_header
+from mrlcache.fit.rundir import SkipLog, finish, meta_hash, open_run, run_config, write_header
 from mrlcache.fit.validate import heldout_valset, split_speakers
 from mrlcache.paths import check_run_dir
+from mrlcache.runtime import die_with_parent, surviving_workers
 
 
 @distributed.launched
@@ -105,6 +108,10 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **op
     return out
 
 
+def _worker_init(parent: int, _worker_id: int) -> None:
+    die_with_parent(parent)  # a killed fit must not leave its decoding workers running
+
+
 def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_rows, num_classes, num_val,
          skips) -> TrainJob:
     """The end-to-end TrainJob: crops through the backbone, then the head."""
@@ -117,7 +124,8 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
         # N ranks this rank's part of each global batch, decoded by this rank's workers.
         slices = [rows.tolist() for rows in distributed.rank_batches(np.arange(len(items)), cfg.batch_size)]
         ds = _CropDataset(paths, ids, items, cfg.seed, crop, e2e.augment, e2e.min_seconds)
-        return torch.utils.data.DataLoader(ds, batch_sampler=slices, num_workers=e2e.workers)
+        return torch.utils.data.DataLoader(ds, batch_sampler=slices, num_workers=e2e.workers,
+                                           worker_init_fn=functools.partial(_worker_init, os.getpid()))
 
     labels_t = torch.from_numpy(labels)
 
@@ -128,7 +136,9 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
         g = epoch_generator(cfg.seed, epoch)
         v = torch.randint(e2e.views, (len(utts),), generator=g).numpy()
         order = train_rows[torch.randperm(len(train_rows), generator=g).numpy()]
-        crops = loader(np.stack([order, v[order]], 1))
+        crops = surviving_workers(loader(np.stack([order, v[order]], 1)), FitError,
+                                  "last.pt keeps the last finished epoch: resume with --resume, with fewer "
+                                  "--workers if memory is short")
         for wave, rows in _readable_batches(crops, lambda row, r, d: skips.add(ids[row], r, d),
                                             merge=distributed.world() == 1):
             yield wave.to(device), labels_t[rows].to(device)

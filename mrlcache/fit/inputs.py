@@ -23,44 +23,52 @@ def open_features(cache, records: dict, labels, cfg, model, loss_fn, embed_of):
     """The training features of ``records`` in memory or streamed, as the budget allows: (Features, MemoryPlan).
 
     The plan counts the float32 batches and the model with its optimiser state and the
-    activations of one batch (measured on a two-row probe of copies of the model and loss).
+    activations one batch keeps for the backward pass, measured on copies of the model and
+    loss as the growth of the saved tensors from a 2-row to a 4-row probe (weights saved by
+    a matmul do not grow with the rows, so they are not counted as activations).
     """
+    n = min(4, len(cache))
+    probe = {name: cache.read(name, view=0, rows=np.arange(n), dtype=np.float32) for name in records}
+    per_row = 0
+    if n >= 4:
+        saved = [_saved_floats(embed_of, model, loss_fn, {k: v[:rows] for k, v in probe.items()}) for rows in (2, 4)]
+        per_row = max(0, (saved[1] - saved[0]) // 2)
+    plan = plan_features(cache, records, cfg.feature_dtype, cfg.batch_size,
+                         model_bytes(model, loss_fn, cfg.batch_size, per_row), cfg.memory_gb)
+    return Features(cache, records, labels, cfg.feature_dtype, plan.policy, plan.window), plan
+
+
+def _saved_floats(embed_of, model, loss_fn, probe: dict) -> int:
+    """Values autograd saves for the backward pass of one step on ``probe`` (copies; RNG untouched)."""
     import copy
 
     import torch
 
-    probe = {name: cache.read(name, view=0, rows=np.arange(min(2, len(cache))), dtype=np.float32)
-             for name in records}
     model_copy, loss_copy = copy.deepcopy(model), copy.deepcopy(loss_fn)
+    device = next(model.parameters()).device
+    batch = {k: torch.from_numpy(v).to(device) for k, v in probe.items()}
+    labels = torch.zeros(len(next(iter(probe.values()))), dtype=torch.long, device=device)
     saved = [0]
 
     def pack(t):
         saved[0] += t.numel()
         return t
 
-    rows = len(next(iter(probe.values())))
-    device = next(model.parameters()).device
-    batch = {k: torch.from_numpy(v).to(device) for k, v in probe.items()}
-    labels_probe = torch.zeros(rows, dtype=torch.long, device=device)
-    embed = embed_of(model_copy)  # the model as a function of {stream: batch}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        state = torch.get_rng_state()
-        try:
-            emb = embed(batch)
-            loss_copy(emb, labels_probe, None)
-        except Exception:  # a head that cannot run on two rows: count parameters only
-            saved[0] = 0
+    state = torch.get_rng_state()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_copy(embed_of(model_copy)(batch), labels, None)
+    except Exception:  # a head that cannot step on a few rows: its activations go uncounted
+        saved[0] = 0
+    finally:
         torch.set_rng_state(state)
-    per_row = saved[0] // max(1, rows)
-    plan = plan_features(cache, records, cfg.feature_dtype, cfg.batch_size,
-                         model_bytes(model, loss_fn, cfg.batch_size, per_row), cfg.memory_gb)
-    return Features(cache, records, labels, cfg.feature_dtype, plan.policy, plan.window), plan
+    return saved[0]
 
 
 def heldout_or_external(cfg, feats, records, labels, speakers, val_names):
     """The validation set: the external cache and trials, or trials among held-out speakers (their rows only)."""
     if cfg.val_cache is not None:
-        return external_valset(cfg.val_cache, cfg.val_trials, cfg.inputs)
+        return external_valset(cfg.val_cache, cfg.val_trials, cfg.inputs, train_meta=feats.cache.meta)
     if not val_names:
         return None
     rows = np.flatnonzero(labels < 0)  # held in the features' dtype, as the training rows

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from mrlcache import distributed
+from mrlcache.fit.config import FitError
 from mrlcache.fit.data import epoch_generator
 from mrlcache.fit.losses import sample_classes
 from mrlcache.fit.optim import MarginWarmup, make_optimizer, make_scheduler, param_groups
@@ -70,8 +71,49 @@ def checkpoint(job: TrainJob, epoch: int, **more) -> dict:
 
 
 def load_checkpoint(path: Path, device="cpu") -> dict:
-    """A checkpoint written by :func:`checkpoint`; tensors and plain containers only."""
-    return torch.load(path, map_location=device, weights_only=True)
+    """A checkpoint written by :func:`checkpoint`; tensors and plain containers only.
+
+    Raises:
+        FitError: one line for a file that is not such a checkpoint (code-carrying,
+            truncated, foreign), naming it.
+    """
+    from mrlcache.backbone.loading import UnsafeFileError, load_plain
+
+    try:
+        state = load_plain(path, path)
+    except UnsafeFileError as err:
+        raise FitError(f"{err}; delete it and start the fit again") from None
+    except FileNotFoundError:
+        raise FitError(f"{path}: no such checkpoint") from None
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise FitError(f"{path}: not a checkpoint of mrlcache fit ({type(err).__name__}: {str(err)[:120]}); "
+                       f"it is truncated or foreign: delete it and start the fit again") from None
+    if not isinstance(state, dict):
+        raise FitError(f"{path}: holds {type(state).__name__}, not a checkpoint of mrlcache fit")
+    return state  # on the CPU: load_state_dict copies onto each module's own device
+
+
+def _restore(job: "TrainJob", scaler, path: Path) -> dict:
+    """Load ``last.pt`` into the job; FitError in one line when it does not fit this run."""
+    state = load_checkpoint(path, job.device)
+    try:
+        job.head.load_state_dict(state["head"])
+        job.loss_fn.load_state_dict(state["loss"])
+        for name, mod in job.modules.items():
+            mod.load_state_dict(state["extra"][name])
+        if job.on_epoch_start:
+            job.on_epoch_start(state["epoch"])  # restore e.g. the unfrozen param group first
+        job.optimizer.load_state_dict(state["optimizer"])
+        job.scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        start, best = int(state["epoch"]), dict(state["best"])
+        mark = state.get("patience_mark", {"epoch": best["epoch"], "mean_eer": best["mean_eer"]})
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+        what = f"missing {err}" if isinstance(err, KeyError) else str(err).splitlines()[0][:160]
+        raise FitError(f"--resume: {path} does not match this run ({type(err).__name__}: {what}); it is damaged "
+                       f"or from another fit: delete it or choose another --out") from None
+    return {"start": start, "best": best, "mark": mark}
 
 
 
@@ -107,19 +149,8 @@ def train(job: TrainJob, resume: bool) -> dict:
     mark = {"epoch": None, "mean_eer": None}
     last_path, hist_path = out / "last.pt", out / "history.jsonl"
     if resume:
-        state = load_checkpoint(last_path, job.device)
-        job.head.load_state_dict(state["head"])
-        job.loss_fn.load_state_dict(state["loss"])
-        for name, mod in job.modules.items():
-            mod.load_state_dict(state["extra"][name])
-        if job.on_epoch_start:
-            job.on_epoch_start(state["epoch"])  # restore e.g. the unfrozen param group first
-        job.optimizer.load_state_dict(state["optimizer"])
-        job.scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        start, best = state["epoch"], state["best"]
-        mark = state.get("patience_mark", {"epoch": best["epoch"], "mean_eer": best["mean_eer"]})
+        restored = _restore(job, scaler, last_path)
+        start, best, mark = restored["start"], restored["best"], restored["mark"]
         # Keep only the epochs the checkpoint has seen (a crash may leave one more line).
         lines = hist_path.read_text().splitlines() if hist_path.exists() else []
         history = [json.loads(x) for x in lines if x.strip()]
@@ -180,6 +211,13 @@ def train(job: TrainJob, resume: bool) -> dict:
                 _optimizer_step(job, scaler)
         if distributed.world() > 1:  # the epoch's sums over every rank's rows
             seen = _reduce_sums(sums, seen)
+        # A loss or weights gone NaN/Inf only get worse: stop before this epoch is saved,
+        # so last.pt stays the last good epoch (checked once per epoch: no per-step sync).
+        if not torch.isfinite(sums).all() or not all(torch.isfinite(p).all() for p in _trained(job)):
+            kept = (f"{last_path} is kept as the last good checkpoint" if last_path.exists()
+                    else "no checkpoint was written yet")
+            raise FitError(f"epoch {epoch + 1}: the training loss or the weights became NaN or Inf; stopped, "
+                           f"{kept}; lower --lr (or --scale, --margin), or check the cache for bad vectors")
         train_loss = (sums[0] / max(seen, 1)).tolist()
         train_acc = (sums[1] / max(seen, 1)).tolist()
         rec = {"epoch": epoch, "margin": margin, "lr": job.optimizer.param_groups[0]["lr"],
@@ -235,6 +273,10 @@ def train(job: TrainJob, resume: bool) -> dict:
     if writer is not None:
         writer.close()
     return {"best": best, "history": history, "stopped_early": stopped_early}
+
+
+def _trained(job: "TrainJob"):
+    return [p for g in job.optimizer.param_groups for p in g["params"]]
 
 
 def _validate(job: TrainJob, dims) -> dict:

@@ -154,9 +154,22 @@ def run_record(run) -> dict:
     for name in ("config.yaml", "summary.json", "history.jsonl"):
         if not (run / name).is_file():
             raise ValueError(f"{run}: no {name}; give run directories of finished 'mrlcache fit' runs")
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    history = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x.strip()]
+    try:
+        row = _row(run, yaml.safe_load((run / "config.yaml").read_text()),
+                   json.loads((run / "summary.json").read_text()),
+                   [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x.strip()])
+    except (ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError, UnicodeDecodeError) as err:
+        what = f"missing {err}" if isinstance(err, KeyError) else str(err).splitlines()[0][:160]
+        raise ValueError(f"{run}: its config.yaml, summary.json or history.jsonl is not what 'mrlcache fit' "
+                         f"writes ({type(err).__name__}: {what}); give run directories of finished fits") from None
+    for key, value in row.items():  # sortable: every measure a number (or absent)
+        if key not in ("run", "inputs", "fusion", "head", "dims") and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{run}: {key} is {value!r}, not a number; give run directories of finished fits")
+    return row
+
+
+def _row(run: Path, cfg: dict, summary: dict, history: list) -> dict:
     best = summary.get("best") or {}
     row = {"run": str(run), "inputs": ",".join(cfg.get("inputs") or ["pooled"]), "fusion": cfg.get("fusion") or "-",
            "head": cfg.get("head", "mrl"), "dims": ",".join(map(str, cfg["dims"])),
@@ -167,6 +180,8 @@ def run_record(run) -> dict:
         row[f"eer@{d}"] = e
     for d, c in (best.get("min_dcf") or {}).items():
         row[f"mindcf@{d}"] = c
+    if not all(str(d).isdigit() for d in (best.get("eer") or {})):
+        raise ValueError(f"dims {list(best['eer'])} are not sizes")
     return row
 
 

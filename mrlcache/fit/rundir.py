@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from mrlcache import distributed
-from mrlcache.fit.config import FitConfig, FitError, run_config
+from mrlcache.fit.config import FitConfig, FitError
 from mrlcache.fit.loop import load_checkpoint
 from mrlcache.fit.validate import split_speakers
 from mrlcache.models.model import save_model
@@ -38,6 +38,18 @@ _HELD: dict[str, int] = {}  # run directories this process has locked -> lock fi
 # product (x grad_accum), effective_batch, must not.
 RESUME_FREE = {"epochs", "patience", "progress", "device", "val_every", "cache", "end_to_end.workers",
                "batch_size", "world_size", "dist_timeout"}
+
+
+def run_config(cfg, e2e=None, cache_dir=None) -> dict:
+    """The run's one resolved config (config.yaml and last.pt): every option, by mode, and the
+    processes (torchrun) with the effective batch: rows per optimiser step over all of them."""
+    from mrlcache import distributed
+
+    accum = e2e.grad_accum if e2e is not None else 1
+    return {**cfg.to_dict(), "mode": "end-to-end" if e2e is not None else "cache",
+            "world_size": distributed.world(), "effective_batch": distributed.global_batch(cfg.batch_size) * accum,
+            "cache": str(cache_dir) if cache_dir is not None else None,
+            "end_to_end": e2e.to_dict() if e2e is not None else None}
 
 
 def meta_hash(meta: dict) -> str:
@@ -197,7 +209,7 @@ class SkipLog:
         return {r: list(self.reasons.values()).count(r) for r in sorted(set(self.reasons.values()))}
 
 
-def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
+def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: dict | None = None):
     """Write model.pt from best.pt, summary.json, curves.png, model_summary.{json,txt}, and
     print the final table; returns the head with the best weights (on the CPU, eval mode).
 
@@ -222,8 +234,13 @@ def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
     head.load_state_dict(best_state["head"])
     if "backbone" in best_state.get("extra", {}) and backbone is not None:
         backbone.load_state_dict(best_state["extra"]["backbone"])
+        after = ((job.config or {}).get("end_to_end") or {}).get("unfreeze_after")
+        if after is not None and int(best_state["epoch"]) >= int(after):
+            # The selected epoch trained the backbone: the recorded SHA-256 names the weights it
+            # started from; save_model records the trained weights' own, so their caches refuse.
+            backbone.weights_sha256 = None
     save_model(out / "model.pt", head, backbone=backbone, embed_backbone=cfg.embed_backbone,
-               backbone_ref=backbone_ref)
+               backbone_ref=backbone_ref, ptm=ptm)
     summary = {"best_epoch": result["best"]["epoch"], "best": result["best"],
                "epochs_run": len(result["history"]), "stopped_early": result["stopped_early"],
                "selected_by": "val mean EER" if job.val is not None else "last epoch (no validation)",

@@ -77,7 +77,7 @@ def fit_streams(cache, cache_dir, cfg, out: Path, backbone=None, resume: bool = 
         if val is not None:
             extra["raw_eer"] = raw_eer(val)
             extra["val_source"] = val.source
-        best_model = finish(job, result, backbone, backbone_ref, extra)
+        best_model = finish(job, result, backbone, backbone_ref, extra, ptm=cache.meta.get("ptm"))
         if cfg.fusion == "gating" and best_model is not None:  # (N ranks: rank 0 has it)
             from mrlcache.fit.report import write_gating
 

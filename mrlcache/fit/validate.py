@@ -53,14 +53,40 @@ def heldout_trials(speakers: np.ndarray, max_trials: int, seed: int):
     return i, j, labels
 
 
-def external_valset(val_cache, trials_path, inputs, records: dict | None = None) -> ValSet:
+def _makers(meta: dict) -> dict:
+    """What made a cache's vectors: {"backbone": SHA-256, "PTM": SHA-256} (None when absent)."""
+    from mrlcache.backbone import BackboneRecord, RecordError
+
+    try:
+        record = BackboneRecord.from_meta(meta)
+    except RecordError:
+        record = None
+    ptm = meta.get("ptm") if isinstance(meta.get("ptm"), dict) else {}
+    return {"backbone": record.sha256 if record is not None else None, "PTM": ptm.get("sha256")}
+
+
+def external_valset(val_cache, trials_path, inputs, records: dict | None = None,
+                    train_meta: dict | None = None) -> ValSet:
     """Validation inputs (view 0 of the trial utterances only, in the cache's dtype) from a
-    cache and a trial list naming its utterances; ``inputs``: the streams the head reads."""
+    cache and a trial list naming its utterances; ``inputs``: the streams the head reads.
+
+    ``train_meta``: the training cache's metadata; a validation cache whose vectors another
+    backbone or PTM made is refused (its EERs would select the model on meaningless scores).
+    """
     from mrlcache import cache as cache_mod
     from mrlcache.fit.stream_data import input_records
     from mrlcache.trials import read_trials
 
     vc = cache_mod.open(val_cache) if isinstance(val_cache, (str, os.PathLike)) else val_cache
+    if train_meta is not None:
+        want, have = _makers(train_meta), _makers(vc.meta)
+        for what in want:
+            if want[what] != have[what]:
+                def show(sha):
+                    return f"{sha[:12]}..." if sha else "none"
+                raise FitError(f"--val-cache {val_cache}: its vectors come from {what} {show(have[what])}, the "
+                               f"training cache's from {show(want[what])}; extract the validation audio with the "
+                               f"same {what}")
     trials = read_trials(trials_path)
     index = {u: k for k, u in enumerate(vc.utterances)}
     missing = sorted({u for u in (*trials.enroll, *trials.test) if u not in index})
@@ -144,6 +170,9 @@ def split_speakers(speakers: np.ndarray, val_speakers: int | None, seed: int, wh
                        "speaker labels (extract with speaker folders or a list with speakers, or import "
                        "with --utt2spk)")
     names = sorted(set(speakers.tolist()))
+    if len(names) < 2:
+        raise FitError(f"{where}: {len(names)} speaker(s) ({', '.join(map(repr, names[:1]))}); a speaker "
+                       f"classifier needs at least 2: give a cache (or audio) with more speakers")
     n_val = val_speakers
     if n_val is None:
         n_val = min(200, max(2, len(names) // 20)) if len(names) >= 6 else 0

@@ -14,12 +14,14 @@ utterance (SpeechBrain style; the id is the path relative to the folder without
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from mrlcache.interop.errors import InteropError  # noqa: F401 (raised here; part of this API)
+from mrlcache.runtime import check_regular, open_regular, read_text
 
 # Keys looked for in .npz files and in .pt dicts of arrays, in this order.
 VECTOR_KEYS = ("vectors", "embeddings", "embedding", "xvectors", "x")
@@ -43,7 +45,7 @@ def read_ids(path) -> list[str]:
     """Utterance ids, one per line (surrounding whitespace stripped; no blank lines inside)."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = read_text(path).splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise InteropError(f"--ids {path}: unreadable ({err})") from None
     while lines and not lines[-1].strip():
@@ -60,7 +62,7 @@ def read_utt2spk(path) -> dict[str, str]:
     path = Path(path)
     out: dict[str, str] = {}
     try:
-        text = path.read_text()
+        text = read_text(path)
     except (OSError, UnicodeDecodeError) as err:
         raise InteropError(f"--utt2spk {path}: unreadable ({err})") from None
     twice = []
@@ -126,7 +128,8 @@ def check_vectors(ids, array, labels, source: str):
     """Refuse what cannot be a set of embeddings; returns (ids, array, labels) unchanged.
 
     Refused: a count of ids other than the rows, empty or duplicate ids, ids holding tabs
-    or newlines, non-float arrays, a shape other than (N, D) or (N, K, D), NaN/Inf rows.
+    or newlines, non-float arrays, a shape other than (N, D) or (N, K, D), NaN/Inf rows,
+    all-zero vectors (cosine scoring needs a direction).
     """
     array = np.asarray(array)
     ids = [str(u) for u in ids]
@@ -155,6 +158,10 @@ def check_vectors(ids, array, labels, source: str):
     bad = ~np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)
     if bad.any():
         raise InteropError(f"{source}: NaN or Inf in the vectors of ids {shown(ids[i] for i in np.flatnonzero(bad))}")
+    zero = ~array.reshape(len(ids), -1, array.shape[-1]).any(axis=2).all(axis=1)  # a vector of zeros: no direction
+    if zero.any():
+        raise InteropError(f"{source}: all-zero vectors (no direction to score by cosine) of ids "
+                           f"{shown(ids[i] for i in np.flatnonzero(zero))}; remove them or fix their export")
     return ids, array, labels
 
 
@@ -177,11 +184,7 @@ def _npy(path: Path, ids_file) -> tuple:
     ids_file = ids_file_for(path, ids_file)
     if ids_file is None:
         raise InteropError(f"{path}: a .npy array needs --ids FILE (one utterance id per line)")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise InteropError(f"{path}: not a plain numpy array ({err})") from None
-    return read_ids(ids_file), array, None
+    return read_ids(ids_file), load_npy(path), None
 
 
 def _pick(container: dict, keys):
@@ -235,12 +238,42 @@ def _strings(values, what: str, source) -> list[str] | None:
         raise InteropError(f"{source}: {what} are bytes that are not UTF-8 ({err})") from None
 
 
-def _numpy(x):
+def _numpy(x, source=""):
+    """A tensor as a numpy array; sparse, meta and quantized tensors are refused in one line."""
     import torch
 
     if isinstance(x, torch.Tensor):
+        odd = ("sparse" if x.layout != torch.strided else "meta (no data)" if x.is_meta
+               else "quantized" if x.is_quantized else "complex" if x.is_complex() else None)
+        if odd:
+            raise InteropError(f"{source}: holds a {odd} tensor; save plain dense float tensors "
+                               f"(tensor.to_dense().float() or dequantize())")
         return x.detach().cpu().float().numpy() if x.dtype == torch.bfloat16 else x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def load_npy(path) -> np.ndarray:
+    """``np.load`` of a plain array, its header checked against the file size before reading.
+
+    A header may claim any shape: checking first means a lie is one line, not an
+    allocation of what it claims.
+    """
+    try:
+        with open_regular(path) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            have = os.fstat(f.fileno()).st_size - f.tell()
+            if dtype.hasobject:
+                raise ValueError("it holds Python objects, which could run code when loaded")
+            if need != have:
+                raise ValueError(f"its header claims shape {shape} of {dtype} ({need} bytes) but "
+                                 f"{have} bytes follow; the file is truncated or not what it says")
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise InteropError(f"{path}: not a plain numpy array ({err})") from None
 
 
 def load_torch_safely(path: Path):
@@ -250,7 +283,9 @@ def load_torch_safely(path: Path):
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        check_regular(path)
+        with torch.sparse.check_sparse_tensor_invariants():  # a crafted sparse tensor fails here, not later
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()
         detail = next((line for line in reason if "Unsupported" in line or "GLOBAL" in line), reason[0] if reason else "")
@@ -270,7 +305,7 @@ def _pt(path: Path, ids_file) -> tuple:
     if isinstance(obj, torch.Tensor):
         if ids_file is None:
             raise InteropError(f"{path}: holds one tensor; give --ids FILE (one utterance id per line)")
-        return read_ids(ids_file), _numpy(obj), None
+        return read_ids(ids_file), _numpy(obj, path), None
     if not isinstance(obj, dict) or not obj:
         raise InteropError(
             f"{path}: holds {type(obj).__name__}; expected a dict id -> tensor or a dict with "
@@ -281,7 +316,7 @@ def _pt(path: Path, ids_file) -> tuple:
         ids = read_ids(ids_file) if ids_file is not None else _pick(obj, ID_KEYS)
         if ids is None:
             raise InteropError(f"{path}: no ids list ({', '.join(ID_KEYS)}); add one or give --ids FILE")
-        return _strings(ids, "ids", path), _numpy(vectors), _strings(_pick(obj, LABEL_KEYS), "labels", path)
+        return _strings(ids, "ids", path), _numpy(vectors, path), _strings(_pick(obj, LABEL_KEYS), "labels", path)
     not_tensor = [k for k, v in obj.items() if not isinstance(v, (torch.Tensor, np.ndarray))]
     if not_tensor:
         raise InteropError(
@@ -289,7 +324,7 @@ def _pt(path: Path, ids_file) -> tuple:
             f"or name the vectors one of {', '.join(VECTOR_KEYS)}"
         )
     ids = [str(k) for k in obj]
-    return ids, _stack(ids, [_numpy(v) for v in obj.values()], str(path)), None
+    return ids, _stack(ids, [_numpy(v, path) for v in obj.values()], str(path)), None
 
 
 def _kaldi(path: Path, ids_file) -> tuple:
@@ -307,17 +342,37 @@ def _kaldi(path: Path, ids_file) -> tuple:
     return ids, _stack(ids, [np.asarray(v) for _, v in items], str(path)), None
 
 
+def folder_npy_files(path: Path) -> list[Path]:
+    """The .npy files under ``path``, sorted; links that leave it are refused, not followed.
+
+    Raises:
+        InteropError: a linked subfolder (its files would be read from elsewhere, or left
+            out without a word) or a linked .npy file whose target is outside ``path``.
+    """
+    root = path.resolve()
+    files = []
+    for folder, dirs, names in os.walk(path):
+        for d in dirs:
+            if os.path.islink(os.path.join(folder, d)):
+                raise InteropError(f"{Path(folder, d)}: a linked folder inside --vectors {path}; it is not "
+                                   f"followed: copy its files in, or import it separately")
+        for name in names:
+            f = Path(folder, name)
+            if f.suffix == ".npy":
+                if f.is_symlink() and not f.resolve().is_relative_to(root):
+                    raise InteropError(f"{f}: a link to {f.resolve()}, outside --vectors {path}; copy the file in")
+                files.append(f)
+    return sorted(files)
+
+
 def _folder(path: Path, ids_file) -> tuple:
-    files = sorted(path.rglob("*.npy"))
+    files = folder_npy_files(path)
     if not files:
         raise InteropError(f"{path}: a folder with no .npy files; expected one .npy per utterance")
     ids, arrays = [], []
     for f in files:
         ids.append(f.relative_to(path).with_suffix("").as_posix())
-        try:
-            arrays.append(np.load(f, allow_pickle=False))
-        except (OSError, ValueError) as err:
-            raise InteropError(f"{f}: not a plain numpy array ({err})") from None
+        arrays.append(load_npy(f))
     return ids, _stack(ids, arrays, str(path)), None
 
 
@@ -347,6 +402,10 @@ def read_vectors(path, ids_file=None, layout: str | None = None):
     if path.is_dir():
         reader = _folder
     else:
+        try:
+            check_regular(path, "--vectors")  # a FIFO would hang np.load or torch.load
+        except OSError as err:
+            raise InteropError(str(err)) from None
         reader = READERS.get(path.suffix.lower())
         if reader is None:
             raise InteropError(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrlcache.interop.readers import InteropError, ids_file_for, read_utt2spk, read_vectors, shown, speakers_for
+from mrlcache.interop.readers import InteropError, folder_npy_files, ids_file_for, read_utt2spk, read_vectors, shown, speakers_for
 from mrlcache.runtime import publish_dir, publish_files, sha256_file, temp_dir, temp_file, write_aside
 from mrlcache.streams.record import StreamRecord
 
@@ -45,7 +45,7 @@ def source_sha256(path) -> str:
     """
     path = Path(path)
     if path.is_dir():
-        lines = [f"{f.relative_to(path).as_posix()} {sha256_file(f)}" for f in sorted(path.rglob("*.npy"))]
+        lines = [f"{f.relative_to(path).as_posix()} {sha256_file(f)}" for f in folder_npy_files(path)]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
     if path.suffix == ".scp":
         from mrlcache.interop.kaldi import parse_scp

@@ -98,6 +98,7 @@ class MRLModel(nn.Module):
         self.inputs = tuple(head.inputs) if self.on_streams else ("pooled",)  # the cached streams it reads
         self._sha = weights_sha256
         self.calibration = None  # a mrlcache.calibration.Calibration, set by load_model
+        self.ptm = None  # {name, source, sha256} of the PTM whose layers it was fitted on, set by load_model
         # Whole waveforms longer than this go through the backbone window by window, as in
         # extract (mrlcache.streams.windows); None: one pass.
         self.window_seconds = WINDOW_SECONDS
@@ -237,7 +238,7 @@ class MRLModel(nn.Module):
 
 
 def save_model(path, head, *, backbone=None, embed_backbone: bool = True,
-               backbone_ref=None) -> Path:
+               backbone_ref=None, ptm: dict | None = None) -> Path:
     """Write ``model.pt`` atomically; returns its path.
 
     Args:
@@ -247,6 +248,8 @@ def save_model(path, head, *, backbone=None, embed_backbone: bool = True,
         backbone_ref: where the backbone comes from, a :class:`~mrlcache.backbone.BackboneRecord`
             (as :func:`~mrlcache.backbone.backbone_for_cache` returns) or a dict of its fields;
             needed when not embedding. Its SHA-256 is the backbone's own.
+        ptm: the PTM record of the cache the head was fitted on ({name, source, sha256}),
+            so scoring refuses a cache another PTM made.
     """
     from mrlcache.backbone import BackboneRecord, state_sha256
     from mrlcache.backbone.loading import checkpoint_dict
@@ -265,6 +268,8 @@ def save_model(path, head, *, backbone=None, embed_backbone: bool = True,
         entry = {**record.to_dict(), **(checkpoint_dict(backbone) if embed_backbone else {})}
     obj = {"format": FORMAT, "version": VERSION, **record_of(head),
            "head_state": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "backbone": entry}
+    if ptm:
+        obj["ptm"] = {k: str(ptm[k]) for k in ("name", "source", "sha256") if ptm.get(k) is not None}
     atomic_torch_save(obj, path)
     return path
 
@@ -364,6 +369,7 @@ def load_model(path, device: str = "cpu", calibration: bool = True) -> MRLModel:
         if head.pooled_dim is not None and backbone.pooled_dim != head.pooled_dim:
             raise ModelError(f"{path}: backbone pools {backbone.pooled_dim} dims, head expects {head.pooled_dim}")
     model = MRLModel(backbone, head, weights_sha256=sha).to(device).eval()
+    model.ptm = obj.get("ptm") if isinstance(obj.get("ptm"), dict) else None  # the PTM of its training cache
     if calibration:
         model.calibration = _attached_calibration(path)
     return model

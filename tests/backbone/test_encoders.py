@@ -160,3 +160,18 @@ def test_record_names_the_encoder_and_redimnet_records_keep_four_keys(ecapa):
     assert BackboneRecord.from_dict(record.to_dict()) == record
     old = {"source": "b2", "train_type": "ptn", "dataset": "vox2", "sha256": "0" * 64}
     assert BackboneRecord.from_dict(old).encoder is None and BackboneRecord.from_dict(old).to_dict() == old
+
+
+def test_extract_refuses_the_layers_stream_of_other_encoders_in_one_line(tmp_path):
+    from click.testing import CliRunner
+    from conftest import make_tree
+
+    from mrlcache.cli import main
+
+    make_tree(tmp_path / "data", speakers=2, videos=1, utts=1, seconds=1.0)
+    result = CliRunner().invoke(main, ["extract", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "c"),
+                                       "--backbone", "campplus", "--random-init", "--variant", "e192",
+                                       "--streams", "pooled,layers", "--quiet"])
+    assert result.exit_code != 0
+    assert "the layers stream is ReDimNet's stem and stage outputs; campplus has none" in result.output
+    assert not (tmp_path / "c").exists()  # refused before anything was written

@@ -129,7 +129,7 @@ def test_the_guard_knows_every_file_of_a_cache():
     from mrlcache.cache import format as fmt
     from mrlcache.extract.run import BACKBONE_FILE
 
-    assert {fmt.META_FILE, fmt.MANIFEST_FILE, fmt.SKIPPED_FILE, BACKBONE_FILE} == set(CACHE_FILES)
+    assert {fmt.META_FILE, fmt.MANIFEST_FILE, fmt.SKIPPED_FILE, fmt.SOURCES_FILE, BACKBONE_FILE} == set(CACHE_FILES)
 
 
 def test_demo_deletes_only_a_folder_it_can_prove_it_wrote(tmp_path):

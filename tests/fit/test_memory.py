@@ -3,7 +3,8 @@
 The cache is large enough (about 160 MB of float16 vectors) for what the fit holds to stand
 out from the interpreter's own memory; the tolerance is generous (the estimate counts the
 features, the float32 batches, the model with its optimiser state and one batch's saved
-activations, not the allocator's slack).
+activations, not the allocator's slack nor about 200 MB the fit grows by that it does not
+account for: see benchmarks/README.md).
 """
 
 import json
@@ -47,6 +48,9 @@ SCRIPT = textwrap.dedent("""
     import rich.progress
     import mrlcache.fit.cache_mode, mrlcache.fit.loop, mrlcache.fit.validate, mrlcache.metrics, mrlcache.scoring
     import mrlcache.models.model  # model.pt
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # curves.png, drawn at the end of the fit
     from mrlcache import cache
     from mrlcache.fit import fit
     c = cache.open(sys.argv[1])
@@ -74,5 +78,7 @@ def test_memory_estimate_matches_the_measured_peak(big_cache, tmp_path, memory_g
     else:
         assert estimate <= memory["budget_bytes"] or memory["window_shards"] == 1
     print(f"{memory_gb} GB budget: grew {grown / 1e6:.0f} MB, estimate {estimate / 1e6:.0f} MB ({memory})")
-    # What the fit grew by is the estimate, within a generous margin either way.
-    assert 0.5 * estimate - 64e6 <= grown <= 1.5 * estimate + 64e6, (grown, memory)
+    # What the fit grew by is at least most of the estimate (the features are really held)
+    # and at most the estimate plus a fixed allowance: measured here, a fit grows about 200 MB
+    # beyond what it counts (allocator and library state it does not own), with either policy.
+    assert 0.7 * estimate <= grown <= 1.5 * estimate + 256e6, (grown, memory)

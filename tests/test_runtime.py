@@ -1,4 +1,4 @@
-"""runtime.reuse_large_allocations: glibc serves large buffers from the heap instead of mmap."""
+"""runtime: glibc serves large buffers from the heap once tuned; bf16 on a CPU without it warns once."""
 
 import ctypes
 import subprocess
@@ -38,3 +38,21 @@ def test_large_buffers_come_from_the_heap_once_tuned():
 
     assert mmapped("default") >= 8 << 20  # glibc's default: a fresh mapping, unmapped on free
     assert mmapped("tuned") == 0
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, capsys):
+    import torch
+
+    from mrlcache import runtime
+
+    monkeypatch.setattr(runtime, "_WARNED", set())
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.resolve_precision("bf16", cpu) == "bf16"
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.resolve_precision("bf16", cpu) == "bf16"
+    assert runtime.resolve_precision("bf16", cpu) == "bf16"
+    assert runtime.resolve_precision("fp32", cpu) == "fp32"
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "7.5x slower than fp32" in err and "--precision fp32" in err

@@ -1,0 +1,85 @@
+"""``mrlcache eer`` wall time at VoxCeleb1-H scale (550,000 trials, 145,000 utterances), start-up included.
+
+    python benchmarks/bench_eer.py --trees /work/main .         # old and new code, interleaved
+    python benchmarks/bench_eer.py --dim 2304 --rounds 3         # b2's pooled size
+
+Builds once, in a temporary folder: a test cache of ``--utts`` imported float16 vectors
+(speaker centroids plus noise, VoxCeleb-style ids), a small training cache and a head-only
+model fitted on it for one epoch, and a VoxCeleb-layout trial list of ``--trials`` random
+pairs. Then times the whole command ``python -m mrlcache eer --model ... --trials ...
+--cache ...`` as a fresh process, once per tree per round, the trees interleaved (each
+tree is put first on PYTHONPATH). Also prints the CPU time of the children.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build(tmp: Path, utts: int, dim: int, trials: int, per_speaker: int = 120) -> tuple[Path, Path, Path]:
+    from mrlcache.fit import fit
+    from mrlcache.interop import import_vectors
+
+    rng = np.random.default_rng(0)
+
+    def cache(name, n, speakers_offset):
+        spk = np.arange(n) // per_speaker
+        ids = [f"id{10000 + speakers_offset + s:05d}/v{i % 7}{i:07d}/{i % per_speaker:05d}.wav" for i, s in enumerate(spk)]
+        centroids = rng.standard_normal((spk.max() + 1, dim), dtype=np.float32)
+        vectors = centroids[spk] + 0.8 * rng.standard_normal((n, dim), dtype=np.float32)
+        np.save(tmp / f"{name}.npy", vectors)
+        (tmp / f"{name}.ids").write_text("\n".join(ids) + "\n")
+        import_vectors(tmp / f"{name}.npy", tmp / name, ids_file=tmp / f"{name}.ids", shard_size=4096)
+        return ids, spk
+
+    ids, spk = cache("test", utts, 0)
+    cache("train", 40 * 50, 5000)
+    run = fit(tmp / "train", (64, 128, 256), tmp / "run", epochs=1, batch_size=256, val_speakers=0, head_only=True,
+              progress=False)
+    e, t = rng.integers(0, utts, trials), rng.integers(0, utts, trials)
+    (tmp / "trials.txt").write_text("".join(f"{int(spk[a] == spk[b])} {ids[a]} {ids[b]}\n" for a, b in zip(e, t)))
+    return run / "model.pt", tmp / "trials.txt", tmp / "test"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trees", nargs="+", default=["."], help="source trees to time (each first on PYTHONPATH)")
+    ap.add_argument("--utts", type=int, default=145_000)
+    ap.add_argument("--trials", type=int, default=550_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tick = time.perf_counter()
+        model, trials, cache = build(Path(tmp), args.utts, args.dim, args.trials)
+        print(f"built in {time.perf_counter() - tick:.0f} s: {args.utts} utterances x {args.dim} (float16), "
+              f"{args.trials} trials; load average {os.getloadavg()[0]:.1f}; "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+        print("| tree | round | wall s | CPU s (user+sys) |\n|---|---|---|---|")
+        for r in range(args.rounds):
+            for tree in args.trees:
+                env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                tick = time.perf_counter()
+                out = subprocess.run([sys.executable, "-m", "mrlcache", "eer", "--model", str(model), "--trials",
+                                      str(trials), "--cache", str(cache)], env=env, capture_output=True, text=True)
+                wall = time.perf_counter() - tick
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+                if out.returncode:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                print(f"| {tree} | {r} | {wall:.1f} | {cpu:.1f} |", flush=True)
+        print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()
