@@ -218,14 +218,14 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: 
     held = {}
 
     def written():
-        held["head"] = _finish(job, result, backbone, backbone_ref, extra_summary)
+        held["head"] = _finish(job, result, backbone, backbone_ref, extra_summary, ptm)
         return True
 
     distributed.from_main(written, "writing the run's files")
     return held.get("head")
 
 
-def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict):
+def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: dict | None):
     from mrlcache.fit.report import write_curves, write_model_summary
 
     cfg, out = job.cfg, job.out
