@@ -9,9 +9,12 @@ once (:func:`pooled_from_audio`); both give the same scores:
 * ``published``: the checkpoint's own BatchNorm + linear head (one row, usually 192);
 * ``pca``: the published embedding reduced by PCA fitted on a training cache, at each
   requested dim up to the published size (what a Matryoshka head has to beat);
+* ``lda``: the published embedding (or the head-only model's vector) projected on the LDA
+  directions fitted on the same training cache (speakers as classes), truncated per dim;
 * ``fixed``: the run's fixed-size heads (``fit --fixed-baselines``, ``RUN/fixed/D/model.pt``
   from :func:`fixed_models`), each scored whole at its own dim; :func:`fixed_ratios` gives
-  the EER of ``mrl`` over ``fixed`` per dim (below 1: the nested prefix is better).
+  the EER of ``mrl`` over ``fixed`` per dim (below 1: the nested prefix is better), and
+  :func:`best_baseline_ratios` the EER of ``mrl`` over the best other system at each dim.
 
 Scores are cosines of L2-normalised prefixes (:mod:`mrlcache.scoring`), optionally centred
 by a training mean and AS-Norm-ed or S-Norm-ed against per-speaker means of a cohort cache
@@ -34,7 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mrlcache.baselines import FixedHeads, fixed_models, fixed_ratios  # noqa: F401 (part of this API)
+from mrlcache.baselines import (  # noqa: F401 (part of this API)
+    FixedHeads,
+    best_baseline_ratios,
+    fixed_models,
+    fixed_ratios,
+    lda_from_stats,
+)
 from mrlcache.trial_vectors import (  # noqa: F401 (part of this API: where the vectors come from)
     EvaluateError,
     MissingUtterancesError,
@@ -48,7 +57,7 @@ from mrlcache.trial_vectors import (  # noqa: F401 (part of this API: where the 
 )
 from mrlcache.trials import Trials
 
-SYSTEMS = ("mrl", "fixed", "raw", "published", "pca")
+SYSTEMS = ("mrl", "fixed", "raw", "published", "pca", "lda")
 NORMS = ("asnorm", "snorm")
 PRIORS = (0.01, 0.05)  # minDCF and actDCF columns; c_miss = c_fa = 1
 BYTES_PER_VALUE = 4  # embeddings are stored and scored as float32
@@ -61,7 +70,7 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu", fixed=None
         model: the fitted model; ``published`` needs its backbone's head; ``pca`` is the PCA of
             the published embedding, or of the pooled vector itself for a head-only model.
         systems: names from :data:`SYSTEMS`, in table order.
-        pca_cache: an opened training cache to fit the ``pca`` system on (every view).
+        pca_cache: an opened training cache to fit the ``pca`` and ``lda`` systems on (every view).
         fixed: {dim: MRLModel} for the ``fixed`` system (:func:`fixed_models`).
     """
     import torch
@@ -93,6 +102,12 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu", fixed=None
         base = published if model.backbone is not None else out["raw"]
         mean, components = fit_pca(pca_cache, base)
         out["pca"] = lambda p: ((base(p) - mean) @ components).astype(np.float32)  # (n, E)
+    if "lda" in systems:
+        if pca_cache is None:
+            raise EvaluateError("the lda system needs a training cache to fit the LDA on (pca_cache)")
+        base = published if model.backbone is not None else out["raw"]
+        lda_mean, directions = fit_lda_cache(pca_cache, base)
+        out["lda"] = lambda p: ((base(p) - lda_mean) @ directions).astype(np.float32)  # (n, E)
     if "fixed" in systems:
         if not fixed:
             raise EvaluateError("the fixed system needs the run's fixed-size heads: fit with --fixed-baselines")
@@ -136,6 +151,27 @@ def fit_pca(cache, published) -> tuple[np.ndarray, np.ndarray]:
     # projection (and its scores) do not depend on the LAPACK build.
     signs = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(vectors.shape[1])])
     return mean, vectors * signs
+
+
+def fit_lda_cache(cache, published) -> tuple[np.ndarray, np.ndarray]:
+    """LDA (speakers as classes) of the embeddings of every vector of a cache, in one streamed pass.
+
+    Returns (mean (E,), directions (E, E)) of :func:`mrlcache.baselines.lda_from_stats`.
+    """
+    from mrlcache.scoring import speaker_sums
+
+    outer, sums = None, {}
+    for pooled, speakers in _iter_cache(cache):
+        e = published(pooled).astype(np.float64)  # (n, E)
+        outer = e.T @ e if outer is None else outer + e.T @ e
+        for name, row, count in zip(*speaker_sums(e, speakers)):
+            old = sums.get(name)
+            sums[name] = (row, count) if old is None else (old[0] + row, old[1] + count)
+    names = sorted(sums)
+    try:
+        return lda_from_stats(outer, np.stack([sums[n][0] for n in names]), np.array([sums[n][1] for n in names]))
+    except (ValueError, TypeError) as err:
+        raise EvaluateError(f"{cache.path}: cannot fit LDA: {err}") from None
 
 
 def cache_stats(cache, transforms: dict) -> dict:
@@ -260,13 +296,13 @@ def evaluate(trials: Trials, utts, pooled, transforms: dict, dims, *, center=Non
                     results.append(_metric_row(metrics, system, d, row[0], trials.labels))
             continue
         width = emb.shape[1]
-        use = [d for d in dims if d <= width] if system in ("mrl", "pca") else [width]
+        use = [d for d in dims if d <= width] if system in ("mrl", "pca", "lda") else [width]
         if not use:
             log(f"note: {system} has {width} dims, none of {list(dims)} fit; not scored")
             continue
-        if system == "pca" and len(use) < len(dims):
+        if system in ("pca", "lda") and len(use) < len(dims):
             over = [d for d in dims if d > width]
-            log(f"note: pca is limited to the published size {width}: dims {over} not scored")
+            log(f"note: {system} is limited to the published size {width}: dims {over} not scored")
         mean = None if center is None else center[system]["mean"]
         calibrated = calibration is not None and system == "mrl"
         scores, quality = normalised_scores(  # (n_dims, T), {name: (n_dims, T)}

@@ -136,12 +136,9 @@ class DepthwiseTime(nn.Module):
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
 
 
-def _linear(conv):
-    """Conv1d 1x1 -> (weight (O, I), bias) for F.linear on (B, T, I)."""
-    return _param(conv.weight[:, :, 0]), _param(conv.bias)
-
-
 class Linear1x1(nn.Module):
+    """A Conv1d 1x1 (+ folded BN) as ``linear`` on (B, T, I) -> (B, T, O)."""
+
     def __init__(self, conv, scale=None, shift=None):
         super().__init__()
         w, b = conv.weight.detach()[:, :, 0], conv.bias.detach()

@@ -1,7 +1,7 @@
 """``mrlcache eer``: EER and minDCF of a trial list at every Matryoshka dimension.
 
 Parses the options, then calls :mod:`mrlcache.evaluate` (pooled vectors of the trial
-utterances from ``--cache`` or ``--data``, the systems mrl/fixed/raw/published/pca, centering and
+utterances from ``--cache`` or ``--data``, the systems mrl/fixed/raw/published/pca/lda, centering and
 AS-Norm statistics, scoring) and prints the table, writes JSON and a plot.
 Metrics and conventions: docs/metrics.md.
 """
@@ -16,7 +16,7 @@ import click
 from mrlcache.cli.options import CAP, COUNT, check_device, verify_option, window_option
 from mrlcache.config import config_option, write_resolved
 
-SYSTEMS = ("mrl", "fixed", "raw", "published", "pca")  # as mrlcache.evaluate.SYSTEMS (not imported: keeps --help fast)
+SYSTEMS = ("mrl", "fixed", "raw", "published", "pca", "lda")  # as mrlcache.evaluate.SYSTEMS (not imported: keeps --help fast)
 
 
 def _fail(message: str):
@@ -69,13 +69,15 @@ def _warn(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _print_table(results, title, ratios=None):
+def _print_table(results, title, ratios=None, best=None):
     from rich.console import Console
     from rich.table import Table
 
     caption = "bytes: float32 embedding per utterance; minDCF at p_target .01/.05"
     if ratios:
         caption += "; MRL/fixed: EER of the nested prefix over the fixed-size head's"
+    if best:
+        caption += "; MRL/best: EER of the nested prefix over the best baseline's at that dim"
     calibrated = any("cllr" in r for r in results)
     if calibrated:
         caption = ("bytes: float32 embedding per utterance; minDCF and actDCF at p_target .01/.05, c_miss = c_fa = 1 "
@@ -85,7 +87,8 @@ def _print_table(results, title, ratios=None):
              ("actDCF .05", "act_dcf_0.05")] if calibrated else []
     for name, justify in [("system", "left"), ("dim", "right"), ("EER (%)", "right"), ("threshold", "right"),
                           ("minDCF .01", "right"), ("minDCF .05", "right"), *((n, "right") for n, _ in extra),
-                          ("bytes", "right"), *([("MRL/fixed", "right")] if ratios else [])]:
+                          ("bytes", "right"), *([("MRL/fixed", "right")] if ratios else []),
+                          *([("MRL/best", "right")] if best else [])]:
         table.add_column(name, justify=justify)
     for r in results:
         ratio = ratios.get(r["dim"], "") if ratios and r["system"] == "mrl" else ""
@@ -93,8 +96,17 @@ def _print_table(results, title, ratios=None):
                       f"{r['min_dcf_0.01']:.4f}", f"{r['min_dcf_0.05']:.4f}",
                       *(f"{r[k]:.4f}" if k in r else "" for _, k in extra), str(r["bytes_per_utterance"]),
                       *([f"{ratio:.3f}" if isinstance(ratio, float) else ("n/a" if ratio is None else "")]
-                        if ratios else []))
+                        if ratios else []),
+                      *([_best_cell(best, r)] if best else []))
     Console().print(table)
+
+
+def _best_cell(best, row) -> str:
+    """'0.950 (lda)' on an mrl row whose dim has a baseline; '' elsewhere."""
+    if row["system"] != "mrl" or row["dim"] not in best:
+        return ""
+    system, ratio = best[row["dim"]]
+    return f"{ratio:.3f} ({system})" if ratio is not None else f"n/a ({system})"
 
 
 def _plot(results, path, title):
@@ -137,10 +149,12 @@ def _plot(results, path, title):
                    "a --calibration's durations).")
 @click.option("--dims", default=None, help="Comma-separated dims to score; default every dim of the model.")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(SYSTEMS[1:]),
-              help="Also score a baseline (repeatable): raw, published or pca; fixed (the run's "
-                   "--fixed-baselines heads) is scored whenever the run has them.")
+              help="Also score a baseline (repeatable): raw, published, pca or lda (the published embedding "
+                   "after PCA / LDA of a training cache, truncated per dim); fixed (the run's "
+                   "--fixed-baselines heads) is scored whenever the run has them. The table gives, per dim, "
+                   "the best baseline and MRL's EER over it.")
 @click.option("--pca-cache", type=click.Path(exists=True, file_okay=False),
-              help="Training cache to fit the PCA of --baseline pca on.")
+              help="Training cache to fit the PCA of --baseline pca and the LDA of --baseline lda on.")
 @click.option("--center", "center_cache", type=click.Path(exists=True, file_okay=False),
               help="Training cache whose mean embedding is subtracted before scoring.")
 @click.option("--asnorm-cohort", type=click.Path(exists=True, file_okay=False),
@@ -166,8 +180,9 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
         _fail("give exactly one of --cache (eval cache of the trial audio) or --data (audio root)")
     if asnorm_cohort and snorm_cohort:
         _fail("give at most one of --asnorm-cohort and --snorm-cohort")
-    if "pca" in baselines and pca_cache is None:
-        _fail("--baseline pca needs --pca-cache TRAIN_CACHE to fit the PCA on")
+    for name in ("pca", "lda"):
+        if name in baselines and pca_cache is None:
+            _fail(f"--baseline {name} needs --pca-cache TRAIN_CACHE to fit the {name.upper()} on")
     if plot_out is not None:
         try:
             import matplotlib  # noqa: F401
@@ -247,10 +262,10 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
         )
     trials = vectors.trials
 
-    pca = _open_cache(pca_cache, model, "--pca-cache") if "pca" in systems else None
+    pca = _open_cache(pca_cache, model, "--pca-cache") if {"pca", "lda"} & set(systems) else None
     try:
         transforms = ev.transforms(model, systems, pca_cache=pca, device=device, fixed=fixed)
-    except ev.EvaluateError as err:  # only the PCA fit can fail here
+    except ev.EvaluateError as err:  # only the PCA / LDA fits can fail here
         _fail(f"--pca-cache {err}")
     stats = {}  # one pass per distinct cache, shared by --center and --asnorm-cohort
     for path in dict.fromkeys(p for p in (center_cache, asnorm_cohort, snorm_cohort) if p):
@@ -279,12 +294,15 @@ def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_
     if calibration_path:
         title += f", calibrated by {calibration_path}"
     ratios = ev.fixed_ratios(results)
-    _print_table(results, title, ratios)
+    best = ev.best_baseline_ratios(results)
+    _print_table(results, title, ratios, best)
     if json_out is not None:
         report = {"trials": str(trials_path), "n_target": trials.n_target, "n_nontarget": trials.n_nontarget,
                   "skipped_trials": vectors.skipped_trials, "results": results}
         if ratios:
             report["mrl_over_fixed_eer"] = {str(d): r for d, r in ratios.items()}
+        if best:
+            report["mrl_over_best_baseline_eer"] = {str(d): {"system": b, "ratio": r} for d, (b, r) in best.items()}
         if calibration_path:
             report["calibration"] = {"file": str(calibration_path), "system": "mrl", "p_targets": [0.01, 0.05],
                                      "c_miss": 1.0, "c_fa": 1.0, "cllr_unit": "bits"}

@@ -74,10 +74,18 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
 
     backbone_ref = None
     imported = is_imported(meta)
-    if not cfg.head_only and not imported and backbone is None:
+    if cfg.objective == "auto":  # recorded resolved in config.yaml
+        cfg.objective = "adaptor-supervised" if imported and cfg.init == "random" else "margin"
+    if (not cfg.head_only or cfg.starts_from_published) and not imported and backbone is None:
         from mrlcache.backbone import backbone_for_cache
 
         backbone, backbone_ref = backbone_for_cache(cache_dir, meta, weights=cfg.weights)
+    published = None
+    if cfg.starts_from_published:  # the published map: the backbone's head, or imported vectors as they are
+        from mrlcache.fit.adaptor import affine_of
+
+        published = affine_of(backbone.head, pooled_dim) if backbone is not None else \
+            (np.eye(pooled_dim), np.zeros(pooled_dim))
     if cfg.head_only or imported:
         backbone = None
 
@@ -93,16 +101,23 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
     with lock:
         train_rows = np.flatnonzero(labels >= 0)
         records = input_records(cache, cfg.inputs, f"--cache {cache_dir}", training=True)
-        head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
-        feats, plan = open_features(cache, records, labels, cfg, head, loss_fn,
-                                    lambda m: vector_input(m, cfg.inputs))
+        start = {}  # TrainJob fields of a head started from the published embedding
+        if published is None:
+            head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
+            embed_of = lambda m: vector_input(m, cfg.inputs)  # noqa: E731
+        else:
+            head, loss_fn, embed_of, guard = _published_head(cfg, cache, labels, published, len(train_names),
+                                                             device)
+            start = {"score_start": True, "guard_dim": guard}
+        feats, plan = open_features(cache, records, labels, cfg, head, loss_fn, embed_of)
         mode = plan.policy
         val = heldout_or_external(cfg, feats, records, labels, speakers, val_names)
         fingerprint.update(train_speakers=len(train_names), val_speakers=val_names, features=mode)
         write_header(out, config, fingerprint)  # on resume: the same, up to epochs/patience
 
         job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device,
-                          embed=vector_input(head, cfg.inputs))
+                          embed=embed_of(head))
+        job = dataclasses.replace(job, **start)
         result = train(job, resume)
         extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names),
                  "memory": plan.to_dict()}
@@ -122,7 +137,8 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
     """The fixed-size head of ``cfg.dims[i]``: a one-dim fit into ``out`` (resumed if it has a last.pt)."""
     margin = cfg.margin if cfg.margins is None else cfg.margins[i]
     one = dataclasses.replace(cfg, dims=(cfg.dims[i],), dim_weights=None, margins=None, margin=margin,
-                              grad_scaling=False, fixed_baselines=False, head_only=True)
+                              grad_scaling=False, fixed_baselines=False, head_only=True, init="random",
+                              objective="margin")
     config = run_config(one, cache_dir=cache_dir)
     lock, resume = open_run(out, config, resume and (out / "last.pt").exists(), fingerprint)
     with lock:
@@ -131,3 +147,31 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
         job = feature_job(one, config, out, head, loss_fn, feats, val, num_train, device,
                           embed=vector_input(head, one.inputs))
         finish(job, train(job, resume), None, None, extra)
+
+
+def _published_head(cfg, cache, labels, published, num_classes, device):
+    """A head started from the published embedding (:mod:`mrlcache.fit.adaptor`): (head, loss,
+    embed_of, guard_dim); the training forward reads {"pooled": (b, P)} batches."""
+    from mrlcache.fit.adaptor import build_nested
+
+    pooled, rows_labels = training_sample(cache, labels, cfg.seed)
+    try:
+        head, loss_fn, embed_maker, guard = build_nested(cfg, pooled.shape[1], num_classes, published, pooled,
+                                                         rows_labels, device)
+    except ValueError as err:
+        raise FitError(str(err)) from None
+    return head, loss_fn, lambda m: (lambda batch, f=embed_maker(m): f(batch["pooled"])), guard
+
+
+SAMPLE_ROWS = 50_000  # training vectors that fit the start's rotation, standardisation and classifier
+
+
+def training_sample(cache, labels: np.ndarray, seed: int):
+    """Training vectors (n, P) float32, every view, and their classes (n,); a seeded sample of
+    the utterances when they hold more than SAMPLE_ROWS vectors."""
+    rows = np.flatnonzero(labels >= 0)
+    views = int(cache.num_views)
+    if len(rows) * views > SAMPLE_ROWS:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, SAMPLE_ROWS // views, replace=False))
+    pooled = np.concatenate([cache.read("pooled", view=v, rows=rows, dtype=np.float32) for v in range(views)])
+    return pooled, np.tile(labels[rows], views)

@@ -21,7 +21,8 @@ class FitError(ValueError):
 
 
 # Named choices, one place: FitConfig.check and the CLI's click.Choice read these.
-CHOICES = {"optimizer": ("adamw", "sgd"), "scheduler": ("cosine", "plateau"), "loss": ("aam", "softmax"),
+CHOICES = {"init": ("random", "published"), "init_rotation": ("pca", "lda"),
+           "objective": ("auto", "margin", "adaptor", "adaptor-supervised"), "optimizer": ("adamw", "sgd"), "scheduler": ("cosine", "plateau"), "loss": ("aam", "softmax"),
            "classifier": ("shared", "per-dim"), "device": ("auto", "cpu", "cuda"),
            "precision": ("fp32", "bf16"), "feature_dtype": ("float16", "float32")}
 
@@ -54,6 +55,18 @@ class FitConfig:
     ecapa_scale: int = 8  # Res2 groups; divides ecapa_channels
     ecapa_mfa_channels: int = 1536  # width after multi-layer aggregation
     ecapa_bottleneck: int = 128  # hidden width of the SE and pooling attention
+    # Nested dims from the encoder's own embedding (mrlcache.fit.adaptor): the head's start,
+    # the rotation that orders the published dims, and the objective (margin: a head trained by
+    # the margin loss; adaptor: a rotation (+ residual MLP) of the published embedding trained to
+    # preserve its similarities, no labels; adaptor-supervised: that plus the margin loss).
+    init: str = "random"  # random | published (cache mode, --head mrl on pooled)
+    init_rotation: str = "pca"  # pca | lda
+    init_center: bool = False  # start from the published embedding minus its training mean (default: as it is)
+    # auto: adaptor-supervised on imported vectors (what measured best there, benchmarks/README.md),
+    # margin otherwise
+    objective: str = "auto"  # auto | margin | adaptor | adaptor-supervised
+    adaptor_hidden: int = 0  # residual MLP width of the adaptor; 0: rotation only
+    adaptor_topk: int = 10  # nearest neighbours per row in the adaptor's top-k term
     epochs: int = 30
     batch_size: int = 256
     optimizer: str = "adamw"  # adamw | sgd
@@ -101,8 +114,14 @@ class FitConfig:
             self.dims = check_dims(self.dims)
         except ValueError as err:
             raise FitError(str(err)) from None
+        from mrlcache.models import STARTED_HEADS
+
+        if self.head in STARTED_HEADS:
+            raise FitError(f"--head {self.head}: this head starts from the encoder's published embedding; "
+                           "fit it with --init published (warm) or --objective adaptor (adaptor), --head mrl")
         if self.head not in HEADS:
-            raise FitError(f"--head {self.head}: choose one of {', '.join(sorted(HEADS))}")
+            names = sorted(set(HEADS) - set(STARTED_HEADS))
+            raise FitError(f"--head {self.head}: choose one of {', '.join(names)}")
         self._check_inputs()
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
@@ -126,8 +145,15 @@ class FitConfig:
             "encoder_dim": (lambda v: v >= 1, ">= 1"), "ecapa_channels": (lambda v: v >= 1, ">= 1"),
             "ecapa_scale": (lambda v: v >= 1, ">= 1"), "ecapa_mfa_channels": (lambda v: v >= 1, ">= 1"),
             "ecapa_bottleneck": (lambda v: v >= 1, ">= 1"),
+            "adaptor_hidden": (lambda v: v >= 0, ">= 0 (0: rotation only)"),
+            "adaptor_topk": (lambda v: v >= 1, ">= 1"),
             "dist_timeout": (lambda v: v > 0, "> 0 (seconds)"),
         })
+        if self.starts_from_published and (self.head != "mrl" or tuple(self.inputs) != ("pooled",)):
+            raise FitError(f"--init {self.init} --objective {self.objective}: start from the published "
+                           f"embedding with --head mrl on --inputs pooled, not --head {self.head} on "
+                           f"{','.join(self.inputs)}")
+
         if self.dim_weights is not None:
             weights = list(self.dim_weights)
             if len(weights) != len(self.dims):
@@ -139,6 +165,11 @@ class FitConfig:
             raise FitError("validation needs both --val-cache DIR and --val-trials FILE (or neither)")
         if self.scheduler == "plateau" and self.val_speakers == 0 and self.val_cache is None:
             raise FitError("scheduler=plateau steps on the validation EER: do not disable validation")
+
+    @property
+    def starts_from_published(self) -> bool:
+        """A head started from the encoder's published embedding (warm start or adaptor)."""
+        return self.init == "published" or self.objective not in ("margin", "auto")
 
     def _check_nested(self) -> None:
         """--margins (one per dim, >= 0; the largest becomes margin) and the mrl-only options."""
@@ -253,6 +284,9 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
     cfg.check()
     if not end_to_end:
         return cfg, None
+    if cfg.starts_from_published:
+        raise FitError(f"--init {cfg.init} --objective {cfg.objective}: a start from the published embedding "
+                       "is fitted on a cache (--cache), not end to end")
     from mrlcache.models import head_class
 
     if tuple(cfg.inputs) != ("pooled",) or head_class(cfg.head).reads != "vector":

@@ -55,6 +55,11 @@ class TrainJob:
     on_epoch_start: Callable | None = None  # on_epoch_start(epoch), e.g. to unfreeze the backbone
     grad_accum: int = 1  # batches per optimiser step
     margin: MarginWarmup | None = None  # stepped at each epoch's start; default: cfg's warm-up of loss_fn
+    # A head that starts from a model worth keeping (the published embedding): epoch 0 (before
+    # any step) is validated and may be selected (best epoch -1), and no later epoch whose EER
+    # at guard_dim is worse than epoch 0's is selected.
+    score_start: bool = False
+    guard_dim: int | None = None
 
     def __post_init__(self):
         if self.margin is None:
@@ -167,6 +172,18 @@ def train(job: TrainJob, resume: bool) -> dict:
     console = Console(stderr=True, quiet=not cfg.progress or not main)
     dims = job.head.dims
     stopped_early = False
+    floor, start_rec = None, None  # epoch 0's EER at guard_dim: the bound a selected epoch keeps
+    if job.score_start and job.val is not None:
+        if resume:
+            floor, start_rec = state.get("start_floor"), state.get("start")
+        else:
+            job.head.eval()
+            v = distributed.from_main(lambda: _validate(job, dims), "validation of epoch 0")
+            best = {"epoch": -1, "mean_eer": v["mean_eer"], "eer": v["eer"], "min_dcf": v["min_dcf"]}
+            mark, start_rec = {"epoch": -1, "mean_eer": v["mean_eer"]}, dict(best)
+            floor = v["eer"][str(job.guard_dim)] if job.guard_dim is not None else None
+            if main:
+                atomic_torch_save(checkpoint(job, -1, val=best), out / "best.pt")
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         if job.on_epoch_start:
@@ -239,7 +256,8 @@ def train(job: TrainJob, resume: bool) -> dict:
                 job.scheduler.step(v["mean_eer"])
             if mark["mean_eer"] is None or v["mean_eer"] < mark["mean_eer"] - cfg.min_delta:
                 mark = {"epoch": epoch, "mean_eer": v["mean_eer"]}  # patience counts from here
-            if best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]:
+            kept = floor is None or v["eer"][str(job.guard_dim)] <= floor  # no worse than epoch 0 there
+            if kept and (best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]):
                 best = {"epoch": epoch, "mean_eer": v["mean_eer"], "eer": rec["val_eer"],
                         "min_dcf": rec["val_min_dcf"]}
                 if main:
@@ -259,7 +277,7 @@ def train(job: TrainJob, resume: bool) -> dict:
             atomic_torch_save(checkpoint(job, epoch + 1, optimizer=job.optimizer.state_dict(),
                                          scheduler=job.scheduler.state_dict(), scaler=scaler.state_dict(),
                                          torch_rng=torch.get_rng_state(), best=best, patience_mark=mark,
-                                         config=job.config), last_path)
+                                         config=job.config, start_floor=floor, start=start_rec), last_path)
         line = f"epoch {epoch + 1}/{cfg.epochs} loss {sum(train_loss) / len(dims):.3f} " \
                f"acc {train_acc[-1]:.3f} lr {rec['lr']:.2e} {rec['seconds']:.1f}s"
         if validating:
@@ -272,7 +290,7 @@ def train(job: TrainJob, resume: bool) -> dict:
             break
     if writer is not None:
         writer.close()
-    return {"best": best, "history": history, "stopped_early": stopped_early}
+    return {"best": best, "history": history, "stopped_early": stopped_early, "start": start_rec}
 
 
 def _trained(job: "TrainJob"):

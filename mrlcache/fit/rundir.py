@@ -225,7 +225,7 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: 
     return held.get("head")
 
 
-def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: dict | None):
+def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: dict | None = None):
     from mrlcache.fit.report import write_curves, write_model_summary
 
     cfg, out = job.cfg, job.out
@@ -244,6 +244,7 @@ def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm:
     summary = {"best_epoch": result["best"]["epoch"], "best": result["best"],
                "epochs_run": len(result["history"]), "stopped_early": result["stopped_early"],
                "selected_by": "val mean EER" if job.val is not None else "last epoch (no validation)",
+               **({"start": result["start"], "guard_dim": job.guard_dim} if result.get("start") else {}),
                **extra_summary}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_curves(result["history"], job.loss_fn.dims, out / "curves.png")  # resumed: every epoch

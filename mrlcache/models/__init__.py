@@ -3,6 +3,8 @@
 - ``matryoshka.py``: the Matryoshka head (BatchNorm + linear; every size a prefix);
 - ``ecapa.py``: ECAPA-TDNN over frames, ending in the Matryoshka projection;
 - ``fusion.py``: stream encoders and fusions;
+- ``adaptor.py``: heads started from the encoder's published embedding (``WarmHead``, the
+  orthogonal ``AdaptorHead``; started and trained by :mod:`mrlcache.fit.adaptor`);
 - ``streams.py``: :class:`~mrlcache.models.streams.StreamModel`, encoders + fusion + head on streams;
 - ``record.py``: the record model.pt rebuilds its model from (the one rebuild path);
 - ``model.py``: the deployable model (``MRLModel``, ``save_model``, ``load_model``).
@@ -33,7 +35,10 @@ import importlib
 HEADS = {
     "mrl": "mrlcache.models.matryoshka:MatryoshkaHead",
     "ecapa": "mrlcache.models.ecapa:ECAPATDNN",
+    "warm": "mrlcache.models.adaptor:WarmHead",  # fit --init published (not --head: it needs the published start)
+    "adaptor": "mrlcache.models.adaptor:AdaptorHead",  # fit --objective adaptor* (likewise)
 }
+STARTED_HEADS = ("warm", "adaptor")  # built by mrlcache.fit.adaptor from the published embedding, never by --head
 FUSIONS = {
     "concat": "mrlcache.models.fusion:ConcatFusion",
     "cross-attention": "mrlcache.models.fusion:CrossAttentionFusion",

@@ -143,6 +143,37 @@ def test_pca_baseline_matches_numpy_pca(setup):
         assert r["eer"] == pytest.approx(metrics.eer(scores[r["dim"]], labels)[0], abs=1e-9)
 
 
+def test_lda_baseline_and_best_baseline_ratio(setup):
+    from mrlcache.baselines import fit_lda
+
+    root, _ = setup
+    report, out = eer_json(root, "--cache", root / "cache", "--baseline", "lda", "--baseline", "pca",
+                           "--pca-cache", root / "cache", name="lda.json")
+    rows = [r for r in report["results"] if r["system"] == "lda"]
+    assert [r["dim"] for r in rows] == DIMS
+    # The streamed LDA over the cache is the LDA of the published embeddings in hand.
+    model = load_model(root / "model.pt")
+    pooled = cached_vectors(root)
+    ids = list(pooled)
+    with torch.no_grad():
+        pub = model.backbone.head(torch.tensor(np.stack([pooled[u] for u in ids]), dtype=torch.float32))
+    pub = pub.numpy().astype(np.float64)
+    mean, directions = fit_lda(pub, [u.split("/")[0] for u in ids])
+    _, scores, labels = cosine_rows(dict(zip(ids, (pub - mean) @ directions)), root / "trials.txt", DIMS)
+    for r in rows:
+        assert r["eer"] == pytest.approx(metrics.eer(scores[r["dim"]], labels)[0], abs=1e-6)
+    # Per dim: the best of pca and lda, and mrl's EER over it.
+    best = report["mrl_over_best_baseline_eer"]
+    for d in DIMS:
+        others = [r for r in report["results"] if r["system"] in ("pca", "lda") and r["dim"] == d]
+        top = min(others, key=lambda r: r["eer"])
+        mrl = next(r for r in report["results"] if r["system"] == "mrl" and r["dim"] == d)
+        assert best[str(d)]["system"] == top["system"]
+        if top["eer"] > 0:
+            assert best[str(d)]["ratio"] == pytest.approx(mrl["eer"] / top["eer"])
+    assert "MRL/best" in out
+
+
 def test_center_and_asnorm(setup):
     root, _ = setup
     model = load_model(root / "model.pt")

@@ -195,7 +195,7 @@ def test_memory_and_streamed_features_give_the_same_batches(caches, window):
 def test_streamed_fit_has_the_losses_of_the_fit_in_memory(caches, tmp_path, monkeypatch):
     """Same seed, same window: a fit reading the cache window by window from disk computes
     exactly what the fit holding it in memory does (the window the budget would choose, 2 shards)."""
-    from mrlcache.fit import cache_mode, data
+    from mrlcache.fit import data, inputs
 
     real = data.plan_features
     for policy in ("memory", "streamed"):
@@ -204,7 +204,7 @@ def test_streamed_fit_has_the_losses_of_the_fit_in_memory(caches, tmp_path, monk
             plan.policy, plan.window = policy, 2
             return plan
 
-        monkeypatch.setattr(cache_mode, "plan_features", forced)
+        monkeypatch.setattr(inputs, "plan_features", forced)
         fit(caches / "train", DIMS, tmp_path / policy, **dict(FAST, epochs=2))
     memory, streamed = read_history(tmp_path / "memory"), read_history(tmp_path / "streamed")
     assert [h["loss"] for h in memory] == [h["loss"] for h in streamed]
