@@ -361,8 +361,11 @@ class Step:
         # Parameters are equal on every rank already (same seed, same checkpoint): DDP's
         # initial broadcast from rank 0 is a check, not a correction. BatchNorm buffers are
         # kept equal by the synchronised statistics, so they are not broadcast each step.
+        # A backbone trains through ``pooled`` only: its embedding layers get no gradient, so
+        # DDP must look for unused parameters there (one graph walk per step).
         self.ddp = torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[torch.cuda.current_device()] if dev.type == "cuda" else None, broadcast_buffers=False)
+            module, device_ids=[torch.cuda.current_device()] if dev.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=bool(self.job.modules))
         self._trained = trained
 
     def __call__(self, x, y, classes):
