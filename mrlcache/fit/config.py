@@ -45,12 +45,11 @@ class FitConfig:
     # the rotation that orders the published dims, and the objective (margin: a head trained by
     # the margin loss; adaptor: a rotation (+ residual MLP) of the published embedding trained to
     # preserve its similarities, no labels; adaptor-supervised: that plus the margin loss).
-    init: str = choice("random", names.INITS)  # random | published (cache mode, --head mrl on pooled)
+    # auto: published on imported vectors (what measured best there, benchmarks/README.md), else random
+    init: str = choice("auto", names.INITS)  # auto | random | published (cache mode, --head mrl on pooled)
     init_rotation: str = choice("pca", names.INIT_ROTATIONS)  # pca | lda
     init_center: bool = False  # start from the published embedding minus its training mean (default: as it is)
-    # auto: adaptor-supervised on imported vectors (what measured best there, benchmarks/README.md),
-    # margin otherwise
-    objective: str = choice("auto", names.OBJECTIVES)  # auto | margin | adaptor | adaptor-supervised
+    objective: str = choice("margin", names.OBJECTIVES)  # margin | adaptor | adaptor-supervised
     adaptor_hidden: int = bounded(0, NON_NEGATIVE_INT)  # residual MLP width of the adaptor; 0: rotation only
     adaptor_topk: int = bounded(10, COUNT)  # nearest neighbours per row in the adaptor's top-k term
     epochs: int = bounded(30, COUNT)
@@ -126,7 +125,7 @@ class FitConfig:
     @property
     def starts_from_published(self) -> bool:
         """A head started from the encoder's published embedding (warm start or adaptor)."""
-        return self.init == "published" or self.objective not in ("margin", "auto")
+        return self.init == "published" or self.objective != "margin"
 
     def _check_nested(self) -> None:
         """--margins (one per dim, >= 0; the largest becomes margin) and the mrl-only options."""
