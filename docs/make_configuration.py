@@ -84,6 +84,12 @@ def type_text(param: click.Parameter) -> str:
     elif isinstance(t, click.Path):
         kind = "file" if not t.dir_okay else "directory" if not t.file_okay else "path"
         text = kind + (" (must exist)" if t.exists else "")
+    elif hasattr(t, "range"):  # mrlcache.cli.options.Number / NumberList: the config field's range
+        text = t.range.text().removeprefix("a ").removeprefix("an ")
+        if hasattr(t, "allow_empty"):
+            text = "comma-separated, each " + text
+        if getattr(t, "none_word", None):
+            text += f", or {t.none_word}"
     elif isinstance(t, (click.IntRange, click.FloatRange)):
         base = "integer" if isinstance(t, click.IntRange) else "number"
         bounds = [f">= {t.min}" if t.min is not None else "", f"<= {t.max}" if t.max is not None else ""]

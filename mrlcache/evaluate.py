@@ -28,7 +28,8 @@ Cllr, minCllr and actDCF. Metrics and conventions: docs/metrics.md. From Python:
     v = pooled_from_cache(cache, read_trials("veri_test2.txt"))
     results = evaluate(v.trials, v.utterances, v.pooled, transforms(model), model.dims)
 
-``mrlcache eer`` (mrlcache/cli/eer.py) is this, plus a table, JSON and a plot.
+:class:`mrlcache.scorer.Scorer` sets all of this up once from a model file and options;
+``mrlcache eer`` and ``mrlcache calibrate`` use it.
 """
 
 from __future__ import annotations
@@ -55,10 +56,9 @@ from mrlcache.trial_vectors import (  # noqa: F401 (part of this API: where the 
     pooled_from_audio,
     pooled_from_cache,
 )
+from mrlcache.names import NORMS, SYSTEMS  # noqa: F401 (part of this API)
 from mrlcache.trials import Trials
 
-SYSTEMS = ("mrl", "fixed", "raw", "published", "pca", "lda")
-NORMS = ("asnorm", "snorm")
 PRIORS = (0.01, 0.05)  # minDCF and actDCF columns; c_miss = c_fa = 1
 BYTES_PER_VALUE = 4  # embeddings are stored and scored as float32
 

@@ -30,7 +30,7 @@ from pathlib import Path
 # (libgomp reads OMP_WAIT_POLICY once, when torch starts its thread pool), and writing a
 # JSON file atomically should not load torch at all.
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from mrlcache.names import PRECISIONS  # noqa: E402 (auto, fp32, bf16, fp16)
 
 
 class DeviceError(ValueError):
@@ -170,16 +170,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 def reuse_large_allocations(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 31) -> bool:
     """Make glibc keep freed multi-megabyte buffers in the heap for the next operation.
 
-    By default glibc serves allocations above 128 KiB-32 MiB with fresh ``mmap`` pages and
-    returns them to the kernel on ``free``, so every backbone layer page-faults its output
-    anew: extraction spent 15 s of system time per 36 s of user time, and raising the mmap
-    and trim thresholds made b0 batches 1.36-1.77x faster (benchmarks/README.md). The cost
-    is that the heap keeps its peak size. Values the user set through
-    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are kept.
-
-    Returns:
-        True if glibc accepted both settings; False elsewhere (musl, macOS), where the
-        allocator is left as it is (only speed depends on it).
+    By default glibc maps large allocations afresh and unmaps them on ``free``, so every
+    backbone layer page-faults its output anew (higher thresholds: b0 batches 1.36-1.77x faster in
+    issue 23, b2 about 8% less CPU in benchmarks/README.md); the heap keeps its peak size. Values set
+    through ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are kept. Returns whether
+    glibc accepted both (False elsewhere, e.g. musl or macOS: only speed depends on it).
     """
     import ctypes
 

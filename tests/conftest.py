@@ -197,3 +197,19 @@ def crafted_files(tmp_path, wrap):
         pickle.dump({"x": CodePayload(marker)}, f, protocol=2)
     assert not marker.exists()  # writing them ran nothing
     return marker, [tmp_path / "evil.pt", tmp_path / "evil.pkl"]
+
+
+def tiny_head_args(name: str, dims, width=None, options=None) -> dict:
+    """Constructor arguments of registered head ``name`` for a tiny test model: its width (if
+    given), dims, its own options, and any other required argument (e.g. a started head's
+    ``embed_dim``) set to twice the largest dim."""
+    import inspect
+
+    from mrlcache.models import head_args, head_class
+
+    cls = head_class(name)
+    args = {"dims": list(dims), **cls.option_args(options)} if width is None else head_args(name, width, dims, options)
+    for p in list(inspect.signature(cls).parameters.values()):
+        if p.default is p.empty and p.name not in args and p.name != cls.width_arg:
+            args[p.name] = 2 * max(dims)
+    return args

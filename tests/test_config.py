@@ -76,7 +76,9 @@ def test_a_list_option_takes_a_yaml_list_or_the_comma_text(tmp_path):
     cfg.write_text("dims: [64, 128, 256]\n")
     options = read_yaml_options(cfg, fit)
     ctx = fit.make_context("fit", ["--out", str(tmp_path / "r")], default_map=options, resilient_parsing=True)
-    assert ctx.params["dims"] == "64,128,256"  # what the command parses, as from --dims 64,128,256
+    assert ctx.params["dims"] == (64, 128, 256)  # as from --dims 64,128,256
+    ctx = fit.make_context("fit", ["--out", str(tmp_path / "r"), "--dims", "64,128,256"], resilient_parsing=True)
+    assert ctx.params["dims"] == (64, 128, 256)
     cfg.write_text("dims: [[64], 128]\n")
     with pytest.raises(click.BadParameter, match="single value"):
         read_yaml_options(cfg, fit)

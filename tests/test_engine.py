@@ -39,7 +39,12 @@ def engine_cache(tmp_path, monkeypatch):
 def test_engine_is_exported_once_then_read_from_disk_and_checked(tmp_path, monkeypatch):
     import mrlcache.export.engine as engine_mod
 
-    backbone = load_backbone("b0", random_init=True, seed=3)
+    from conftest import TINY
+
+    from mrlcache.backbone.redimnet import ReDimNet
+
+    torch.manual_seed(3)
+    backbone = ReDimNet(TINY).eval()  # tiny: three exports stay fast
     notes = []
     first = engine_mod.OnnxBackbone(backbone, cache_dir=tmp_path / "c", log=notes.append)
     files = sorted(p.name for p in (tmp_path / "c").iterdir())
@@ -61,7 +66,8 @@ def test_engine_is_exported_once_then_read_from_disk_and_checked(tmp_path, monke
     engine_mod.OnnxBackbone(backbone, cache_dir=tmp_path / "c", log=notes.append)
     assert len(notes) == 1 and "does not match" in notes[0]
     # Other weights: another key, another file.
-    other = load_backbone("b0", random_init=True, seed=4)
+    torch.manual_seed(4)
+    other = ReDimNet(TINY).eval()
     assert engine_mod.engine_key(other) != engine_mod.engine_key(backbone)
     engine_mod.OnnxBackbone(other, cache_dir=tmp_path / "c")
     assert len(list((tmp_path / "c").glob("*.onnx"))) == 2

@@ -1,68 +1,29 @@
 """``mrlcache eer``: EER and minDCF of a trial list at every Matryoshka dimension.
 
-Parses the options, then calls :mod:`mrlcache.evaluate` (pooled vectors of the trial
-utterances from ``--cache`` or ``--data``, the systems mrl/fixed/raw/published/pca/lda, centering and
-AS-Norm statistics, scoring) and prints the table, writes JSON and a plot.
+Parses the options, then asks a :class:`mrlcache.scorer.Scorer` (the systems
+mrl/fixed/raw/published/pca, centering and AS-Norm statistics, calibration) for the trial
+vectors from ``--cache`` or ``--data`` and their metrics, and prints the table, writes JSON
+and a plot.
 Metrics and conventions: docs/metrics.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import click
 
-from mrlcache.cli.options import CAP, COUNT, check_device, verify_option, window_option
+from mrlcache import names
+from mrlcache.cli.options import CAP, DIMS, check_device, check_plot, score_config, score_options, verify_option, window_option
 from mrlcache.config import config_option, write_resolved
-
-SYSTEMS = ("mrl", "fixed", "raw", "published", "pca", "lda")  # as mrlcache.evaluate.SYSTEMS (not imported: keeps --help fast)
+from mrlcache.paths import check_output
+from mrlcache.runtime import atomic_write
 
 
 def _fail(message: str):
     raise click.ClickException(message)
-
-
-def _parse_dims(text, model_dims) -> list[int]:
-    """"64,128" -> [64, 128], each a dim the model was trained for; None -> all of them."""
-    if text is None or str(text).strip() == "":
-        return list(model_dims)
-    try:
-        dims = sorted({int(d) for d in str(text).replace(" ", "").split(",") if d})
-    except ValueError:
-        _fail(f"--dims {text!r}: expected comma-separated integers, e.g. 64,128,256")
-    unknown = [d for d in dims if d not in model_dims]
-    if unknown or not dims:
-        _fail(f"--dims {text}: the model was trained for dims {list(model_dims)} only")
-    return dims
-
-
-def _open_cache(path, model, what: str):
-    from mrlcache.evaluate import EvaluateError
-    from mrlcache.evaluate import open_cache_for
-
-    try:
-        return open_cache_for(path, model, what, log=_warn)
-    except EvaluateError as err:
-        _fail(str(err))
-
-
-def _calibration(path, model_path, dims, center, asnorm, topk, snorm, data_dir):
-    """The --calibration file, refused in one line unless it fits this model, these dims and settings."""
-    from mrlcache.calibration import Calibration, CalibrationError
-    from mrlcache.runtime import sha256_file
-
-    def resolved(p):
-        return p and str(Path(p).resolve())
-
-    try:
-        cal = Calibration.from_json(path)
-        cal.check(model_sha256=sha256_file(model_path), dims=dims, center=resolved(center),
-                  asnorm=asnorm and {"cohort": resolved(asnorm), "topk": topk},
-                  snorm=snorm and {"cohort": resolved(snorm)}, durations=data_dir is not None)
-    except CalibrationError as err:
-        _fail(f"--calibration {path}: {err}")
-    return cal
 
 
 def _warn(message: str) -> None:
@@ -147,21 +108,15 @@ def _plot(results, path, title):
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
               help="Audio root the trial paths are relative to (embeds on the fly; beside --cache, only gives "
                    "a --calibration's durations).")
-@click.option("--dims", default=None, help="Comma-separated dims to score; default every dim of the model.")
-@click.option("--baseline", "baselines", multiple=True, type=click.Choice(SYSTEMS[1:]),
+@click.option("--dims", type=DIMS, default=None, help="Comma-separated dims to score; default every dim of the model.")
+@click.option("--baseline", "baselines", multiple=True, type=click.Choice(names.SYSTEMS[1:]),
               help="Also score a baseline (repeatable): raw, published, pca or lda (the published embedding "
                    "after PCA / LDA of a training cache, truncated per dim); fixed (the run's "
                    "--fixed-baselines heads) is scored whenever the run has them. The table gives, per dim, "
                    "the best baseline and MRL's EER over it.")
 @click.option("--pca-cache", type=click.Path(exists=True, file_okay=False),
               help="Training cache to fit the PCA of --baseline pca and the LDA of --baseline lda on.")
-@click.option("--center", "center_cache", type=click.Path(exists=True, file_okay=False),
-              help="Training cache whose mean embedding is subtracted before scoring.")
-@click.option("--asnorm-cohort", type=click.Path(exists=True, file_okay=False),
-              help="Training cache whose per-speaker means form the AS-Norm cohort.")
-@click.option("--asnorm-topk", type=COUNT, default=300, show_default=True, help="AS-Norm top-k cohort scores.")
-@click.option("--snorm-cohort", type=click.Path(exists=True, file_okay=False),
-              help="Training cache whose per-speaker means form the S-Norm cohort (all of it; not with --asnorm-cohort).")
+@score_options
 @click.option("--calibration", "calibration_path", type=click.Path(exists=True, dir_okay=False),
               help="calibration.json from 'mrlcache calibrate': also report Cllr, minCllr and actDCF of mrl.")
 @click.option("--skip-missing", is_flag=True, help="Score the trials whose utterances are all available.")
@@ -169,146 +124,108 @@ def _plot(results, path, title):
 @window_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False),
-              help="Write a PNG of EER and minDCF against dim (needs matplotlib).")
+              help="Write a PNG (or .pdf, .svg...) of EER and minDCF against dim (needs matplotlib).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
-def eer(ctx, model_path, trials_path, cache_dir, data_dir, dims, baselines, pca_cache, center_cache,
-        asnorm_cohort, asnorm_topk, snorm_cohort, calibration_path, skip_missing, max_seconds, window_seconds,
-        json_out, plot_out, device):
+def eer(ctx, **params):
     """EER and minDCF of a trial list at every Matryoshka dim (and baselines), as a table."""
-    if (cache_dir is None) == (data_dir is None) and not (cache_dir and calibration_path):
+    p = params
+    if (p["cache_dir"] is None) == (p["data_dir"] is None) and not (p["cache_dir"] and p["calibration_path"]):
         _fail("give exactly one of --cache (eval cache of the trial audio) or --data (audio root)")
-    if asnorm_cohort and snorm_cohort:
-        _fail("give at most one of --asnorm-cohort and --snorm-cohort")
-    for name in ("pca", "lda"):
-        if name in baselines and pca_cache is None:
-            _fail(f"--baseline {name} needs --pca-cache TRAIN_CACHE to fit the {name.upper()} on")
-    if plot_out is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            _fail("--plot needs matplotlib, which is not installed: pip install 'mrlcache[plot]'")
+    config = score_config(params)
+    inputs = [p["model_path"], p["trials_path"], p["calibration_path"]]
+    for what, path in (("--json", p["json_out"]), ("--json", _beside(p["json_out"], ".options.yaml")),
+                       ("--plot", p["plot_out"])):
+        check_output(path, inputs, what)
+    check_plot(p["plot_out"])
+    check_device(p["device"])
+    from mrlcache.scorer import Scorer
 
-    from mrlcache.paths import check_output
+    trials = _read_trials(p["trials_path"])
+    with _one_line(p["trials_path"]):
+        scorer = Scorer(p["model_path"], config, dims=p["dims"], baselines=p["baselines"], pca_cache=p["pca_cache"],
+                        calibration=p["calibration_path"], durations=p["data_dir"] is not None, device=p["device"],
+                        log=_warn)
+        if p["cache_dir"] and p["data_dir"] and not scorer.uses_durations:
+            _fail(f"--data beside --cache only gives durations, and --calibration {p['calibration_path']} uses "
+                  "none: drop --data")
+        vectors = scorer.trial_vectors(trials, p["cache_dir"], p["data_dir"], p["skip_missing"], p["max_seconds"],
+                                       p["window_seconds"])
+        if vectors.missing:
+            _warn(f"--skip-missing: {len(vectors.missing)} of {len(trials.utterances)} utterances missing "
+                  f"(e.g. {', '.join(vectors.missing[:3])}); skipped {vectors.skipped_trials} of {len(trials)} trials")
+        results = scorer.evaluate(vectors, p["data_dir"])
+    trials = vectors.trials
+    title = (f"{p['trials_path']}: {trials.n_target} target / {trials.n_nontarget} non-target trials"
+             f"{config.describe()}" + (f", calibrated by {p['calibration_path']}" if p["calibration_path"] else ""))
+    ratios, best = _ratios(results)
+    _print_table(results, title, ratios, best)
+    if p["json_out"] is not None:
+        _write_json(p["json_out"], p["trials_path"], vectors, results, ratios, best, p["calibration_path"])
+        write_resolved(ctx, _beside(p["json_out"], ".options.yaml"))
+    if p["plot_out"] is not None:
+        _plot(results, p["plot_out"], title)
 
-    inputs = [model_path, trials_path, calibration_path]
-    check_output(json_out, inputs, "--json")
-    if json_out is not None:
-        check_output(Path(json_out).with_name(Path(json_out).stem + ".options.yaml"), inputs, "--json")
-    check_output(plot_out, inputs, "--plot")
-    check_device(device)
-    from mrlcache import evaluate as ev
-    from mrlcache import metrics, scoring
-    from mrlcache.models.model import ModelError, load_model
+
+def _beside(out, suffix: str) -> Path | None:
+    """The side file of ``--json X.json``: X.options.yaml."""
+    return out and Path(out).with_name(Path(out).stem + suffix)
+
+
+def _read_trials(path):
     from mrlcache.trials import TrialsError, read_trials
 
     try:
-        trials = read_trials(trials_path)
-        model = load_model(model_path, device=device, calibration=False)
-    except (TrialsError, ModelError) as err:
+        trials = read_trials(path)
+    except TrialsError as err:
         _fail(str(err))
     if trials.duplicates:
         shown = ", ".join(f"line {line} repeats line {was}" for line, was in trials.duplicates[:3])
-        _warn(f"{trials_path}: {len(trials.duplicates)} duplicate trial(s) ({shown}); each is scored "
+        _warn(f"{path}: {len(trials.duplicates)} duplicate trial(s) ({shown}); each is scored "
               "as often as it is listed")
     if trials.self_trials:
         i = trials.self_trials[0]
-        _warn(f"{trials_path}: {len(trials.self_trials)} trial(s) compare an utterance with itself (e.g. "
+        _warn(f"{path}: {len(trials.self_trials)} trial(s) compare an utterance with itself (e.g. "
               f"{trials.enroll[i]!r}); they score as a perfect match whatever the model, so the EER looks "
               f"better than it is: remove them from the list")
-    dims = _parse_dims(dims, model.dims)
-    try:
-        fixed = ev.fixed_models(model_path, model)
-    except ev.EvaluateError as err:
-        _fail(str(err))
-    if "fixed" in baselines and not fixed:
-        _fail(f"--baseline fixed: {Path(model_path).parent} holds no fixed/D/model.pt; fit it with --fixed-baselines")
-    systems = ["mrl", *(["fixed"] if fixed else []), *dict.fromkeys(b for b in baselines if b != "fixed")]
-    if model.backbone is None and "published" in systems:
-        _fail("--baseline published needs the backbone's own head, but this model is head-only")
-    if model.inputs != ("pooled",) and (len(systems) > 1 or center_cache or asnorm_cohort or snorm_cohort):
-        _fail(f"{model_path} reads streams {', '.join(model.inputs)}: --baseline, --center, --asnorm-cohort and "
-              "--snorm-cohort work on pooled-vector models only; score it without them")
+    return trials
 
-    calibration = _calibration(calibration_path, model_path, dims, center_cache, asnorm_cohort, asnorm_topk,
-                               snorm_cohort, data_dir) if calibration_path else None
-    if cache_dir and data_dir and not any(n.startswith("log_dur") for n in calibration.quality):
-        _fail(f"--data beside --cache only gives durations, and --calibration {calibration_path} uses none: drop --data")
+
+@contextlib.contextmanager
+def _one_line(trials_path):
+    """The library's refusals as one line each (a scoring failure names the trial list)."""
+    from mrlcache import metrics, scoring
+    from mrlcache.evaluate import EvaluateError, MissingUtterancesError
+    from mrlcache.models.model import ModelError
+    from mrlcache.ranges import RangeError
+    from mrlcache.trials import TrialsError
+
     try:
-        if cache_dir is not None:
-            cache = _open_cache(cache_dir, model, "cache")
-            max_seconds = cache.meta.get("max_seconds")  # durations capped as the cache's audio was
-            on_streams = model.inputs != ("pooled",)
-            vectors = (ev.embeddings_from_cache(cache, model, trials, skip_missing) if on_streams
-                       else ev.pooled_from_cache(cache, trials, skip_missing))
-        elif model.inputs != ("pooled",) and (model.backbone is not None or not model.needs_backbone):
-            # A model on streams computes them from the wave itself.
-            model.window_seconds = window_seconds
-            vectors = ev.pooled_from_audio(model, data_dir, trials, skip_missing, max_seconds, device)
-        else:
-            if model.backbone is None:
-                _fail("this model was fitted head-only (no backbone): score an eval cache with --cache instead")
-            vectors = ev.pooled_from_audio(model.backbone, data_dir, trials, skip_missing, max_seconds, device,
-                                           window_seconds=window_seconds)
-    except ev.MissingUtterancesError as err:
+        yield
+    except MissingUtterancesError as err:
         _fail(err.describe("pass --skip-missing"))
-    except ev.EvaluateError as err:
+    except (EvaluateError, ModelError, RangeError) as err:
         _fail(str(err))
-    if vectors.missing:
-        click.echo(
-            f"--skip-missing: {len(vectors.missing)} of {len(trials.utterances)} utterances missing "
-            f"(e.g. {', '.join(vectors.missing[:3])}); skipped {vectors.skipped_trials} of {len(trials)} trials",
-            err=True,
-        )
-    trials = vectors.trials
-
-    pca = _open_cache(pca_cache, model, "--pca-cache") if {"pca", "lda"} & set(systems) else None
-    try:
-        transforms = ev.transforms(model, systems, pca_cache=pca, device=device, fixed=fixed)
-    except ev.EvaluateError as err:  # only the PCA / LDA fits can fail here
-        _fail(f"--pca-cache {err}")
-    stats = {}  # one pass per distinct cache, shared by --center and --asnorm-cohort
-    for path in dict.fromkeys(p for p in (center_cache, asnorm_cohort, snorm_cohort) if p):
-        try:
-            stats[path] = ev.cache_stats(_open_cache(path, model, "cache"), transforms)
-        except ev.EvaluateError as err:
-            _fail(str(err))
-    try:
-        durations = None
-        if calibration is not None and any(n.startswith("log_dur") for n in calibration.quality):
-            durations = ev.log_durations(data_dir, vectors.utterances, max_seconds)
-        results = ev.evaluate(trials, vectors.utterances, vectors.pooled, transforms, dims,
-                              center=stats.get(center_cache), cohort=stats.get(asnorm_cohort or snorm_cohort),
-                              topk=asnorm_topk, norm="snorm" if snorm_cohort else "asnorm",
-                              calibration=calibration, durations=durations, log=_warn)
-    except ev.EvaluateError as err:
-        _fail(f"--data {err}")
     except (metrics.MetricsError, scoring.ScoringError, TrialsError) as err:
         _fail(f"{trials_path}: {err}")
 
-    title = f"{trials_path}: {trials.n_target} target / {trials.n_nontarget} non-target trials"
-    if asnorm_cohort:
-        title += f", AS-Norm top-{asnorm_topk}"
-    if snorm_cohort:
-        title += ", S-Norm"
-    if calibration_path:
-        title += f", calibrated by {calibration_path}"
-    ratios = ev.fixed_ratios(results)
-    best = ev.best_baseline_ratios(results)
-    _print_table(results, title, ratios, best)
-    if json_out is not None:
-        report = {"trials": str(trials_path), "n_target": trials.n_target, "n_nontarget": trials.n_nontarget,
-                  "skipped_trials": vectors.skipped_trials, "results": results}
-        if ratios:
-            report["mrl_over_fixed_eer"] = {str(d): r for d, r in ratios.items()}
-        if best:
-            report["mrl_over_best_baseline_eer"] = {str(d): {"system": b, "ratio": r} for d, (b, r) in best.items()}
-        if calibration_path:
-            report["calibration"] = {"file": str(calibration_path), "system": "mrl", "p_targets": [0.01, 0.05],
-                                     "c_miss": 1.0, "c_fa": 1.0, "cllr_unit": "bits"}
-        from mrlcache.runtime import atomic_write
 
-        atomic_write(json_out, json.dumps(report, indent=2) + "\n")
-        write_resolved(ctx, Path(json_out).with_name(Path(json_out).stem + ".options.yaml"))
-    if plot_out is not None:
-        _plot(results, plot_out, title)
+def _ratios(results):
+    """MRL's EER over the fixed heads' and over the best baseline's, per dim."""
+    from mrlcache.evaluate import best_baseline_ratios, fixed_ratios
+
+    return fixed_ratios(results), best_baseline_ratios(results)
+
+
+def _write_json(path, trials_path, vectors, results, ratios, best, calibration_path):
+    trials = vectors.trials
+    report = {"trials": str(trials_path), "n_target": trials.n_target, "n_nontarget": trials.n_nontarget,
+              "skipped_trials": vectors.skipped_trials, "results": results}
+    if ratios:
+        report["mrl_over_fixed_eer"] = {str(d): r for d, r in ratios.items()}
+    if best:
+        report["mrl_over_best_baseline_eer"] = {str(d): {"system": b, "ratio": r} for d, (b, r) in best.items()}
+    if calibration_path:
+        report["calibration"] = {"file": str(calibration_path), "system": "mrl", "p_targets": [0.01, 0.05],
+                                 "c_miss": 1.0, "c_fa": 1.0, "cllr_unit": "bits"}
+    atomic_write(path, json.dumps(report, indent=2) + "\n")

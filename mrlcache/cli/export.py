@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import click
 
-from mrlcache.export.formats import FORMATS
+from mrlcache import names, ranges
+from mrlcache.cli.options import DIMS, Number
+
+OPSET = Number(ranges.OPSET)
 
 
 @click.command("export")
 @click.argument("model_path", metavar="RUN/model.pt", type=click.Path(exists=True, dir_okay=False))
-@click.option("--format", "fmt", required=True, type=click.Choice(list(FORMATS)),
+@click.option("--format", "fmt", required=True, type=click.Choice(names.EXPORT_FORMATS),
               help="onnx (run with onnxruntime) or torchscript (torch.jit.load).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write, e.g. model.onnx.")
-@click.option("--dims", default=None, help="Sizes to export, comma-separated (default every trained size).")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
+@click.option("--dims", type=DIMS, default=None, help="Sizes to export, comma-separated (default every trained size).")
+@click.option("--opset", type=OPSET, default=None, help="ONNX opset (default 18).")
 @click.option("--verify", is_flag=True,
               help="Run the file against the PyTorch model at two lengths, two batch sizes and every dim "
                    "(relative error <= 1e-4, else exit 1).")
@@ -30,10 +33,7 @@ def export(model_path, fmt, out, dims, opset, verify):
     from mrlcache.export import TOLERANCE, ExportError, export_model, verify_export
     from mrlcache.models.model import ModelError, load_model
 
-    try:
-        dims_t = None if dims is None else [int(d) for d in dims.split(",") if d.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{dims!r}: expected comma-separated integers, e.g. 64,128", param_hint="--dims") from None
+    dims_t = None if dims is None else list(dims)
     if opset is not None and fmt != "onnx":
         raise click.BadParameter("only ONNX files have an opset; drop --opset for torchscript", param_hint="--opset")
     from mrlcache.paths import check_output

@@ -2,7 +2,8 @@
 
 import click
 
-from mrlcache.cli.options import verify_option
+from mrlcache import names
+from mrlcache.cli.options import COUNT, WORKERS, verify_option
 from mrlcache.config import config_option
 
 
@@ -12,11 +13,11 @@ from mrlcache.config import config_option
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
 @click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False),
               help="RUN/model.pt from 'mrlcache fit' [default: the raw cached vectors].")
-@click.option("--dim", type=int, default=None, help="Embedding size [default: the model's largest].")
-@click.option("--format", "fmt", type=click.Choice(["npy", "kaldi", "npz"]), required=True,
+@click.option("--dim", type=COUNT, default=None, help="Embedding size [default: the model's largest].")
+@click.option("--format", "fmt", type=click.Choice(names.VECTOR_FORMATS), required=True,
               help="kaldi: OUT.ark + OUT.scp; npz: ids + vectors; npy: OUT.npy + OUT.ids.txt, or a folder.")
 @click.option("--out", required=True, type=click.Path(), help="Output path (see --format).")
-@click.option("--view", type=int, default=0, show_default=True, help="Which cached view to export.")
+@click.option("--view", type=WORKERS, default=0, show_default=True, help="Which cached view to export.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 def export_vectors(cache, model_path, dim, fmt, out, view, overwrite):
     """Write the vectors of CACHE (no audio pass) as Kaldi ark+scp, .npz or .npy."""

@@ -1,104 +1,94 @@
-"""``mrlcache extract``: the frozen backbone over a corpus, once, into a feature cache."""
+"""``mrlcache extract``: the frozen backbone over a corpus, once, into a feature cache.
+
+The options of the extraction itself are made from :class:`mrlcache.extract.ExtractConfig`
+(defaults, choices and ranges written there once); this file adds where the audio and the
+backbone come from and how the pass is run (``--threads``, ``--rank``...).
+"""
 
 from pathlib import Path
 
 import click
 
-from mrlcache.backbone.registry import backbone_names
-from mrlcache.cli.options import CAP, COUNT, SECONDS, SEED, WORKERS, check_device, window_option
+from mrlcache import names
+from mrlcache.cli.options import COUNT, WINDOW, WINDOW_HELP, WORKERS, check_device, field_option
 from mrlcache.config import config_option, write_resolved
-from mrlcache.distributed import env as dist_env
+from mrlcache.extract.config import ExtractConfig
+
+DIR = click.Path(exists=True, file_okay=False)
+FILE = click.Path(exists=True, dir_okay=False)
+AUGMENT = ("noise_dir", "rir_dir", "speed_perturb")  # -> mrlcache.augment.AugmentConfig
+MODELS = ("variant", "weights", "random_init", "train_type", "dataset")  # -> mrlcache.extract.prepare.load_models
 
 
-def load_utterances(data, list_file, utt2spk):
-    """The manifest from --data (a speaker tree) or --list (an utt list or Kaldi wav.scp)."""
-    from mrlcache import corpus
-
-    if bool(data) == bool(list_file):
-        raise click.UsageError("give exactly one of --data DIR or --list FILE")
-    if data:
-        return corpus.scan_tree(data)
-    if utt2spk or Path(list_file).name == "wav.scp":
-        return corpus.read_kaldi(list_file, utt2spk)  # finds utt2spk beside wav.scp itself
-    return corpus.read_list(list_file)
+def opt(name, help=None, **kw):
+    return field_option(ExtractConfig, name, help, **kw)
 
 
-def load_weights(variant, weights, random_init, seed, train_type, dataset, backbone=None):
-    """The backbone and a description of where its weights come from.
+OPTIONS = [
+    click.option("--data", type=DIR, help="VoxCeleb-style tree speaker/video/utt.{wav,flac,m4a}."),
+    click.option("--list", "list_file", type=FILE,
+                 help="Lines 'utt_id path [speaker]', or a Kaldi wav.scp (with utt2spk beside it or --utt2spk)."),
+    click.option("--utt2spk", type=FILE, help="Kaldi utt2spk; makes --list a wav.scp."),
+    click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory."),
+    click.option("--format", "backend", type=click.Choice(names.BACKENDS), default=names.BACKENDS[0],
+                 show_default=True),
+    click.option("--backbone", "backbone_name", type=click.Choice(names.BACKBONES), default=None,
+                 help="Frozen encoder [default: told by --weights; redimnet for --variant]."),
+    click.option("--variant", help="Published ReDimNet: b0..b6, S, M (downloaded once); with --random-init, a "
+                                   "configuration of --backbone (ecapa-tdnn: c1024, c512; campplus: e192, e512)."),
+    click.option("--train-type", default="ptn", show_default=True, help="Published file: ptn, ft_lm, ft_mix."),
+    click.option("--dataset", default="vox2", show_default=True, help="Published file's training data."),
+    click.option("--weights", type=click.Path(exists=True), help="Local weights: a ReDimNet checkpoint, a "
+                 "SpeechBrain ECAPA-TDNN folder (or its embedding_model.ckpt), a 3D-Speaker CAM++ state dict."),
+    click.option("--random-init", is_flag=True,
+                 help="Random backbone (and --ptm) from --seed (the ReDimNet saved as OUT/backbone.pt)."),
+    opt("mode"),
+    opt("views", "Train mode: crops per utterance (view 0 clean)."),
+    opt("crop_seconds"),
+    opt("max_seconds", "Eval mode: cap on each utterance."),
+    opt("window_seconds", WINDOW_HELP, type=WINDOW),
+    opt("min_seconds", "Shorter utterances are skipped as too_short."),
+    click.option("--noise-dir", type=DIR, help="Noise files (e.g. MUSAN); default synthetic coloured noise."),
+    click.option("--rir-dir", type=DIR, help="Room impulse responses; default synthetic rooms."),
+    click.option("--speed-perturb", is_flag=True,
+                 help="Also speed-perturb augmented views (changes the voice; off by default)."),
+    opt("seed"),
+    opt("shard_size", "Utterances per shard."),
+    opt("dtype"),
+    opt("batch_size", "Crops per forward pass [default: 8 on CPU, 128 on CUDA]."),
+    opt("workers", "Decoding workers [default: 1 on CPU, up to 8 with CUDA]."),
+    click.option("--threads", type=COUNT, default=None, help="Model threads on the CPU [default: torch's]."),
+    opt("device", "auto, cpu, cuda, cuda:N.", show_default=True),
+    opt("precision", "auto: bf16/fp16 autocast on CUDA, fp32 on CPU. Mel features stay float32."),
+    click.option("--rank", type=WORKERS, default=None, help="This process's rank without torchrun."),
+    click.option("--world-size", type=COUNT, default=None, help="Number of processes without torchrun."),
+    opt("streams", f"What to store, comma-separated: {', '.join(names.STREAMS)} (docs/cache-format.md).",
+        show_default=True),
+    opt("layers_pooled", "Store per-layer mean and std over time instead of layer frames."),
+    opt("ptm", "Pretrained speech model whose 13 hidden states are the layers stream."),
+    opt("ptm_weights", "Local state_dict file of --ptm (instead of the download).", type=FILE),
+    opt("engine", "onnxruntime: the backbone exported to ONNX and run by onnxruntime on the CPU (faster "
+                  "here; pooled stream, float32; recorded in cache.json)."),
+    click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over."),
+    click.option("--quiet", is_flag=True, help="No progress bar."),
+]
 
-    ``backbone``: the encoder (registry name); None: told by the weights file, ReDimNet for
-    a variant name. With ``random_init``, ``variant`` names one of its configurations.
-    """
-    from mrlcache.backbone.loading import load_backbone
-    from mrlcache.backbone.registry import config_names
 
-    if random_init:
-        if not variant or weights:
-            names = ", ".join(config_names(backbone or "redimnet"))
-            raise click.UsageError(f"--random-init needs --variant NAME ({names}) and no --weights")
-        return (load_backbone(variant, backbone=backbone, random_init=True, seed=seed),
-                f"random-init:{variant}:seed={seed}")
-    if bool(variant) == bool(weights):
-        raise click.UsageError("give exactly one of --variant NAME, --weights PATH (or --random-init --variant NAME)")
-    if weights:
-        return load_backbone(weights, backbone=backbone), str(Path(weights).resolve())
-    return (load_backbone(variant, backbone=backbone, train_type=train_type, dataset=dataset),
-            f"{variant}-{dataset}-{train_type}")
+def _with_options(command):
+    for option in reversed(OPTIONS):
+        command = option(command)
+    return command
+
+
+def _given(ctx, name) -> bool:
+    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
 
 
 @click.command()
 @config_option
-@click.option("--data", type=click.Path(exists=True, file_okay=False), help="VoxCeleb-style tree speaker/video/utt.{wav,flac,m4a}.")
-@click.option("--list", "list_file", type=click.Path(exists=True, dir_okay=False), help="Lines 'utt_id path [speaker]', or a Kaldi wav.scp (with utt2spk beside it or --utt2spk).")
-@click.option("--utt2spk", type=click.Path(exists=True, dir_okay=False), help="Kaldi utt2spk; makes --list a wav.scp.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory.")
-@click.option("--format", "backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
-@click.option("--backbone", "backbone_name", type=click.Choice(backbone_names()), default=None,
-              help="Frozen encoder [default: told by --weights; redimnet for --variant].")
-@click.option("--variant", help="Published ReDimNet: b0..b6, S, M (downloaded once); with --random-init, a "
-                                "configuration of --backbone (ecapa-tdnn: c1024, c512; campplus: e192, e512).")
-@click.option("--train-type", default="ptn", show_default=True, help="Published file: ptn, ft_lm, ft_mix.")
-@click.option("--dataset", default="vox2", show_default=True, help="Published file's training data.")
-@click.option("--weights", type=click.Path(exists=True), help="Local weights: a ReDimNet checkpoint, a SpeechBrain "
-              "ECAPA-TDNN folder (or its embedding_model.ckpt), a 3D-Speaker CAM++ state dict.")
-@click.option("--random-init", is_flag=True, help="Random backbone (and --ptm) from --seed (the ReDimNet saved as OUT/backbone.pt).")
-@click.option("--mode", type=click.Choice(["train", "eval"]), default="train", show_default=True)
-@click.option("--views", type=COUNT, default=4, show_default=True, help="Train mode: crops per utterance (view 0 clean).")
-@click.option("--crop-seconds", type=SECONDS, default=2.0, show_default=True)
-@click.option("--max-seconds", type=CAP, default=None, help="Eval mode: cap on each utterance.")
-@window_option
-@click.option("--min-seconds", type=SECONDS, default=0.5, show_default=True, help="Shorter utterances are skipped as too_short.")
-@click.option("--noise-dir", type=click.Path(exists=True, file_okay=False), help="Noise files (e.g. MUSAN); default synthetic coloured noise.")
-@click.option("--rir-dir", type=click.Path(exists=True, file_okay=False), help="Room impulse responses; default synthetic rooms.")
-@click.option("--speed-perturb", is_flag=True, help="Also speed-perturb augmented views (changes the voice; off by default).")
-@click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--shard-size", type=COUNT, default=1000, show_default=True, help="Utterances per shard.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--batch-size", type=COUNT, default=None, help="Crops per forward pass [default: 8 on CPU, 128 on CUDA].")
-@click.option("--workers", type=WORKERS, default=None, help="Decoding workers [default: 1 on CPU, up to 8 with CUDA].")
-@click.option("--threads", type=COUNT, default=None, help="Model threads on the CPU [default: torch's].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU. Mel features stay float32.")
-@click.option("--rank", type=click.IntRange(min=0), default=None, help="This process's rank without torchrun.")
-@click.option("--world-size", type=COUNT, default=None, help="Number of processes without torchrun.")
-@click.option("--streams", default="pooled", show_default=True,
-              help="What to store, comma-separated: pooled, layers, fbank, mfcc, f0 (docs/cache-format.md).")
-@click.option("--layers-pooled", is_flag=True, help="Store per-layer mean and std over time instead of layer frames.")
-@click.option("--ptm", type=click.Choice(["wavlm-base-plus", "hubert-base", "wav2vec2-base"]), default=None,
-              help="Pretrained speech model whose 13 hidden states are the layers stream.")
-@click.option("--ptm-weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Local state_dict file of --ptm (instead of the download).")
-@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
-              help="onnxruntime: the backbone exported to ONNX and run by onnxruntime on the CPU (faster "
-                   "here; pooled stream, float32; recorded in cache.json).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_with_options
 @click.pass_context
-def extract(ctx, data, list_file, utt2spk, out, backend, backbone_name, variant, train_type, dataset, weights, random_init, mode,
-            views, crop_seconds, max_seconds, window_seconds, min_seconds, noise_dir, rir_dir, speed_perturb, seed, shard_size,
-            dtype, batch_size, workers, threads, device, precision, rank, world_size, streams, layers_pooled, ptm,
-            ptm_weights, engine, overwrite, quiet):
+def extract(ctx, **params):
     """Run the frozen backbone once over a corpus and cache its pooled vectors.
 
     Rerunning the same command resumes: finished shards are kept. Under
@@ -108,91 +98,52 @@ def extract(ctx, data, list_file, utt2spk, out, backend, backbone_name, variant,
 
     passive_openmp()  # before torch: the decoding workers share the cores with the model
     reuse_large_allocations()  # the backbone's activations reuse the heap instead of fresh pages
-    check_device(device)
+    check_device(params["device"])
     import torch
     from rich.console import Console
 
     from mrlcache.augment import AugmentConfig, AugmentError
+    from mrlcache.backbone.loading import CheckpointError
     from mrlcache.cache import CacheError
     from mrlcache.corpus import CorpusError
-    from mrlcache.extract import ExtractConfig, ExtractError
+    from mrlcache.extract import ExtractError, prepare
+    from mrlcache.extract.run import check_layers_source
+    from mrlcache.extract.sizes import describe, projected_sizes
     from mrlcache.extract import extract as run_extract
-    from mrlcache.backbone.loading import CheckpointError
     from mrlcache.streams import PTMError
 
-    from mrlcache.runtime import DeviceError
-
-    try:
-        env_rank, env_world, torchrun = dist_env()
-    except DeviceError as err:
-        raise click.ClickException(str(err)) from None
-    rank = env_rank if rank is None else rank
-    world_size = env_world if world_size is None else world_size
-    if threads:
-        torch.set_num_threads(threads)
-    console = Console(stderr=True)
-    barrier = None
-    if mode == "eval" and ctx.get_parameter_source("views") not in (None, click.core.ParameterSource.DEFAULT) \
-            and views != 1:
+    if params["mode"] == "eval" and _given(ctx, "views") and params["views"] != 1:
         raise click.UsageError("--mode eval embeds each whole utterance once: --views does not apply")
-    if mode == "train" and ctx.get_parameter_source("window_seconds") not in (None, click.core.ParameterSource.DEFAULT):
+    if params["mode"] == "train" and _given(ctx, "window_seconds"):
         raise click.UsageError("--window-seconds applies to --mode eval (whole utterances); train crops are "
                                "--crop-seconds long")
+    if params["threads"]:
+        torch.set_num_threads(params["threads"])
     try:
-        cfg = ExtractConfig(
-            mode=mode, views=views, crop_seconds=crop_seconds, max_seconds=max_seconds, window_seconds=window_seconds,
-            min_seconds=min_seconds,
-            seed=seed, shard_size=shard_size, dtype=dtype, batch_size=batch_size, workers=workers, device=device,
-            precision=precision, streams=streams, layers_pooled=layers_pooled, ptm=ptm, ptm_weights=ptm_weights, engine=engine,
-            augment=AugmentConfig(noise_dir=noise_dir and str(Path(noise_dir).resolve()),
-                                  rir_dir=rir_dir and str(Path(rir_dir).resolve()), speed=speed_perturb),
-        )
-        if ptm and "pooled" in cfg.stream_names and not (variant or weights):
-            raise click.UsageError(f"--streams {streams}: pooled is ReDimNet's vector and --ptm {ptm} has none; "
-                                   f"also give --variant/--weights, or drop pooled")
-        utterances = load_utterances(data, list_file, utt2spk)
-        ptm_model = None
-        if ptm:
-            from mrlcache.streams import load_ptm
-
-            ptm_model = load_ptm(ptm, weights=ptm_weights, random_init=random_init and not ptm_weights, seed=seed)
-        if cfg.needs_redimnet or variant or weights:
-            model, source = load_weights(variant, weights, random_init, seed, train_type, dataset, backbone_name)
-        else:
-            model, source = None, None
-        if torchrun and world_size > 1 and overwrite:
-            import datetime
-
-            import torch.distributed as dist
-
-            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=1))
-            barrier = dist.barrier
-        described = f"backbone {source} (pooled {model.pooled_dim})" if model is not None else "no ReDimNet"
-        if ptm_model is not None:
-            described += f", PTM {ptm} ({ptm_model.source})"
-        if cfg.stream_names != ("pooled",):
-            described += f", streams {','.join(cfg.stream_names)}"
+        rank, world_size, torchrun = prepare.dist_env(params["rank"], params["world_size"])
+    except ExtractError as err:
+        raise click.ClickException(str(err)) from None
+    out, console = params["out"], Console(stderr=True)
+    noise, rir = (params[k] and str(Path(params[k]).resolve()) for k in ("noise_dir", "rir_dir"))
+    try:
+        cfg = ExtractConfig(**{f: params[f] for f in ExtractConfig.__dataclass_fields__ if f in params},
+                            augment=AugmentConfig(noise_dir=noise, rir_dir=rir, speed=params["speed_perturb"]))
+        utterances = prepare.load_utterances(params["data"], params["list_file"], params["utt2spk"])
+        model, source, ptm, described = prepare.load_models(cfg, backbone=params["backbone_name"],
+                                                            **{k: params[k] for k in MODELS})
         console.print(f"extract: {len(utterances)} utterances, {described}, "
-                      f"mode {mode}, views {cfg.views}, rank {rank}/{world_size} -> {out}")
-        from mrlcache.extract.run import check_layers_source
-        from mrlcache.extract.sizes import describe, projected_sizes
-
-        check_layers_source(model, cfg, ptm_model)
-        sizes = projected_sizes(utterances, cfg, model, ptm_model)
+                      f"mode {cfg.mode}, views {cfg.views}, rank {rank}/{world_size} -> {out}")
+        check_layers_source(model, cfg, ptm)
+        sizes = projected_sizes(utterances, cfg, model, ptm)
         console.print(f"projected cache size: {describe(sizes)} (total {sum(sizes.values()) / 1e9:.3g} GB)",
                       soft_wrap=True, markup=False, highlight=False)
-        summary = run_extract(
-            utterances, model, out, cfg, backend=backend, overwrite=overwrite, rank=rank, world_size=world_size,
-            weights_source=source or "", save_backbone=random_init and model is not None, barrier=barrier,
-            progress=not quiet, ptm=ptm_model,
-        )
+        with prepare.overwrite_barrier(torchrun, world_size, params["overwrite"]) as barrier:
+            summary = run_extract(utterances, model, out, cfg, backend=params["backend"],
+                                  overwrite=params["overwrite"], rank=rank, world_size=world_size,
+                                  weights_source=source or "", save_backbone=params["random_init"] and model is not None,
+                                  barrier=barrier, progress=not params["quiet"], ptm=ptm)
     except (ExtractError, CheckpointError, CorpusError, CacheError, AugmentError, PTMError) as err:
         raise click.ClickException(str(err))
-    finally:
-        if barrier is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     if rank == 0:
         ctx.params["views"] = cfg.views  # eval mode has one view whatever --views said
         write_resolved(ctx, Path(out) / "extract-config.yaml")

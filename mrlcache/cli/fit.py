@@ -10,12 +10,9 @@ from pathlib import Path
 
 import click
 
-from mrlcache.cli.options import verify_option
+from mrlcache.cli.options import COUNT, field_option, verify_option
 from mrlcache.config import CommaList, config_option
-from mrlcache.fit.config import CHOICES, EndToEndConfig, FitConfig
-from mrlcache.models import FUSIONS
-
-FUSION_NAMES = tuple(FUSIONS)  # the registry (mrlcache.models imports no torch)
+from mrlcache.fit.config import EndToEndConfig, FitConfig
 
 # Flags that switch off a dataclass option that is on by default: flag -> field.
 INVERTED = {"no_embed_backbone": "embed_backbone", "quiet": "progress"}
@@ -25,44 +22,12 @@ AUGMENT = ("noise_dir", "rir_dir", "speed_perturb")  # -> mrlcache.augment.Augme
 E2E_ONLY = tuple(f.name for f in dataclasses.fields(EndToEndConfig) if f.name != "augment") + AUGMENT
 
 
-def _default(cls, name):
-    return {f.name: f.default for f in dataclasses.fields(cls)}[name]
-
-
-def option(cls, name: str, help: str | None = None, flag: str | None = None, **kw):
-    """A click option for field ``name`` of ``cls``, with its default and choices from there."""
-    field = INVERTED.get(name, name)
-    default = _default(cls, field)
-    if name in INVERTED:  # --quiet is progress=False
-        kw.update(is_flag=True, default=not default)
-    elif isinstance(default, bool):
-        kw.update(is_flag=True, default=default)
-    else:
-        if name in CHOICES:
-            kw.setdefault("type", click.Choice(CHOICES[name]))
-        elif isinstance(default, tuple):
-            kw.setdefault("type", CommaList())
-        elif default is not None:
-            kw.setdefault("type", type(default))
-        kw["default"] = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        kw.setdefault("show_default", default is not None)
-    return click.option(flag or "--" + name.replace("_", "-"), name, help=help, **kw)
-
-
 def fit_option(name, help=None, **kw):
-    return option(FitConfig, name, help, **kw)
+    return field_option(FitConfig, name, help, inverted=INVERTED.get(name), **kw)
 
 
 def e2e_option(name, help=None, **kw):
-    return option(EndToEndConfig, name, "End to end: " + help if help else None, **kw)
-
-
-def _ints(text):
-    return tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
-
-
-def _floats(text):
-    return None if text in (None, "") else tuple(float(v) for v in str(text).replace(" ", "").split(",") if v)
+    return field_option(EndToEndConfig, name, "End to end: " + help if help else None, **kw)
 
 
 DIR = click.Path(exists=True, file_okay=False)
@@ -71,22 +36,21 @@ OPTIONS = [
     click.option("--cache", type=click.Path(file_okay=False), help="Feature cache from 'mrlcache extract'."),
     fit_option("dims", "Nested sizes, increasing; '256' alone: a fixed-size head."),
     click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory."),
-    fit_option("head", "Head, by name (mrlcache.models.HEADS): mrl (BN + linear over a pooled input; "
+    fit_option("head", "Head, by name (mrlcache.names.HEADS): mrl (BN + linear over a pooled input; "
                        "frames are mean+std pooled first) or ecapa (ECAPA-TDNN over frames)."),
     fit_option("inputs", "Cached streams the head reads, e.g. pooled | layers | fbank,f0 | layers,fbank,f0.",
                type=CommaList()),
     fit_option("fusion", "How several encoders join: concat | cross-attention | gating (needed when "
-                         "--inputs make more than one encoder).", type=click.Choice(FUSION_NAMES)),
+                         "--inputs make more than one encoder)."),
     fit_option("encoder_dim", "Width of the layer / handcrafted encoders and the fusion."),
     fit_option("ecapa_channels", "--head ecapa: block width."),
     fit_option("ecapa_scale", "--head ecapa: Res2 groups (divides --ecapa-channels)."),
     fit_option("ecapa_mfa_channels", "--head ecapa: width after multi-layer aggregation."),
     fit_option("ecapa_bottleneck", "--head ecapa: hidden width of SE and attentive pooling."),
-    fit_option("dim_weights", "Loss weight per dim, e.g. 1,1,1,1 [default: equal].", type=CommaList()),
+    fit_option("dim_weights", "Loss weight per dim, e.g. 1,1,1,1 [default: equal]."),
     fit_option("loss"),
     fit_option("margin", "AAM margin (radians) after warm-up."),
-    fit_option("margins", "One AAM margin per dim, e.g. 0.1,0.15,0.2,0.2 (replaces --margin; warmed up alike).",
-               type=str),
+    fit_option("margins", "One AAM margin per dim, e.g. 0.1,0.15,0.2,0.2 (replaces --margin; warmed up alike)."),
     fit_option("grad_scaling", "Scale each embedding coordinate's gradient by 1/(number of dims holding it)."),
     fit_option("fixed_baselines", "Also fit one fixed-size head per dim (RUN/fixed/D), same data and settings; "
                                   "'mrlcache eer' scores them as the system 'fixed'."),
@@ -122,8 +86,7 @@ OPTIONS = [
     fit_option("val_cache", "Validation cache (view 0 is used).", type=DIR),
     fit_option("val_trials", "Trial list naming --val-cache utterances.",
                type=click.Path(exists=True, dir_okay=False)),
-    fit_option("val_speakers", "Without --val-cache: held-out training speakers [default: 5%, 2..200]; 0: none.",
-               type=int),
+    fit_option("val_speakers", "Without --val-cache: held-out training speakers [default: 5%, 2..200]; 0: none."),
     fit_option("val_every"),
     fit_option("max_val_trials", "Held-out validation: at most this many trials (a seeded sample)."),
     fit_option("patience", "Stop after this many epochs without a better mean EER; 0: never."),
@@ -134,9 +97,8 @@ OPTIONS = [
     fit_option("precision", "bf16: CPU autocast, class-score matmuls in bf16 (float32 softmax); slower than "
                             "fp32 without AMX. CUDA always uses fp16 AMP."),
     fit_option("feature_dtype"),
-    fit_option("memory_gb", "Memory for features; beyond it they are streamed [default: half the free memory].",
-               type=float),
-    click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads [default: torch's]."),
+    fit_option("memory_gb", "Memory for features; beyond it they are streamed [default: half the free memory]."),
+    click.option("--threads", type=COUNT, default=None, help="Torch CPU threads [default: torch's]."),
     fit_option("weights", "Backbone file or model folder (when the cache does not carry it; end to end: the "
                "backbone).", type=click.Path(exists=True)),
     fit_option("no_embed_backbone", "model.pt refers to the backbone by name/path + SHA-256 instead of holding it."),
@@ -158,7 +120,7 @@ OPTIONS = [
     click.option("--rir-dir", type=DIR),
     click.option("--speed-perturb", is_flag=True),
     e2e_option("workers", "decoding workers."),
-    e2e_option("unfreeze_after", "train the backbone from this epoch.", type=int),
+    e2e_option("unfreeze_after", "train the backbone from this epoch."),
     e2e_option("backbone_lr"),
     e2e_option("grad_accum"),
 ]
@@ -207,59 +169,51 @@ def fit(ctx, **params):
     from mrlcache.backbone import CheckpointError
     from mrlcache.trials import TrialsError
 
-    cache, out, resume, threads = (params.pop(k) for k in ("cache", "out", "resume", "threads"))
+    out, resume, threads = (params.pop(k) for k in ("out", "resume", "threads"))
     if threads:
         torch.set_num_threads(threads)
     for flag, field in INVERTED.items():
         params[field] = not params.pop(flag)
-    try:
-        params["dims"] = _ints(params["dims"])
-    except ValueError:
-        raise click.BadParameter(f"{params['dims']!r}: expected comma-separated integers, e.g. 64,128,192,256",
-                                 param_hint="--dims")
-    try:
-        params["dim_weights"] = _floats(params["dim_weights"])
-    except ValueError:
-        raise click.BadParameter(f"{params['dim_weights']!r}: expected comma-separated numbers",
-                                 param_hint="--dim-weights")
-    try:
-        params["margins"] = _floats(params["margins"])
-    except ValueError:
-        raise click.BadParameter(f"{params['margins']!r}: expected comma-separated numbers, e.g. 0.1,0.15,0.2,0.2",
-                                 param_hint="--margins")
     params["inputs"] = tuple(s.strip() for s in params["inputs"].split(",") if s.strip())
-    noise_dir, rir_dir, speed = (params.pop(k) for k in AUGMENT)
     dims = params.pop("dims")
     try:
-        if end_to_end:
-            if cache or not params["data"]:
-                raise click.UsageError("--end-to-end trains on audio: give --data DIR (and no --cache)")
-            given = _given(ctx, CACHE_ONLY)
-            if given:
-                raise click.UsageError(f"{', '.join(given)} only apply to a fit on a cache, not --end-to-end")
-            from mrlcache.augment import AugmentConfig
-
-            if params["views"] > 1:
-                params["augment"] = AugmentConfig(noise_dir=noise_dir and str(Path(noise_dir).resolve()),
-                                                  rir_dir=rir_dir and str(Path(rir_dir).resolve()), speed=speed)
-            for name in CACHE_ONLY:
-                params.pop(name)
-            data = params.pop("data")
-            run = fit_end_to_end(data, dims, out, resume=resume, **params)
-        else:
-            if not cache:
-                raise click.UsageError("give --cache DIR (from 'mrlcache extract'), or --end-to-end --data DIR")
-            # End-to-end options given in cache mode would be silently ignored: refuse them.
-            given = _given(ctx, E2E_ONLY)
-            if given:
-                raise click.UsageError(f"{', '.join(given)} only apply with --end-to-end (cache mode reads "
-                                       "the views extract made)")
-            for name in E2E_ONLY:
-                params.pop(name, None)
-            run = run_fit(cache, dims, out, resume=resume, **params)
+        source = _for_mode(ctx, params, end_to_end)
+        run = (fit_end_to_end if end_to_end else run_fit)(source, dims, out, resume=resume, **params)
     except (FitError, ModelError, CacheError, CheckpointError, TrialsError) as err:
         raise click.ClickException(str(err))
     from mrlcache.distributed import env
 
     if env()[0] == 0:  # under torchrun: rank 0 wrote the run directory
         click.echo(str(Path(run) / "model.pt"))
+
+
+def _for_mode(ctx, params: dict, end_to_end: bool) -> str:
+    """What the fit reads (--data or --cache), leaving in ``params`` only the options of that mode.
+
+    An option of the other mode given by hand is refused: it would be silently ignored.
+    """
+    noise_dir, rir_dir, speed = (params.pop(k) for k in AUGMENT)
+    cache = params.pop("cache")
+    if end_to_end:
+        if cache or not params["data"]:
+            raise click.UsageError("--end-to-end trains on audio: give --data DIR (and no --cache)")
+        given = _given(ctx, CACHE_ONLY)
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply to a fit on a cache, not --end-to-end")
+        if params["views"] > 1:
+            from mrlcache.augment import AugmentConfig
+
+            params["augment"] = AugmentConfig(noise_dir=noise_dir and str(Path(noise_dir).resolve()),
+                                              rir_dir=rir_dir and str(Path(rir_dir).resolve()), speed=speed)
+        for name in CACHE_ONLY:
+            params.pop(name)
+        return params.pop("data")
+    if not cache:
+        raise click.UsageError("give --cache DIR (from 'mrlcache extract'), or --end-to-end --data DIR")
+    given = _given(ctx, E2E_ONLY)
+    if given:
+        raise click.UsageError(f"{', '.join(given)} only apply with --end-to-end (cache mode reads "
+                               "the views extract made)")
+    for name in E2E_ONLY:
+        params.pop(name, None)
+    return cache

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import click
 
+from mrlcache import names
+from mrlcache.cli.options import COUNT
 from mrlcache.config import config_option, write_resolved
 
 
@@ -18,11 +20,11 @@ from mrlcache.config import config_option, write_resolved
               help="Kaldi utt2spk naming every utterance's speaker [default: the file's labels, "
                    "else the first path component of VoxCeleb-style ids].")
 @click.option("--name", help="What the vectors are, recorded in cache.json [default: the input's name].")
-@click.option("--layout", type=click.Choice(["views", "layers"]),
+@click.option("--layout", type=click.Choice(names.LAYOUTS),
               help="What K is in (N, K, D) input: crops of each utterance (views), or backbone layers (the layers stream, for fit --inputs layers).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--shard-size", type=int, default=1000, show_default=True, help="Utterances per shard.")
-@click.option("--format", "backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
+@click.option("--dtype", type=click.Choice(names.DTYPES), default="float16", show_default=True)
+@click.option("--shard-size", type=COUNT, default=1000, show_default=True, help="Utterances per shard.")
+@click.option("--format", "backend", type=click.Choice(names.BACKENDS), default=names.BACKENDS[0], show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at --out.")
 @click.pass_context
 def import_vectors(ctx, vectors, ids_file, out, utt2spk, name, layout, dtype, shard_size, backend, overwrite):

@@ -4,25 +4,33 @@ from pathlib import Path
 
 import click
 
+from mrlcache.cli.options import SEED, Number
 from mrlcache.config import config_option
+from mrlcache.ranges import Range
+
+LENGTH = Number(Range(lo=0.1, unit="seconds"))
+
+
+def _at_least(n: int) -> Number:
+    return Number(Range(lo=n, integer=True))
 
 
 @click.command("make-corpus")
 @config_option
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--speakers", type=click.IntRange(min=3), default=40, show_default=True,
+@click.option("--speakers", type=_at_least(3), default=40, show_default=True,
               help="Total number of speakers (train + test).")
-@click.option("--utterances", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--utterances", type=_at_least(1), default=8, show_default=True,
               help="Utterances per speaker, spread over its videos.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Everything in the corpus is a function of the seed.")
-@click.option("--test-speakers", type=click.IntRange(min=2), default=None,
+@click.option("--test-speakers", type=_at_least(2), default=None,
               help="Speakers held out for the trial list [default: a quarter, at least 2].")
-@click.option("--videos", type=click.IntRange(min=2), default=2, show_default=True,
+@click.option("--videos", type=_at_least(2), default=2, show_default=True,
               help="Videos (recording channels) per speaker; target trials cross videos.")
-@click.option("--min-seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True)
-@click.option("--max-seconds", type=click.FloatRange(min=0.1), default=4.0, show_default=True)
-@click.option("--trials-per-speaker", type=click.IntRange(min=1), default=None,
+@click.option("--min-seconds", type=LENGTH, default=2.0, show_default=True)
+@click.option("--max-seconds", type=LENGTH, default=4.0, show_default=True)
+@click.option("--trials-per-speaker", type=_at_least(1), default=None,
               help="Target trials per test speaker (as many non-targets) [default: every "
                    "cross-video pair].")
 @click.option("--overwrite", is_flag=True, help="Replace a corpus previously written to OUT.")

@@ -1,46 +1,77 @@
-"""What the commands share about option values: ranges, the device check, one-line OS errors.
+"""What the commands share about option values: typed ranges, options made from config
+dataclasses, the device check, one-line OS errors.
 
 Every bad value is refused before any work starts, naming the option and the valid range
-(click prints ``Invalid value for '--max-seconds': -1.0 is not in the range x>0``).
+(``Invalid value for '--lr': inf is not a finite number > 0 and <= 10``): the ranges are
+those of :mod:`mrlcache.ranges`, declared beside each field's default in its config
+dataclass, and the library checks the same ranges for Python callers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+from pathlib import Path
 
 import click
 
-SECONDS = click.FloatRange(min=0, min_open=True)  # a duration: 0 or less never means "no cap"
-# --max-seconds: a cap must leave the model enough samples (mrlcache.audio.MIN_SAMPLES, 257
-# at 16 kHz; a test keeps the two in step). Not imported here: it keeps --help fast.
-CAP = click.FloatRange(min=0.02)
-COUNT = click.IntRange(min=1)  # views, threads, batch and shard sizes, dims
-WORKERS = click.IntRange(min=0)  # 0: decode in the main process
-SEED = click.IntRange(min=0)  # numpy's generators refuse negative seeds
+from mrlcache import ranges
+from mrlcache.config import CommaList
 
 
-class _Window(click.ParamType):
-    """``--window-seconds``: seconds (at least 1, MIN_WINDOW_SECONDS of mrlcache.streams.windows,
-    which ExtractConfig checks too) or ``none`` (one pass per utterance)."""
 
-    name = "seconds|none"
+class Number(click.ParamType):
+    """A number in a :class:`mrlcache.ranges.Range`: finite, in range, else one line naming both.
+
+    ``none_word``: the word (and YAML null) that means "unset", e.g. ``none`` for ``--window-seconds``.
+    """
+
+    def __init__(self, range: ranges.Range, none_word: str | None = None):
+        self.range, self.none_word = range, none_word
+        self.name = ("integer" if range.integer else "float") + (f"|{none_word}" if none_word else "")
 
     def convert(self, value, param, ctx):
-        if value is None or str(value).strip().lower() == "none":
-            return None  # YAML null or the word
+        if self.none_word and (value is None or str(value).strip().lower() == self.none_word):
+            return None
         try:
-            if isinstance(value, bool):
-                raise ValueError
-            seconds = float(value)
+            number = self.range.parse(value)
         except ValueError:
-            self.fail(f"{value!r} is not a number of seconds or 'none'", param, ctx)
-        if not seconds >= 1.0:
-            self.fail(f"{value} is below 1 second; give at least 1, or 'none' for one pass per utterance", param, ctx)
-        return seconds
+            self.fail(f"{value!r} is not {self.range.text()}"
+                      + (f", nor '{self.none_word}'" if self.none_word else ""), param, ctx)
+        if not self.range.ok(number):
+            self.fail(f"{value} is not {self.range.text()}"
+                      + (f", nor '{self.none_word}'" if self.none_word else ""), param, ctx)
+        return number
 
 
-WINDOW = _Window()
-WINDOW_DEFAULT = 300.0  # mrlcache.streams.windows.WINDOW_SECONDS (not imported: torch); a test keeps them equal
+class NumberList(CommaList):
+    """``64,128,192`` (or a YAML list) -> a tuple of numbers, each in ``range`` (:func:`mrlcache.ranges.parse_list`).
+
+    Empty text is refused unless ``allow_empty`` (then it is None, the option's "unset").
+    """
+
+    def __init__(self, range: ranges.Range, allow_empty: bool = False):
+        self.range, self.allow_empty = range, allow_empty
+        self.name = "integers" if range.integer else "numbers"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, tuple) and all(self.range.ok(v) for v in value):
+            return value
+        try:
+            return ranges.parse_list(value, self.range, "", allow_empty=self.allow_empty)
+        except ranges.RangeError as err:
+            self.fail(str(err).strip(), param, ctx)
+
+
+SECONDS = Number(ranges.SECONDS)
+CAP = Number(ranges.CAP_SECONDS)  # --max-seconds
+COUNT = Number(ranges.COUNT)  # views, threads, batch and shard sizes, dims
+WORKERS = Number(ranges.NON_NEGATIVE_INT)  # 0: decode in the main process
+SEED = Number(ranges.SEED)
+PROBABILITY = Number(ranges.PROBABILITY)  # --prior, --far
+DIMS = NumberList(ranges.COUNT)  # --dims of the commands that score or export a model
+WINDOW = Number(ranges.WINDOW_SECONDS, none_word="none")
+WINDOW_DEFAULT = ranges.DEFAULT_WINDOW_SECONDS  # mrlcache.streams.windows.WINDOW_SECONDS
 WINDOW_HELP = ("Whole utterances longer than this are embedded window by window and the pooled statistics "
                "combined, so memory stays that of one window; 'none': one pass each (memory grows with length).")
 
@@ -49,6 +80,93 @@ def window_option(command):
     """``--window-seconds`` with the project default (mrlcache.streams.windows.WINDOW_SECONDS)."""
     return click.option("--window-seconds", type=WINDOW, default=WINDOW_DEFAULT, show_default=True,
                         help=WINDOW_HELP)(command)
+
+
+def field_option(cls, name: str, help: str | None = None, flag: str | None = None, inverted: str | None = None,
+                 param: str | None = None, **kw):
+    """A click option for field ``name`` of config dataclass ``cls``: default, choices and range from there.
+
+    ``inverted``: the field a flag switches off (``--quiet`` sets ``progress`` to False).
+    ``param``: the parameter (and config-file key) name when it is not the field's.
+    Anything in ``kw`` (a ``type``, ``show_default``) overrides what the field gives.
+    """
+    field = {f.name: f for f in dataclasses.fields(cls)}[inverted or name]
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    rng, allowed = field.metadata.get("range"), field.metadata.get("choices")
+    if inverted:
+        kw.update(is_flag=True, default=not default)
+    elif isinstance(default, bool):
+        kw.update(is_flag=True, default=default)
+    else:
+        if allowed:
+            kw.setdefault("type", click.Choice(allowed))
+        elif rng is not None and (isinstance(default, tuple) or field.metadata.get("many")):
+            kw.setdefault("type", NumberList(rng, allow_empty=default is None))
+        elif rng is not None:
+            kw.setdefault("type", Number(rng))
+        elif isinstance(default, tuple):
+            kw.setdefault("type", CommaList())
+        elif default is not None:
+            kw.setdefault("type", type(default))
+        kw["default"] = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        kw.setdefault("show_default", default is not None)
+    flags = flag if isinstance(flag, (list, tuple)) else [flag or ranges.flag(name)]
+    return click.option(*flags, param or name, help=help, **kw)
+
+
+# The scorer's options, shared by eer and calibrate: parameter name -> ScoreConfig field.
+SCORE_PARAMS = {"center_cache": "center", "asnorm_cohort": "asnorm_cohort", "asnorm_topk": "asnorm_topk",
+                "snorm_cohort": "snorm_cohort"}
+
+
+def score_options(command):
+    """``--center``, ``--asnorm-cohort``, ``--asnorm-topk`` (also ``--topk``), ``--snorm-cohort``
+    from :class:`mrlcache.scorer.ScoreConfig`; :func:`score_config` collects them."""
+    from mrlcache.scorer import ScoreConfig
+
+    cache = click.Path(exists=True, file_okay=False)
+    for option in reversed([
+        field_option(ScoreConfig, "center", "Training cache whose mean embedding is subtracted before scoring.",
+                     param="center_cache", type=cache),
+        field_option(ScoreConfig, "asnorm_cohort", "Training cache whose per-speaker means form the AS-Norm "
+                     "cohort (with a calibration: its score means are quality measures).", type=cache),
+        field_option(ScoreConfig, "asnorm_topk", "AS-Norm top-k cohort scores.", flag=("--asnorm-topk", "--topk")),
+        field_option(ScoreConfig, "snorm_cohort", "Training cache whose per-speaker means form the S-Norm cohort "
+                     "(all of it; not with --asnorm-cohort).", type=cache),
+    ]):
+        command = option(command)
+    return command
+
+
+def score_config(params: dict):
+    """The :class:`mrlcache.scorer.ScoreConfig` of a command's parameters (removed from ``params``)."""
+    from mrlcache.scorer import ScoreConfig
+    from mrlcache.trial_vectors import EvaluateError
+
+    try:
+        return ScoreConfig(**{field: params.pop(name) for name, field in SCORE_PARAMS.items()})
+    except EvaluateError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def check_plot(path) -> None:
+    """Refuse a ``--plot`` file matplotlib cannot write (no matplotlib, or an unknown image type)."""
+    if path is None:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise click.ClickException("--plot needs matplotlib, a dependency of mrlcache that is missing here: "
+                                   "pip install 'matplotlib>=3.9'")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in kinds:
+        raise click.BadParameter(f"{path}: {'no' if not suffix else 'unknown'} image type "
+                                 f"{'.' + suffix if suffix else ''}; end the name with one of "
+                                 f"{', '.join('.' + k for k in sorted(kinds))}", param_hint="'--plot'")
 
 
 def check_device(name: str) -> str:

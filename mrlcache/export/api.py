@@ -20,13 +20,13 @@ def _format(name: str):
 
 
 def _dims(model, dims) -> tuple[int, ...]:
-    if dims is None:
-        return tuple(model.dims)
-    dims = tuple(sorted({int(d) for d in dims}))
-    bad = [d for d in dims if d not in model.dims]
-    if bad or not dims:
-        raise ExportError(f"dims {bad or list(dims)}: the model was trained for dims {list(model.dims)}")
-    return dims
+    from mrlcache.dims import select_dims
+    from mrlcache.ranges import RangeError
+
+    try:
+        return tuple(select_dims(dims, model.dims, flag="dims"))
+    except RangeError as err:
+        raise ExportError(str(err)) from None
 
 
 def _metadata(net: ExportableModel, model, dims) -> dict:

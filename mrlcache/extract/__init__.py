@@ -6,7 +6,18 @@ docstring for the data path, determinism and scale-out.
 """
 
 from mrlcache.extract.config import ExtractConfig, ExtractError
-from mrlcache.extract.data import shard_batches
-from mrlcache.extract.run import BACKBONE_FILE, cache_meta, extract
+
+_LAZY = {"shard_batches": "mrlcache.extract.data", "BACKBONE_FILE": "mrlcache.extract.run",
+         "cache_meta": "mrlcache.extract.run", "extract": "mrlcache.extract.run"}
+
+
+def __getattr__(name):
+    # The pass imports torch; the config does not, so the command line reads ExtractConfig
+    # (its options' defaults and ranges) without loading torch for --help.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mrlcache.extract' has no attribute {name!r}")
 
 __all__ = ["BACKBONE_FILE", "ExtractConfig", "ExtractError", "cache_meta", "extract", "shard_batches"]

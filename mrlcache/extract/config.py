@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mrlcache.augment import AugmentConfig
-from mrlcache.runtime import PRECISIONS
-from mrlcache.streams.windows import MIN_WINDOW_SECONDS, WINDOW_SECONDS
+from mrlcache import names
+from mrlcache.ranges import (CAP_SECONDS, COUNT, DEFAULT_WINDOW_SECONDS, NON_NEGATIVE_INT, SECONDS, SEED,
+                             WINDOW_SECONDS, bounded, check_choices, check_fields, choice)
+
+
+def _no_augment_settings():
+    from mrlcache.augment import AugmentConfig  # numpy and the audio stack: not for --help
+
+    return AugmentConfig()
 
 
 class ExtractError(Exception):
@@ -48,25 +54,25 @@ class ExtractConfig:
             onnxruntime on the CPU: 1.4-4.4x faster here; pooled stream, float32 only).
     """
 
-    mode: str = "train"
-    views: int = 4
-    crop_seconds: float = 2.0
-    max_seconds: float | None = None
-    window_seconds: float | None = WINDOW_SECONDS
-    min_seconds: float = 0.5
-    seed: int = 0
-    shard_size: int = 1000
-    dtype: str = "float16"
-    batch_size: int | None = None
-    workers: int | None = None
+    mode: str = choice("train", names.MODES)
+    views: int = bounded(4, COUNT)
+    crop_seconds: float = bounded(2.0, SECONDS)
+    max_seconds: float | None = bounded(None, CAP_SECONDS)
+    window_seconds: float | None = bounded(DEFAULT_WINDOW_SECONDS, WINDOW_SECONDS)
+    min_seconds: float = bounded(0.5, SECONDS)
+    seed: int = bounded(0, SEED)
+    shard_size: int = bounded(1000, COUNT)
+    dtype: str = choice("float16", names.DTYPES)
+    batch_size: int | None = bounded(None, COUNT)
+    workers: int | None = bounded(None, NON_NEGATIVE_INT)
     device: str = "auto"
-    precision: str = "auto"
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    precision: str = choice("auto", names.PRECISIONS)
+    augment: AugmentConfig = field(default_factory=_no_augment_settings)
     streams: str = "pooled"
     layers_pooled: bool = False
-    ptm: str | None = None
+    ptm: str | None = choice(None, names.PTMS)
     ptm_weights: str | None = None
-    engine: str = "torch"  # torch | onnxruntime (CPU, pooled only; recorded in cache.json)
+    engine: str = choice("torch", names.ENGINES)  # onnxruntime: CPU, pooled only; recorded in cache.json
 
     @property
     def stream_names(self) -> tuple[str, ...]:
@@ -85,33 +91,20 @@ class ExtractConfig:
         return "pooled" in self.stream_names or ("layers" in self.stream_names and not self.ptm)
 
     def __post_init__(self):
-        from mrlcache.streams import PTMS, StreamError
+        from mrlcache.streams import StreamError
 
         try:
-            names = self.stream_names
+            streams = self.stream_names
         except StreamError as err:
             raise ExtractError(str(err)) from None
-        if self.layers_pooled and "layers" not in names:
+        if self.layers_pooled and "layers" not in streams:
             raise ExtractError("--layers-pooled applies to the layers stream: add layers to --streams")
-        if self.ptm is not None and self.ptm not in PTMS:
-            raise ExtractError(f"--ptm {self.ptm}: unknown; use one of {', '.join(PTMS)}")
+        check_choices(self, ExtractError)
         if self.ptm_weights is not None and self.ptm is None:
             raise ExtractError("--ptm-weights needs --ptm NAME (the model the file holds)")
-        if self.mode not in ("train", "eval"):
-            raise ExtractError(f"mode must be 'train' or 'eval', got {self.mode!r}")
         if self.mode == "eval":
             self.views = 1
-        if self.views < 1 or self.shard_size < 1 or (self.batch_size is not None and self.batch_size < 1):
-            raise ExtractError("views, shard-size and batch-size must be at least 1")
-        if self.window_seconds is not None and not self.window_seconds >= MIN_WINDOW_SECONDS:
-            raise ExtractError(f"--window-seconds {self.window_seconds}: give at least {MIN_WINDOW_SECONDS:g} "
-                               "seconds, or none for one pass per utterance")
-        if self.mode == "train" and not self.crop_seconds > 0:
-            raise ExtractError(f"crop-seconds must be positive, got {self.crop_seconds}")
-        if self.precision not in PRECISIONS:
-            raise ExtractError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.engine not in ("torch", "onnxruntime"):
-            raise ExtractError(f"--engine {self.engine}: choose torch or onnxruntime")
+        check_fields(self, ExtractError)
         if self.engine == "onnxruntime" and (self.stream_names != ("pooled",) or self.precision not in ("auto", "fp32")):
             raise ExtractError("--engine onnxruntime computes the pooled stream in float32: use --streams pooled "
                                "and --precision auto|fp32, or the torch engine")

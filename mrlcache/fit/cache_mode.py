@@ -62,12 +62,14 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         cache = cache_mod.open(cache_dir)
     else:
         cache_dir = Path(cache.path) if getattr(cache, "path", None) else None
-    if tuple(cfg.inputs) != ("pooled",) or head_class(cfg.head).reads != "vector":  # a model on cached streams
+    records = input_records(cache, cfg.inputs, f"--cache {cache_dir}")
+    one_vector = len(records) == 1 and all(r.kind == "vector" and len(r.shape) == 1 for r in records.values())
+    if not one_vector or head_class(cfg.head).reads != "vector":  # encoders, fusion or a frame head
         from mrlcache.fit.stream_mode import fit_streams
 
         return fit_streams(cache, cache_dir, cfg, out, backbone=backbone, resume=resume)
     meta = dict(cache.meta)
-    pooled_dim = int(cache.dim)
+    pooled_dim = int(next(iter(records.values())).shape[0])  # the one vector stream the head reads
     if cfg.dims[-1] > pooled_dim:
         raise FitError(f"dims {list(cfg.dims)}: largest dim exceeds the cached pooled size {pooled_dim}")
     device = device_for(cfg)

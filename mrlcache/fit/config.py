@@ -14,100 +14,85 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from mrlcache import names
+from mrlcache.ranges import (COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, SECONDS, Range, bounded,
+                             check_choices, check_fields, choice)
 
 
 class FitError(ValueError):
     """Options or inputs a fit cannot run with; the message names the fix."""
 
 
-# Named choices, one place: FitConfig.check and the CLI's click.Choice read these.
-CHOICES = {"init": ("random", "published"), "init_rotation": ("pca", "lda"),
-           "objective": ("auto", "margin", "adaptor", "adaptor-supervised"), "optimizer": ("adamw", "sgd"), "scheduler": ("cosine", "plateau"), "loss": ("aam", "softmax"),
-           "classifier": ("shared", "per-dim"), "device": ("auto", "cpu", "cuda"),
-           "precision": ("fp32", "bf16"), "feature_dtype": ("float16", "float32")}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _require(cfg, rules: dict) -> None:
-    """``rules``: option name -> (test, "range text"); None values are left alone."""
-    for name, (ok, text) in rules.items():
-        value = getattr(cfg, name)
-        if value is not None and not ok(value):
-            raise FitError(f"{_flag(name)} {value}: must be {text}")
-
-
 MARGIN_DEFAULT = 0.2  # FitConfig.margin's default: --margins may replace it
+MARGIN = Range(lo=0, hi=1.5, unit="radians")  # beyond pi/2 the target logit is no longer the largest
+LEARNING_RATE = Range(lo=0, hi=10, lo_open=True)
 
 
 @dataclass
 class FitConfig:
     """Every option both modes share; names match the ``mrlcache fit`` options."""
 
-    dims: tuple[int, ...] = (64, 128, 192, 256)
-    head: str = "mrl"  # a name in mrlcache.models.HEADS
+    dims: tuple[int, ...] = bounded((64, 128, 192, 256), COUNT)
+    head: str = choice("mrl", names.HEADS)  # a name in mrlcache.models.HEADS
     inputs: tuple[str, ...] = ("pooled",)  # cached streams the head reads (mrlcache.streams names)
-    fusion: str | None = None  # concat | cross-attention | gating: needed when inputs make several encoders
-    encoder_dim: int = 256  # width of the layer / handcrafted encoders and of the fusion
-    ecapa_channels: int = 512  # ECAPA-TDNN block width (--head ecapa)
-    ecapa_scale: int = 8  # Res2 groups; divides ecapa_channels
-    ecapa_mfa_channels: int = 1536  # width after multi-layer aggregation
-    ecapa_bottleneck: int = 128  # hidden width of the SE and pooling attention
+    fusion: str | None = choice(None, names.FUSIONS)  # needed when inputs make several encoders
+    encoder_dim: int = bounded(256, COUNT)  # width of the layer / handcrafted encoders and of the fusion
+    ecapa_channels: int = bounded(512, COUNT)  # ECAPA-TDNN block width (--head ecapa)
+    ecapa_scale: int = bounded(8, COUNT)  # Res2 groups; divides ecapa_channels
+    ecapa_mfa_channels: int = bounded(1536, COUNT)  # width after multi-layer aggregation
+    ecapa_bottleneck: int = bounded(128, COUNT)  # hidden width of the SE and pooling attention
     # Nested dims from the encoder's own embedding (mrlcache.fit.adaptor): the head's start,
     # the rotation that orders the published dims, and the objective (margin: a head trained by
     # the margin loss; adaptor: a rotation (+ residual MLP) of the published embedding trained to
     # preserve its similarities, no labels; adaptor-supervised: that plus the margin loss).
-    init: str = "random"  # random | published (cache mode, --head mrl on pooled)
-    init_rotation: str = "pca"  # pca | lda
+    init: str = choice("random", names.INITS)  # random | published (cache mode, --head mrl on pooled)
+    init_rotation: str = choice("pca", names.INIT_ROTATIONS)  # pca | lda
     init_center: bool = False  # start from the published embedding minus its training mean (default: as it is)
     # auto: adaptor-supervised on imported vectors (what measured best there, benchmarks/README.md),
     # margin otherwise
-    objective: str = "auto"  # auto | margin | adaptor | adaptor-supervised
-    adaptor_hidden: int = 0  # residual MLP width of the adaptor; 0: rotation only
-    adaptor_topk: int = 10  # nearest neighbours per row in the adaptor's top-k term
-    epochs: int = 30
-    batch_size: int = 256
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 2e-3
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 1e-2
-    scheduler: str = "cosine"  # cosine (per step, linear warm-up) | plateau (on val mean EER)
-    warmup_epochs: float = 1.0
-    grad_clip: float = 5.0  # max gradient norm; 0 disables
-    loss: str = "aam"  # aam | softmax
-    margin: float = MARGIN_DEFAULT
-    margins: tuple[float, ...] | None = None  # one margin per dim (replaces margin, warmed up alike)
+    objective: str = choice("auto", names.OBJECTIVES)  # auto | margin | adaptor | adaptor-supervised
+    adaptor_hidden: int = bounded(0, NON_NEGATIVE_INT)  # residual MLP width of the adaptor; 0: rotation only
+    adaptor_topk: int = bounded(10, COUNT)  # nearest neighbours per row in the adaptor's top-k term
+    epochs: int = bounded(30, COUNT)
+    batch_size: int = bounded(256, Range(lo=2, integer=True))  # BatchNorm needs two rows
+    optimizer: str = choice("adamw", names.OPTIMIZERS)
+    lr: float = bounded(2e-3, LEARNING_RATE)
+    momentum: float = bounded(0.9, Range(lo=0, hi=1, hi_open=True))  # sgd only
+    weight_decay: float = bounded(1e-2, Range(lo=0, hi=10))
+    scheduler: str = choice("cosine", names.SCHEDULERS)  # cosine (per step, linear warm-up) | plateau (val EER)
+    warmup_epochs: float = bounded(1.0, NON_NEGATIVE)
+    grad_clip: float = bounded(5.0, NON_NEGATIVE)  # max gradient norm; 0 disables
+    loss: str = choice("aam", names.LOSSES)
+    margin: float = bounded(MARGIN_DEFAULT, MARGIN)
+    margins: tuple[float, ...] | None = bounded(None, MARGIN, many=True)  # one per dim (replaces margin, warmed up alike)
     grad_scaling: bool = False  # scale each coordinate's gradient by 1 / (number of dims holding it)
     fixed_baselines: bool = False  # also fit one fixed-size head per dim, into RUN/fixed/D (cache mode)
-    scale: float = 32.0
-    margin_warmup_epochs: int = 5  # margin grows linearly from 0 over these epochs
-    subcenters: int = 1
-    classifier: str = "shared"  # shared | per-dim
-    class_sample: float = 1.0  # share of classes in each step's softmax (Partial FC); 1: all
-    dim_weights: tuple[float, ...] | None = None
+    scale: float = bounded(32.0, Range(lo=0, hi=1000, lo_open=True))
+    margin_warmup_epochs: int = bounded(5, NON_NEGATIVE_INT)  # margin grows linearly from 0 over these epochs
+    subcenters: int = bounded(1, COUNT)
+    classifier: str = choice("shared", names.CLASSIFIERS)
+    class_sample: float = bounded(1.0, Range(lo=0, hi=1, lo_open=True))  # share of classes per step; 1: all
+    dim_weights: tuple[float, ...] | None = bounded(None, NON_NEGATIVE, many=True)
     val_cache: str | None = None
     val_trials: str | None = None
-    val_speakers: int | None = None  # None: automatic (5% of speakers, 2..200); 0: no validation
-    val_every: int = 1
-    max_val_trials: int = 50000
-    patience: int = 0  # epochs without a better mean EER before stopping; 0: never stop
-    min_delta: float = 0.0  # a mean EER counts as better for patience when lower by more than this
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16 (CPU autocast: bf16 matmuls, fp32 softmax); CUDA: fp16 AMP
-    feature_dtype: str = "float16"  # in-memory feature dtype (cache mode)
-    memory_gb: float | None = None  # None: half the available memory (cache mode)
+    val_speakers: int | None = bounded(None, NON_NEGATIVE_INT)  # None: 5% of speakers, 2..200; 0: none
+    val_every: int = bounded(1, COUNT)
+    max_val_trials: int = bounded(50000, COUNT)
+    patience: int = bounded(0, NON_NEGATIVE_INT)  # epochs without a better mean EER before stopping; 0: never
+    min_delta: float = bounded(0.0, Range(lo=0, hi=1, hi_open=True))  # an EER fraction, e.g. 0.001
+    seed: int = bounded(0, SEED)
+    device: str = choice("auto", names.DEVICES)
+    precision: str = choice("fp32", names.FIT_PRECISIONS)  # bf16: CPU autocast; CUDA: fp16 AMP
+    feature_dtype: str = choice("float16", names.DTYPES)  # in-memory feature dtype (cache mode)
+    memory_gb: float | None = bounded(None, POSITIVE)  # None: half the available memory (cache mode)
     embed_backbone: bool = True
     weights: str | None = None  # backbone file (cache mode: when the cache does not carry it)
     head_only: bool = False  # model.pt without a backbone (vectors from no known backbone)
     progress: bool = True
-    dist_timeout: float = 1800.0  # torchrun: seconds a rank waits for the others before the fit stops
+    dist_timeout: float = bounded(1800.0, POSITIVE)  # torchrun: seconds a rank waits for the others before the fit stops
 
     def check(self) -> None:
         """Raise FitError for an option value no fit can use."""
-        from mrlcache.models import HEADS
         from mrlcache.models.matryoshka import check_dims
 
         try:
@@ -119,46 +104,18 @@ class FitConfig:
         if self.head in STARTED_HEADS:
             raise FitError(f"--head {self.head}: this head starts from the encoder's published embedding; "
                            "fit it with --init published (warm) or --objective adaptor (adaptor), --head mrl")
-        if self.head not in HEADS:
-            names = sorted(set(HEADS) - set(STARTED_HEADS))
-            raise FitError(f"--head {self.head}: choose one of {', '.join(names)}")
         self._check_inputs()
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise FitError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        for name in ("epochs", "batch_size", "val_every", "subcenters"):
-            if int(getattr(self, name)) < 1:
-                raise FitError(f"{name}={getattr(self, name)}: must be >= 1")
-        if not 0 < float(self.class_sample) <= 1:
-            raise FitError(f"class_sample={self.class_sample}: give a share of the classes in (0, 1], e.g. 0.5")
-        if self.batch_size < 2:
-            raise FitError("batch_size must be >= 2 (BatchNorm needs two rows)")
-        _require(self, {
-            "lr": (lambda v: v > 0, "> 0"), "scale": (lambda v: v > 0, "> 0"),
-            "margin": (lambda v: v >= 0, ">= 0 (radians)"), "grad_clip": (lambda v: v >= 0, ">= 0 (0: off)"),
-            "warmup_epochs": (lambda v: v >= 0, ">= 0"), "margin_warmup_epochs": (lambda v: v >= 0, ">= 0"),
-            "patience": (lambda v: v >= 0, ">= 0 (0: never stop)"), "weight_decay": (lambda v: v >= 0, ">= 0"),
-            "momentum": (lambda v: v >= 0, ">= 0"), "memory_gb": (lambda v: v > 0, "> 0 (GB)"),
-            "val_speakers": (lambda v: v >= 0, ">= 0 (0: no validation)"),
-            "max_val_trials": (lambda v: v >= 1, ">= 1"),
-            "min_delta": (lambda v: v >= 0, ">= 0 (an EER fraction, e.g. 0.001)"),
-            "encoder_dim": (lambda v: v >= 1, ">= 1"), "ecapa_channels": (lambda v: v >= 1, ">= 1"),
-            "ecapa_scale": (lambda v: v >= 1, ">= 1"), "ecapa_mfa_channels": (lambda v: v >= 1, ">= 1"),
-            "ecapa_bottleneck": (lambda v: v >= 1, ">= 1"),
-            "adaptor_hidden": (lambda v: v >= 0, ">= 0 (0: rotation only)"),
-            "adaptor_topk": (lambda v: v >= 1, ">= 1"),
-            "dist_timeout": (lambda v: v > 0, "> 0 (seconds)"),
-        })
+        check_choices(self, FitError)
+        check_fields(self, FitError)
         if self.starts_from_published and (self.head != "mrl" or tuple(self.inputs) != ("pooled",)):
             raise FitError(f"--init {self.init} --objective {self.objective}: start from the published "
                            f"embedding with --head mrl on --inputs pooled, not --head {self.head} on "
                            f"{','.join(self.inputs)}")
-
         if self.dim_weights is not None:
             weights = list(self.dim_weights)
             if len(weights) != len(self.dims):
                 raise FitError(f"dim_weights {weights}: give one weight per dim in {list(self.dims)}")
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
+            if sum(weights) <= 0:
                 raise FitError(f"--dim-weights {','.join(map(str, weights))}: must be >= 0 each, not all zero")
         self._check_nested()
         if (self.val_cache is None) != (self.val_trials is None):
@@ -179,8 +136,6 @@ class FitConfig:
             if len(margins) != len(self.dims):
                 raise FitError(f"--margins {text}: give one margin per dim in {list(self.dims)} "
                                f"({len(self.dims)} values, not {len(margins)})")
-            if any(not m >= 0 for m in margins):
-                raise FitError(f"--margins {text}: each must be >= 0 (radians)")
             if self.margin not in (MARGIN_DEFAULT, max(margins)):
                 raise FitError(f"--margin {self.margin} and --margins {text}: give one of them "
                                "(--margins sets the largest margin)")
@@ -194,8 +149,7 @@ class FitConfig:
     def _check_inputs(self) -> None:
         """--inputs names known streams, once each; --fusion a known fusion (the geometry is
         checked against the cache by mrlcache.models.streams)."""
-        from mrlcache.models import FUSIONS
-        from mrlcache.streams import STREAMS
+        from mrlcache.names import STREAMS
 
         if isinstance(self.inputs, str):
             self.inputs = tuple(s.strip() for s in self.inputs.split(",") if s.strip())
@@ -208,8 +162,6 @@ class FitConfig:
                            f"use names of {', '.join(STREAMS)}")
         if len(set(self.inputs)) != len(self.inputs):
             raise FitError(f"--inputs {','.join(self.inputs)}: a stream is listed twice")
-        if self.fusion is not None and self.fusion not in FUSIONS:
-            raise FitError(f"--fusion {self.fusion}: choose one of {', '.join(FUSIONS)}")
 
     def to_dict(self) -> dict:
         """Plain YAML/JSON-ready dict (tuples as lists)."""
@@ -230,23 +182,18 @@ class EndToEndConfig:
     random_init: bool = False  # the variant with random weights from the seed
     train_type: str = "ptn"
     dataset: str = "vox2"
-    crop_seconds: float = 2.0
-    min_seconds: float = 0.5  # shorter files are left out as too_short, as extract
-    views: int = 4  # views per utterance, drawn as extract draws them
+    crop_seconds: float = bounded(2.0, SECONDS)
+    min_seconds: float = bounded(0.5, Range(lo=0, unit="seconds"))  # shorter files are left out, as extract
+    views: int = bounded(4, COUNT)  # views per utterance, drawn as extract draws them
     augment: Any = None  # mrlcache.augment.AugmentConfig, or None (clean crops)
-    workers: int = 2  # DataLoader workers decoding and augmenting
-    unfreeze_after: int | None = None  # train the backbone from this epoch on; None: frozen
-    backbone_lr: float = 1e-5
-    grad_accum: int = 1  # batches per optimiser step
+    workers: int = bounded(2, NON_NEGATIVE_INT)  # DataLoader workers decoding and augmenting
+    unfreeze_after: int | None = bounded(None, NON_NEGATIVE_INT)  # backbone trains from this epoch; None: frozen
+    backbone_lr: float = bounded(1e-5, LEARNING_RATE)
+    grad_accum: int = bounded(1, COUNT)  # batches per optimiser step
 
     def check(self, weights: str | None) -> None:
         """Raise FitError for a value no end-to-end fit can use (``weights``: FitConfig.weights)."""
-        _require(self, {
-            "views": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"),
-            "crop_seconds": (lambda v: v > 0, "> 0"), "min_seconds": (lambda v: v >= 0, ">= 0"),
-            "workers": (lambda v: v >= 0, ">= 0"), "backbone_lr": (lambda v: v > 0, "> 0"),
-            "unfreeze_after": (lambda v: v >= 0, ">= 0 (omit it to keep the backbone frozen)"),
-        })
+        check_fields(self, FitError)
         if sum(bool(x) for x in (self.variant, weights)) != 1:
             raise FitError("end-to-end mode needs exactly one of --variant NAME or --weights PATH")
 

@@ -46,11 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrlcache.fit.config import CHOICES
 from mrlcache.fit.fused import MarginCrossEntropy, PrefixScores, ScaleGrad, Scratch
 from mrlcache.models.matryoshka import check_dims
-
-CLASSIFIERS, KINDS = CHOICES["classifier"], CHOICES["loss"]  # named once, in the fit's options
+from mrlcache.names import CLASSIFIERS  # shared, per-dim
+from mrlcache.names import LOSSES as KINDS  # aam, softmax
 
 
 def sample_classes(labels: torch.Tensor, num_classes: int, rate: float, generator: torch.Generator) -> torch.Tensor:

@@ -23,7 +23,7 @@ from mrlcache.interop.readers import InteropError, folder_npy_files, ids_file_fo
 from mrlcache.runtime import publish_dir, publish_files, sha256_file, temp_dir, temp_file, write_aside
 from mrlcache.streams.record import StreamRecord
 
-FORMATS = ("npy", "kaldi", "npz")
+from mrlcache.names import VECTOR_FORMATS as FORMATS  # noqa: E402 (npy, kaldi, npz)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -190,9 +190,13 @@ def export_vectors(cache, model=None, dim: int | None = None, view: int = 0):
             raise InteropError(f"--dim {dim}: raw vectors are {cache.dim}-dimensional; give --model to project them")
         dim = cache.dim
     else:
-        dim = model.dims[-1] if dim is None else int(dim)
-        if dim not in model.dims:
-            raise InteropError(f"--dim {dim}: the model was trained for dims {list(model.dims)}")
+        from mrlcache.dims import select_dim
+        from mrlcache.ranges import RangeError
+
+        try:
+            dim = select_dim(dim, model.dims)
+        except RangeError as err:
+            raise InteropError(str(err)) from None
         if model.head.pooled_dim != cache.dim:
             raise InteropError(f"the model's head takes {model.head.pooled_dim} dims, the cache {cache.path} holds {cache.dim}")
         record = cache.meta.get("backbone") if isinstance(cache.meta.get("backbone"), dict) else {}

@@ -36,8 +36,10 @@ import torch
 from mrlcache.audio import SAMPLE_RATE
 from mrlcache.streams.layers import mean_std, redimnet_layers, redimnet_pooled_from_layers
 
-WINDOW_SECONDS = 300.0  # default: no VoxCeleb utterance is split; a 2-hour file is 24 passes
-MIN_WINDOW_SECONDS = 1.0
+from mrlcache.ranges import DEFAULT_WINDOW_SECONDS as WINDOW_SECONDS  # 300: a 2-hour file is 24 passes
+from mrlcache.ranges import WINDOW_SECONDS as _WINDOW_RANGE
+
+MIN_WINDOW_SECONDS = _WINDOW_RANGE.lo
 
 
 def num_windows(num_samples: int, window_seconds: float | None) -> int:

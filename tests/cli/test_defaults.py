@@ -54,12 +54,12 @@ LIBRARY = {
 
 # Options with no library counterpart: inputs, outputs, and choices the command itself makes.
 COMMAND_ONLY = {
-    "extract": {"data", "list_file", "utt2spk", "out", "backend", "variant", "train_type", "dataset", "weights",
+    "extract": {"data", "list_file", "utt2spk", "out", "backend", "backbone_name", "variant", "train_type", "dataset", "weights",
                 "random_init", "threads", "rank", "world_size", "overwrite", "quiet"},
     "eer": {"model_path", "trials_path", "cache_dir", "data_dir", "dims", "baselines", "pca_cache", "center_cache",
             "asnorm_cohort", "snorm_cohort", "calibration_path", "json_out", "plot_out"},
     "embed": {"model_path", "inputs", "dim", "out", "fmt", "max_seconds", "device", "engine", "overwrite"},
-    "demo": {"out", "quick", "weights", "variant"},
+    "demo": {"out", "quick", "backbone_name", "weights", "variant"},
 }
 
 

@@ -208,7 +208,8 @@ def test_library_scores_trials_without_the_cli(setup, tmp_path):
     from mrlcache.trials import read_trials
 
     root, utts = setup
-    assert cli_eer.SYSTEMS == ev.SYSTEMS
+    baseline = next(p for p in cli_eer.eer.params if p.name == "baselines")
+    assert tuple(baseline.type.choices) == ev.SYSTEMS[1:]  # the CLI's choices are the library's systems
     model = load_model(root / "model.pt")
     trials = read_trials(root / "trials.txt")
     v = ev.pooled_from_cache(ev.open_cache_for(root / "cache", model), trials)
@@ -301,7 +302,7 @@ def test_plot_needs_matplotlib(setup, tmp_path):
         import matplotlib  # noqa: F401
     except ImportError:
         result = run(*args)
-        assert result.exit_code != 0 and "pip install 'mrlcache[plot]'" in result.output
+        assert result.exit_code != 0 and "pip install 'matplotlib>=3.9'" in result.output
     else:
         result = run(*args)
         assert result.exit_code == 0, result.output
@@ -366,3 +367,40 @@ def test_audio_mode_skips_short_and_silent_files_as_extract_does(setup, tmp_path
     assert "too_short" in result.output and "silent" in result.output
     result = run("eer", "--model", root / "model.pt", "--trials", trials, "--data", data, "--skip-missing")
     assert result.exit_code == 0 and "skipped 2 of 68 trials" in result.output, result.output
+
+
+def test_one_scorer_gives_eer_and_calibrate_the_same_scores(setup):
+    """calibrate fits on Scorer.scores, eer reports Scorer.evaluate: with a cohort, the EER of
+    each dim's scores must be the eer row's (before, calibrate rebuilt the set-up by copy)."""
+    from mrlcache.scorer import ScoreConfig, Scorer
+    from mrlcache.trials import read_trials
+
+    root, _ = setup
+    scorer = Scorer(root / "model.pt", ScoreConfig(asnorm_cohort=str(root / "cache"), asnorm_topk=2))
+    vectors = scorer.trial_vectors(read_trials(root / "trials.txt"), cache=root / "cache")
+    rows = [r for r in scorer.evaluate(vectors) if r["system"] == "mrl"]
+    scores, quality = scorer.scores(vectors)
+    assert [r["dim"] for r in rows] == DIMS and scores.shape == (len(DIMS), len(vectors.trials))
+    for row, r in zip(scores, rows):
+        assert metrics.eer(row, vectors.trials.labels)[0] == r["eer"]
+    assert sorted(quality) == ["cohort_mu_enroll", "cohort_mu_test"]
+    # The same scorer options through the command line give the same table.
+    report, _ = eer_json(root, "--cache", root / "cache", "--asnorm-cohort", root / "cache", "--asnorm-topk", 2)
+    assert [r["eer"] for r in report["results"]] == [r["eer"] for r in rows]
+
+
+def test_dims_are_parsed_once_and_checked_against_the_model(setup):
+    from mrlcache.dims import parse_dims, select_dims
+    from mrlcache.ranges import RangeError
+
+    assert parse_dims("8, 4") == (8, 4) and select_dims((8, 4, 8), DIMS) == [4, 8]
+    assert select_dims(None, DIMS) == DIMS
+    for bad in ("", " ", ",", "4,,x"):
+        with pytest.raises(RangeError):
+            parse_dims(bad)
+    with pytest.raises(RangeError, match=r"--dims 16: the model was trained for dims \[4, 8\] only"):
+        select_dims((16,), DIMS)
+    root, _ = setup
+    result = run("eer", "--model", root / "model.pt", "--trials", root / "trials.txt", "--cache", root / "cache",
+                 "--dims", "16")
+    assert result.exit_code == 1 and "Error: --dims 16: the model was trained for dims [4, 8] only" in result.output

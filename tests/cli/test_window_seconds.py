@@ -93,4 +93,4 @@ def test_trial_audio_is_pooled_window_by_window(setup, tmp_path):
 def test_a_window_under_a_second_is_refused_in_one_line(setup, command):
     root = setup[0]
     result = run(command, "--model", root / "model.pt", "--window-seconds", "0.2")
-    assert result.exit_code == 2 and "--window-seconds" in result.output and "at least 1" in result.output
+    assert result.exit_code == 2 and "--window-seconds" in result.output and "0.2 is not a finite number >= 1 (seconds)" in result.output

@@ -102,7 +102,7 @@ def test_grad_scaling_matches_the_reference(classifier):
 
 @pytest.mark.parametrize("options, message", [
     (dict(margins=(0.1, 0.2)), "one margin per dim"),
-    (dict(margins=(0.1, -0.1, 0.2, 0.2)), "each must be >= 0"),
+    (dict(margins=(0.1, -0.1, 0.2, 0.2)), "each value must be a finite number >= 0"),
     (dict(margins=(0.1, 0.1, 0.2, 0.2), margin=0.35), "give one of them"),
 ])
 def test_bad_margins_are_refused(options, message):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import speech_like
+from conftest import speech_like, tiny_head_args
 
 from mrlcache import load_model
 from mrlcache.cli import main
@@ -28,6 +28,12 @@ FRAMES = {n: StreamRecord(n, "frames", shape, "float16", 100.0, ragged=True)
 FORMATS = ("onnx", "torchscript")
 
 
+class TinyOptions:
+    """A fit's options, tiny (every head reads its own)."""
+
+    ecapa_channels, ecapa_scale, ecapa_mfa_channels, ecapa_bottleneck = 8, 2, 16, 4
+
+
 def _trained_looking(model):
     """Weights and BatchNorm statistics away from their initial values, so a lost tensor shows."""
     g = torch.Generator().manual_seed(5)
@@ -44,7 +50,7 @@ def _trained_looking(model):
 
 def _stream_model(inputs, head, fusion=None):
     torch.manual_seed(0)
-    args = {"dims": [4, 8], **OPTIONS.get(head, {})}
+    args = {**tiny_head_args(head, [4, 8], options=TinyOptions()), **OPTIONS.get(head, {})}
     return _trained_looking(StreamModel(plan_groups(inputs, FRAMES), head, args, fusion=fusion, encoder_dim=8))
 
 

@@ -56,8 +56,12 @@ def test_combined_statistics_equal_those_of_all_frames():
     torch.testing.assert_close(combined, stats(frames), rtol=1e-5, atol=1e-5)
 
 
-def test_default_window_is_the_options_default():
-    assert windows.WINDOW_SECONDS == WINDOW_DEFAULT
+def test_every_command_windows_at_the_library_default():
+    from mrlcache.cli import main
+
+    for name in ("extract", "eer", "embed", "verify"):
+        option = next(p for p in main.commands[name].params if p.name == "window_seconds")
+        assert option.default == windows.WINDOW_SECONDS == WINDOW_DEFAULT, name
 
 
 def test_pooled_fits_in_one_window_is_bit_identical(tiny):

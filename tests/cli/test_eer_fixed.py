@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent / "fit"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "fit"))
 from test_fit import FAST, synth_vectors, write_synth_cache  # noqa: E402
 
 from mrlcache import cache as cache_mod  # noqa: E402

@@ -120,7 +120,7 @@ def test_calibrate_refusals(setup, tmp_path):
         (["--cache", root / "cache", "--trials", veri], "evaluation list"),
         (["--cache", root / "train-cache", "--make-trials", 10], "train-mode cache"),
         (["--cache", root / "cache", "--make-trials", 100000], "distinct target pairs"),
-        (["--cache", root / "cache", "--make-trials", 10, "--prior", 1.5], "--prior 1.5"),
+        (["--cache", root / "cache", "--make-trials", 10, "--prior", 1.5], "'--prior': 1.5 is not a finite number > 0 and < 1"),
         (["--cache", root / "cache", "--make-trials", 10, "--dims", "12"], "trained for dims"),
     ]
     for extra, message in cases:
