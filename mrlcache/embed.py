@@ -107,6 +107,7 @@ def embed_files(model, paths, dim: int | None = None, *, max_seconds=None, windo
     from rich.progress import Progress
 
     from mrlcache.audio import SAMPLE_RATE, SILENCE_PEAK, AudioError, check_length, load_audio, peak
+    from mrlcache.backbone.registry import wave_minimum
     from mrlcache.streams.windows import WINDOW_SECONDS
 
     window_seconds = WINDOW_SECONDS if window_seconds is None else window_seconds
@@ -114,13 +115,14 @@ def embed_files(model, paths, dim: int | None = None, *, max_seconds=None, windo
     dim = model.dims[-1] if dim is None else dim
     embed = embed or embedder(model, dim, engine, device, window_seconds)
     limit = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
+    minimum = wave_minimum(model.backbone)
     vectors = np.empty((len(paths), dim), dtype=np.float32)
     with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
         task = bar.add_task("embedding", total=len(paths))
         for i, path in enumerate(paths):
             try:
                 wave = load_audio(path)[:limit]  # (T,)
-                check_length(wave, path)
+                check_length(wave, path, minimum=minimum)
             except AudioError as err:
                 raise EmbedError(f"{err}; remove the file or fix it") from None
             if peak(wave) < SILENCE_PEAK:

@@ -254,7 +254,7 @@ class ECAPATDNN(nn.Module):
         config: see DEFAULT_CONFIG (SpeechBrain's ECAPA_TDNN arguments, ReLU, no groups).
     Attributes:
         encoder: "ecapa-tdnn"; model_config: the resolved config; pooled_dim: 2 * channels[-1];
-        embed_dim: lin_neurons; weights_sha256: of the weights file (set by loading), else None.
+        embed_dim: lin_neurons; min_samples: the shortest wave it takes; weights_sha256: of the weights file (set by loading), else None.
     """
 
     encoder = NAME
@@ -272,6 +272,7 @@ class ECAPATDNN(nn.Module):
         self.asp = AttentiveStatsPool(ch[-1], cfg["attention_channels"], cfg["global_context"])
         self.pooled_dim = 2 * ch[-1]
         self.embed_dim = cfg["lin_neurons"]
+        self.min_samples = min_samples(cfg)
         self.asp_bn = Norm(self.pooled_dim)
         self.fc = Conv(self.pooled_dim, self.embed_dim, 1)
         self.weights_sha256 = None
@@ -302,6 +303,14 @@ class ECAPATDNN(nn.Module):
 
     def forward(self, wave):
         return self.head(self.pooled(wave))
+
+
+def min_samples(config: dict) -> int:
+    """Shortest wave (samples) the encoder takes: every reflect-padded convolution needs more
+    frames (one per 160-sample hop, plus one) than its padding, dilation * (kernel - 1) // 2."""
+    cfg = resolve_config(config)
+    pad = max(d * (k - 1) // 2 for k, d in zip(cfg["kernel_sizes"], cfg["dilations"]))
+    return max(1, cfg["hop_length"] * pad)
 
 
 def build(config: dict) -> ECAPATDNN:

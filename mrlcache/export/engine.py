@@ -119,6 +119,7 @@ class OnnxBackbone:
         self.pooled_dim, self.model_config = backbone.pooled_dim, backbone.model_config
         self.weights_sha256 = backbone.weights_sha256
         self.encoder = getattr(backbone, "encoder", "redimnet")
+        self.min_samples = wave_minimum(backbone)[0]
         backbone = backbone.cpu().eval()
         data = cached_engine_bytes(backbone, cache_dir, log)
         options = ort.SessionOptions()
