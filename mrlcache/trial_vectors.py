@@ -215,8 +215,6 @@ def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = F
     from mrlcache.streams import windows
 
     minimum = wave_minimum(backbone if hasattr(backbone, "min_samples") else getattr(backbone, "backbone", None))
-    if hasattr(backbone, "for_inference") and not backbone.training:
-        backbone = backbone.for_inference()  # BatchNorm folded, channels-last: same vectors, faster
     if hasattr(backbone, "model_config"):  # a ReDimNet (or the onnxruntime engine's)
         def pool(x):
             return windows.pooled(backbone, x, window_seconds)
