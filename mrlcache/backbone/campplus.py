@@ -33,6 +33,9 @@ from torch import nn
 
 NAME = "campplus"
 
+# Config keys the weights' shapes do not tell: a file mrlcache wrote carries them in its model_config.
+UNSHAPED = ("embedding_relu", "hop_length")
+
 DEFAULT_CONFIG = {
     "feat_dim": 80,
     "embedding_size": 192,

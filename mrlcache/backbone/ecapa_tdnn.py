@@ -35,6 +35,9 @@ NAME = "ecapa-tdnn"
 WEIGHTS_FILE = "embedding_model.ckpt"
 HYPERPARAMS_FILE = "hyperparams.yaml"
 
+# Config keys the weights' shapes do not tell: a file mrlcache wrote carries them in its model_config.
+UNSHAPED = ("dilations", "hop_length")
+
 DEFAULT_CONFIG = {
     "input_size": 80,
     "channels": [512, 512, 512, 512, 1536],
@@ -71,6 +74,9 @@ def resolve_config(config: dict) -> dict:
                           f"{cfg['channels']}, {cfg['kernel_sizes']}, {cfg['dilations']}")
     if any(c % cfg["res2net_scale"] for c in cfg["channels"][1:-1]):
         raise ConfigError(f"res2net_scale {cfg['res2net_scale']} must divide the block channels {cfg['channels'][1:-1]}")
+    for key in ("channels", "kernel_sizes", "dilations"):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in cfg[key]):
+            raise ConfigError(f"{key} must be whole numbers >= 1, got {cfg[key]}")
     if cfg["hop_length"] != 160:
         raise ConfigError("hop_length is the front end's 10 ms hop: only 160 is supported")
     return cfg
@@ -430,6 +436,8 @@ def from_published(state: dict, path) -> tuple[dict, dict]:
         ConfigError: not this layout, or a hyperparams.yaml that disagrees or asks for more.
     """
     hyper = Path(path).parent / HYPERPARAMS_FILE
+    if hyper.exists() and not hyper.is_file():
+        raise ConfigError(f"{hyper}: not a regular file; remove it or put SpeechBrain's hyperparams.yaml there")
     declared = read_hyperparams(hyper) if hyper.is_file() else {}
     cfg = config_from_state(state, declared.get("dilations"))
     differ = {k: (v, cfg[k]) for k, v in declared.items() if k in cfg and k != "dilations"

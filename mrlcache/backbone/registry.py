@@ -10,6 +10,7 @@ provides::
     build(config) -> nn.Module with features / frames / pooled / head / forward,
         model_config, pooled_dim, embed_dim, weights_sha256 and encoder = NAME,
     min_samples(config) -> int             # the shortest wave (samples) it takes, also model.min_samples
+    UNSHAPED: config keys the weights' shapes do not tell (read from a file's model_config)
     recognises(state_dict) -> bool          # the published layout, told by its keys
     from_published(state_dict, path) -> (config, state_dict under the module's names)
     to_published(key) -> key               # optional: mrlcache's name -> the published one

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrlcache.backbone.registry import wave_minimum
 from mrlcache.export import onnx
 from mrlcache.export.formats import TOLERANCE, ExportError
 from mrlcache.export.frontend import front_end
