@@ -12,8 +12,9 @@ A file that cannot give a usable wave raises :class:`AudioError` with a ``reason
 - ``empty``: no samples (0-byte file or a header with 0 frames);
 - ``truncated``: fewer samples than the header promises, or a decoder error mid-stream;
 - ``silent``: peak below ``SILENCE_PEAK`` (digital silence), from :func:`check_wave`;
-- ``too_short``: shorter than ``min_seconds``, or than ``MIN_SAMPLES`` whatever
-  ``min_seconds`` says, from :func:`check_length` (and :func:`check_wave`).
+- ``too_short``: shorter than ``min_seconds``, or than the encoder takes whatever
+  ``min_seconds`` says (each encoder module's ``min_samples``; ReDimNet's ``MIN_SAMPLES``
+  by default), from :func:`check_length` (and :func:`check_wave`).
 
 Every function opens its own file handles and keeps no module state, so it is safe in
 worker processes.
@@ -32,8 +33,10 @@ SAMPLE_RATE = 16000
 # Peak of digital silence after decoding: below one 16-bit step (3e-5) times a few for
 # dither and codec noise floors; any real recording peaks orders of magnitude higher.
 SILENCE_PEAK = 1e-4
-# The mel front end pads 256 samples (n_fft / 2) on each side by reflection, which needs a
-# longer wave: 256 samples or fewer crash the model, so they are too short for any setting.
+# ReDimNet's mel front end pads 256 samples (n_fft / 2) on each side by reflection, which
+# needs a longer wave: 256 samples or fewer crash it. Other encoders declare their own
+# minimum (``min_samples`` in their module; ECAPA-TDNN 640, CAM++ 720), checked wherever
+# the encoder is known.
 MIN_SAMPLES = 257
 REASONS = ("unreadable", "empty", "truncated", "silent", "too_short")
 # Extensions that never go to libsndfile (it cannot read MP4 containers). Ogg Vorbis does:
@@ -102,14 +105,15 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     return resample_poly(wave, new_rate // g, orig_rate // g).astype(np.float32, copy=False)
 
 
-def check_length(wave: np.ndarray, path, min_seconds: float = 0.0, sample_rate: int = SAMPLE_RATE) -> None:
+def check_length(wave: np.ndarray, path, min_seconds: float = 0.0, sample_rate: int = SAMPLE_RATE,
+                 minimum: tuple[int, str] = (MIN_SAMPLES, "the model")) -> None:
     """Raise AudioError("too_short") if ``wave`` (T,) lasts less than ``min_seconds`` or has
-    fewer than ``MIN_SAMPLES`` samples (too short for the model's frames)."""
+    fewer samples than the encoder takes: ``minimum`` is (samples, who needs them), from
+    ``mrlcache.backbone.registry.wave_minimum(model)`` (default ReDimNet's ``MIN_SAMPLES``)."""
     seconds = wave.shape[0] / sample_rate
-    if wave.shape[0] < MIN_SAMPLES:
-        raise AudioError(
-            path, "too_short", f"{wave.shape[0]} samples, the model needs at least {MIN_SAMPLES}"
-        )
+    need, who = minimum
+    if wave.shape[0] < need:
+        raise AudioError(path, "too_short", f"{wave.shape[0]} samples, {who} needs at least {need}")
     if seconds < min_seconds:
         raise AudioError(
             path, "too_short", f"{seconds:.2f} s of audio, at least {min_seconds:g} s needed"
@@ -121,10 +125,11 @@ def peak(wave: np.ndarray) -> float:
     return float(np.abs(wave).max()) if wave.size else 0.0
 
 
-def check_wave(wave: np.ndarray, path, min_seconds: float, sample_rate: int = SAMPLE_RATE) -> None:
+def check_wave(wave: np.ndarray, path, min_seconds: float, sample_rate: int = SAMPLE_RATE,
+               minimum: tuple[int, str] = (MIN_SAMPLES, "the model")) -> None:
     """Raise AudioError("too_short") as :func:`check_length` does, or AudioError("silent")
     if the peak of ``wave`` (T,) is below ``SILENCE_PEAK``."""
-    check_length(wave, path, min_seconds, sample_rate)
+    check_length(wave, path, min_seconds, sample_rate, minimum)
     top = peak(wave)
     if top < SILENCE_PEAK:
         raise AudioError(

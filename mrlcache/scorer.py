@@ -255,6 +255,7 @@ def verify_files(model, pairs, dim: int | None = None, *, prior=None, far=None, 
     or option (``name`` is how the model is called in messages).
     """
     from mrlcache.audio import AudioError, check_wave, load_audio
+    from mrlcache.backbone.registry import wave_minimum
     from mrlcache.calibration import CalibrationError
     from mrlcache.trial_vectors import EvaluateError
 
@@ -278,7 +279,7 @@ def verify_files(model, pairs, dim: int | None = None, *, prior=None, far=None, 
         except AudioError as err:
             raise EvaluateError(f"{path}: cannot decode it ({err.reason}: {err.detail})") from None
         try:  # as extract skips them: too short for the model's frames, or digital silence
-            check_wave(waves[path], path, min_seconds=0.0)
+            check_wave(waves[path], path, min_seconds=0.0, minimum=wave_minimum(model.backbone))
         except AudioError as err:
             raise EvaluateError(f"{err}; verify needs a file with speech in it") from None
     results = []

@@ -208,13 +208,13 @@ def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = F
     from rich.progress import Progress
 
     from mrlcache.audio import SAMPLE_RATE, AudioError, check_wave, load_audio
+    from mrlcache.backbone.registry import wave_minimum
 
     if backbone is None:
         raise EvaluateError("scoring audio needs the model's backbone, and this model has none")
     from mrlcache.streams import windows
 
-    if hasattr(backbone, "for_inference") and not backbone.training:
-        backbone = backbone.for_inference()  # BatchNorm folded, channels-last: same vectors, faster
+    minimum = wave_minimum(backbone if hasattr(backbone, "min_samples") else getattr(backbone, "backbone", None))
     if hasattr(backbone, "model_config"):  # a ReDimNet (or the onnxruntime engine's)
         def pool(x):
             return windows.pooled(backbone, x, window_seconds)
@@ -233,7 +233,7 @@ def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = F
                 if not path.is_file():
                     raise AudioError(path, "unreadable", "no such file")
                 wave = load_audio(path)[:limit]  # (T,)
-                check_wave(wave, path, min_seconds=0.0)  # too short or silent: missing, as extract skips it
+                check_wave(wave, path, min_seconds=0.0, minimum=minimum)  # too short or silent: missing, as extract skips it
                 with torch.no_grad():
                     x = torch.from_numpy(np.ascontiguousarray(wave))[None].to(device)  # (1, T)
                     vectors[utt] = pool(x)[0].cpu().numpy()  # (P,)

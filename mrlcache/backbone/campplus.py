@@ -33,6 +33,9 @@ from torch import nn
 
 NAME = "campplus"
 
+# Config keys the weights' shapes do not tell: a file mrlcache wrote carries them in its model_config.
+UNSHAPED = ("embedding_relu", "hop_length")
+
 DEFAULT_CONFIG = {
     "feat_dim": 80,
     "embedding_size": 192,
@@ -256,7 +259,7 @@ class CAMPPlus(nn.Module):
 
     Attributes:
         encoder: "campplus"; model_config: the resolved config; pooled_dim: 2 * final channels;
-        embed_dim: embedding_size; weights_sha256: of the weights file (set by loading), else None.
+        embed_dim: embedding_size; min_samples: the shortest wave it takes; weights_sha256: of the weights file (set by loading), else None.
     """
 
     encoder = NAME
@@ -281,6 +284,7 @@ class CAMPPlus(nn.Module):
         self.dense = Dense(2 * c, cfg["embedding_size"], cfg["embedding_relu"])
         self.pooled_dim = 2 * c
         self.embed_dim = cfg["embedding_size"]
+        self.min_samples = min_samples(cfg)
         self.weights_sha256 = None
 
     # 3D-Speaker names the FCM "head" and the embedding layer "xvector.dense"; mrlcache's
@@ -322,6 +326,13 @@ def from_published(state: dict, path) -> tuple[dict, dict]:
         return key[len("xvector."):] if key.startswith("xvector.dense.") else key
 
     return config_from_state(state), {rename(k): v for k, v in state.items()}
+
+
+def min_samples(config: dict) -> int:
+    """Shortest wave (samples) the encoder takes: the time-strided TDNN layer must leave two
+    frames for the unbiased std (one frame gives NaN), so three fbank frames of 400 samples
+    every 160."""
+    return 400 + 2 * resolve_config(config)["hop_length"]
 
 
 def build(config: dict) -> CAMPPlus:

@@ -35,6 +35,9 @@ NAME = "ecapa-tdnn"
 WEIGHTS_FILE = "embedding_model.ckpt"
 HYPERPARAMS_FILE = "hyperparams.yaml"
 
+# Config keys the weights' shapes do not tell: a file mrlcache wrote carries them in its model_config.
+UNSHAPED = ("dilations", "hop_length")
+
 DEFAULT_CONFIG = {
     "input_size": 80,
     "channels": [512, 512, 512, 512, 1536],
@@ -71,6 +74,9 @@ def resolve_config(config: dict) -> dict:
                           f"{cfg['channels']}, {cfg['kernel_sizes']}, {cfg['dilations']}")
     if any(c % cfg["res2net_scale"] for c in cfg["channels"][1:-1]):
         raise ConfigError(f"res2net_scale {cfg['res2net_scale']} must divide the block channels {cfg['channels'][1:-1]}")
+    for key in ("channels", "kernel_sizes", "dilations"):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in cfg[key]):
+            raise ConfigError(f"{key} must be whole numbers >= 1, got {cfg[key]}")
     if cfg["hop_length"] != 160:
         raise ConfigError("hop_length is the front end's 10 ms hop: only 160 is supported")
     return cfg
@@ -254,7 +260,7 @@ class ECAPATDNN(nn.Module):
         config: see DEFAULT_CONFIG (SpeechBrain's ECAPA_TDNN arguments, ReLU, no groups).
     Attributes:
         encoder: "ecapa-tdnn"; model_config: the resolved config; pooled_dim: 2 * channels[-1];
-        embed_dim: lin_neurons; weights_sha256: of the weights file (set by loading), else None.
+        embed_dim: lin_neurons; min_samples: the shortest wave it takes; weights_sha256: of the weights file (set by loading), else None.
     """
 
     encoder = NAME
@@ -272,6 +278,7 @@ class ECAPATDNN(nn.Module):
         self.asp = AttentiveStatsPool(ch[-1], cfg["attention_channels"], cfg["global_context"])
         self.pooled_dim = 2 * ch[-1]
         self.embed_dim = cfg["lin_neurons"]
+        self.min_samples = min_samples(cfg)
         self.asp_bn = Norm(self.pooled_dim)
         self.fc = Conv(self.pooled_dim, self.embed_dim, 1)
         self.weights_sha256 = None
@@ -302,6 +309,14 @@ class ECAPATDNN(nn.Module):
 
     def forward(self, wave):
         return self.head(self.pooled(wave))
+
+
+def min_samples(config: dict) -> int:
+    """Shortest wave (samples) the encoder takes: every reflect-padded convolution needs more
+    frames (one per 160-sample hop, plus one) than its padding, dilation * (kernel - 1) // 2."""
+    cfg = resolve_config(config)
+    pad = max(d * (k - 1) // 2 for k, d in zip(cfg["kernel_sizes"], cfg["dilations"]))
+    return max(1, cfg["hop_length"] * pad)
 
 
 def build(config: dict) -> ECAPATDNN:
@@ -421,6 +436,8 @@ def from_published(state: dict, path) -> tuple[dict, dict]:
         ConfigError: not this layout, or a hyperparams.yaml that disagrees or asks for more.
     """
     hyper = Path(path).parent / HYPERPARAMS_FILE
+    if hyper.exists() and not hyper.is_file():
+        raise ConfigError(f"{hyper}: not a regular file; remove it or put SpeechBrain's hyperparams.yaml there")
     declared = read_hyperparams(hyper) if hyper.is_file() else {}
     cfg = config_from_state(state, declared.get("dilations"))
     differ = {k: (v, cfg[k]) for k, v in declared.items() if k in cfg and k != "dilations"

@@ -395,7 +395,7 @@ class InferenceReDimNet(nn.Module):
         model = copy.deepcopy(model)  # the copy shares no module with the model it came from
         self.model_config = model.model_config
         self.pooled_dim, self.embed_dim = model.pooled_dim, model.embed_dim
-        self.weights_sha256 = model.weights_sha256
+        self.weights_sha256, self.min_samples = model.weights_sha256, model.min_samples
         self.spec = model.spec
         with torch.no_grad():
             self.net = InferenceBackbone(model.backbone)

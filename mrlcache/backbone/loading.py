@@ -186,13 +186,26 @@ def build_from_checkpoint(ckpt, origin):
         except ConfigError as e:
             raise CheckpointError(f"{origin}: {e}") from e
         return load_strict(model, state, origin)
-    return _build_published(_module(encoder, origin), state, origin)
+    return _build_published(_module(encoder, origin), state, origin, config)
 
 
-def _build_published(module, state, origin):
-    """An encoder module's model from its published state dict: config from the shapes, strict load."""
+def _build_published(module, state, origin, declared=None):
+    """An encoder module's model from its published state dict: config from the shapes, strict load.
+
+    ``declared``: the model_config of a file mrlcache wrote; it must agree with the shapes,
+    and gives the keys the shapes do not tell (``module.UNSHAPED``: ECAPA-TDNN's dilations,
+    CAM++'s embedding ReLU), which would otherwise silently fall back to the defaults.
+    """
     try:
         config, state = module.from_published(state, origin)
+        if declared is not None:
+            unshaped = getattr(module, "UNSHAPED", ())
+            declared, shaped = module.resolve_config(declared), module.resolve_config(config)
+            differ = [f"{k} {declared[k]} (weights: {shaped[k]})" for k in shaped
+                      if k not in unshaped and declared[k] != shaped[k]]
+            if differ:
+                raise module.ConfigError("model_config disagrees with the weights' shapes: " + ", ".join(differ))
+            config = {**shaped, **{k: declared[k] for k in unshaped}}
         model = module.build(config)
     except module.ConfigError as e:
         raise CheckpointError(f"{origin}: {e}") from None
@@ -231,6 +244,10 @@ def load_strict(model, state, origin, rename=None):
         parts = [f"{label} ({len(keys)}): {_listing(keys)}"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise CheckpointError(f"{origin}: state_dict does not match its model_config; " + "; ".join(parts))
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{origin}: weights hold NaN or infinite values ({_listing(map(rename, broken))}); "
+                              "the file is corrupt: download or train it again")
     model.load_state_dict(state, strict=True)
     return model
 

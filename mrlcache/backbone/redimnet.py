@@ -215,6 +215,12 @@ class ASTP(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
+def min_samples(config: dict) -> int:
+    """Shortest wave (samples) ReDimNet takes: its mel front end pads n_fft / 2 samples a side
+    by reflection, which needs a longer wave (257 for the published 512-point FFT)."""
+    return dict(resolve_config(config)["spec_params"]).get("n_fft", 512) // 2 + 1
+
+
 class ReDimNet(nn.Module):
     """ReDimNet with its mel front end, ASTP pooling and the published embedding head.
 
@@ -224,6 +230,7 @@ class ReDimNet(nn.Module):
         model_config: the resolved config (every key, plain data).
         pooled_dim: size of the ASTP vector, 2 * (out_channels or F*C).
         embed_dim: size of the published embedding.
+        min_samples: the shortest wave it takes.
         weights_sha256: SHA-256 of the weights file (set by loading/saving), else None.
     """
 
@@ -238,6 +245,7 @@ class ReDimNet(nn.Module):
         self.pool = ASTP(frame_dim, cfg["global_context_att"])
         self.pooled_dim = 2 * frame_dim
         self.embed_dim = cfg["embed_dim"]
+        self.min_samples = min_samples(cfg)
         self.bn = nn.BatchNorm1d(self.pooled_dim)
         self.linear = nn.Linear(self.pooled_dim, self.embed_dim)
         self.bn2 = nn.BatchNorm1d(self.embed_dim) if cfg["emb_bn"] else None

@@ -9,6 +9,8 @@ provides::
     NAME, CONFIGS (name -> config dict), ConfigError,
     build(config) -> nn.Module with features / frames / pooled / head / forward,
         model_config, pooled_dim, embed_dim, weights_sha256 and encoder = NAME,
+    min_samples(config) -> int             # the shortest wave (samples) it takes, also model.min_samples
+    UNSHAPED: config keys the weights' shapes do not tell (read from a file's model_config)
     recognises(state_dict) -> bool          # the published layout, told by its keys
     from_published(state_dict, path) -> (config, state_dict under the module's names)
     to_published(key) -> key               # optional: mrlcache's name -> the published one
@@ -30,6 +32,17 @@ def backbone_names() -> tuple[str, ...]:
 def config_names(backbone: str) -> tuple[str, ...]:
     """Named configurations of ``backbone`` (ReDimNet's: its published variants)."""
     return BACKBONES[backbone][1]
+
+
+def wave_minimum(model) -> tuple[int, str]:
+    """(shortest wave in samples, who needs it) of a loaded backbone, for
+    :func:`mrlcache.audio.check_length`: each encoder module's ``min_samples(config)``, kept
+    on the model as ``min_samples``; ReDimNet's minimum for anything else (None, a stream model)."""
+    from mrlcache.audio import MIN_SAMPLES
+
+    if not hasattr(model, "min_samples"):
+        return MIN_SAMPLES, "the model"
+    return int(model.min_samples), f"the {getattr(model, 'encoder', DEFAULT_BACKBONE)} encoder"
 
 
 def encoder_module(backbone: str):

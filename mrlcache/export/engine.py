@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrlcache.backbone.registry import wave_minimum
 from mrlcache.export import onnx
 from mrlcache.export.formats import TOLERANCE, ExportError
 from mrlcache.export.frontend import front_end
@@ -119,6 +120,7 @@ class OnnxBackbone:
         self.pooled_dim, self.model_config = backbone.pooled_dim, backbone.model_config
         self.weights_sha256 = backbone.weights_sha256
         self.encoder = getattr(backbone, "encoder", "redimnet")
+        self.min_samples = wave_minimum(backbone)[0]
         backbone = backbone.cpu().eval()
         data = cached_engine_bytes(backbone, cache_dir, log)
         options = ort.SessionOptions()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mrlcache.audio import SAMPLE_RATE, AudioError, check_wave, load_audio
+from mrlcache.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, check_wave, load_audio
 from mrlcache.augment import Augmenter, make_view
 from mrlcache.extract.config import ExtractConfig
 
@@ -33,9 +33,10 @@ class Item:
 class UtteranceViews(torch.utils.data.Dataset):
     """Manifest row -> :class:`Item` (decoded once, every view made from that one decode)."""
 
-    def __init__(self, utterances, cfg: ExtractConfig):
+    def __init__(self, utterances, cfg: ExtractConfig, minimum: tuple[int, str] = (MIN_SAMPLES, "the model")):
         self.utterances = utterances
         self.cfg = cfg
+        self.minimum = minimum  # (samples, who): the shortest wave the encoder takes
         self.crop_samples = int(round(cfg.crop_seconds * SAMPLE_RATE))
         self.augmenter = Augmenter(cfg.augment) if cfg.mode == "train" and cfg.views > 1 else None
 
@@ -46,7 +47,7 @@ class UtteranceViews(torch.utils.data.Dataset):
         utt = self.utterances[row]
         try:
             wave = load_audio(utt.path)  # (T,)
-            check_wave(wave, utt.path, self.cfg.min_seconds)
+            check_wave(wave, utt.path, self.cfg.min_seconds, minimum=self.minimum)
         except AudioError as err:
             return Item(row, utt.utt_id, None, err.reason, 0.0)
         seconds = wave.shape[0] / SAMPLE_RATE

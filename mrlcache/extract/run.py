@@ -27,6 +27,7 @@ import torch
 from mrlcache.audio import SAMPLE_RATE
 from mrlcache.backbone import BackboneRecord, save_checkpoint, state_sha256
 from mrlcache.backbone.record import convert_v1_meta
+from mrlcache.backbone.registry import wave_minimum
 from mrlcache.cache import CacheWriter, IncompleteCacheError, read_meta
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
@@ -78,11 +79,25 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
 
 
 def check_layers_source(model, cfg: ExtractConfig, ptm=None) -> None:
-    """ExtractError when ``layers`` would come from an encoder other than ReDimNet (none has them)."""
+    """ExtractError when ``layers`` would come from an encoder other than ReDimNet (none has them),
+    or ``--engine fused`` is asked of an encoder it is not written for."""
     if model is not None and ptm is None and "layers" in cfg.stream_names \
             and getattr(model, "encoder", "redimnet") != "redimnet":
         raise ExtractError(f"--streams {cfg.streams}: the layers stream is ReDimNet's stem and stage outputs; "
                            f"{model.encoder} has none in that form (use pooled, fbank, mfcc, f0, or --ptm)")
+    if model is not None and cfg.engine == "fused" and not hasattr(model, "for_inference"):
+        raise ExtractError(f"--engine fused is written for ReDimNet; this backbone is "
+                           f"{getattr(model, 'encoder', type(model).__name__)}: use --engine torch")
+
+
+def _check_lengths(cfg: ExtractConfig, minimum: tuple[int, str]) -> None:
+    """Refuse a crop or a cap shorter than the encoder takes (every view would be refused)."""
+    need, who = minimum
+    for option, seconds in (("--crop-seconds", cfg.crop_seconds if cfg.mode == "train" else None),
+                            ("--max-seconds", cfg.max_seconds if cfg.mode == "eval" else None)):
+        if seconds is not None and int(round(seconds * SAMPLE_RATE)) < need:
+            raise ExtractError(f"{option} {seconds:g}: {who} needs at least {need} samples "
+                               f"({need / SAMPLE_RATE:g} s); give a longer one")
 
 
 def _record_of(backbone, weights_source) -> BackboneRecord:
@@ -166,7 +181,9 @@ def extract(
         raise ExtractError("--overwrite with several ranks needs torchrun; without it, delete the cache "
                            "(or run once with --overwrite and --world-size 1) and start the ranks again")
     # Before any file is touched: a bad --noise-dir/--rir-dir fails here, not mid-run.
-    dataset = UtteranceViews(utterances, cfg)
+    minimum = wave_minimum(model)
+    _check_lengths(cfg, minimum)
+    dataset = UtteranceViews(utterances, cfg, minimum)
     if rank == 0:  # the cache must fit the disk (less what an earlier run wrote)
         present = sum(p.stat().st_size for p in (out / "shards").rglob("*") if p.is_file()) if not overwrite and \
             (out / "shards").is_dir() else 0
@@ -216,9 +233,9 @@ def extract(
 def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) -> dict:
     """Decode, forward and write the shards ``todo``; returns this rank's timing numbers."""
     model, ptm = (m.to(device).eval() if m is not None else None for m in models)
-    if "layers" not in cfg.stream_names and hasattr(model, "for_inference"):
-        # The frozen copy with BatchNorm folded and a channels-last layout (same vectors to
-        # ~1e-6, faster); the layers stream reads the model's own stages, so it keeps them.
+    if cfg.engine == "fused":
+        # The frozen copy with BatchNorm folded and a channels-last layout: vectors within
+        # ~1e-5 of torch's, not bit-equal, hence an engine of its own (recorded in cache.json).
         model = model.for_inference()
     names = cfg.stream_names
     infos = {name: record.to_json() for name, record in writer.records.items()}

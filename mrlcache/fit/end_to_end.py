@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mrlcache import distributed
+from mrlcache.backbone.registry import wave_minimum
 from mrlcache.fit.config import FitError, device_for, make_configs
 from mrlcache.fit.data import epoch_generator
 from mrlcache.fit.heads import build_head
@@ -71,6 +72,10 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **op
         "train_type": e2e.train_type, "dataset": e2e.dataset}
     if cfg.dims[-1] > backbone.pooled_dim:
         raise FitError(f"dims {list(cfg.dims)}: largest dim exceeds the backbone's pooled size {backbone.pooled_dim}")
+    need, who = wave_minimum(backbone)
+    if int(round(e2e.crop_seconds * 16000)) < need:
+        raise FitError(f"--crop-seconds {e2e.crop_seconds:g}: {who} needs at least {need} samples "
+                       f"({need / 16000:g} s); give a longer one")
     backbone = backbone.to(device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
