@@ -1,4 +1,4 @@
-"""The fit's memory estimate against the peak RSS a fit really reaches (a subprocess's ru_maxrss).
+"""The fit's memory estimate against the peak RSS a fit really reaches (a subprocess's VmHWM).
 
 The cache is large enough (about 160 MB of float16 vectors) for what the fit holds to stand
 out from the interpreter's own memory; the tolerance is generous (the estimate counts the
@@ -42,7 +42,12 @@ def big_cache(tmp_path_factory):
 
 
 SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
+
+    def peak():  # this process's own high-water RSS: VmHWM is per address space, so unlike
+        # ru_maxrss it does not start at the size of the (large) pytest process that forked it
+        line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
     import torch
     from torch.utils.tensorboard import SummaryWriter  # imported by the loop: not the fit's data
     import rich.progress
@@ -54,10 +59,10 @@ SCRIPT = textwrap.dedent("""
     from mrlcache import cache
     from mrlcache.fit import fit
     c = cache.open(sys.argv[1])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak()
     run = fit(c, (32, 64), sys.argv[2], epochs=1, batch_size=256, head_only=True, progress=False,
               val_speakers=4, memory_gb=float(sys.argv[3]), warmup_epochs=0, margin_warmup_epochs=0)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = peak()
     summary = json.loads((run / "summary.json").read_text())
     print(json.dumps({"grown": after - before, "memory": summary["memory"]}))
 """)
