@@ -48,10 +48,11 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = {"scratch": {"fixed_baselines": True, "objective": "margin"},
+METHODS = {"scratch": {"fixed_baselines": True, "init": "random", "objective": "margin"},
            "warm-pca": {"init": "published", "objective": "margin"},
            "warm-lda": {"init": "published", "init_rotation": "lda", "objective": "margin"},
-           "adaptor": {"objective": "adaptor"}, "adaptor-sup": {"objective": "adaptor-supervised"}}
+           "adaptor": {"objective": "adaptor", "init": "random"},
+           "adaptor-sup": {"objective": "adaptor-supervised", "init": "random"}}
 
 
 def embeddings(n_spk, utts, embed, rank, session, nuisance, seed):

@@ -13,10 +13,9 @@ hang). Extraction needs no more (shard k belongs to rank k % N). A fit also uses
   averaged), every BatchNorm synchronised (statistics over the global batch), and
   :func:`loss_share`, the factor that makes a rank's loss its share of the global mean
   when the parts differ in size (the last batch, an end-to-end batch with dropped files);
-- :func:`from_main`: rank 0 runs a step (validation, opening the run directory) and every
-  rank gets its result, or its error as a FitError; only rank 0 writes files (:func:`is_main`).
-
-Without torchrun (``WORLD_SIZE`` unset or 1) nothing here changes what a fit computes.
+- :func:`from_main`: rank 0 runs a step (validation, opening the run directory), every rank
+  gets its result or its error; only rank 0 writes files (:func:`is_main`). Without
+  torchrun (``WORLD_SIZE`` unset or 1) nothing here changes what a fit computes.
 """
 
 from __future__ import annotations
@@ -49,12 +48,8 @@ _COMM_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "
 
 
 def env() -> tuple[int, int, bool]:
-    """(rank, world_size, launched_by_torchrun) from torchrun's environment variables.
-
-    Raises:
-        mrlcache.runtime.DeviceError: malformed values or a rank outside the world, in one
-            line (:func:`mrlcache.runtime.env_ranks` checks them).
-    """
+    """(rank, world_size, launched_by_torchrun) from torchrun's environment variables; a
+    malformed value is a one-line DeviceError (:func:`mrlcache.runtime.env_ranks`)."""
     from mrlcache.runtime import env_ranks
 
     rank_, size, _ = env_ranks()

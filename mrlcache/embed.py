@@ -75,16 +75,23 @@ def embedder(model, dim: int | None = None, engine: str = "torch", device: str =
         raise EmbedError(f"{name} was fitted head-only (no backbone): it cannot embed audio")
     if engine == "torch":
         return lambda x: model(x, dim=dim)
-    from mrlcache.export import ExportError
-    from mrlcache.export.engine import OnnxBackbone
+    if model.on_streams or model.backbone is None:
+        raise EmbedError(f"--engine {engine} runs a pooled-vector model's backbone; use the torch engine for {name}")
+    if engine == "fused":
+        if not hasattr(model.backbone, "for_inference"):
+            raise EmbedError(f"--engine fused is written for ReDimNet backbones; {name} has "
+                             f"{getattr(model.backbone, 'encoder', 'another')}: use --engine torch")
+        pooled_by = model.backbone.for_inference()  # a folded copy; the model keeps its own backbone
+    else:
+        from mrlcache.export import ExportError
+        from mrlcache.export.engine import OnnxBackbone
 
-    if tuple(model.inputs) != ("pooled",) or model.backbone is None or torch.device(device).type != "cpu":
-        raise EmbedError("--engine onnxruntime runs a pooled-vector model with its backbone on the CPU; use the "
-                         "torch engine for this model or device")
-    try:
-        pooled_by = OnnxBackbone(model.backbone)
-    except ExportError as err:
-        raise EmbedError(str(err)) from None
+        if torch.device(device).type != "cpu":
+            raise EmbedError("--engine onnxruntime runs on the CPU; use the torch engine on other devices")
+        try:
+            pooled_by = OnnxBackbone(model.backbone)
+        except ExportError as err:
+            raise EmbedError(str(err)) from None
     return lambda x: model.project(windows.pooled(pooled_by, x, window_seconds), dim=dim)
 
 

@@ -57,6 +57,7 @@ from mrlcache.trial_vectors import (  # noqa: F401 (part of this API: where the 
     pooled_from_cache,
 )
 from mrlcache.names import NORMS, SYSTEMS  # noqa: F401 (part of this API)
+from mrlcache import streams
 from mrlcache.trials import Trials
 
 PRIORS = (0.01, 0.05)  # minDCF and actDCF columns; c_miss = c_fa = 1
@@ -86,7 +87,7 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu", fixed=None
             x = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32)).to(device)  # (n, P)
             return model.backbone.head(x).cpu().numpy()  # (n, E)
 
-    if tuple(getattr(model, "inputs", ("pooled",))) != ("pooled",):
+    if not streams.pooled_only(getattr(model, "inputs", streams.POOLED_ONLY)):
         # A model on streams: its TrialVectors hold embeddings already (embeddings_from_cache).
         if set(systems) != {"mrl"}:
             raise EvaluateError(f"systems {[s for s in systems if s != 'mrl']}: this model reads streams "

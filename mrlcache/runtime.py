@@ -8,12 +8,9 @@
 - **OpenMP**: passive waiting where decoding workers share the cores with the model.
 - **Allocator**: glibc keeps freed activation buffers for reuse instead of returning them
   to the kernel after every operation (commands that run the backbone).
-- **Files**: every file a reader may open while it is written (cache metadata, shards'
-  neighbours, checkpoints, model files) is written aside and renamed into place, so a
-  reader sees the old file or the new one, never half of one. The file aside is created
-  exclusively with an unpredictable name (``tempfile.mkstemp`` in the target folder), so
-  a link planted there never redirects a write. Input files are opened by
-  :func:`open_regular`, which refuses a FIFO, device or folder without blocking on it.
+- **Files**: a file a reader may open while it is written is written aside (created
+  exclusively, unpredictable name: a planted link never redirects it) and renamed into
+  place. Inputs are opened by :func:`open_regular`: a FIFO, device or folder is refused.
 """
 
 from __future__ import annotations

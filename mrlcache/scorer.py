@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mrlcache.ranges import COUNT, RangeError, bounded
+from mrlcache.streams import pooled_only
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Scorer:
         self.log = log or ev._note
         self.model = model if model is not None else load_model(model_path, device=device, calibration=False)
         self.dims = select_dims(dims, self.model.dims)
-        self.on_streams = tuple(self.model.inputs) != ("pooled",)
+        self.on_streams = not pooled_only(self.model.inputs)
         fixed = ev.fixed_models(model_path, self.model)
         if "fixed" in baselines and not fixed:
             raise ev.EvaluateError(f"--baseline fixed: {Path(model_path).parent} holds no fixed/D/model.pt; "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mrlcache.streams import POOLED_ONLY, pooled_only
 from mrlcache.streams.windows import WINDOW_SECONDS
 from mrlcache.trials import Trials
 
@@ -93,8 +94,8 @@ def open_cache_for(path, model, what: str = "cache", log=_note):
         raise EvaluateError(f"{what} {path} holds layers of {name or 'no PTM'} ({(made_by or 'none')[:12]}), but "
                             f"the model was fitted on {model.ptm.get('name')} ({fitted_on[:12]}); extract it "
                             f"with --ptm {model.ptm.get('name')}")
-    inputs = tuple(getattr(model, "inputs", ("pooled",)))
-    if inputs != ("pooled",):  # a model on streams: the cache must hold every one it reads
+    inputs = tuple(getattr(model, "inputs", POOLED_ONLY))
+    if not pooled_only(inputs):  # a model on streams: the cache must hold every one it reads
         held = getattr(cache, "streams", None) or {"pooled": None}
         missing = [n for n in inputs if n not in held]
         if missing:
@@ -215,8 +216,6 @@ def pooled_from_audio(backbone, data_dir, trials: Trials, skip_missing: bool = F
     from mrlcache.streams import windows
 
     minimum = wave_minimum(backbone if hasattr(backbone, "min_samples") else getattr(backbone, "backbone", None))
-    if hasattr(backbone, "for_inference") and not backbone.training:
-        backbone = backbone.for_inference()  # BatchNorm folded, channels-last: same vectors, faster
     if hasattr(backbone, "model_config"):  # a ReDimNet (or the onnxruntime engine's)
         def pool(x):
             return windows.pooled(backbone, x, window_seconds)

@@ -114,3 +114,34 @@ def test_extract_and_embed_with_onnxruntime_equal_the_torch_engine(tmp_path):
     assert rel(np.load(tmp_path / "onnxruntime.npy"), np.load(tmp_path / "torch.npy")) < 1e-4
     assert run("extract", *common, "--out", tmp_path / "x", "--engine", "onnxruntime",
                "--streams", "pooled,fbank").exit_code != 0
+
+
+def test_fused_engine_is_within_1e5_of_torch_recorded_and_never_mixed(tmp_path):
+    """``--engine fused`` (BatchNorm folded, channels-last) is opt-in: the torch engine keeps
+    today's bytes, the fused cache is within 1e-5 of it and records its engine."""
+    make_tree(tmp_path / "data", speakers=2, videos=1, utts=2, seconds=1.0)
+    common = ["--data", tmp_path / "data", "--random-init", "--variant", "b0", "--views", "2", "--crop-seconds",
+              "0.8", "--dtype", "float32", "--threads", "1", "--workers", "0", "--quiet"]
+    assert run("extract", *common, "--out", tmp_path / "torch").exit_code == 0
+    result = run("extract", *common, "--out", tmp_path / "fused", "--engine", "fused")
+    assert result.exit_code == 0, result.output
+    a, b = cache_mod.open(tmp_path / "torch"), cache_mod.open(tmp_path / "fused")
+    assert rel(b.read("pooled"), a.read("pooled")) < 1e-5
+    assert not np.array_equal(b.read("pooled"), a.read("pooled"))  # a different computation, hence recorded
+    assert b.meta["engine"] == "fused" and "engine" not in a.meta
+    result = run("extract", *common, "--out", tmp_path / "fused")
+    assert result.exit_code != 0 and "engine" in result.output
+    result = run("extract", *common, "--out", tmp_path / "x", "--engine", "fused", "--streams", "pooled,layers")
+    assert result.exit_code != 0 and "--engine fused" in result.output and "Traceback" not in result.output
+
+    from mrlcache.models.matryoshka import MatryoshkaHead
+    from mrlcache.models.model import save_model
+
+    torch.manual_seed(0)
+    backbone = load_backbone(str(tmp_path / "torch" / "backbone.pt"))
+    save_model(tmp_path / "model.pt", MatryoshkaHead(backbone.pooled_dim, (8, 16)).eval(), backbone=backbone)
+    for engine in ("torch", "fused"):
+        result = run("embed", "--model", tmp_path / "model.pt", tmp_path / "data", "--out", tmp_path / f"{engine}.npy",
+                     "--engine", engine)
+        assert result.exit_code == 0, result.output
+    assert rel(np.load(tmp_path / "fused.npy"), np.load(tmp_path / "torch.npy")) < 1e-5

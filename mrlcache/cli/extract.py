@@ -67,8 +67,9 @@ OPTIONS = [
     opt("layers_pooled", "Store per-layer mean and std over time instead of layer frames."),
     opt("ptm", "Pretrained speech model whose 13 hidden states are the layers stream."),
     opt("ptm_weights", "Local state_dict file of --ptm (instead of the download).", type=FILE),
-    opt("engine", "onnxruntime: the backbone exported to ONNX and run by onnxruntime on the CPU (faster "
-                  "here; pooled stream, float32; recorded in cache.json)."),
+    opt("engine", "torch: the reference forward. fused: ReDimNet with BatchNorm folded and channels-last "
+                  "(faster on CPUs, vectors within 1e-5 of torch's). onnxruntime: the backbone in ONNX on the CPU "
+                  "(pooled stream, float32). Any but torch is recorded in cache.json."),
     click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over."),
     click.option("--quiet", is_flag=True, help="No progress bar."),
 ]

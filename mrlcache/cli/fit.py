@@ -68,15 +68,15 @@ OPTIONS = [
     fit_option("warmup_epochs", "Linear lr warm-up (cosine)."),
     fit_option("grad_clip", "Max gradient norm; 0: off."),
     fit_option("batch_size"),
-    fit_option("init", "Start of the head: random, or published (the encoder's own embedding layer, "
+    fit_option("init", "Start of the head: auto (published on imported vectors, else random), random, or "
+                       "published (the encoder's own embedding layer, "
                        "rotated so prefixes are ordered; epoch 0 is scored and the published size kept no worse)."),
     fit_option("init_rotation", "Rotation ordering the published dims at the start: pca or lda of the training "
                                 "cache's published embeddings."),
     fit_option("init_center", "Start from the published embedding minus its training mean (as eer's pca baseline "
                               "scores it), not as it is (then the full-size scores at epoch 0 are exactly the "
                               "published ones). Measured: centring can hurt a lot (benchmarks/README.md)."),
-    fit_option("objective", "auto (adaptor-supervised on imported vectors, else margin), margin (a head trained "
-                            "by the margin loss), adaptor (an orthogonal rotation "
+    fit_option("objective", "margin (a head trained by the margin loss), adaptor (an orthogonal rotation "
                             "(+ residual MLP) of the published embedding trained to keep its similarities at "
                             "every prefix; no labels) or adaptor-supervised (adaptor + the margin loss)."),
     fit_option("adaptor_hidden", "Residual MLP width of the adaptor; 0: rotation only (full-size scores "

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from mrlcache.export.formats import FORMATS, TOLERANCE, ExportError  # noqa: F401 (no torch: the CLI reads them)
 
-ENGINES = ("torch", "onnxruntime")
 # The verbs and modules import torch (and the engine onnxruntime): loaded on first use, so
 # that ``mrlcache --help`` can read FORMATS without starting torch.
 _LAZY = {"export_model": "api", "verify_export": "api", "ExportableModel": "graph",

@@ -29,6 +29,23 @@ def _wave_in(model) -> bool:
     return model.backbone is not None or not model.needs_backbone
 
 
+def _frozen(module: nn.Module) -> nn.Module:
+    """``module`` with every parametrisation (e.g. an orthogonal weight, computed by a matrix
+    exponential no exporter knows) replaced by the weight it gives now: the same outputs."""
+    from torch.nn.utils import parametrize
+
+    for m in list(module.modules()):
+        if parametrize.is_parametrized(m):
+            with torch.no_grad():
+                values = {name: getattr(m, name).detach().clone() for name in m.parametrizations}
+            # Per instance (torch's remove_parametrizations edits the class the original shares).
+            m.__class__ = type(m).__bases__[0]
+            del m._modules["parametrizations"]
+            for name, value in values.items():
+                m._parameters[name] = nn.Parameter(value, requires_grad=False)
+    return module
+
+
 class ExportableModel(nn.Module):
     """Inputs (see the module docstring) -> embedding (B, width). Raises ExportError for a
     stream whose front end cannot be exported."""
@@ -36,7 +53,7 @@ class ExportableModel(nn.Module):
     def __init__(self, model, width: int):
         super().__init__()
         self.width = int(width)
-        self.head = copy.deepcopy(model.head).eval()
+        self.head = _frozen(copy.deepcopy(model.head).eval())
         self.on_streams = model.on_streams
         self.streams = list(model.inputs)
         self.wave_in = _wave_in(model)

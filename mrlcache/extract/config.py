@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mrlcache import names
+from mrlcache.streams import pooled_only
 from mrlcache.ranges import (CAP_SECONDS, COUNT, DEFAULT_WINDOW_SECONDS, NON_NEGATIVE_INT, SECONDS, SEED,
                              WINDOW_SECONDS, bounded, check_choices, check_fields, choice)
 
@@ -72,7 +73,9 @@ class ExtractConfig:
     layers_pooled: bool = False
     ptm: str | None = choice(None, names.PTMS)
     ptm_weights: str | None = None
-    engine: str = choice("torch", names.ENGINES)  # onnxruntime: CPU, pooled only; recorded in cache.json
+    # fused: ReDimNet with BatchNorm folded, channels-last; onnxruntime: CPU, pooled only.
+    # Either is recorded in cache.json (vectors within ~1e-5 of torch's, not bit-equal).
+    engine: str = choice("torch", names.ENGINES)
 
     @property
     def stream_names(self) -> tuple[str, ...]:
@@ -105,6 +108,9 @@ class ExtractConfig:
         if self.mode == "eval":
             self.views = 1
         check_fields(self, ExtractError)
-        if self.engine == "onnxruntime" and (self.stream_names != ("pooled",) or self.precision not in ("auto", "fp32")):
+        if self.engine == "onnxruntime" and (not pooled_only(self.stream_names) or self.precision not in ("auto", "fp32")):
             raise ExtractError("--engine onnxruntime computes the pooled stream in float32: use --streams pooled "
                                "and --precision auto|fp32, or the torch engine")
+        if self.engine == "fused" and "layers" in streams:
+            raise ExtractError("--engine fused folds the backbone's BatchNorm and changes its layout, so its stages "
+                               "are not the layers stream: drop layers from --streams, or use the torch engine")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mrlcache.extract.config import ExtractConfig, ExtractError
+from mrlcache.streams import pooled_only
 
 
 def dist_env(rank: int | None = None, world_size: int | None = None) -> tuple[int, int, bool]:
@@ -79,7 +80,7 @@ def load_models(cfg: ExtractConfig, variant=None, weights=None, random_init=Fals
     described = f"backbone {source} (pooled {model.pooled_dim})" if model is not None else "no ReDimNet"
     if ptm is not None:
         described += f", PTM {cfg.ptm} ({ptm.source})"
-    if cfg.stream_names != ("pooled",):
+    if not pooled_only(cfg.stream_names):
         described += f", streams {','.join(cfg.stream_names)}"
     return model, source, ptm, described
 

@@ -79,11 +79,15 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
 
 
 def check_layers_source(model, cfg: ExtractConfig, ptm=None) -> None:
-    """ExtractError when ``layers`` would come from an encoder other than ReDimNet (none has them)."""
+    """ExtractError when ``layers`` would come from an encoder other than ReDimNet (none has them),
+    or ``--engine fused`` is asked of an encoder it is not written for."""
     if model is not None and ptm is None and "layers" in cfg.stream_names \
             and getattr(model, "encoder", "redimnet") != "redimnet":
         raise ExtractError(f"--streams {cfg.streams}: the layers stream is ReDimNet's stem and stage outputs; "
                            f"{model.encoder} has none in that form (use pooled, fbank, mfcc, f0, or --ptm)")
+    if model is not None and cfg.engine == "fused" and not hasattr(model, "for_inference"):
+        raise ExtractError(f"--engine fused is written for ReDimNet; this backbone is "
+                           f"{getattr(model, 'encoder', type(model).__name__)}: use --engine torch")
 
 
 def _check_lengths(cfg: ExtractConfig, minimum: tuple[int, str]) -> None:
@@ -229,9 +233,9 @@ def extract(
 def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) -> dict:
     """Decode, forward and write the shards ``todo``; returns this rank's timing numbers."""
     model, ptm = (m.to(device).eval() if m is not None else None for m in models)
-    if "layers" not in cfg.stream_names and hasattr(model, "for_inference"):
-        # The frozen copy with BatchNorm folded and a channels-last layout (same vectors to
-        # ~1e-6, faster); the layers stream reads the model's own stages, so it keeps them.
+    if cfg.engine == "fused":
+        # The frozen copy with BatchNorm folded and a channels-last layout: vectors within
+        # ~1e-5 of torch's, not bit-equal, hence an engine of its own (recorded in cache.json).
         model = model.for_inference()
     names = cfg.stream_names
     infos = {name: record.to_json() for name, record in writer.records.items()}

@@ -76,8 +76,8 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
 
     backbone_ref = None
     imported = is_imported(meta)
-    if cfg.objective == "auto":  # recorded resolved in config.yaml
-        cfg.objective = "adaptor-supervised" if imported and cfg.init == "random" else "margin"
+    if cfg.init == "auto":  # recorded resolved in config.yaml
+        cfg.init = "published" if imported else "random"
     if (not cfg.head_only or cfg.starts_from_published) and not imported and backbone is None:
         from mrlcache.backbone import backbone_for_cache
 

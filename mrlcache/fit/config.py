@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mrlcache import names
+from mrlcache.streams import POOLED_ONLY, pooled_only
 from mrlcache.ranges import (COUNT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, SECONDS, Range, bounded,
                              check_choices, check_fields, choice)
 
@@ -34,7 +35,7 @@ class FitConfig:
 
     dims: tuple[int, ...] = bounded((64, 128, 192, 256), COUNT)
     head: str = choice("mrl", names.HEADS)  # a name in mrlcache.models.HEADS
-    inputs: tuple[str, ...] = ("pooled",)  # cached streams the head reads (mrlcache.streams names)
+    inputs: tuple[str, ...] = POOLED_ONLY  # cached streams the head reads (mrlcache.streams names)
     fusion: str | None = choice(None, names.FUSIONS)  # needed when inputs make several encoders
     encoder_dim: int = bounded(256, COUNT)  # width of the layer / handcrafted encoders and of the fusion
     ecapa_channels: int = bounded(512, COUNT)  # ECAPA-TDNN block width (--head ecapa)
@@ -45,12 +46,11 @@ class FitConfig:
     # the rotation that orders the published dims, and the objective (margin: a head trained by
     # the margin loss; adaptor: a rotation (+ residual MLP) of the published embedding trained to
     # preserve its similarities, no labels; adaptor-supervised: that plus the margin loss).
-    init: str = choice("random", names.INITS)  # random | published (cache mode, --head mrl on pooled)
+    # auto: published on imported vectors (what measured best there, benchmarks/README.md), else random
+    init: str = choice("auto", names.INITS)  # auto | random | published (cache mode, --head mrl on pooled)
     init_rotation: str = choice("pca", names.INIT_ROTATIONS)  # pca | lda
     init_center: bool = False  # start from the published embedding minus its training mean (default: as it is)
-    # auto: adaptor-supervised on imported vectors (what measured best there, benchmarks/README.md),
-    # margin otherwise
-    objective: str = choice("auto", names.OBJECTIVES)  # auto | margin | adaptor | adaptor-supervised
+    objective: str = choice("margin", names.OBJECTIVES)  # margin | adaptor | adaptor-supervised
     adaptor_hidden: int = bounded(0, NON_NEGATIVE_INT)  # residual MLP width of the adaptor; 0: rotation only
     adaptor_topk: int = bounded(10, COUNT)  # nearest neighbours per row in the adaptor's top-k term
     epochs: int = bounded(30, COUNT)
@@ -107,7 +107,7 @@ class FitConfig:
         self._check_inputs()
         check_choices(self, FitError)
         check_fields(self, FitError)
-        if self.starts_from_published and (self.head != "mrl" or tuple(self.inputs) != ("pooled",)):
+        if self.starts_from_published and (self.head != "mrl" or not pooled_only(self.inputs)):
             raise FitError(f"--init {self.init} --objective {self.objective}: start from the published "
                            f"embedding with --head mrl on --inputs pooled, not --head {self.head} on "
                            f"{','.join(self.inputs)}")
@@ -126,7 +126,7 @@ class FitConfig:
     @property
     def starts_from_published(self) -> bool:
         """A head started from the encoder's published embedding (warm start or adaptor)."""
-        return self.init == "published" or self.objective not in ("margin", "auto")
+        return self.init == "published" or self.objective != "margin"
 
     def _check_nested(self) -> None:
         """--margins (one per dim, >= 0; the largest becomes margin) and the mrl-only options."""
@@ -142,7 +142,7 @@ class FitConfig:
             self.margins, self.margin = tuple(margins), max(margins)
         if self.head != "mrl" and (self.margins is not None or self.grad_scaling or self.fixed_baselines):
             raise FitError(f"--margins, --grad-scaling and --fixed-baselines apply to --head mrl, not {self.head}")
-        if self.fixed_baselines and tuple(self.inputs) != ("pooled",):
+        if self.fixed_baselines and not pooled_only(self.inputs):
             raise FitError(f"--fixed-baselines fits fixed-size heads on the pooled vector only; with --inputs "
                            f"{','.join(self.inputs)} none would be fitted: drop it")
 
@@ -236,7 +236,7 @@ def make_configs(dims, options: dict, end_to_end: bool = False):
                        "is fitted on a cache (--cache), not end to end")
     from mrlcache.models import head_class
 
-    if tuple(cfg.inputs) != ("pooled",) or head_class(cfg.head).reads != "vector":
+    if not pooled_only(cfg.inputs) or head_class(cfg.head).reads != "vector":
         raise FitError(f"--inputs {','.join(cfg.inputs)} --head {cfg.head}: end to end trains a head on "
                        "the pooled vector only; fit other inputs and heads on a cache (--cache)")
     e2e = EndToEndConfig(**{k: v for k, v in options.items() if k in e2e_names})

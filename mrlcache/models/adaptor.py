@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrlcache.models.matryoshka import check_dims
+from mrlcache.streams import POOLED_ONLY
 
 
 class WarmHead(nn.Module):
@@ -40,7 +41,7 @@ class WarmHead(nn.Module):
         super().__init__()
         self.dims = check_dims(dims, pooled_dim)
         self.pooled_dim, self.embed_dim = int(pooled_dim), int(embed_dim)
-        self.inputs = ("pooled",)
+        self.inputs = POOLED_ONLY
         self.register_buffer("shift", torch.zeros(self.pooled_dim))
         self.register_buffer("scale", torch.ones(self.pooled_dim))
         self.linear = nn.Linear(self.pooled_dim, self.dims[-1])
@@ -86,7 +87,7 @@ class AdaptorHead(nn.Module):
         super().__init__()
         self.dims = check_dims(dims, embed_dim)
         self.pooled_dim, self.embed_dim, self.hidden = int(pooled_dim), int(embed_dim), int(hidden)
-        self.inputs = ("pooled",)
+        self.inputs = POOLED_ONLY
         self.register_buffer("base_weight", torch.zeros(self.embed_dim, self.pooled_dim))
         self.register_buffer("base_bias", torch.zeros(self.embed_dim))
         self.rotation = nn.utils.parametrizations.orthogonal(nn.Linear(self.embed_dim, self.embed_dim, bias=False))

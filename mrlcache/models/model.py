@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from mrlcache.models.record import READS, VERSION, build, record_of, upgrade
-from mrlcache.streams import windows
+from mrlcache.streams import POOLED_ONLY, windows
 from mrlcache.streams.windows import WINDOW_SECONDS
 
 FORMAT = "mrlcache-model"
@@ -95,7 +95,7 @@ class MRLModel(nn.Module):
         self.head = head
         self.dims = tuple(int(d) for d in (dims or head.dims))
         self.on_streams = hasattr(head, "groups")  # a StreamModel (else a head on the pooled vector)
-        self.inputs = tuple(head.inputs) if self.on_streams else ("pooled",)  # the cached streams it reads
+        self.inputs = tuple(head.inputs) if self.on_streams else POOLED_ONLY  # the cached streams it reads
         self._sha = weights_sha256
         self.calibration = None  # a mrlcache.calibration.Calibration, set by load_model
         self.ptm = None  # {name, source, sha256} of the PTM whose layers it was fitted on, set by load_model

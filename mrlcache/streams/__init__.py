@@ -209,6 +209,15 @@ def records_from_meta(meta: dict) -> dict[str, StreamRecord]:
                                                   "ragged": False, "frame_rate": None, "dtype": meta["dtype"]})}
 
 
+# The streams of a model or cache that reads the pooled vector alone (every encoder gives it).
+POOLED_ONLY = ("pooled",)
+
+
+def pooled_only(names) -> bool:
+    """True when ``names`` (a model's inputs, a cache's or extract's streams) is ``pooled`` alone."""
+    return tuple(names) == POOLED_ONLY
+
+
 def spec(name: str) -> StreamSpec:
     """The spec of ``name``; StreamError naming the known streams otherwise."""
     if name not in STREAMS:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 KINDS = ("vector", "frames")
 # How a stream's dense arrays are chunked: "view", one chunk per view of all a shard's
 # rows (reading view v reads one chunk: the pooled vectors' layout since the first cache);
@@ -27,6 +25,8 @@ CHUNKINGS = ("view", "rows")
 
 
 def _nan_as_zero_encode(array: np.ndarray) -> np.ndarray:
+    import numpy as np  # on first use: streams is read by the torch- and numpy-free CLI
+
     array = np.array(array, copy=True)
     first = array[..., 0, :]
     first[np.isnan(first)] = 0.0
@@ -34,6 +34,8 @@ def _nan_as_zero_encode(array: np.ndarray) -> np.ndarray:
 
 
 def _nan_as_zero_decode(array: np.ndarray) -> np.ndarray:
+    import numpy as np  # on first use: streams is read by the torch- and numpy-free CLI
+
     if np.issubdtype(array.dtype, np.floating):
         first = array[..., 0, :]
         first[first == 0] = np.nan
@@ -78,6 +80,8 @@ class StreamRecord:
 
     def row_bytes(self, views: int = 1, itemsize: int | None = None) -> int:
         """Bytes of one row (``views`` views) of a dense stream, in the stored dtype or ``itemsize``."""
+        import numpy as np  # on first use: streams is read by the torch- and numpy-free CLI
+
         size = itemsize if itemsize is not None else np.dtype(self.dtype).itemsize
         return int(np.prod(self.item_shape, dtype=np.int64)) * size * views
 

@@ -148,11 +148,11 @@ def test_fit_and_eer_on_imported_vectors_against_raw_and_their_pca(tmp_path):
     lines = [f"{int(ids[a][:5] == ids[b][:5])} {ids[a]} {ids[b]}" for k, a in enumerate(test) for b in test[k + 1:]]
     (tmp_path / "trials.txt").write_text("\n".join(lines) + "\n")
     runner = CliRunner()
-    # A head from scratch (--objective margin; the default on imported vectors is the rotation-only
-    # supervised adaptor, which cannot remove a nuisance this strong: docs/metrics.md).
+    # A head from scratch (--init random; the default on imported vectors starts from the vectors
+    # themselves, docs/metrics.md).
     result = runner.invoke(main, ["fit", "--cache", str(tmp_path / "c-train"), "--dims", "4,8,16", "--out",
                                   str(tmp_path / "run"), "--epochs", "20", "--batch-size", "32", "--val-speakers", "0",
-                                  "--objective", "margin", "--quiet"])
+                                  "--init", "random", "--quiet"])
     assert result.exit_code == 0, result.output
     model = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert model["backbone"] is None  # head-only: the vectors came from no backbone mrlcache knows

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mrlcache import names
 from mrlcache.models.matryoshka import MatryoshkaHead, check_dims
 from mrlcache.fit.losses import MatryoshkaMarginLoss, sample_classes
 
@@ -42,7 +43,7 @@ def loop_loss(loss_mod, emb, labels):
 
 @pytest.mark.parametrize("classifier", ["shared", "per-dim"])
 @pytest.mark.parametrize("subcenters", [1, 3])
-@pytest.mark.parametrize("kind", ["aam", "softmax"])
+@pytest.mark.parametrize("kind", names.LOSSES)  # every registered loss kind against its loop
 def test_vectorised_loss_matches_loop(classifier, subcenters, kind):
     torch.manual_seed(0)
     loss_mod = MatryoshkaMarginLoss(

@@ -45,6 +45,8 @@ def _trained_looking(model):
                 b.uniform_(0.5, 2.0, generator=g)
             elif name.endswith("running_mean"):
                 b.normal_(0.0, 0.3, generator=g)
+            elif b.is_floating_point():  # other state (e.g. a started head's published map)
+                b.add_(0.1 * torch.randn(b.shape, generator=g))
     return model.eval()
 
 
