@@ -79,6 +79,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _rendezvous_address(size: int) -> str:
+    """``MASTER_ADDR:MASTER_PORT`` of a torchrun launch of ``size`` processes, checked in one line."""
+    if size > 1 << 16:
+        raise _fit_error()(f"WORLD_SIZE={size} in the environment is not a number of processes mrlcache can "
+                           "start; launch with torchrun")
+    port = os.environ.get("MASTER_PORT")
+    if port is None:
+        raise _fit_error()("MASTER_ADDR is set but MASTER_PORT is not: launch with torchrun (it sets both)")
+    if not (port.strip().isdigit() and 1 <= int(port) <= 65535):
+        raise _fit_error()(f"MASTER_PORT={port!r} in the environment is not a port (1-65535); launch with torchrun")
+    return f"{os.environ['MASTER_ADDR']}:{int(port)}"
+
+
 @contextmanager
 def session(device: str = "auto", timeout_s: float | None = None):
     """The process group of a torchrun launch, for the duration of the block.
@@ -95,8 +108,12 @@ def session(device: str = "auto", timeout_s: float | None = None):
         rank_, size, torchrun = env()
     except DeviceError as err:
         raise _fit_error()(str(err)) from None
+    if size > 1 and not torchrun:  # N processes each fitting alone would race on one run directory
+        raise _fit_error()(f"RANK={rank_} WORLD_SIZE={size} are set but MASTER_ADDR is not: launch the ranks "
+                           "with torchrun (it sets all of them), or unset RANK and WORLD_SIZE for one process")
     dist = None
     if torchrun and size > 1:
+        address = _rendezvous_address(size)
         import torch
         import torch.distributed as dist_mod
 
@@ -107,7 +124,13 @@ def session(device: str = "auto", timeout_s: float | None = None):
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
-            dist_mod.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+            try:
+                dist_mod.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+            except (RuntimeError, ValueError) as err:  # torch's DistError family is RuntimeError
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise _fit_error()(f"rank {rank_} of {size} could not join the process group at {address} within "
+                                   f"{timeout.total_seconds():g} s ({first}); start every rank with torchrun and "
+                                   "check MASTER_ADDR / MASTER_PORT (or raise --dist-timeout)") from None
             dist = dist_mod
     try:
         yield

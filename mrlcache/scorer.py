@@ -118,6 +118,13 @@ class Scorer:
             self.transforms = ev.transforms(self.model, self.systems, pca_cache=pca, device=device, fixed=fixed)
         except ev.EvaluateError as err:  # only the PCA / LDA fits can fail here
             raise ev.EvaluateError(f"--pca-cache {err}") from None
+        if "lda" in self.systems:  # C speakers give C - 1 discriminant directions, the rest are in no order
+            ranked = len(set(pca.speakers)) - 1
+            over = [d for d in self.dims if d > ranked]
+            if over:
+                self.log(f"note: --baseline lda: --pca-cache {pca_cache} has {ranked + 1} speakers, so only "
+                         f"{ranked} LDA directions are discriminant; at dims {over} the rest come in no meaningful "
+                         "order (use a training cache with more speakers)")
         # One pass per distinct cache, shared by the centering and the cohort.
         stats = {p: ev.cache_stats(self.open(p, "cache"), self.transforms)
                  for p in dict.fromkeys(p for p in (cfg.center, cfg.cohort) if p)}

@@ -398,7 +398,8 @@ def read_hyperparams(path: Path) -> dict:
     try:
         hp = _load_tagged_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read ({err})") from None
+        why = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # YAML errors span lines
+        raise ConfigError(f"{path}: cannot read ({why})") from None
     model = hp.get("embedding_model") if isinstance(hp, dict) else None
     if not isinstance(model, dict):
         raise ConfigError(f"{path}: no embedding_model entry (a SpeechBrain ECAPA-TDNN hyperparams.yaml has one)")

@@ -17,7 +17,7 @@ any file is decoded. A folder output is built aside and replaces the old folder 
 a folder embed wrote, with its ``ids.txt``), so no earlier run's files stay beside the new
 ones; no output may be an input or hold one (:func:`mrlcache.paths.check_output`).
 
-A file too short for the model's frames (``mrlcache.audio.MIN_SAMPLES``) or unreadable
+A file too short for the encoder (each encoder module's ``min_samples``) or unreadable
 stops the run with its name; digital silence is embedded with a warning.
 """
 
