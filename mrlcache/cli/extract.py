@@ -129,6 +129,7 @@ def extract(ctx, **params):
     try:
         cfg = ExtractConfig(**{f: params[f] for f in ExtractConfig.__dataclass_fields__ if f in params},
                             augment=AugmentConfig(noise_dir=noise, rir_dir=rir, speed=params["speed_perturb"]))
+        prepare.check_model_options(cfg, params["variant"], params["weights"])
         utterances = prepare.load_utterances(params["data"], params["list_file"], params["utt2spk"])
         model, source, ptm, described = prepare.load_models(cfg, backbone=params["backbone_name"],
                                                             **{k: params[k] for k in MODELS})

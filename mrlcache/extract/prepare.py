@@ -62,12 +62,18 @@ def load_weights(variant=None, weights=None, random_init=False, seed=0, train_ty
             f"{variant}-{dataset}-{train_type}")
 
 
-def load_models(cfg: ExtractConfig, variant=None, weights=None, random_init=False, train_type="ptn",
-                dataset="vox2", backbone=None):
-    """(ReDimNet or None, its source or None, PTM or None, one line describing them) for ``cfg``."""
+def check_model_options(cfg: ExtractConfig, variant=None, weights=None) -> None:
+    """ExtractError when the streams ask for a model the options do not name (checked before
+    the corpus is scanned: a VoxCeleb scan takes minutes)."""
     if cfg.ptm and "pooled" in cfg.stream_names and not (variant or weights):
         raise ExtractError(f"--streams {cfg.streams}: pooled is ReDimNet's vector and --ptm {cfg.ptm} has none; "
                            "also give --variant/--weights, or drop pooled")
+
+
+def load_models(cfg: ExtractConfig, variant=None, weights=None, random_init=False, train_type="ptn",
+                dataset="vox2", backbone=None):
+    """(ReDimNet or None, its source or None, PTM or None, one line describing them) for ``cfg``."""
+    check_model_options(cfg, variant, weights)
     ptm = None
     if cfg.ptm:
         from mrlcache.streams import load_ptm

@@ -79,7 +79,7 @@ class FitConfig:
     val_every: int = bounded(1, COUNT)
     max_val_trials: int = bounded(50000, COUNT)
     patience: int = bounded(0, NON_NEGATIVE_INT)  # epochs without a better mean EER before stopping; 0: never
-    min_delta: float = bounded(0.0, Range(lo=0, hi=1, hi_open=True))  # an EER fraction, e.g. 0.001
+    min_delta: float = bounded(0.0, Range(lo=0, hi=1))  # an EER fraction, e.g. 0.001 (1: no epoch improves)
     seed: int = bounded(0, SEED)
     device: str = choice("auto", names.DEVICES)
     precision: str = choice("fp32", names.FIT_PRECISIONS)  # bf16: CPU autocast; CUDA: fp16 AMP
