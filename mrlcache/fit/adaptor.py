@@ -226,6 +226,13 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
         bias = bias - emb.mean(0)
         emb = emb - emb.mean(0)
     rotation = start_rotation(emb, labels, cfg.init_rotation)
+    ordered = len(np.unique(labels)) - 1  # LDA has at most classes - 1 directions with between-class spread
+    if cfg.init_rotation == "lda" and min(cfg.dims[-1], embed_dim) > ordered:
+        import sys
+
+        print(f"note: --init-rotation lda: {ordered + 1} training speakers order only the first {ordered} "
+              f"directions; dims past {ordered} start in no meaningful order (more speakers, or "
+              "--init-rotation pca)", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     guard = max((d for d in cfg.dims if d <= embed_dim), default=None)
     if cfg.objective == "margin":

@@ -206,3 +206,12 @@ def test_probed_affine_map_of_a_redimnet_head():
     with torch.no_grad():
         want = backbone.head(x).double().numpy()
     np.testing.assert_allclose(x.double().numpy() @ w.T + b, want, rtol=1e-4, atol=1e-4)
+
+
+def test_lda_start_with_fewer_speakers_than_dims_says_so(tmp_path, capsys):
+    """LDA orders only speakers - 1 directions: a start past them is noted, not silent."""
+    write_imported(tmp_path / "c", 6, seed=2)
+    fit(tmp_path / "c", (4, POOLED), tmp_path / "run", init="published", init_rotation="lda",
+        **{**FAST, "epochs": 1, "val_speakers": 2})
+    err = capsys.readouterr().err
+    assert "--init-rotation lda: 4 training speakers order only the first 3 directions" in err
