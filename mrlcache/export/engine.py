@@ -108,7 +108,7 @@ class OnnxBackbone:
     Exported the first time and then read from disk (:func:`cached_engine_bytes`), checked
     against the torch backbone before use; everything else a caller reads (``pooled_dim``,
     ``model_config``, ``weights_sha256``) is the torch backbone's. Its vectors equal
-    PyTorch's to about 1e-6 (tests/test_engine.py).
+    PyTorch's to about 1e-6 (tests/export/test_engine.py).
 
     Args:
         backbone: the torch backbone; threads: intra-op threads (default torch's);
