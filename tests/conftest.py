@@ -213,3 +213,13 @@ def tiny_head_args(name: str, dims, width=None, options=None) -> dict:
         if p.default is p.empty and p.name not in args and p.name != cls.width_arg:
             args[p.name] = 2 * max(dims)
     return args
+
+
+def error_line(result) -> str:
+    """The one 'Error:' line click printed for a CliRunner result; fails on a success or a
+    traceback (any exception but SystemExit)."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]

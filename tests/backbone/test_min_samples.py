@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY, speech_like, write_wav
+from conftest import TINY, speech_like, write_wav, error_line
 
 from mrlcache.audio import MIN_SAMPLES, SAMPLE_RATE
 from mrlcache.backbone import ReDimNet, save_checkpoint
@@ -95,12 +95,6 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def error_line(result) -> str:
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module", params=["ecapa-tdnn", "campplus"])

@@ -12,6 +12,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
+from conftest import error_line
 from mrlcache import ranges
 from mrlcache.cli import main
 from mrlcache.extract.config import ExtractConfig, ExtractError
@@ -24,13 +25,6 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def error_line(result) -> str:
-    """The one 'Error:' line; fails on a traceback or a success."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 # (command, option, value, what the line must say): issue 19's list first.

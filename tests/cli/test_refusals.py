@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_tree, speech_like, write_wav
+from conftest import make_tree, speech_like, write_wav, error_line
 from test_eer_cli import _model_file
 
 from mrlcache.audio import MIN_SAMPLES, SAMPLE_RATE
@@ -20,13 +20,6 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def error_line(result) -> str:
-    """The one 'Error:' line click printed; fails on a traceback (any exception but SystemExit)."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
