@@ -142,12 +142,10 @@ class Features:
             drawn = views[self.offsets[k] + local]
             for name in self.records:
                 block = arrays[name][start:start + len(local)]
-                for view in np.unique(drawn):  # each needed view of the shard read once
+                for view in np.unique(drawn):  # each needed view of the shard read once, in order
                     sel = np.flatnonzero(drawn == view)
-                    if len(sel) * 4 > self.sizes[k]:  # most rows: one sequential read of the view
-                        block[sel] = self.shards[k].read(name, view=int(view), dtype=self.dtype)[local[sel]]
-                    else:
-                        block[sel] = self.shards[k].read(name, view=int(view), rows=local[sel], dtype=self.dtype)
+                    # the rows that drew it: the chunks holding them (a pooled view: one chunk, read whole)
+                    block[sel] = self.shards[k].read(name, view=int(view), rows=local[sel], dtype=self.dtype)
             start += len(local)
         return Block(rows, arrays)
 
