@@ -21,6 +21,16 @@ per process; and, with ``--frame-gb``, an fbank-like frame cache of that size ti
 same way. The epoch and 30 epochs are projected from the steps' rate.
 
     python benchmarks/bench_streaming.py --out /tmp/bench-scale --scale --steps 200 --memory-gb 2
+
+``--layouts``: what one streamed epoch's reads of a pooled shard cost (the views the
+epoch draws per row, from the fit's own ``epoch_plan``), stored and read each way: one chunk
+per view (mrlcache's layout) read whole then taken, or as a row selection; zarr v3's
+sharding codec with inner chunks of 1 or 4 rows x 1 view (only the drawn rows' inner chunks
+fetched); HDF5 (one chunk per view) whole or by rows; raw preads of the drawn rows from the
+zarr chunk files. Cold (pages dropped with posix_fadvise) and warm; ms per shard and bytes
+read from the disk (/proc/self/io).
+
+    python benchmarks/bench_streaming.py --out /tmp/bench-layouts --layouts
 """
 
 from __future__ import annotations
@@ -42,16 +52,24 @@ import itertools, json, os, sys, time
 from mrlcache.fit import fit
 opts = json.loads(sys.argv[1])
 steps = int(os.environ.get("BENCH_STEPS", "0"))
+marks = []  # when the epoch began, then when each batch was handed to the step
 if steps:  # stop each epoch after `steps` batches (of this process), read in the streamed order
     from mrlcache.fit import data
     epoch = data.Features.epoch
-    data.Features.epoch = lambda self, *a, **k: itertools.islice(epoch(self, *a, **k), steps)
+
+    def timed(self, *a, **k):
+        marks.append(time.perf_counter())
+        for batch in itertools.islice(epoch(self, *a, **k), steps):
+            marks.append(time.perf_counter())
+            yield batch
+    data.Features.epoch = timed
 def io(key):
     return int(next(l for l in open("/proc/self/io") if l.startswith(key + ":")).split()[1])
 t, read0 = time.perf_counter(), io("read_bytes")
 run = fit(sys.argv[2], (64, 128, 192, 256), sys.argv[3], **opts)
 got = {"wall": time.perf_counter() - t, "read_gb": (io("read_bytes") - read0) / 2**30,
-       "rank": int(os.environ.get("RANK", "0")),
+       "rank": int(os.environ.get("RANK", "0")), "first_batch_s": marks[1] - marks[0] if steps else None,
+       "steady_steps_s": marks[-1] - marks[1] if steps else None,
        "vmhwm_gb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 2**20}
 if got["rank"] == 0:
     h = [json.loads(x) for x in open(str(run) + "/history.jsonl")]
@@ -141,6 +159,8 @@ def one(cache: Path, run: Path, opts: dict, wait: str | None, procs: int = 1, st
     got["peak_rss_gb"] = usage.ru_maxrss / 2**20
     got["rank_peak_gb"] = [g["vmhwm_gb"] for g in ranks]
     got["read_gb"] = [round(g["read_gb"], 3) for g in ranks]
+    if steps > 1:  # the steps after the first window's read (later windows are read while training)
+        got["steady_samples_per_s"] = (steps - 1) * opts["batch_size"] * procs / got["steady_steps_s"]
     return got
 
 
@@ -176,6 +196,86 @@ def scale(args) -> None:
     (args.out / "scale.json").write_text(json.dumps(rows, indent=1))
 
 
+def _disk_read() -> int:
+    return int(next(x for x in open("/proc/self/io") if x.startswith("read_bytes:")).split()[1])
+
+
+def _drop(root: Path) -> None:
+    for f in root.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def layouts(args, shards: int = 20, n: int = 1000, views: int = 6, dim: int = 2304) -> None:
+    """Read the drawn views of ``shards`` pooled shards every way (see the module docstring)."""
+    import h5py
+    import torch
+    import zarr
+    from zarr.storage import LocalStore
+
+    from mrlcache.cache import BACKENDS
+    from mrlcache.fit.data import epoch_plan
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, views, dim), dtype=np.float32).astype(np.float16)
+    root = args.out / "layouts"
+    for form in ("view", "inner1", "inner4", "hdf5"):
+        for k in range(shards):
+            path = root / form / f"s{k}"
+            if path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if form == "hdf5":
+                BACKENDS["hdf5"].write(path, {"skipped": {}}, {"pooled": (x, (n, 1, dim))})
+            elif form == "view":
+                BACKENDS["zarr"].write(path, {}, {"pooled": (x, (n, 1, dim))})
+            else:
+                group = zarr.open_group(LocalStore(str(path)), mode="w-")
+                group.create_array("pooled", shape=x.shape, shards=x.shape, chunks=(int(form[5:]), 1, dim),
+                                   dtype=x.dtype, compressors=None, fill_value=0)[...] = x
+    drawn, _ = epoch_plan(torch.Generator().manual_seed(0), np.full(shards, n), np.ones(shards * n, bool), views,
+                          1, 256)
+    drawn = drawn.reshape(shards, n)
+
+    def pread_rows(path, v, sel):
+        out = np.empty((len(sel), dim), np.float16)
+        fd = os.open(path / "pooled" / "c" / "0" / str(v) / "0", os.O_RDONLY)
+        for i, r in enumerate(sel):
+            os.preadv(fd, [memoryview(out[i]).cast("B")], int(r) * dim * 2)
+        os.close(fd)
+        return out
+
+    zarr_read = BACKENDS["zarr"].read_array
+    ways = {  # name: (form, read(path, view, rows) -> (len(rows), dim))
+        "zarr, one chunk per view: whole view, take": ("view", lambda p, v, s: zarr_read(p, "pooled", (slice(None), v))[s]),
+        "zarr, one chunk per view: row selection": ("view", lambda p, v, s: zarr_read(p, "pooled", (s, v))),
+        "zarr, one chunk per view: raw preads of the rows": ("view", pread_rows),
+        "zarr sharded, inner chunks 1 row x 1 view": ("inner1", lambda p, v, s: zarr_read(p, "pooled", (s, v))),
+        "zarr sharded, inner chunks 4 rows x 1 view": ("inner4", lambda p, v, s: zarr_read(p, "pooled", (s, v))),
+        "hdf5, one chunk per view: whole view, take": ("hdf5", lambda p, v, s: BACKENDS["hdf5"].read_array(
+            p, "pooled", (slice(None), v))[s]),
+        "hdf5, one chunk per view: row selection": ("hdf5", lambda p, v, s: BACKENDS["hdf5"].read_array(
+            p, "pooled", (s, v))),
+    }
+    print(f"load {os.getloadavg()[0]:.1f}; {shards} shards of {n} x {views} x {dim} float16 "
+          f"({n * views * dim * 2 / 1e6:.1f} MB each)")
+    print("| read | cold ms/shard | cold MB from disk/shard | warm ms/shard |\n|---|---|---|---|")
+    for label, (form, read) in ways.items():
+        got = []
+        for cold in (True, False):
+            if cold:
+                _drop(root / form)
+            t, b = time.perf_counter(), _disk_read()
+            for k in range(shards):
+                for v in range(views):
+                    sel = np.flatnonzero(drawn[k] == v)
+                    assert np.array_equal(read(root / form / f"s{k}", v, sel), x[sel, v])
+            got += [(time.perf_counter() - t) * 1e3 / shards, (_disk_read() - b) / 1e6 / shards]
+        print(f"| {label} | {got[0]:.0f} | {got[1]:.1f} | {got[2]:.0f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -185,6 +285,7 @@ def main() -> None:
     ap.add_argument("--waits", default="PASSIVE,default")
     ap.add_argument("--only", default="pooled,fbank")
     ap.add_argument("--scale", action="store_true", help="VoxCeleb2 geometry, --steps timed (see above)")
+    ap.add_argument("--layouts", action="store_true", help="the read of a shard's drawn views, every way")
     ap.add_argument("--steps", type=int, default=200, help="--scale: batches per process")
     ap.add_argument("--memory-gb", type=float, default=2.0, help="--scale: the fit's budget")
     ap.add_argument("--procs", type=int, default=2, help="--scale: processes of the torchrun fit")
@@ -195,6 +296,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.scale:
         return scale(args)
+    if args.layouts:
+        return layouts(args)
     tick = time.perf_counter()
     write_pooled(args.out / "pooled", args.rows, 5994)
     write_frames(args.out / "fbank", args.frame_rows, 500)
