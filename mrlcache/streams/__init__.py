@@ -56,7 +56,8 @@ class StreamSpec:
     exported; ``example(x, generator)``: plausible stored values from a standard normal
     draw x (B, *shape, T), for exporting a model that reads the stream cached;
     ``encoder``: the kind of encoder a stream model reads it with
-    (:mod:`mrlcache.models.streams`: ``layers``, ``handcrafted`` or ``vector``).
+    (:mod:`mrlcache.models.streams`: ``layers``, ``handcrafted`` or ``vector``);
+    ``from_ptm``: computed by the PTM instead of the backbone when extract has one.
     """
 
     name: str
@@ -75,6 +76,7 @@ class StreamSpec:
     exportable: Callable | None = None
     example: Callable | None = None
     encoder: str = "vector"
+    from_ptm: bool = False  # a PTM (extract --ptm) computes it instead of the backbone
 
     def is_frames(self, layers_pooled: bool = False) -> bool:
         return self.per_frame and not (self.poolable and layers_pooled)
@@ -214,7 +216,8 @@ STREAMS = {
                          lambda b, p: (_pooling(b).pooled_dim,), dtype="float32", chunking="view",
                          exportable=_pooled_export),
     "layers": StreamSpec("layers", "backbone intermediate outputs per layer", True, True, _layers_compute,
-                         _layers_shape, _layers_grid, poolable=True, exportable=_layers_export, encoder="layers"),
+                         _layers_shape, _layers_grid, poolable=True, exportable=_layers_export, encoder="layers",
+                         from_ptm=True),
     "fbank": StreamSpec("fbank", "80 Kaldi log-mel energies, 25 ms / 10 ms", True, False, _handcrafted("fbank"),
                         lambda b, p: (80,), _kaldi_grid, exportable=_kaldi_export("fbank"), encoder="handcrafted"),
     "mfcc": StreamSpec("mfcc", "40 Kaldi MFCCs, 25 ms / 10 ms", True, False, _handcrafted("mfcc"),
@@ -278,6 +281,11 @@ def parse_streams(text: str) -> tuple[str, ...]:
     return names
 
 
+def source(name: str, backbone=None, ptm=None):
+    """What computes stream ``name``: the PTM for a stream a PTM gives (``from_ptm``), else the backbone."""
+    return ptm if ptm is not None and spec(name).from_ptm else backbone
+
+
 def item_shape(name: str, backbone=None, layers_pooled: bool = False) -> tuple[int, ...]:
     """Shape of one utterance's stream without the time axis, e.g. (80,) or (L, D)."""
     return spec(name).item_shape(backbone, layers_pooled)
@@ -333,4 +341,4 @@ def __getattr__(name):  # torch-importing names on first use
 
 __all__ = ["PTM", "PTMS", "PTMError", "STREAMS", "StreamError", "StreamRecord", "StreamSpec", "compute",
            "compute_one", "f0_features", "frame_rate", "item_shape", "kaldi_frames", "load_ptm", "num_frames",
-           "parse_streams", "record_from_json", "records_from_meta", "spec"]
+           "parse_streams", "record_from_json", "records_from_meta", "source", "spec"]
