@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mrlcache.backbone.features import ExportableMelBanks  # noqa: F401 (mrlcache.export's names)
 from mrlcache.export.formats import ExportError
-from mrlcache.streams.handcrafted import ExportableKaldi  # noqa: F401
 
 
 def front_end(stream: str, backbone, layers_pooled: bool = False) -> nn.Module:

@@ -3,26 +3,29 @@
 ``STREAMS`` maps a stream name to a :class:`StreamSpec`: what it is, whether it is one
 vector per utterance or a sequence of frames, and everything that depends on which stream
 it is: its shape and frame grid for a given backbone, how it is encoded and chunked on
-disk, what an encoder reads from it, and the function computing it for a batch of
-waveforms. :meth:`StreamSpec.record` gives the typed record cache.json stores
-(:class:`~mrlcache.streams.record.StreamRecord`). Nobody outside a stream's own entry
-branches on its name. Shapes (time last, channels first, as the encoders read them):
+disk, what an encoder reads from it, the function computing it for a batch of waveforms,
+and the module computing it in an exported graph (or why it cannot be). :meth:`StreamSpec.record`
+gives the typed record cache.json stores (:class:`~mrlcache.streams.record.StreamRecord`).
+Nobody outside a stream's own entry branches on its name. Shapes (time last, channels
+first, as the encoders read them):
 
 ========= ========================== ============ =====================================
 name      per item                   frames/s     what
 ========= ========================== ============ =====================================
-pooled    (pooled_dim,)              utterance    ReDimNet's ASTP vector (today's cache)
-layers    (L, D, T) or (L, 2D)       100 / 50     ReDimNet stem + stage outputs (L = 1 +
-                                                  stages, D = F*C) or a PTM's 13 hidden
-                                                  states x 768; ``layers_pooled``: mean
-                                                  and std over time per layer instead
+pooled    (pooled_dim,)              utterance    the encoder's pooled statistics (ReDimNet's
+                                                  ASTP vector: today's cache)
+layers    (L, D, T) or (L, 2D)       100 / 50     the backbone's block outputs
+                                                  (:mod:`mrlcache.streams.layers`) or a PTM's
+                                                  13 hidden states x 768; ``layers_pooled``:
+                                                  mean and std over time per layer instead
 fbank     (80, T)                    100          Kaldi log-mel energies, 25 ms / 10 ms
 mfcc      (40, T)                    100          Kaldi MFCCs (40 cepstra, 40 bands)
 f0        (2, T)                     100          [F0 Hz, NaN if unvoiced; periodicity]
 ========= ========================== ============ =====================================
 
-fbank, mfcc and f0 share Kaldi's frame grid (``1 + (T - 400) // 160`` frames); ReDimNet
-layers have ``T // 160 + 1`` frames, PTM layers ``(T - 400) // 320 + 1``.
+fbank, mfcc and f0 share Kaldi's frame grid (``1 + (T - 400) // 160`` frames); a backbone's
+layers have its own (``layer_frames``: ``T // 160 + 1`` for ReDimNet and ECAPA-TDNN, half
+the Kaldi grid for CAM++, ``(T - 400) // 320 + 1`` for a PTM).
 
 This module imports no torch (the cache reads records through it); computing a stream
 imports what it needs.
