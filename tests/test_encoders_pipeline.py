@@ -21,6 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import mrlcache
 import mrlcache.cache
 from mrlcache.audio import load_audio
 from mrlcache.backbone import load_backbone
@@ -145,3 +146,30 @@ def test_real_ecapa_layers_through_extract_fit_eer(corpus, tmp_path):
     report = json.loads((tmp_path / "eer.json").read_text())
     assert report["skipped_trials"] == 0 and report["n_target"] + report["n_nontarget"] == 64
     assert {r["dim"] for r in report["results"] if r["system"] == "mrl"} == {8, 16}
+
+
+def test_campplus_layers_with_fusion_and_pooled_layers(tmp_path):
+    # CAM++ (random e192): its layers (2 x 512 at 50 frames/s) fused with fbank (100/s), and
+    # --layers-pooled (per-layer mean and std) fitted alone.
+    from conftest import make_tree
+
+    make_tree(tmp_path / "data", speakers=6, videos=1, utts=3, seconds=1.0)
+    common = ["extract", "--data", tmp_path / "data", "--backbone", "campplus", "--random-init", "--variant", "e192",
+              "--views", 1, "--crop-seconds", 0.6, "--workers", 0, "--quiet"]
+    cli(*common, "--out", tmp_path / "frames", "--streams", "pooled,layers,fbank")
+    cli(*common, "--out", tmp_path / "stats", "--streams", "layers", "--layers-pooled")
+    frames, stats = mrlcache.cache.open(tmp_path / "frames"), mrlcache.cache.open(tmp_path / "stats")
+    assert (frames.streams["layers"].shape, frames.streams["layers"].frames, frames.streams["layers"].frame_rate) \
+        == ((2, 512), 29, 50.0)  # ceil((1 + (9600 - 400) // 160) / 2)
+    assert (stats.streams["layers"].kind, stats.streams["layers"].shape) == ("vector", (2, 1024))
+    fit = ["--dims", "4,8", "--encoder-dim", 8, "--epochs", 1, "--batch-size", 6, "--val-speakers", 2, "--quiet",
+           "--threads", 1]
+    cli("fit", "--cache", tmp_path / "frames", "--inputs", "layers,fbank", "--fusion", "gating",
+        "--out", tmp_path / "fused", *fit)
+    cli("fit", "--cache", tmp_path / "stats", "--inputs", "layers", "--out", tmp_path / "pooled", *fit)
+    wave = np.random.default_rng(0).standard_normal((2, 12000)).astype(np.float32) * 0.1
+    for run, inputs in (("fused", ("layers", "fbank")), ("pooled", ("layers",))):
+        model = mrlcache.load_model(tmp_path / run / "model.pt")  # with the saved CAM++: wave in
+        assert model.inputs == inputs
+        out = model(wave)
+        assert out.shape == (2, 8) and np.isfinite(out).all()

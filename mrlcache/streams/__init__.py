@@ -125,7 +125,7 @@ class StreamSpec:
 
 def _pooling(backbone):
     """``backbone`` when it has a pooled vector (every encoder of mrlcache.backbone), else StreamError."""
-    if not hasattr(backbone, "pooled_from_layers"):
+    if not hasattr(backbone, "pooled_dim"):
         raise StreamError(f"stream 'pooled' needs an encoder with a pooled vector (ReDimNet, ECAPA-TDNN, "
                           f"CAM++); {getattr(backbone, 'name', type(backbone).__name__)} has none (use 'layers')")
     return backbone
