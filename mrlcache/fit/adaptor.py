@@ -38,7 +38,7 @@ from mrlcache.baselines import fit_lda
 from mrlcache.models.adaptor import AdaptorHead, WarmHead
 from mrlcache.models.matryoshka import check_dims
 
-ROTATIONS = ("pca", "lda")
+ROTATIONS = ("pca", "lda", "whitened")  # --init-rotation auto: each scored at epoch 0, one kept (pick_start)
 OBJECTIVES = ("margin", "adaptor", "adaptor-supervised")
 INITS = ("random", "published")
 EXTRA_SCALE = 0.5  # std of an extra dim at the start, relative to the last published dim's
@@ -84,12 +84,47 @@ def start_rotation(emb: np.ndarray, labels, kind: str) -> np.ndarray:
     if kind == "pca":
         return np.ascontiguousarray(_pca(emb).T)
     if kind != "lda":
-        raise ValueError(f"rotation {kind!r}: choose one of {', '.join(ROTATIONS)}")
+        raise ValueError(f"rotation {kind!r}: choose one of pca, lda")
     _, directions = fit_lda(emb, labels)
     q, r = np.linalg.qr(directions)
     q = q * np.sign(np.diag(r))  # keep each direction's sense
     return np.ascontiguousarray(q.T)
 
+
+def start_transform(emb: np.ndarray, labels, kind: str, center: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The start's map of the published embedding ``e`` (n, E): ``R (e - m)``; returns (R (E, E), m (E,)).
+
+    ``pca`` / ``lda``: ``R`` the orthogonal :func:`start_rotation` (full-size cosines are the
+    published ones; ``m`` = 0, or the training mean with ``center``). ``whitened``: exactly the
+    transform of ``eer --baseline lda`` (:func:`mrlcache.baselines.fit_lda` of ``emb``):
+    ``R`` = the whitened LDA directions as rows, most discriminant first, ``m`` the mean, so
+    every prefix scores as the LDA baseline does (the full size too: it is not a rotation).
+    """
+    if kind == "whitened":
+        mean, directions = fit_lda(emb, labels)
+        return np.ascontiguousarray(directions.T), mean
+    mean = emb.mean(0) if center else np.zeros(emb.shape[1])
+    return start_rotation(emb - mean, labels, kind), mean
+
+
+def pick_start(eers: dict, guard: int | None, rotations=("pca", "lda")) -> str:
+    """The start ``--init-rotation auto`` keeps, from the validation EERs {name: {dim: eer}} of each.
+
+    Admissible: a start whose EER at ``guard`` (the published size) is no worse than the
+    best rotation's there (a rotation, not centred, scores exactly as the published embedding
+    at full size, so the published size never loses to it); rotations always are. Of those,
+    the lowest mean over dims of EER / the best start's EER at that dim (a per-dim ratio:
+    small dims, whose EERs are large, do not drown the others); ties keep the first.
+    """
+    names = list(eers)
+    dims = list(eers[names[0]])
+    base = [n for n in names if n in rotations]
+    if guard is not None and base:
+        floor = min(eers[n][guard] for n in base)
+        names = [n for n in names if n in base or eers[n][guard] <= floor]
+    best = {d: min(eers[n][d] for n in eers) for d in dims}
+    return min(names, key=lambda n: np.mean([eers[n][d] / best[d] if best[d] > 0 else (1.0 if eers[n][d] == 0
+                                             else np.inf) for d in dims]))
 
 
 def _extra_rows(w: np.ndarray, centred: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -205,51 +240,83 @@ def start_classifier(loss_fn, emb: torch.Tensor, labels: torch.Tensor) -> None:
     loss_fn.weight[keep] = rows[keep].to(loss_fn.weight.device)
 
 
+def start_maps(cfg, published, pooled: np.ndarray, labels: np.ndarray, kinds) -> dict:
+    """{kind: :func:`warm_map` of the start ``kind``} for a :class:`WarmHead` of ``cfg.dims``, from the
+    published map (W, b) and training vectors ``pooled`` (n, P) with classes ``labels`` (n,)."""
+    weight, bias = published
+    emb = np.asarray(pooled, np.float64) @ weight.T + bias  # (n, E)
+    out = {}
+    for kind in kinds:
+        r, m = start_transform(emb, labels, kind, cfg.init_center)
+        out[kind] = warm_map(weight, bias - m, r, pooled, cfg.dims[-1], cfg.seed)
+    return out
+
+
 def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.ndarray, labels: np.ndarray,
                  device):
     """The head, loss and training forward of ``fit --init published`` or ``--objective adaptor*``.
 
-    Args: published: the published affine map (W (E, P), b (E,)), see :func:`affine_of`
-    (with ``cfg.init_center`` its training mean is subtracted: ``b - mean``);
-    pooled (n, P), labels (n,): training vectors and their classes (the rotation, the
+    Args: published: the published affine map (W (E, P), b (E,)), see :func:`affine_of`;
+    pooled (n, P), labels (n,): training vectors and their classes (the start, the
     standardisation, the extra dims and the classifier's start).
-    Returns (head, loss, embed_of, guard_dim): ``embed_of(head)`` is the training forward,
-    (B, P) -> what the loss takes; ``guard_dim`` is the published size if it is a trained
-    dim, else the largest trained dim below it (the size kept no worse than epoch 0).
+    Returns (head, loss, embed_of, guard_dim, choose): ``embed_of(head)`` is the training
+    forward, (B, P) -> what the loss takes; ``guard_dim`` is the published size if it is a
+    trained dim, else the largest trained dim below it; ``choose`` is None, or (``--init-rotation
+    auto``) ``choose(score)``: scores every start (``score(head)`` -> {str(dim): EER} on the
+    validation trials), keeps the one :func:`pick_start` picks and returns
+    {"kept": name, "eer": {name: {str(dim): EER}}} (``choose(None, kept)`` sets that start).
     """
     from mrlcache.fit.heads import make_loss
 
     weight, bias = published
     embed_dim = len(weight)
-    emb = np.asarray(pooled, np.float64) @ weight.T + bias  # (n, E)
-    if cfg.init_center:  # the published embedding minus its training mean, as eer's pca baseline scores it
-        bias = bias - emb.mean(0)
-        emb = emb - emb.mean(0)
-    rotation = start_rotation(emb, labels, cfg.init_rotation)
+    guard = max((d for d in cfg.dims if d <= embed_dim), default=None)
+    auto = cfg.init_rotation == "auto"
     ordered = len(np.unique(labels)) - 1  # LDA has at most classes - 1 directions with between-class spread
-    if cfg.init_rotation == "lda" and min(cfg.dims[-1], embed_dim) > ordered:
+    if cfg.init_rotation in ("lda", "whitened") and min(cfg.dims[-1], embed_dim) > ordered:
         import sys
 
-        print(f"note: --init-rotation lda: {ordered + 1} training speakers order only the first {ordered} "
-              f"directions; dims past {ordered} start in no meaningful order (more speakers, or "
+        print(f"note: --init-rotation {cfg.init_rotation}: {ordered + 1} training speakers order only the first "
+              f"{ordered} directions; dims past {ordered} start in no meaningful order (more speakers, or "
               "--init-rotation pca)", file=sys.stderr)
     torch.manual_seed(cfg.seed)
-    guard = max((d for d in cfg.dims if d <= embed_dim), default=None)
+    x = torch.from_numpy(np.asarray(pooled, np.float32))
     if cfg.objective == "margin":
+        maps = start_maps(cfg, published, pooled, labels, ROTATIONS if auto else (cfg.init_rotation,))
         head = WarmHead(pooled_dim, cfg.dims, embed_dim)
-        head.set_map(*warm_map(weight, bias, rotation, pooled, cfg.dims[-1], cfg.seed))
+        head.set_map(*next(iter(maps.values())))
         loss = make_loss(cfg, num_classes)
-        start_classifier(loss, head(torch.from_numpy(np.asarray(pooled, np.float32))), torch.from_numpy(labels))
-        return head.to(device), loss.to(device), (lambda h: h), guard
+        start_classifier(loss, head(x), torch.from_numpy(labels))
+        head, loss = head.to(device), loss.to(device)
+
+        def choose(score, kept: str | None = None):
+            eers = {}
+            if kept is None:  # (given: the pick of rank 0, applied on another rank)
+                for kind, m in maps.items():
+                    head.set_map(*m)
+                    eers[kind] = score(head)
+                kept = pick_start(eers, str(guard) if guard is not None else None)
+            head.set_map(*maps[kept])
+            with torch.no_grad():
+                start_classifier(loss, head(x.to(device)), torch.from_numpy(labels))
+            return {"kept": kept, "eer": eers}
+
+        return head, loss, (lambda h: h), guard, (choose if len(maps) > 1 else None)
     if cfg.dims[-1] > embed_dim:
         raise ValueError(f"dims {list(cfg.dims)}: the adaptor rotates the published {embed_dim}-dim embedding; "
                          f"give dims up to {embed_dim} (or --init published for more)")
+    if cfg.init_rotation == "whitened":
+        raise ValueError("--init-rotation whitened is not a rotation: the adaptor keeps the published full-size "
+                         "scores; use --init-rotation pca or lda (auto: pca) with --objective adaptor")
+    emb = np.asarray(pooled, np.float64) @ weight.T + bias  # (n, E)
+    rotation, mean = start_transform(emb, labels, "pca" if auto else cfg.init_rotation, cfg.init_center)
     head = AdaptorHead(pooled_dim, cfg.dims, embed_dim, cfg.adaptor_hidden)
-    head.set_map(weight, bias, rotation)
+    head.set_map(weight, bias - mean, rotation)
     margin = None
     if cfg.objective == "adaptor-supervised":
         margin = make_loss(cfg, num_classes)
-        start_classifier(margin, torch.from_numpy((emb @ rotation.T).astype(np.float32)), torch.from_numpy(labels))
+        start_classifier(margin, torch.from_numpy(((emb - mean) @ rotation.T).astype(np.float32)),
+                         torch.from_numpy(labels))
     loss = AdaptorLoss(cfg.dims, embed_dim, margin, cfg.adaptor_topk, cfg.dim_weights)
     head, loss = head.to(device), loss.to(device)
-    return head, loss, adaptor_embed, guard
+    return head, loss, adaptor_embed, guard, None
