@@ -38,7 +38,14 @@ from mrlcache.baselines import fit_lda
 from mrlcache.models.adaptor import AdaptorHead, WarmHead
 from mrlcache.models.matryoshka import check_dims
 
-ROTATIONS = ("pca", "lda", "whitened")  # --init-rotation auto: each scored at epoch 0, one kept (pick_start)
+ROTATIONS = ("pca", "lda", "whitened")
+CENTRED = "-centred"  # "pca-centred": the pca start of the centred embedding (= eer's pca baseline at every dim)
+
+
+def auto_starts(center: bool) -> tuple[str, ...]:
+    """The starts ``--init-rotation auto`` scores at epoch 0 (:func:`pick_start` keeps one): every
+    rotation, and (without ``--init-center``) the PCA of the centred embedding too."""
+    return ROTATIONS if center else ROTATIONS + ("pca" + CENTRED,)
 OBJECTIVES = ("margin", "adaptor", "adaptor-supervised")
 INITS = ("random", "published")
 EXTRA_SCALE = 0.5  # std of an extra dim at the start, relative to the last published dim's
@@ -95,7 +102,7 @@ def start_transform(emb: np.ndarray, labels, kind: str, center: bool = False) ->
     """The start's map of the published embedding ``e`` (n, E): ``R (e - m)``; returns (R (E, E), m (E,)).
 
     ``pca`` / ``lda``: ``R`` the orthogonal :func:`start_rotation` (full-size cosines are the
-    published ones; ``m`` = 0, or the training mean with ``center``). ``whitened``: exactly the
+    published ones; ``m`` = 0, or the training mean with ``center`` or a ``-centred`` kind). ``whitened``: exactly the
     transform of ``eer --baseline lda`` (:func:`mrlcache.baselines.fit_lda` of ``emb``):
     ``R`` = the whitened LDA directions as rows, most discriminant first, ``m`` the mean, so
     every prefix scores as the LDA baseline does (the full size too: it is not a rotation).
@@ -103,16 +110,19 @@ def start_transform(emb: np.ndarray, labels, kind: str, center: bool = False) ->
     if kind == "whitened":
         mean, directions = fit_lda(emb, labels)
         return np.ascontiguousarray(directions.T), mean
+    if kind.endswith(CENTRED):  # an auto candidate: the rotation of the centred embedding
+        kind, center = kind[: -len(CENTRED)], True
     mean = emb.mean(0) if center else np.zeros(emb.shape[1])
     return start_rotation(emb - mean, labels, kind), mean
 
 
-def pick_start(eers: dict, guard: int | None, rotations=("pca", "lda")) -> str:
+def pick_start(eers: dict, guard: str | None, rotations=("pca", "lda")) -> str:
     """The start ``--init-rotation auto`` keeps, from the validation EERs {name: {dim: eer}} of each.
 
-    Admissible: a start whose EER at ``guard`` (the published size) is no worse than the
-    best rotation's there (a rotation, not centred, scores exactly as the published embedding
-    at full size, so the published size never loses to it); rotations always are. Of those,
+    ``rotations``: the starts that score exactly as the published embedding at full size (the
+    rotations not centred; none with ``--init-center``). Admissible: those, and a start whose
+    EER at ``guard`` (the published size) is no worse than the best of them there (so the
+    published size never loses to the published embedding on the validation trials). Of those,
     the lowest mean over dims of EER / the best start's EER at that dim (a per-dim ratio:
     small dims, whose EERs are large, do not drown the others); ties keep the first.
     """
@@ -282,7 +292,8 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
     torch.manual_seed(cfg.seed)
     x = torch.from_numpy(np.asarray(pooled, np.float32))
     if cfg.objective == "margin":
-        maps = start_maps(cfg, published, pooled, labels, ROTATIONS if auto else (cfg.init_rotation,))
+        maps = start_maps(cfg, published, pooled, labels, auto_starts(cfg.init_center) if auto else
+                          (cfg.init_rotation,))
         head = WarmHead(pooled_dim, cfg.dims, embed_dim)
         head.set_map(*next(iter(maps.values())))
         loss = make_loss(cfg, num_classes)
@@ -295,7 +306,8 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
                 for kind, m in maps.items():
                     head.set_map(*m)
                     eers[kind] = score(head)
-                kept = pick_start(eers, str(guard) if guard is not None else None)
+                kept = pick_start(eers, str(guard) if guard is not None else None,
+                                  () if cfg.init_center else ("pca", "lda"))
             head.set_map(*maps[kept])
             with torch.no_grad():
                 start_classifier(loss, head(x.to(device)), torch.from_numpy(labels))

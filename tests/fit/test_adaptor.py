@@ -265,9 +265,30 @@ def test_auto_start_scores_every_start_and_records_its_pick(tmp_path):
     run = fit(tmp_path / "c", (4, 16, POOLED), tmp_path / "run", init="published", **{**FAST, "epochs": 1})
     summary = json.loads((run / "summary.json").read_text())
     picked = summary["start_pick"]
-    assert set(picked["eer"]) == {"pca", "lda", "whitened"}
+    assert set(picked["eer"]) == {"pca", "lda", "whitened", "pca-centred"}
     assert picked["kept"] in picked["eer"]
     assert summary["start"]["eer"] == pytest.approx(picked["eer"][picked["kept"]])
+
+
+def test_pca_centred_start_scores_as_the_pca_baseline_at_every_dim(data):
+    """The auto candidate pca-centred: every prefix is eer's pca baseline, (e - mean) @ V[:, :d]
+    with V the covariance eigenvectors (numpy's eigh of the covariance written out)."""
+    from mrlcache.fit.adaptor import start_maps
+    from mrlcache.fit.config import FitConfig
+
+    x, spk, layer, published = data
+    w, b = affine_of(layer, POOLED)
+    dims = (2, 4, 8, EMBED)
+    head = WarmHead(POOLED, dims, EMBED)
+    head.set_map(*start_maps(FitConfig(dims=dims), (w, b), x.numpy(), spk, ("pca-centred",))["pca-centred"])
+    with torch.no_grad():
+        out = head(x).double()
+    emb = published.double().numpy()
+    centred = emb - emb.mean(0)
+    values, vectors = np.linalg.eigh(np.cov(centred.T))
+    want = centred @ vectors[:, ::-1]
+    for d in dims:
+        torch.testing.assert_close(cosines(out[:, :d]), cosines(want[:, :d]), atol=1e-4, rtol=0)
 
 
 def test_adaptor_fit_writes_a_model_that_reloads(tmp_path):
