@@ -3,9 +3,10 @@
 A run fitted with ``--fixed-baselines`` holds, beside ``RUN/model.pt``, one head-only
 ``RUN/fixed/D/model.pt`` per dim D (:mod:`mrlcache.fit.cache_mode`): the head a
 ``--dims D`` fit gives on the same cache, data order and settings. ``mrlcache eer`` scores
-them as the system ``fixed`` (:class:`FixedHeads`) and reports the EER ratio MRL/fixed per
-dim (:func:`fixed_ratios`): the Matryoshka claim is that it stays near 1 at every dim.
-:func:`best_baseline_ratios` compares it with the best of every baseline scored at a dim.
+them as the system ``fixed`` (:class:`FixedHeads`); its table's column MRL/fixed is the EER
+ratio of the nested prefix to the fixed head per dim (:func:`fixed_ratios`: the Matryoshka
+claim is that it stays near 1), and MRL/best the ratio to the best of every other system
+scored at that dim, named (:func:`best_baseline_ratios`: fixed, pca, lda, published, raw).
 
 The LDA a user would fit on the published embedding (``eer --baseline lda``) is computed
 from sufficient statistics (:func:`lda_from_stats`, streamed over a cache by

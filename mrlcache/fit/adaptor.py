@@ -4,20 +4,29 @@ The comparison a user makes is against the encoder's published embedding ``e = W
 (its embedding layer: ReDimNet's BN + Linear [+ BN], ECAPA's BN + 1x1 conv, CAM++'s
 Linear + BN; affine in eval mode, read by probing it, :func:`affine_of`) and that
 embedding truncated after PCA or LDA. An orthogonal rotation ``Q`` of ``e`` leaves every
-full-size cosine score unchanged, and its prefixes are nested embeddings; so both heads
-here start as such a rotation (``Q`` from the PCA or LDA of the training cache's
-published embeddings, orthonormalised: :func:`start_rotation`):
+full-size cosine score unchanged, and its prefixes are nested embeddings; the whitened LDA
+of ``e`` (``eer --baseline lda``) is not a rotation but is often the better prefix. The
+starts (:func:`start_transform`, ``R (e - m)``):
+
+- ``pca`` / ``lda``: ``R`` the PCA or LDA directions of the training cache's published
+  embeddings, orthonormalised (a rotation; ``m`` = 0 unless ``--init-center``);
+- ``whitened``: ``R``, ``m`` exactly eer's LDA baseline (every prefix scores as it does);
+- ``auto``: all of them and the centred PCA (eer's pca baseline), scored on the validation
+  trials before any step; :func:`pick_start` keeps one, never worse at the published size
+  than a rotation (the published embedding).
 
 - :class:`WarmHead` (``fit --init published``): one linear map of the standardised pooled
-  vector, started at ``[Q W; X] x + [Q b; c]``; the rows ``X`` of dims beyond the published
-  size are the next PCA directions of the pooled vectors orthogonal to ``W``'s rows, so at
-  epoch 0 the first ``E`` outputs are the rotated published embedding. The margin loss then
-  trains all of it; the loop scores epoch 0 and keeps the full size no worse (``TrainJob.guard_dim``).
+  vector, started at ``[R W; X] x + [R (b - m); c]``; the rows ``X`` of dims beyond the
+  published size are the next PCA directions of the pooled vectors orthogonal to ``W``'s
+  rows. The margin loss then trains all of it; the loop scores epoch 0 and keeps a later
+  epoch only if no dim is worse (:func:`mrlcache.fit.loop.selection_ratio`); epoch 0 kept
+  after held-out validation is fitted again on every training speaker (cache_mode).
 - :class:`AdaptorHead` (``fit --objective adaptor | adaptor-supervised``): ``e`` stays fixed,
   the output is ``Q e + g(Q e)`` with ``Q`` a trainable orthogonal matrix
-  (``torch.nn.utils.parametrizations.orthogonal``) and ``g`` an optional small residual MLP
-  whose last layer starts at zero (``--adaptor-hidden``; 0: rotation only, and the
-  full-size scores are the published ones at every step).
+  (``torch.nn.utils.parametrizations.orthogonal``, started at the pca or lda rotation) and
+  ``g`` an optional small residual MLP whose last layer starts at zero
+  (``--adaptor-hidden``; 0: rotation only, and the full-size scores are the published ones
+  at every step).
 
 The adaptor's loss (:class:`AdaptorLoss`) follows Matryoshka-Adaptor (Yoon et al., EMNLP
 2024): at each prefix ``d``, the cosine of every pair of the batch, and of each row's
