@@ -141,6 +141,22 @@ def test_lda_matches_a_direct_computation():
     np.testing.assert_allclose(v.T @ sb @ v, np.diag(values), rtol=1e-5, atol=1e-6)
 
 
+def test_lda_past_classes_minus_one_does_not_depend_on_the_row_order():
+    """With fewer classes than dims the solver's basis of the null space of Sb is arbitrary;
+    fit_lda fixes it (Sw-orthonormal, by Euclidean norm), so permuted rows give the same LDA."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 30)) @ rng.standard_normal((30, 30))
+    labels = np.repeat(np.arange(10), 20)
+    _, v = fit_lda(x, labels)
+    order = rng.permutation(len(x))
+    _, permuted = fit_lda(x[order], labels[order])
+    np.testing.assert_allclose(np.abs(v), np.abs(permuted), rtol=1e-6, atol=1e-9)
+    sw = sum(np.cov(x[labels == c].T, bias=True) * 20 for c in range(10)) / len(x)
+    np.testing.assert_allclose(v.T @ sw @ v, np.eye(30), atol=1e-5)  # up to the 1e-9 ridge
+    norms = np.linalg.norm(v[:, 9:], axis=0)
+    assert np.all(np.diff(norms) >= -1e-9)  # the null directions, smallest Euclidean norm first
+
+
 def test_whitened_start_scores_as_the_lda_baseline_at_every_dim(data):
     """--init-rotation whitened: at epoch 0 every prefix is the whitened LDA of the published
     embedding (eer --baseline lda), checked against LDA written out with scipy."""
