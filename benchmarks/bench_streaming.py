@@ -239,9 +239,11 @@ def layouts(args, shards: int = 20, n: int = 1000, views: int = 6, dim: int = 23
                           1, 256)
     drawn = drawn.reshape(shards, n)
 
-    def pread_rows(path, v, sel):
+    def pread_rows(path, v, sel, advice=None):
         out = np.empty((len(sel), dim), np.float16)
         fd = os.open(path / "pooled" / "c" / "0" / str(v) / "0", os.O_RDONLY)
+        if advice is not None:
+            os.posix_fadvise(fd, 0, 0, advice)
         for i, r in enumerate(sel):
             os.preadv(fd, [memoryview(out[i]).cast("B")], int(r) * dim * 2)
         os.close(fd)
@@ -249,9 +251,12 @@ def layouts(args, shards: int = 20, n: int = 1000, views: int = 6, dim: int = 23
 
     zarr_read = BACKENDS["zarr"].read_array
     ways = {  # name: (form, read(path, view, rows) -> (len(rows), dim))
-        "zarr, one chunk per view: whole view, take": ("view", lambda p, v, s: zarr_read(p, "pooled", (slice(None), v))[s]),
+        "zarr, one chunk per view: whole view, take": ("view", lambda p, v, s: zarr_read(
+            p, "pooled", (slice(None), v))[s]),
         "zarr, one chunk per view: row selection": ("view", lambda p, v, s: zarr_read(p, "pooled", (s, v))),
         "zarr, one chunk per view: raw preads of the rows": ("view", pread_rows),
+        "zarr, one chunk per view: raw preads of the rows, readahead off": ("view", lambda p, v, s: pread_rows(
+            p, v, s, os.POSIX_FADV_RANDOM)),
         "zarr sharded, inner chunks 1 row x 1 view": ("inner1", lambda p, v, s: zarr_read(p, "pooled", (s, v))),
         "zarr sharded, inner chunks 4 rows x 1 view": ("inner4", lambda p, v, s: zarr_read(p, "pooled", (s, v))),
         "hdf5, one chunk per view: whole view, take": ("hdf5", lambda p, v, s: BACKENDS["hdf5"].read_array(

@@ -71,7 +71,7 @@ class Shard:
             # Backends select increasing rows: read each distinct row once, then reorder. When
             # the rows touch every chunk (always for the pooled vectors, one chunk per view),
             # the backend reads every byte of the selection anyway: one plain read of it and a
-            # numpy take is then cheaper (benchmarks/README.md, issue 22: zarr 1.3x, HDF5 6x).
+            # numpy take costs no more, and with HDF5 5x less (benchmarks/README.md, issue 22).
             unique, inverse = np.unique(rows, return_inverse=True)
             per_chunk = layout.dense_chunks(record, n)[0]
             if len(np.unique(unique // per_chunk)) == -(-n // per_chunk):
