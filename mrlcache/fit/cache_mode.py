@@ -77,7 +77,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
     backbone_ref = None
     imported = is_imported(meta)
     if cfg.init == "auto":  # recorded resolved in config.yaml
-        cfg.init = "published" if imported else "random"
+        cfg.init = "published" if _has_published_start(cfg, meta, imported) else "random"
     if (not cfg.head_only or cfg.starts_from_published) and not imported and backbone is None:
         from mrlcache.backbone import backbone_for_cache
 
@@ -136,6 +136,28 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
                 _fit_fixed(cfg, i, out / "fixed" / str(d), cache_dir, fingerprint, feats, val, pooled_dim,
                            len(train_names), len(train_rows), device, resume, extra)
     return out
+
+
+def _has_published_start(cfg, meta: dict, imported: bool) -> bool:
+    """``--init auto``: start from the published embedding when there is one worth starting from
+    (imported vectors, or a cache of trained encoder weights, not random ones, without
+    --head-only, which says the vectors come from no known backbone) and the head can
+    (--head mrl on the pooled vector); measured better than a head from random on the
+    imported and on two real encoders' vectors (benchmarks/README.md, issue 21)."""
+    from mrlcache.backbone import BackboneRecord, RecordError
+    from mrlcache.streams import pooled_only
+
+    if cfg.head != "mrl" or not pooled_only(cfg.inputs) or meta.get("ptm"):
+        return False
+    if imported:
+        return True
+    if cfg.head_only:
+        return False
+    try:
+        record = BackboneRecord.from_meta(meta)
+    except RecordError:
+        return False
+    return record is not None and not record.is_random
 
 
 def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim, num_classes, num_train, device,
