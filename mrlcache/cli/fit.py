@@ -68,7 +68,8 @@ OPTIONS = [
     fit_option("warmup_epochs", "Linear lr warm-up (cosine)."),
     fit_option("grad_clip", "Max gradient norm; 0: off."),
     fit_option("batch_size"),
-    fit_option("init", "Start of the head: auto (published on imported vectors, else random), random, or "
+    fit_option("init", "Start of the head: auto (published on imported vectors and on caches of trained "
+                       "encoder weights, for --head mrl on pooled without --head-only; else random), random, or "
                        "published (the encoder's own embedding layer, "
                        "rotated so prefixes are ordered; epoch 0 is scored, and a later epoch kept only if no dim is worse)."),
     fit_option("init_rotation", "What orders the published dims at the start (of the training cache's published "
