@@ -5,8 +5,8 @@ is embedded in training and in validation, which modules a checkpoint holds beyo
 head and loss, and a hook run at each epoch's start. :func:`train` runs the epochs: the
 margin schedule (only stepped here: :class:`~mrlcache.fit.optim.MarginWarmup`), the step
 (autocast, gradient accumulation, clipping, the learning-rate schedule), validation and
-model selection by mean EER (a started head: :func:`selection_ratio`), ``history.jsonl``, TensorBoard, and the checkpoints ``best.pt``
-and ``last.pt``, all built by :func:`checkpoint`.
+model selection by mean EER (a started head: :func:`selection_ratio`), ``history.jsonl``,
+TensorBoard, and the checkpoints ``best.pt`` and ``last.pt``, all built by :func:`checkpoint`.
 
 Determinism: every random draw of epoch ``e`` (views, order; the classes of
 ``class_sample`` from a second stream) comes from a generator seeded by ``(seed, e)``,
