@@ -356,3 +356,16 @@ def test_lda_start_with_fewer_speakers_than_dims_says_so(tmp_path, capsys):
         **{**FAST, "epochs": 1, "val_speakers": 2})
     err = capsys.readouterr().err
     assert "--init-rotation lda: 4 training speakers order only the first 3 directions" in err
+
+
+def test_a_started_head_resumes_with_its_epoch_0_bound(tmp_path):
+    """--resume of a warm start: epoch 0's EERs come back from last.pt (the bound the later
+    epochs are held to), the same run as one without the interruption."""
+    write_imported(tmp_path / "c", 30, seed=6)
+    opts = dict(init="published", init_rotation="pca", **{**FAST, "epochs": 3})
+    whole = fit(tmp_path / "c", (4, POOLED), tmp_path / "whole", **opts)
+    part = fit(tmp_path / "c", (4, POOLED), tmp_path / "part", **{**opts, "epochs": 2})
+    part = fit(tmp_path / "c", (4, POOLED), tmp_path / "part", resume=True, **opts)
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (whole, part))
+    assert b["start"] == a["start"] and b["start"]["eer"]
+    assert b["best_epoch"] == a["best_epoch"] and b["best"]["eer"] == a["best"]["eer"]
