@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from mrlcache import ranges
+from mrlcache import components, ranges
 from mrlcache.config import CommaList
 
 
@@ -87,10 +87,11 @@ def field_option(cls, name: str, help: str | None = None, flag: str | None = Non
     """A click option for field ``name`` of config dataclass ``cls``: default, choices and range from there.
 
     ``inverted``: the field a flag switches off (``--quiet`` sets ``progress`` to False).
+    ``name``: the field's flat key (:mod:`mrlcache.components`), also for a field of a group.
     ``param``: the parameter (and config-file key) name when it is not the field's.
     Anything in ``kw`` (a ``type``, ``show_default``) overrides what the field gives.
     """
-    field = {f.name: f for f in dataclasses.fields(cls)}[inverted or name]
+    field = components.field_of(cls, inverted or name)
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     rng, allowed = field.metadata.get("range"), field.metadata.get("choices")
     if inverted:
@@ -111,7 +112,16 @@ def field_option(cls, name: str, help: str | None = None, flag: str | None = Non
         kw["default"] = ",".join(map(str, default)) if isinstance(default, tuple) else default
         kw.setdefault("show_default", default is not None)
     flags = flag if isinstance(flag, (list, tuple)) else [flag or ranges.flag(name)]
-    return click.option(*flags, param or name, help=help, **kw)
+    return click.option(*flags, param or name, help=help, cls=FieldOption, config_class=cls, **kw)
+
+
+class FieldOption(click.Option):
+    """An option made from a config dataclass field: ``config_class`` lets ``--config`` read the
+    file's nested form (:func:`mrlcache.config.read_yaml_options`)."""
+
+    def __init__(self, *args, config_class=None, **kw):
+        super().__init__(*args, **kw)
+        self.config_class = config_class
 
 
 # The scorer's options, shared by eer and calibrate: parameter name -> ScoreConfig field.

@@ -210,7 +210,7 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
     """The head, loss and training forward of ``fit --init published`` or ``--objective adaptor*``.
 
     Args: published: the published affine map (W (E, P), b (E,)), see :func:`affine_of`
-    (with ``cfg.init_center`` its training mean is subtracted: ``b - mean``);
+    (with ``cfg.head.init_center`` its training mean is subtracted: ``b - mean``);
     pooled (n, P), labels (n,): training vectors and their classes (the rotation, the
     standardisation, the extra dims and the classifier's start).
     Returns (head, loss, embed_of, guard_dim): ``embed_of(head)`` is the training forward,
@@ -222,34 +222,34 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
     weight, bias = published
     embed_dim = len(weight)
     emb = np.asarray(pooled, np.float64) @ weight.T + bias  # (n, E)
-    if cfg.init_center:  # the published embedding minus its training mean, as eer's pca baseline scores it
+    if cfg.head.init_center:  # the published embedding minus its training mean, as eer's pca baseline scores it
         bias = bias - emb.mean(0)
         emb = emb - emb.mean(0)
-    rotation = start_rotation(emb, labels, cfg.init_rotation)
+    rotation = start_rotation(emb, labels, cfg.head.init_rotation)
     ordered = len(np.unique(labels)) - 1  # LDA has at most classes - 1 directions with between-class spread
-    if cfg.init_rotation == "lda" and min(cfg.dims[-1], embed_dim) > ordered:
+    if cfg.head.init_rotation == "lda" and min(cfg.head.dims[-1], embed_dim) > ordered:
         import sys
 
         print(f"note: --init-rotation lda: {ordered + 1} training speakers order only the first {ordered} "
               f"directions; dims past {ordered} start in no meaningful order (more speakers, or "
               "--init-rotation pca)", file=sys.stderr)
-    torch.manual_seed(cfg.seed)
-    guard = max((d for d in cfg.dims if d <= embed_dim), default=None)
-    if cfg.objective == "margin":
-        head = WarmHead(pooled_dim, cfg.dims, embed_dim)
-        head.set_map(*warm_map(weight, bias, rotation, pooled, cfg.dims[-1], cfg.seed))
+    torch.manual_seed(cfg.run.seed)
+    guard = max((d for d in cfg.head.dims if d <= embed_dim), default=None)
+    if cfg.head.objective == "margin":
+        head = WarmHead(pooled_dim, cfg.head.dims, embed_dim)
+        head.set_map(*warm_map(weight, bias, rotation, pooled, cfg.head.dims[-1], cfg.run.seed))
         loss = make_loss(cfg, num_classes)
         start_classifier(loss, head(torch.from_numpy(np.asarray(pooled, np.float32))), torch.from_numpy(labels))
         return head.to(device), loss.to(device), (lambda h: h), guard
-    if cfg.dims[-1] > embed_dim:
-        raise ValueError(f"dims {list(cfg.dims)}: the adaptor rotates the published {embed_dim}-dim embedding; "
+    if cfg.head.dims[-1] > embed_dim:
+        raise ValueError(f"dims {list(cfg.head.dims)}: the adaptor rotates the published {embed_dim}-dim embedding; "
                          f"give dims up to {embed_dim} (or --init published for more)")
-    head = AdaptorHead(pooled_dim, cfg.dims, embed_dim, cfg.adaptor_hidden)
+    head = AdaptorHead(pooled_dim, cfg.head.dims, embed_dim, cfg.head.adaptor_hidden)
     head.set_map(weight, bias, rotation)
     margin = None
-    if cfg.objective == "adaptor-supervised":
+    if cfg.head.objective == "adaptor-supervised":
         margin = make_loss(cfg, num_classes)
         start_classifier(margin, torch.from_numpy((emb @ rotation.T).astype(np.float32)), torch.from_numpy(labels))
-    loss = AdaptorLoss(cfg.dims, embed_dim, margin, cfg.adaptor_topk, cfg.dim_weights)
+    loss = AdaptorLoss(cfg.head.dims, embed_dim, margin, cfg.head.adaptor_topk, cfg.loss.dim_weights)
     head, loss = head.to(device), loss.to(device)
     return head, loss, adaptor_embed, guard

@@ -39,6 +39,11 @@ HEADS = {
     "adaptor": "mrlcache.models.adaptor:AdaptorHead",  # fit --objective adaptor* (likewise)
 }
 STARTED_HEADS = ("warm", "adaptor")  # built by mrlcache.fit.adaptor from the published embedding, never by --head
+# The fit options a head takes beside its own (``option_args``); a head not listed takes none.
+# margins and grad_scaling act on the prefixes of one Matryoshka projection; fixed_baselines
+# fits one such projection per dim beside it; published_start (--init published, --objective
+# adaptor*) starts it from the encoder's published embedding (a linear map of the pooled vector).
+HEAD_SUPPORTS = {"mrl": ("margins", "grad_scaling", "fixed_baselines", "published_start")}
 FUSIONS = {
     "concat": "mrlcache.models.fusion:ConcatFusion",
     "cross-attention": "mrlcache.models.fusion:CrossAttentionFusion",
@@ -61,6 +66,11 @@ def head_class(name: str) -> type:
 def fusion_class(name: str) -> type:
     """The fusion class registered as ``name``; ValueError naming the choices otherwise."""
     return _load(FUSIONS, "fusion", name)
+
+
+def head_supports(name: str) -> tuple[str, ...]:
+    """The fit options of :data:`HEAD_SUPPORTS` head ``name`` takes (torch-free)."""
+    return HEAD_SUPPORTS.get(name, ())
 
 
 def head_name(head) -> str:

@@ -353,7 +353,7 @@ def test_cli_fit_and_its_errors(caches, tmp_path):
     assert result.exit_code != 0 and "no such directory" in result.output
     result = runner.invoke(main, args + ["--dims", "4,8,16,32", "--out", str(tmp_path / "cs"), "--class-sample", "0.5"])
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load((tmp_path / "cs" / "config.yaml").read_text())["class_sample"] == 0.5
+    assert yaml.safe_load((tmp_path / "cs" / "config.yaml").read_text())["loss"]["class_sample"] == 0.5
     result = runner.invoke(main, args + ["--dims", "4,8", "--out", str(tmp_path / "bad"), "--class-sample", "1.5"])
     assert result.exit_code != 0 and "1.5 is not a finite number > 0 and <= 1" in result.output
     result = runner.invoke(main, args + ["--dims", "4,8", "--out", str(tmp_path / "bad"), "--grad-accum", "2",
