@@ -47,7 +47,7 @@ def flatten(cls, data: dict, error=ValueError) -> dict:
     """Option mapping in the nested form, the flat form or a mix -> flat keys (the one conversion).
 
     A group key whose value is a mapping is expanded into its fields' keys (a field by its
-    name or its key); other keys pass through as they are, for the caller to accept or
+    name or its key, ``-`` read as ``_``); other keys pass through as they are, for the caller to accept or
     refuse. An option given twice (flat and nested) raises ``error``.
     """
     subs = groups(cls)
@@ -64,6 +64,7 @@ def flatten(cls, data: dict, error=ValueError) -> dict:
             names = {g.name: key_of(g) for g in dataclasses.fields(sub)}
             names.update({k: k for k in names.values()})
             for name, v in value.items():
+                name = str(name).replace("-", "_")  # crop-seconds as on the command line
                 if name not in names:
                     raise error(f"{key}.{name}: not an option of {key} (it has {', '.join(sorted(set(names.values())))})")
                 put(names[name], v, f"{key}.{name}")

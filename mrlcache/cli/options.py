@@ -115,6 +115,29 @@ def field_option(cls, name: str, help: str | None = None, flag: str | None = Non
     return click.option(*flags, param or name, help=help, cls=FieldOption, config_class=cls, **kw)
 
 
+def config_options(cls, help: dict, inverted: dict | None = None, kw: dict | None = None,
+                   prefix: str = "", skip: tuple = ()) -> list:
+    """One option per field of config dataclass ``cls``, its groups walked in order
+    (:func:`mrlcache.components.leaves`): a new field is a new option with no edit here.
+
+    ``help``: {flat key: help text}; ``inverted``: {flag's parameter name: field} for a flag
+    that switches a field off (``quiet`` -> ``progress``); ``kw``: {flat key: more
+    :func:`field_option` arguments} (a ``type``); ``prefix``: put before every help text;
+    ``skip``: fields the command sets otherwise.
+    """
+    inverted, kw = inverted or {}, kw or {}
+    by_field = {field: flag for flag, field in inverted.items()}
+    options = []
+    for key in components.leaves(cls):
+        if key in skip:
+            continue
+        name = by_field.get(key, key)
+        text = help.get(name)
+        options.append(field_option(cls, name, prefix + text if text else None, inverted=inverted.get(name),
+                                    **kw.get(name, {})))
+    return options
+
+
 class FieldOption(click.Option):
     """An option made from a config dataclass field: ``config_class`` lets ``--config`` read the
     file's nested form (:func:`mrlcache.config.read_yaml_options`)."""

@@ -396,7 +396,7 @@ def test_end_to_end_frozen_matches_cache_mode(tmp_path):
     seed, crop, views, augment = 7, 0.5, 2, AugmentConfig()
     model = load_backbone("b0", random_init=True, seed=seed)  # what fit_end_to_end builds from seed
     extract(scan_tree(data), model, tmp_path / "cache",
-            ExtractConfig(views=views, crop_seconds=crop, seed=seed, dtype="float32", device="cpu",
+            ExtractConfig.of(views=views, crop_seconds=crop, seed=seed, dtype="float32", device="cpu",
                           precision="fp32", augment=augment, workers=0),
             save_backbone=True, weights_source="b0", progress=False)
     opts = dict(epochs=4, batch_size=4, lr=1e-2, warmup_epochs=0.5, margin_warmup_epochs=0, scale=16,
