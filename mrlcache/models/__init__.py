@@ -19,10 +19,13 @@ A head class declares, besides ``forward`` (input -> (B, dims[-1]), raw):
 
 - ``reads``: ``"vector"`` (B, width) or ``"frames"`` (B, width, T);
 - ``width_arg``: the constructor argument that takes the input width;
-- ``option_args(options)`` (static): its own constructor arguments from a fit's options
-  (any object with the named attributes), beside the width and ``dims``;
+- ``option_args(options)`` (static): its own constructor arguments from a fit's head
+  options (``FitConfig.head``, or any object with the named attributes), beside the width
+  and ``dims``;
 - ``args()``: every constructor argument, plain values: ``Class(**head.args())`` rebuilds it;
 - ``dims`` and ``pooled_dim`` attributes (``pooled_dim``: the width of a head on vectors, else None).
+
+A head taking fit options beyond its own (``--margins``...) names them in :data:`HEAD_SUPPORTS`.
 
 A fusion class takes ``(in_dims, out_dim)`` and maps a list of encoded streams (all frames
 (B, D_i, T_i) or all vectors (B, D_i)) to (B, out_dim, T_0) or (B, out_dim).
