@@ -112,7 +112,8 @@ def field_option(cls, name: str, help: str | None = None, flag: str | None = Non
         kw["default"] = ",".join(map(str, default)) if isinstance(default, tuple) else default
         kw.setdefault("show_default", default is not None)
     flags = flag if isinstance(flag, (list, tuple)) else [flag or ranges.flag(name)]
-    return click.option(*flags, param or name, help=help, cls=FieldOption, config_class=cls, **kw)
+    return click.option(*flags, param or name, help=help, cls=FieldOption, config_class=cls,
+                        key=None if inverted else name, **kw)
 
 
 def config_options(cls, help: dict, inverted: dict | None = None, kw: dict | None = None,
@@ -142,9 +143,16 @@ class FieldOption(click.Option):
     """An option made from a config dataclass field: ``config_class`` lets ``--config`` read the
     file's nested form (:func:`mrlcache.config.read_yaml_options`)."""
 
-    def __init__(self, *args, config_class=None, **kw):
+    def __init__(self, *args, config_class=None, key=None, **kw):
         super().__init__(*args, **kw)
-        self.config_class = config_class
+        self.config_class, self.key = config_class, key  # key: the field's flat key (None: an inverted flag)
+
+    @property
+    def group(self) -> str | None:
+        """The group of ``config_class`` holding the field (``optim`` for ``--lr``), or None."""
+        if self.key is None:
+            return None
+        return components.leaves(self.config_class)[self.key][0]
 
 
 # The scorer's options, shared by eer and calibrate: parameter name -> ScoreConfig field.
