@@ -66,7 +66,8 @@ def flatten(cls, data: dict, error=ValueError) -> dict:
             for name, v in value.items():
                 name = str(name).replace("-", "_")  # crop-seconds as on the command line
                 if name not in names:
-                    raise error(f"{key}.{name}: not an option of {key} (it has {', '.join(sorted(set(names.values())))})")
+                    known = ", ".join(sorted(set(names.values())))
+                    raise error(f"{key}.{name}: not an option of {key} (it has {known})")
                 put(names[name], v, f"{key}.{name}")
         else:
             put(key, value, key)

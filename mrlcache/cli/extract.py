@@ -118,7 +118,8 @@ def extract(ctx, **params):
                                        utt2spk=params["utt2spk"], overwrite=params["overwrite"],
                                        progress=not params["quiet"], rank=params["rank"],
                                        world_size=params["world_size"],
-                                       say=lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False))
+                                       say=lambda line: console.print(line, soft_wrap=True, markup=False,
+                                                                      highlight=False))
     except refusals() as err:
         raise click.ClickException(str(err))
     if rank == 0:

@@ -141,7 +141,8 @@ class ExtractConfig:
         if views.mode == "eval":
             views.count = 1
         check_fields(self, ExtractError)
-        if backbone.engine == "onnxruntime" and (not pooled_only(streams) or backbone.precision not in ("auto", "fp32")):
+        if backbone.engine == "onnxruntime" and (not pooled_only(streams)
+                                                 or backbone.precision not in ("auto", "fp32")):
             raise ExtractError("--engine onnxruntime computes the pooled stream in float32: use --streams pooled "
                                "and --precision auto|fp32, or the torch engine")
         if backbone.engine == "fused" and "layers" in streams:

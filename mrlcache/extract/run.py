@@ -189,7 +189,8 @@ def extract(
 
     if overwrite and world_size > 1 and rank != 0:
         barrier()  # rank 0 clears the old cache first
-    writer = CacheWriter(out, meta, utterances, backend=cfg.storage.format, overwrite=overwrite and rank == 0, rank=rank)
+    writer = CacheWriter(out, meta, utterances, backend=cfg.storage.format, overwrite=overwrite and rank == 0,
+                         rank=rank)
     try:
         if overwrite and world_size > 1 and rank == 0:
             barrier()

@@ -61,7 +61,7 @@ class LossOptions:
 
     name: str = choice("aam", names.LOSSES, key="loss")  # --loss
     margin: float = bounded(MARGIN_DEFAULT, MARGIN)
-    margins: tuple[float, ...] | None = bounded(None, MARGIN, many=True)  # one per dim (replaces margin, warmed up alike)
+    margins: tuple[float, ...] | None = bounded(None, MARGIN, many=True)  # one per dim (replaces margin; warmed up)
     scale: float = bounded(32.0, Range(lo=0, hi=1000, lo_open=True))
     margin_warmup_epochs: int = bounded(5, NON_NEGATIVE_INT)  # margin grows linearly from 0 over these epochs
     subcenters: int = bounded(1, COUNT)
@@ -113,7 +113,7 @@ class RunOptions:
     weights: str | None = None  # backbone file (cache mode: when the cache does not carry it)
     head_only: bool = False  # model.pt without a backbone (vectors from no known backbone)
     progress: bool = True
-    dist_timeout: float = bounded(1800.0, POSITIVE)  # torchrun: seconds a rank waits for the others before the fit stops
+    dist_timeout: float = bounded(1800.0, POSITIVE)  # torchrun: seconds a rank waits for the others, then stops
 
 
 @dataclass

@@ -71,7 +71,8 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **op
         "source": str(Path(cfg.run.weights).resolve()) if cfg.run.weights else e2e.variant,
         "train_type": e2e.train_type, "dataset": e2e.dataset}
     if cfg.head.dims[-1] > backbone.pooled_dim:
-        raise FitError(f"dims {list(cfg.head.dims)}: largest dim exceeds the backbone's pooled size {backbone.pooled_dim}")
+        raise FitError(f"dims {list(cfg.head.dims)}: largest dim exceeds the backbone's pooled size "
+                       f"{backbone.pooled_dim}")
     need, who = wave_minimum(backbone)
     if int(round(e2e.crop_seconds * 16000)) < need:
         raise FitError(f"--crop-seconds {e2e.crop_seconds:g}: {who} needs at least {need} samples "
@@ -81,7 +82,8 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **op
         p.requires_grad_(False)
 
     speakers = np.array([u.speaker for u in utts])
-    val_names, train_names, labels, cfg.val.val_speakers = split_speakers(speakers, cfg.val.val_speakers, cfg.run.seed, str(data))
+    val_names, train_names, labels, cfg.val.val_speakers = split_speakers(speakers, cfg.val.val_speakers,
+                                                                          cfg.run.seed, str(data))
     train_rows = np.flatnonzero(labels >= 0)
 
     # Backbone identity for the fingerprint: the file's SHA-256, or the random weights' bytes.

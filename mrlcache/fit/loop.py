@@ -205,7 +205,8 @@ def train(job: TrainJob, resume: bool) -> dict:
                 with torch.autocast(job.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     classes = None
                     if class_gen is not None:
-                        classes = sample_classes(y, job.loss_fn.num_classes, cfg.loss.class_sample, class_gen).to(y.device)
+                        classes = sample_classes(y, job.loss_fn.num_classes, cfg.loss.class_sample,
+                                                 class_gen).to(y.device)
                     loss, dim_loss, dim_acc = step_fn(x, y, classes)
                 if distributed.world() > 1:
                     # This rank's share of the global batch's mean (DDP averages the ranks).

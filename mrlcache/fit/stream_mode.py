@@ -30,8 +30,9 @@ def build_model(cfg, info: dict, device) -> StreamModel:
     torch.manual_seed(cfg.run.seed)  # the model's initial weights depend on the seed only
     try:
         groups = plan_groups(cfg.head.inputs, info)
-        args = {"dims": list(cfg.head.dims), **head_class(cfg.head.name).option_args(cfg.head)}  # the width: from the streams
-        return StreamModel(groups, cfg.head.name, args, fusion=cfg.head.fusion, encoder_dim=cfg.head.encoder_dim).to(device)
+        head = cfg.head
+        args = {"dims": list(head.dims), **head_class(head.name).option_args(head)}  # the width: from the streams
+        return StreamModel(groups, head.name, args, fusion=head.fusion, encoder_dim=head.encoder_dim).to(device)
     except (StreamInputError, ValueError) as err:
         raise FitError(str(err)) from None
 

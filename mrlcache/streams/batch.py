@@ -23,8 +23,8 @@ def stream_info(name: str, cfg, model, ptm) -> dict:
     """cache.json's record of one stream (:meth:`mrlcache.streams.StreamSpec.record`, as JSON)."""
     source = ptm if name == "layers" and ptm is not None else model
     crop = int(round(cfg.views.crop_seconds * SAMPLE_RATE)) if cfg.views.mode == "train" else None
-    record = streams.spec(name).record(source, layers_pooled=cfg.storage.layers_pooled, dtype=cfg.storage.dtype, crop_samples=crop,
-                                       sample_rate=SAMPLE_RATE)
+    record = streams.spec(name).record(source, layers_pooled=cfg.storage.layers_pooled, dtype=cfg.storage.dtype,
+                                       crop_samples=crop, sample_rate=SAMPLE_RATE)
     return record.to_json()
 
 

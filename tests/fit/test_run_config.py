@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from mrlcache.components import flat, flatten, leaves
-from mrlcache.fit import FitConfig, FitError, fit
+from mrlcache.fit import EndToEndConfig, FitConfig, FitError, fit
 from mrlcache.fit.config import flat_options, make_configs
 from test_fit import DIMS, FAST, write_synth_cache
 
@@ -62,6 +62,7 @@ def test_nested_and_flat_options_are_one_conversion():
     assert flatten(FitConfig, FitConfig().to_dict()) == {k: list(v) if isinstance(v, tuple) else v
                                                           for k, v in flat(FitConfig()).items()}
     assert len(leaves(FitConfig)) == len(flat(FitConfig()))
+    assert not set(leaves(FitConfig)) & set(leaves(EndToEndConfig))  # make_configs routes a key to one of them
 
 
 def test_head_options_are_declared_by_the_head():
