@@ -122,18 +122,20 @@ class ExtractConfig:
 
     @property
     def needs_redimnet(self) -> bool:
-        """True when a stream comes from a ReDimNet: pooled, or layers without a PTM."""
-        return "pooled" in self.stream_names or ("layers" in self.stream_names and not self.backbone.ptm)
+        """True when a stream comes from the backbone (any encoder): pooled, or layers without a PTM."""
+        from mrlcache.streams import spec
+
+        return any(spec(n).needs_backbone and not (self.backbone.ptm and spec(n).from_ptm) for n in self.stream_names)
 
     def __post_init__(self):
-        from mrlcache.streams import StreamError
+        from mrlcache.streams import StreamError, spec
 
         backbone, views = self.backbone, self.views
         try:
             streams = self.stream_names
         except StreamError as err:
             raise ExtractError(str(err)) from None
-        if self.storage.layers_pooled and "layers" not in streams:
+        if self.storage.layers_pooled and not any(spec(n).poolable for n in streams):
             raise ExtractError("--layers-pooled applies to the layers stream: add layers to --streams")
         check_choices(self, ExtractError)
         if backbone.ptm_weights is not None and backbone.ptm is None:
