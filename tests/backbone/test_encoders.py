@@ -179,6 +179,6 @@ def test_extract_refuses_layers_of_several_widths_in_one_line(tmp_path):
                                        "--quiet"])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1] == (
-        "Error: --streams pooled,layers: the layers stream stacks the outputs of CAM++'s last two transitions, "
-        "which needs one width; this configuration has [124, 126]")
+        "Error: --streams pooled,layers: the layers stream stacks campplus's block outputs, which needs one "
+        "width; this configuration has [124, 126]")
     assert not (tmp_path / "c").exists()  # refused before anything was written
