@@ -47,7 +47,7 @@ def main():
         make_corpus(tmp / "corpus", speakers=args.speakers, utterances=args.utterances, seed=0, test_speakers=2)
         utts = scan_tree(tmp / "corpus" / "train")
         model = load_backbone(args.variant, random_init=True, seed=0)
-        cfg = ExtractConfig(views=args.views, crop_seconds=args.crop_seconds, batch_size=args.batch_size,
+        cfg = ExtractConfig.of(views=args.views, crop_seconds=args.crop_seconds, batch_size=args.batch_size,
                             workers=args.workers, shard_size=len(utts), device="cpu", precision="fp32")
         crop = int(args.crop_seconds * 16000)
         crop_audio = len(utts) * args.views * args.crop_seconds
