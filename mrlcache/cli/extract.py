@@ -69,7 +69,8 @@ OPTIONS = [
     opt("ptm_weights", "Local state_dict file of --ptm (instead of the download).", type=FILE),
     opt("engine", "torch: the reference forward. fused: ReDimNet with BatchNorm folded and channels-last "
                   "(faster on CPUs, vectors within 1e-5 of torch's). onnxruntime: the backbone in ONNX on the CPU "
-                  "(pooled stream, float32). Any but torch is recorded in cache.json."),
+                  "(pooled stream, float32). auto: for a pooled-only float32 job on the CPU the fastest measured engine "
+                  "that runs the backbone, else torch. Any but torch is recorded in cache.json."),
     click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over."),
     click.option("--quiet", is_flag=True, help="No progress bar."),
 ]

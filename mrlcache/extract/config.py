@@ -51,8 +51,10 @@ class ExtractConfig:
         ptm: "wavlm-base-plus", "hubert-base" or "wav2vec2-base": its 13 hidden states
             are the ``layers`` stream (pooled then needs a ReDimNet backbone as well).
         ptm_weights: a local state_dict file of the PTM instead of the download.
-        engine: "torch", or "onnxruntime" (the backbone exported to ONNX and run by
-            onnxruntime on the CPU: 1.4-4.4x faster here; pooled stream, float32 only).
+        engine: what runs the backbone (:mod:`mrlcache.engines`): "torch" (the reference),
+            "fused" (ReDimNet folded, channels-last), "onnxruntime" (exported, CPU), or
+            "auto" (on the CPU for a pooled-only float32 job the fastest measured engine that
+            runs the backbone, else torch). The engine used is recorded in cache.json.
     """
 
     mode: str = choice("train", names.MODES)
@@ -73,8 +75,9 @@ class ExtractConfig:
     layers_pooled: bool = False
     ptm: str | None = choice(None, names.PTMS)
     ptm_weights: str | None = None
-    # fused: ReDimNet with BatchNorm folded, channels-last; onnxruntime: CPU, pooled only.
-    # Either is recorded in cache.json (vectors within ~1e-5 of torch's, not bit-equal).
+    # fused: ReDimNet with BatchNorm folded, channels-last; onnxruntime: CPU, pooled only;
+    # auto: chosen in extract(). The engine used is recorded in cache.json (vectors of any
+    # but torch are within ~1e-5 of torch's, not bit-equal).
     engine: str = choice("torch", names.ENGINES)
 
     @property
