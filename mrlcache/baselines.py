@@ -3,9 +3,10 @@
 A run fitted with ``--fixed-baselines`` holds, beside ``RUN/model.pt``, one head-only
 ``RUN/fixed/D/model.pt`` per dim D (:mod:`mrlcache.fit.cache_mode`): the head a
 ``--dims D`` fit gives on the same cache, data order and settings. ``mrlcache eer`` scores
-them as the system ``fixed`` (:class:`FixedHeads`) and reports the EER ratio MRL/fixed per
-dim (:func:`fixed_ratios`): the Matryoshka claim is that it stays near 1 at every dim.
-:func:`best_baseline_ratios` compares it with the best of every baseline scored at a dim.
+them as the system ``fixed`` (:class:`FixedHeads`); its table's column MRL/fixed is the EER
+ratio of the nested prefix to the fixed head per dim (:func:`fixed_ratios`: the Matryoshka
+claim is that it stays near 1), and MRL/best the ratio to the best of every other system
+scored at that dim, named (:func:`best_baseline_ratios`: fixed, pca, lda, published, raw).
 
 The LDA a user would fit on the published embedding (``eer --baseline lda``) is computed
 from sufficient statistics (:func:`lda_from_stats`, streamed over a cache by
@@ -98,8 +99,9 @@ def lda_from_stats(outer: np.ndarray, class_sums: np.ndarray, counts: np.ndarray
             vectors; counts: (C,) vectors per class.
     The directions solve ``Sb v = lambda Sw v`` (between- and within-class scatter, each
     divided by the number of vectors; Sw with a tiny ridge) and are scaled so that
-    ``V^T Sw V = I``; past ``C - 1`` the eigenvalues are ~0 and the order is that of the
-    solver. Each direction's largest coordinate is made positive (signs do not depend on
+    ``V^T Sw V = I``; past ``C - 1`` the eigenvalues are ~0: those directions are the
+    Sw-orthonormal basis of that space ordered by Euclidean norm, smallest first (stable: not
+    the solver's arbitrary basis). Each direction's largest coordinate is made positive (signs do not depend on
     the LAPACK build).
     """
     import scipy.linalg
@@ -117,6 +119,14 @@ def lda_from_stats(outer: np.ndarray, class_sums: np.ndarray, counts: np.ndarray
     within = within + LDA_RIDGE * np.trace(within) / len(within) * np.eye(len(within))
     values, vectors = scipy.linalg.eigh(between, within)  # ascending, V^T Sw V = I
     vectors = vectors[:, ::-1]
+    ranked = min(len(counts) - 1, len(vectors))  # Sb has rank <= C - 1: past it the eigenvalues are ~0
+    if len(vectors) - ranked > 1:
+        # Any Sw-orthonormal basis of that null space is an eigenbasis, and the solver's is
+        # arbitrary (the order of the summed rows changes it); fix it: the basis whose
+        # Euclidean norms are extremal, smallest norm first (the least amplified direction).
+        null = vectors[:, ranked:]
+        _, turn = np.linalg.eigh(null.T @ null)
+        vectors = np.concatenate([vectors[:, :ranked], null @ turn], axis=1)
     signs = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(vectors.shape[1])])
     return mean, vectors * signs
 

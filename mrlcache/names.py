@@ -36,5 +36,5 @@ DTYPES = ("float16", "float32")  # stored and in-memory feature dtypes
 MODES = ("train", "eval")  # extract: crops with augmentation, or whole utterances
 LAYOUTS = ("views", "layers")  # import-vectors: what K of (N, K, D) input is
 INITS = ("auto", "random", "published")  # fit --init: the head's first weights
-INIT_ROTATIONS = ("pca", "lda")  # fit --init-rotation
+INIT_ROTATIONS = ("auto", "pca", "lda", "whitened")  # fit --init-rotation
 OBJECTIVES = ("margin", "adaptor", "adaptor-supervised")  # fit --objective

@@ -21,6 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import mrlcache
 import mrlcache.cache
 from mrlcache.audio import load_audio
 from mrlcache.backbone import load_backbone
@@ -112,3 +113,63 @@ def test_two_ranks_and_a_rerun_equal_one_process_with_augmented_views(backbone, 
     assert np.array_equal(one.read("pooled"), two.read("pooled"))  # (N, 2 views, pooled_dim)
     saved = load_backbone(str(tmp_path / "one" / "backbone.pt"))  # the random weights, saved beside the cache
     assert saved.encoder == backbone and saved.weights_sha256 == one.meta["backbone"]["sha256"]
+
+
+def test_real_ecapa_layers_through_extract_fit_eer(corpus, tmp_path):
+    # extract --streams pooled,layers: the block outputs (4 x 1024 per 10 ms frame) beside the
+    # pooled vector, from the same pass; fit on the layers alone, then score every trial.
+    train, test, run = tmp_path / "train", tmp_path / "test", tmp_path / "run"
+    common = ["--weights", ECAPA, "--streams", "pooled,layers", "--workers", 0, "--quiet"]
+    cli("extract", "--data", corpus / "train", "--out", train, "--views", 1, "--crop-seconds", 0.5, *common)
+    cli("extract", "--data", corpus / "test", "--out", test, "--mode", "eval", *common)
+    cache = mrlcache.cache.open(train)
+    layers = cache.streams["layers"]
+    assert (layers.kind, layers.shape, layers.frame_rate, layers.frames) == ("frames", (4, 1024), 100.0, 51)
+    assert cache.read("layers", view=0).shape == (len(cache), 4, 1024, 51)
+    evaluated = mrlcache.cache.open(test)
+    wave = torch.from_numpy(load_audio(corpus / "test" / evaluated.utterances[0]))[None]  # row 0's whole file
+    frames = evaluated.read("layers", rows=np.array([0]))[0]
+    assert frames.shape == (4, 1024, wave.shape[-1] // 160 + 1)
+    # Row 0's pooled vector, from the same pass as its layers, is the one the network gives alone.
+    real = load_backbone(str(ECAPA))
+    with torch.no_grad():
+        want = real.pooled(wave)
+        layers_want = torch.stack(real.layer_outputs(wave), dim=1)[0]
+    got = torch.from_numpy(evaluated.read("pooled", view=0)[:1]).float()
+    assert ((got - want).norm() / want.norm()).item() < 1e-3  # both stored in float16
+    assert ((torch.from_numpy(frames).float() - layers_want).norm() / layers_want.norm()).item() < 1e-3
+
+    cli("fit", "--cache", train, "--inputs", "layers", "--encoder-dim", 16, "--dims", "8,16", "--out", run,
+        "--epochs", 2, "--batch-size", 8, "--val-speakers", 2, "--quiet", "--threads", 1)
+    cli("eer", "--model", run / "model.pt", "--trials", corpus / "trials.txt", "--cache", test,
+        "--json", tmp_path / "eer.json")
+    report = json.loads((tmp_path / "eer.json").read_text())
+    assert report["skipped_trials"] == 0 and report["n_target"] + report["n_nontarget"] == 64
+    assert {r["dim"] for r in report["results"] if r["system"] == "mrl"} == {8, 16}
+
+
+def test_campplus_layers_with_fusion_and_pooled_layers(tmp_path):
+    # CAM++ (random e192): its layers (2 x 512 at 50 frames/s) fused with fbank (100/s), and
+    # --layers-pooled (per-layer mean and std) fitted alone.
+    from conftest import make_tree
+
+    make_tree(tmp_path / "data", speakers=6, videos=1, utts=3, seconds=1.0)
+    common = ["extract", "--data", tmp_path / "data", "--backbone", "campplus", "--random-init", "--variant", "e192",
+              "--views", 1, "--crop-seconds", 0.6, "--workers", 0, "--quiet"]
+    cli(*common, "--out", tmp_path / "frames", "--streams", "pooled,layers,fbank")
+    cli(*common, "--out", tmp_path / "stats", "--streams", "layers", "--layers-pooled")
+    frames, stats = mrlcache.cache.open(tmp_path / "frames"), mrlcache.cache.open(tmp_path / "stats")
+    assert (frames.streams["layers"].shape, frames.streams["layers"].frames, frames.streams["layers"].frame_rate) \
+        == ((2, 512), 29, 50.0)  # ceil((1 + (9600 - 400) // 160) / 2)
+    assert (stats.streams["layers"].kind, stats.streams["layers"].shape) == ("vector", (2, 1024))
+    fit = ["--dims", "4,8", "--encoder-dim", 8, "--epochs", 1, "--batch-size", 6, "--val-speakers", 2, "--quiet",
+           "--threads", 1]
+    cli("fit", "--cache", tmp_path / "frames", "--inputs", "layers,fbank", "--fusion", "gating",
+        "--out", tmp_path / "fused", *fit)
+    cli("fit", "--cache", tmp_path / "stats", "--inputs", "layers", "--out", tmp_path / "pooled", *fit)
+    wave = np.random.default_rng(0).standard_normal((2, 12000)).astype(np.float32) * 0.1
+    for run, inputs in (("fused", ("layers", "fbank")), ("pooled", ("layers",))):
+        model = mrlcache.load_model(tmp_path / run / "model.pt")  # with the saved CAM++: wave in
+        assert model.inputs == inputs
+        out = model(wave)
+        assert out.shape == (2, 8) and np.isfinite(out).all()

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrlcache.backbone.registry import exportable_copy, stacked_width
+
 NAME = "campplus"
 
 # Config keys the weights' shapes do not tell: a file mrlcache wrote carries them in its model_config.
@@ -299,8 +301,46 @@ class CAMPPlus(nn.Module):
 
     def pooled(self, wave):
         """Waveform -> [mean, unbiased std] over time (B, pooled_dim): what mrlcache caches."""
-        x = self.frames(wave)
-        return torch.cat([x.mean(dim=-1), x.std(dim=-1, unbiased=True)], dim=-1)
+        return _mean_std(self.frames(wave))
+
+    # The ``layers`` stream (mrlcache.streams): the outputs of the last two transitions, each
+    # dense block's features compressed by BN-ReLU and a 1x1 convolution: what the next block
+    # (or, after BN-ReLU, the pooling) reads. The earlier stages are narrower (128 and 256 of
+    # the published 512 channels, too few to stack with them) and close to the fbank itself;
+    # the raw dense outputs repeat their block's input in half their channels.
+    LAYERS = ("transit2", "transit3")
+    layer_hop, layer_rate = None, 50.0  # the strided TDNN halves the Kaldi grid: no hop grid, one pass
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.LAYERS)
+
+    @property
+    def layer_dim(self) -> int:
+        return stacked_width([getattr(self.xvector, n).linear.out_channels for n in self.LAYERS],
+                             "CAM++'s last two transitions")
+
+    def layer_frames(self, num_samples: int) -> int:
+        return (max(0, 1 + (num_samples - 400) // 160) + 1) // 2  # ceil(Kaldi frames / 2)
+
+    def layer_outputs(self, wave) -> list[torch.Tensor]:
+        """The outputs of LAYERS, each (B, layer_dim, ceil(frames / 2))."""
+        x, outs = self.head_fcm(self.features(wave)), []
+        for name, stage in self.xvector.named_children():
+            if name == "out_nonlinear":
+                break
+            x = stage(x)
+            if name in self.LAYERS:
+                outs.append(x)
+        return outs
+
+    def pooled_from_layers(self, outs: list[torch.Tensor]):
+        """The rest of :meth:`pooled` from :meth:`layer_outputs`: BN-ReLU, then statistics."""
+        return _mean_std(self.xvector.out_nonlinear(outs[-1]))
+
+    def exportable(self):
+        """A copy for export (its front end exports): see :func:`~mrlcache.backbone.registry.exportable_copy`."""
+        return exportable_copy(self)
 
     def head(self, pooled):
         """Pooled (B, pooled_dim) -> published embedding (B, embed_dim)."""
@@ -309,6 +349,11 @@ class CAMPPlus(nn.Module):
     def forward(self, wave):
         return self.head(self.pooled(wave))
 
+
+
+def _mean_std(x: torch.Tensor) -> torch.Tensor:
+    """Statistics pooling: (B, C, T) -> [mean, unbiased std] (B, 2C)."""
+    return torch.cat([x.mean(dim=-1), x.std(dim=-1, unbiased=True)], dim=-1)
 
 
 def to_published(key: str) -> str:

@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrlcache.backbone.registry import exportable_copy, stacked_width
+from mrlcache.backbone.speechbrain_yaml import HyperparamsError, read_hyperparams
+
 NAME = "ecapa-tdnn"
 WEIGHTS_FILE = "embedding_model.ckpt"
 HYPERPARAMS_FILE = "hyperparams.yaml"
@@ -287,21 +290,44 @@ class ECAPATDNN(nn.Module):
         """Waveform (B, T) at 16 kHz -> mean-normalised log-mel (B, n_mels, T // 160 + 1), float32."""
         return self.spec(wave)
 
-    def block_outputs(self, wave) -> list[torch.Tensor]:
-        """The TDNN layer's and each SE-Res2Net block's output, each (B, C, T)."""
+    # The ``layers`` stream (mrlcache.streams): the TDNN layer's and each SE-Res2Net block's
+    # output, C frames every 10 ms; the multi-layer aggregation reads blocks 1.. of them.
+    layer_hop, layer_rate = 160, 100.0  # frames centred every 10 ms: T // 160 + 1
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def layer_dim(self) -> int:
+        return stacked_width(self.model_config["channels"][:-1], "the TDNN layer and the SE-Res2Net blocks")
+
+    def layer_frames(self, num_samples: int) -> int:
+        return num_samples // self.layer_hop + 1
+
+    def layer_outputs(self, wave) -> list[torch.Tensor]:
+        """The TDNN layer's and each SE-Res2Net block's output, each (B, C, T // 160 + 1)."""
         x, outs = self.features(wave), []
         for block in self.blocks:
             x = block(x)
             outs.append(x)
         return outs
 
+    def pooled_from_layers(self, outs: list[torch.Tensor]):
+        """The rest of :meth:`pooled` from :meth:`layer_outputs`: aggregation of blocks 1.., ASP."""
+        return self.asp(self.mfa(torch.cat(outs[1:], dim=1)))
+
     def frames(self, wave):
         """Waveform -> aggregated frames (B, channels[-1], T)."""
-        return self.mfa(torch.cat(self.block_outputs(wave)[1:], dim=1))
+        return self.mfa(torch.cat(self.layer_outputs(wave)[1:], dim=1))
 
     def pooled(self, wave):
         """Waveform -> attentive [mean, std] (B, pooled_dim): what mrlcache caches."""
         return self.asp(self.frames(wave))
+
+    def exportable(self):
+        """A copy for export (its front end exports): see :func:`~mrlcache.backbone.registry.exportable_copy`."""
+        return exportable_copy(self)
 
     def head(self, pooled):
         """Pooled (B, pooled_dim) -> published embedding (B, embed_dim)."""
@@ -360,67 +386,6 @@ def config_from_state(state: dict, dilations=None) -> dict:
     return {k: int(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in cfg.items()}
 
 
-def _load_tagged_yaml(text: str):
-    """YAML with the safe loader, SpeechBrain's ``!new:``/``!ref``/``!name:`` tags read as plain data
-    (nothing is constructed or imported)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def plain(loader, suffix, node):
-        if isinstance(node, yaml.MappingNode):
-            return loader.construct_mapping(node, deep=True)
-        if isinstance(node, yaml.SequenceNode):
-            return loader.construct_sequence(node, deep=True)
-        return loader.construct_scalar(node)
-
-    Loader.add_multi_constructor("!", plain)
-    return yaml.load(text, Loader=Loader)
-
-
-def _ref(value, hparams):
-    """Resolve a ``<name>`` reference to a top-level hyperparameter."""
-    if isinstance(value, str) and value.startswith("<") and value.endswith(">"):
-        return hparams.get(value[1:-1], value)
-    return value
-
-
-def read_hyperparams(path: Path) -> dict:
-    """The ECAPA-TDNN arguments of a SpeechBrain hyperparams.yaml (``embedding_model``), checked.
-
-    Raises:
-        ConfigError: no embedding_model, or a front end / normalisation other than the one
-            implemented (Fbank with only n_mels set; sentence mean normalisation without std).
-    """
-    import yaml
-
-    try:
-        hp = _load_tagged_yaml(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        why = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # YAML errors span lines
-        raise ConfigError(f"{path}: cannot read ({why})") from None
-    model = hp.get("embedding_model") if isinstance(hp, dict) else None
-    if not isinstance(model, dict):
-        raise ConfigError(f"{path}: no embedding_model entry (a SpeechBrain ECAPA-TDNN hyperparams.yaml has one)")
-    args = {k: _ref(v, hp) for k, v in model.items()}
-    features = {k: _ref(v, hp) for k, v in (hp.get("compute_features") or {}).items()}
-    extra = sorted(set(features) - {"n_mels"})
-    if extra:
-        raise ConfigError(f"{path}: compute_features sets {extra}; only SpeechBrain's default Fbank with n_mels "
-                          "is implemented")
-    norm = hp.get("mean_var_norm") or {}
-    if norm and (norm.get("norm_type", "global") != "sentence" or norm.get("std_norm", True)):
-        raise ConfigError(f"{path}: mean_var_norm must be norm_type: sentence with std_norm: False (found {norm})")
-    unsupported = sorted(set(args) - {"input_size", "channels", "kernel_sizes", "dilations", "attention_channels",
-                                      "res2net_scale", "se_channels", "global_context", "lin_neurons", "device"})
-    if unsupported:
-        raise ConfigError(f"{path}: embedding_model sets {unsupported}; not supported")
-    if "n_mels" in features and int(features["n_mels"]) != int(args.get("input_size", features["n_mels"])):
-        raise ConfigError(f"{path}: n_mels {features['n_mels']} differs from input_size {args.get('input_size')}")
-    return {k: v for k, v in args.items() if k != "device"}
-
-
 def weights_file(path) -> Path:
     """The weights file of a SpeechBrain model folder (or the file itself)."""
     path = Path(path)
@@ -439,7 +404,10 @@ def from_published(state: dict, path) -> tuple[dict, dict]:
     hyper = Path(path).parent / HYPERPARAMS_FILE
     if hyper.exists() and not hyper.is_file():
         raise ConfigError(f"{hyper}: not a regular file; remove it or put SpeechBrain's hyperparams.yaml there")
-    declared = read_hyperparams(hyper) if hyper.is_file() else {}
+    try:
+        declared = read_hyperparams(hyper) if hyper.is_file() else {}
+    except HyperparamsError as err:
+        raise ConfigError(str(err)) from None
     cfg = config_from_state(state, declared.get("dilations"))
     differ = {k: (v, cfg[k]) for k, v in declared.items() if k in cfg and k != "dilations"
               and (list(v) if isinstance(v, (list, tuple)) else v) != cfg[k]}

@@ -429,7 +429,8 @@ def backbone_for_cache(cache_dir, meta: dict, weights=None):
             f"backbone {record.source} has SHA-256 {backbone.weights_sha256} but the cache {cache_dir} was "
             f"extracted with {want}; pass --weights with the original file"
         )
-    if int(meta.get("pooled_dim", backbone.pooled_dim)) != backbone.pooled_dim:
+    held = int(meta.get("pooled_dim", backbone.pooled_dim))
+    if held and held != backbone.pooled_dim:  # 0: no pooled stream (e.g. --streams layers alone)
         raise CheckpointError(f"backbone {record.source} pools {backbone.pooled_dim} dims, the cache holds "
                               f"{meta['pooled_dim']}")
     return backbone, record.of_model(backbone)

@@ -32,7 +32,7 @@ from mrlcache.backbone.blocks import (
     To2d,
     WeightedSum,
 )
-from mrlcache.backbone.features import FEATURE_PARAMS, TRAINING_ONLY_PARAMS, MelBanks
+from mrlcache.backbone.features import FEATURE_PARAMS, TRAINING_ONLY_PARAMS, ExportableMelBanks, MelBanks
 
 
 # --------------------------------------------------------------------------------------
@@ -172,15 +172,23 @@ class Backbone(nn.Module):
         out = cfg["out_channels"]
         self.mfa = nn.Sequential(nn.Conv1d(width, out, 1), nn.BatchNorm1d(out)) if out else nn.Identity()
 
-    def forward(self, mel):  # (B, F, T)
-        outs = [self.stem(mel.unsqueeze(1))]  # 1D outputs, each (B, F*C, T)
+    def outputs(self, mel) -> list:
+        """Log-mel (B, F, T) -> the stem's and every stage's 1D output, each (B, F*C, T)."""
+        outs = [self.stem(mel.unsqueeze(1))]
         for name in self.stage_names:
             stage = getattr(self, name)
             x = stage[0](outs)  # the weighted sum takes every earlier output
             for layer in stage[1:]:
                 x = layer(x)
             outs.append(x)
+        return outs
+
+    def finish(self, outs: list):
+        """The outputs -> frame features: the final weighted sum, then the optional MFA."""
         return self.mfa(self.fin_wght1d(outs))
+
+    def forward(self, mel):  # (B, F, T)
+        return self.finish(self.outputs(mel))
 
 
 # --------------------------------------------------------------------------------------
@@ -267,6 +275,40 @@ class ReDimNet(nn.Module):
         """Waveform -> ASTP vector (B, pooled_dim): what mrlcache caches."""
         return self.pool(self.frames(wave))
 
+    # The ``layers`` stream (mrlcache.streams): the stem's and every stage's 1D output, the
+    # tensors every stage and the final aggregation read through learned weighted sums.
+    @property
+    def num_layers(self) -> int:
+        return 1 + len(self.backbone.stage_names)
+
+    @property
+    def layer_dim(self) -> int:
+        return self.model_config["F"] * self.model_config["C"]
+
+    @property
+    def layer_hop(self) -> int:
+        """Samples per layer frame; frames are centred on multiples of it (T // hop + 1)."""
+        return int(self.model_config["hop_length"])
+
+    @property
+    def layer_rate(self) -> float:
+        return 16000 / self.layer_hop
+
+    def layer_frames(self, num_samples: int) -> int:
+        return num_samples // self.layer_hop + 1
+
+    def layer_outputs(self, wave) -> list:
+        """Waveform (B, T) -> num_layers tensors (B, layer_dim, T // hop + 1)."""
+        return self.backbone.outputs(self.features(wave))
+
+    def pooled_from_layers(self, outs: list):
+        """The rest of :meth:`pooled` from :meth:`layer_outputs`: (B, pooled_dim), the same values."""
+        return self.pool(self.backbone.finish(outs))
+
+    def exportable(self) -> "ExportableReDimNet":
+        """A copy whose front end exports (:class:`ExportableReDimNet`)."""
+        return ExportableReDimNet(self)
+
     def head(self, pooled):
         """ASTP vector (B, pooled_dim) -> published embedding (B, embed_dim)."""
         x = self.linear(self.bn(pooled))
@@ -286,6 +328,27 @@ class ReDimNet(nn.Module):
         from mrlcache.backbone.inference import InferenceReDimNet
 
         return InferenceReDimNet(self)
+
+
+class ExportableReDimNet(nn.Module):
+    """A ReDimNet's ``pooled`` and ``layer_outputs`` behind :class:`ExportableMelBanks`
+    (torchaudio's STFT does not export to ONNX with a dynamic batch): the same values.
+
+    ``min_samples``: the shortest wave the exported graph takes (its reflection padding).
+    """
+
+    def __init__(self, model: ReDimNet):
+        super().__init__()
+        self.frontend = ExportableMelBanks(model.spec)
+        self.backbone = copy.deepcopy(model.backbone)
+        self.pool = copy.deepcopy(model.pool)
+        self.min_samples = self.frontend.pad + 2
+
+    def layer_outputs(self, wave):
+        return self.backbone.outputs(self.frontend(wave))
+
+    def pooled(self, wave):
+        return self.pool(self.backbone(self.frontend(wave)))
 
 
 # --------------------------------------------------------------------------------------

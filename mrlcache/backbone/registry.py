@@ -15,6 +15,17 @@ provides::
     from_published(state_dict, path) -> (config, state_dict under the module's names)
     to_published(key) -> key               # optional: mrlcache's name -> the published one
     weights_file(path) -> Path              # optional: a model folder -> its weights file
+
+and every model (ReDimNet's too) gives the ``layers`` stream and its exportable form::
+
+    num_layers, layer_dim, layer_rate (frames per second at 16 kHz)
+    layer_frames(num_samples) -> int        # frames of the layers for a wave of num_samples
+    layer_hop -> int | None                 # frames centred every layer_hop samples (T // hop + 1,
+                                            # so windows concatenate exactly), else None (one pass)
+    layer_outputs(wave) -> [L tensors (B, layer_dim, frames)]
+    pooled_from_layers(outs) -> (B, pooled_dim), the same values as pooled(wave)
+    exportable() -> nn.Module with pooled(wave), layer_outputs(wave) and min_samples, from
+                    operations ONNX and TorchScript export (raises ValueError saying why not)
 """
 
 BACKBONES = {
@@ -23,6 +34,27 @@ BACKBONES = {
     "campplus": ("mrlcache.backbone.campplus", ("e192", "e512")),
 }
 DEFAULT_BACKBONE = "redimnet"
+
+
+EXPORT_MIN_SAMPLES = 1600  # shortest wave an exported ECAPA-TDNN or CAM++ graph is declared for (0.1 s)
+
+
+def exportable_copy(model):
+    """A copy of an encoder whose own front end exports (ECAPA-TDNN, CAM++), declared for
+    waves of at least EXPORT_MIN_SAMPLES or its own minimum."""
+    import copy
+
+    net = copy.deepcopy(model)
+    net.min_samples = max(EXPORT_MIN_SAMPLES, int(model.min_samples))
+    return net
+
+
+def stacked_width(widths, what: str) -> int:
+    """The one width of the block outputs a ``layers`` stream stacks; ValueError when they differ."""
+    if len(set(widths)) != 1:
+        raise ValueError(f"the layers stream stacks the outputs of {what}, which needs one width; "
+                         f"this configuration has {list(widths)}")
+    return int(widths[0])
 
 
 def backbone_names() -> tuple[str, ...]:

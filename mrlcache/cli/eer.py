@@ -1,7 +1,7 @@
 """``mrlcache eer``: EER and minDCF of a trial list at every Matryoshka dimension.
 
 Parses the options, then asks a :class:`mrlcache.scorer.Scorer` (the systems
-mrl/fixed/raw/published/pca, centering and AS-Norm statistics, calibration) for the trial
+mrl, fixed, raw, published, pca, lda; centering and AS-Norm statistics, calibration) for the trial
 vectors from ``--cache`` or ``--data`` and their metrics, and prints the table, writes JSON
 and a plot.
 Metrics and conventions: docs/metrics.md.

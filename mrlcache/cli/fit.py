@@ -70,9 +70,12 @@ OPTIONS = [
     fit_option("batch_size"),
     fit_option("init", "Start of the head: auto (published on imported vectors, else random), random, or "
                        "published (the encoder's own embedding layer, "
-                       "rotated so prefixes are ordered; epoch 0 is scored and the published size kept no worse)."),
-    fit_option("init_rotation", "Rotation ordering the published dims at the start: pca or lda of the training "
-                                "cache's published embeddings."),
+                       "rotated so prefixes are ordered; epoch 0 is scored, and a later epoch kept only if no dim is worse)."),
+    fit_option("init_rotation", "What orders the published dims at the start (of the training cache's published "
+                                "embeddings): pca or lda (rotations: full-size scores unchanged), whitened "
+                                "(exactly eer's lda baseline at every dim), or auto (those and the centred pca "
+                                "scored on the validation trials at epoch 0; one kept, no worse at the published "
+                                "size than the published embedding)."),
     fit_option("init_center", "Start from the published embedding minus its training mean (as eer's pca baseline "
                               "scores it), not as it is (then the full-size scores at epoch 0 are exactly the "
                               "published ones). Measured: centring can hurt a lot (benchmarks/README.md)."),

@@ -9,7 +9,8 @@ every prefix is in it once, and the dims are written in the file (ONNX metadata
 ``mrlcache.dims``; TorchScript extra file ``mrlcache.json``). A head-only model takes
 what it was fitted on instead: the pooled vectors (input ``pooled``, (B, pooled_dim)), or
 one input per cached stream, named by the stream. The streams are computed by exportable
-front ends (:mod:`mrlcache.export.frontend`); a stream that cannot be (F0, a pretrained
+front ends, each stream's spec saying how (:meth:`mrlcache.streams.StreamSpec.export_module`,
+asked by :mod:`mrlcache.export.frontend`); a stream that cannot be (F0, a pretrained
 transformer's layers) is refused in one line before anything is written.
 
 Formats are modules registered in :data:`~mrlcache.export.formats.FORMATS`, each with ``write``, ``claims`` and
@@ -23,13 +24,14 @@ from mrlcache.export.formats import FORMATS, TOLERANCE, ExportError  # noqa: F40
 
 # The verbs and modules import torch (and the engine onnxruntime): loaded on first use, so
 # that ``mrlcache --help`` can read FORMATS without starting torch.
-_LAZY = {"export_model": "api", "verify_export": "api", "ExportableModel": "graph",
-         "ExportableMelBanks": "frontend", "ExportableKaldi": "frontend", "OnnxBackbone": "engine"}
+_LAZY = {"export_model": "mrlcache.export.api", "verify_export": "mrlcache.export.api",
+         "ExportableModel": "mrlcache.export.graph", "OnnxBackbone": "mrlcache.export.engine",
+         "ExportableMelBanks": "mrlcache.backbone.features", "ExportableKaldi": "mrlcache.streams.handcrafted"}
 
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f"mrlcache.export.{_LAZY[name]}"), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mrlcache.export' has no attribute {name!r}")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mrlcache.export.frontend import front_end
+from mrlcache.streams import STREAMS, StreamError, spec
 
 
 def _wave_in(model) -> bool:
@@ -59,8 +60,7 @@ class ExportableModel(nn.Module):
         self.wave_in = _wave_in(model)
         self.fronts = nn.ModuleDict()
         if self.wave_in:
-            groups = getattr(model.head, "groups", [])
-            pooled_layers = any(g["kind"] == "layers" and not g["frames"] for g in groups)
+            pooled_layers = getattr(model.head, "layers_pooled", False)
             for s in self.streams:
                 self.fronts[s] = front_end(s, model.backbone, layers_pooled=pooled_layers)
         self.input_names = ["wave"] if self.wave_in else list(self.streams)
@@ -92,7 +92,8 @@ def _stream_shapes(model) -> dict:
 
 def example_inputs(net: ExportableModel, model, batch: int = 2, seconds: float = 1.0, seed: int = 0) -> tuple:
     """Deterministic inputs: a speech-like wave (batch, seconds * 16 kHz), or cached streams
-    (frames at 100 per second; f0 as voiced Hz and a periodicity)."""
+    (frames on each stream's grid; values as its spec's ``example`` makes them, e.g. f0 as
+    voiced Hz and a periodicity)."""
     g = torch.Generator().manual_seed(seed)
     if net.wave_in:
         n = int(round(seconds * 16000))
@@ -103,14 +104,22 @@ def example_inputs(net: ExportableModel, model, batch: int = 2, seconds: float =
     samples = int(round(seconds * 16000))
     xs = []
     for s, (shape, is_frames) in _stream_shapes(model).items():
-        # Frames on each stream's own grid (ReDimNet layers T // 160 + 1, Kaldi 1 + (T - 400) // 160),
-        # so streams of different lengths stay different lengths in the exported graph.
-        frames = samples // 160 + 1 if s == "layers" else 1 + (samples - 400) // 160
+        # Frames on each stream's own grid, so streams of different lengths stay different
+        # lengths in the exported graph.
+        frames = _example_frames(s, samples)
         x = torch.randn(batch, *shape, *((frames,) if is_frames else ()), generator=g)
-        if s == "f0":
-            x = torch.stack([100 + 50 * x[:, 0].abs(), torch.rand(x[:, 1].shape, generator=g)], dim=1)
-        xs.append(x.float())
+        example = spec(s).example if s in STREAMS else None
+        xs.append((example(x, g) if example is not None else x).float())
     return tuple(xs)
+
+
+def _example_frames(stream: str, samples: int) -> int:
+    """Frames of ``stream`` for ``samples``: its own grid, or (a backbone's, none held) 100 a second."""
+    grid = STREAMS[stream].grid if stream in STREAMS else None
+    try:
+        return grid(None, 16000)[1](samples) if grid is not None else samples // 160 + 1
+    except StreamError:  # its grid is the backbone's
+        return samples // 160 + 1
 
 
 def dynamic_axes(net: ExportableModel, model) -> list[dict]:

@@ -49,7 +49,7 @@ class ExtractConfig:
             (today's cache), "layers", "fbank", "mfcc", "f0"; every stream in ``dtype``.
         layers_pooled: store per-layer mean and std over time instead of the layer frames.
         ptm: "wavlm-base-plus", "hubert-base" or "wav2vec2-base": its 13 hidden states
-            are the ``layers`` stream (pooled then needs a ReDimNet backbone as well).
+            are the ``layers`` stream (pooled then needs a backbone as well).
         ptm_weights: a local state_dict file of the PTM instead of the download.
         engine: what runs the backbone (:mod:`mrlcache.engines`): "torch" (the reference),
             "fused" (ReDimNet folded, channels-last), "onnxruntime" (exported, CPU), or
@@ -93,17 +93,19 @@ class ExtractConfig:
 
     @property
     def needs_redimnet(self) -> bool:
-        """True when a stream comes from a ReDimNet: pooled, or layers without a PTM."""
-        return "pooled" in self.stream_names or ("layers" in self.stream_names and not self.ptm)
+        """True when a stream comes from the backbone (any encoder): pooled, or layers without a PTM."""
+        from mrlcache.streams import spec
+
+        return any(spec(n).needs_backbone and not (self.ptm and spec(n).from_ptm) for n in self.stream_names)
 
     def __post_init__(self):
-        from mrlcache.streams import StreamError
+        from mrlcache.streams import StreamError, spec
 
         try:
             streams = self.stream_names
         except StreamError as err:
             raise ExtractError(str(err)) from None
-        if self.layers_pooled and "layers" not in streams:
+        if self.layers_pooled and not any(spec(n).poolable for n in streams):
             raise ExtractError("--layers-pooled applies to the layers stream: add layers to --streams")
         check_choices(self, ExtractError)
         if self.ptm_weights is not None and self.ptm is None:

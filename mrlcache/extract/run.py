@@ -36,7 +36,7 @@ from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shar
 from mrlcache.extract.sizes import check_free_disk, projected_sizes
 from mrlcache.extract.sources import check_sources
 from mrlcache.runtime import DeviceError, env_int, resolve_device, resolve_precision, surviving_workers
-from mrlcache.streams import pooled_only, record_from_json, records_from_meta
+from mrlcache.streams import StreamError, item_shape, pooled_only, record_from_json, records_from_meta
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.streams.windows import num_windows
 
@@ -81,12 +81,13 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
 
 
 def check_layers_source(model, cfg: ExtractConfig, ptm=None) -> None:
-    """ExtractError when ``layers`` would come from an encoder other than ReDimNet (none has them),
-    or ``--engine fused`` is asked of an encoder it is not written for."""
-    if model is not None and ptm is None and "layers" in cfg.stream_names \
-            and getattr(model, "encoder", "redimnet") != "redimnet":
-        raise ExtractError(f"--streams {cfg.streams}: the layers stream is ReDimNet's stem and stage outputs; "
-                           f"{model.encoder} has none in that form (use pooled, fbank, mfcc, f0, or --ptm)")
+    """ExtractError when ``layers`` cannot come from this backbone (block outputs of several
+    widths do not stack), or ``--engine fused`` is asked of an encoder it is not written for."""
+    if model is not None and ptm is None and "layers" in cfg.stream_names:
+        try:
+            item_shape("layers", model, cfg.layers_pooled)
+        except StreamError as err:
+            raise ExtractError(f"--streams {cfg.streams}: {err}") from None
     if model is not None and cfg.engine == "fused" and not hasattr(model, "for_inference"):
         raise ExtractError(f"--engine fused is written for ReDimNet; this backbone is "
                            f"{getattr(model, 'encoder', type(model).__name__)}: use --engine torch")
@@ -168,7 +169,7 @@ def extract(
         raise ExtractError(str(err)) from None
     if model is None and cfg.needs_redimnet:
         why = "pooled needs it" if "pooled" in cfg.stream_names else "layers needs it or --ptm"
-        raise ExtractError(f"--streams {cfg.streams}: give a ReDimNet backbone ({why})")
+        raise ExtractError(f"--streams {cfg.streams}: give a backbone ({why})")
     check_layers_source(model, cfg, ptm)
     if (ptm is None) != (cfg.ptm is None):
         raise ExtractError("cfg.ptm names the PTM and ptm= must be that model (load_ptm), both or neither")

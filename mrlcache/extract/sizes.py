@@ -27,9 +27,8 @@ def stream_records(cfg, model, ptm) -> dict:
     crop = int(round(cfg.crop_seconds * SAMPLE_RATE)) if cfg.mode == "train" else None
     out = {}
     for name in cfg.stream_names:
-        source = ptm if name == "layers" and ptm is not None else model
-        out[name] = streams.spec(name).record(source, layers_pooled=cfg.layers_pooled, dtype=cfg.dtype,
-                                             crop_samples=crop, sample_rate=SAMPLE_RATE)
+        out[name] = streams.spec(name).record(streams.source(name, model, ptm), layers_pooled=cfg.layers_pooled,
+                                             dtype=cfg.dtype, crop_samples=crop, sample_rate=SAMPLE_RATE)
     return out
 
 
@@ -81,7 +80,7 @@ def check_free_disk(out, sizes: dict, cfg, present: int = 0) -> None:
     if need <= free:
         return
     hints = []
-    if "layers" in sizes and not cfg.layers_pooled:
+    if any(streams.spec(name).poolable for name in sizes) and not cfg.layers_pooled:
         hints.append("--layers-pooled (per-layer mean and std instead of frames)")
     if cfg.views > 1:
         hints.append(f"fewer --views (now {cfg.views})")

@@ -4,20 +4,29 @@ The comparison a user makes is against the encoder's published embedding ``e = W
 (its embedding layer: ReDimNet's BN + Linear [+ BN], ECAPA's BN + 1x1 conv, CAM++'s
 Linear + BN; affine in eval mode, read by probing it, :func:`affine_of`) and that
 embedding truncated after PCA or LDA. An orthogonal rotation ``Q`` of ``e`` leaves every
-full-size cosine score unchanged, and its prefixes are nested embeddings; so both heads
-here start as such a rotation (``Q`` from the PCA or LDA of the training cache's
-published embeddings, orthonormalised: :func:`start_rotation`):
+full-size cosine score unchanged, and its prefixes are nested embeddings; the whitened LDA
+of ``e`` (``eer --baseline lda``) is not a rotation but is often the better prefix. The
+starts (:func:`start_transform`, ``R (e - m)``):
+
+- ``pca`` / ``lda``: ``R`` the PCA or LDA directions of the training cache's published
+  embeddings, orthonormalised (a rotation; ``m`` = 0 unless ``--init-center``);
+- ``whitened``: ``R``, ``m`` exactly eer's LDA baseline (every prefix scores as it does);
+- ``auto``: all of them and the centred PCA (eer's pca baseline), scored on the validation
+  trials before any step; :func:`pick_start` keeps one, never worse at the published size
+  than a rotation (the published embedding).
 
 - :class:`WarmHead` (``fit --init published``): one linear map of the standardised pooled
-  vector, started at ``[Q W; X] x + [Q b; c]``; the rows ``X`` of dims beyond the published
-  size are the next PCA directions of the pooled vectors orthogonal to ``W``'s rows, so at
-  epoch 0 the first ``E`` outputs are the rotated published embedding. The margin loss then
-  trains all of it; the loop scores epoch 0 and keeps the full size no worse (``TrainJob.guard_dim``).
+  vector, started at ``[R W; X] x + [R (b - m); c]``; the rows ``X`` of dims beyond the
+  published size are the next PCA directions of the pooled vectors orthogonal to ``W``'s
+  rows. The margin loss then trains all of it; the loop scores epoch 0 and keeps a later
+  epoch only if no dim is worse (:func:`mrlcache.fit.loop.selection_ratio`); epoch 0 kept
+  after held-out validation is fitted again on every training speaker (cache_mode).
 - :class:`AdaptorHead` (``fit --objective adaptor | adaptor-supervised``): ``e`` stays fixed,
   the output is ``Q e + g(Q e)`` with ``Q`` a trainable orthogonal matrix
-  (``torch.nn.utils.parametrizations.orthogonal``) and ``g`` an optional small residual MLP
-  whose last layer starts at zero (``--adaptor-hidden``; 0: rotation only, and the
-  full-size scores are the published ones at every step).
+  (``torch.nn.utils.parametrizations.orthogonal``, started at the pca or lda rotation) and
+  ``g`` an optional small residual MLP whose last layer starts at zero
+  (``--adaptor-hidden``; 0: rotation only, and the full-size scores are the published ones
+  at every step).
 
 The adaptor's loss (:class:`AdaptorLoss`) follows Matryoshka-Adaptor (Yoon et al., EMNLP
 2024): at each prefix ``d``, the cosine of every pair of the batch, and of each row's
@@ -38,7 +47,14 @@ from mrlcache.baselines import fit_lda
 from mrlcache.models.adaptor import AdaptorHead, WarmHead
 from mrlcache.models.matryoshka import check_dims
 
-ROTATIONS = ("pca", "lda")
+ROTATIONS = ("pca", "lda", "whitened")
+CENTRED = "-centred"  # "pca-centred": the pca start of the centred embedding (= eer's pca baseline at every dim)
+
+
+def auto_starts(center: bool) -> tuple[str, ...]:
+    """The starts ``--init-rotation auto`` scores at epoch 0 (:func:`pick_start` keeps one): every
+    rotation, and (without ``--init-center``) the PCA of the centred embedding too."""
+    return ROTATIONS if center else ROTATIONS + ("pca" + CENTRED,)
 OBJECTIVES = ("margin", "adaptor", "adaptor-supervised")
 INITS = ("random", "published")
 EXTRA_SCALE = 0.5  # std of an extra dim at the start, relative to the last published dim's
@@ -84,12 +100,50 @@ def start_rotation(emb: np.ndarray, labels, kind: str) -> np.ndarray:
     if kind == "pca":
         return np.ascontiguousarray(_pca(emb).T)
     if kind != "lda":
-        raise ValueError(f"rotation {kind!r}: choose one of {', '.join(ROTATIONS)}")
+        raise ValueError(f"rotation {kind!r}: choose one of pca, lda")
     _, directions = fit_lda(emb, labels)
     q, r = np.linalg.qr(directions)
     q = q * np.sign(np.diag(r))  # keep each direction's sense
     return np.ascontiguousarray(q.T)
 
+
+def start_transform(emb: np.ndarray, labels, kind: str, center: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The start's map of the published embedding ``e`` (n, E): ``R (e - m)``; returns (R (E, E), m (E,)).
+
+    ``pca`` / ``lda``: ``R`` the orthogonal :func:`start_rotation` (full-size cosines are the
+    published ones; ``m`` = 0, or the training mean with ``center`` or a ``-centred`` kind). ``whitened``: exactly the
+    transform of ``eer --baseline lda`` (:func:`mrlcache.baselines.fit_lda` of ``emb``):
+    ``R`` = the whitened LDA directions as rows, most discriminant first, ``m`` the mean, so
+    every prefix scores as the LDA baseline does (the full size too: it is not a rotation).
+    """
+    if kind == "whitened":
+        mean, directions = fit_lda(emb, labels)
+        return np.ascontiguousarray(directions.T), mean
+    if kind.endswith(CENTRED):  # an auto candidate: the rotation of the centred embedding
+        kind, center = kind[: -len(CENTRED)], True
+    mean = emb.mean(0) if center else np.zeros(emb.shape[1])
+    return start_rotation(emb - mean, labels, kind), mean
+
+
+def pick_start(eers: dict, guard: str | None, rotations=("pca", "lda")) -> str:
+    """The start ``--init-rotation auto`` keeps, from the validation EERs {name: {dim: eer}} of each.
+
+    ``rotations``: the starts that score exactly as the published embedding at full size (the
+    rotations not centred; none with ``--init-center``). Admissible: those, and a start whose
+    EER at ``guard`` (the published size) is no worse than the best of them there (so the
+    published size never loses to the published embedding on the validation trials). Of those,
+    the lowest mean over dims of EER / the best start's EER at that dim (a per-dim ratio:
+    small dims, whose EERs are large, do not drown the others); ties keep the first.
+    """
+    names = list(eers)
+    dims = list(eers[names[0]])
+    base = [n for n in names if n in rotations]
+    if guard is not None and base:
+        floor = min(eers[n][guard] for n in base)
+        names = [n for n in names if n in base or eers[n][guard] <= floor]
+    best = {d: min(eers[n][d] for n in eers) for d in dims}
+    return min(names, key=lambda n: np.mean([eers[n][d] / best[d] if best[d] > 0 else (1.0 if eers[n][d] == 0
+                                             else np.inf) for d in dims]))
 
 
 def _extra_rows(w: np.ndarray, centred: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -205,51 +259,85 @@ def start_classifier(loss_fn, emb: torch.Tensor, labels: torch.Tensor) -> None:
     loss_fn.weight[keep] = rows[keep].to(loss_fn.weight.device)
 
 
+def start_maps(cfg, published, pooled: np.ndarray, labels: np.ndarray, kinds) -> dict:
+    """{kind: :func:`warm_map` of the start ``kind``} for a :class:`WarmHead` of ``cfg.dims``, from the
+    published map (W, b) and training vectors ``pooled`` (n, P) with classes ``labels`` (n,)."""
+    weight, bias = published
+    emb = np.asarray(pooled, np.float64) @ weight.T + bias  # (n, E)
+    out = {}
+    for kind in kinds:
+        r, m = start_transform(emb, labels, kind, cfg.init_center)
+        out[kind] = warm_map(weight, bias - m, r, pooled, cfg.dims[-1], cfg.seed)
+    return out
+
+
 def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.ndarray, labels: np.ndarray,
                  device):
     """The head, loss and training forward of ``fit --init published`` or ``--objective adaptor*``.
 
-    Args: published: the published affine map (W (E, P), b (E,)), see :func:`affine_of`
-    (with ``cfg.init_center`` its training mean is subtracted: ``b - mean``);
-    pooled (n, P), labels (n,): training vectors and their classes (the rotation, the
+    Args: published: the published affine map (W (E, P), b (E,)), see :func:`affine_of`;
+    pooled (n, P), labels (n,): training vectors and their classes (the start, the
     standardisation, the extra dims and the classifier's start).
-    Returns (head, loss, embed_of, guard_dim): ``embed_of(head)`` is the training forward,
-    (B, P) -> what the loss takes; ``guard_dim`` is the published size if it is a trained
-    dim, else the largest trained dim below it (the size kept no worse than epoch 0).
+    Returns (head, loss, embed_of, guard_dim, choose): ``embed_of(head)`` is the training
+    forward, (B, P) -> what the loss takes; ``guard_dim`` is the published size if it is a
+    trained dim, else the largest trained dim below it; ``choose`` is None, or (``--init-rotation
+    auto``) ``choose(score)``: scores every start (``score(head)`` -> {str(dim): EER} on the
+    validation trials), keeps the one :func:`pick_start` picks and returns
+    {"kept": name, "eer": {name: {str(dim): EER}}} (``choose(None, kept)`` sets that start).
     """
     from mrlcache.fit.heads import make_loss
 
     weight, bias = published
     embed_dim = len(weight)
-    emb = np.asarray(pooled, np.float64) @ weight.T + bias  # (n, E)
-    if cfg.init_center:  # the published embedding minus its training mean, as eer's pca baseline scores it
-        bias = bias - emb.mean(0)
-        emb = emb - emb.mean(0)
-    rotation = start_rotation(emb, labels, cfg.init_rotation)
+    guard = max((d for d in cfg.dims if d <= embed_dim), default=None)
+    auto = cfg.init_rotation == "auto"
     ordered = len(np.unique(labels)) - 1  # LDA has at most classes - 1 directions with between-class spread
-    if cfg.init_rotation == "lda" and min(cfg.dims[-1], embed_dim) > ordered:
+    if cfg.init_rotation in ("lda", "whitened") and min(cfg.dims[-1], embed_dim) > ordered:
         import sys
 
-        print(f"note: --init-rotation lda: {ordered + 1} training speakers order only the first {ordered} "
-              f"directions; dims past {ordered} start in no meaningful order (more speakers, or "
+        print(f"note: --init-rotation {cfg.init_rotation}: {ordered + 1} training speakers order only the first "
+              f"{ordered} directions; dims past {ordered} start in no meaningful order (more speakers, or "
               "--init-rotation pca)", file=sys.stderr)
     torch.manual_seed(cfg.seed)
-    guard = max((d for d in cfg.dims if d <= embed_dim), default=None)
+    x = torch.from_numpy(np.asarray(pooled, np.float32))
     if cfg.objective == "margin":
+        maps = start_maps(cfg, published, pooled, labels, auto_starts(cfg.init_center) if auto else
+                          (cfg.init_rotation,))
         head = WarmHead(pooled_dim, cfg.dims, embed_dim)
-        head.set_map(*warm_map(weight, bias, rotation, pooled, cfg.dims[-1], cfg.seed))
+        head.set_map(*next(iter(maps.values())))
         loss = make_loss(cfg, num_classes)
-        start_classifier(loss, head(torch.from_numpy(np.asarray(pooled, np.float32))), torch.from_numpy(labels))
-        return head.to(device), loss.to(device), (lambda h: h), guard
+        start_classifier(loss, head(x), torch.from_numpy(labels))
+        head, loss = head.to(device), loss.to(device)
+
+        def choose(score, kept: str | None = None):
+            eers = {}
+            if kept is None:  # (given: the pick of rank 0, applied on another rank)
+                for kind, m in maps.items():
+                    head.set_map(*m)
+                    eers[kind] = score(head)
+                kept = pick_start(eers, str(guard) if guard is not None else None,
+                                  () if cfg.init_center else ("pca", "lda"))
+            head.set_map(*maps[kept])
+            with torch.no_grad():
+                start_classifier(loss, head(x.to(device)), torch.from_numpy(labels))
+            return {"kept": kept, "eer": eers}
+
+        return head, loss, (lambda h: h), guard, (choose if len(maps) > 1 else None)
     if cfg.dims[-1] > embed_dim:
         raise ValueError(f"dims {list(cfg.dims)}: the adaptor rotates the published {embed_dim}-dim embedding; "
                          f"give dims up to {embed_dim} (or --init published for more)")
+    if cfg.init_rotation == "whitened":
+        raise ValueError("--init-rotation whitened is not a rotation: the adaptor keeps the published full-size "
+                         "scores; use --init-rotation pca or lda (auto: pca) with --objective adaptor")
+    emb = np.asarray(pooled, np.float64) @ weight.T + bias  # (n, E)
+    rotation, mean = start_transform(emb, labels, "pca" if auto else cfg.init_rotation, cfg.init_center)
     head = AdaptorHead(pooled_dim, cfg.dims, embed_dim, cfg.adaptor_hidden)
-    head.set_map(weight, bias, rotation)
+    head.set_map(weight, bias - mean, rotation)
     margin = None
     if cfg.objective == "adaptor-supervised":
         margin = make_loss(cfg, num_classes)
-        start_classifier(margin, torch.from_numpy((emb @ rotation.T).astype(np.float32)), torch.from_numpy(labels))
+        start_classifier(margin, torch.from_numpy(((emb - mean) @ rotation.T).astype(np.float32)),
+                         torch.from_numpy(labels))
     loss = AdaptorLoss(cfg.dims, embed_dim, margin, cfg.adaptor_topk, cfg.dim_weights)
     head, loss = head.to(device), loss.to(device)
-    return head, loss, adaptor_embed, guard
+    return head, loss, adaptor_embed, guard, None

@@ -103,13 +103,13 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
     with lock:
         train_rows = np.flatnonzero(labels >= 0)
         records = input_records(cache, cfg.inputs, f"--cache {cache_dir}", training=True)
-        start = {}  # TrainJob fields of a head started from the published embedding
+        start, choose = {}, None  # TrainJob fields of a head started from the published embedding
         if published is None:
             head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
             embed_of = lambda m: vector_input(m, cfg.inputs)  # noqa: E731
         else:
-            head, loss_fn, embed_of, guard = _published_head(cfg, cache, labels, published, len(train_names),
-                                                             device)
+            head, loss_fn, embed_of, guard, choose = _published_head(cfg, cache, labels, published,
+                                                                     len(train_names), device)
             start = {"score_start": True, "guard_dim": guard}
         feats, plan = open_features(cache, records, labels, cfg, head, loss_fn, embed_of)
         mode = plan.policy
@@ -117,12 +117,16 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         fingerprint.update(train_speakers=len(train_names), val_speakers=val_names, features=mode)
         write_header(out, config, fingerprint)  # on resume: the same, up to epochs/patience
 
+        picked = _pick_start(choose, val, embed_of, head, device, resume, out)
         job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device,
                           embed=embed_of(head))
         job = dataclasses.replace(job, **start)
         result = train(job, resume)
+        refit = published is not None and result["best"]["epoch"] == -1 and bool(val_names) and \
+            _refit_start(job, cfg, cache, speakers, published, picked)
         extra = {"features": mode, "train_utterances": len(train_rows), "train_speakers": len(train_names),
-                 "memory": plan.to_dict()}
+                 "memory": plan.to_dict(), **({"start_pick": picked} if picked else {}),
+                 **({"start_refit_on_every_speaker": True} if refit else {})}
         if val is not None:
             extra["raw_eer"] = raw_eer(val)
             extra["val_source"] = val.source
@@ -153,16 +157,57 @@ def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim
 
 def _published_head(cfg, cache, labels, published, num_classes, device):
     """A head started from the published embedding (:mod:`mrlcache.fit.adaptor`): (head, loss,
-    embed_of, guard_dim); the training forward reads {"pooled": (b, P)} batches."""
+    embed_of, guard_dim, choose); the training forward reads {"pooled": (b, P)} batches."""
     from mrlcache.fit.adaptor import build_nested
 
     pooled, rows_labels = training_sample(cache, labels, cfg.seed)
     try:
-        head, loss_fn, embed_maker, guard = build_nested(cfg, pooled.shape[1], num_classes, published, pooled,
-                                                         rows_labels, device)
+        head, loss_fn, embed_maker, guard, choose = build_nested(cfg, pooled.shape[1], num_classes, published,
+                                                                 pooled, rows_labels, device)
     except ValueError as err:
         raise FitError(str(err)) from None
-    return head, loss_fn, lambda m: (lambda batch, f=embed_maker(m): f(batch["pooled"])), guard
+    return head, loss_fn, lambda m: (lambda batch, f=embed_maker(m): f(batch["pooled"])), guard, choose
+
+
+def _pick_start(choose, val, embed_of, head, device, resume: bool, out: Path) -> dict | None:
+    """``--init-rotation auto``: every start scored on the validation trials, the best kept
+    (:func:`mrlcache.fit.adaptor.pick_start`); None when there is one start. Without
+    validation the first (pca) is kept; a resumed fit reads its start from last.pt."""
+    if choose is None or val is None or resume:
+        return None
+    from mrlcache.fit.validate import validate
+
+    def score(h):
+        h.eval()
+        return {str(d): float(e) for d, e in validate(embed_of(h), val, h.dims, device)["eer"].items()}
+
+    picked = distributed.from_main(lambda: choose(score), "scoring the starts")
+    if not distributed.is_main():
+        choose(None, picked["kept"])
+    return picked
+
+
+def _refit_start(job, cfg, cache, speakers, published, picked) -> bool:
+    """Epoch 0 selected after validating on held-out speakers: the start fitted again on every
+    training speaker (held-out ones too, as ``eer --baseline pca|lda`` fits on the whole
+    training cache), written into best.pt (so model.pt is that start). False for an adaptor."""
+    from mrlcache.fit.adaptor import start_maps
+    from mrlcache.fit.loop import load_checkpoint
+    from mrlcache.runtime import atomic_torch_save
+
+    if job.cfg.objective != "margin":
+        return False  # the adaptor's rotation is kept as validated (its full-size scores do not move)
+    kind = picked["kept"] if picked else cfg.init_rotation
+    if kind == "auto":
+        kind = "pca"
+    _, every = np.unique(speakers, return_inverse=True)
+    pooled, labels = training_sample(cache, every, cfg.seed)
+    job.head.set_map(*start_maps(cfg, published, pooled, labels, (kind,))[kind])
+    if distributed.is_main():
+        state = load_checkpoint(job.out / "best.pt")
+        state["head"] = job.head.state_dict()
+        atomic_torch_save(state, job.out / "best.pt")
+    return True
 
 
 SAMPLE_ROWS = 50_000  # training vectors that fit the start's rotation, standardisation and classifier

@@ -48,7 +48,7 @@ class FitConfig:
     # preserve its similarities, no labels; adaptor-supervised: that plus the margin loss).
     # auto: published on imported vectors (what measured best there, benchmarks/README.md), else random
     init: str = choice("auto", names.INITS)  # auto | random | published (cache mode, --head mrl on pooled)
-    init_rotation: str = choice("pca", names.INIT_ROTATIONS)  # pca | lda
+    init_rotation: str = choice("auto", names.INIT_ROTATIONS)  # auto (each scored at epoch 0) | pca | lda | whitened
     init_center: bool = False  # start from the published embedding minus its training mean (default: as it is)
     objective: str = choice("margin", names.OBJECTIVES)  # margin | adaptor | adaptor-supervised
     adaptor_hidden: int = bounded(0, NON_NEGATIVE_INT)  # residual MLP width of the adaptor; 0: rotation only

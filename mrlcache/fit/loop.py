@@ -5,7 +5,7 @@ is embedded in training and in validation, which modules a checkpoint holds beyo
 head and loss, and a hook run at each epoch's start. :func:`train` runs the epochs: the
 margin schedule (only stepped here: :class:`~mrlcache.fit.optim.MarginWarmup`), the step
 (autocast, gradient accumulation, clipping, the learning-rate schedule), validation and
-model selection by mean EER, ``history.jsonl``, TensorBoard, and the checkpoints ``best.pt``
+model selection by mean EER (a started head: :func:`selection_ratio`), ``history.jsonl``, TensorBoard, and the checkpoints ``best.pt``
 and ``last.pt``, all built by :func:`checkpoint`.
 
 Determinism: every random draw of epoch ``e`` (views, order; the classes of
@@ -55,9 +55,10 @@ class TrainJob:
     on_epoch_start: Callable | None = None  # on_epoch_start(epoch), e.g. to unfreeze the backbone
     grad_accum: int = 1  # batches per optimiser step
     margin: MarginWarmup | None = None  # stepped at each epoch's start; default: cfg's warm-up of loss_fn
-    # A head that starts from a model worth keeping (the published embedding): epoch 0 (before
-    # any step) is validated and may be selected (best epoch -1), and no later epoch whose EER
-    # at guard_dim is worse than epoch 0's is selected.
+    # A head that starts from a model worth keeping (the published embedding, PCA, LDA): epoch 0
+    # (before any step) is validated and may be selected (best epoch -1); a later epoch is
+    # selected only if no dim is worse than epoch 0 (selection_ratio). guard_dim: the published
+    # size (or the largest trained dim below it), recorded in summary.json.
     score_start: bool = False
     guard_dim: int | None = None
 
@@ -114,11 +115,12 @@ def _restore(job: "TrainJob", scaler, path: Path) -> dict:
         torch.set_rng_state(state["torch_rng"].cpu())
         start, best = int(state["epoch"]), dict(state["best"])
         mark = state.get("patience_mark", {"epoch": best["epoch"], "mean_eer": best["mean_eer"]})
+        start_rec = state.get("start")
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
         what = f"missing {err}" if isinstance(err, KeyError) else str(err).splitlines()[0][:160]
         raise FitError(f"--resume: {path} does not match this run ({type(err).__name__}: {what}); it is damaged "
                        f"or from another fit: delete it or choose another --out") from None
-    return {"start": start, "best": best, "mark": mark}
+    return {"start": start, "best": best, "mark": mark, "start_rec": start_rec}
 
 
 
@@ -148,7 +150,7 @@ def train(job: TrainJob, resume: bool) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     autocast_dtype = torch.float16 if use_amp else (torch.bfloat16 if cfg.precision == "bf16" else None)
 
-    start, best, history = 0, {"epoch": None, "mean_eer": None}, []
+    start, best, history, restored = 0, {"epoch": None, "mean_eer": None}, [], {}
     # Early stopping: the last epoch whose mean EER beat the previous mark by more than
     # --min-delta (the selected model is still the lowest EER, however small the gain).
     mark = {"epoch": None, "mean_eer": None}
@@ -172,18 +174,19 @@ def train(job: TrainJob, resume: bool) -> dict:
     console = Console(stderr=True, quiet=not cfg.progress or not main)
     dims = job.head.dims
     stopped_early = False
-    floor, start_rec = None, None  # epoch 0's EER at guard_dim: the bound a selected epoch keeps
+    floor, start_rec = None, None  # epoch 0's EER per dim: the bound a selected epoch keeps (started heads)
     if job.score_start and job.val is not None:
         if resume:
-            floor, start_rec = state.get("start_floor"), state.get("start")
+            start_rec = restored["start_rec"]
         else:
             job.head.eval()
             v = distributed.from_main(lambda: _validate(job, dims), "validation of epoch 0")
-            best = {"epoch": -1, "mean_eer": v["mean_eer"], "eer": v["eer"], "min_dcf": v["min_dcf"]}
+            best = {"epoch": -1, "mean_eer": v["mean_eer"], "eer": v["eer"], "min_dcf": v["min_dcf"],
+                    "ratio_to_start": 1.0}
             mark, start_rec = {"epoch": -1, "mean_eer": v["mean_eer"]}, dict(best)
-            floor = v["eer"][str(job.guard_dim)] if job.guard_dim is not None else None
             if main:
                 atomic_torch_save(checkpoint(job, -1, val=best), out / "best.pt")
+        floor = start_rec["eer"] if start_rec else None
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         if job.on_epoch_start:
@@ -256,10 +259,14 @@ def train(job: TrainJob, resume: bool) -> dict:
                 job.scheduler.step(v["mean_eer"])
             if mark["mean_eer"] is None or v["mean_eer"] < mark["mean_eer"] - cfg.min_delta:
                 mark = {"epoch": epoch, "mean_eer": v["mean_eer"]}  # patience counts from here
-            kept = floor is None or v["eer"][str(job.guard_dim)] <= floor  # no worse than epoch 0 there
-            if kept and (best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]):
+            if floor is None:  # selected by mean EER
+                kept = best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]
+            else:  # no dim worse than epoch 0, then the lowest mean ratio to it (selection_ratio)
+                ratio = selection_ratio(rec["val_eer"], floor)
+                kept = ratio is not None and ratio < best.get("ratio_to_start", 1.0)
+            if kept:
                 best = {"epoch": epoch, "mean_eer": v["mean_eer"], "eer": rec["val_eer"],
-                        "min_dcf": rec["val_min_dcf"]}
+                        "min_dcf": rec["val_min_dcf"], **({"ratio_to_start": ratio} if floor is not None else {})}
                 if main:
                     atomic_torch_save(checkpoint(job, epoch, val=best), out / "best.pt")
         elif job.val is None:
@@ -277,7 +284,7 @@ def train(job: TrainJob, resume: bool) -> dict:
             atomic_torch_save(checkpoint(job, epoch + 1, optimizer=job.optimizer.state_dict(),
                                          scheduler=job.scheduler.state_dict(), scaler=scaler.state_dict(),
                                          torch_rng=torch.get_rng_state(), best=best, patience_mark=mark,
-                                         config=job.config, start_floor=floor, start=start_rec), last_path)
+                                         config=job.config, start=start_rec), last_path)
         line = f"epoch {epoch + 1}/{cfg.epochs} loss {sum(train_loss) / len(dims):.3f} " \
                f"acc {train_acc[-1]:.3f} lr {rec['lr']:.2e} {rec['seconds']:.1f}s"
         if validating:
@@ -291,6 +298,20 @@ def train(job: TrainJob, resume: bool) -> dict:
     if writer is not None:
         writer.close()
     return {"best": best, "history": history, "stopped_early": stopped_early, "start": start_rec}
+
+
+def selection_ratio(eer: dict, start: dict) -> float | None:
+    """How an epoch of a started head compares with epoch 0 ({dim: EER} each): None if it is
+    worse at any dim, else the mean over dims of EER / epoch 0's (1: as good; a dim where
+    epoch 0 has EER 0 counts 1, as it must then be 0 too).
+
+    Selecting the lowest ratio below 1 (epoch 0 has 1) never keeps a model worse than epoch 0
+    at any dim on the validation trials: when epoch 0 is a baseline (PCA, LDA, the published
+    embedding at full size), the kept model is no worse than it at every dim there.
+    """
+    if any(eer[d] > start[d] for d in start):
+        return None
+    return float(sum(eer[d] / start[d] if start[d] > 0 else 1.0 for d in start) / len(start))
 
 
 def _trained(job: "TrainJob"):

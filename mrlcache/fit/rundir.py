@@ -225,6 +225,14 @@ def finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: 
     return held.get("head")
 
 
+def _selected_by(job) -> str:
+    if job.val is None:
+        return "last epoch (no validation)"
+    if job.score_start:
+        return "val EER no worse than epoch 0 at any dim, then the lowest mean ratio to epoch 0"
+    return "val mean EER"
+
+
 def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm: dict | None = None):
     from mrlcache.fit.report import write_curves, write_model_summary
 
@@ -243,7 +251,7 @@ def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm:
                backbone_ref=backbone_ref, ptm=ptm)
     summary = {"best_epoch": result["best"]["epoch"], "best": result["best"],
                "epochs_run": len(result["history"]), "stopped_early": result["stopped_early"],
-               "selected_by": "val mean EER" if job.val is not None else "last epoch (no validation)",
+               "selected_by": _selected_by(job),
                **({"start": result["start"], "guard_dim": job.guard_dim} if result.get("start") else {}),
                **extra_summary}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -21,6 +21,7 @@ from mrlcache.fit.loop import feature_job, train
 from mrlcache.fit.rundir import finish, is_imported, meta_hash, recorded_sha256, split_and_open, write_header
 from mrlcache.models import head_class
 from mrlcache.models.streams import StreamInputError, StreamModel, plan_groups
+from mrlcache.streams import STREAMS
 from mrlcache.fit.stream_data import input_records
 from mrlcache.fit.validate import raw_eer
 
@@ -45,7 +46,7 @@ def fit_streams(cache, cache_dir, cfg, out: Path, backbone=None, resume: bool = 
     build_model(cfg, info, "cpu")  # refuse inputs/fusion/head that do not fit before anything is written
 
     backbone_ref = None
-    needs_backbone = bool({"layers", "pooled"} & set(cfg.inputs))
+    needs_backbone = any(STREAMS[s].needs_backbone for s in cfg.inputs if s in STREAMS)
     if cfg.head_only or not needs_backbone or is_imported(meta):
         backbone = None  # handcrafted streams are computed from audio without a backbone
     elif backbone is None:

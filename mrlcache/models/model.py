@@ -139,8 +139,7 @@ class MRLModel(nn.Module):
         if needs and self.backbone is None:
             raise ModelError(f"stream(s) {', '.join(needs)} need the backbone, and this model was saved "
                              "without one: use project() on cached streams")
-        pooled_layers = any(g["kind"] == "layers" and not g["frames"] for g in self.head.groups)
-        batch = {s: streams.compute(s, wave, self.backbone, layers_pooled=pooled_layers and s == "layers",
+        batch = {s: streams.compute(s, wave, self.backbone, layers_pooled=self.head.layers_pooled,
                                     window_seconds=self.window_seconds)
                  for s in self.inputs}
         return self.head(batch)

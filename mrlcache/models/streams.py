@@ -27,10 +27,8 @@ from torch import nn
 
 from mrlcache.models import FUSIONS, HEADS, fusion_class, head_class
 from mrlcache.models.fusion import CNN1dEncoder, LayerWeightedSum, MeanStdPool, match_length
+from mrlcache.streams import STREAMS
 from mrlcache.streams import spec as stream_spec
-
-HANDCRAFTED = ("fbank", "mfcc", "f0")
-
 
 class StreamInputError(ValueError):
     """Inputs, fusion and head that do not fit together; the message names the option."""
@@ -47,12 +45,13 @@ def plan_groups(inputs: Sequence[str], streams: dict) -> list[dict]:
         raise StreamInputError(f"--inputs {','.join(inputs)}: the cache has no stream {missing[0]!r} "
                                f"(it holds {', '.join(streams) or 'none'}); extract it with "
                                f"'mrlcache extract --streams ...,{missing[0]}'")
+    kinds = {s: STREAMS[s].encoder if s in STREAMS else "vector" for s in inputs}
     groups = []
-    if "layers" in inputs:
-        record = streams["layers"]
-        groups.append({"name": "layers", "kind": "layers", "streams": ["layers"],
+    for s in (s for s in inputs if kinds[s] == "layers"):
+        record = streams[s]
+        groups.append({"name": s, "kind": "layers", "streams": [s],
                        "frames": record.kind == "frames", "shape": list(record.shape)})
-    hand = [s for s in inputs if s in HANDCRAFTED]
+    hand = [s for s in inputs if kinds[s] == "handcrafted"]
     if hand:
         for s in hand:
             if streams[s].kind != "frames":
@@ -60,14 +59,14 @@ def plan_groups(inputs: Sequence[str], streams: dict) -> list[dict]:
         width = sum(stream_spec(s).input_channels(streams[s]) for s in hand)
         groups.append({"name": "+".join(hand), "kind": "handcrafted", "streams": hand, "frames": True,
                        "shape": [width]})
-    for s in inputs:
-        if s not in HANDCRAFTED and s != "layers":
-            record = streams[s]
-            if record.kind != "vector" or len(record.shape) != 1:
-                raise StreamInputError(f"--inputs: stream {s!r} ({record.kind} {record.shape}) "
-                                       f"has no encoder; use layers, fbank, mfcc, f0 or pooled")
-            groups.append({"name": s, "kind": "vector", "streams": [s], "frames": False,
-                           "shape": [int(record.shape[0])]})
+    for s in (s for s in inputs if kinds[s] == "vector"):
+        record = streams[s]
+        if record.kind != "vector" or len(record.shape) != 1:
+            readable = ", ".join(n for n, sp in STREAMS.items() if sp.encoder != "vector")
+            raise StreamInputError(f"--inputs: stream {s!r} ({record.kind} {record.shape}) "
+                                   f"has no encoder; use {readable} or a vector stream such as pooled")
+        groups.append({"name": s, "kind": "vector", "streams": [s], "frames": False,
+                       "shape": [int(record.shape[0])]})
     return groups
 
 
@@ -97,6 +96,8 @@ class StreamModel(nn.Module):
                                    "fusion needs two or more (e.g. --inputs layers,fbank,f0), or drop --fusion")
         self.groups = [dict(g) for g in groups]
         self.inputs = tuple(s for g in groups for s in g["streams"])
+        # The layers stream as cached: per-layer mean and std (extract --layers-pooled), not frames.
+        self.layers_pooled = any(g["kind"] == "layers" and not g["frames"] for g in groups)
         self.fusion_name, self.head_name, self.encoder_dim = fusion, head, int(encoder_dim)
         # ECAPA-TDNN is itself a frame encoder: on the handcrafted streams alone it reads them
         # directly (after an input BatchNorm) rather than through a CNN-1D encoder in front.

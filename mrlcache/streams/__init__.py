@@ -3,26 +3,29 @@
 ``STREAMS`` maps a stream name to a :class:`StreamSpec`: what it is, whether it is one
 vector per utterance or a sequence of frames, and everything that depends on which stream
 it is: its shape and frame grid for a given backbone, how it is encoded and chunked on
-disk, what an encoder reads from it, and the function computing it for a batch of
-waveforms. :meth:`StreamSpec.record` gives the typed record cache.json stores
-(:class:`~mrlcache.streams.record.StreamRecord`). Nobody outside a stream's own entry
-branches on its name. Shapes (time last, channels first, as the encoders read them):
+disk, what an encoder reads from it, the function computing it for a batch of waveforms,
+and the module computing it in an exported graph (or why it cannot be). :meth:`StreamSpec.record`
+gives the typed record cache.json stores (:class:`~mrlcache.streams.record.StreamRecord`).
+Nobody outside a stream's own entry branches on its name. Shapes (time last, channels
+first, as the encoders read them):
 
 ========= ========================== ============ =====================================
 name      per item                   frames/s     what
 ========= ========================== ============ =====================================
-pooled    (pooled_dim,)              utterance    ReDimNet's ASTP vector (today's cache)
-layers    (L, D, T) or (L, 2D)       100 / 50     ReDimNet stem + stage outputs (L = 1 +
-                                                  stages, D = F*C) or a PTM's 13 hidden
-                                                  states x 768; ``layers_pooled``: mean
-                                                  and std over time per layer instead
+pooled    (pooled_dim,)              utterance    the encoder's pooled statistics (ReDimNet's
+                                                  ASTP vector: today's cache)
+layers    (L, D, T) or (L, 2D)       100 / 50     the backbone's block outputs
+                                                  (:mod:`mrlcache.streams.layers`) or a PTM's
+                                                  13 hidden states x 768; ``layers_pooled``:
+                                                  mean and std over time per layer instead
 fbank     (80, T)                    100          Kaldi log-mel energies, 25 ms / 10 ms
 mfcc      (40, T)                    100          Kaldi MFCCs (40 cepstra, 40 bands)
 f0        (2, T)                     100          [F0 Hz, NaN if unvoiced; periodicity]
 ========= ========================== ============ =====================================
 
-fbank, mfcc and f0 share Kaldi's frame grid (``1 + (T - 400) // 160`` frames); ReDimNet
-layers have ``T // 160 + 1`` frames, PTM layers ``(T - 400) // 320 + 1``.
+fbank, mfcc and f0 share Kaldi's frame grid (``1 + (T - 400) // 160`` frames); a backbone's
+layers have its own (``layer_frames``: ``T // 160 + 1`` for ReDimNet and ECAPA-TDNN, half
+the Kaldi grid for CAM++, ``(T - 400) // 320 + 1`` for a PTM).
 
 This module imports no torch (the cache reads records through it); computing a stream
 imports what it needs.
@@ -41,10 +44,6 @@ class StreamError(ValueError):
     """A stream that cannot be computed as asked (unknown name, wrong backbone)."""
 
 
-def _is_ptm(backbone) -> bool:
-    return hasattr(backbone, "hidden_states")  # a PTM (mrlcache.streams.ptm), not a ReDimNet
-
-
 @dataclass(frozen=True)
 class StreamSpec:
     """What one stream is.
@@ -53,7 +52,15 @@ class StreamSpec:
     (``window_seconds``: see :mod:`mrlcache.streams.windows`; None is one pass);
     ``shape(backbone, layers_pooled)``: per item without time; ``grid(backbone)``: (frames
     per second, frames(num_samples)) of a frame stream; ``features(x)``: stored values (B,
-    *shape, T) -> what an encoder reads (finite), ``feature_channels`` its channels.
+    *shape, T) -> what an encoder reads (finite), ``feature_channels`` its channels;
+    ``exportable(backbone, layers_pooled)``: an ``nn.Module`` computing ``compute``'s values
+    from a wave with operations ONNX and TorchScript export, with ``min_samples`` (the
+    shortest wave it takes), or ValueError in one line saying why the stream cannot be
+    exported; ``example(x, generator)``: plausible stored values from a standard normal
+    draw x (B, *shape, T), for exporting a model that reads the stream cached;
+    ``encoder``: the kind of encoder a stream model reads it with
+    (:mod:`mrlcache.models.streams`: ``layers``, ``handcrafted`` or ``vector``);
+    ``from_ptm``: computed by the PTM instead of the backbone when extract has one.
     """
 
     name: str
@@ -69,6 +76,10 @@ class StreamSpec:
     poolable: bool = False  # layers_pooled stores mean and std over time: a vector
     features: Callable | None = None
     feature_channels: int | None = None  # channels of features(x); None: the stored channels
+    exportable: Callable | None = None
+    example: Callable | None = None
+    encoder: str = "vector"
+    from_ptm: bool = False  # a PTM (extract --ptm) computes it instead of the backbone
 
     def is_frames(self, layers_pooled: bool = False) -> bool:
         return self.per_frame and not (self.poolable and layers_pooled)
@@ -94,6 +105,17 @@ class StreamSpec:
         """Stored values (B, *shape, T) as the float32 frames an encoder reads."""
         return self.features(x) if self.features is not None else x.float()
 
+    def export_module(self, backbone=None, layers_pooled: bool = False):
+        """:attr:`exportable`'s module; ValueError naming the stream and why when there is none."""
+        if self.needs_backbone and backbone is None:
+            raise StreamError(f"stream {self.name!r} needs the backbone, and this model was saved without one")
+        if self.exportable is None:
+            raise StreamError(f"stream {self.name!r} has no exportable front end")
+        try:
+            return self.exportable(backbone, layers_pooled)
+        except ValueError as err:
+            raise StreamError(f"stream {self.name!r} cannot be exported: {err}") from None
+
     def input_channels(self, record: StreamRecord) -> int:
         """Channels per frame of :meth:`encoder_input` for a stream stored as ``record``."""
         return int(self.feature_channels) if self.feature_channels is not None else int(record.shape[0])
@@ -101,48 +123,50 @@ class StreamSpec:
 
 # -- the streams' own rules (compute imports torch and the stream's module lazily)
 
+def _pooling(backbone):
+    """``backbone`` when it has a pooled vector (every encoder of mrlcache.backbone), else StreamError."""
+    if not hasattr(backbone, "pooled_dim"):
+        raise StreamError(f"stream 'pooled' needs an encoder with a pooled vector (ReDimNet, ECAPA-TDNN, "
+                          f"CAM++); {getattr(backbone, 'name', type(backbone).__name__)} has none (use 'layers')")
+    return backbone
+
+
 def _pooled_compute(waves, backbone, layers_pooled, window_seconds):
     from mrlcache.streams import windows
 
-    if _is_ptm(backbone):
-        raise StreamError(f"stream 'pooled' needs a ReDimNet backbone; {backbone.name} has none (use 'layers')")
-    return windows.pooled(backbone, waves, window_seconds)
+    return windows.pooled(_pooling(backbone), waves, window_seconds)
 
 
-def _pooled_shape(backbone, layers_pooled):
-    if _is_ptm(backbone):
-        raise StreamError(f"stream 'pooled' needs a ReDimNet backbone; {backbone.name} has none")
-    return (backbone.pooled_dim,)
+def _pooled_export(backbone, layers_pooled):
+    from mrlcache.streams.layers import Pooled
+
+    return Pooled(_pooling(backbone).exportable())
 
 
 def _layers_compute(waves, backbone, layers_pooled, window_seconds):
-    import torch
-
     from mrlcache.streams import windows
-    from mrlcache.streams.layers import mean_std
 
-    if not _is_ptm(backbone):
-        return windows.layers(backbone, waves, window_seconds, stats=layers_pooled)[0]
-    frames = torch.stack(backbone.hidden_states(waves), dim=1)  # (B, L, D, T): a PTM, one pass
-    return mean_std(frames) if layers_pooled else frames
+    return windows.layers(backbone, waves, window_seconds, stats=layers_pooled)[0]
 
 
 def _layers_shape(backbone, layers_pooled):
-    if _is_ptm(backbone):
+    try:
         num, dim = backbone.num_layers, backbone.layer_dim
-    else:
-        cfg = backbone.model_config
-        num, dim = 1 + len(backbone.backbone.stage_names), cfg["F"] * cfg["C"]
+    except ValueError as err:  # block outputs of several widths
+        raise StreamError(str(err)) from None
     return (num, 2 * dim) if layers_pooled else (num, dim)
 
 
 def _layers_grid(backbone, sample_rate):
     if backbone is None:
         raise StreamError("stream 'layers' needs a backbone")
-    if _is_ptm(backbone):
-        return float(backbone.frame_rate), lambda n: max(0, (n - 400) // 320 + 1)
-    hop = int(backbone.model_config["hop_length"])
-    return sample_rate / hop, lambda n: n // hop + 1
+    return float(backbone.layer_rate), backbone.layer_frames
+
+
+def _layers_export(backbone, layers_pooled):
+    from mrlcache.streams.layers import Layers
+
+    return Layers(backbone.exportable(), pooled=layers_pooled)
 
 
 def _kaldi_grid(backbone, sample_rate):
@@ -163,6 +187,27 @@ def _yin(waves, backbone, layers_pooled, window_seconds):
     return yin(waves)
 
 
+def _kaldi_export(kind):
+    def exportable(backbone, layers_pooled):
+        from mrlcache.streams.handcrafted import ExportableKaldi
+
+        return ExportableKaldi(kind)
+    return exportable
+
+
+def _f0_export(backbone, layers_pooled):
+    raise ValueError("its YIN search picks each frame's first dip below a threshold, data-dependent control flow "
+                     "an exported graph cannot hold; export a model without f0, or compute f0 yourself and run "
+                     "the head on cached streams")
+
+
+def _f0_example(x, generator):
+    """[voiced F0 in Hz, periodicity in [0, 1)] from a standard normal draw (B, 2, T)."""
+    import torch
+
+    return torch.stack([100 + 50 * x[:, 0].abs(), torch.rand(x[:, 1].shape, generator=generator)], dim=1)
+
+
 def _f0_features(x):
     from mrlcache.streams.f0 import f0_features
 
@@ -170,17 +215,19 @@ def _f0_features(x):
 
 
 STREAMS = {
-    "pooled": StreamSpec("pooled", "ReDimNet ASTP vector", False, True, _pooled_compute, _pooled_shape,
-                         dtype="float32", chunking="view"),
+    "pooled": StreamSpec("pooled", "the encoder's pooled statistics vector", False, True, _pooled_compute,
+                         lambda b, p: (_pooling(b).pooled_dim,), dtype="float32", chunking="view",
+                         exportable=_pooled_export),
     "layers": StreamSpec("layers", "backbone intermediate outputs per layer", True, True, _layers_compute,
-                         _layers_shape, _layers_grid, poolable=True),
+                         _layers_shape, _layers_grid, poolable=True, exportable=_layers_export, encoder="layers",
+                         from_ptm=True),
     "fbank": StreamSpec("fbank", "80 Kaldi log-mel energies, 25 ms / 10 ms", True, False, _handcrafted("fbank"),
-                        lambda b, p: (80,), _kaldi_grid),
+                        lambda b, p: (80,), _kaldi_grid, exportable=_kaldi_export("fbank"), encoder="handcrafted"),
     "mfcc": StreamSpec("mfcc", "40 Kaldi MFCCs, 25 ms / 10 ms", True, False, _handcrafted("mfcc"),
-                       lambda b, p: (40,), _kaldi_grid),
+                       lambda b, p: (40,), _kaldi_grid, exportable=_kaldi_export("mfcc"), encoder="handcrafted"),
     "f0": StreamSpec("f0", "YIN F0 in Hz (NaN unvoiced) and periodicity, 10 ms", True, False, _yin,
                      lambda b, p: (2,), _kaldi_grid, encoding="nan-as-zero", features=_f0_features,
-                     feature_channels=2),
+                     feature_channels=2, exportable=_f0_export, example=_f0_example, encoder="handcrafted"),
 }
 
 
@@ -235,6 +282,11 @@ def parse_streams(text: str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise StreamError(f"--streams {text}: a stream is listed twice")
     return names
+
+
+def source(name: str, backbone=None, ptm=None):
+    """What computes stream ``name``: the PTM for a stream a PTM gives (``from_ptm``), else the backbone."""
+    return ptm if ptm is not None and spec(name).from_ptm else backbone
 
 
 def item_shape(name: str, backbone=None, layers_pooled: bool = False) -> tuple[int, ...]:
@@ -292,4 +344,4 @@ def __getattr__(name):  # torch-importing names on first use
 
 __all__ = ["PTM", "PTMS", "PTMError", "STREAMS", "StreamError", "StreamRecord", "StreamSpec", "compute",
            "compute_one", "f0_features", "frame_rate", "item_shape", "kaldi_frames", "load_ptm", "num_frames",
-           "parse_streams", "record_from_json", "records_from_meta", "spec"]
+           "parse_streams", "record_from_json", "records_from_meta", "source", "spec"]

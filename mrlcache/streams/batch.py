@@ -21,7 +21,7 @@ from mrlcache.streams import windows
 
 def stream_info(name: str, cfg, model, ptm) -> dict:
     """cache.json's record of one stream (:meth:`mrlcache.streams.StreamSpec.record`, as JSON)."""
-    source = ptm if name == "layers" and ptm is not None else model
+    source = streams.source(name, model, ptm)
     crop = int(round(cfg.crop_seconds * SAMPLE_RATE)) if cfg.mode == "train" else None
     record = streams.spec(name).record(source, layers_pooled=cfg.layers_pooled, dtype=cfg.dtype, crop_samples=crop,
                                        sample_rate=SAMPLE_RATE)
@@ -57,7 +57,7 @@ def forward_streams(model, ptm, items, device, precision, cfg, seconds: dict) ->
 
     Train crops (one length): {stream: (n, V, ...) float32}, one pass over all views.
     Eval utterances: {stream: list of n arrays} (ragged frames), or (n, 1, ...) vectors.
-    With a ReDimNet computing both layers and pooled, pooled is finished from the layers
+    With a backbone computing both layers and pooled, pooled is finished from the layers
     (one backbone pass; equal to ``model.pooled``).
     """
     window = cfg.eval_window
@@ -74,7 +74,7 @@ def forward_streams(model, ptm, items, device, precision, cfg, seconds: dict) ->
                     value, pooled = windows.layers(model, wave, window, stats=cfg.layers_pooled, with_pooled=True)
                 out["pooled"] = pooled.float().cpu().numpy()
             else:
-                source = ptm if name == "layers" and ptm is not None else model
+                source = streams.source(name, model, ptm)
                 with autocast(device, precision):
                     value = streams.compute(name, wave, source, cfg.layers_pooled, window)
             out[name] = value.float().cpu().numpy()

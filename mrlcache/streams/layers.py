@@ -1,53 +1,33 @@
-"""ReDimNet intermediate outputs: the stem and every stage output as 1-D frames.
+"""The ``layers`` stream: a backbone's block outputs per frame, stacked, or their statistics.
 
-ReDimNet keeps a list of 1-D outputs (B, F*C, T) - the stem's, then each stage's - and
-every stage (and the final aggregation) reads them through a learned softmax-weighted
-sum. Those tensors are the ``layers`` stream. :func:`redimnet_layers` computes them from
-outside the model by running its submodules in the order ``Backbone.forward`` does, so
-the model code needs no hooks; :func:`redimnet_pooled_from_layers` finishes the forward
-from them, and a test checks that it equals ``model.pooled`` exactly.
+Every backbone gives its block outputs through one interface (``layer_outputs``,
+``pooled_from_layers``, ``num_layers``, ``layer_dim``, the frame grid; see
+:mod:`mrlcache.backbone.registry`), computed by running the model's own submodules in the
+order its forward does, so the model code needs no hooks and ``pooled_from_layers``
+finishes the forward exactly (tests check both against the one-pass ``pooled``):
+
+- ReDimNet: the stem's and every stage's 1D output (B, F*C, T // hop + 1), the tensors
+  every stage and the final aggregation read through learned softmax-weighted sums;
+- ECAPA-TDNN: the TDNN layer's and the three SE-Res2Net blocks' outputs (B, C, T // 160 + 1);
+  its multi-layer aggregation concatenates blocks 1-3;
+- CAM++: the outputs of its last two transitions (B, 512, ceil(Kaldi frames / 2)), 50 a second;
+- a PTM: its 13 hidden states (:mod:`mrlcache.streams.ptm`).
+
+The stream stores them stacked (B, L, D, T), or with ``layers_pooled`` their mean and std
+over time per layer (B, L, 2D). :class:`Layers` and :class:`Pooled` are the ``layers`` and
+``pooled`` streams as modules over a backbone's exportable form (``backbone.exportable()``),
+for :mod:`mrlcache.export`.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
-def redimnet_layers(model, waves: torch.Tensor) -> list[torch.Tensor]:
-    """Stem and stage outputs of a ReDimNet for a batch of waveforms.
-
-    Args:
-        model: a ReDimNet (mrlcache's, with ``.features`` and ``.backbone``).
-        waves: (B, T) at 16 kHz.
-    Returns:
-        1 + number of stages tensors, each (B, F*C, T // hop + 1).
-    """
-    backbone = model.backbone
-    outs = [backbone.stem(model.features(waves).unsqueeze(1))]
-    for name in backbone.stage_names:
-        stage = getattr(backbone, name)
-        x = stage[0](outs)  # the stage's weighted sum over every earlier output
-        for layer in stage[1:]:
-            x = layer(x)
-        outs.append(x)
-    return outs
-
-
-def redimnet_pooled_from_layers(model, outs: list[torch.Tensor]) -> torch.Tensor:
-    """The rest of ``model.pooled``: final weighted sum, optional MFA, ASTP. -> (B, pooled_dim)."""
-    backbone = model.backbone
-    return model.pool(backbone.mfa(backbone.fin_wght1d(outs)))
-
-
-def redimnet_num_layers(model) -> int:
-    """Number of tensors :func:`redimnet_layers` returns (stem + stages)."""
-    return 1 + len(model.backbone.stage_names)
-
-
-def redimnet_layer_dim(model) -> int:
-    """Width of each layer's frames, F * C."""
-    cfg = model.model_config
-    return cfg["F"] * cfg["C"]
+def stack(outs: list[torch.Tensor]) -> torch.Tensor:
+    """L tensors (B, D, T) -> (B, L, D, T)."""
+    return torch.stack(outs, dim=1)
 
 
 def mean_std(frames: torch.Tensor) -> torch.Tensor:
@@ -56,3 +36,29 @@ def mean_std(frames: torch.Tensor) -> torch.Tensor:
     mean = x.mean(dim=-1)
     std = x.var(dim=-1, unbiased=False).clamp_min(0.0).sqrt()
     return torch.cat([mean, std], dim=-1)
+
+
+class Layers(nn.Module):
+    """Wave (B, T) -> the ``layers`` stream (B, L, D, T') or, ``pooled``, (B, L, 2D), from ``net``
+    (a backbone's ``exportable()``: ``layer_outputs`` and ``min_samples``)."""
+
+    def __init__(self, net: nn.Module, pooled: bool = False):
+        super().__init__()
+        self.net, self.pooled = net, pooled
+        self.min_samples = int(net.min_samples)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        frames = stack(self.net.layer_outputs(wave))
+        return mean_std(frames) if self.pooled else frames
+
+
+class Pooled(nn.Module):
+    """Wave (B, T) -> the ``pooled`` stream (B, pooled_dim), from a backbone's ``exportable()``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.min_samples = int(net.min_samples)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.net.pooled(wave)

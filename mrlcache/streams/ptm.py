@@ -80,6 +80,20 @@ class PTM(nn.Module):
             states.append(x)
         return [s.transpose(1, 2) for s in states]
 
+    # The backbone interface of the ``layers`` stream (mrlcache.backbone.registry): the
+    # hidden states, one pass (frames every 320 samples of a 400-sample receptive field).
+    layer_hop, layer_rate = None, float(FRAME_RATE)
+
+    def layer_frames(self, num_samples: int) -> int:
+        return max(0, (num_samples - 400) // 320 + 1)
+
+    def layer_outputs(self, waves: torch.Tensor) -> list[torch.Tensor]:
+        return self.hidden_states(waves)
+
+    def exportable(self):
+        raise ValueError(f"the pretrained transformer {self.name}'s front end is not rebuilt by mrlcache for "
+                         "export; export a model on ReDimNet, ECAPA-TDNN, CAM++ or handcrafted streams")
+
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, 13, 768, T')."""
         return torch.stack(self.hidden_states(waves), dim=1)

@@ -10,7 +10,8 @@ utterance. So an utterance longer than ``window_seconds`` is cut into
 at most one hop; the last takes the remainder), and each window is one ordinary forward:
 memory and time per window are those of a ``window_seconds`` utterance.
 
-How the windows are combined, for each ReDimNet stream:
+How the windows are combined, for each stream of a ReDimNet (or an ECAPA-TDNN, whose
+frames are centred on the same 10 ms grid):
 
 - ``pooled`` (ASTP's [mean, std]): the statistics of all the windows' frames, each window
   weighted by its number of frames n_i (N in all):
@@ -26,7 +27,8 @@ How the windows are combined, for each ReDimNet stream:
 An utterance no longer than the window (every VoxCeleb1 file: 4 to 145 s, Nagrani et al.,
 "VoxCeleb: a large-scale speaker identification dataset", Interspeech 2017) is one pass,
 bit for bit what ``model.pooled`` gives. ``window_seconds=None`` makes every utterance one
-pass. A PTM's layers and the handcrafted streams are always computed in one pass.
+pass. A PTM's and CAM++'s layers (frames not centred on a hop grid) and the handcrafted
+streams are always computed in one pass.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from mrlcache.audio import SAMPLE_RATE
-from mrlcache.streams.layers import mean_std, redimnet_layers, redimnet_pooled_from_layers
+from mrlcache.streams.layers import mean_std, stack
 
 from mrlcache.ranges import DEFAULT_WINDOW_SECONDS as WINDOW_SECONDS  # 300: a 2-hour file is 24 passes
 from mrlcache.ranges import WINDOW_SECONDS as _WINDOW_RANGE
@@ -105,20 +107,32 @@ def pooled(model, waves: torch.Tensor, window_seconds: float | None) -> torch.Te
 
 def layers(model, waves: torch.Tensor, window_seconds: float | None, *, stats: bool,
            with_pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The ``layers`` stream of a ReDimNet over whole utterances, window by window.
+    """The ``layers`` stream of a backbone over whole utterances, window by window.
+
+    A backbone whose layer frames are not centred on a hop grid (``layer_hop`` None: CAM++,
+    a PTM) takes one pass; the ``pooled`` it gives then comes from the same pass only when
+    the utterance fits one window (else from :func:`pooled`, as without layers).
 
     Returns:
-        (frames (B, L, D, T // hop + 1), or [mean, std] per layer (B, L, 2D) when
-        ``stats``) and, with ``with_pooled``, the ``pooled`` stream from the same passes.
+        (frames (B, L, D, frames), or [mean, std] per layer (B, L, 2D) when ``stats``) and,
+        with ``with_pooled``, the ``pooled`` stream from the same passes.
     """
-    hop = _hop(model)
+    hop = model.layer_hop
+    if hop is None:
+        outs = model.layer_outputs(waves)
+        frames = stack(outs)
+        pooled_value = None
+        if with_pooled:
+            one = num_windows(waves.shape[-1], window_seconds) == 1
+            pooled_value = model.pooled_from_layers(outs) if one else pooled(model, waves, window_seconds)
+        return (mean_std(frames) if stats else frames), pooled_value
     bounds = window_bounds(waves.shape[-1], window_seconds, hop)
     kept, summaries, pools, counts = [], [], [], []
     for i, (a, b) in enumerate(bounds):
-        outs = redimnet_layers(model, waves[..., a:b])
+        outs = model.layer_outputs(waves[..., a:b])
         if with_pooled:
-            pools.append(redimnet_pooled_from_layers(model, outs))
-        frames = torch.stack(outs, dim=1)  # (B, L, D, t)
+            pools.append(model.pooled_from_layers(outs))
+        frames = stack(outs)  # (B, L, D, t)
         if i < len(bounds) - 1:
             frames = frames[..., :-1]  # the next window's frame 0 is this frame
         counts.append(frames.shape[-1])

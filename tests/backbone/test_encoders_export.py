@@ -53,3 +53,38 @@ def test_onnx_export_and_engine_equal_pytorch_for_ecapa(tmp_path):
         want = backbone.pooled(wave).numpy()
     got = engine.pooled(wave).numpy()
     assert float(np.max(np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1))) < 1e-4
+
+
+LAYERS_CAMPPLUS = {"growth_rate": 8, "bn_size": 2, "init_channels": 32, "embedding_size": 24}  # init = 4 growth:
+# the last two transitions are equally wide (32 + 96 -> 64, 64 + 192 -> 128, 128 + 128 -> 128), as published
+
+
+def layers_model(backbone, layers_pooled, tmp_path):
+    """A fitted-looking Matryoshka model on the encoder's layers stream, saved and loaded."""
+    from mrlcache import load_model, streams
+    from mrlcache.models.model import save_model
+    from mrlcache.models.streams import StreamModel, plan_groups
+
+    record = streams.spec("layers").record(backbone, layers_pooled=layers_pooled, dtype="float16", crop_samples=None)
+    torch.manual_seed(1)
+    head = StreamModel(plan_groups(["layers"], {"layers": record}), "mrl", {"dims": [4, 8]}, encoder_dim=8)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    return load_model(save_model(tmp_path / "model.pt", head.eval(), backbone=backbone))
+
+
+@pytest.mark.parametrize("layers_pooled", [False, True])
+def test_a_model_on_ecapa_layers_exports_and_equals_load_model(layers_pooled, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = layers_model(tiny(ecapa_tdnn, TINY_ECAPA), layers_pooled, tmp_path)
+    assert model.inputs == ("layers",)
+    for fmt in ("onnx", "torchscript"):
+        report = verify_export(export_model(model, tmp_path / f"m.{fmt}", format=fmt), model)
+        assert report["passed"], (fmt, report["errors"])
+
+
+def test_a_model_on_campplus_layers_exports_and_equals_load_model(tmp_path):
+    model = layers_model(tiny(campplus, LAYERS_CAMPPLUS), False, tmp_path)
+    report = verify_export(export_model(model, tmp_path / "m.ts", format="torchscript"), model)
+    assert report["passed"], report["errors"]

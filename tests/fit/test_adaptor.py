@@ -112,6 +112,19 @@ def test_rotation_only_adaptor_keeps_published_scores_while_training(data):
     torch.testing.assert_close(cosines(out), cosines(published), atol=2e-5, rtol=0)  # ... same full scores
 
 
+def direct_lda(x, labels):
+    """LDA written out: scatter matrices by loops over classes, then scipy's generalised
+    eigenproblem. Returns (mean, directions by column most discriminant first, eigenvalues)."""
+    classes = np.unique(labels)
+    mu = x.mean(0)
+    sw = sum((x[labels == c] - x[labels == c].mean(0)).T @ (x[labels == c] - x[labels == c].mean(0))
+             for c in classes) / len(x)
+    sb = sum((labels == c).sum() * np.outer(x[labels == c].mean(0) - mu, x[labels == c].mean(0) - mu)
+             for c in classes) / len(x)
+    values, direct = scipy.linalg.eigh(sb, sw)
+    return mu, direct[:, ::-1], values[::-1], sb
+
+
 def test_lda_matches_a_direct_computation():
     rng = np.random.default_rng(0)
     classes, per, dim = 6, 40, 5
@@ -120,18 +133,72 @@ def test_lda_matches_a_direct_computation():
     labels = np.repeat(np.arange(classes), per)
     x = means[labels] + rng.standard_normal((classes * per, dim)) @ mix
     mean, v = fit_lda(x, labels.astype(str))
-    # Direct: scatter matrices by loops over classes, then the generalised eigenproblem.
-    mu = x.mean(0)
-    sw = sum((x[labels == c] - x[labels == c].mean(0)).T @ (x[labels == c] - x[labels == c].mean(0))
-             for c in range(classes)) / len(x)
-    sb = sum(per * np.outer(x[labels == c].mean(0) - mu, x[labels == c].mean(0) - mu) for c in range(classes)) / len(x)
-    values, direct = scipy.linalg.eigh(sb, sw)
-    direct = direct[:, ::-1]
+    mu, direct, values, sb = direct_lda(x, labels)
     np.testing.assert_allclose(mean, mu, atol=1e-12)
     for k in range(dim):  # same directions up to sign, same scale (V^T Sw V = I)
         sign = np.sign(direct[:, k] @ v[:, k])
         np.testing.assert_allclose(v[:, k], sign * direct[:, k], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(v.T @ sb @ v, np.diag(values[::-1]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v.T @ sb @ v, np.diag(values), rtol=1e-5, atol=1e-6)
+
+
+def test_lda_past_classes_minus_one_does_not_depend_on_the_row_order():
+    """With fewer classes than dims the solver's basis of the null space of Sb is arbitrary;
+    fit_lda fixes it (Sw-orthonormal, by Euclidean norm), so permuted rows give the same LDA."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 30)) @ rng.standard_normal((30, 30))
+    labels = np.repeat(np.arange(10), 20)
+    _, v = fit_lda(x, labels)
+    order = rng.permutation(len(x))
+    _, permuted = fit_lda(x[order], labels[order])
+    np.testing.assert_allclose(np.abs(v), np.abs(permuted), rtol=1e-6, atol=1e-9)
+    sw = sum(np.cov(x[labels == c].T, bias=True) * 20 for c in range(10)) / len(x)
+    np.testing.assert_allclose(v.T @ sw @ v, np.eye(30), atol=1e-5)  # up to the 1e-9 ridge
+    norms = np.linalg.norm(v[:, 9:], axis=0)
+    assert np.all(np.diff(norms) >= -1e-9)  # the null directions, smallest Euclidean norm first
+
+
+def test_whitened_start_scores_as_the_lda_baseline_at_every_dim(data):
+    """--init-rotation whitened: at epoch 0 every prefix is the whitened LDA of the published
+    embedding (eer --baseline lda), checked against LDA written out with scipy."""
+    from mrlcache.fit.adaptor import start_maps
+    from mrlcache.fit.config import FitConfig
+
+    x, spk, layer, published = data
+    w, b = affine_of(layer, POOLED)
+    dims = (2, 4, 8, EMBED, EMBED + 4)
+    head = WarmHead(POOLED, dims, EMBED)
+    head.set_map(*start_maps(FitConfig(dims=dims), (w, b), x.numpy(), spk, ("whitened",))["whitened"])
+    with torch.no_grad():
+        out = head(x).double()
+    emb = published.double().numpy()
+    mu, direct, _, _ = direct_lda(emb, spk)
+    want = (emb - mu) @ direct  # sign flips of a column leave every cosine unchanged
+    for d in dims[:-1]:  # every prefix up to the published size, the full size too
+        torch.testing.assert_close(cosines(out[:, :d]), cosines(want[:, :d]), atol=1e-4, rtol=0)
+    # It is not the published geometry (a rotation would keep the full-size cosines).
+    assert (cosines(out[:, :EMBED]) - cosines(published)).abs().max() > 0.05
+
+
+def test_pick_start_keeps_the_published_size_no_worse_than_a_rotation():
+    from mrlcache.fit.adaptor import pick_start
+
+    # whitened wins at 4 and 8 but loses at the published size 12: a rotation is kept, the
+    # one with the lower mean ratio to the best start per dim (lda: 1.2, 1.1, 1 against pca's 1.5, 1.3, 1).
+    eers = {"pca": {"4": 0.30, "8": 0.13, "12": 0.10}, "lda": {"4": 0.24, "8": 0.11, "12": 0.10},
+            "whitened": {"4": 0.20, "8": 0.10, "12": 0.11}}
+    assert pick_start(eers, "12") == "lda"
+    eers["whitened"]["12"] = 0.10  # now no worse at the published size: kept
+    assert pick_start(eers, "12") == "whitened"
+    assert pick_start(eers, None) == "whitened"
+
+
+def test_selection_ratio_refuses_any_dim_worse_than_epoch_0():
+    from mrlcache.fit.loop import selection_ratio
+
+    start = {"4": 0.20, "8": 0.10}
+    assert selection_ratio({"4": 0.10, "8": 0.10}, start) == pytest.approx((0.5 + 1.0) / 2)
+    assert selection_ratio({"4": 0.01, "8": 0.1001}, start) is None  # far better at 4, worse at 8
+    assert selection_ratio(dict(start), start) == 1.0
 
 
 def write_imported(out, n_spk, seed, views=2):
@@ -153,8 +220,8 @@ def test_warm_start_never_selects_worse_than_epoch_0_at_full_size(tmp_path):
 
     pooled = write_imported(tmp_path / "c", 40, seed=1)
     # A learning rate that wrecks the start: the guard must keep epoch 0's full-size EER.
-    run = fit(tmp_path / "c", (4, 16, POOLED), tmp_path / "run", init="published", init_center=False,
-              **{**FAST, "epochs": 3, "lr": 1.0, "warmup_epochs": 0})
+    run = fit(tmp_path / "c", (4, 16, POOLED), tmp_path / "run", init="published", init_rotation="pca",
+              init_center=False, **{**FAST, "epochs": 3, "lr": 1.0, "warmup_epochs": 0})
     summary = json.loads((run / "summary.json").read_text())
     full = str(POOLED)
     assert summary["guard_dim"] == POOLED
@@ -164,6 +231,80 @@ def test_warm_start_never_selects_worse_than_epoch_0_at_full_size(tmp_path):
     if summary["best_epoch"] == -1:
         x = pooled[:, 0]
         torch.testing.assert_close(cosines(model.project(x, POOLED)), cosines(x), atol=2e-5, rtol=0)
+
+
+def test_selection_never_keeps_an_epoch_worse_than_epoch_0_at_any_dim(tmp_path):
+    """Started heads: the selected epoch is epoch 0 or one no worse than it at every dim, the
+    lowest mean ratio to it among those (recomputed here from history.jsonl)."""
+    write_imported(tmp_path / "c", 40, seed=3)
+    dims = (4, 8, 16, POOLED)
+    for lr in (1e-3, 1.0):  # a gentle and a wrecking learning rate
+        run = fit(tmp_path / "c", dims, tmp_path / f"run-{lr}", init="published", init_rotation="pca",
+                  **{**FAST, "epochs": 4, "lr": lr, "warmup_epochs": 0})
+        summary = json.loads((run / "summary.json").read_text())
+        start = summary["start"]["eer"]
+        history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        ratios = {-1: 1.0}
+        for h in history:
+            e = h["val_eer"]
+            if all(e[str(d)] <= start[str(d)] for d in dims):
+                ratios[h["epoch"]] = np.mean([e[str(d)] / start[str(d)] for d in dims])
+        assert summary["best_epoch"] == min(ratios, key=lambda k: (ratios[k], k != -1))
+        for d in dims:
+            assert summary["best"]["eer"][str(d)] <= start[str(d)]
+
+
+def test_whitened_start_kept_at_epoch_0_is_the_lda_of_every_training_speaker(tmp_path):
+    """Epoch 0 selected: model.pt is the whitened LDA start fitted again on every speaker of the
+    cache (held-out ones too), as eer --baseline lda fits it; checked against LDA written out."""
+    from mrlcache.model import load_model
+
+    pooled = write_imported(tmp_path / "c", 40, seed=4)
+    dims = (4, 16, POOLED)
+    run = fit(tmp_path / "c", dims, tmp_path / "run", init="published", init_rotation="whitened",
+              **{**FAST, "epochs": 2, "lr": 5.0, "warmup_epochs": 0})
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_epoch"] == -1 and summary["start_refit_on_every_speaker"]
+    n, views = pooled.shape[:2]
+    spk = np.repeat(np.asarray(cache.open(tmp_path / "c").speakers), views)
+    x = pooled.reshape(n * views, POOLED).astype(np.float64)
+    mu, direct, _, _ = direct_lda(x, spk)
+    test = pooled[:, 0]
+    got = load_model(run / "model.pt").project(test)
+    want = (test - mu) @ direct
+    for d in dims:
+        torch.testing.assert_close(cosines(got[:, :d]), cosines(want[:, :d]), atol=2e-4, rtol=0)
+
+
+def test_auto_start_scores_every_start_and_records_its_pick(tmp_path):
+    write_imported(tmp_path / "c", 30, seed=5)
+    run = fit(tmp_path / "c", (4, 16, POOLED), tmp_path / "run", init="published", **{**FAST, "epochs": 1})
+    summary = json.loads((run / "summary.json").read_text())
+    picked = summary["start_pick"]
+    assert set(picked["eer"]) == {"pca", "lda", "whitened", "pca-centred"}
+    assert picked["kept"] in picked["eer"]
+    assert summary["start"]["eer"] == pytest.approx(picked["eer"][picked["kept"]])
+
+
+def test_pca_centred_start_scores_as_the_pca_baseline_at_every_dim(data):
+    """The auto candidate pca-centred: every prefix is eer's pca baseline, (e - mean) @ V[:, :d]
+    with V the covariance eigenvectors (numpy's eigh of the covariance written out)."""
+    from mrlcache.fit.adaptor import start_maps
+    from mrlcache.fit.config import FitConfig
+
+    x, spk, layer, published = data
+    w, b = affine_of(layer, POOLED)
+    dims = (2, 4, 8, EMBED)
+    head = WarmHead(POOLED, dims, EMBED)
+    head.set_map(*start_maps(FitConfig(dims=dims), (w, b), x.numpy(), spk, ("pca-centred",))["pca-centred"])
+    with torch.no_grad():
+        out = head(x).double()
+    emb = published.double().numpy()
+    centred = emb - emb.mean(0)
+    values, vectors = np.linalg.eigh(np.cov(centred.T))
+    want = centred @ vectors[:, ::-1]
+    for d in dims:
+        torch.testing.assert_close(cosines(out[:, :d]), cosines(want[:, :d]), atol=1e-4, rtol=0)
 
 
 def test_adaptor_fit_writes_a_model_that_reloads(tmp_path):

@@ -77,10 +77,9 @@ def test_fusion_models_round_trip_with_identical_embeddings(tmp_path, fusion):
 @pytest.mark.slow  # runs a ReDimNet on audio
 def test_layers_model_embeds_audio_through_the_saved_backbone(tmp_path):
     from mrlcache.backbone import BackboneRecord, load_backbone, state_sha256
-    from mrlcache.streams.layers import redimnet_layer_dim, redimnet_layers, redimnet_num_layers
 
     backbone = load_backbone("b0", random_init=True, seed=3).eval()
-    info = {"layers": StreamRecord("layers", "frames", (redimnet_num_layers(backbone), redimnet_layer_dim(backbone)),
+    info = {"layers": StreamRecord("layers", "frames", (backbone.num_layers, backbone.layer_dim),
                                    "float16", 100.0, ragged=True), **HANDCRAFTED}
     torch.manual_seed(2)
     model = _trained_looking(StreamModel(plan_groups(["layers", "fbank"], info), "ecapa", dict(ECAPA, dims=[8]),
@@ -89,7 +88,7 @@ def test_layers_model_embeds_audio_through_the_saved_backbone(tmp_path):
     loaded = load_model(save_model(tmp_path / "model.pt", model, backbone=backbone, backbone_ref=record))
     waves = _waves(2, 0.5)
     with torch.no_grad():
-        batch = {"layers": torch.stack(redimnet_layers(backbone, waves), dim=1),
+        batch = {"layers": torch.stack(backbone.layer_outputs(waves), dim=1),
                  "fbank": streams.compute("fbank", waves)}
         expected = model(batch).numpy()
     np.testing.assert_allclose(loaded(waves.numpy()), expected, rtol=1e-5, atol=1e-5)

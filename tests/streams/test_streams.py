@@ -12,7 +12,6 @@ from conftest import speech_like
 from mrlcache import streams
 from mrlcache.backbone import load_backbone
 from mrlcache.streams import ptm as ptm_module
-from mrlcache.streams.layers import redimnet_layers, redimnet_pooled_from_layers
 
 
 def _waves(seconds=2.0, n=2):
@@ -74,8 +73,8 @@ def test_layers_are_the_redimnet_internals(b0):
     for h in hooks:
         h.remove()
     with torch.no_grad():
-        outs = redimnet_layers(b0, waves)
-        again = redimnet_pooled_from_layers(b0, outs)
+        outs = b0.layer_outputs(waves)
+        again = b0.pooled_from_layers(outs)
     assert len(outs) == len(seen) == 1 + len(b0.backbone.stage_names)
     for a, b in zip(outs, seen):
         assert torch.equal(a, b)
@@ -107,7 +106,7 @@ def test_ptm_hidden_states_random_init(name):
     for i, r in enumerate(ref):  # states 1..12 are torchaudio's transformer outputs
         assert torch.equal(states[:, i + 1], r.transpose(1, 2))
     assert not torch.equal(states[:, 0], states[:, 1])
-    with pytest.raises(streams.StreamError, match="needs a ReDimNet"):
+    with pytest.raises(streams.StreamError, match="needs an encoder with a pooled vector"):
         streams.compute("pooled", waves, model)
 
 

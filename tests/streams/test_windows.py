@@ -9,7 +9,7 @@ from mrlcache import streams
 from mrlcache.backbone import ReDimNet
 from mrlcache.cli.options import WINDOW_DEFAULT
 from mrlcache.streams import windows
-from mrlcache.streams.layers import mean_std, redimnet_layers
+from mrlcache.streams.layers import mean_std
 
 HOP = 160
 
@@ -96,8 +96,8 @@ def test_layers_frames_line_up_with_one_pass(tiny):
     wave = _wave(3.4)
     with torch.no_grad():
         frames, pooled = windows.layers(tiny, wave, 1.0, stats=False, with_pooled=True)
-        whole = torch.stack(redimnet_layers(tiny, wave), dim=1)
-        first = torch.stack(redimnet_layers(tiny, wave[..., :windows.window_bounds(wave.shape[-1], 1.0, HOP)[0][1]]),
+        whole = torch.stack(tiny.layer_outputs(wave), dim=1)
+        first = torch.stack(tiny.layer_outputs(wave[..., :windows.window_bounds(wave.shape[-1], 1.0, HOP)[0][1]]),
                             dim=1)
         stats, _ = windows.layers(tiny, wave, 1.0, stats=True)
         alone = windows.pooled(tiny, wave, 1.0)
