@@ -147,23 +147,23 @@ def test_fused_engine_is_within_1e5_of_torch_recorded_and_never_mixed(tmp_path):
     assert rel(np.load(tmp_path / "fused.npy"), np.load(tmp_path / "torch.npy")) < 1e-5
 
 
-def test_auto_ranks_every_engine_and_keeps_torch_where_only_torch_computes():
-    """``auto`` picks from the registry: on the CPU for a pooled-only float32 job the first
-    engine of ``CPU_PREFERENCE`` that runs the backbone; torch on CUDA and for other jobs."""
+def test_auto_picks_the_measured_engine_and_keeps_torch_where_only_torch_computes():
+    """``auto`` picks from the registry: on the CPU for a pooled-only float32 job the engine
+    measured for the encoder (``CPU_CHOICE``); torch on CUDA, for other jobs, and for encoders
+    without a measurement."""
     from mrlcache import engines, names
 
-    assert sorted(engines.CPU_PREFERENCE) == sorted(e for e in names.ENGINES if e != "auto")
+    assert set(engines.CPU_CHOICE.values()) <= set(names.ENGINES) - {"auto"}
     redimnet = load_backbone("b0", random_init=True, seed=0)
-    first = engines.CPU_PREFERENCE[0]
-    assert engines.choose("auto", redimnet, device_type="cpu", pooled_float32=True)[0] == first
+    chosen = engines.CPU_CHOICE["redimnet"]
+    assert engines.choose("auto", redimnet, device_type="cpu", pooled_float32=True)[0] == chosen != "torch"
     assert engines.choose("auto", redimnet, device_type="cuda", pooled_float32=True)[0] == "torch"
     assert engines.choose("auto", redimnet, device_type="cpu", pooled_float32=False)[0] == "torch"
     assert engines.choose("auto", None, device_type="cpu", pooled_float32=True)[0] == "torch"
     assert engines.choose("onnxruntime", redimnet, device_type="cpu", pooled_float32=True)[0] == "onnxruntime"
-    # A backbone fused is not written for gets the next engine that runs it.
     other = load_backbone("c512", backbone="ecapa-tdnn", random_init=True, seed=0)
-    want = next(e for e in engines.CPU_PREFERENCE if engines.can_run(e, other))
-    assert want != "fused" and engines.choose("auto", other, device_type="cpu", pooled_float32=True)[0] == want
+    want = engines.CPU_CHOICE.get("ecapa-tdnn", "torch")
+    assert engines.choose("auto", other, device_type="cpu", pooled_float32=True)[0] == want
 
 
 def test_extract_and_embed_with_auto_record_the_engine_they_ran(tmp_path):
@@ -171,7 +171,7 @@ def test_extract_and_embed_with_auto_record_the_engine_they_ran(tmp_path):
     vectors are that engine's (within 1e-5 of torch's); a job only torch computes stays torch."""
     from mrlcache import engines
 
-    chosen = engines.CPU_PREFERENCE[0]
+    chosen = engines.CPU_CHOICE["redimnet"]
     make_tree(tmp_path / "data", speakers=2, videos=1, utts=2, seconds=1.0)
     common = ["--data", tmp_path / "data", "--random-init", "--variant", "b0", "--views", "2", "--crop-seconds",
               "0.8", "--dtype", "float32", "--threads", "1", "--workers", "1", "--quiet"]
