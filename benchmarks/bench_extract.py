@@ -104,7 +104,7 @@ def main():
                     for batch in batches:
                         fn(torch.from_numpy(batch))
                     bare, bare_cpu = time.perf_counter() - tick, cpu_seconds() - cpu
-                cfg = ExtractConfig(views=args.views, crop_seconds=args.crop_seconds, batch_size=args.batch_size,
+                cfg = ExtractConfig.of(views=args.views, crop_seconds=args.crop_seconds, batch_size=args.batch_size,
                                     workers=args.workers, shard_size=max(1, len(utts) // 2), device="cpu",
                                     precision="fp32", engine=engine)
                 tick, cpu = time.perf_counter(), cpu_seconds()

@@ -38,3 +38,5 @@ LAYOUTS = ("views", "layers")  # import-vectors: what K of (N, K, D) input is
 INITS = ("auto", "random", "published")  # fit --init: the head's first weights
 INIT_ROTATIONS = ("auto", "pca", "lda", "whitened")  # fit --init-rotation
 OBJECTIVES = ("margin", "adaptor", "adaptor-supervised")  # fit --objective
+VOICES = ("default", "plain")  # make-corpus --voices (mrlcache.demo.voice.VOICES)
+CHANNELS = ("varied", "clean")  # make-corpus --channel (mrlcache.demo.voice.CHANNELS)

@@ -161,13 +161,13 @@ def test_whitened_start_scores_as_the_lda_baseline_at_every_dim(data):
     """--init-rotation whitened: at epoch 0 every prefix is the whitened LDA of the published
     embedding (eer --baseline lda), checked against LDA written out with scipy."""
     from mrlcache.fit.adaptor import start_maps
-    from mrlcache.fit.config import FitConfig
+    from mrlcache.fit.config import make_configs
 
     x, spk, layer, published = data
     w, b = affine_of(layer, POOLED)
     dims = (2, 4, 8, EMBED, EMBED + 4)
     head = WarmHead(POOLED, dims, EMBED)
-    head.set_map(*start_maps(FitConfig(dims=dims), (w, b), x.numpy(), spk, ("whitened",))["whitened"])
+    head.set_map(*start_maps(make_configs(dims, {})[0], (w, b), x.numpy(), spk, ("whitened",))["whitened"])
     with torch.no_grad():
         out = head(x).double()
     emb = published.double().numpy()
@@ -290,13 +290,13 @@ def test_pca_centred_start_scores_as_the_pca_baseline_at_every_dim(data):
     """The auto candidate pca-centred: every prefix is eer's pca baseline, (e - mean) @ V[:, :d]
     with V the covariance eigenvectors (numpy's eigh of the covariance written out)."""
     from mrlcache.fit.adaptor import start_maps
-    from mrlcache.fit.config import FitConfig
+    from mrlcache.fit.config import make_configs
 
     x, spk, layer, published = data
     w, b = affine_of(layer, POOLED)
     dims = (2, 4, 8, EMBED)
     head = WarmHead(POOLED, dims, EMBED)
-    head.set_map(*start_maps(FitConfig(dims=dims), (w, b), x.numpy(), spk, ("pca-centred",))["pca-centred"])
+    head.set_map(*start_maps(make_configs(dims, {})[0], (w, b), x.numpy(), spk, ("pca-centred",))["pca-centred"])
     with torch.no_grad():
         out = head(x).double()
     emb = published.double().numpy()
