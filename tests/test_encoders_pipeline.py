@@ -4,11 +4,13 @@ make-corpus -> extract (train crops, test whole utterances) -> fit -> eer with t
 own published embedding as a baseline, on a tiny synthetic corpus with short utterances.
 Every trial is scored; the published system's vectors, read back from the cache through the
 encoder's own embedding layer, equal the embeddings computed directly from the files, and
-so do their EERs.
+so do their EERs; and the published embedding scores far better than a random ECAPA-TDNN.
 
-(On this synthetic corpus the real ECAPA-TDNN does not score far better than a random one:
-27.5% against 32.5% EER on 80 trials of 2-3 s, inside the noise of so few trials; the voices
-are not VoxCeleb speech. So no test claims it: see benchmarks/README.md.)
+The corpus has plain voices over a clean channel (make-corpus --voices plain --channel
+clean): on the default corpus a random encoder, reading the voices' fixed spectral shapes
+and each video's shared channel, scores nearly as well as the real one (22% against 27-29%
+EER over 384 target trials), on this one the real encoder's EER is under half the random
+one's (benchmarks/README.md, "issue 20: real encoders on the synthetic corpus").
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoders") / "corpus"
-    cli("make-corpus", root, "--speakers", 14, "--test-speakers", 8, "--utterances", 4, "--min-seconds", 1.5,
-        "--max-seconds", 2.0, "--seed", 0)
+    cli("make-corpus", root, "--speakers", 14, "--test-speakers", 8, "--utterances", 6, "--min-seconds", 2.0,
+        "--max-seconds", 2.0, "--voices", "plain", "--channel", "clean", "--seed", 0)
     return root
 
 
@@ -59,12 +61,23 @@ def published_embeddings(model, corpus) -> dict:
                 for n in sorted({*trials.enroll, *trials.test})}
 
 
-def published_eer(model, corpus) -> float:
-    """EER of cosine scores between ``model``'s own embeddings of the test files."""
+def cosine_eer(vectors: dict, corpus) -> float:
+    """EER of cosine scores between L2-normalised ``vectors`` {test file: (D,)} over the trial list."""
     trials = read_trials(corpus / "trials.txt")
-    emb = published_embeddings(model, corpus)
-    scores = np.array([float(emb[a] @ emb[b]) for a, b in zip(trials.enroll, trials.test)])
+    scores = np.array([float(vectors[a] @ vectors[b]) for a, b in zip(trials.enroll, trials.test)])
     return eer(scores, np.asarray(trials.labels))[0]
+
+
+def random_ecapa_eers(corpus) -> tuple[float, float]:
+    """EERs of a random ECAPA-TDNN c1024 (the published architecture): its own embedding, its raw pooled statistics."""
+    model = load_backbone("c1024", backbone="ecapa-tdnn", random_init=True, seed=0)
+    trials = read_trials(corpus / "trials.txt")
+    with torch.no_grad():
+        pooled = {n: model.pooled(torch.from_numpy(load_audio(corpus / "test" / n))[None])
+                  for n in sorted({*trials.enroll, *trials.test})}
+        embedded = {n: model.head(p) for n, p in pooled.items()}
+    normalise = lambda v: {n: torch.nn.functional.normalize(x, dim=-1)[0] for n, x in v.items()}  # noqa: E731
+    return cosine_eer(normalise(embedded), corpus), cosine_eer(normalise(pooled), corpus)
 
 
 def test_real_ecapa_weights_through_extract_fit_eer(corpus, tmp_path):
@@ -80,7 +93,7 @@ def test_real_ecapa_weights_through_extract_fit_eer(corpus, tmp_path):
         "--baseline", "published", "--json", tmp_path / "eer.json")
     report = json.loads((tmp_path / "eer.json").read_text())
     trials = read_trials(corpus / "trials.txt")
-    assert report["skipped_trials"] == 0 and report["n_target"] + report["n_nontarget"] == len(trials) == 64
+    assert report["skipped_trials"] == 0 and report["n_target"] + report["n_nontarget"] == len(trials) == 144
     systems = {(r["system"], r["dim"]): r["eer"] for r in report["results"]}
     assert {("mrl", 16), ("mrl", 32), ("published", 192)} <= set(systems)
 
@@ -94,7 +107,14 @@ def test_real_ecapa_weights_through_extract_fit_eer(corpus, tmp_path):
         cached = real.head(torch.from_numpy(cache.read("pooled", view=0)[cache.index_of(names)]).float())
     cosine = torch.nn.functional.cosine_similarity(cached, torch.stack([direct[n] for n in names]), dim=1)
     assert cosine.min() >= 0.9999
-    assert published_eer(real, corpus) == pytest.approx(systems[("published", 192)], abs=1e-9)
+    assert cosine_eer(direct, corpus) == pytest.approx(systems[("published", 192)], abs=1e-9)
+
+    # Issue 20: the published embedding scores far better than a random ECAPA-TDNN of the same
+    # architecture does, by its own embedding or by its raw pooled statistics. Seeds 0-4 of
+    # this corpus (144 trials): published 13.9-18.1%, random 29.2-37.5%, a ratio of 0.42-0.50;
+    # over 384 target trials of 24 speakers 13.3-14.6% against 31.5-35.2% (benchmarks/README.md).
+    random_eer = min(random_ecapa_eers(corpus))
+    assert systems[("published", 192)] < 0.6 * random_eer, (systems[("published", 192)], random_eer)
 
 
 @pytest.mark.parametrize("backbone,config", [("ecapa-tdnn", "c512"), ("campplus", "e192")])

@@ -11,6 +11,7 @@ from mrlcache import names
 
 def _registries():
     from mrlcache import evaluate, interop, runtime
+    from mrlcache.demo import voice
     from mrlcache.cache.backends import BACKENDS
     from mrlcache.export.formats import FORMATS
     from mrlcache.fit import losses
@@ -21,7 +22,7 @@ def _registries():
     return {"HEADS": HEADS, "FUSIONS": FUSIONS, "STREAMS": STREAMS, "PTMS": PTMS, "BACKENDS": BACKENDS,
             "LOSSES": losses.KINDS, "CLASSIFIERS": losses.CLASSIFIERS, "VECTOR_FORMATS": interop.FORMATS,
             "EXPORT_FORMATS": FORMATS, "SYSTEMS": evaluate.SYSTEMS, "NORMS": evaluate.NORMS,
-            "PRECISIONS": runtime.PRECISIONS}
+            "PRECISIONS": runtime.PRECISIONS, "VOICES": voice.VOICES, "CHANNELS": voice.CHANNELS}
 
 
 @pytest.mark.parametrize("name", list(_registries()))
@@ -44,6 +45,8 @@ def test_the_command_line_offers_exactly_the_registries():
     assert choices("embed", "fmt") == names.VECTOR_FORMATS
     assert choices("export", "fmt") == names.EXPORT_FORMATS
     assert choices("eer", "baselines") == names.SYSTEMS[1:]
+    assert choices("make-corpus", "voices") == names.VOICES
+    assert choices("make-corpus", "channel") == names.CHANNELS
 
 
 def test_help_imports_no_torch():

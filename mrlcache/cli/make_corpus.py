@@ -6,6 +6,7 @@ import click
 
 from mrlcache.cli.options import SEED, Number
 from mrlcache.config import config_option
+from mrlcache.names import CHANNELS, VOICES
 from mrlcache.ranges import Range
 
 LENGTH = Number(Range(lo=0.1, unit="seconds"))
@@ -33,10 +34,16 @@ def _at_least(n: int) -> Number:
 @click.option("--trials-per-speaker", type=_at_least(1), default=None,
               help="Target trials per test speaker (as many non-targets) [default: every "
                    "cross-video pair].")
+@click.option("--voices", type=click.Choice(VOICES), default=VOICES[0], show_default=True,
+              help="plain: without the fixed speaker resonance and antiresonance that a real "
+                   "encoder takes for a channel.")
+@click.option("--channel", type=click.Choice(CHANNELS), default=CHANNELS[0], show_default=True,
+              help="varied: room, EQ, band limit, noise and vocal effort per video; clean: every "
+                   "video recorded alike (with plain voices, real encoders beat random ones).")
 @click.option("--overwrite", is_flag=True, help="Replace a corpus previously written to OUT.")
 @click.pass_context
 def make_corpus(ctx, out, speakers, utterances, seed, test_speakers, videos, min_seconds,
-                max_seconds, trials_per_speaker, overwrite):
+                max_seconds, trials_per_speaker, voices, channel, overwrite):
     """Write a deterministic synthetic corpus to OUT in VoxCeleb layout.
 
     OUT/{train,test}/idNNNNN/VIDEO/NNNNN.wav (16 kHz 16-bit), OUT/trials.txt (paths
@@ -60,7 +67,8 @@ def make_corpus(ctx, out, speakers, utterances, seed, test_speakers, videos, min
             summary = build(out, speakers=speakers, utterances=utterances, seed=seed,
                             test_speakers=test_speakers, videos=videos,
                             seconds=(min_seconds, max_seconds),
-                            trials_per_speaker=trials_per_speaker, overwrite=overwrite,
+                            trials_per_speaker=trials_per_speaker, voices=voices, channel=channel,
+                            overwrite=overwrite,
                             progress=lambda done, total: bar.update(task, completed=done))
         except SynthError as err:
             raise click.ClickException(str(err))

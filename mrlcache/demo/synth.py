@@ -16,7 +16,7 @@ import numpy as np
 import soundfile as sf
 
 from mrlcache import __version__
-from mrlcache.demo.voice import _TRIALS, _VIDEO, _rng, utterance_audio
+from mrlcache.demo.voice import _TRIALS, _VIDEO, CHANNELS, VOICES, _rng, utterance_audio
 
 CORPUS_FORMAT = "mrlcache-synth-corpus"
 CORPUS_VERSION = 1
@@ -105,8 +105,8 @@ def _make_trials(seed: int, test_utts: dict[str, list[tuple[int, str]]],
 def make_corpus(out, speakers: int = 40, utterances: int = 8, seed: int = 0,
                 test_speakers: int | None = None, videos: int = 2,
                 seconds: tuple[float, float] = (2.0, 4.0), sample_rate: int = 16000,
-                trials_per_speaker: int | None = None, overwrite: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> dict:
+                trials_per_speaker: int | None = None, voices: str = "default", channel: str = "varied",
+                overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
     """Write a synthetic corpus in VoxCeleb layout and its trial list.
 
     Layout: ``OUT/{train,test}/idNNNNN/VIDEO/NNNNN.wav`` (16-bit PCM), ``OUT/trials.txt``
@@ -124,6 +124,11 @@ def make_corpus(out, speakers: int = 40, utterances: int = 8, seed: int = 0,
         seconds: (min, max) utterance duration, drawn uniformly.
         trials_per_speaker: target trials per test speaker (as many non-targets are added);
             None uses every cross-video pair.
+        voices: ``default``, or ``plain`` (no fixed speaker resonance and antiresonance).
+        channel: ``varied`` (room, EQ, band limit, noise, vocal effort per video), or
+            ``clean`` (every video recorded alike). ``plain`` voices on a ``clean`` channel
+            are the corpus on which encoders trained on real speech beat random ones
+            (see :mod:`mrlcache.demo.voice`).
         overwrite: replace a previous corpus in ``out``.
         progress: called as ``progress(done_speakers, total_speakers)``.
 
@@ -147,6 +152,9 @@ def make_corpus(out, speakers: int = 40, utterances: int = 8, seed: int = 0,
         raise SynthError(f"sample_rate={sample_rate}: need at least 8000 Hz")
     if seed < 0:
         raise SynthError(f"seed={seed}: need a non-negative integer")
+    if voices not in VOICES or channel not in CHANNELS:
+        raise SynthError(f"voices={voices!r}, channel={channel!r}: voices is one of {', '.join(VOICES)}, "
+                         f"channel one of {', '.join(CHANNELS)}")
     _check_out(out, overwrite)
 
     num_train = speakers - test_speakers
@@ -162,7 +170,8 @@ def make_corpus(out, speakers: int = 40, utterances: int = 8, seed: int = 0,
             rel = f"{sid}/{vids[v]}/{u // videos + 1:05d}.wav"
             path = out / split / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            pcm = utterance_audio(seed, s, v, u, seconds=seconds, sample_rate=sample_rate)
+            pcm = utterance_audio(seed, s, v, u, seconds=seconds, sample_rate=sample_rate, voices=voices,
+                                  channel=channel)
             sf.write(path, pcm, sample_rate, subtype="PCM_16")
             samples += len(pcm)
             counts[split] += 1
@@ -177,6 +186,7 @@ def make_corpus(out, speakers: int = 40, utterances: int = 8, seed: int = 0,
         "speakers": speakers, "utterances": utterances, "seed": seed,
         "test_speakers": test_speakers, "videos": videos, "seconds": list(seconds),
         "sample_rate": sample_rate, "trials_per_speaker": trials_per_speaker,
+        "voices": voices, "channel": channel,
     }
     meta = {
         "format": CORPUS_FORMAT, "version": CORPUS_VERSION, "mrlcache_version": __version__,

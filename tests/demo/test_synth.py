@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -116,6 +117,43 @@ def test_refuses_foreign_and_existing_directories(tmp_path):
     make_corpus(out, seed=1, overwrite=True, **{**TINY, "speakers": 3})
     assert len(list((out / "train").iterdir())) == 1  # the old speakers are gone
     assert json.loads((out / "corpus.json").read_text())["settings"]["seed"] == 1
+
+
+def test_plain_voices_and_clean_channel_are_opt_in_variants(tmp_path):
+    """--voices plain / --channel clean change only what they name; the default stays the default."""
+    from mrlcache.demo.voice import draw_channel, draw_speaker
+
+    default, plain = draw_speaker(2, 5), draw_speaker(2, 5, "plain")
+    assert default.fixed_filters and not plain.fixed_filters
+    assert all(np.array_equal(getattr(plain, f.name), getattr(default, f.name))  # the same speaker otherwise
+               for f in dataclasses.fields(default) if f.name != "fixed_filters")
+    varied, clean = draw_channel(2, 5, 1), draw_channel(2, 5, 1, "clean")
+    assert (clean.f0_shift, clean.rate_scale, clean.level_db) == (varied.f0_shift, varied.rate_scale, varied.level_db)
+    assert (clean.tilt_shift, clean.eq, clean.reverb_rt60, clean.lowpass, clean.snr_db) == (0.0, (), 0.0, np.inf, 50.0)
+
+    base = utterance_audio(2, 5, 1, 3, seconds=(1.0, 1.0))
+    assert np.array_equal(base, utterance_audio(2, 5, 1, 3, seconds=(1.0, 1.0), voices="default", channel="varied"))
+    for variant in (dict(voices="plain"), dict(channel="clean")):
+        other = utterance_audio(2, 5, 1, 3, seconds=(1.0, 1.0), **variant)
+        assert other.shape == base.shape and not np.array_equal(other, base)
+
+    summary = make_corpus(tmp_path / "c", seed=0, voices="plain", channel="clean", **TINY)
+    settings = json.loads((Path(summary["out"]) / "corpus.json").read_text())["settings"]
+    assert (settings["voices"], settings["channel"]) == ("plain", "clean")
+    for bad in (dict(voices="loud"), dict(channel="studio")):
+        with pytest.raises(SynthError, match="voices is one of default, plain, channel one of varied, clean"):
+            make_corpus(tmp_path / "d", **{**TINY, **bad})
+
+
+def test_a_clean_channel_has_no_noise_floor_to_speak_of():
+    """The leading silence of a clean-channel utterance is at least 40 dB under its speech; a varied one is not."""
+    def floor_db(pcm):
+        x = pcm.astype(np.float64)
+        return 10 * np.log10(np.mean(x[:400] ** 2) / np.mean(x ** 2))  # the first 25 ms: silence (50-250 ms)
+
+    clean = [floor_db(utterance_audio(0, s, 0, 0, seconds=(1.0, 1.0), channel="clean")) for s in range(4)]
+    varied = [floor_db(utterance_audio(0, s, 0, 0, seconds=(1.0, 1.0))) for s in range(4)]
+    assert max(clean) < -40 < max(varied)
 
 
 @pytest.mark.parametrize("bad, match", [
