@@ -56,7 +56,7 @@ def step_breakdown(pooled_dim: int, classes: int, precision: str, steps: int, cl
     torch.manual_seed(0)
     dims = (64, 128, 192, 256)
     head, loss_fn = MatryoshkaHead(pooled_dim, dims), MatryoshkaMarginLoss(dims, classes)
-    cfg = FitConfig()
+    cfg = FitConfig()  # the defaults (nested: cfg.optim.lr...)
     opt = make_optimizer(cfg, param_groups([head, loss_fn], cfg))
     params = [p for g in opt.param_groups for p in g["params"]]
     x, y = torch.randn(256, pooled_dim), torch.randint(0, classes, (256,))

@@ -118,7 +118,7 @@ def extract_rows(args, device, tmp: Path) -> list[dict]:
     model = load_backbone(args.extract_variant, random_init=True, seed=0)
     model.weights_sha256 = "benchmark"
     precision = args.extract_precision
-    cfg = ExtractConfig(views=views, crop_seconds=args.crop, batch_size=args.extract_batch, workers=args.workers,
+    cfg = ExtractConfig.of(views=views, crop_seconds=args.crop, batch_size=args.extract_batch, workers=args.workers,
                         shard_size=len(utts), device=str(device), precision=precision)
     # The bare forward: the same number of crops, in the same batches, already on the device.
     fast = model.to(device).eval().for_inference()

@@ -10,6 +10,27 @@ subprocess's peak RSS, and projects one streamed epoch to VoxCeleb2 (1,092,009 u
 and to 30 epochs.
 
     python benchmarks/bench_streaming.py --out /tmp/bench-streaming --rows 36000 --repeats 2
+
+``--scale``: the VoxCeleb2 geometry itself (1,092,009 utterances x 6 views x 2304 float16,
+30.2 GB; noise from a bank of rows, so writing is bound by the writer and the disk, not
+the random generator), the write timed; then streamed fits under ``--memory-gb`` on 1
+process and on ``--procs`` processes (torchrun, gloo), each stopped after ``--steps``
+batches per process read in the streamed order (the epoch's first windows: the timing
+covers the first window's read, which later windows overlap with training), with peak RSS
+per process; and, with ``--frame-gb``, an fbank-like frame cache of that size timed the
+same way. The epoch and 30 epochs are projected from the steps' rate.
+
+    python benchmarks/bench_streaming.py --out /tmp/bench-scale --scale --steps 200 --memory-gb 2
+
+``--layouts``: what one streamed epoch's reads of a pooled shard cost (the views the
+epoch draws per row, from the fit's own ``epoch_plan``), stored and read each way: one chunk
+per view (mrlcache's layout) read whole then taken, or as a row selection; zarr v3's
+sharding codec with inner chunks of 1 or 4 rows x 1 view (only the drawn rows' inner chunks
+fetched); HDF5 (one chunk per view) whole or by rows; raw preads of the drawn rows from the
+zarr chunk files. Cold (pages dropped with posix_fadvise) and warm; ms per shard and bytes
+read from the disk (/proc/self/io).
+
+    python benchmarks/bench_streaming.py --out /tmp/bench-layouts --layouts
 """
 
 from __future__ import annotations
@@ -27,19 +48,40 @@ import numpy as np
 
 VOX2 = 1_092_009
 RUN = """
-import json, sys, time
+import itertools, json, os, sys, time
 from mrlcache.fit import fit
 opts = json.loads(sys.argv[1])
-t = time.perf_counter()
+steps = int(os.environ.get("BENCH_STEPS", "0"))
+marks = []  # when the epoch began, then when each batch was handed to the step
+if steps:  # stop each epoch after `steps` batches (of this process), read in the streamed order
+    from mrlcache.fit import data
+    epoch = data.Features.epoch
+
+    def timed(self, *a, **k):
+        marks.append(time.perf_counter())
+        for batch in itertools.islice(epoch(self, *a, **k), steps):
+            marks.append(time.perf_counter())
+            yield batch
+    data.Features.epoch = timed
+def io(key):
+    return int(next(l for l in open("/proc/self/io") if l.startswith(key + ":")).split()[1])
+t, read0 = time.perf_counter(), io("read_bytes")
 run = fit(sys.argv[2], (64, 128, 192, 256), sys.argv[3], **opts)
-h = [json.loads(x) for x in open(run + "/history.jsonl" if isinstance(run, str) else run / "history.jsonl")]
-s = json.loads(open(str(run) + "/summary.json").read())
-print(json.dumps({"samples_per_s": h[-1]["samples_per_s"], "seconds": h[-1]["seconds"],
-                  "features": s["features"], "memory": s["memory"], "wall": time.perf_counter() - t}))
+got = {"wall": time.perf_counter() - t, "read_gb": (io("read_bytes") - read0) / 2**30,
+       "rank": int(os.environ.get("RANK", "0")), "first_batch_s": marks[1] - marks[0] if steps else None,
+       "steady_steps_s": marks[-1] - marks[1] if steps else None,
+       "vmhwm_gb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 2**20}
+if got["rank"] == 0:
+    h = [json.loads(x) for x in open(str(run) + "/history.jsonl")]
+    s = json.loads(open(str(run) + "/summary.json").read())
+    got.update(samples_per_s=h[-1]["samples_per_s"], seconds=h[-1]["seconds"], features=s["features"],
+               memory=s["memory"])
+print(json.dumps(got))
 """
 
 
-def write_pooled(out: Path, rows: int, speakers: int, views: int = 6, dim: int = 2304) -> None:
+def write_pooled(out: Path, rows: int, speakers: int, views: int = 6, dim: int = 2304, bank: int = 0) -> None:
+    """``bank`` > 0: noise rows drawn from a bank of that many (fast at VoxCeleb2 scale)."""
     from mrlcache import cache
     from mrlcache.corpus import Utterance
 
@@ -48,6 +90,7 @@ def write_pooled(out: Path, rows: int, speakers: int, views: int = 6, dim: int =
     rng = np.random.default_rng(0)
     spk = np.arange(rows) % speakers
     centres = rng.standard_normal((speakers, dim), dtype=np.float32)
+    noise = rng.standard_normal((bank, views, dim), dtype=np.float32) if bank else None
     manifest = [Utterance(f"id{s:05d}/v/{i:07d}.wav", f"/none/{i}.wav", f"id{s:05d}") for i, s in enumerate(spk)]
     meta = {"model_config": {"synthetic": True}, "weights_sha256": "0" * 64, "pooled_dim": dim, "sample_rate": 16000,
             "mode": "train", "crop_seconds": 2.0, "views": views, "augment": {}, "seed": 0, "dtype": "float16",
@@ -55,12 +98,15 @@ def write_pooled(out: Path, rows: int, speakers: int, views: int = 6, dim: int =
     with cache.CacheWriter(out, meta, manifest) as writer:
         for k in range(writer.num_shards):
             r = np.array(writer.shard_rows(k))
-            x = centres[spk[r]][:, None] + rng.standard_normal((len(r), views, dim), dtype=np.float32)
+            x = (noise[(r * 7919) % bank] if bank else rng.standard_normal((len(r), views, dim), dtype=np.float32))
+            x += centres[spk[r]][:, None]
             writer.write_shard(k, r, x, {}, seconds=0.0)
         writer.finish()
 
 
-def write_frames(out: Path, rows: int, speakers: int, views: int = 2, bins: int = 80, frames: int = 200) -> None:
+def write_frames(out: Path, rows: int, speakers: int, views: int = 2, bins: int = 80, frames: int = 200,
+                 bank: int = 0) -> None:
+    """``bank`` > 0: noise items drawn from a bank of that many (fast at scale)."""
     from mrlcache import cache
     from mrlcache.corpus import Utterance
     from mrlcache.streams import StreamRecord
@@ -70,6 +116,7 @@ def write_frames(out: Path, rows: int, speakers: int, views: int = 2, bins: int 
     rng = np.random.default_rng(1)
     spk = np.arange(rows) % speakers
     centres = rng.standard_normal((speakers, bins, 1), dtype=np.float32)
+    noise = rng.standard_normal((bank, views, bins, frames), dtype=np.float32) if bank else None
     manifest = [Utterance(f"id{s:05d}/v/{i:07d}.wav", f"/none/{i}.wav", f"id{s:05d}") for i, s in enumerate(spk)]
     record = StreamRecord("fbank", "frames", (bins,), "float16", 100.0, False, frames)
     meta = {"model_config": None, "pooled_dim": 0, "sample_rate": 16000, "mode": "train", "crop_seconds": 2.0,
@@ -78,27 +125,160 @@ def write_frames(out: Path, rows: int, speakers: int, views: int = 2, bins: int 
     with cache.CacheWriter(out, meta, manifest) as writer:
         for k in range(writer.num_shards):
             r = np.array(writer.shard_rows(k))
-            x = centres[spk[r]][:, None] + rng.standard_normal((len(r), views, bins, frames), dtype=np.float32)
+            x = (noise[(r * 7919) % bank] if bank
+                 else rng.standard_normal((len(r), views, bins, frames), dtype=np.float32))
+            x += centres[spk[r]][:, None]
             writer.write_shard(k, r, None, {}, 0.0, streams={"fbank": x})
         writer.finish()
 
 
-def one(cache: Path, run: Path, opts: dict, wait: str | None) -> dict:
-    """One fit in a subprocess: its numbers and its own peak RSS (wait4's rusage)."""
-    env = dict(os.environ)
+def one(cache: Path, run: Path, opts: dict, wait: str | None, procs: int = 1, steps: int = 0) -> dict:
+    """One fit in a subprocess (``procs`` > 1: under torchrun, gloo): rank 0's numbers, the
+    peak RSS of the largest process (wait4's rusage; ``rank_peak_gb``: each rank's VmHWM)
+    and the bytes each rank read from the disk (``read_gb``, /proc/self/io)."""
+    env = dict(os.environ, BENCH_STEPS=str(steps))
     env.pop("OMP_WAIT_POLICY", None)
     if wait:
         env["OMP_WAIT_POLICY"] = wait
+    script = Path(str(run) + ".py")
+    script.write_text(RUN)
+    cmd = [sys.executable, str(script)]
+    if procs > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
+               str(script)]
+        env["OMP_NUM_THREADS"] = "1"
     with open(str(run) + ".stderr", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", RUN, json.dumps(opts), str(cache), str(run)],
+        proc = subprocess.Popen([*cmd, json.dumps(opts), str(cache), str(run)],
                                 stdout=subprocess.PIPE, stderr=err, env=env, text=True)
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
     if status:
         raise SystemExit(Path(str(run) + ".stderr").read_text()[-3000:])
-    got = json.loads(out.strip().splitlines()[-1])
+    ranks = sorted((json.loads(x) for x in out.strip().splitlines() if x.startswith("{")), key=lambda g: g["rank"])
+    got = dict(ranks[0], procs=procs, steps=steps)
     got["peak_rss_gb"] = usage.ru_maxrss / 2**20
+    got["rank_peak_gb"] = [g["vmhwm_gb"] for g in ranks]
+    got["read_gb"] = [round(g["read_gb"], 3) for g in ranks]
+    if steps > 1:  # the steps after the first window's read (later windows are read while training)
+        got["steady_samples_per_s"] = (steps - 1) * opts["batch_size"] * procs / got["steady_steps_s"]
     return got
+
+
+def scale(args) -> None:
+    """VoxCeleb2 geometry written with the library's writer, then ``--steps`` streamed steps timed."""
+    rows = []
+    base = dict(epochs=1, batch_size=args.batch, head_only=True, progress=False, val_speakers=0, warmup_epochs=0,
+                margin_warmup_epochs=0, memory_gb=args.memory_gb)
+    kinds = {"pooled": dict(base)}
+    if "pooled" in args.only:
+        tick = time.perf_counter()
+        write_pooled(args.out / "pooled", args.scale_rows, 5994, bank=4096)
+        rows.append({"kind": "pooled", "write_s": time.perf_counter() - tick, "load": os.getloadavg()[0]})
+        print(json.dumps(rows[-1]), flush=True)
+    if "fbank" in args.only:
+        frame_rows = int(args.frame_gb * 2**30 / (2 * 80 * 200 * 2))  # 2 views x (80, 200) float16
+        kinds["fbank"] = dict(base, inputs="fbank", encoder_dim=128)
+        tick = time.perf_counter()
+        write_frames(args.out / "fbank", frame_rows, 5994, bank=1024)
+        rows.append({"kind": "fbank", "rows": frame_rows, "write_s": time.perf_counter() - tick,
+                     "load": os.getloadavg()[0]})
+        print(json.dumps(rows[-1]), flush=True)
+    for kind in args.only.split(","):
+        for procs in (1, args.procs):
+            run = args.out / f"run-{kind}-{procs}"
+            shutil.rmtree(run, ignore_errors=True)
+            load = os.getloadavg()[0]
+            opts = dict(kinds[kind], batch_size=args.batch // procs)  # the same rows per step
+            got = one(args.out / kind, run, opts, "PASSIVE", procs=procs, steps=args.steps)
+            got.update(kind=kind, load_before=load, load_after=os.getloadavg()[0])
+            rows.append(got)
+            print(json.dumps(got), flush=True)
+    (args.out / "scale.json").write_text(json.dumps(rows, indent=1))
+
+
+def _disk_read() -> int:
+    return int(next(x for x in open("/proc/self/io") if x.startswith("read_bytes:")).split()[1])
+
+
+def _drop(root: Path) -> None:
+    for f in root.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def layouts(args, shards: int = 20, n: int = 1000, views: int = 6, dim: int = 2304) -> None:
+    """Read the drawn views of ``shards`` pooled shards every way (see the module docstring)."""
+    import h5py
+    import torch
+    import zarr
+    from zarr.storage import LocalStore
+
+    from mrlcache.cache import BACKENDS
+    from mrlcache.fit.data import epoch_plan
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, views, dim), dtype=np.float32).astype(np.float16)
+    root = args.out / "layouts"
+    for form in ("view", "inner1", "inner4", "hdf5"):
+        for k in range(shards):
+            path = root / form / f"s{k}"
+            if path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if form == "hdf5":
+                BACKENDS["hdf5"].write(path, {"skipped": {}}, {"pooled": (x, (n, 1, dim))})
+            elif form == "view":
+                BACKENDS["zarr"].write(path, {}, {"pooled": (x, (n, 1, dim))})
+            else:
+                group = zarr.open_group(LocalStore(str(path)), mode="w-")
+                group.create_array("pooled", shape=x.shape, shards=x.shape, chunks=(int(form[5:]), 1, dim),
+                                   dtype=x.dtype, compressors=None, fill_value=0)[...] = x
+    drawn, _ = epoch_plan(torch.Generator().manual_seed(0), np.full(shards, n), np.ones(shards * n, bool), views,
+                          1, 256)
+    drawn = drawn.reshape(shards, n)
+
+    def pread_rows(path, v, sel, advice=None):
+        out = np.empty((len(sel), dim), np.float16)
+        fd = os.open(path / "pooled" / "c" / "0" / str(v) / "0", os.O_RDONLY)
+        if advice is not None:
+            os.posix_fadvise(fd, 0, 0, advice)
+        for i, r in enumerate(sel):
+            os.preadv(fd, [memoryview(out[i]).cast("B")], int(r) * dim * 2)
+        os.close(fd)
+        return out
+
+    zarr_read = BACKENDS["zarr"].read_array
+    ways = {  # name: (form, read(path, view, rows) -> (len(rows), dim))
+        "zarr, one chunk per view: whole view, take": ("view", lambda p, v, s: zarr_read(
+            p, "pooled", (slice(None), v))[s]),
+        "zarr, one chunk per view: row selection": ("view", lambda p, v, s: zarr_read(p, "pooled", (s, v))),
+        "zarr, one chunk per view: raw preads of the rows": ("view", pread_rows),
+        "zarr, one chunk per view: raw preads of the rows, readahead off": ("view", lambda p, v, s: pread_rows(
+            p, v, s, os.POSIX_FADV_RANDOM)),
+        "zarr sharded, inner chunks 1 row x 1 view": ("inner1", lambda p, v, s: zarr_read(p, "pooled", (s, v))),
+        "zarr sharded, inner chunks 4 rows x 1 view": ("inner4", lambda p, v, s: zarr_read(p, "pooled", (s, v))),
+        "hdf5, one chunk per view: whole view, take": ("hdf5", lambda p, v, s: BACKENDS["hdf5"].read_array(
+            p, "pooled", (slice(None), v))[s]),
+        "hdf5, one chunk per view: row selection": ("hdf5", lambda p, v, s: BACKENDS["hdf5"].read_array(
+            p, "pooled", (s, v))),
+    }
+    print(f"load {os.getloadavg()[0]:.1f}; {shards} shards of {n} x {views} x {dim} float16 "
+          f"({n * views * dim * 2 / 1e6:.1f} MB each)")
+    print("| read | cold ms/shard | cold MB from disk/shard | warm ms/shard |\n|---|---|---|---|")
+    for label, (form, read) in ways.items():
+        got = []
+        for cold in (True, False):
+            if cold:
+                _drop(root / form)
+            t, b = time.perf_counter(), _disk_read()
+            for k in range(shards):
+                for v in range(views):
+                    sel = np.flatnonzero(drawn[k] == v)
+                    assert np.array_equal(read(root / form / f"s{k}", v, sel), x[sel, v])
+            got += [(time.perf_counter() - t) * 1e3 / shards, (_disk_read() - b) / 1e6 / shards]
+        print(f"| {label} | {got[0]:.0f} | {got[1]:.1f} | {got[2]:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -109,8 +289,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--waits", default="PASSIVE,default")
     ap.add_argument("--only", default="pooled,fbank")
+    ap.add_argument("--scale", action="store_true", help="VoxCeleb2 geometry, --steps timed (see above)")
+    ap.add_argument("--layouts", action="store_true", help="the read of a shard's drawn views, every way")
+    ap.add_argument("--steps", type=int, default=200, help="--scale: batches per process")
+    ap.add_argument("--memory-gb", type=float, default=2.0, help="--scale: the fit's budget")
+    ap.add_argument("--procs", type=int, default=2, help="--scale: processes of the torchrun fit")
+    ap.add_argument("--batch", type=int, default=256, help="--scale: rows per step (split over --procs)")
+    ap.add_argument("--scale-rows", type=int, default=VOX2, help="--scale: utterances of the pooled cache")
+    ap.add_argument("--frame-gb", type=float, default=0.0, help="--scale: size of the frame cache (0: none)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.scale:
+        return scale(args)
+    if args.layouts:
+        return layouts(args)
     tick = time.perf_counter()
     write_pooled(args.out / "pooled", args.rows, 5994)
     write_frames(args.out / "fbank", args.frame_rows, 500)

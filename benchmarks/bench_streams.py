@@ -39,7 +39,7 @@ def main():
         utts = scan_tree(Path(tmp) / "corpus" / "train")
         model = load_backbone("b0", random_init=True, seed=0)
         for mode in ("train", "eval"):
-            cfg = ExtractConfig(mode=mode, views=2, streams=STREAMS, workers=0, device="cpu", precision="fp32")
+            cfg = ExtractConfig.of(mode=mode, views=2, streams=STREAMS, workers=0, device="cpu", precision="fp32")
             summary = extract(utts, model, Path(tmp) / mode, cfg, weights_source="random-init:b0:seed=0",
                               save_backbone=True, progress=False)
             n = summary["utterances"]

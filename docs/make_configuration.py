@@ -129,10 +129,12 @@ def option_name(param: click.Parameter) -> str:
 
 def yaml_key(param: click.Parameter) -> str:
     """The keys a config file may use: the option's long name, and its parameter name when
-    that differs (``format`` or ``backend`` for ``--format``); - and _ are alike."""
+    that differs (``format`` or ``backend`` for ``--format``); - and _ are alike. An option of
+    a config nested by component also names its group (``lr``, in ``optim:``)."""
     longs = [o[2:] for o in getattr(param, "opts", []) if o.startswith("--")]
     keys = list(dict.fromkeys([*longs[:1], param.name]))
-    return " or ".join(f"`{k}`" for k in keys)
+    group = getattr(param, "group", None)  # an option of a config nested by component
+    return " or ".join(f"`{k}`" for k in keys) + (f", in {group}:" if group else "")
 
 
 def documented_params(command: click.Command) -> list[click.Parameter]:

@@ -1,10 +1,12 @@
 """Options from YAML files: ``--config FILE`` on every command, command-line values win.
 
-A config file is a flat mapping of option names (``crop-seconds`` or ``crop_seconds``; an
+A config file is a mapping of option names (``crop-seconds`` or ``crop_seconds``; an
 option's parameter name such as ``backend`` for ``--format`` works too) to values. A key
 that is not an option of the command, a key given twice (also as two spellings of one
 option) and a list or mapping where one value belongs are errors, so a typo never passes
-silently. A repeatable option takes a list or a single value. The resolved options of a
+silently. A repeatable option takes a list or a single value. Options made from a nested
+config dataclass (``fit``'s, ``extract``'s) may also be given by group, ``optim: {lr: 0.1}``,
+as the run files write them (:mod:`mrlcache.components`). The resolved options of a
 run are written next to its output with :func:`write_resolved`.
 """
 
@@ -62,6 +64,7 @@ def read_yaml_options(path: str | Path, command: click.Command) -> dict:
             f"{path}: expected a mapping of option names to values, got {type(data).__name__}",
             param_hint="--config",
         )
+    data = _flatten_groups(path, data, command)
     # A key is an option's long name (``format``, ``crop-seconds``) or its parameter name
     # (``backend``, ``crop_seconds``), with - and _ alike.
     known, params = {}, {}
@@ -90,6 +93,20 @@ def read_yaml_options(path: str | Path, command: click.Command) -> dict:
             param_hint="--config",
         )
     return options
+
+
+def _flatten_groups(path: Path, data: dict, command: click.Command) -> dict:
+    """The nested form of a file (``optim: {lr: 0.1}``) as flat keys, for options made from a
+    nested config dataclass (:func:`mrlcache.components.flatten`, the one conversion)."""
+    from mrlcache.components import flatten
+
+    for cls in dict.fromkeys(getattr(p, "config_class", None) for p in command.params):
+        if cls is not None:
+            try:
+                data = flatten(cls, data)
+            except ValueError as err:
+                raise click.BadParameter(f"{path}: {err}", param_hint="--config") from None
+    return data
 
 
 class CommaList(click.ParamType):

@@ -138,11 +138,13 @@ def bounded(default, range: Range, **metadata):
 
 
 def range_of(cls, name: str) -> Range | None:
-    """The declared :class:`Range` of field ``name`` of a dataclass, or None."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get("range")
-    return None
+    """The declared :class:`Range` of the option ``name`` (its flat key) of a config dataclass, or None."""
+    from mrlcache.components import field_of
+
+    try:
+        return field_of(cls, name).metadata.get("range")
+    except KeyError:
+        return None
 
 
 def flag(name: str) -> str:
@@ -153,31 +155,37 @@ def flag(name: str) -> str:
 def check_fields(obj, error=RangeError) -> None:
     """Raise ``error`` for the first field of ``obj`` outside its declared range.
 
-    None means "unset" and is left alone; a tuple is checked value by value.
+    None means "unset" and is left alone; a tuple is checked value by value; the groups of a
+    nested config (:mod:`mrlcache.components`) are checked in turn.
     """
+    from mrlcache.components import groups, key_of
+
     for f in dataclasses.fields(obj):
         rng, value = f.metadata.get("range"), getattr(obj, f.name)
+        if f.name in groups(type(obj)):
+            check_fields(value, error)
+            continue
         if rng is None or value is None:
             continue
         several = isinstance(value, (tuple, list))
         if not all(rng.ok(v) for v in (value if several else (value,))):
             shown = ",".join(map(str, value)) if several else value
-            raise error(f"{flag(f.name)} {shown}: {'each value ' if several else ''}must be {rng.text()}")
+            raise error(f"{flag(key_of(f))} {shown}: {'each value ' if several else ''}must be {rng.text()}")
 
 
-def choice(default, allowed: tuple[str, ...]):
+def choice(default, allowed: tuple[str, ...], **metadata):
     """A dataclass field whose value is one of ``allowed`` (a tuple of :mod:`mrlcache.names`) or None."""
-    return dataclasses.field(default=default, metadata={"choices": allowed})
-
-
-def choices_of(cls) -> dict[str, tuple[str, ...]]:
-    """{field name: allowed names} of every choice field of a config dataclass."""
-    return {f.name: f.metadata["choices"] for f in dataclasses.fields(cls) if "choices" in f.metadata}
+    return dataclasses.field(default=default, metadata={"choices": allowed, **metadata})
 
 
 def check_choices(obj, error) -> None:
-    """Raise ``error`` for a choice field whose value is not one of its names (None is unset)."""
-    for name, allowed in choices_of(type(obj)).items():
-        value = getattr(obj, name)
-        if value is not None and value not in allowed:
-            raise error(f"{flag(name)} {value}: choose one of {', '.join(allowed)}")
+    """Raise ``error`` for a choice field whose value is not one of its names (None is unset);
+    the groups of a nested config are checked in turn."""
+    from mrlcache.components import groups, key_of
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in groups(type(obj)):
+            check_choices(value, error)
+        elif "choices" in f.metadata and value is not None and value not in f.metadata["choices"]:
+            raise error(f"{flag(key_of(f))} {value}: choose one of {', '.join(f.metadata['choices'])}")

@@ -82,3 +82,28 @@ def test_a_list_option_takes_a_yaml_list_or_the_comma_text(tmp_path):
     cfg.write_text("dims: [[64], 128]\n")
     with pytest.raises(click.BadParameter, match="single value"):
         read_yaml_options(cfg, fit)
+
+
+def test_config_file_takes_options_grouped_by_component(tmp_path):
+    """fit and extract read a file's options flat or nested as their config dataclasses
+    (mrlcache.components.flatten); an option given both ways is refused naming both."""
+    from mrlcache.cli import main
+
+    nested = tmp_path / "fit.yaml"
+    nested.write_text("optim: {lr: 0.5, batch-size: 64}\nhead: {name: ecapa, dims: [8, 16]}\nseed: 3\n")
+    params = main.commands["fit"].make_context("fit", ["--config", str(nested), "--out", "r"]).params
+    assert (params["lr"], params["batch_size"], params["head"], params["dims"], params["seed"]) == \
+        (0.5, 64, "ecapa", (8, 16), 3)
+    extract = tmp_path / "extract.yaml"
+    extract.write_text("views: {mode: eval, views: 1}\nstorage: {format: hdf5}\nbackbone: {name: campplus}\n")
+    params = main.commands["extract"].make_context("extract", ["--config", str(extract), "--out", "c"]).params
+    assert (params["mode"], params["views"], params["backend"], params["backbone_name"]) == \
+        ("eval", 1, "hdf5", "campplus")
+    both = tmp_path / "both.yaml"
+    both.write_text("lr: 0.1\noptim: {lr: 0.2}\n")
+    with pytest.raises(click.BadParameter, match="lr and optim.lr set the same option"):
+        main.commands["fit"].make_context("fit", ["--config", str(both), "--out", "r"])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("optim: {lrr: 0.2}\n")
+    with pytest.raises(click.BadParameter, match=r"optim.lrr: not an option of optim"):
+        main.commands["fit"].make_context("fit", ["--config", str(typo), "--out", "r"])

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrlcache.backbone.registry import exportable_copy, stacked_width
+from mrlcache.backbone.registry import exportable_copy
 
 NAME = "campplus"
 
@@ -312,19 +312,14 @@ class CAMPPlus(nn.Module):
     layer_hop, layer_rate = None, 50.0  # the strided TDNN halves the Kaldi grid: no hop grid, one pass
 
     @property
-    def num_layers(self) -> int:
-        return len(self.LAYERS)
-
-    @property
-    def layer_dim(self) -> int:
-        return stacked_width([getattr(self.xvector, n).linear.out_channels for n in self.LAYERS],
-                             "CAM++'s last two transitions")
+    def layer_dims(self) -> tuple:
+        return tuple(getattr(self.xvector, n).linear.out_channels for n in self.LAYERS)
 
     def layer_frames(self, num_samples: int) -> int:
         return (max(0, 1 + (num_samples - 400) // 160) + 1) // 2  # ceil(Kaldi frames / 2)
 
     def layer_outputs(self, wave) -> list[torch.Tensor]:
-        """The outputs of LAYERS, each (B, layer_dim, ceil(frames / 2))."""
+        """The outputs of LAYERS, each (B, 512 published, ceil(frames / 2))."""
         x, outs = self.head_fcm(self.features(wave)), []
         for name, stage in self.xvector.named_children():
             if name == "out_nonlinear":

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrlcache.backbone.registry import exportable_copy, stacked_width
+from mrlcache.backbone.registry import exportable_copy
 from mrlcache.backbone.speechbrain_yaml import HyperparamsError, read_hyperparams
 
 NAME = "ecapa-tdnn"
@@ -295,12 +295,8 @@ class ECAPATDNN(nn.Module):
     layer_hop, layer_rate = 160, 100.0  # frames centred every 10 ms: T // 160 + 1
 
     @property
-    def num_layers(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def layer_dim(self) -> int:
-        return stacked_width(self.model_config["channels"][:-1], "the TDNN layer and the SE-Res2Net blocks")
+    def layer_dims(self) -> tuple:
+        return tuple(self.model_config["channels"][:-1])
 
     def layer_frames(self, num_samples: int) -> int:
         return num_samples // self.layer_hop + 1

@@ -278,12 +278,8 @@ class ReDimNet(nn.Module):
     # The ``layers`` stream (mrlcache.streams): the stem's and every stage's 1D output, the
     # tensors every stage and the final aggregation read through learned weighted sums.
     @property
-    def num_layers(self) -> int:
-        return 1 + len(self.backbone.stage_names)
-
-    @property
-    def layer_dim(self) -> int:
-        return self.model_config["F"] * self.model_config["C"]
+    def layer_dims(self) -> tuple:
+        return (self.model_config["F"] * self.model_config["C"],) * (1 + len(self.backbone.stage_names))
 
     @property
     def layer_hop(self) -> int:
@@ -298,7 +294,7 @@ class ReDimNet(nn.Module):
         return num_samples // self.layer_hop + 1
 
     def layer_outputs(self, wave) -> list:
-        """Waveform (B, T) -> num_layers tensors (B, layer_dim, T // hop + 1)."""
+        """Waveform (B, T) -> 1 + stages tensors (B, F*C, T // hop + 1)."""
         return self.backbone.outputs(self.features(wave))
 
     def pooled_from_layers(self, outs: list):

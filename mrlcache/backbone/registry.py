@@ -18,11 +18,12 @@ provides::
 
 and every model (ReDimNet's too) gives the ``layers`` stream and its exportable form::
 
-    num_layers, layer_dim, layer_rate (frames per second at 16 kHz)
+    layer_dims -> (width of each layer,)   # stacked only when all are equal (else refused)
+    layer_rate                              # frames per second at 16 kHz
     layer_frames(num_samples) -> int        # frames of the layers for a wave of num_samples
     layer_hop -> int | None                 # frames centred every layer_hop samples (T // hop + 1,
                                             # so windows concatenate exactly), else None (one pass)
-    layer_outputs(wave) -> [L tensors (B, layer_dim, frames)]
+    layer_outputs(wave) -> [L tensors (B, width, frames)]
     pooled_from_layers(outs) -> (B, pooled_dim), the same values as pooled(wave)
     exportable() -> nn.Module with pooled(wave), layer_outputs(wave) and min_samples, from
                     operations ONNX and TorchScript export (raises ValueError saying why not)
@@ -47,14 +48,6 @@ def exportable_copy(model):
     net = copy.deepcopy(model)
     net.min_samples = max(EXPORT_MIN_SAMPLES, int(model.min_samples))
     return net
-
-
-def stacked_width(widths, what: str) -> int:
-    """The one width of the block outputs a ``layers`` stream stacks; ValueError when they differ."""
-    if len(set(widths)) != 1:
-        raise ValueError(f"the layers stream stacks the outputs of {what}, which needs one width; "
-                         f"this configuration has {list(widths)}")
-    return int(widths[0])
 
 
 def backbone_names() -> tuple[str, ...]:

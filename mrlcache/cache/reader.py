@@ -68,9 +68,17 @@ class Shard:
                 out = np.empty((n, *(() if view is not None else (self.num_views,)), *record.item_shape), dtype)
             data = self._backend.read_array(self.path, stream, [slice(None)] + selection, out=out)
         else:
-            # Backends select increasing rows: read each distinct row once, then reorder.
+            # Backends select increasing rows: read each distinct row once, then reorder. When
+            # the rows touch every chunk (always for the pooled vectors, one chunk per view),
+            # the backend reads every byte of the selection anyway: one plain read of it and a
+            # numpy take costs no more, and with HDF5 5x less (benchmarks/README.md, issue 22).
             unique, inverse = np.unique(rows, return_inverse=True)
-            data = self._backend.read_array(self.path, stream, [unique] + selection)[inverse].astype(dtype, copy=False)
+            per_chunk = layout.dense_chunks(record, n)[0]
+            if len(np.unique(unique // per_chunk)) == -(-n // per_chunk):
+                data = self._backend.read_array(self.path, stream, [slice(None)] + selection)[rows]
+            else:
+                data = self._backend.read_array(self.path, stream, [unique] + selection)[inverse]
+            data = data.astype(dtype, copy=False)
             if out is not None:
                 out[...] = data
                 data = out

@@ -63,13 +63,7 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
     The scores are made as 'mrlcache eer' makes them, by the same scorer (--center, AS-Norm or
     S-Norm); with a cohort its score means, with --data the log durations, are quality measures.
     """
-    if (trials_path is None) == (make_trials is None):
-        _fail("give exactly one of --trials FILE (training-speaker trials) or --make-trials N")
-    if trials_path is not None:
-        name = Path(trials_path).name.lower()
-        if name in EVAL_LISTS or name.startswith(EVAL_PREFIXES):
-            _fail(f"--trials {trials_path} is a VoxCeleb evaluation list: calibrating on it makes its Cllr "
-                  f"meaningless; use trials of training speakers (--make-trials N on a training cache)")
+    _check_trial_source(trials_path, make_trials)
     config = score_config(score)
     inputs = [model_path, trials_path]
     for path in (out_path, _beside(out_path, ".options.yaml"), make_trials and _beside(out_path, ".trials.txt")):
@@ -107,6 +101,17 @@ def calibrate(ctx, model_path, cache_dir, trials_path, make_trials, seed, dims, 
     write_resolved(ctx, _beside(out, ".options.yaml"))
     _print_table(cal, f"{out}: {trials.n_target} target / {trials.n_nontarget} non-target calibration trials, "
                       f"prior {prior}")
+
+
+def _check_trial_source(trials_path, make_trials) -> None:
+    """Exactly one of --trials and --make-trials, and never a VoxCeleb evaluation list."""
+    if (trials_path is None) == (make_trials is None):
+        _fail("give exactly one of --trials FILE (training-speaker trials) or --make-trials N")
+    if trials_path is not None:
+        name = Path(trials_path).name.lower()
+        if name in EVAL_LISTS or name.startswith(EVAL_PREFIXES):
+            _fail(f"--trials {trials_path} is a VoxCeleb evaluation list: calibrating on it makes its Cllr "
+                  f"meaningless; use trials of training speakers (--make-trials N on a training cache)")
 
 
 def _trials(cache, cache_dir, trials_path, make_trials, seed, out: Path):

@@ -10,19 +10,48 @@ from pathlib import Path
 import click
 
 from mrlcache import names
-from mrlcache.cli.options import COUNT, WINDOW, WINDOW_HELP, WORKERS, check_device, field_option
+from mrlcache.cli.options import COUNT, WINDOW, WINDOW_HELP, WORKERS, check_device, config_options
 from mrlcache.config import config_option, write_resolved
+from mrlcache.components import leaves
 from mrlcache.extract.config import ExtractConfig
 
 DIR = click.Path(exists=True, file_okay=False)
 FILE = click.Path(exists=True, dir_okay=False)
-AUGMENT = ("noise_dir", "rir_dir", "speed_perturb")  # -> mrlcache.augment.AugmentConfig
-MODELS = ("variant", "weights", "random_init", "train_type", "dataset")  # -> mrlcache.extract.prepare.load_models
+# Option key -> its parameter name, where they differ (the names extract-config.yaml has always held).
+KEYS = {"format": "backend", "backbone": "backbone_name"}
 
-
-def opt(name, help=None, **kw):
-    return field_option(ExtractConfig, name, help, **kw)
-
+# Help texts of the options made from ExtractConfig (by flat key); defaults, choices and
+# ranges come from the dataclass (mrlcache.extract.config).
+HELP = {
+    "backbone": "Frozen encoder [default: told by --weights; redimnet for --variant].",
+    "variant": "Published ReDimNet: b0..b6, S, M (downloaded once); with --random-init, a configuration of "
+               "--backbone (ecapa-tdnn: c1024, c512; campplus: e192, e512).",
+    "weights": "Local weights: a ReDimNet checkpoint, a SpeechBrain ECAPA-TDNN folder (or its "
+               "embedding_model.ckpt), a 3D-Speaker CAM++ state dict.",
+    "random_init": "Random backbone (and --ptm) from --seed (the ReDimNet saved as OUT/backbone.pt).",
+    "train_type": "Published file: ptn, ft_lm, ft_mix.",
+    "dataset": "Published file's training data.",
+    "ptm": "Pretrained speech model whose 13 hidden states are the layers stream.",
+    "ptm_weights": "Local state_dict file of --ptm (instead of the download).",
+    "engine": "torch: the reference forward. fused: ReDimNet with BatchNorm folded and channels-last (faster on "
+              "CPUs, vectors within 1e-5 of torch's). onnxruntime: the backbone in ONNX on the CPU (pooled "
+              "stream, float32). auto: for a pooled-only float32 job on the CPU the engine measured fastest for "
+              "the encoder (fused for ReDimNet), else torch. Any but torch is recorded in cache.json.",
+    "precision": "auto: bf16/fp16 autocast on CUDA, fp32 on CPU. Mel features stay float32.",
+    "views": "Train mode: crops per utterance (view 0 clean).",
+    "max_seconds": "Eval mode: cap on each utterance.",
+    "window_seconds": WINDOW_HELP,
+    "min_seconds": "Shorter utterances are skipped as too_short.",
+    "streams": f"What to store, comma-separated: {', '.join(names.STREAMS)} (docs/cache-format.md).",
+    "layers_pooled": "Store per-layer mean and std over time instead of layer frames.",
+    "shard_size": "Utterances per shard.",
+    "batch_size": "Crops per forward pass [default: 8 on CPU, 128 on CUDA].",
+    "workers": "Decoding workers [default: 1 on CPU, up to 8 with CUDA].",
+    "device": "auto, cpu, cuda, cuda:N.",
+}
+KW = {"backbone": {"param": KEYS["backbone"]}, "variant": {"type": str}, "weights": {"type": click.Path(exists=True)},
+      "ptm_weights": {"type": FILE}, "window_seconds": {"type": WINDOW}, "streams": {"show_default": True},
+      "device": {"show_default": True}, "format": {"param": KEYS["format"]}}
 
 OPTIONS = [
     click.option("--data", type=DIR, help="VoxCeleb-style tree speaker/video/utt.{wav,flac,m4a}."),
@@ -30,46 +59,14 @@ OPTIONS = [
                  help="Lines 'utt_id path [speaker]', or a Kaldi wav.scp (with utt2spk beside it or --utt2spk)."),
     click.option("--utt2spk", type=FILE, help="Kaldi utt2spk; makes --list a wav.scp."),
     click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory."),
-    click.option("--format", "backend", type=click.Choice(names.BACKENDS), default=names.BACKENDS[0],
-                 show_default=True),
-    click.option("--backbone", "backbone_name", type=click.Choice(names.BACKBONES), default=None,
-                 help="Frozen encoder [default: told by --weights; redimnet for --variant]."),
-    click.option("--variant", help="Published ReDimNet: b0..b6, S, M (downloaded once); with --random-init, a "
-                                   "configuration of --backbone (ecapa-tdnn: c1024, c512; campplus: e192, e512)."),
-    click.option("--train-type", default="ptn", show_default=True, help="Published file: ptn, ft_lm, ft_mix."),
-    click.option("--dataset", default="vox2", show_default=True, help="Published file's training data."),
-    click.option("--weights", type=click.Path(exists=True), help="Local weights: a ReDimNet checkpoint, a "
-                 "SpeechBrain ECAPA-TDNN folder (or its embedding_model.ckpt), a 3D-Speaker CAM++ state dict."),
-    click.option("--random-init", is_flag=True,
-                 help="Random backbone (and --ptm) from --seed (the ReDimNet saved as OUT/backbone.pt)."),
-    opt("mode"),
-    opt("views", "Train mode: crops per utterance (view 0 clean)."),
-    opt("crop_seconds"),
-    opt("max_seconds", "Eval mode: cap on each utterance."),
-    opt("window_seconds", WINDOW_HELP, type=WINDOW),
-    opt("min_seconds", "Shorter utterances are skipped as too_short."),
+    *config_options(ExtractConfig, HELP, kw=KW, skip=("augment",)),
     click.option("--noise-dir", type=DIR, help="Noise files (e.g. MUSAN); default synthetic coloured noise."),
     click.option("--rir-dir", type=DIR, help="Room impulse responses; default synthetic rooms."),
     click.option("--speed-perturb", is_flag=True,
                  help="Also speed-perturb augmented views (changes the voice; off by default)."),
-    opt("seed"),
-    opt("shard_size", "Utterances per shard."),
-    opt("dtype"),
-    opt("batch_size", "Crops per forward pass [default: 8 on CPU, 128 on CUDA]."),
-    opt("workers", "Decoding workers [default: 1 on CPU, up to 8 with CUDA]."),
     click.option("--threads", type=COUNT, default=None, help="Model threads on the CPU [default: torch's]."),
-    opt("device", "auto, cpu, cuda, cuda:N.", show_default=True),
-    opt("precision", "auto: bf16/fp16 autocast on CUDA, fp32 on CPU. Mel features stay float32."),
     click.option("--rank", type=WORKERS, default=None, help="This process's rank without torchrun."),
     click.option("--world-size", type=COUNT, default=None, help="Number of processes without torchrun."),
-    opt("streams", f"What to store, comma-separated: {', '.join(names.STREAMS)} (docs/cache-format.md).",
-        show_default=True),
-    opt("layers_pooled", "Store per-layer mean and std over time instead of layer frames."),
-    opt("ptm", "Pretrained speech model whose 13 hidden states are the layers stream."),
-    opt("ptm_weights", "Local state_dict file of --ptm (instead of the download).", type=FILE),
-    opt("engine", "torch: the reference forward. fused: ReDimNet with BatchNorm folded and channels-last "
-                  "(faster on CPUs, vectors within 1e-5 of torch's). onnxruntime: the backbone in ONNX on the CPU "
-                  "(pooled stream, float32). Any but torch is recorded in cache.json."),
     click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and start over."),
     click.option("--quiet", is_flag=True, help="No progress bar."),
 ]
@@ -103,15 +100,8 @@ def extract(ctx, **params):
     import torch
     from rich.console import Console
 
-    from mrlcache.augment import AugmentConfig, AugmentError
-    from mrlcache.backbone.loading import CheckpointError
-    from mrlcache.cache import CacheError
-    from mrlcache.corpus import CorpusError
-    from mrlcache.extract import ExtractError, prepare
-    from mrlcache.extract.run import check_layers_source
-    from mrlcache.extract.sizes import describe, projected_sizes
-    from mrlcache.extract import extract as run_extract
-    from mrlcache.streams import PTMError
+    from mrlcache.augment import AugmentConfig
+    from mrlcache.extract.prepare import extract_corpus, refusals
 
     if params["mode"] == "eval" and _given(ctx, "views") and params["views"] != 1:
         raise click.UsageError("--mode eval embeds each whole utterance once: --views does not apply")
@@ -120,39 +110,26 @@ def extract(ctx, **params):
                                "--crop-seconds long")
     if params["threads"]:
         torch.set_num_threads(params["threads"])
-    try:
-        rank, world_size, torchrun = prepare.dist_env(params["rank"], params["world_size"])
-    except ExtractError as err:
-        raise click.ClickException(str(err)) from None
-    out, console = params["out"], Console(stderr=True)
+    console, out = Console(stderr=True), params["out"]
     noise, rir = (params[k] and str(Path(params[k]).resolve()) for k in ("noise_dir", "rir_dir"))
     try:
-        cfg = ExtractConfig(**{f: params[f] for f in ExtractConfig.__dataclass_fields__ if f in params},
-                            augment=AugmentConfig(noise_dir=noise, rir_dir=rir, speed=params["speed_perturb"]))
-        prepare.check_model_options(cfg, params["variant"], params["weights"])
-        utterances = prepare.load_utterances(params["data"], params["list_file"], params["utt2spk"])
-        model, source, ptm, described = prepare.load_models(cfg, backbone=params["backbone_name"],
-                                                            **{k: params[k] for k in MODELS})
-        console.print(f"extract: {len(utterances)} utterances, {described}, "
-                      f"mode {cfg.mode}, views {cfg.views}, rank {rank}/{world_size} -> {out}")
-        check_layers_source(model, cfg, ptm)
-        sizes = projected_sizes(utterances, cfg, model, ptm)
-        console.print(f"projected cache size: {describe(sizes)} (total {sum(sizes.values()) / 1e9:.3g} GB)",
-                      soft_wrap=True, markup=False, highlight=False)
-        with prepare.overwrite_barrier(torchrun, world_size, params["overwrite"]) as barrier:
-            summary = run_extract(utterances, model, out, cfg, backend=params["backend"],
-                                  overwrite=params["overwrite"], rank=rank, world_size=world_size,
-                                  weights_source=source or "", save_backbone=params["random_init"] and model is not None,
-                                  barrier=barrier, progress=not params["quiet"], ptm=ptm)
-    except (ExtractError, CheckpointError, CorpusError, CacheError, AugmentError, PTMError) as err:
+        cfg = ExtractConfig.of(**{k: params[KEYS.get(k, k)] for k in leaves(ExtractConfig) if k != "augment"},
+                               augment=AugmentConfig(noise_dir=noise, rir_dir=rir, speed=params["speed_perturb"]))
+        summary, rank = extract_corpus(cfg, out, data=params["data"], list_file=params["list_file"],
+                                       utt2spk=params["utt2spk"], overwrite=params["overwrite"],
+                                       progress=not params["quiet"], rank=params["rank"],
+                                       world_size=params["world_size"],
+                                       say=lambda line: console.print(line, soft_wrap=True, markup=False,
+                                                                      highlight=False))
+    except refusals() as err:
         raise click.ClickException(str(err))
     if rank == 0:
-        ctx.params["views"] = cfg.views  # eval mode has one view whatever --views said
+        ctx.params["views"] = cfg.views.count  # eval mode has one view whatever --views said
         write_resolved(ctx, Path(out) / "extract-config.yaml")
     if summary is None:
         console.print(f"rank {rank}: my shards are done; the summary is written when every rank has finished")
         return
-    print_summary(console, summary, cfg.views)
+    print_summary(console, summary, cfg.views.count)
     if summary["skipped"]:
         console.print(f"{summary['skipped']} utterances have no vectors: listed with their reason in "
                       f"{Path(out) / 'skipped.tsv'}", soft_wrap=True, markup=False, highlight=False)

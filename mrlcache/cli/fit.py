@@ -1,8 +1,9 @@
 """``mrlcache fit``: the Matryoshka head on a feature cache (or end to end on audio).
 
-The options are made from the config dataclasses (:mod:`mrlcache.fit.config`): their
-names, defaults and choices are written there once, and this file adds help texts and the
-few options that belong to the command line only (``--cache``, ``--out``, ``--threads``...).
+The options are made from the config dataclasses (:mod:`mrlcache.fit.config`), their
+groups walked by :func:`mrlcache.cli.options.config_options`: names, defaults, ranges and
+choices are written there once, and this file adds help texts and the few options that
+belong to the command line only (``--cache``, ``--out``, ``--threads``...).
 """
 
 import dataclasses
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from mrlcache.cli.options import COUNT, field_option, verify_option
+from mrlcache.cli.options import COUNT, config_options, verify_option
 from mrlcache.config import CommaList, config_option
 from mrlcache.fit.config import EndToEndConfig, FitConfig
 
@@ -22,110 +23,90 @@ AUGMENT = ("noise_dir", "rir_dir", "speed_perturb")  # -> mrlcache.augment.Augme
 E2E_ONLY = tuple(f.name for f in dataclasses.fields(EndToEndConfig) if f.name != "augment") + AUGMENT
 
 
-def fit_option(name, help=None, **kw):
-    return field_option(FitConfig, name, help, inverted=INVERTED.get(name), **kw)
-
-
-def e2e_option(name, help=None, **kw):
-    return field_option(EndToEndConfig, name, "End to end: " + help if help else None, **kw)
-
-
 DIR = click.Path(exists=True, file_okay=False)
+
+# Help texts of the options made from FitConfig (by flat key); defaults, choices and ranges
+# come from the dataclass (mrlcache.fit.config), and a field without a text here still has its option.
+HELP = {
+    "dims": "Nested sizes, increasing; '256' alone: a fixed-size head.",
+    "head": "Head, by name (mrlcache.names.HEADS): mrl (BN + linear over a pooled input; frames are mean+std "
+            "pooled first) or ecapa (ECAPA-TDNN over frames).",
+    "inputs": "Cached streams the head reads, e.g. pooled | layers | fbank,f0 | layers,fbank,f0.",
+    "fusion": "How several encoders join: concat | cross-attention | gating (needed when --inputs make more "
+              "than one encoder).",
+    "encoder_dim": "Width of the layer / handcrafted encoders and the fusion.",
+    "ecapa_channels": "--head ecapa: block width.",
+    "ecapa_scale": "--head ecapa: Res2 groups (divides --ecapa-channels).",
+    "ecapa_mfa_channels": "--head ecapa: width after multi-layer aggregation.",
+    "ecapa_bottleneck": "--head ecapa: hidden width of SE and attentive pooling.",
+    "init": "Start of the head: auto (published on imported vectors and on caches of trained encoder weights, "
+            "for --head mrl on pooled without --head-only; else random), random, or published (the encoder's "
+            "own embedding layer, rotated so prefixes are ordered; epoch 0 is scored, and a later epoch kept "
+            "only if no dim is worse and it is clearly better).",
+    "init_rotation": "What orders the published dims at the start (of the training cache's published "
+                     "embeddings): pca or lda (rotations: full-size scores unchanged), whitened (exactly eer's "
+                     "lda baseline at every dim), or auto (those and the centred pca scored on the validation "
+                     "trials at epoch 0; one kept, no worse at the published size than the published embedding).",
+    "init_center": "Start from the published embedding minus its training mean (as eer's pca baseline scores "
+                   "it), not as it is (then the full-size scores at epoch 0 are exactly the published ones). "
+                   "Measured: centring can hurt a lot (benchmarks/README.md).",
+    "objective": "margin (a head trained by the margin loss), adaptor (an orthogonal rotation (+ residual MLP) "
+                 "of the published embedding trained to keep its similarities at every prefix; no labels) or "
+                 "adaptor-supervised (adaptor + the margin loss).",
+    "adaptor_hidden": "Residual MLP width of the adaptor; 0: rotation only (full-size scores are exactly the "
+                      "published ones).",
+    "adaptor_topk": "Nearest neighbours per vector in the adaptor's top-k similarity term.",
+    "margin": "AAM margin (radians) after warm-up.",
+    "margins": "One AAM margin per dim, e.g. 0.1,0.15,0.2,0.2 (replaces --margin; warmed up alike).",
+    "class_sample": "Share of the classes in each step's softmax: the batch's own plus random others "
+                    "(Partial FC); 1: all.",
+    "dim_weights": "Loss weight per dim, e.g. 1,1,1,1 [default: equal].",
+    "grad_scaling": "Scale each embedding coordinate's gradient by 1/(number of dims holding it).",
+    "momentum": "SGD only.",
+    "warmup_epochs": "Linear lr warm-up (cosine).",
+    "grad_clip": "Max gradient norm; 0: off.",
+    "val_cache": "Validation cache (view 0 is used).",
+    "val_trials": "Trial list naming --val-cache utterances.",
+    "val_speakers": "Without --val-cache: held-out training speakers [default: 5%, 2..200]; 0: none.",
+    "max_val_trials": "Held-out validation: at most this many trials (a seeded sample).",
+    "patience": "Stop after this many epochs without a better mean EER; 0: never.",
+    "min_delta": "For --patience: a mean EER counts as better when lower by more than this (a fraction, "
+                 "e.g. 0.001).",
+    "precision": "bf16: CPU autocast, class-score matmuls in bf16 (float32 softmax); slower than fp32 without "
+                 "AMX. CUDA always uses fp16 AMP.",
+    "memory_gb": "Memory for features; beyond it they are streamed [default: half the free memory].",
+    "fixed_baselines": "Also fit one fixed-size head per dim (RUN/fixed/D), same data and settings; "
+                       "'mrlcache eer' scores them as the system 'fixed'.",
+    "no_embed_backbone": "model.pt refers to the backbone by name/path + SHA-256 instead of holding it.",
+    "weights": "Backbone file or model folder (when the cache does not carry it; end to end: the backbone).",
+    "head_only": "model.pt without any backbone (vectors of unknown origin).",
+    "quiet": "No progress display.",
+    "dist_timeout": "Under torchrun: seconds a rank waits for the others (rank 0 validating, a lost rank) "
+                    "before the fit stops with a message.",
+    # end to end (EndToEndConfig)
+    "data": "VoxCeleb-style audio tree.",
+    "variant": "published ReDimNet name (b0..b6, S, M).",
+    "random_init": "--variant with random weights from --seed.",
+    "min_seconds": "shorter files are left out (listed in OUT/skipped.tsv), as in extract.",
+    "views": "views per utterance, as extract.",
+    "workers": "decoding workers.",
+    "unfreeze_after": "train the backbone from this epoch.",
+}
+KW = {"inputs": {"type": CommaList()}, "val_cache": {"type": DIR},
+      "val_trials": {"type": click.Path(exists=True, dir_okay=False)}, "weights": {"type": click.Path(exists=True)},
+      "data": {"type": DIR}, "variant": {"type": str}}
 
 OPTIONS = [
     click.option("--cache", type=click.Path(file_okay=False), help="Feature cache from 'mrlcache extract'."),
-    fit_option("dims", "Nested sizes, increasing; '256' alone: a fixed-size head."),
     click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory."),
-    fit_option("head", "Head, by name (mrlcache.names.HEADS): mrl (BN + linear over a pooled input; "
-                       "frames are mean+std pooled first) or ecapa (ECAPA-TDNN over frames)."),
-    fit_option("inputs", "Cached streams the head reads, e.g. pooled | layers | fbank,f0 | layers,fbank,f0.",
-               type=CommaList()),
-    fit_option("fusion", "How several encoders join: concat | cross-attention | gating (needed when "
-                         "--inputs make more than one encoder)."),
-    fit_option("encoder_dim", "Width of the layer / handcrafted encoders and the fusion."),
-    fit_option("ecapa_channels", "--head ecapa: block width."),
-    fit_option("ecapa_scale", "--head ecapa: Res2 groups (divides --ecapa-channels)."),
-    fit_option("ecapa_mfa_channels", "--head ecapa: width after multi-layer aggregation."),
-    fit_option("ecapa_bottleneck", "--head ecapa: hidden width of SE and attentive pooling."),
-    fit_option("dim_weights", "Loss weight per dim, e.g. 1,1,1,1 [default: equal]."),
-    fit_option("loss"),
-    fit_option("margin", "AAM margin (radians) after warm-up."),
-    fit_option("margins", "One AAM margin per dim, e.g. 0.1,0.15,0.2,0.2 (replaces --margin; warmed up alike)."),
-    fit_option("grad_scaling", "Scale each embedding coordinate's gradient by 1/(number of dims holding it)."),
-    fit_option("fixed_baselines", "Also fit one fixed-size head per dim (RUN/fixed/D), same data and settings; "
-                                  "'mrlcache eer' scores them as the system 'fixed'."),
-    fit_option("margin_warmup_epochs"),
-    fit_option("scale"),
-    fit_option("subcenters"),
-    fit_option("classifier"),
-    fit_option("class_sample", "Share of the classes in each step's softmax: the batch's own plus random "
-                               "others (Partial FC); 1: all."),
-    fit_option("optimizer"),
-    fit_option("lr"),
-    fit_option("momentum", "SGD only."),
-    fit_option("weight_decay"),
-    fit_option("scheduler"),
-    fit_option("warmup_epochs", "Linear lr warm-up (cosine)."),
-    fit_option("grad_clip", "Max gradient norm; 0: off."),
-    fit_option("batch_size"),
-    fit_option("init", "Start of the head: auto (published on imported vectors, else random), random, or "
-                       "published (the encoder's own embedding layer, "
-                       "rotated so prefixes are ordered; epoch 0 is scored, and a later epoch kept only if no dim is worse)."),
-    fit_option("init_rotation", "What orders the published dims at the start (of the training cache's published "
-                                "embeddings): pca or lda (rotations: full-size scores unchanged), whitened "
-                                "(exactly eer's lda baseline at every dim), or auto (those and the centred pca "
-                                "scored on the validation trials at epoch 0; one kept, no worse at the published "
-                                "size than the published embedding)."),
-    fit_option("init_center", "Start from the published embedding minus its training mean (as eer's pca baseline "
-                              "scores it), not as it is (then the full-size scores at epoch 0 are exactly the "
-                              "published ones). Measured: centring can hurt a lot (benchmarks/README.md)."),
-    fit_option("objective", "margin (a head trained by the margin loss), adaptor (an orthogonal rotation "
-                            "(+ residual MLP) of the published embedding trained to keep its similarities at "
-                            "every prefix; no labels) or adaptor-supervised (adaptor + the margin loss)."),
-    fit_option("adaptor_hidden", "Residual MLP width of the adaptor; 0: rotation only (full-size scores "
-                                 "are exactly the published ones)."),
-    fit_option("adaptor_topk", "Nearest neighbours per vector in the adaptor's top-k similarity term."),
-    fit_option("epochs"),
-    fit_option("val_cache", "Validation cache (view 0 is used).", type=DIR),
-    fit_option("val_trials", "Trial list naming --val-cache utterances.",
-               type=click.Path(exists=True, dir_okay=False)),
-    fit_option("val_speakers", "Without --val-cache: held-out training speakers [default: 5%, 2..200]; 0: none."),
-    fit_option("val_every"),
-    fit_option("max_val_trials", "Held-out validation: at most this many trials (a seeded sample)."),
-    fit_option("patience", "Stop after this many epochs without a better mean EER; 0: never."),
-    fit_option("min_delta", "For --patience: a mean EER counts as better when lower by more than this "
-                            "(a fraction, e.g. 0.001)."),
-    fit_option("seed"),
-    fit_option("device"),
-    fit_option("precision", "bf16: CPU autocast, class-score matmuls in bf16 (float32 softmax); slower than "
-                            "fp32 without AMX. CUDA always uses fp16 AMP."),
-    fit_option("feature_dtype"),
-    fit_option("memory_gb", "Memory for features; beyond it they are streamed [default: half the free memory]."),
+    *config_options(FitConfig, HELP, INVERTED, KW),
     click.option("--threads", type=COUNT, default=None, help="Torch CPU threads [default: torch's]."),
-    fit_option("weights", "Backbone file or model folder (when the cache does not carry it; end to end: the "
-               "backbone).", type=click.Path(exists=True)),
-    fit_option("no_embed_backbone", "model.pt refers to the backbone by name/path + SHA-256 instead of holding it."),
-    fit_option("head_only", "model.pt without any backbone (vectors of unknown origin)."),
     click.option("--resume", is_flag=True, help="Continue the fit in --out from last.pt."),
-    fit_option("quiet", "No progress display."),
-    fit_option("dist_timeout", "Under torchrun: seconds a rank waits for the others (rank 0 validating, a "
-                               "lost rank) before the fit stops with a message."),
     click.option("--end-to-end", is_flag=True, help="Train on audio with the backbone run on the fly."),
-    e2e_option("data", "VoxCeleb-style audio tree.", type=DIR),
-    e2e_option("variant", "published ReDimNet name (b0..b6, S, M).", type=str),
-    e2e_option("train_type"),
-    e2e_option("dataset"),
-    e2e_option("random_init", "--variant with random weights from --seed."),
-    e2e_option("crop_seconds"),
-    e2e_option("min_seconds", "shorter files are left out (listed in OUT/skipped.tsv), as in extract."),
-    e2e_option("views", "views per utterance, as extract."),
+    *config_options(EndToEndConfig, HELP, kw=KW, prefix="End to end: ", skip=("augment",)),
     click.option("--noise-dir", type=DIR),
     click.option("--rir-dir", type=DIR),
     click.option("--speed-perturb", is_flag=True),
-    e2e_option("workers", "decoding workers."),
-    e2e_option("unfreeze_after", "train the backbone from this epoch."),
-    e2e_option("backbone_lr"),
-    e2e_option("grad_accum"),
 ]
 
 

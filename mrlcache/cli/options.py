@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from mrlcache import ranges
+from mrlcache import components, ranges
 from mrlcache.config import CommaList
 
 
@@ -87,10 +87,11 @@ def field_option(cls, name: str, help: str | None = None, flag: str | None = Non
     """A click option for field ``name`` of config dataclass ``cls``: default, choices and range from there.
 
     ``inverted``: the field a flag switches off (``--quiet`` sets ``progress`` to False).
+    ``name``: the field's flat key (:mod:`mrlcache.components`), also for a field of a group.
     ``param``: the parameter (and config-file key) name when it is not the field's.
     Anything in ``kw`` (a ``type``, ``show_default``) overrides what the field gives.
     """
-    field = {f.name: f for f in dataclasses.fields(cls)}[inverted or name]
+    field = components.field_of(cls, inverted or name)
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     rng, allowed = field.metadata.get("range"), field.metadata.get("choices")
     if inverted:
@@ -111,7 +112,47 @@ def field_option(cls, name: str, help: str | None = None, flag: str | None = Non
         kw["default"] = ",".join(map(str, default)) if isinstance(default, tuple) else default
         kw.setdefault("show_default", default is not None)
     flags = flag if isinstance(flag, (list, tuple)) else [flag or ranges.flag(name)]
-    return click.option(*flags, param or name, help=help, **kw)
+    return click.option(*flags, param or name, help=help, cls=FieldOption, config_class=cls,
+                        key=None if inverted else name, **kw)
+
+
+def config_options(cls, help: dict, inverted: dict | None = None, kw: dict | None = None,
+                   prefix: str = "", skip: tuple = ()) -> list:
+    """One option per field of config dataclass ``cls``, its groups walked in order
+    (:func:`mrlcache.components.leaves`): a new field is a new option with no edit here.
+
+    ``help``: {flat key: help text}; ``inverted``: {flag's parameter name: field} for a flag
+    that switches a field off (``quiet`` -> ``progress``); ``kw``: {flat key: more
+    :func:`field_option` arguments} (a ``type``); ``prefix``: put before every help text;
+    ``skip``: fields the command sets otherwise.
+    """
+    inverted, kw = inverted or {}, kw or {}
+    by_field = {field: flag for flag, field in inverted.items()}
+    options = []
+    for key in components.leaves(cls):
+        if key in skip:
+            continue
+        name = by_field.get(key, key)
+        text = help.get(name)
+        options.append(field_option(cls, name, prefix + text if text else None, inverted=inverted.get(name),
+                                    **kw.get(name, {})))
+    return options
+
+
+class FieldOption(click.Option):
+    """An option made from a config dataclass field: ``config_class`` lets ``--config`` read the
+    file's nested form (:func:`mrlcache.config.read_yaml_options`)."""
+
+    def __init__(self, *args, config_class=None, key=None, **kw):
+        super().__init__(*args, **kw)
+        self.config_class, self.key = config_class, key  # key: the field's flat key (None: an inverted flag)
+
+    @property
+    def group(self) -> str | None:
+        """The group of ``config_class`` holding the field (``optim`` for ``--lr``), or None."""
+        if self.key is None:
+            return None
+        return components.leaves(self.config_class)[self.key][0]
 
 
 # The scorer's options, shared by eer and calibrate: parameter name -> ScoreConfig field.

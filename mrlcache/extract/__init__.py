@@ -1,7 +1,9 @@
 """The one pass: frozen backbone over a speaker corpus into a sharded feature cache.
 
-``config.py`` (ExtractConfig, every setting), ``data.py`` (decoding workers, shard
-batches, progress), ``run.py`` (the pass: ranks, shards, the writer). See run.py's
+``config.py`` (ExtractConfig, every setting, by component: backbone, views, storage,
+run), ``prepare.py`` (the utterances, models and rank of a pass; ``extract_corpus``, the
+whole pass the command runs), ``data.py`` (decoding workers, shard batches, progress),
+``run.py`` (the pass: ranks, shards, the writer). See run.py's
 docstring for the data path, determinism and scale-out.
 """
 

@@ -37,8 +37,8 @@ class UtteranceViews(torch.utils.data.Dataset):
         self.utterances = utterances
         self.cfg = cfg
         self.minimum = minimum  # (samples, who): the shortest wave the encoder takes
-        self.crop_samples = int(round(cfg.crop_seconds * SAMPLE_RATE))
-        self.augmenter = Augmenter(cfg.augment) if cfg.mode == "train" and cfg.views > 1 else None
+        self.crop_samples = int(round(cfg.views.crop_seconds * SAMPLE_RATE))
+        self.augmenter = Augmenter(cfg.views.augment) if cfg.views.mode == "train" and cfg.views.count > 1 else None
 
     def __len__(self):
         return len(self.utterances)
@@ -47,19 +47,19 @@ class UtteranceViews(torch.utils.data.Dataset):
         utt = self.utterances[row]
         try:
             wave = load_audio(utt.path)  # (T,)
-            check_wave(wave, utt.path, self.cfg.min_seconds, minimum=self.minimum)
+            check_wave(wave, utt.path, self.cfg.views.min_seconds, minimum=self.minimum)
         except AudioError as err:
             return Item(row, utt.utt_id, None, err.reason, 0.0)
         seconds = wave.shape[0] / SAMPLE_RATE
-        if self.cfg.mode == "eval":
-            if self.cfg.max_seconds:
-                wave = wave[: int(round(self.cfg.max_seconds * SAMPLE_RATE))]
+        if self.cfg.views.mode == "eval":
+            if self.cfg.views.max_seconds:
+                wave = wave[: int(round(self.cfg.views.max_seconds * SAMPLE_RATE))]
             return Item(row, utt.utt_id, wave[None], None, seconds)
         views = np.stack(
             [
-                make_view(wave, utt.utt_id, v, seed=self.cfg.seed, crop_samples=self.crop_samples,
+                make_view(wave, utt.utt_id, v, seed=self.cfg.run.seed, crop_samples=self.crop_samples,
                           augmenter=self.augmenter)
-                for v in range(self.cfg.views)
+                for v in range(self.cfg.views.count)
             ]
         )  # (V, crop)
         return Item(row, utt.utt_id, views, None, seconds)
@@ -102,6 +102,7 @@ class ExtractProgress:
             TextColumn("utts  {task.fields[hours]:.2f} h audio  {task.fields[rate]:.1f} utt/s"),
             TimeRemainingColumn(),
             console=Console(stderr=True),
+            refresh_per_second=2,  # its thread shares the cores with the model (10/s cost ~0.5% of one)
         )
         self.task = self.progress.add_task("extract", total=total, hours=0.0, rate=0.0)
         self.started = time.perf_counter()

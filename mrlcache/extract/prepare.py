@@ -1,7 +1,8 @@
 """What an extraction is given: the utterances, the models, and this process's rank.
 
-The command line's ``mrlcache extract`` parses options and calls these, then
-:func:`mrlcache.extract.extract`; every refusal is an :class:`ExtractError` naming the fix.
+The command line's ``mrlcache extract`` parses options and calls :func:`extract_corpus`,
+which calls these, then :func:`mrlcache.extract.extract`; every refusal is an
+:class:`ExtractError` naming the fix.
 """
 
 from __future__ import annotations
@@ -10,6 +11,17 @@ from pathlib import Path
 
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.streams import pooled_only
+
+
+def refusals() -> tuple[type, ...]:
+    """The errors of an extraction that are one-line refusals naming the fix (the command prints them)."""
+    from mrlcache.augment import AugmentError
+    from mrlcache.backbone.loading import CheckpointError
+    from mrlcache.cache import CacheError
+    from mrlcache.corpus import CorpusError
+    from mrlcache.streams import PTMError
+
+    return ExtractError, CheckpointError, CorpusError, CacheError, AugmentError, PTMError
 
 
 def dist_env(rank: int | None = None, world_size: int | None = None) -> tuple[int, int, bool]:
@@ -62,33 +74,62 @@ def load_weights(variant=None, weights=None, random_init=False, seed=0, train_ty
             f"{variant}-{dataset}-{train_type}")
 
 
-def check_model_options(cfg: ExtractConfig, variant=None, weights=None) -> None:
+def check_model_options(cfg: ExtractConfig) -> None:
     """ExtractError when the streams ask for a model the options do not name (checked before
     the corpus is scanned: a VoxCeleb scan takes minutes)."""
-    if cfg.ptm and "pooled" in cfg.stream_names and not (variant or weights):
-        raise ExtractError(f"--streams {cfg.streams}: pooled is ReDimNet's vector and --ptm {cfg.ptm} has none; "
-                           "also give --variant/--weights, or drop pooled")
+    b = cfg.backbone
+    if b.ptm and "pooled" in cfg.stream_names and not (b.variant or b.weights):
+        raise ExtractError(f"--streams {cfg.storage.streams}: pooled is ReDimNet's vector and --ptm {b.ptm} has "
+                           "none; also give --variant/--weights, or drop pooled")
 
 
-def load_models(cfg: ExtractConfig, variant=None, weights=None, random_init=False, train_type="ptn",
-                dataset="vox2", backbone=None):
+def load_models(cfg: ExtractConfig):
     """(ReDimNet or None, its source or None, PTM or None, one line describing them) for ``cfg``."""
-    check_model_options(cfg, variant, weights)
-    ptm = None
-    if cfg.ptm:
+    check_model_options(cfg)
+    b, ptm = cfg.backbone, None
+    if b.ptm:
         from mrlcache.streams import load_ptm
 
-        ptm = load_ptm(cfg.ptm, weights=cfg.ptm_weights, random_init=random_init and not cfg.ptm_weights,
-                       seed=cfg.seed)
+        ptm = load_ptm(b.ptm, weights=b.ptm_weights, random_init=b.random_init and not b.ptm_weights,
+                       seed=cfg.run.seed)
     model, source = None, None
-    if cfg.needs_redimnet or variant or weights:
-        model, source = load_weights(variant, weights, random_init, cfg.seed, train_type, dataset, backbone)
+    if cfg.needs_redimnet or b.variant or b.weights:
+        model, source = load_weights(b.variant, b.weights, b.random_init, cfg.run.seed, b.train_type, b.dataset,
+                                     b.name)
     described = f"backbone {source} (pooled {model.pooled_dim})" if model is not None else "no ReDimNet"
     if ptm is not None:
-        described += f", PTM {cfg.ptm} ({ptm.source})"
+        described += f", PTM {b.ptm} ({ptm.source})"
     if not pooled_only(cfg.stream_names):
         described += f", streams {','.join(cfg.stream_names)}"
     return model, source, ptm, described
+
+
+def extract_corpus(cfg: ExtractConfig, out, *, data=None, list_file=None, utt2spk=None, overwrite=False,
+                   progress=True, rank=None, world_size=None, say=print):
+    """The whole extraction ``mrlcache extract`` runs: the utterances of ``data`` (a speaker
+    tree) or ``list_file``, the models of ``cfg.backbone``, this process's rank (arguments,
+    else torchrun's), then :func:`mrlcache.extract.extract` into ``out``.
+
+    ``say`` gets the one-line plan and the projected cache size before the pass starts.
+    Returns (the cache summary, or None while other ranks still run; this rank).
+    """
+    from mrlcache.extract.run import check_layers_source, extract
+    from mrlcache.extract.sizes import describe, projected_sizes
+
+    rank, world_size, torchrun = dist_env(rank, world_size)
+    check_model_options(cfg)
+    utterances = load_utterances(data, list_file, utt2spk)
+    model, source, ptm, described = load_models(cfg)
+    say(f"extract: {len(utterances)} utterances, {described}, mode {cfg.views.mode}, views {cfg.views.count}, "
+        f"rank {rank}/{world_size} -> {out}")
+    check_layers_source(model, cfg, ptm)
+    sizes = projected_sizes(utterances, cfg, model, ptm)
+    say(f"projected cache size: {describe(sizes)} (total {sum(sizes.values()) / 1e9:.3g} GB)")
+    with overwrite_barrier(torchrun, world_size, overwrite) as barrier:
+        summary = extract(utterances, model, out, cfg, overwrite=overwrite, rank=rank, world_size=world_size,
+                          weights_source=source or "", save_backbone=cfg.backbone.random_init and model is not None,
+                          barrier=barrier, progress=progress, ptm=ptm)
+    return summary, rank
 
 
 class overwrite_barrier:

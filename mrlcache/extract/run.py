@@ -16,6 +16,7 @@ shards exist, by whichever rank finishes last.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mrlcache import engines
 from mrlcache.audio import SAMPLE_RATE
 from mrlcache.backbone import BackboneRecord, save_checkpoint, state_sha256
 from mrlcache.backbone.record import convert_v1_meta
@@ -34,7 +36,7 @@ from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shar
 from mrlcache.extract.sizes import check_free_disk, projected_sizes
 from mrlcache.extract.sources import check_sources
 from mrlcache.runtime import DeviceError, env_int, resolve_device, resolve_precision, surviving_workers
-from mrlcache.streams import StreamError, item_shape, record_from_json, records_from_meta
+from mrlcache.streams import StreamError, item_shape, pooled_only, record_from_json, records_from_meta
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.streams.windows import num_windows
 
@@ -49,26 +51,26 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
     A pooled-only cache has exactly the keys of caches before streams; other caches add
     ``streams`` (see docs/cache-format.md) and, with a PTM, ``ptm`` {name, source, sha256}.
     """
-    train = cfg.mode == "train"
+    train = cfg.views.mode == "train"
     meta = {
         "model_config": model.model_config if model is not None else None,
         "backbone": record.of_model(model).to_dict() if model is not None else None,
         "pooled_dim": model.pooled_dim if "pooled" in cfg.stream_names else 0,
         "sample_rate": SAMPLE_RATE,
-        "mode": cfg.mode,
-        "crop_seconds": cfg.crop_seconds if train else None,
-        "max_seconds": None if train else cfg.max_seconds,
-        **({} if train else {"window_seconds": cfg.window_seconds}),  # absent (caches before it): one pass
-        "min_seconds": cfg.min_seconds,
-        "views": cfg.views,
-        "augment": cfg.augment.to_dict() if train and cfg.views > 1 else None,
-        "seed": cfg.seed,
-        "dtype": cfg.dtype,
-        "shard_size": cfg.shard_size,
+        "mode": cfg.views.mode,
+        "crop_seconds": cfg.views.crop_seconds if train else None,
+        "max_seconds": None if train else cfg.views.max_seconds,
+        **({} if train else {"window_seconds": cfg.views.window_seconds}),  # absent (caches before it): one pass
+        "min_seconds": cfg.views.min_seconds,
+        "views": cfg.views.count,
+        "augment": cfg.views.augment.to_dict() if train and cfg.views.count > 1 else None,
+        "seed": cfg.run.seed,
+        "dtype": cfg.storage.dtype,
+        "shard_size": cfg.storage.shard_size,
         "precision": precision,
     }
-    if cfg.engine != "torch":  # torch caches keep exactly the keys they had before engines
-        meta["engine"] = cfg.engine
+    if cfg.backbone.engine != "torch":  # torch caches keep exactly the keys they had before engines
+        meta["engine"] = cfg.backbone.engine
     records = {name: stream_info(name, cfg, model, ptm) for name in cfg.stream_names}
     if ptm is None and {n: record_from_json(n, r) for n, r in records.items()} == records_from_meta(meta):
         return meta  # what a cache without "streams" holds (pooled alone): written as before streams
@@ -83,10 +85,10 @@ def check_layers_source(model, cfg: ExtractConfig, ptm=None) -> None:
     widths do not stack), or ``--engine fused`` is asked of an encoder it is not written for."""
     if model is not None and ptm is None and "layers" in cfg.stream_names:
         try:
-            item_shape("layers", model, cfg.layers_pooled)
+            item_shape("layers", model, cfg.storage.layers_pooled)
         except StreamError as err:
-            raise ExtractError(f"--streams {cfg.streams}: {err}") from None
-    if model is not None and cfg.engine == "fused" and not hasattr(model, "for_inference"):
+            raise ExtractError(f"--streams {cfg.storage.streams}: {err}") from None
+    if model is not None and cfg.backbone.engine == "fused" and not hasattr(model, "for_inference"):
         raise ExtractError(f"--engine fused is written for ReDimNet; this backbone is "
                            f"{getattr(model, 'encoder', type(model).__name__)}: use --engine torch")
 
@@ -94,8 +96,8 @@ def check_layers_source(model, cfg: ExtractConfig, ptm=None) -> None:
 def _check_lengths(cfg: ExtractConfig, minimum: tuple[int, str]) -> None:
     """Refuse a crop or a cap shorter than the encoder takes (every view would be refused)."""
     need, who = minimum
-    for option, seconds in (("--crop-seconds", cfg.crop_seconds if cfg.mode == "train" else None),
-                            ("--max-seconds", cfg.max_seconds if cfg.mode == "eval" else None)):
+    for option, seconds in (("--crop-seconds", cfg.views.crop_seconds if cfg.views.mode == "train" else None),
+                            ("--max-seconds", cfg.views.max_seconds if cfg.views.mode == "eval" else None)):
         if seconds is not None and int(round(seconds * SAMPLE_RATE)) < need:
             raise ExtractError(f"{option} {seconds:g}: {who} needs at least {need} samples "
                                f"({need / SAMPLE_RATE:g} s); give a longer one")
@@ -117,7 +119,6 @@ def extract(
     out,
     cfg: ExtractConfig,
     *,
-    backend: str = "zarr",
     overwrite: bool = False,
     rank: int = 0,
     world_size: int = 1,
@@ -132,11 +133,10 @@ def extract(
 
     Args:
         utterances: manifest in shard order (``mrlcache.corpus.Utterance`` list).
-        model: a ReDimNet (``load_backbone``), any device; moved to ``cfg.device``; None
+        model: a ReDimNet (``load_backbone``), any device; moved to ``cfg.run.device``; None
             when no stream needs one (a PTM's layers, handcrafted streams).
         out: cache directory.
         cfg: see :class:`ExtractConfig`.
-        backend: "zarr" or "hdf5".
         overwrite: start over (rank 0 only).
         rank, world_size: this process's share: shards k with k % world_size == rank.
         backbone: where the weights come from (its SHA-256 is the model's own), stored as
@@ -161,22 +161,27 @@ def extract(
     except DeviceError as err:
         raise ExtractError(str(err)) from None
     try:
-        device = resolve_device(cfg.device, local_rank)
-        precision = resolve_precision(cfg.precision, device)
+        device = resolve_device(cfg.run.device, local_rank)
+        precision = resolve_precision(cfg.backbone.precision, device)
     except DeviceError as err:
         raise ExtractError(str(err)) from None
     if model is None and cfg.needs_redimnet:
         why = "pooled needs it" if "pooled" in cfg.stream_names else "layers needs it or --ptm"
-        raise ExtractError(f"--streams {cfg.streams}: give a backbone ({why})")
+        raise ExtractError(f"--streams {cfg.storage.streams}: give a backbone ({why})")
     check_layers_source(model, cfg, ptm)
-    if (ptm is None) != (cfg.ptm is None):
-        raise ExtractError("cfg.ptm names the PTM and ptm= must be that model (load_ptm), both or neither")
+    if (ptm is None) != (cfg.backbone.ptm is None):
+        raise ExtractError("cfg.backbone.ptm names the PTM and ptm= must be that model (load_ptm), both or neither")
     save_backbone = save_backbone and model is not None
     if model is not None and model.weights_sha256 is None and save_backbone:
         model.weights_sha256 = state_sha256(model)  # what save_checkpoint below will write
     if model is not None and model.weights_sha256 is None:
         raise ExtractError("the backbone has no weights SHA-256 (random weights that were not saved)")
     record = _record_of(backbone, weights_source) if model is not None else None
+    engine, why = engines.choose(cfg.backbone.engine, model, device_type=device.type,
+                                 pooled_float32=pooled_only(cfg.stream_names) and precision == "fp32")
+    if engine != cfg.backbone.engine:  # auto: the cache records the engine it chose
+        print(f"engine auto: {engine} ({why})", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, engine=engine))
     meta = cache_meta(model, cfg, precision, record, ptm)
     if overwrite and world_size > 1 and barrier is None:
         raise ExtractError("--overwrite with several ranks needs torchrun; without it, delete the cache "
@@ -192,7 +197,8 @@ def extract(
 
     if overwrite and world_size > 1 and rank != 0:
         barrier()  # rank 0 clears the old cache first
-    writer = CacheWriter(out, meta, utterances, backend=backend, overwrite=overwrite and rank == 0, rank=rank)
+    writer = CacheWriter(out, meta, utterances, backend=cfg.storage.format, overwrite=overwrite and rank == 0,
+                         rank=rank)
     try:
         if overwrite and world_size > 1 and rank == 0:
             barrier()
@@ -207,18 +213,8 @@ def extract(
             previous = read_meta(out).get("summary")
             if previous:
                 return previous  # nothing to do: keep the numbers of the run that did the work
-        if cfg.engine == "onnxruntime":
-            from mrlcache.export import ExportError
-            from mrlcache.export.engine import OnnxBackbone
-
-            if device.type != "cpu":
-                raise ExtractError("--engine onnxruntime runs on the CPU: use --device cpu, or the torch engine")
-            try:
-                # Exported once and kept on disk; the saved backbone stays torch's. Idle threads
-                # sleep when decoding workers share the cores (spinning cost 1.13-1.31x there).
-                model = OnnxBackbone(model, spin=cfg.workers == 0, log=lambda m: print(m, file=sys.stderr))
-            except ExportError as err:
-                raise ExtractError(str(err)) from None
+        if cfg.backbone.engine == "onnxruntime" and device.type != "cpu":
+            raise ExtractError("--engine onnxruntime runs on the CPU: use --device cpu, or the torch engine")
         stats = _run(writer, dataset, (model, ptm), cfg, device, precision, todo, rank, progress)
         # No barrier here: ranks may finish hours apart, so whichever completes the set
         # of shards writes the summary (computed from the shards, the same for any rank).
@@ -234,17 +230,13 @@ def extract(
 def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) -> dict:
     """Decode, forward and write the shards ``todo``; returns this rank's timing numbers."""
     model, ptm = (m.to(device).eval() if m is not None else None for m in models)
-    if cfg.engine == "fused":
-        # The frozen copy with BatchNorm folded and a channels-last layout: vectors within
-        # ~1e-5 of torch's, not bit-equal, hence an engine of its own (recorded in cache.json).
-        model = model.for_inference()
     names = cfg.stream_names
     infos = {name: record.to_json() for name, record in writer.records.items()}
     stream_seconds = dict.fromkeys(names, 0.0)
-    batch_size = cfg.batch_size or (8 if device.type == "cpu" else 128)
-    utts_per_batch = 1 if cfg.mode == "eval" else max(1, batch_size // cfg.views)
+    batch_size = cfg.run.batch_size or (8 if device.type == "cpu" else 128)
+    utts_per_batch = 1 if cfg.views.mode == "eval" else max(1, batch_size // cfg.views.count)
     batches = [b for k in todo for b in shard_batches(writer.shard_rows(k), utts_per_batch)]
-    workers = cfg.workers if cfg.workers is not None else (1 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 1)))
+    workers = cfg.run.workers if cfg.run.workers is not None else (1 if device.type == "cpu" else min(8, max(1, (os.cpu_count() or 2) - 1)))
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
@@ -255,7 +247,10 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    window = cfg.eval_window
+    # Workers start decoding now, while the engine is made (the folded copy, or the cached
+    # onnxruntime file read and checked): the first batches are ready when it is.
+    batches_in = iter(loader)
+    model = _engine_model(model, cfg, workers)
     total_rows = sum(len(writer.shard_rows(k)) for k in todo)
     shard_of = {row: k for k in todo for row in writer.shard_rows(k)}
     pending = {}  # shard -> {"index": [], <stream>: [batches], "skipped": {}, "seconds": float, "left": int}
@@ -263,7 +258,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
     started = time.perf_counter()
     bar = ExtractProgress(total_rows, rank, enabled=progress)
     with bar, torch.inference_mode():
-        for items in surviving_workers(loader, ExtractError, "the shards written so far are kept: rerun the "
+        for items in surviving_workers(batches_in, ExtractError, "the shards written so far are kept: rerun the "
                                        "same command to resume, with fewer --workers if memory is short"):
             k = shard_of[items[0].row]
             state = pending.setdefault(k, {"index": [], "skipped": {}, "windowed": {}, "seconds": 0.0,
@@ -272,7 +267,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
             for it in items:
                 if it.views is None:
                     state["skipped"][it.utt_id] = it.reason
-                elif cfg.mode == "eval":
+                elif cfg.views.mode == "eval":
                     _note_long(it, cfg, state["windowed"], bar)
             if ok:
                 tick = time.perf_counter()
@@ -285,7 +280,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
             state["left"] -= len(items)
             if state["left"] == 0:
                 writer.write_shard(k, state["index"], None, state["skipped"], state["seconds"],
-                                   gather(state, infos, cfg.views), windowed=state["windowed"])
+                                   gather(state, infos, cfg.views.count), windowed=state["windowed"])
                 del pending[k]
             done_rows += len(items)
             audio_seconds += seconds
@@ -297,24 +292,41 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         "audio_seconds_per_second": audio_seconds / elapsed if elapsed > 0 else 0.0,
         "model_busy_fraction": model_seconds / elapsed if elapsed > 0 else 0.0,
         "device": str(device),
+        "engine": cfg.backbone.engine,
         **({"stream_seconds": stream_seconds} if "streams" in writer.meta else {}),
     }
+
+
+def _engine_model(model, cfg: ExtractConfig, workers: int):
+    """The backbone as ``cfg.backbone.engine`` runs it (:func:`mrlcache.engines.engine_backbone`).
+
+    onnxruntime's idle threads sleep when decoding workers share the cores (spinning cost
+    1.13-1.31x there); its file is exported once and kept on disk, the saved backbone stays torch's.
+    """
+    if model is None or cfg.backbone.engine == "torch":
+        return model
+    from mrlcache.export import ExportError
+
+    try:
+        return engines.engine_backbone(cfg.backbone.engine, model, spin=workers == 0, log=lambda m: print(m, file=sys.stderr))
+    except ExportError as err:
+        raise ExtractError(str(err)) from None
 
 
 def _note_long(item, cfg: ExtractConfig, windowed: dict, bar) -> None:
     """Record and say how a long eval utterance is computed: in windows, or in one pass."""
     samples = item.views.shape[-1]
-    count = num_windows(samples, cfg.window_seconds) if cfg.needs_redimnet else 1
+    count = num_windows(samples, cfg.views.window_seconds) if cfg.needs_redimnet else 1
     if count > 1:
         windowed[item.utt_id] = count
-        ptm = f"; the --ptm {cfg.ptm} layers take one pass" if cfg.ptm else ""
+        ptm = f"; the --ptm {cfg.backbone.ptm} layers take one pass" if cfg.backbone.ptm else ""
         bar.note(f"note: {item.utt_id}: {samples / SAMPLE_RATE / 60:.1f} minutes in {count} windows of at most "
-                 f"{cfg.window_seconds:g} s, pooled statistics combined (--window-seconds; docs/design.md){ptm}")
+                 f"{cfg.views.window_seconds:g} s, pooled statistics combined (--window-seconds; docs/design.md){ptm}")
     elif samples > LONG_SECONDS * SAMPLE_RATE:
         if not cfg.needs_redimnet:
-            why = f"--streams {cfg.streams} take one pass"
+            why = f"--streams {cfg.storage.streams} take one pass"
         else:
-            why = f"--window-seconds {'none' if cfg.window_seconds is None else f'{cfg.window_seconds:g}'}"
+            why = f"--window-seconds {'none' if cfg.views.window_seconds is None else f'{cfg.views.window_seconds:g}'}"
         bar.note(f"warning: {item.utt_id}: {samples / SAMPLE_RATE / 60:.1f} minutes in one forward pass ({why}; "
                  f"memory grows with length, about 5 MB per second of audio for b0); cap such files with "
                  f"--max-seconds or a smaller --window-seconds")

@@ -24,11 +24,11 @@ GB = 1e9
 
 def stream_records(cfg, model, ptm) -> dict:
     """{stream: StreamRecord} extract writes for ``cfg`` with this backbone / PTM."""
-    crop = int(round(cfg.crop_seconds * SAMPLE_RATE)) if cfg.mode == "train" else None
+    crop = int(round(cfg.views.crop_seconds * SAMPLE_RATE)) if cfg.views.mode == "train" else None
     out = {}
     for name in cfg.stream_names:
-        out[name] = streams.spec(name).record(streams.source(name, model, ptm), layers_pooled=cfg.layers_pooled,
-                                             dtype=cfg.dtype, crop_samples=crop, sample_rate=SAMPLE_RATE)
+        out[name] = streams.spec(name).record(streams.source(name, model, ptm), layers_pooled=cfg.storage.layers_pooled,
+                                             dtype=cfg.storage.dtype, crop_samples=crop, sample_rate=SAMPLE_RATE)
     return out
 
 
@@ -51,7 +51,7 @@ def estimated_seconds(utterances, max_seconds: float | None) -> float:
 def projected_sizes(utterances, cfg, model, ptm) -> dict[str, int]:
     """{stream: bytes} the cache of ``utterances`` will hold (shards only; ragged streams estimated)."""
     records = stream_records(cfg, model, ptm)
-    n, views = len(utterances), int(cfg.views)
+    n, views = len(utterances), int(cfg.views.count)
     seconds = None
     sizes = {}
     for name, record in records.items():
@@ -59,7 +59,7 @@ def projected_sizes(utterances, cfg, model, ptm) -> dict[str, int]:
             sizes[name] = n * record.row_bytes(views)
             continue
         if seconds is None:
-            seconds = estimated_seconds(utterances, cfg.max_seconds)
+            seconds = estimated_seconds(utterances, cfg.views.max_seconds)
         frames = record.frame_rate * seconds
         sizes[name] = int(frames * record.row_bytes(1) + 8 * (n + 1))  # values + offsets
     return sizes
@@ -80,10 +80,10 @@ def check_free_disk(out, sizes: dict, cfg, present: int = 0) -> None:
     if need <= free:
         return
     hints = []
-    if any(streams.spec(name).poolable for name in sizes) and not cfg.layers_pooled:
+    if any(streams.spec(name).poolable for name in sizes) and not cfg.storage.layers_pooled:
         hints.append("--layers-pooled (per-layer mean and std instead of frames)")
-    if cfg.views > 1:
-        hints.append(f"fewer --views (now {cfg.views})")
+    if cfg.views.count > 1:
+        hints.append(f"fewer --views (now {cfg.views.count})")
     hints.append("fewer --streams or another --out")
     raise ExtractError(f"{out}: the cache needs about {need / GB:.3g} GB more ({describe(sizes)}) but "
                        f"{free / GB:.3g} GB are free on its disk; use {', or '.join(hints)}")

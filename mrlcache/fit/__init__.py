@@ -2,7 +2,8 @@
 
 Where each concern lives:
 
-- ``config.py``: FitConfig / EndToEndConfig, every option and its check;
+- ``config.py``: FitConfig (by component: head, loss, optim, val, run) / EndToEndConfig,
+  every option and its check;
 - ``data.py``: the cache's features in memory or streamed, per-epoch draws;
 - ``stream_data.py``: cached streams (layers, fbank, mfcc, f0, pooled) for a stream model;
 - ``validate.py``: held-out speakers, validation trials, the EER that selects the model;

@@ -260,14 +260,14 @@ def start_classifier(loss_fn, emb: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def start_maps(cfg, published, pooled: np.ndarray, labels: np.ndarray, kinds) -> dict:
-    """{kind: :func:`warm_map` of the start ``kind``} for a :class:`WarmHead` of ``cfg.dims``, from the
+    """{kind: :func:`warm_map` of the start ``kind``} for a :class:`WarmHead` of ``cfg.head.dims``, from the
     published map (W, b) and training vectors ``pooled`` (n, P) with classes ``labels`` (n,)."""
     weight, bias = published
     emb = np.asarray(pooled, np.float64) @ weight.T + bias  # (n, E)
     out = {}
     for kind in kinds:
-        r, m = start_transform(emb, labels, kind, cfg.init_center)
-        out[kind] = warm_map(weight, bias - m, r, pooled, cfg.dims[-1], cfg.seed)
+        r, m = start_transform(emb, labels, kind, cfg.head.init_center)
+        out[kind] = warm_map(weight, bias - m, r, pooled, cfg.head.dims[-1], cfg.run.seed)
     return out
 
 
@@ -289,21 +289,21 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
 
     weight, bias = published
     embed_dim = len(weight)
-    guard = max((d for d in cfg.dims if d <= embed_dim), default=None)
-    auto = cfg.init_rotation == "auto"
+    guard = max((d for d in cfg.head.dims if d <= embed_dim), default=None)
+    auto = cfg.head.init_rotation == "auto"
     ordered = len(np.unique(labels)) - 1  # LDA has at most classes - 1 directions with between-class spread
-    if cfg.init_rotation in ("lda", "whitened") and min(cfg.dims[-1], embed_dim) > ordered:
+    if cfg.head.init_rotation in ("lda", "whitened") and min(cfg.head.dims[-1], embed_dim) > ordered:
         import sys
 
-        print(f"note: --init-rotation {cfg.init_rotation}: {ordered + 1} training speakers order only the first "
+        print(f"note: --init-rotation {cfg.head.init_rotation}: {ordered + 1} training speakers order only the first "
               f"{ordered} directions; dims past {ordered} start in no meaningful order (more speakers, or "
               "--init-rotation pca)", file=sys.stderr)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     x = torch.from_numpy(np.asarray(pooled, np.float32))
-    if cfg.objective == "margin":
-        maps = start_maps(cfg, published, pooled, labels, auto_starts(cfg.init_center) if auto else
-                          (cfg.init_rotation,))
-        head = WarmHead(pooled_dim, cfg.dims, embed_dim)
+    if cfg.head.objective == "margin":
+        maps = start_maps(cfg, published, pooled, labels, auto_starts(cfg.head.init_center) if auto else
+                          (cfg.head.init_rotation,))
+        head = WarmHead(pooled_dim, cfg.head.dims, embed_dim)
         head.set_map(*next(iter(maps.values())))
         loss = make_loss(cfg, num_classes)
         start_classifier(loss, head(x), torch.from_numpy(labels))
@@ -316,28 +316,28 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
                     head.set_map(*m)
                     eers[kind] = score(head)
                 kept = pick_start(eers, str(guard) if guard is not None else None,
-                                  () if cfg.init_center else ("pca", "lda"))
+                                  () if cfg.head.init_center else ("pca", "lda"))
             head.set_map(*maps[kept])
             with torch.no_grad():
                 start_classifier(loss, head(x.to(device)), torch.from_numpy(labels))
             return {"kept": kept, "eer": eers}
 
         return head, loss, (lambda h: h), guard, (choose if len(maps) > 1 else None)
-    if cfg.dims[-1] > embed_dim:
-        raise ValueError(f"dims {list(cfg.dims)}: the adaptor rotates the published {embed_dim}-dim embedding; "
+    if cfg.head.dims[-1] > embed_dim:
+        raise ValueError(f"dims {list(cfg.head.dims)}: the adaptor rotates the published {embed_dim}-dim embedding; "
                          f"give dims up to {embed_dim} (or --init published for more)")
-    if cfg.init_rotation == "whitened":
+    if cfg.head.init_rotation == "whitened":
         raise ValueError("--init-rotation whitened is not a rotation: the adaptor keeps the published full-size "
                          "scores; use --init-rotation pca or lda (auto: pca) with --objective adaptor")
     emb = np.asarray(pooled, np.float64) @ weight.T + bias  # (n, E)
-    rotation, mean = start_transform(emb, labels, "pca" if auto else cfg.init_rotation, cfg.init_center)
-    head = AdaptorHead(pooled_dim, cfg.dims, embed_dim, cfg.adaptor_hidden)
+    rotation, mean = start_transform(emb, labels, "pca" if auto else cfg.head.init_rotation, cfg.head.init_center)
+    head = AdaptorHead(pooled_dim, cfg.head.dims, embed_dim, cfg.head.adaptor_hidden)
     head.set_map(weight, bias - mean, rotation)
     margin = None
-    if cfg.objective == "adaptor-supervised":
+    if cfg.head.objective == "adaptor-supervised":
         margin = make_loss(cfg, num_classes)
         start_classifier(margin, torch.from_numpy(((emb - mean) @ rotation.T).astype(np.float32)),
                          torch.from_numpy(labels))
-    loss = AdaptorLoss(cfg.dims, embed_dim, margin, cfg.adaptor_topk, cfg.dim_weights)
+    loss = AdaptorLoss(cfg.head.dims, embed_dim, margin, cfg.head.adaptor_topk, cfg.loss.dim_weights)
     head, loss = head.to(device), loss.to(device)
     return head, loss, adaptor_embed, guard, None

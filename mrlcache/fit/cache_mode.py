@@ -62,33 +62,33 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         cache = cache_mod.open(cache_dir)
     else:
         cache_dir = Path(cache.path) if getattr(cache, "path", None) else None
-    records = input_records(cache, cfg.inputs, f"--cache {cache_dir}")
+    records = input_records(cache, cfg.head.inputs, f"--cache {cache_dir}")
     one_vector = len(records) == 1 and all(r.kind == "vector" and len(r.shape) == 1 for r in records.values())
-    if not one_vector or head_class(cfg.head).reads != "vector":  # encoders, fusion or a frame head
+    if not one_vector or head_class(cfg.head.name).reads != "vector":  # encoders, fusion or a frame head
         from mrlcache.fit.stream_mode import fit_streams
 
         return fit_streams(cache, cache_dir, cfg, out, backbone=backbone, resume=resume)
     meta = dict(cache.meta)
     pooled_dim = int(next(iter(records.values())).shape[0])  # the one vector stream the head reads
-    if cfg.dims[-1] > pooled_dim:
-        raise FitError(f"dims {list(cfg.dims)}: largest dim exceeds the cached pooled size {pooled_dim}")
+    if cfg.head.dims[-1] > pooled_dim:
+        raise FitError(f"dims {list(cfg.head.dims)}: largest dim exceeds the cached pooled size {pooled_dim}")
     device = device_for(cfg)
 
     backbone_ref = None
     imported = is_imported(meta)
-    if cfg.init == "auto":  # recorded resolved in config.yaml
-        cfg.init = "published" if imported else "random"
-    if (not cfg.head_only or cfg.starts_from_published) and not imported and backbone is None:
+    if cfg.head.init == "auto":  # recorded resolved in config.yaml
+        cfg.head.init = "published" if _has_published_start(cfg, meta, imported) else "random"
+    if (not cfg.run.head_only or cfg.starts_from_published) and not imported and backbone is None:
         from mrlcache.backbone import backbone_for_cache
 
-        backbone, backbone_ref = backbone_for_cache(cache_dir, meta, weights=cfg.weights)
+        backbone, backbone_ref = backbone_for_cache(cache_dir, meta, weights=cfg.run.weights)
     published = None
     if cfg.starts_from_published:  # the published map: the backbone's head, or imported vectors as they are
         from mrlcache.fit.adaptor import affine_of
 
         published = affine_of(backbone.head, pooled_dim) if backbone is not None else \
             (np.eye(pooled_dim), np.zeros(pooled_dim))
-    if cfg.head_only or imported:
+    if cfg.run.head_only or imported:
         backbone = None
 
     fingerprint = {"cache": str(cache_dir) if cache_dir else None, "cache_meta_sha256": meta_hash(meta),
@@ -102,11 +102,11 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
                                                                           fingerprint)
     with lock:
         train_rows = np.flatnonzero(labels >= 0)
-        records = input_records(cache, cfg.inputs, f"--cache {cache_dir}", training=True)
+        records = input_records(cache, cfg.head.inputs, f"--cache {cache_dir}", training=True)
         start, choose = {}, None  # TrainJob fields of a head started from the published embedding
         if published is None:
             head, loss_fn = build_head(cfg, pooled_dim, len(train_names), device)
-            embed_of = lambda m: vector_input(m, cfg.inputs)  # noqa: E731
+            embed_of = lambda m: vector_input(m, cfg.head.inputs)  # noqa: E731
         else:
             head, loss_fn, embed_of, guard, choose = _published_head(cfg, cache, labels, published,
                                                                      len(train_names), device)
@@ -117,7 +117,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         fingerprint.update(train_speakers=len(train_names), val_speakers=val_names, features=mode)
         write_header(out, config, fingerprint)  # on resume: the same, up to epochs/patience
 
-        picked = _pick_start(choose, val, embed_of, head, device, resume, out)
+        picked = _pick_start(choose, val, embed_of, device, resume)
         job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device,
                           embed=embed_of(head))
         job = dataclasses.replace(job, **start)
@@ -131,27 +131,52 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
             extra["raw_eer"] = raw_eer(val)
             extra["val_source"] = val.source
         finish(job, result, backbone, backbone_ref, extra, ptm=meta.get("ptm"))
-        if cfg.fixed_baselines:
-            for i, d in enumerate(cfg.dims):
+        if cfg.run.fixed_baselines:
+            for i, d in enumerate(cfg.head.dims):
                 _fit_fixed(cfg, i, out / "fixed" / str(d), cache_dir, fingerprint, feats, val, pooled_dim,
                            len(train_names), len(train_rows), device, resume, extra)
     return out
 
 
+def _has_published_start(cfg, meta: dict, imported: bool) -> bool:
+    """``--init auto``: start from the published embedding when there is one worth starting from
+    (imported vectors, or a cache of trained encoder weights, not random ones, without
+    --head-only, which says the vectors come from no known backbone) and the head can (one
+    that supports it, on the pooled vector); measured better than a head from random on the
+    imported and on two real encoders' vectors (benchmarks/README.md, issue 21)."""
+    from mrlcache.backbone import BackboneRecord, RecordError
+    from mrlcache.models import head_supports
+    from mrlcache.streams import pooled_only
+
+    head = cfg.head
+    if "published_start" not in head_supports(head.name) or not pooled_only(head.inputs) or meta.get("ptm"):
+        return False
+    if imported:
+        return True
+    if cfg.run.head_only:
+        return False
+    try:
+        record = BackboneRecord.from_meta(meta)
+    except RecordError:
+        return False
+    return record is not None and not record.is_random
+
+
 def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim, num_classes, num_train, device,
                resume, extra) -> None:
-    """The fixed-size head of ``cfg.dims[i]``: a one-dim fit into ``out`` (resumed if it has a last.pt)."""
-    margin = cfg.margin if cfg.margins is None else cfg.margins[i]
-    one = dataclasses.replace(cfg, dims=(cfg.dims[i],), dim_weights=None, margins=None, margin=margin,
-                              grad_scaling=False, fixed_baselines=False, head_only=True, init="random",
-                              objective="margin")
+    """The fixed-size head of ``cfg.head.dims[i]``: a one-dim fit into ``out`` (resumed if it has a last.pt)."""
+    margin = cfg.loss.margin if cfg.loss.margins is None else cfg.loss.margins[i]
+    one = dataclasses.replace(
+        cfg, head=dataclasses.replace(cfg.head, dims=(cfg.head.dims[i],), init="random", objective="margin"),
+        loss=dataclasses.replace(cfg.loss, dim_weights=None, margins=None, margin=margin, grad_scaling=False),
+        run=dataclasses.replace(cfg.run, fixed_baselines=False, head_only=True))
     config = run_config(one, cache_dir=cache_dir)
     lock, resume = open_run(out, config, resume and (out / "last.pt").exists(), fingerprint)
     with lock:
         write_header(out, config, fingerprint)
         head, loss_fn = build_head(one, pooled_dim, num_classes, device)
         job = feature_job(one, config, out, head, loss_fn, feats, val, num_train, device,
-                          embed=vector_input(head, one.inputs))
+                          embed=vector_input(head, one.head.inputs))
         finish(job, train(job, resume), None, None, extra)
 
 
@@ -160,7 +185,7 @@ def _published_head(cfg, cache, labels, published, num_classes, device):
     embed_of, guard_dim, choose); the training forward reads {"pooled": (b, P)} batches."""
     from mrlcache.fit.adaptor import build_nested
 
-    pooled, rows_labels = training_sample(cache, labels, cfg.seed)
+    pooled, rows_labels = training_sample(cache, labels, cfg.run.seed)
     try:
         head, loss_fn, embed_maker, guard, choose = build_nested(cfg, pooled.shape[1], num_classes, published,
                                                                  pooled, rows_labels, device)
@@ -169,7 +194,7 @@ def _published_head(cfg, cache, labels, published, num_classes, device):
     return head, loss_fn, lambda m: (lambda batch, f=embed_maker(m): f(batch["pooled"])), guard, choose
 
 
-def _pick_start(choose, val, embed_of, head, device, resume: bool, out: Path) -> dict | None:
+def _pick_start(choose, val, embed_of, device, resume: bool) -> dict | None:
     """``--init-rotation auto``: every start scored on the validation trials, the best kept
     (:func:`mrlcache.fit.adaptor.pick_start`); None when there is one start. Without
     validation the first (pca) is kept; a resumed fit reads its start from last.pt."""
@@ -195,13 +220,13 @@ def _refit_start(job, cfg, cache, speakers, published, picked) -> bool:
     from mrlcache.fit.loop import load_checkpoint
     from mrlcache.runtime import atomic_torch_save
 
-    if job.cfg.objective != "margin":
+    if job.cfg.head.objective != "margin":
         return False  # the adaptor's rotation is kept as validated (its full-size scores do not move)
-    kind = picked["kept"] if picked else cfg.init_rotation
+    kind = picked["kept"] if picked else cfg.head.init_rotation
     if kind == "auto":
         kind = "pca"
     _, every = np.unique(speakers, return_inverse=True)
-    pooled, labels = training_sample(cache, every, cfg.seed)
+    pooled, labels = training_sample(cache, every, cfg.run.seed)
     job.head.set_map(*start_maps(cfg, published, pooled, labels, (kind,))[kind])
     if distributed.is_main():
         state = load_checkpoint(job.out / "best.pt")

@@ -11,8 +11,12 @@ one permutation of all training rows; with a window of ``w`` shards, the shards 
 random order, ``w`` at a time, rows permuted within each window (rows left over from a
 window's last full batch join the next window). Where the rows come from is a policy:
 ``memory`` holds every view of every row in the stored dtype; ``streamed`` reads one
-window at a time (only the views the epoch drew, only the training rows) while the
-previous window trains (a reading thread). Both give the same batches for the same window,
+window at a time while the previous window trains (a reading thread), and holds only the
+training rows, each in the view the epoch drew for it. Each drawn view of a shard is one
+read of the chunks holding its rows: for the pooled vectors (one chunk per view) the
+whole view, sequentially, so with 6 views an epoch reads every byte of the cache and keeps
+a sixth: measured faster than fetching only the drawn rows (benchmarks/README.md, issue
+22). Both give the same batches for the same window,
 so the memory budget (``--memory-gb``) only decides the policy and the window
 (:func:`plan_features`); it never refuses a fit. A cache that fits the budget is read in
 memory with one window (one permutation of every row, as every fit before streaming).
@@ -142,12 +146,10 @@ class Features:
             drawn = views[self.offsets[k] + local]
             for name in self.records:
                 block = arrays[name][start:start + len(local)]
-                for view in np.unique(drawn):  # each needed view of the shard read once
+                for view in np.unique(drawn):  # each needed view of the shard read once, in order
                     sel = np.flatnonzero(drawn == view)
-                    if len(sel) * 4 > self.sizes[k]:  # most rows: one sequential read of the view
-                        block[sel] = self.shards[k].read(name, view=int(view), dtype=self.dtype)[local[sel]]
-                    else:
-                        block[sel] = self.shards[k].read(name, view=int(view), rows=local[sel], dtype=self.dtype)
+                    # the rows that drew it: the chunks holding them (a pooled view: one chunk, read whole)
+                    block[sel] = self.shards[k].read(name, view=int(view), rows=local[sel], dtype=self.dtype)
             start += len(local)
         return Block(rows, arrays)
 

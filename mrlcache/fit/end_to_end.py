@@ -64,14 +64,15 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **op
     if not utts:
         raise FitError(f"--data {data}: no audio files found")
     if e2e.random_init:
-        backbone = load_backbone(e2e.variant, random_init=True, seed=cfg.seed)
+        backbone = load_backbone(e2e.variant, random_init=True, seed=cfg.run.seed)
     else:
-        backbone = load_backbone(cfg.weights or e2e.variant, train_type=e2e.train_type, dataset=e2e.dataset)
+        backbone = load_backbone(cfg.run.weights or e2e.variant, train_type=e2e.train_type, dataset=e2e.dataset)
     backbone_ref = None if e2e.random_init else {
-        "source": str(Path(cfg.weights).resolve()) if cfg.weights else e2e.variant,
+        "source": str(Path(cfg.run.weights).resolve()) if cfg.run.weights else e2e.variant,
         "train_type": e2e.train_type, "dataset": e2e.dataset}
-    if cfg.dims[-1] > backbone.pooled_dim:
-        raise FitError(f"dims {list(cfg.dims)}: largest dim exceeds the backbone's pooled size {backbone.pooled_dim}")
+    if cfg.head.dims[-1] > backbone.pooled_dim:
+        raise FitError(f"dims {list(cfg.head.dims)}: largest dim exceeds the backbone's pooled size "
+                       f"{backbone.pooled_dim}")
     need, who = wave_minimum(backbone)
     if int(round(e2e.crop_seconds * 16000)) < need:
         raise FitError(f"--crop-seconds {e2e.crop_seconds:g}: {who} needs at least {need} samples "
@@ -81,7 +82,8 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **op
         p.requires_grad_(False)
 
     speakers = np.array([u.speaker for u in utts])
-    val_names, train_names, labels, cfg.val_speakers = split_speakers(speakers, cfg.val_speakers, cfg.seed, str(data))
+    val_names, train_names, labels, cfg.val.val_speakers = split_speakers(speakers, cfg.val.val_speakers,
+                                                                          cfg.run.seed, str(data))
     train_rows = np.flatnonzero(labels >= 0)
 
     # Backbone identity for the fingerprint: the file's SHA-256, or the random weights' bytes.
@@ -90,7 +92,7 @@ def fit_end_to_end(data, dims: Sequence[int], out, *, resume: bool = False, **op
     fingerprint = {"data": root, "utterances": len(utts), "weights_sha256": sha,
                    "model_config": backbone.model_config, "pooled_dim": backbone.pooled_dim,
                    "cache_meta_sha256": meta_hash({"data": root, "utts": len(utts), "sha": sha,
-                                                   **e2e.identity(cfg.weights)}),
+                                                   **e2e.identity(cfg.run.weights)}),
                    "train_speakers": len(train_names), "val_speakers": val_names, "features": "end-to-end"}
     config = run_config(cfg, e2e)
     lock, resume = open_run(out, config, resume, fingerprint)
@@ -127,8 +129,8 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
     def loader(items):
         # The cache mode's batch boundaries (a lone last crop joins the previous batch); on
         # N ranks this rank's part of each global batch, decoded by this rank's workers.
-        slices = [rows.tolist() for rows in distributed.rank_batches(np.arange(len(items)), cfg.batch_size)]
-        ds = _CropDataset(paths, ids, items, cfg.seed, crop, e2e.augment, e2e.min_seconds)
+        slices = [rows.tolist() for rows in distributed.rank_batches(np.arange(len(items)), cfg.optim.batch_size)]
+        ds = _CropDataset(paths, ids, items, cfg.run.seed, crop, e2e.augment, e2e.min_seconds)
         return torch.utils.data.DataLoader(ds, batch_sampler=slices, num_workers=e2e.workers,
                                            worker_init_fn=functools.partial(_worker_init, os.getpid()))
 
@@ -138,7 +140,7 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
         # The cache mode's draw: one view per utterance, then a permutation of training rows.
         # Bad files stay in the draw (so the draw does not depend on what failed before) and
         # are dropped from their batch each epoch; recorded once.
-        g = epoch_generator(cfg.seed, epoch)
+        g = epoch_generator(cfg.run.seed, epoch)
         v = torch.randint(e2e.views, (len(utts),), generator=g).numpy()
         order = train_rows[torch.randperm(len(train_rows), generator=g).numpy()]
         crops = surviving_workers(loader(np.stack([order, v[order]], 1)), FitError,
@@ -155,7 +157,7 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
         # gradient, so the optimiser skips them until unfreezing.
         groups += param_groups([backbone], cfg, lr=e2e.backbone_lr)
     opt = make_optimizer(cfg, groups)
-    n_batches = distributed.num_batches(len(train_rows), cfg.batch_size)
+    n_batches = distributed.num_batches(len(train_rows), cfg.optim.batch_size)
     opt_steps = math.ceil(n_batches / e2e.grad_accum)
 
     state = {"unfrozen": False}
@@ -177,7 +179,7 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
 
     val = None
     val_rows = np.flatnonzero(labels < 0)
-    val_set = _CropDataset(paths, ids, np.stack([val_rows, np.zeros_like(val_rows)], 1), cfg.seed, crop, None,
+    val_set = _CropDataset(paths, ids, np.stack([val_rows, np.zeros_like(val_rows)], 1), cfg.run.seed, crop, None,
                            e2e.min_seconds)
     val_items = [val_set[k] for k in range(len(val_set))]  # clean view-0 crops
     for wave, row, reason, detail in val_items:
@@ -186,7 +188,7 @@ def _job(cfg, e2e, config, out, device, backbone, utts, speakers, labels, train_
     val_rows = np.array([row for _, row, reason, _ in val_items if not reason], np.int64)
     if len(val_rows):
         val_waves = np.stack([wave.numpy() for wave, _, reason, _ in val_items if not reason])  # (N, S)
-        val = heldout_valset({"wave": val_waves}, speakers[val_rows], cfg.max_val_trials, cfg.seed,
+        val = heldout_valset({"wave": val_waves}, speakers[val_rows], cfg.val.max_val_trials, cfg.run.seed,
                              f"{num_val} held-out speakers, clean {e2e.crop_seconds}s crops", batch=32)
 
     def val_embed(batch):

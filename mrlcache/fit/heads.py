@@ -20,15 +20,15 @@ __all__ = ["build_head", "make_loss"]
 
 def make_loss(cfg, num_classes: int):
     """The Matryoshka margin loss of the fit's options (every head trains with it)."""
-    return MatryoshkaMarginLoss(cfg.dims, num_classes, dim_weights=cfg.dim_weights,
-                                margin=cfg.margin if cfg.margins is None else cfg.margins,
-                                scale=cfg.scale, subcenters=cfg.subcenters, classifier=cfg.classifier,
-                                kind=cfg.loss, grad_scaling=cfg.grad_scaling)
+    return MatryoshkaMarginLoss(cfg.head.dims, num_classes, dim_weights=cfg.loss.dim_weights,
+                                margin=cfg.loss.margin if cfg.loss.margins is None else cfg.loss.margins,
+                                scale=cfg.loss.scale, subcenters=cfg.loss.subcenters, classifier=cfg.loss.classifier,
+                                kind=cfg.loss.name, grad_scaling=cfg.loss.grad_scaling)
 
 
 def build_head(cfg, width: int, num_classes: int, device):
-    """The head ``cfg.head`` over vectors of ``width`` and its loss, on ``device``, initialised
-    from ``cfg.seed``: (head, loss)."""
-    torch.manual_seed(cfg.seed)  # the head's initial weights depend on the seed only
-    head = head_class(cfg.head)(**head_args(cfg.head, width, cfg.dims, cfg))
+    """The head ``cfg.head.name`` over vectors of ``width`` and its loss, on ``device``, initialised
+    from ``cfg.run.seed``: (head, loss)."""
+    torch.manual_seed(cfg.run.seed)  # the head's initial weights depend on the seed only
+    head = head_class(cfg.head.name)(**head_args(cfg.head.name, width, cfg.head.dims, cfg.head))
     return head.to(device), make_loss(cfg, num_classes).to(device)

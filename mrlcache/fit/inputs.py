@@ -33,9 +33,9 @@ def open_features(cache, records: dict, labels, cfg, model, loss_fn, embed_of):
     if n >= 4:
         saved = [_saved_floats(embed_of, model, loss_fn, {k: v[:rows] for k, v in probe.items()}) for rows in (2, 4)]
         per_row = max(0, (saved[1] - saved[0]) // 2)
-    plan = plan_features(cache, records, cfg.feature_dtype, cfg.batch_size,
-                         model_bytes(model, loss_fn, cfg.batch_size, per_row), cfg.memory_gb)
-    return Features(cache, records, labels, cfg.feature_dtype, plan.policy, plan.window), plan
+    plan = plan_features(cache, records, cfg.run.feature_dtype, cfg.optim.batch_size,
+                         model_bytes(model, loss_fn, cfg.optim.batch_size, per_row), cfg.run.memory_gb)
+    return Features(cache, records, labels, cfg.run.feature_dtype, plan.policy, plan.window), plan
 
 
 def _saved_floats(embed_of, model, loss_fn, probe: dict) -> int:
@@ -67,10 +67,10 @@ def _saved_floats(embed_of, model, loss_fn, probe: dict) -> int:
 
 def heldout_or_external(cfg, feats, records, labels, speakers, val_names):
     """The validation set: the external cache and trials, or trials among held-out speakers (their rows only)."""
-    if cfg.val_cache is not None:
-        return external_valset(cfg.val_cache, cfg.val_trials, cfg.inputs, train_meta=feats.cache.meta)
+    if cfg.val.val_cache is not None:
+        return external_valset(cfg.val.val_cache, cfg.val.val_trials, cfg.head.inputs, train_meta=feats.cache.meta)
     if not val_names:
         return None
     rows = np.flatnonzero(labels < 0)  # held in the features' dtype, as the training rows
-    return heldout_valset(feats.rows(rows, 0, feats.dtype), speakers[rows], cfg.max_val_trials, cfg.seed,
+    return heldout_valset(feats.rows(rows, 0, feats.dtype), speakers[rows], cfg.val.max_val_trials, cfg.run.seed,
                           f"{len(val_names)} held-out training speakers", batch=val_batch(records), records=records)

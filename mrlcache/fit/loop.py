@@ -5,8 +5,8 @@ is embedded in training and in validation, which modules a checkpoint holds beyo
 head and loss, and a hook run at each epoch's start. :func:`train` runs the epochs: the
 margin schedule (only stepped here: :class:`~mrlcache.fit.optim.MarginWarmup`), the step
 (autocast, gradient accumulation, clipping, the learning-rate schedule), validation and
-model selection by mean EER (a started head: :func:`selection_ratio`), ``history.jsonl``, TensorBoard, and the checkpoints ``best.pt``
-and ``last.pt``, all built by :func:`checkpoint`.
+model selection by mean EER (a started head: :func:`selection_ratio`), ``history.jsonl``,
+TensorBoard, and the checkpoints ``best.pt`` and ``last.pt``, all built by :func:`checkpoint`.
 
 Determinism: every random draw of epoch ``e`` (views, order; the classes of
 ``class_sample`` from a second stream) comes from a generator seeded by ``(seed, e)``,
@@ -57,14 +57,14 @@ class TrainJob:
     margin: MarginWarmup | None = None  # stepped at each epoch's start; default: cfg's warm-up of loss_fn
     # A head that starts from a model worth keeping (the published embedding, PCA, LDA): epoch 0
     # (before any step) is validated and may be selected (best epoch -1); a later epoch is
-    # selected only if no dim is worse than epoch 0 (selection_ratio). guard_dim: the published
+    # selected only if no dim is worse than epoch 0 and it is clearly better (selection_ratio). guard_dim: the published
     # size (or the largest trained dim below it), recorded in summary.json.
     score_start: bool = False
     guard_dim: int | None = None
 
     def __post_init__(self):
         if self.margin is None:
-            self.margin = MarginWarmup(self.loss_fn, self.cfg.margin, self.cfg.margin_warmup_epochs)
+            self.margin = MarginWarmup(self.loss_fn, self.cfg.loss.margin, self.cfg.loss.margin_warmup_epochs)
 
 
 def checkpoint(job: TrainJob, epoch: int, **more) -> dict:
@@ -134,9 +134,9 @@ def feature_job(cfg, config: dict, out: Path, model, loss_fn, feats, val, num_tr
     """
     embed = embed or model
     opt = make_optimizer(cfg, param_groups([model, loss_fn], cfg))
-    steps = distributed.num_batches(num_train, cfg.batch_size)
+    steps = distributed.num_batches(num_train, cfg.optim.batch_size)
     return TrainJob(cfg=cfg, config=config, out=out, head=model, loss_fn=loss_fn,
-                    batches=lambda epoch: feats.epoch(cfg.seed, epoch, cfg.batch_size, device),
+                    batches=lambda epoch: feats.epoch(cfg.run.seed, epoch, cfg.optim.batch_size, device),
                     embed=embed, val_embed=embed, val=val, steps_per_epoch=steps, device=device,
                     optimizer=opt, scheduler=make_scheduler(cfg, opt, steps))
 
@@ -148,7 +148,7 @@ def train(job: TrainJob, resume: bool) -> dict:
 
     use_amp = job.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    autocast_dtype = torch.float16 if use_amp else (torch.bfloat16 if cfg.precision == "bf16" else None)
+    autocast_dtype = torch.float16 if use_amp else (torch.bfloat16 if cfg.run.precision == "bf16" else None)
 
     start, best, history, restored = 0, {"epoch": None, "mean_eer": None}, [], {}
     # Early stopping: the last epoch whose mean EER beat the previous mark by more than
@@ -171,7 +171,7 @@ def train(job: TrainJob, resume: bool) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True, quiet=not cfg.progress or not main)
+    console = Console(stderr=True, quiet=not cfg.run.progress or not main)
     dims = job.head.dims
     stopped_early = False
     floor, start_rec = None, None  # epoch 0's EER per dim: the bound a selected epoch keeps (started heads)
@@ -187,7 +187,7 @@ def train(job: TrainJob, resume: bool) -> dict:
             if main:
                 atomic_torch_save(checkpoint(job, -1, val=best), out / "best.pt")
         floor = start_rec["eer"] if start_rec else None
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, cfg.optim.epochs):
         t0 = time.perf_counter()
         if job.on_epoch_start:
             job.on_epoch_start(epoch)
@@ -196,11 +196,11 @@ def train(job: TrainJob, resume: bool) -> dict:
         job.head.train()
         job.loss_fn.train()
         sums = torch.zeros(2, len(dims), dtype=torch.float64)  # loss, accuracy per dim, x rows
-        class_gen = epoch_generator(cfg.seed, epoch, stream=1) if cfg.class_sample < 1 else None
+        class_gen = epoch_generator(cfg.run.seed, epoch, stream=1) if cfg.loss.class_sample < 1 else None
         seen = 0
-        with Progress(TextColumn(f"epoch {epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
+        with Progress(TextColumn(f"epoch {epoch + 1}/{cfg.optim.epochs}"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), console=console, transient=True,
-                      disable=not cfg.progress or not main) as bar, distributed.guard(f"epoch {epoch + 1}"):
+                      disable=not cfg.run.progress or not main) as bar, distributed.guard(f"epoch {epoch + 1}"):
             task = bar.add_task("fit", total=job.steps_per_epoch)
             pending = False  # gradients accumulated since the last optimiser step
             for step, (x, y) in enumerate(job.batches(epoch)):
@@ -208,7 +208,8 @@ def train(job: TrainJob, resume: bool) -> dict:
                 with torch.autocast(job.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     classes = None
                     if class_gen is not None:
-                        classes = sample_classes(y, job.loss_fn.num_classes, cfg.class_sample, class_gen).to(y.device)
+                        classes = sample_classes(y, job.loss_fn.num_classes, cfg.loss.class_sample,
+                                                 class_gen).to(y.device)
                     loss, dim_loss, dim_acc = step_fn(x, y, classes)
                 if distributed.world() > 1:
                     # This rank's share of the global batch's mean (DDP averages the ranks).
@@ -245,8 +246,8 @@ def train(job: TrainJob, resume: bool) -> dict:
                "accuracy": dict(zip(map(str, dims), train_acc))}
         if distributed.world() > 1:
             rec.update(world_size=distributed.world(),
-                       effective_batch=distributed.global_batch(cfg.batch_size) * job.grad_accum)
-        validating = job.val is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
+                       effective_batch=distributed.global_batch(cfg.optim.batch_size) * job.grad_accum)
+        validating = job.val is not None and ((epoch + 1) % cfg.val.val_every == 0 or epoch + 1 == cfg.optim.epochs)
         if validating:
             job.head.eval()
             # Rank 0 validates; the others wait and take its numbers (the same selection,
@@ -255,14 +256,14 @@ def train(job: TrainJob, resume: bool) -> dict:
             rec["val_eer"] = {str(d): e for d, e in v["eer"].items()}
             rec["val_min_dcf"] = {str(d): e for d, e in v["min_dcf"].items()}
             rec["val_mean_eer"] = v["mean_eer"]
-            if cfg.scheduler == "plateau":
+            if cfg.optim.scheduler == "plateau":
                 job.scheduler.step(v["mean_eer"])
-            if mark["mean_eer"] is None or v["mean_eer"] < mark["mean_eer"] - cfg.min_delta:
+            if mark["mean_eer"] is None or v["mean_eer"] < mark["mean_eer"] - cfg.val.min_delta:
                 mark = {"epoch": epoch, "mean_eer": v["mean_eer"]}  # patience counts from here
             if floor is None:  # selected by mean EER
                 kept = best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]
             else:  # no dim worse than epoch 0, then the lowest mean ratio to it (selection_ratio)
-                ratio = selection_ratio(rec["val_eer"], floor)
+                ratio = selection_ratio(rec["val_eer"], floor, int(job.val.labels.sum()))
                 kept = ratio is not None and ratio < best.get("ratio_to_start", 1.0)
             if kept:
                 best = {"epoch": epoch, "mean_eer": v["mean_eer"], "eer": rec["val_eer"],
@@ -285,31 +286,40 @@ def train(job: TrainJob, resume: bool) -> dict:
                                          scheduler=job.scheduler.state_dict(), scaler=scaler.state_dict(),
                                          torch_rng=torch.get_rng_state(), best=best, patience_mark=mark,
                                          config=job.config, start=start_rec), last_path)
-        line = f"epoch {epoch + 1}/{cfg.epochs} loss {sum(train_loss) / len(dims):.3f} " \
+        line = f"epoch {epoch + 1}/{cfg.optim.epochs} loss {sum(train_loss) / len(dims):.3f} " \
                f"acc {train_acc[-1]:.3f} lr {rec['lr']:.2e} {rec['seconds']:.1f}s"
         if validating:
             line += " EER% " + " ".join(f"{d}:{100 * v['eer'][str(d)]:.2f}" for d in dims)
         console.print(line)
-        if (cfg.patience > 0 and mark["epoch"] is not None and job.val is not None
-                and epoch - mark["epoch"] >= cfg.patience):
+        if (cfg.val.patience > 0 and mark["epoch"] is not None and job.val is not None
+                and epoch - mark["epoch"] >= cfg.val.patience):
             stopped_early = True
-            console.print(f"early stop: no better mean EER for {cfg.patience} epochs")
+            console.print(f"early stop: no better mean EER for {cfg.val.patience} epochs")
             break
     if writer is not None:
         writer.close()
     return {"best": best, "history": history, "stopped_early": stopped_early, "start": start_rec}
 
 
-def selection_ratio(eer: dict, start: dict) -> float | None:
-    """How an epoch of a started head compares with epoch 0 ({dim: EER} each): None if it is
-    worse at any dim, else the mean over dims of EER / epoch 0's (1: as good; a dim where
-    epoch 0 has EER 0 counts 1, as it must then be 0 too).
+def selection_ratio(eer: dict, start: dict, targets: int) -> float | None:
+    """How an epoch of a started head compares with epoch 0 ({dim: EER} each, on validation
+    trials with ``targets`` target trials): None if it is not clearly better, else the mean
+    over dims of EER / epoch 0's (below 1).
 
-    Selecting the lowest ratio below 1 (epoch 0 has 1) never keeps a model worse than epoch 0
-    at any dim on the validation trials: when epoch 0 is a baseline (PCA, LDA, the published
-    embedding at full size), the kept model is no worse than it at every dim there.
+    Clearly better: no dim worse than epoch 0, and on average over dims at least one
+    standard error of epoch 0's EER better (``sqrt(e (1 - e) / targets)``, the binomial
+    error of a miss rate ``e`` on the target trials). Without that margin, the many epochs of
+    a fit on a small validation set would often find one that is better there by chance and
+    worse on new speakers (measured: benchmarks/README.md, issue 21). Selecting the lowest
+    ratio of those (epoch 0 has 1) never keeps a model worse than epoch 0 at any dim on the
+    validation trials: when epoch 0 is a baseline (PCA, LDA, the published embedding at
+    full size), the kept model is no worse than it at every dim there.
     """
     if any(eer[d] > start[d] for d in start):
+        return None
+    gain = [(start[d] - eer[d]) / (start[d] * (1 - start[d]) / max(targets, 1)) ** 0.5 if start[d] > 0 else 0.0
+            for d in start]
+    if sum(gain) / len(gain) < 1.0:
         return None
     return float(sum(eer[d] / start[d] if start[d] > 0 else 1.0 for d in start) / len(start))
 
@@ -335,14 +345,14 @@ def _reduce_sums(sums: torch.Tensor, seen: int) -> int:
 
 def _optimizer_step(job: TrainJob, scaler) -> None:
     """Clip, step, zero the gradients, and advance a per-step (cosine) schedule."""
-    if job.cfg.grad_clip > 0:
+    if job.cfg.optim.grad_clip > 0:
         scaler.unscale_(job.optimizer)
         params = [p for g in job.optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, job.cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, job.cfg.optim.grad_clip)
     scaler.step(job.optimizer)
     scaler.update()
     job.optimizer.zero_grad(set_to_none=True)
-    if job.cfg.scheduler == "cosine":
+    if job.cfg.optim.scheduler == "cosine":
         job.scheduler.step()
 
 

@@ -155,7 +155,9 @@ def run_record(run) -> dict:
         if not (run / name).is_file():
             raise ValueError(f"{run}: no {name}; give run directories of finished 'mrlcache fit' runs")
     try:
-        row = _row(run, yaml.safe_load((run / "config.yaml").read_text()),
+        from mrlcache.fit.config import flat_options
+
+        row = _row(run, flat_options(yaml.safe_load((run / "config.yaml").read_text())),
                    json.loads((run / "summary.json").read_text()),
                    [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines() if x.strip()])
     except (ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError, UnicodeDecodeError) as err:

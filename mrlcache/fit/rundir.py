@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from mrlcache import distributed
-from mrlcache.fit.config import FitConfig, FitError
+from mrlcache.components import flat, plain
+from mrlcache.fit.config import FitConfig, FitError, flat_options
 from mrlcache.fit.loop import load_checkpoint
 from mrlcache.fit.validate import split_speakers
 from mrlcache.models.model import save_model
@@ -46,8 +47,8 @@ def run_config(cfg, e2e=None, cache_dir=None) -> dict:
     from mrlcache import distributed
 
     accum = e2e.grad_accum if e2e is not None else 1
-    return {**cfg.to_dict(), "mode": "end-to-end" if e2e is not None else "cache",
-            "world_size": distributed.world(), "effective_batch": distributed.global_batch(cfg.batch_size) * accum,
+    return {**cfg.to_dict(), "mode": "end-to-end" if e2e is not None else "cache", "world_size": distributed.world(),
+            "effective_batch": distributed.global_batch(cfg.optim.batch_size) * accum,
             "cache": str(cache_dir) if cache_dir is not None else None,
             "end_to_end": e2e.to_dict() if e2e is not None else None}
 
@@ -99,8 +100,10 @@ class RunLock:
 
 
 def _flatten(config: dict) -> dict:
+    """A run's config.yaml, of this version (nested) or an earlier one (flat), as flat keys,
+    the end-to-end options as ``end_to_end.NAME``."""
     flat = {}
-    for k, v in config.items():
+    for k, v in flat_options(config).items():
         if k == "end_to_end" and isinstance(v, dict):
             flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
         else:
@@ -149,16 +152,17 @@ def _check_resume(out: Path, config: dict, fingerprint: dict) -> bool:
     old_cfg = _flatten(yaml.safe_load((out / "config.yaml").read_text()))
     # A run from before effective_batch was recorded ran on one process.
     accum = old_cfg.get("end_to_end.grad_accum") or 1
-    old_cfg.setdefault("effective_batch", old_cfg.get("batch_size", FitConfig.batch_size) * accum)
+    defaults = {k: plain(v) for k, v in flat(FitConfig()).items()}
+    old_cfg.setdefault("effective_batch", old_cfg.get("batch_size", defaults["batch_size"]) * accum)
     # Options that change what an epoch computes must match; epochs/patience may grow.
     # A key a run from before it existed lacks matches when it holds today's default.
-    defaults = FitConfig().to_dict()
-    changed = sorted(k for k, v in _flatten(config).items() if k not in RESUME_FREE
+    new_cfg = _flatten(config)
+    changed = sorted(k for k, v in new_cfg.items() if k not in RESUME_FREE
                      and old_cfg.get(k, defaults.get(k)) != v)
     if "effective_batch" in changed:
         ranks = config.get("world_size", 1)
         raise FitError(f"--resume: {out} trained with an effective batch of {old_cfg['effective_batch']} rows "
-                       f"per step; now {config['effective_batch']} (--batch-size {config['batch_size']} x {ranks} "
+                       f"per step; now {config['effective_batch']} (--batch-size {new_cfg['batch_size']} x {ranks} "
                        f"rank(s)); on {ranks} rank(s) give --batch-size "
                        f"{old_cfg['effective_batch'] // ranks // (config.get('end_to_end') or {}).get('grad_accum', 1)}")
     if changed:
@@ -229,7 +233,8 @@ def _selected_by(job) -> str:
     if job.val is None:
         return "last epoch (no validation)"
     if job.score_start:
-        return "val EER no worse than epoch 0 at any dim, then the lowest mean ratio to epoch 0"
+        return ("val EER no worse than epoch 0 at any dim and on average one standard error better, "
+                "then the lowest mean ratio to epoch 0")
     return "val mean EER"
 
 
@@ -247,7 +252,7 @@ def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm:
             # The selected epoch trained the backbone: the recorded SHA-256 names the weights it
             # started from; save_model records the trained weights' own, so their caches refuse.
             backbone.weights_sha256 = None
-    save_model(out / "model.pt", head, backbone=backbone, embed_backbone=cfg.embed_backbone,
+    save_model(out / "model.pt", head, backbone=backbone, embed_backbone=cfg.run.embed_backbone,
                backbone_ref=backbone_ref, ptm=ptm)
     summary = {"best_epoch": result["best"]["epoch"], "best": result["best"],
                "epochs_run": len(result["history"]), "stopped_early": result["stopped_early"],
@@ -257,7 +262,7 @@ def _finish(job, result: dict, backbone, backbone_ref, extra_summary: dict, ptm:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_curves(result["history"], job.loss_fn.dims, out / "curves.png")  # resumed: every epoch
     write_model_summary({"head": head, "loss": job.loss_fn, **job.modules}, out)
-    if cfg.progress and job.val is not None and result["best"]["mean_eer"] is not None:
+    if cfg.run.progress and job.val is not None and result["best"]["mean_eer"] is not None:
         from rich.console import Console
         from rich.table import Table
 
@@ -291,9 +296,9 @@ def split_and_open(cfg, speakers, cache_dir, out: Path, resume: bool, fingerprin
     """The held-out speaker split of a cache fit (none with an external validation set) and the
     locked run directory: (val_names, train_names, labels, config, lock, resume)."""
     val_names, train_names, labels, n_val = split_speakers(
-        speakers, cfg.val_speakers if cfg.val_cache is None else 0, cfg.seed, f"the cache {cache_dir}")
-    if cfg.val_cache is None:
-        cfg.val_speakers = n_val
+        speakers, cfg.val.val_speakers if cfg.val.val_cache is None else 0, cfg.run.seed, f"the cache {cache_dir}")
+    if cfg.val.val_cache is None:
+        cfg.val.val_speakers = n_val
     config = run_config(cfg, cache_dir=cache_dir)
     lock, resume = open_run(out, config, resume, fingerprint)
     return val_names, train_names, labels, config, lock, resume

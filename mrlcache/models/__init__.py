@@ -19,10 +19,13 @@ A head class declares, besides ``forward`` (input -> (B, dims[-1]), raw):
 
 - ``reads``: ``"vector"`` (B, width) or ``"frames"`` (B, width, T);
 - ``width_arg``: the constructor argument that takes the input width;
-- ``option_args(options)`` (static): its own constructor arguments from a fit's options
-  (any object with the named attributes), beside the width and ``dims``;
+- ``option_args(options)`` (static): its own constructor arguments from a fit's head
+  options (``FitConfig.head``, or any object with the named attributes), beside the width
+  and ``dims``;
 - ``args()``: every constructor argument, plain values: ``Class(**head.args())`` rebuilds it;
 - ``dims`` and ``pooled_dim`` attributes (``pooled_dim``: the width of a head on vectors, else None).
+
+A head taking fit options beyond its own (``--margins``...) names them in :data:`HEAD_SUPPORTS`.
 
 A fusion class takes ``(in_dims, out_dim)`` and maps a list of encoded streams (all frames
 (B, D_i, T_i) or all vectors (B, D_i)) to (B, out_dim, T_0) or (B, out_dim).
@@ -39,6 +42,11 @@ HEADS = {
     "adaptor": "mrlcache.models.adaptor:AdaptorHead",  # fit --objective adaptor* (likewise)
 }
 STARTED_HEADS = ("warm", "adaptor")  # built by mrlcache.fit.adaptor from the published embedding, never by --head
+# The fit options a head takes beside its own (``option_args``); a head not listed takes none.
+# margins and grad_scaling act on the prefixes of one Matryoshka projection; fixed_baselines
+# fits one such projection per dim beside it; published_start (--init published, --objective
+# adaptor*) starts it from the encoder's published embedding (a linear map of the pooled vector).
+HEAD_SUPPORTS = {"mrl": ("margins", "grad_scaling", "fixed_baselines", "published_start")}
 FUSIONS = {
     "concat": "mrlcache.models.fusion:ConcatFusion",
     "cross-attention": "mrlcache.models.fusion:CrossAttentionFusion",
@@ -61,6 +69,11 @@ def head_class(name: str) -> type:
 def fusion_class(name: str) -> type:
     """The fusion class registered as ``name``; ValueError naming the choices otherwise."""
     return _load(FUSIONS, "fusion", name)
+
+
+def head_supports(name: str) -> tuple[str, ...]:
+    """The fit options of :data:`HEAD_SUPPORTS` head ``name`` takes (torch-free)."""
+    return HEAD_SUPPORTS.get(name, ())
 
 
 def head_name(head) -> str:

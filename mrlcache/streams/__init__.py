@@ -150,10 +150,12 @@ def _layers_compute(waves, backbone, layers_pooled, window_seconds):
 
 
 def _layers_shape(backbone, layers_pooled):
-    try:
-        num, dim = backbone.num_layers, backbone.layer_dim
-    except ValueError as err:  # block outputs of several widths
-        raise StreamError(str(err)) from None
+    dims = tuple(backbone.layer_dims)
+    if len(set(dims)) != 1:
+        who = getattr(backbone, "encoder", None) or getattr(backbone, "name", "this backbone")
+        raise StreamError(f"the layers stream stacks {who}'s block outputs, which needs one width; "
+                          f"this configuration has {list(dims)}")
+    num, dim = len(dims), int(dims[0])
     return (num, 2 * dim) if layers_pooled else (num, dim)
 
 

@@ -22,9 +22,9 @@ from mrlcache.streams import windows
 def stream_info(name: str, cfg, model, ptm) -> dict:
     """cache.json's record of one stream (:meth:`mrlcache.streams.StreamSpec.record`, as JSON)."""
     source = streams.source(name, model, ptm)
-    crop = int(round(cfg.crop_seconds * SAMPLE_RATE)) if cfg.mode == "train" else None
-    record = streams.spec(name).record(source, layers_pooled=cfg.layers_pooled, dtype=cfg.dtype, crop_samples=crop,
-                                       sample_rate=SAMPLE_RATE)
+    crop = int(round(cfg.views.crop_seconds * SAMPLE_RATE)) if cfg.views.mode == "train" else None
+    record = streams.spec(name).record(source, layers_pooled=cfg.storage.layers_pooled, dtype=cfg.storage.dtype,
+                                       crop_samples=crop, sample_rate=SAMPLE_RATE)
     return record.to_json()
 
 
@@ -71,24 +71,24 @@ def forward_streams(model, ptm, items, device, precision, cfg, seconds: dict) ->
                 continue  # computed with layers
             if name == "layers" and shared:
                 with autocast(device, precision):
-                    value, pooled = windows.layers(model, wave, window, stats=cfg.layers_pooled, with_pooled=True)
+                    value, pooled = windows.layers(model, wave, window, stats=cfg.storage.layers_pooled, with_pooled=True)
                 out["pooled"] = pooled.float().cpu().numpy()
             else:
                 source = streams.source(name, model, ptm)
                 with autocast(device, precision):
-                    value = streams.compute(name, wave, source, cfg.layers_pooled, window)
+                    value = streams.compute(name, wave, source, cfg.storage.layers_pooled, window)
             out[name] = value.float().cpu().numpy()
             seconds[name] += time.perf_counter() - tick
         return out
 
     views = items[0].views.shape[0]
-    if all(it.views.shape == items[0].views.shape for it in items) and cfg.mode == "train":
+    if all(it.views.shape == items[0].views.shape for it in items) and cfg.views.mode == "train":
         wave = torch.from_numpy(np.concatenate([it.views for it in items])).to(device)  # (n*V, crop)
         return {name: x.reshape(len(items), views, *x.shape[1:]) for name, x in one(wave).items()}
     per_item = [one(torch.from_numpy(it.views).to(device)) for it in items]  # each (1, ...)
     result = {}
     for name in per_item[0]:
-        if streams.spec(name).is_frames(cfg.layers_pooled):
+        if streams.spec(name).is_frames(cfg.storage.layers_pooled):
             result[name] = [d[name][0] for d in per_item]
         else:
             result[name] = np.stack([d[name] for d in per_item])  # (n, 1, ...)

@@ -1,7 +1,7 @@
 """The ``layers`` stream: a backbone's block outputs per frame, stacked, or their statistics.
 
 Every backbone gives its block outputs through one interface (``layer_outputs``,
-``pooled_from_layers``, ``num_layers``, ``layer_dim``, the frame grid; see
+``pooled_from_layers``, ``layer_dims``, the frame grid; see
 :mod:`mrlcache.backbone.registry`), computed by running the model's own submodules in the
 order its forward does, so the model code needs no hooks and ``pooled_from_layers``
 finishes the forward exactly (tests check both against the one-pass ``pooled``):

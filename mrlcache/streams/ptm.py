@@ -82,7 +82,7 @@ class PTM(nn.Module):
 
     # The backbone interface of the ``layers`` stream (mrlcache.backbone.registry): the
     # hidden states, one pass (frames every 320 samples of a 400-sample receptive field).
-    layer_hop, layer_rate = None, float(FRAME_RATE)
+    layer_hop, layer_rate, layer_dims = None, float(FRAME_RATE), (HIDDEN_DIM,) * NUM_HIDDEN
 
     def layer_frames(self, num_samples: int) -> int:
         return max(0, (num_samples - 400) // 320 + 1)

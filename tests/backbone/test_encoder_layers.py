@@ -108,7 +108,8 @@ def test_whole_utterances_longer_than_the_window(ecapa, campplus):
 
 def test_block_outputs_of_several_widths_are_refused_in_one_line(tmp_path):
     tiny = campplus_module.build({"growth_rate": 8, "bn_size": 2, "init_channels": 16, "embedding_size": 24})
-    with pytest.raises(streams.StreamError, match="needs one width; this configuration has \\[124, 126\\]"):
+    with pytest.raises(streams.StreamError, match="stacks campplus's block outputs, which needs one width; "
+                                                  "this configuration has \\[124, 126\\]"):
         streams.item_shape("layers", tiny)
     tiny = ecapa_tdnn.build({"channels": [16, 32, 32, 32, 96], "attention_channels": 8, "res2net_scale": 4,
                              "se_channels": 8, "lin_neurons": 8})

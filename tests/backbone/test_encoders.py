@@ -162,16 +162,23 @@ def test_record_names_the_encoder_and_redimnet_records_keep_four_keys(ecapa):
     assert BackboneRecord.from_dict(old).encoder is None and BackboneRecord.from_dict(old).to_dict() == old
 
 
-def test_extract_refuses_the_layers_stream_of_other_encoders_in_one_line(tmp_path):
+def test_extract_refuses_layers_of_several_widths_in_one_line(tmp_path):
+    # Published CAM++ has equally wide last transitions (512); one with init_channels other than
+    # 4 x growth_rate does not, and its layers cannot be stacked (test_encoder_layers.py: the rest).
     from click.testing import CliRunner
     from conftest import make_tree
 
+    from mrlcache.backbone import campplus
     from mrlcache.cli import main
 
     make_tree(tmp_path / "data", speakers=2, videos=1, utts=1, seconds=1.0)
+    model = campplus.build({"growth_rate": 8, "bn_size": 2, "init_channels": 16, "embedding_size": 24})
+    save_checkpoint(model, tmp_path / "narrow.pt")
     result = CliRunner().invoke(main, ["extract", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "c"),
-                                       "--backbone", "campplus", "--random-init", "--variant", "e192",
-                                       "--streams", "pooled,layers", "--quiet"])
-    assert result.exit_code != 0
-    assert "the layers stream is ReDimNet's stem and stage outputs; campplus has none" in result.output
+                                       "--weights", str(tmp_path / "narrow.pt"), "--streams", "pooled,layers",
+                                       "--quiet"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: --streams pooled,layers: the layers stream stacks campplus's block outputs, which needs one "
+        "width; this configuration has [124, 126]")
     assert not (tmp_path / "c").exists()  # refused before anything was written

@@ -12,6 +12,7 @@ from mrlcache.augment import AugmentConfig
 from mrlcache.cli import main
 from mrlcache.demo import run as demo_run
 from mrlcache.evaluate import evaluate, pooled_from_audio
+from mrlcache.components import flat
 from mrlcache.extract import ExtractConfig
 from mrlcache.models.matryoshka import MatryoshkaHead
 from mrlcache.models.model import MRLModel
@@ -34,9 +35,12 @@ def _option_defaults(command: str) -> dict:
 # command -> {option parameter name: library default it must equal}
 LIBRARY = {
     "extract": {
-        **{name: _field_defaults(ExtractConfig)[name] for name in (
+        **{name: flat(ExtractConfig())[name] for name in (
             "mode", "views", "crop_seconds", "max_seconds", "window_seconds", "min_seconds", "seed", "shard_size", "dtype",
-            "batch_size", "workers", "device", "precision", "streams", "layers_pooled", "ptm", "ptm_weights", "engine")},
+            "batch_size", "workers", "device", "precision", "streams", "layers_pooled", "ptm", "ptm_weights", "engine",
+            "variant", "train_type", "dataset", "weights", "random_init")},
+        "backend": flat(ExtractConfig())["format"],
+        "backbone_name": flat(ExtractConfig())["backbone"],
         "noise_dir": _field_defaults(AugmentConfig)["noise_dir"],
         "rir_dir": _field_defaults(AugmentConfig)["rir_dir"],
         "speed_perturb": _field_defaults(AugmentConfig)["speed"],
@@ -54,8 +58,7 @@ LIBRARY = {
 
 # Options with no library counterpart: inputs, outputs, and choices the command itself makes.
 COMMAND_ONLY = {
-    "extract": {"data", "list_file", "utt2spk", "out", "backend", "backbone_name", "variant", "train_type", "dataset", "weights",
-                "random_init", "threads", "rank", "world_size", "overwrite", "quiet"},
+    "extract": {"data", "list_file", "utt2spk", "out", "threads", "rank", "world_size", "overwrite", "quiet"},
     "eer": {"model_path", "trials_path", "cache_dir", "data_dir", "dims", "baselines", "pca_cache", "center_cache",
             "asnorm_cohort", "snorm_cohort", "calibration_path", "json_out", "plot_out"},
     "embed": {"model_path", "inputs", "dim", "out", "fmt", "max_seconds", "device", "engine", "overwrite"},

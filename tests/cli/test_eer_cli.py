@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
     utts = scan_tree(data)
     backbone = _model_file(root / "model.pt", backbone_seed=0)
     _model_file(root / "other.pt", backbone_seed=5)  # same shapes, other weights
-    cfg = ExtractConfig(mode="eval", dtype="float32", shard_size=5, device="cpu", workers=0)
+    cfg = ExtractConfig.of(mode="eval", dtype="float32", shard_size=5, device="cpu", workers=0)
     extract(utts, backbone, root / "cache", cfg, progress=False)
     lines = []
     for a, b in itertools.combinations(utts, 2):

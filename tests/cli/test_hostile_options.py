@@ -6,7 +6,6 @@ The bad option is given first on the command line, so click checks it before any
 else; no file needs to exist for those cases.
 """
 
-import dataclasses
 import math
 
 import pytest
@@ -14,6 +13,7 @@ from click.testing import CliRunner
 
 from conftest import error_line
 from mrlcache import ranges
+from mrlcache.components import field_of, leaves
 from mrlcache.cli import main
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.fit.config import EndToEndConfig, FitConfig, FitError, make_configs
@@ -82,10 +82,10 @@ def _numeric_options(cls, command):
     """(command, --flag, Range) of every field of ``cls`` with a declared range that ``command`` offers."""
     params = {p.name: p for p in main.commands[command].params}
     out = []
-    for f in dataclasses.fields(cls):
+    for key, (_, f) in leaves(cls).items():
         rng = f.metadata.get("range")
-        if rng is not None and f.name in params:
-            out.append((command, params[f.name].opts[0], rng))
+        if rng is not None and key in params:
+            out.append((command, params[key].opts[0], rng))
     return out
 
 
@@ -112,7 +112,8 @@ def test_every_bounded_option_refuses_a_value_just_outside(command, option, rng)
 
 
 def _fields(cls):
-    return [f.name for f in dataclasses.fields(cls) if "range" in f.metadata]
+    """The flat keys of the ranged options of a config (nested by component or not)."""
+    return [key for key, (_, f) in leaves(cls).items() if "range" in f.metadata]
 
 
 @pytest.mark.parametrize("name", _fields(FitConfig))
@@ -120,8 +121,7 @@ def test_the_library_refuses_what_the_command_line_refuses(name):
     """FitConfig used from Python (no click) runs the same ranges."""
     rng = ranges.range_of(FitConfig, name)
     value = math.inf if not rng.integer else -1 if rng.lo is not None else 10**9
-    many = isinstance(FitConfig.__dataclass_fields__[name].default, tuple) or \
-        FitConfig.__dataclass_fields__[name].metadata.get("many")
+    many = isinstance(field_of(FitConfig, name).default, tuple) or field_of(FitConfig, name).metadata.get("many")
     if name == "dims":
         value = (64, value if rng.integer else 128)
     elif many:
@@ -143,7 +143,7 @@ def test_extract_config_refuses_out_of_range_values(name):
     rng = ranges.range_of(ExtractConfig, name)
     value = math.inf if not rng.integer else -1
     with pytest.raises(ExtractError, match=ranges.flag(name)):
-        ExtractConfig(mode="eval" if name in ("max_seconds", "window_seconds") else "train", **{name: value})
+        ExtractConfig.of(mode="eval" if name in ("max_seconds", "window_seconds") else "train", **{name: value})
 
 
 def test_score_config_refuses_a_bad_topk_and_two_cohorts():

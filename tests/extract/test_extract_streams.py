@@ -168,7 +168,7 @@ def test_projected_sizes_are_stated_and_match_what_is_written(corpus, tmp_path):
     from mrlcache.extract.config import ExtractConfig
     from mrlcache.extract.sizes import projected_sizes
 
-    cfg = ExtractConfig(mode="train", views=2, crop_seconds=1.0, streams="pooled,fbank,layers", layers_pooled=True)
+    cfg = ExtractConfig.of(mode="train", views=2, crop_seconds=1.0, streams="pooled,fbank,layers", layers_pooled=True)
     sizes = projected_sizes(scan_tree(corpus), cfg, ReDimNet(CONFIGS["b0"]), None)
     assert sizes["pooled"] == written["pooled"]
     assert sizes["layers"] == written["layers"]

@@ -26,7 +26,7 @@ def backbone():
 def test_a_replaced_source_is_refused_and_a_copied_one_is_not(tmp_path, backbone):
     data = tmp_path / "data"
     make_tree(data, speakers=2, videos=1, utts=2, seconds=0.5)
-    cfg = ExtractConfig(mode="eval", dtype="float32", shard_size=2, device="cpu", workers=0)
+    cfg = ExtractConfig.of(mode="eval", dtype="float32", shard_size=2, device="cpu", workers=0)
     utts = scan_tree(data)
     extract(utts, backbone, tmp_path / "cache", cfg, progress=False)
     # Moved to another disk: new paths and modification times, same bytes -> accepted.
@@ -58,7 +58,7 @@ def test_a_decoding_worker_killed_mid_extract_is_one_line(tmp_path, backbone, mo
         return real(self, row)
 
     monkeypatch.setattr(data.UtteranceViews, "__getitem__", killed)
-    cfg = ExtractConfig(mode="eval", dtype="float32", shard_size=2, device="cpu", workers=1)
+    cfg = ExtractConfig.of(mode="eval", dtype="float32", shard_size=2, device="cpu", workers=1)
     with pytest.raises(ExtractError, match=r"DataLoader worker \(pid.*\) (is killed by signal|exited unexpectedly).*rerun the same "
                                            r"command to resume"):
         extract(scan_tree(tmp_path / "data"), backbone, tmp_path / "cache", cfg, progress=False)

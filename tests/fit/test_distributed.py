@@ -98,7 +98,7 @@ def test_torchrun_fit_on_two_ranks_trains_as_one_process_with_the_doubled_batch(
     assert_same_curve(history(reference["memory"]), history(run))
     assert_same_weights(reference["memory"], run)
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert (config["world_size"], config["batch_size"], config["effective_batch"]) == (2, 16, 32)
+    assert (config["world_size"], config["optim"]["batch_size"], config["effective_batch"]) == (2, 16, 32)
     assert all((h["world_size"], h["effective_batch"]) == (2, 32) for h in history(run))
     one = yaml.safe_load((reference["memory"] / "config.yaml").read_text())
     assert (one["world_size"], one["effective_batch"]) == (1, 32)

@@ -353,7 +353,7 @@ def test_cli_fit_and_its_errors(caches, tmp_path):
     assert result.exit_code != 0 and "no such directory" in result.output
     result = runner.invoke(main, args + ["--dims", "4,8,16,32", "--out", str(tmp_path / "cs"), "--class-sample", "0.5"])
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load((tmp_path / "cs" / "config.yaml").read_text())["class_sample"] == 0.5
+    assert yaml.safe_load((tmp_path / "cs" / "config.yaml").read_text())["loss"]["class_sample"] == 0.5
     result = runner.invoke(main, args + ["--dims", "4,8", "--out", str(tmp_path / "bad"), "--class-sample", "1.5"])
     assert result.exit_code != 0 and "1.5 is not a finite number > 0 and <= 1" in result.output
     result = runner.invoke(main, args + ["--dims", "4,8", "--out", str(tmp_path / "bad"), "--grad-accum", "2",
@@ -396,7 +396,7 @@ def test_end_to_end_frozen_matches_cache_mode(tmp_path):
     seed, crop, views, augment = 7, 0.5, 2, AugmentConfig()
     model = load_backbone("b0", random_init=True, seed=seed)  # what fit_end_to_end builds from seed
     extract(scan_tree(data), model, tmp_path / "cache",
-            ExtractConfig(views=views, crop_seconds=crop, seed=seed, dtype="float32", device="cpu",
+            ExtractConfig.of(views=views, crop_seconds=crop, seed=seed, dtype="float32", device="cpu",
                           precision="fp32", augment=augment, workers=0),
             save_backbone=True, weights_source="b0", progress=False)
     opts = dict(epochs=4, batch_size=4, lr=1e-2, warmup_epochs=0.5, margin_warmup_epochs=0, scale=16,

@@ -68,8 +68,9 @@ def test_cli_defaults_are_the_dataclass_defaults():
     from mrlcache.augment import AugmentConfig
     from mrlcache.cli.fit import AUGMENT, INVERTED, fit as command
 
-    fields = {**{f.name: f.default for f in dataclasses.fields(FitConfig)},
-              **{f.name: f.default for f in dataclasses.fields(EndToEndConfig)}}
+    from mrlcache.components import flat
+
+    fields = {**flat(FitConfig()), **{f.name: f.default for f in dataclasses.fields(EndToEndConfig)}}
     augment = {f.name: f.default for f in dataclasses.fields(AugmentConfig)}
     cli_only = {"cache": None, "out": None, "threads": None, "resume": False, "end_to_end": False, "verify": False}
     import click
@@ -105,7 +106,7 @@ def test_every_checkpoint_loads_with_weights_only(train_cache, tmp_path):
     for name in ("best.pt", "last.pt", "model.pt"):
         torch.load(run / name, map_location="cpu", weights_only=True)  # raises on any pickled object
     last = torch.load(run / "last.pt", weights_only=True)
-    assert last["config"]["mode"] == "cache" and last["config"]["dims"] == list(DIMS)
+    assert last["config"]["mode"] == "cache" and last["config"]["head"]["dims"] == list(DIMS)
 
 
 HOLDER = textwrap.dedent("""

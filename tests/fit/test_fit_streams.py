@@ -100,13 +100,13 @@ def test_gating_fit_writes_gates_that_sum_to_one(runs, cache):
 @pytest.mark.parametrize("name", ["concat", "ecapa", "gating"])
 def test_model_file_rebuilds_the_best_head(runs, cache, name):
     """load_model(model.pt) embeds exactly as the best checkpoint's weights in a model built anew."""
-    from mrlcache.fit.config import make_configs
+    from mrlcache.fit.config import flat_options, make_configs
     from mrlcache.fit.stream_mode import build_model
 
     import yaml
 
     run = runs[name]
-    options = yaml.safe_load((run / "config.yaml").read_text())
+    options = flat_options(yaml.safe_load((run / "config.yaml").read_text()))
     cfg, _ = make_configs(options["dims"], {k: options[k] for k in ("inputs", "fusion", "head", *TINY)})
     reference = build_model(cfg, cache.streams, "cpu")
     reference.load_state_dict(torch.load(run / "best.pt", weights_only=True)["head"])

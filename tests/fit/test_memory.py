@@ -1,10 +1,15 @@
 """The fit's memory estimate against the peak RSS a fit really reaches (a subprocess's VmHWM).
 
 The cache is large enough (about 160 MB of float16 vectors) for what the fit holds to stand
-out from the interpreter's own memory; the tolerance is generous (the estimate counts the
-features, the float32 batches, the model with its optimiser state and one batch's saved
-activations, not the allocator's slack nor about 200 MB the fit grows by that it does not
-account for: see benchmarks/README.md).
+out from the interpreter's own memory. The estimate counts the features, the float32
+batches, the model with its optimiser state and one batch's saved activations. What a
+process holds once, whatever the cache (torch's and oneDNN's first-use buffers, the
+TensorBoard writer, matplotlib's figure, torch.save's), is not the fit's to count: a tiny
+fit runs first, so the baseline already holds it (measured stage by stage: about 170 MB of
+the 200 MB the test used to allow for). Beyond the estimate the fit holds the raw-cosine
+baseline's scoring block (mrlcache.scoring.score_trials, about 3 x 4096 trials x the
+input width x 4 bytes), allowed for explicitly, and reading's transients and the
+allocator's slack (measured 20-40 MB, allowed 96 MB).
 """
 
 import json
@@ -20,14 +25,13 @@ import mrlcache.cache as cache
 from mrlcache.corpus import Utterance
 
 ROWS, VIEWS, DIM, SPEAKERS = 40_000, 2, 1024, 400
+SCORING = 3 * 4096 * DIM * 4  # the raw-cosine baseline's scoring block (score_trials' bound)
 
 
-@pytest.fixture(scope="module")
-def big_cache(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mem") / "cache"
+def write_cache(out, n: int, speakers: int):
     rng = np.random.default_rng(0)
-    spk = np.arange(ROWS) % SPEAKERS
-    centres = rng.standard_normal((SPEAKERS, DIM)).astype(np.float32)
+    spk = np.arange(n) % speakers
+    centres = rng.standard_normal((speakers, DIM)).astype(np.float32)
     manifest = [Utterance(f"id{s:05d}/v/{i:06d}.wav", f"/none/{i}.wav", f"id{s:05d}") for i, s in enumerate(spk)]
     meta = {"model_config": {"synthetic": True}, "weights_sha256": "0" * 64, "pooled_dim": DIM, "sample_rate": 16000,
             "mode": "train", "crop_seconds": 2.0, "views": VIEWS, "augment": {}, "seed": 0, "dtype": "float16",
@@ -41,6 +45,16 @@ def big_cache(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def big_cache(tmp_path_factory):
+    return write_cache(tmp_path_factory.mktemp("mem") / "cache", ROWS, SPEAKERS)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    return write_cache(tmp_path_factory.mktemp("tiny") / "cache", 800, 40)
+
+
 SCRIPT = textwrap.dedent("""
     import json, sys
 
@@ -48,20 +62,16 @@ SCRIPT = textwrap.dedent("""
         # ru_maxrss it does not start at the size of the (large) pytest process that forked it
         line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
         return int(line.split()[1]) * 1024
-    import torch
-    from torch.utils.tensorboard import SummaryWriter  # imported by the loop: not the fit's data
-    import rich.progress
-    import mrlcache.fit.cache_mode, mrlcache.fit.loop, mrlcache.fit.validate, mrlcache.metrics, mrlcache.scoring
-    import mrlcache.models.model  # model.pt
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot  # curves.png, drawn at the end of the fit
     from mrlcache import cache
     from mrlcache.fit import fit
+    opts = dict(epochs=1, batch_size=256, head_only=True, progress=False, val_speakers=4,
+                memory_gb=float(sys.argv[3]), warmup_epochs=0, margin_warmup_epochs=0)
+    fit(sys.argv[4], (32, 64), sys.argv[2] + "-warm", **opts)  # what the process holds once, whatever the cache
     c = cache.open(sys.argv[1])
     before = peak()
-    run = fit(c, (32, 64), sys.argv[2], epochs=1, batch_size=256, head_only=True, progress=False,
-              val_speakers=4, memory_gb=float(sys.argv[3]), warmup_epochs=0, margin_warmup_epochs=0)
+    run = fit(c, (32, 64), sys.argv[2], **opts)
     after = peak()
     summary = json.loads((run / "summary.json").read_text())
     print(json.dumps({"grown": after - before, "memory": summary["memory"]}))
@@ -69,9 +79,10 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("memory_gb", [4.0, 0.05])
-def test_memory_estimate_matches_the_measured_peak(big_cache, tmp_path, memory_gb):
+def test_memory_estimate_matches_the_measured_peak(big_cache, tiny_cache, tmp_path, memory_gb):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(big_cache), str(tmp_path / "run"), str(memory_gb)],
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(big_cache), str(tmp_path / "run"), str(memory_gb),
+                           str(tiny_cache)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
@@ -84,6 +95,6 @@ def test_memory_estimate_matches_the_measured_peak(big_cache, tmp_path, memory_g
         assert estimate <= memory["budget_bytes"] or memory["window_shards"] == 1
     print(f"{memory_gb} GB budget: grew {grown / 1e6:.0f} MB, estimate {estimate / 1e6:.0f} MB ({memory})")
     # What the fit grew by is at least most of the estimate (the features are really held)
-    # and at most the estimate plus a fixed allowance: measured here, a fit grows about 200 MB
-    # beyond what it counts (allocator and library state it does not own), with either policy.
-    assert 0.7 * estimate <= grown <= 1.5 * estimate + 256e6, (grown, memory)
+    # and at most the estimate, the scoring block and 96 MB of transients and slack
+    # (measured: 248-261 MB for 171 + 50 in memory, 121-142 MB for 53 + 50 streamed).
+    assert 0.7 * estimate <= grown <= 1.2 * estimate + SCORING + 96e6, (grown, memory)

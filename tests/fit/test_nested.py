@@ -114,7 +114,7 @@ def test_bad_margins_are_refused(options, message):
 
 def test_margins_set_the_margin_and_fixed_baselines_need_a_cache():
     cfg, _ = make_configs(DIMS, {"margins": (0.1, 0.15, 0.2, 0.25)})
-    assert cfg.margin == 0.25 and cfg.to_dict()["margins"] == [0.1, 0.15, 0.2, 0.25]
+    assert cfg.loss.margin == 0.25 and cfg.to_dict()["loss"]["margins"] == [0.1, 0.15, 0.2, 0.25]
     with pytest.raises(FitError, match="--fixed-baselines trains on a cache"):
         make_configs(DIMS, {"fixed_baselines": True, "variant": "b0"}, end_to_end=True)
 
@@ -137,11 +137,11 @@ def test_fixed_baselines_are_the_separate_fits(train_cache, tmp_path):
     dims = (4, 8, 16)
     run = fit(train_cache, dims, tmp_path / "run", fixed_baselines=True, margins=(0.1, 0.15, 0.2), **OPTS)
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["fixed_baselines"] is True and config["margins"] == [0.1, 0.15, 0.2]
+    assert config["run"]["fixed_baselines"] is True and config["loss"]["margins"] == [0.1, 0.15, 0.2]
     # Each fixed head is exactly what a --dims D fit with that dim's margin gives.
     for d, m in zip(dims, (0.1, 0.15, 0.2)):
         fixed = yaml.safe_load((run / "fixed" / str(d) / "config.yaml").read_text())
-        assert fixed["dims"] == [d] and fixed["margin"] == m and fixed["fixed_baselines"] is False
+        assert fixed["head"]["dims"] == [d] and fixed["loss"]["margin"] == m and fixed["run"]["fixed_baselines"] is False
         alone = fit(train_cache, (d,), tmp_path / f"alone{d}", margin=m, **OPTS)
         a, b = _state(run / "fixed" / str(d) / "model.pt"), _state(alone / "model.pt")
         assert all(torch.equal(a[k], b[k]) for k in a), d

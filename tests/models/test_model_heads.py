@@ -79,7 +79,7 @@ def test_layers_model_embeds_audio_through_the_saved_backbone(tmp_path):
     from mrlcache.backbone import BackboneRecord, load_backbone, state_sha256
 
     backbone = load_backbone("b0", random_init=True, seed=3).eval()
-    info = {"layers": StreamRecord("layers", "frames", (backbone.num_layers, backbone.layer_dim),
+    info = {"layers": StreamRecord("layers", "frames", (len(backbone.layer_dims), backbone.layer_dims[0]),
                                    "float16", 100.0, ragged=True), **HANDCRAFTED}
     torch.manual_seed(2)
     model = _trained_looking(StreamModel(plan_groups(["layers", "fbank"], info), "ecapa", dict(ECAPA, dims=[8]),
