@@ -1,19 +1,31 @@
-"""Extraction throughput: the pipeline against the bare model forward and a naive loop.
+"""Extraction throughput against the bare forward of the same engine, every engine in one run.
 
-    python benchmarks/bench_extract.py --variant b2 --speakers 12 --utterances 6 --views 3
+    python benchmarks/bench_extract.py --variant b2 --engines torch fused onnxruntime --rounds 3
 
-Three ways over the same synthetic corpus and the same crops:
-1. bare forward: every crop decoded and made beforehand, only ``model.pooled`` timed, in
-   the batches extract uses (the ceiling: what the model alone can do);
-2. ``mrlcache.extract.extract``: workers decode and augment while the model runs, shards
-   written; the overhead is 1 - (2)/(1) and the model's busy fraction is reported;
-3. a one-file-at-a-time loop: decode, make each view, one forward per view, no workers.
-Prints one markdown table row per way (audio seconds of crops per wall second).
+Over one synthetic corpus and the same crops, per engine and round (engines interleaved round
+by round, so that a shared machine's load hits them alike):
+
+1. bare forward: every crop decoded and made beforehand, only the engine's ``pooled`` timed,
+   in the batches extract uses (the ceiling: what the model alone can do);
+2. ``mrlcache.extract.extract`` with that engine: workers decode and augment while the model
+   runs, shards written. ``loop`` is the pass itself (the summary's ``elapsed_seconds``);
+   ``call`` adds everything before it (cache set-up, the engine's creation: for onnxruntime
+   the cached file read and checked, for fused the folded copy).
+
+The extract/bare ratio splits into two factors: ``forward`` (the bare time over the time the
+model spent in its forward inside extract: how much the decoding workers and the rest slowed
+the forward itself) and ``busy`` (the model's busy fraction: time waiting for batches or
+writing). Ratios are per round (median of rounds reported); wall seconds are best of rounds.
+``ratio (CPU)`` is the bare forward's CPU time over extract's (this process's threads and the
+ended workers'): what a loaded machine distorts least, it counts the work extract adds
+(decoding, augmentation, writing) but not time lost to waiting.
 """
 
 import argparse
 import os
+import resource
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,70 +37,101 @@ import torch  # noqa: E402
 
 from mrlcache.audio import load_audio  # noqa: E402
 from mrlcache.augment import AugmentConfig, Augmenter, make_view  # noqa: E402
-from mrlcache.corpus import scan_tree  # noqa: E402
-from mrlcache.extract import ExtractConfig, extract, shard_batches  # noqa: E402
 from mrlcache.backbone.loading import load_backbone  # noqa: E402
+from mrlcache.corpus import scan_tree  # noqa: E402
 from mrlcache.demo.synth import make_corpus  # noqa: E402
+from mrlcache.extract import ExtractConfig, extract, shard_batches  # noqa: E402
+from mrlcache.runtime import reuse_large_allocations  # noqa: E402
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its ended children (the decoding workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def bare_forward(engine: str, model, threads: int):
+    """The ``pooled`` callable ``extract --engine ENGINE`` runs (with decoding workers)."""
+    if engine == "fused":
+        return model.for_inference().pooled
+    if engine == "onnxruntime":
+        from mrlcache.export.engine import OnnxBackbone
+
+        return OnnxBackbone(model, threads=threads, spin=False).pooled  # as extract makes it with workers
+    return model.pooled
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="b2")
-    parser.add_argument("--speakers", type=int, default=12)
+    parser.add_argument("--engines", nargs="+", default=["torch", "fused", "onnxruntime"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--speakers", type=int, default=8)
     parser.add_argument("--utterances", type=int, default=6)
     parser.add_argument("--views", type=int, default=3)
     parser.add_argument("--crop-seconds", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    reuse_large_allocations()  # as the extract command does
+    torch.set_num_threads(args.threads)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{args.threads} model threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average "
+          f"{os.getloadavg()[0]:.1f} at start, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_corpus(tmp / "corpus", speakers=args.speakers, utterances=args.utterances, seed=0, test_speakers=2)
         utts = scan_tree(tmp / "corpus" / "train")
-        model = load_backbone(args.variant, random_init=True, seed=0)
-        cfg = ExtractConfig.of(views=args.views, crop_seconds=args.crop_seconds, batch_size=args.batch_size,
-                            workers=args.workers, shard_size=len(utts), device="cpu", precision="fp32")
-        crop = int(args.crop_seconds * 16000)
-        crop_audio = len(utts) * args.views * args.crop_seconds
+        model = load_backbone(args.variant, random_init=True, seed=0).eval()
+        model.weights_sha256 = "benchmark"
+        crop = int(round(args.crop_seconds * 16000))
         augmenter = Augmenter(AugmentConfig())
-
-        # 1. bare forward on the very crops extract makes, in extract's batches.
         crops = [np.stack([make_view(load_audio(u.path), u.utt_id, v, seed=0, crop_samples=crop, augmenter=augmenter)
                            for v in range(args.views)]) for u in utts]
-        per_batch = max(1, args.batch_size // args.views)
-        batches = shard_batches(range(len(utts)), per_batch)
-        with torch.inference_mode():
-            model.pooled(torch.from_numpy(crops[0]))  # warm-up
-            tick = time.perf_counter()
-            for rows in batches:
-                model.pooled(torch.from_numpy(np.concatenate([crops[r] for r in rows])))
-            bare = time.perf_counter() - tick
+        batches = [np.concatenate([crops[r] for r in rows])
+                   for rows in shard_batches(range(len(utts)), max(1, args.batch_size // args.views))]
+        crop_audio = len(utts) * args.views * args.crop_seconds
+        forwards = {e: bare_forward(e, model, args.threads) for e in args.engines}
+        runs = {e: [] for e in args.engines}
+        for r in range(args.rounds):
+            for engine in args.engines:
+                fn = forwards[engine]
+                with torch.inference_mode():
+                    fn(torch.from_numpy(batches[0]))  # warm-up
+                    tick, cpu = time.perf_counter(), cpu_seconds()
+                    for batch in batches:
+                        fn(torch.from_numpy(batch))
+                    bare, bare_cpu = time.perf_counter() - tick, cpu_seconds() - cpu
+                cfg = ExtractConfig.of(views=args.views, crop_seconds=args.crop_seconds, batch_size=args.batch_size,
+                                    workers=args.workers, shard_size=max(1, len(utts) // 2), device="cpu",
+                                    precision="fp32", engine=engine)
+                tick, cpu = time.perf_counter(), cpu_seconds()
+                summary = extract(utts, model, tmp / f"cache-{engine}", cfg, overwrite=True, progress=False)
+                call, call_cpu = time.perf_counter() - tick, cpu_seconds() - cpu
+                loop = summary["elapsed_seconds"]
+                busy = summary["model_busy_fraction"]
+                runs[engine].append({"bare": bare, "loop": loop, "call": call, "busy": busy,
+                                     "forward": bare / (busy * loop), "cpu": bare_cpu / call_cpu})
+                print(f"round {r + 1} {engine}: bare {bare:.2f} s, loop {loop:.2f} s ({bare / loop:.2f}), "
+                      f"call {call:.2f} s, busy {busy:.2f}, CPU bare {bare_cpu:.2f} s, call {call_cpu:.2f} s",
+                      flush=True)
 
-        # 2. the extract pipeline (its summary also reports the model's busy fraction).
-        model.weights_sha256 = "benchmark"
-        tick = time.perf_counter()
-        summary = extract(utts, model, tmp / "cache", cfg, progress=False)
-        pipeline = time.perf_counter() - tick
-
-        # 3. one file at a time, one view at a time, no workers.
-        with torch.inference_mode():
-            tick = time.perf_counter()
-            for u in utts:
-                wave = load_audio(u.path)
-                for v in range(args.views):
-                    view = make_view(wave, u.utt_id, v, seed=0, crop_samples=crop, augmenter=augmenter)
-                    model.pooled(torch.from_numpy(view)[None])
-            naive = time.perf_counter() - tick
-
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} model threads, {args.variant}, {len(utts)} utts x {args.views} views x "
-          f"{args.crop_seconds} s, batch {args.batch_size}, workers {args.workers}")
-    print("| way | wall s | crop audio s / s | vs bare forward |")
-    print("|---|---|---|---|")
-    for name, seconds in (("bare model forward", bare), ("mrlcache extract", pipeline), ("one file at a time", naive)):
-        print(f"| {name} | {seconds:.2f} | {crop_audio / seconds:.1f} | {bare / seconds:.2f} |")
-    print(f"model busy inside extract: {100 * summary['model_busy_fraction']:.0f}% of its wall time")
+    print(f"\n# {args.variant}, {len(utts)} utts x {args.views} views x {args.crop_seconds:g} s, batch "
+          f"{args.batch_size}, {args.workers} workers, {args.rounds} rounds, load average {os.getloadavg()[0]:.1f} "
+          f"at the end")
+    print("| engine | bare s | extract loop s | extract call s | crop audio s/s (bare) | ratio (loop) | ratio (call) "
+          "| forward | busy | ratio (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for engine, rows in runs.items():
+        best = {k: min(x[k] for x in rows) for k in ("bare", "loop", "call")}
+        med = {k: statistics.median(x[k] for x in rows) for k in ("busy", "forward", "cpu")}
+        loop_ratio = statistics.median(x["bare"] / x["loop"] for x in rows)
+        call_ratio = statistics.median(x["bare"] / x["call"] for x in rows)
+        print(f"| {engine} | {best['bare']:.2f} | {best['loop']:.2f} | {best['call']:.2f} "
+              f"| {crop_audio / best['bare']:.1f} | {loop_ratio:.2f} | {call_ratio:.2f} | {med['forward']:.2f} "
+              f"| {med['busy']:.2f} | {med['cpu']:.2f} |")
 
 
 if __name__ == "__main__":

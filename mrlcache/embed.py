@@ -62,6 +62,7 @@ def embedder(model, dim: int | None = None, engine: str = "torch", device: str =
     ``name`` in messages) can embed audio at ``dim`` with ``engine``."""
     import torch
 
+    from mrlcache import engines
     from mrlcache.streams import windows
 
     from mrlcache.dims import select_dim
@@ -73,25 +74,24 @@ def embedder(model, dim: int | None = None, engine: str = "torch", device: str =
         raise EmbedError(str(err)) from None
     if model.backbone is None and model.needs_backbone:  # handcrafted streams need none
         raise EmbedError(f"{name} was fitted head-only (no backbone): it cannot embed audio")
+    pooled_model = not model.on_streams and model.backbone is not None
+    engine, _ = engines.choose(engine, model.backbone if pooled_model else None,
+                               device_type=torch.device(device).type, pooled_float32=True)
     if engine == "torch":
         return lambda x: model(x, dim=dim)
-    if model.on_streams or model.backbone is None:
+    if not pooled_model:
         raise EmbedError(f"--engine {engine} runs a pooled-vector model's backbone; use the torch engine for {name}")
-    if engine == "fused":
-        if not hasattr(model.backbone, "for_inference"):
-            raise EmbedError(f"--engine fused is written for ReDimNet backbones; {name} has "
-                             f"{getattr(model.backbone, 'encoder', 'another')}: use --engine torch")
-        pooled_by = model.backbone.for_inference()  # a folded copy; the model keeps its own backbone
-    else:
-        from mrlcache.export import ExportError
-        from mrlcache.export.engine import OnnxBackbone
+    if engine == "fused" and not hasattr(model.backbone, "for_inference"):
+        raise EmbedError(f"--engine fused is written for ReDimNet backbones; {name} has "
+                         f"{getattr(model.backbone, 'encoder', 'another')}: use --engine torch")
+    if engine == "onnxruntime" and torch.device(device).type != "cpu":
+        raise EmbedError("--engine onnxruntime runs on the CPU; use the torch engine on other devices")
+    from mrlcache.export import ExportError
 
-        if torch.device(device).type != "cpu":
-            raise EmbedError("--engine onnxruntime runs on the CPU; use the torch engine on other devices")
-        try:
-            pooled_by = OnnxBackbone(model.backbone)
-        except ExportError as err:
-            raise EmbedError(str(err)) from None
+    try:  # fused: a folded copy, the model keeps its own backbone
+        pooled_by = engines.engine_backbone(engine, model.backbone)
+    except ExportError as err:
+        raise EmbedError(str(err)) from None
     return lambda x: model.project(windows.pooled(pooled_by, x, window_seconds), dim=dim)
 
 
@@ -102,7 +102,8 @@ def embed_files(model, paths, dim: int | None = None, *, max_seconds=None, windo
     Args:
         model: a loaded :class:`mrlcache.model.MRLModel` (its ``window_seconds`` is set here).
         dim: embedding size (default the model's largest); max_seconds: cap on each file.
-        engine: "torch", or "onnxruntime" (the backbone in ONNX, pooled-vector models on the CPU).
+        engine: one of ``names.ENGINES`` (:mod:`mrlcache.engines`); fused, onnxruntime and auto's
+            CPU choice run a pooled-vector model's backbone.
         embed: the function of :func:`embedder` when the caller checked the model already.
         warn: callable for a warning line (a file of digital silence is embedded with one;
             default: a line on stderr above the progress bar).

@@ -5,21 +5,15 @@ a copy that computes the same ``pooled`` / ``frames`` / ``forward`` (to about 1e
 same weights, laid out for the CPU's fast kernels. The original model, its state_dict and its
 SHA-256 are untouched; the copy has no state_dict of the published format (never save it).
 
-Why each change (b2, 2 AVX2 threads, batch 8 x 2 s; benchmarks/README.md):
-
-- **One time-major layout, no copies between views.** The 1-D view is kept as (B, T, F*C)
-  and the 2-D view as the logical tensor (B, C, T, F) in channels-last memory, physically
-  (B, T, F, C): both are the same bytes, so ReDimNet's many 2-D <-> 1-D reshapes are free
-  views. The 2-D convolutions see (time, frequency) instead of (frequency, time), so their
-  kernels are transposed. oneDNN runs the grouped 3x3 convolutions 2-3x faster in
-  channels-last than in the default layout.
-- **Depthwise 1-D convolutions as 1 x k 2-D convolutions** in channels-last: PyTorch's
-  channels-first depthwise conv1d with long kernels (k = 7..59) ran at about 1 GFLOP/s.
-- **1x1 convolutions and LayerNorms on the 1-D view are ``linear`` / ``layer_norm``** over
-  the last axis, which is where the channels are.
-- **BatchNorm folded** into the convolution before it (the affine eval-mode BatchNorm is a
-  per-channel scale and shift); a BatchNorm after a ReLU (ResBlock.bn1) stays a scale and
-  shift, since folding it into the next zero-padded convolution would change the borders.
+Why each change (b2, 2 AVX2 threads, batch 8 x 2 s; docs/model.md lists them, benchmarks/README.md
+has the numbers): one time-major layout, the 2-D view in channels-last memory, so ReDimNet's
+2-D <-> 1-D reshapes are free views (the 2-D kernels are transposed to see (time, frequency));
+depthwise 1-D convolutions as 1 x k 2-D ones in channels-last (channels-first conv1d with long
+kernels ran at about 1 GFLOP/s); 1x1 convolutions and LayerNorms on the 1-D view as ``linear`` /
+``layer_norm`` over the last axis; grouped convolutions widened to PACK channels a group;
+residual + bias + 1x1 as one in-place matmul; BatchNorm folded into the convolution before it (a
+BatchNorm after a ReLU, ResBlock.bn1, stays a scale and shift: folding it into the next
+zero-padded convolution would change the borders).
 """
 
 import copy
@@ -56,10 +50,10 @@ class Conv2dT(nn.Module):
         if scale is not None:
             w = w * scale.view(-1, 1, 1, 1)
             b = b * scale + shift
+        w, self.groups = _packed_groups(w, conv.groups)
         self.weight = _param(w.contiguous(memory_format=CL))
         self.bias = _param(b)
         self.stride = tuple(conv.stride[::-1])
-        self.groups = conv.groups
         kt, kf = w.shape[2:]
         if conv.padding == "same" or conv.padding == (kf // 2, kt // 2):
             self.padding = (kt // 2, kf // 2)
@@ -72,6 +66,25 @@ class Conv2dT(nn.Module):
 
     def forward(self, x):  # (B, C, T, F) channels-last
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+
+PACK = 8  # channels a group of a grouped convolution is widened to: one AVX2 vector of float32
+
+
+def _packed_groups(w, groups):
+    """A grouped convolution's weight (O, I/g, kT, kF) with groups of fewer than PACK channels
+    merged into block-diagonal groups of PACK channels; returns (weight, groups). Each output
+    still sums only its own group's inputs (the other terms are exact zeros). oneDNN vectorises a
+    group's channels: b2's groups of 4 ran 1.4-1.5x faster as groups of 8 on this AVX2 CPU, for
+    twice the multiplications (benchmarks/README.md).
+    """
+    o, per = w.shape[:2]
+    if groups == 1 or per >= PACK or PACK % per or o % PACK or (o // groups) != per:
+        return w, groups
+    merge, packed = PACK // per, w.new_zeros(o, PACK, *w.shape[2:])  # merge: original groups per packed group
+    for out in range(o):  # (out // per) % merge: the original group's slot inside its packed group
+        packed[out, (out // per) % merge * per:][:per] = w[out]
+    return packed, groups // merge
 
 
 class Pointwise2d(nn.Module):
@@ -96,6 +109,17 @@ class Pointwise2d(nn.Module):
         b, c, t, f = x.shape
         y = x.permute(0, 2, 3, 1).reshape(b, t, f // self.s, self.s * c)  # a view when channels-last
         return F.linear(y, self.weight, self.bias).permute(0, 3, 1, 2)
+
+    def plus(self, x, inp):  # x + self(inp), one pass fewer (see _plus_linear)
+        return _plus_linear(x.permute(0, 2, 3, 1), inp.permute(0, 2, 3, 1), self).permute(0, 3, 1, 2)
+
+
+def _plus_linear(x, inp, lin):
+    """x + linear(inp) for (..., O) x and (..., I) inp, contiguous: the bias added to x, the
+    matmul accumulated into that in place (F.linear copies its bias into the output first)."""
+    out = x + lin.bias
+    out.view(-1, out.shape[-1]).addmm_(inp.reshape(-1, lin.weight.shape[1]), lin.weight.t())
+    return out
 
 
 def _conv2d(conv, scale=None, shift=None):
@@ -149,6 +173,9 @@ class Linear1x1(nn.Module):
     def forward(self, x):  # (B, T, I) -> (B, T, O)
         return F.linear(x, self.weight, self.bias)
 
+    def plus(self, x, inp):  # x + self(inp)
+        return _plus_linear(x, inp, self)
+
 
 class LayerNormLast(nn.Module):
     """LayerNormCF (float32, eps from the module) on the last axis."""
@@ -159,9 +186,6 @@ class LayerNormLast(nn.Module):
 
     def forward(self, x):
         return F.layer_norm(x.float(), (x.shape[-1],), self.weight, self.bias, self.eps)
-
-
-# ----------------------------------------------------------------------------- 2-D blocks
 
 
 class ConvNeXt2d(nn.Module):
@@ -175,7 +199,7 @@ class ConvNeXt2d(nn.Module):
         self.pw = _conv2d(blk.pwconv1)
 
     def forward(self, x):
-        return x + self.pw(self.act(self.dw(x)))
+        return self.pw.plus(x, self.act(self.dw(x)))
 
 
 class Res2d(nn.Module):
@@ -193,12 +217,11 @@ class Res2d(nn.Module):
 
     def forward(self, x):  # (B, C, T, F) channels-last
         y = torch.addcmul(self.bn1_shift, torch.relu(self.conv1pw(self.conv1(x))), self.bn1_scale)
+        if self.se is None:
+            return torch.relu(self.conv2pw.plus(x, self.conv2(y)))
         y = self.conv2pw(self.conv2(y))
-        if self.se is not None:
-            g = y.mean(dim=(1, 2))  # (B, F)
-            g = torch.sigmoid(self.se.exitation(torch.relu(self.se.squeeze(g))))
-            y = y * g[:, None, None, :]
-        return torch.relu(x + y)
+        g = torch.sigmoid(self.se.exitation(torch.relu(self.se.squeeze(y.mean(dim=(1, 2))))))  # (B, F)
+        return torch.relu(x + y * g[:, None, None, :])
 
 
 class Squeeze2d(nn.Module):
@@ -213,9 +236,6 @@ class Squeeze2d(nn.Module):
         return self.pw(self.act(self.conv(x)))
 
 
-# ----------------------------------------------------------------------------- 1-D blocks
-
-
 class ConvNeXt1d(nn.Module):
     def __init__(self, blk):
         super().__init__()
@@ -224,7 +244,7 @@ class ConvNeXt1d(nn.Module):
         self.pw = Linear1x1(blk.pwconv1)
 
     def forward(self, x):  # (B, T, C)
-        return x + self.pw(self.act(self.dw(x)))
+        return self.pw.plus(x, self.act(self.dw(x)))
 
 
 class PosEnc1d(nn.Module):
@@ -274,7 +294,7 @@ class TimeContext1d(nn.Module):
         self.exp = Linear1x1(blk.exp_dim_conv)
 
     def forward(self, x):  # (B, T, F*C)
-        return x + self.exp(self.tcm(self.red(x)))
+        return self.exp.plus(x, self.tcm(self.red(x)))
 
 
 def _convert_2d(m):

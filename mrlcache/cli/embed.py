@@ -47,7 +47,8 @@ from mrlcache.config import config_option, write_resolved
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--engine", type=click.Choice(names.ENGINES), default="torch", show_default=True,
               help="fused: ReDimNet with BatchNorm folded, channels-last (vectors within 1e-5 of torch's); "
-                   "onnxruntime: the backbone exported to ONNX and run by onnxruntime on the CPU.")
+                   "onnxruntime: the backbone exported to ONNX and run by onnxruntime on the CPU; "
+                   "auto: on the CPU the fastest measured engine that runs the backbone, else torch.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.pass_context
 def embed(ctx, model_path, inputs, dim, out, fmt, max_seconds, window_seconds, device, engine, overwrite):

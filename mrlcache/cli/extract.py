@@ -35,7 +35,8 @@ HELP = {
     "ptm_weights": "Local state_dict file of --ptm (instead of the download).",
     "engine": "torch: the reference forward. fused: ReDimNet with BatchNorm folded and channels-last (faster on "
               "CPUs, vectors within 1e-5 of torch's). onnxruntime: the backbone in ONNX on the CPU (pooled "
-              "stream, float32). Any but torch is recorded in cache.json.",
+              "stream, float32). auto: for a pooled-only float32 job on the CPU the engine measured fastest for "
+              "the encoder (fused for ReDimNet), else torch. Any but torch is recorded in cache.json.",
     "precision": "auto: bf16/fp16 autocast on CUDA, fp32 on CPU. Mel features stay float32.",
     "views": "Train mode: crops per utterance (view 0 clean).",
     "max_seconds": "Eval mode: cap on each utterance.",

@@ -39,9 +39,10 @@ HELP = {
     "ecapa_scale": "--head ecapa: Res2 groups (divides --ecapa-channels).",
     "ecapa_mfa_channels": "--head ecapa: width after multi-layer aggregation.",
     "ecapa_bottleneck": "--head ecapa: hidden width of SE and attentive pooling.",
-    "init": "Start of the head: auto (published on imported vectors, else random), random, or published (the "
-            "encoder's own embedding layer, rotated so prefixes are ordered; epoch 0 is scored, and a later "
-            "epoch kept only if no dim is worse).",
+    "init": "Start of the head: auto (published on imported vectors and on caches of trained encoder weights, "
+            "for --head mrl on pooled without --head-only; else random), random, or published (the encoder's "
+            "own embedding layer, rotated so prefixes are ordered; epoch 0 is scored, and a later epoch kept "
+            "only if no dim is worse and it is clearly better).",
     "init_rotation": "What orders the published dims at the start (of the training cache's published "
                      "embeddings): pca or lda (rotations: full-size scores unchanged), whitened (exactly eer's "
                      "lda baseline at every dim), or auto (those and the centred pca scored on the validation "

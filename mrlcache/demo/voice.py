@@ -23,6 +23,8 @@ the corpus):
 - **Video** (:class:`Channel`): a recording session: a small per-session shift of the
   speaker's pitch and vocal effort, then a channel: optional room reverberation, a
   broad peaking EQ band, band limiting, additive coloured noise at a random SNR, a gain.
+- **Variants** (opt-in, ``make-corpus --voices plain --channel clean``): voices without the
+  fixed resonance and antiresonance, every video recorded alike (see ``VOICES``).
 
 Reference values: vowel formants are the adult male averages of Peterson & Barney (1952),
 "Control methods used in a study of the vowels", JASA 24(2); the resonator is the

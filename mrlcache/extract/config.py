@@ -30,9 +30,11 @@ class BackboneOptions:
     when a stream needs the backbone); ``name``: the encoder (None: told by the weights,
     ReDimNet for a variant); ``train_type``/``dataset``: which published file. ``ptm``: a
     model whose 13 hidden states are the ``layers`` stream (``ptm_weights``: its local
-    state_dict). ``engine``: torch; fused (ReDimNet with BatchNorm folded, channels-last);
-    onnxruntime (the backbone exported to ONNX, CPU, pooled only): both recorded in
-    cache.json (vectors within ~1e-5 of torch's, not bit-equal). ``precision``: auto
+    state_dict). ``engine`` (:mod:`mrlcache.engines`): torch; fused (ReDimNet with BatchNorm
+    folded, channels-last); onnxruntime (the backbone exported to ONNX, CPU, pooled only);
+    auto (chosen in extract: for a pooled-only float32 job on the CPU the engine measured
+    fastest for the encoder, else torch). The engine used is recorded in cache.json (vectors
+    of any but torch within ~1e-5 of torch's, not bit-equal). ``precision``: auto
     (bf16/fp16 autocast on CUDA, fp32 on the CPU), fp32, bf16, fp16.
     """
 

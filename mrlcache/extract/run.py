@@ -16,6 +16,7 @@ shards exist, by whichever rank finishes last.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mrlcache import engines
 from mrlcache.audio import SAMPLE_RATE
 from mrlcache.backbone import BackboneRecord, save_checkpoint, state_sha256
 from mrlcache.backbone.record import convert_v1_meta
@@ -34,7 +36,7 @@ from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shar
 from mrlcache.extract.sizes import check_free_disk, projected_sizes
 from mrlcache.extract.sources import check_sources
 from mrlcache.runtime import DeviceError, env_int, resolve_device, resolve_precision, surviving_workers
-from mrlcache.streams import StreamError, item_shape, record_from_json, records_from_meta, source
+from mrlcache.streams import StreamError, item_shape, pooled_only, record_from_json, records_from_meta, source
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.streams.windows import num_windows
 
@@ -177,6 +179,11 @@ def extract(
     if model is not None and model.weights_sha256 is None:
         raise ExtractError("the backbone has no weights SHA-256 (random weights that were not saved)")
     record = _record_of(backbone, weights_source) if model is not None else None
+    engine, why = engines.choose(cfg.backbone.engine, model, device_type=device.type,
+                                 pooled_float32=pooled_only(cfg.stream_names) and precision == "fp32")
+    if engine != cfg.backbone.engine:  # auto: the cache records the engine it chose
+        print(f"engine auto: {engine} ({why})", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, engine=engine))
     meta = cache_meta(model, cfg, precision, record, ptm)
     if overwrite and world_size > 1 and barrier is None:
         raise ExtractError("--overwrite with several ranks needs torchrun; without it, delete the cache "
@@ -208,18 +215,8 @@ def extract(
             previous = read_meta(out).get("summary")
             if previous:
                 return previous  # nothing to do: keep the numbers of the run that did the work
-        if cfg.backbone.engine == "onnxruntime":
-            from mrlcache.export import ExportError
-            from mrlcache.export.engine import OnnxBackbone
-
-            if device.type != "cpu":
-                raise ExtractError("--engine onnxruntime runs on the CPU: use --device cpu, or the torch engine")
-            try:
-                # Exported once and kept on disk; the saved backbone stays torch's. Idle threads
-                # sleep when decoding workers share the cores (spinning cost 1.13-1.31x there).
-                model = OnnxBackbone(model, spin=cfg.run.workers == 0, log=lambda m: print(m, file=sys.stderr))
-            except ExportError as err:
-                raise ExtractError(str(err)) from None
+        if cfg.backbone.engine == "onnxruntime" and device.type != "cpu":
+            raise ExtractError("--engine onnxruntime runs on the CPU: use --device cpu, or the torch engine")
         stats = _run(writer, dataset, (model, ptm), cfg, device, precision, todo, rank, progress)
         # No barrier here: ranks may finish hours apart, so whichever completes the set
         # of shards writes the summary (computed from the shards, the same for any rank).
@@ -235,10 +232,6 @@ def extract(
 def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) -> dict:
     """Decode, forward and write the shards ``todo``; returns this rank's timing numbers."""
     model, ptm = (m.to(device).eval() if m is not None else None for m in models)
-    if cfg.backbone.engine == "fused":
-        # The frozen copy with BatchNorm folded and a channels-last layout: vectors within
-        # ~1e-5 of torch's, not bit-equal, hence an engine of its own (recorded in cache.json).
-        model = model.for_inference()
     names = cfg.stream_names
     infos = {name: record.to_json() for name, record in writer.records.items()}
     stream_seconds = dict.fromkeys(names, 0.0)
@@ -256,7 +249,10 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    window = cfg.eval_window
+    # Workers start decoding now, while the engine is made (the folded copy, or the cached
+    # onnxruntime file read and checked): the first batches are ready when it is.
+    batches_in = iter(loader)
+    model = _engine_model(model, cfg, workers)
     total_rows = sum(len(writer.shard_rows(k)) for k in todo)
     shard_of = {row: k for k in todo for row in writer.shard_rows(k)}
     pending = {}  # shard -> {"index": [], <stream>: [batches], "skipped": {}, "seconds": float, "left": int}
@@ -264,7 +260,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
     started = time.perf_counter()
     bar = ExtractProgress(total_rows, rank, enabled=progress)
     with bar, torch.inference_mode():
-        for items in surviving_workers(loader, ExtractError, "the shards written so far are kept: rerun the "
+        for items in surviving_workers(batches_in, ExtractError, "the shards written so far are kept: rerun the "
                                        "same command to resume, with fewer --workers if memory is short"):
             k = shard_of[items[0].row]
             state = pending.setdefault(k, {"index": [], "skipped": {}, "windowed": {}, "seconds": 0.0,
@@ -298,8 +294,25 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         "audio_seconds_per_second": audio_seconds / elapsed if elapsed > 0 else 0.0,
         "model_busy_fraction": model_seconds / elapsed if elapsed > 0 else 0.0,
         "device": str(device),
+        "engine": cfg.backbone.engine,
         **({"stream_seconds": stream_seconds} if "streams" in writer.meta else {}),
     }
+
+
+def _engine_model(model, cfg: ExtractConfig, workers: int):
+    """The backbone as ``cfg.backbone.engine`` runs it (:func:`mrlcache.engines.engine_backbone`).
+
+    onnxruntime's idle threads sleep when decoding workers share the cores (spinning cost
+    1.13-1.31x there); its file is exported once and kept on disk, the saved backbone stays torch's.
+    """
+    if model is None or cfg.backbone.engine == "torch":
+        return model
+    from mrlcache.export import ExportError
+
+    try:
+        return engines.engine_backbone(cfg.backbone.engine, model, spin=workers == 0, log=lambda m: print(m, file=sys.stderr))
+    except ExportError as err:
+        raise ExtractError(str(err)) from None
 
 
 def _note_long(item, cfg: ExtractConfig, windowed: dict, bar) -> None:

@@ -77,7 +77,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
     backbone_ref = None
     imported = is_imported(meta)
     if cfg.head.init == "auto":  # recorded resolved in config.yaml
-        cfg.head.init = "published" if imported else "random"
+        cfg.head.init = "published" if _has_published_start(cfg, meta, imported) else "random"
     if (not cfg.run.head_only or cfg.starts_from_published) and not imported and backbone is None:
         from mrlcache.backbone import backbone_for_cache
 
@@ -117,7 +117,7 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
         fingerprint.update(train_speakers=len(train_names), val_speakers=val_names, features=mode)
         write_header(out, config, fingerprint)  # on resume: the same, up to epochs/patience
 
-        picked = _pick_start(choose, val, embed_of, head, device, resume, out)
+        picked = _pick_start(choose, val, embed_of, device, resume)
         job = feature_job(cfg, config, out, head, loss_fn, feats, val, len(train_rows), device,
                           embed=embed_of(head))
         job = dataclasses.replace(job, **start)
@@ -136,6 +136,30 @@ def fit(cache, dims: Sequence[int], out, *, backbone=None, resume: bool = False,
                 _fit_fixed(cfg, i, out / "fixed" / str(d), cache_dir, fingerprint, feats, val, pooled_dim,
                            len(train_names), len(train_rows), device, resume, extra)
     return out
+
+
+def _has_published_start(cfg, meta: dict, imported: bool) -> bool:
+    """``--init auto``: start from the published embedding when there is one worth starting from
+    (imported vectors, or a cache of trained encoder weights, not random ones, without
+    --head-only, which says the vectors come from no known backbone) and the head can (one
+    that supports it, on the pooled vector); measured better than a head from random on the
+    imported and on two real encoders' vectors (benchmarks/README.md, issue 21)."""
+    from mrlcache.backbone import BackboneRecord, RecordError
+    from mrlcache.models import head_supports
+    from mrlcache.streams import pooled_only
+
+    head = cfg.head
+    if "published_start" not in head_supports(head.name) or not pooled_only(head.inputs) or meta.get("ptm"):
+        return False
+    if imported:
+        return True
+    if cfg.run.head_only:
+        return False
+    try:
+        record = BackboneRecord.from_meta(meta)
+    except RecordError:
+        return False
+    return record is not None and not record.is_random
 
 
 def _fit_fixed(cfg, i, out: Path, cache_dir, fingerprint, feats, val, pooled_dim, num_classes, num_train, device,
@@ -170,7 +194,7 @@ def _published_head(cfg, cache, labels, published, num_classes, device):
     return head, loss_fn, lambda m: (lambda batch, f=embed_maker(m): f(batch["pooled"])), guard, choose
 
 
-def _pick_start(choose, val, embed_of, head, device, resume: bool, out: Path) -> dict | None:
+def _pick_start(choose, val, embed_of, device, resume: bool) -> dict | None:
     """``--init-rotation auto``: every start scored on the validation trials, the best kept
     (:func:`mrlcache.fit.adaptor.pick_start`); None when there is one start. Without
     validation the first (pca) is kept; a resumed fit reads its start from last.pt."""

@@ -46,7 +46,7 @@ class HeadOptions:
     # the rotation that orders the published dims, and the objective (margin: a head trained by
     # the margin loss; adaptor: a rotation (+ residual MLP) of the published embedding trained to
     # preserve its similarities, no labels; adaptor-supervised: that plus the margin loss).
-    # auto: published on imported vectors (what measured best there, benchmarks/README.md), else random
+    # init auto: published on imported vectors and trained encoders' caches (measured, benchmarks/README.md)
     init: str = choice("auto", names.INITS)  # auto | random | published (cache mode, a head on pooled)
     init_rotation: str = choice("auto", names.INIT_ROTATIONS)  # auto (each scored at epoch 0) | pca | lda | whitened
     init_center: bool = False  # start from the published embedding minus its training mean (default: as it is)

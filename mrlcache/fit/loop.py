@@ -5,8 +5,8 @@ is embedded in training and in validation, which modules a checkpoint holds beyo
 head and loss, and a hook run at each epoch's start. :func:`train` runs the epochs: the
 margin schedule (only stepped here: :class:`~mrlcache.fit.optim.MarginWarmup`), the step
 (autocast, gradient accumulation, clipping, the learning-rate schedule), validation and
-model selection by mean EER (a started head: :func:`selection_ratio`), ``history.jsonl``, TensorBoard, and the checkpoints ``best.pt``
-and ``last.pt``, all built by :func:`checkpoint`.
+model selection by mean EER (a started head: :func:`selection_ratio`), ``history.jsonl``,
+TensorBoard, and the checkpoints ``best.pt`` and ``last.pt``, all built by :func:`checkpoint`.
 
 Determinism: every random draw of epoch ``e`` (views, order; the classes of
 ``class_sample`` from a second stream) comes from a generator seeded by ``(seed, e)``,
@@ -57,7 +57,7 @@ class TrainJob:
     margin: MarginWarmup | None = None  # stepped at each epoch's start; default: cfg's warm-up of loss_fn
     # A head that starts from a model worth keeping (the published embedding, PCA, LDA): epoch 0
     # (before any step) is validated and may be selected (best epoch -1); a later epoch is
-    # selected only if no dim is worse than epoch 0 (selection_ratio). guard_dim: the published
+    # selected only if no dim is worse than epoch 0 and it is clearly better (selection_ratio). guard_dim: the published
     # size (or the largest trained dim below it), recorded in summary.json.
     score_start: bool = False
     guard_dim: int | None = None
@@ -263,7 +263,7 @@ def train(job: TrainJob, resume: bool) -> dict:
             if floor is None:  # selected by mean EER
                 kept = best["mean_eer"] is None or v["mean_eer"] < best["mean_eer"]
             else:  # no dim worse than epoch 0, then the lowest mean ratio to it (selection_ratio)
-                ratio = selection_ratio(rec["val_eer"], floor)
+                ratio = selection_ratio(rec["val_eer"], floor, int(job.val.labels.sum()))
                 kept = ratio is not None and ratio < best.get("ratio_to_start", 1.0)
             if kept:
                 best = {"epoch": epoch, "mean_eer": v["mean_eer"], "eer": rec["val_eer"],
@@ -301,16 +301,25 @@ def train(job: TrainJob, resume: bool) -> dict:
     return {"best": best, "history": history, "stopped_early": stopped_early, "start": start_rec}
 
 
-def selection_ratio(eer: dict, start: dict) -> float | None:
-    """How an epoch of a started head compares with epoch 0 ({dim: EER} each): None if it is
-    worse at any dim, else the mean over dims of EER / epoch 0's (1: as good; a dim where
-    epoch 0 has EER 0 counts 1, as it must then be 0 too).
+def selection_ratio(eer: dict, start: dict, targets: int) -> float | None:
+    """How an epoch of a started head compares with epoch 0 ({dim: EER} each, on validation
+    trials with ``targets`` target trials): None if it is not clearly better, else the mean
+    over dims of EER / epoch 0's (below 1).
 
-    Selecting the lowest ratio below 1 (epoch 0 has 1) never keeps a model worse than epoch 0
-    at any dim on the validation trials: when epoch 0 is a baseline (PCA, LDA, the published
-    embedding at full size), the kept model is no worse than it at every dim there.
+    Clearly better: no dim worse than epoch 0, and on average over dims at least one
+    standard error of epoch 0's EER better (``sqrt(e (1 - e) / targets)``, the binomial
+    error of a miss rate ``e`` on the target trials). Without that margin, the many epochs of
+    a fit on a small validation set would often find one that is better there by chance and
+    worse on new speakers (measured: benchmarks/README.md, issue 21). Selecting the lowest
+    ratio of those (epoch 0 has 1) never keeps a model worse than epoch 0 at any dim on the
+    validation trials: when epoch 0 is a baseline (PCA, LDA, the published embedding at
+    full size), the kept model is no worse than it at every dim there.
     """
     if any(eer[d] > start[d] for d in start):
+        return None
+    gain = [(start[d] - eer[d]) / (start[d] * (1 - start[d]) / max(targets, 1)) ** 0.5 if start[d] > 0 else 0.0
+            for d in start]
+    if sum(gain) / len(gain) < 1.0:
         return None
     return float(sum(eer[d] / start[d] if start[d] > 0 else 1.0 for d in start) / len(start))
 

@@ -233,7 +233,8 @@ def _selected_by(job) -> str:
     if job.val is None:
         return "last epoch (no validation)"
     if job.score_start:
-        return "val EER no worse than epoch 0 at any dim, then the lowest mean ratio to epoch 0"
+        return ("val EER no worse than epoch 0 at any dim and on average one standard error better, "
+                "then the lowest mean ratio to epoch 0")
     return "val mean EER"
 
 

@@ -86,3 +86,22 @@ def test_model_state_and_hash_unchanged_and_copy_cannot_train():
         fast.train()
     with pytest.raises(ValueError, match="eval-mode"):
         model.train().for_inference()
+
+
+@pytest.mark.parametrize("channels,groups", [(16, 4), (32, 8), (24, 12), (8, 8), (12, 3)])
+def test_grouped_conv_packed_into_wider_groups_computes_the_same(channels, groups):
+    """A grouped 3x3 convolution with narrow groups, merged into block-diagonal groups of PACK
+    channels, gives the original convolution's output; groups it cannot merge are kept."""
+    from mrlcache.backbone.inference import PACK, Conv2dT
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=groups).eval()
+    x = torch.randn(2, channels, 10, 7)  # (B, C, F, T) as the model holds it
+    copy = Conv2dT(conv)
+    per = channels // groups
+    merged = per < PACK and PACK % per == 0 and channels % PACK == 0
+    assert copy.groups == (channels // PACK if merged else groups)
+    with torch.no_grad():
+        got = copy(x.transpose(2, 3).contiguous(memory_format=torch.channels_last)).transpose(2, 3)
+        want = conv(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -145,3 +145,60 @@ def test_fused_engine_is_within_1e5_of_torch_recorded_and_never_mixed(tmp_path):
                      "--engine", engine)
         assert result.exit_code == 0, result.output
     assert rel(np.load(tmp_path / "fused.npy"), np.load(tmp_path / "torch.npy")) < 1e-5
+
+
+def test_auto_picks_the_measured_engine_and_keeps_torch_where_only_torch_computes():
+    """``auto`` picks from the registry: on the CPU for a pooled-only float32 job the engine
+    measured for the encoder (``CPU_CHOICE``); torch on CUDA, for other jobs, and for encoders
+    without a measurement."""
+    from mrlcache import engines, names
+
+    assert set(engines.CPU_CHOICE.values()) <= set(names.ENGINES) - {"auto"}
+    redimnet = load_backbone("b0", random_init=True, seed=0)
+    chosen = engines.CPU_CHOICE["redimnet"]
+    assert engines.choose("auto", redimnet, device_type="cpu", pooled_float32=True)[0] == chosen != "torch"
+    assert engines.choose("auto", redimnet, device_type="cuda", pooled_float32=True)[0] == "torch"
+    assert engines.choose("auto", redimnet, device_type="cpu", pooled_float32=False)[0] == "torch"
+    assert engines.choose("auto", None, device_type="cpu", pooled_float32=True)[0] == "torch"
+    assert engines.choose("onnxruntime", redimnet, device_type="cpu", pooled_float32=True)[0] == "onnxruntime"
+    other = load_backbone("c512", backbone="ecapa-tdnn", random_init=True, seed=0)
+    want = engines.CPU_CHOICE.get("ecapa-tdnn", "torch")
+    assert engines.choose("auto", other, device_type="cpu", pooled_float32=True)[0] == want
+
+
+def test_extract_and_embed_with_auto_record_the_engine_they_ran(tmp_path):
+    """``--engine auto`` with a decoding worker: the cache records the engine chosen, and its
+    vectors are that engine's (within 1e-5 of torch's); a job only torch computes stays torch."""
+    from mrlcache import engines
+
+    chosen = engines.CPU_CHOICE["redimnet"]
+    make_tree(tmp_path / "data", speakers=2, videos=1, utts=2, seconds=1.0)
+    common = ["--data", tmp_path / "data", "--random-init", "--variant", "b0", "--views", "2", "--crop-seconds",
+              "0.8", "--dtype", "float32", "--threads", "1", "--workers", "1", "--quiet"]
+    for out, engine in (("torch", "torch"), ("auto", "auto"), ("named", chosen)):
+        result = run("extract", *common, "--out", tmp_path / out, "--engine", engine)
+        assert result.exit_code == 0, result.output
+    torch_cache, auto, named = (cache_mod.open(tmp_path / n) for n in ("torch", "auto", "named"))
+    assert auto.meta["engine"] == chosen and auto.meta["summary"]["engine"] == chosen
+    assert torch_cache.meta["summary"]["engine"] == "torch" and "engine" not in torch_cache.meta
+    assert np.array_equal(auto.read("pooled"), named.read("pooled"))
+    assert rel(auto.read("pooled"), torch_cache.read("pooled")) < 1e-5
+    assert run("extract", *common, "--out", tmp_path / "auto", "--engine", "auto").exit_code == 0  # resumes: same choice
+
+    result = run("extract", *common, "--out", tmp_path / "both", "--engine", "auto", "--streams", "pooled,fbank")
+    assert result.exit_code == 0, result.output
+    both = cache_mod.open(tmp_path / "both")
+    assert "engine" not in both.meta and both.meta["summary"]["engine"] == "torch"
+    assert np.array_equal(both.read("pooled"), torch_cache.read("pooled"))
+
+    from mrlcache.models.matryoshka import MatryoshkaHead
+    from mrlcache.models.model import save_model
+
+    torch.manual_seed(0)
+    backbone = load_backbone(str(tmp_path / "torch" / "backbone.pt"))
+    save_model(tmp_path / "model.pt", MatryoshkaHead(backbone.pooled_dim, (8, 16)).eval(), backbone=backbone)
+    for engine in ("auto", chosen):
+        result = run("embed", "--model", tmp_path / "model.pt", tmp_path / "data", "--out", tmp_path / f"{engine}.npy",
+                     "--engine", engine)
+        assert result.exit_code == 0, result.output
+    assert np.array_equal(np.load(tmp_path / "auto.npy"), np.load(tmp_path / f"{chosen}.npy"))
