@@ -36,7 +36,7 @@ from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shar
 from mrlcache.extract.sizes import check_free_disk, projected_sizes
 from mrlcache.extract.sources import check_sources
 from mrlcache.runtime import DeviceError, env_int, resolve_device, resolve_precision, surviving_workers
-from mrlcache.streams import StreamError, item_shape, pooled_only, record_from_json, records_from_meta
+from mrlcache.streams import StreamError, item_shape, pooled_only, record_from_json, records_from_meta, source
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.streams.windows import num_windows
 
@@ -81,13 +81,15 @@ def cache_meta(model, cfg: ExtractConfig, precision: str, record: BackboneRecord
 
 
 def check_layers_source(model, cfg: ExtractConfig, ptm=None) -> None:
-    """ExtractError when ``layers`` cannot come from this backbone (block outputs of several
-    widths do not stack), or ``--engine fused`` is asked of an encoder it is not written for."""
-    if model is not None and ptm is None and "layers" in cfg.stream_names:
-        try:
-            item_shape("layers", model, cfg.storage.layers_pooled)
-        except StreamError as err:
-            raise ExtractError(f"--streams {cfg.storage.streams}: {err}") from None
+    """ExtractError when a stream cannot come from the model computing it (e.g. layers whose
+    block outputs differ in width), or ``--engine fused`` is asked of an encoder it is not written for."""
+    for name in cfg.stream_names:
+        computer = source(name, model, ptm)
+        if computer is not None:
+            try:
+                item_shape(name, computer, cfg.storage.layers_pooled)
+            except StreamError as err:
+                raise ExtractError(f"--streams {cfg.storage.streams}: {err}") from None
     if model is not None and cfg.backbone.engine == "fused" and not hasattr(model, "for_inference"):
         raise ExtractError(f"--engine fused is written for ReDimNet; this backbone is "
                            f"{getattr(model, 'encoder', type(model).__name__)}: use --engine torch")
