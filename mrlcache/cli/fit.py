@@ -18,7 +18,7 @@ from mrlcache.fit.config import EndToEndConfig, FitConfig
 # Flags that switch off a dataclass option that is on by default: flag -> field.
 INVERTED = {"no_embed_backbone": "embed_backbone", "quiet": "progress"}
 # Options that only make sense in one mode (refused in the other, never silently ignored).
-CACHE_ONLY = ("feature_dtype", "memory_gb", "head_only")
+CACHE_ONLY = ("feature_dtype", "memory_gb", "shuffle_gb", "head_only")
 AUGMENT = ("noise_dir", "rir_dir", "speed_perturb")  # -> mrlcache.augment.AugmentConfig
 E2E_ONLY = tuple(f.name for f in dataclasses.fields(EndToEndConfig) if f.name != "augment") + AUGMENT
 
@@ -74,7 +74,12 @@ HELP = {
                  "e.g. 0.001).",
     "precision": "bf16: CPU autocast, class-score matmuls in bf16 (float32 softmax); slower than fp32 without "
                  "AMX. CUDA always uses fp16 AMP.",
-    "memory_gb": "Memory for features; beyond it they are streamed [default: half the free memory].",
+    "memory_gb": "Memory the fit process may hold (all of it: torch, model, batches, features); features "
+                 "beyond it are streamed from disk in passes. It never changes the result "
+                 "[default: half the free memory].",
+    "shuffle_gb": "Rows shuffled together each epoch: a cache whose features (every view, --feature-dtype) fit "
+                  "this is one group, one permutation of all its rows; a larger one is shuffled in groups of "
+                  "shards of this size. The order depends on --seed and this, never on --memory-gb.",
     "fixed_baselines": "Also fit one fixed-size head per dim (RUN/fixed/D), same data and settings; "
                        "'mrlcache eer' scores them as the system 'fixed'.",
     "no_embed_backbone": "model.pt refers to the backbone by name/path + SHA-256 instead of holding it.",

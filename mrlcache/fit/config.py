@@ -27,6 +27,7 @@ class FitError(ValueError):
 MARGIN_DEFAULT = 0.2  # FitConfig.margin's default: --margins may replace it
 MARGIN = Range(lo=0, hi=1.5, unit="radians")  # beyond pi/2 the target logit is no longer the largest
 LEARNING_RATE = Range(lo=0, hi=10, lo_open=True)
+SHUFFLE_GB = 64.0  # RunOptions.shuffle_gb's default: a VoxCeleb2 pooled cache (30 GB) is one group
 
 
 @dataclass
@@ -108,6 +109,10 @@ class RunOptions:
     precision: str = choice("fp32", names.FIT_PRECISIONS)  # bf16: CPU autocast; CUDA: fp16 AMP
     feature_dtype: str = choice("float16", names.DTYPES)  # in-memory feature dtype (cache mode)
     memory_gb: float | None = bounded(None, POSITIVE)  # None: half the available memory (cache mode)
+    # Rows permuted together each epoch: a cache whose features (every view, feature_dtype) fit
+    # this is one group (one permutation of all rows). A setting of the data: the order depends
+    # on the seed and this, never on memory_gb (mrlcache.fit.data).
+    shuffle_gb: float = bounded(SHUFFLE_GB, POSITIVE)
     fixed_baselines: bool = False  # also fit one fixed-size head per dim, into RUN/fixed/D (cache mode)
     embed_backbone: bool = True
     weights: str | None = None  # backbone file (cache mode: when the cache does not carry it)

@@ -7,9 +7,14 @@ runs a head over one vector stream as a model of ``{stream: batch}``.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
-from mrlcache.fit.data import Features, model_bytes, plan_features
+from mrlcache import distributed
+
+from mrlcache.fit.data import Features
+from mrlcache.fit.memory import model_bytes, plan_features, shuffle_group
 from mrlcache.fit.validate import external_valset, heldout_valset, val_batch
 
 
@@ -22,6 +27,8 @@ def vector_input(head, inputs):
 def open_features(cache, records: dict, labels, cfg, model, loss_fn, embed_of):
     """The training features of ``records`` in memory or streamed, as the budget allows: (Features, MemoryPlan).
 
+    The order of its epochs is the shuffle group of ``--shuffle-gb`` (a setting of the data);
+    the budget (:func:`mrlcache.fit.memory.plan_features`) only chooses how rows are read.
     The plan counts the float32 batches and the model with its optimiser state and the
     activations one batch keeps for the backward pass, measured on copies of the model and
     loss as the growth of the saved tensors from a 2-row to a 4-row probe (weights saved by
@@ -33,9 +40,14 @@ def open_features(cache, records: dict, labels, cfg, model, loss_fn, embed_of):
     if n >= 4:
         saved = [_saved_floats(embed_of, model, loss_fn, {k: v[:rows] for k, v in probe.items()}) for rows in (2, 4)]
         per_row = max(0, (saved[1] - saved[0]) // 2)
+    group = shuffle_group(cache, records, cfg.run.feature_dtype, cfg.run.shuffle_gb)  # the order: data, not budget
+    heldout = int((np.asarray(labels) < 0).sum()) if cfg.val.val_cache is None else 0
     plan = plan_features(cache, records, cfg.run.feature_dtype, cfg.optim.batch_size,
-                         model_bytes(model, loss_fn, cfg.optim.batch_size, per_row), cfg.run.memory_gb)
-    return Features(cache, records, labels, cfg.run.feature_dtype, plan.policy, plan.window), plan
+                         model_bytes(model, loss_fn, cfg.optim.batch_size, per_row), cfg.run.memory_gb, group,
+                         heldout)
+    if plan.shortfall() and distributed.is_main():
+        print(plan.shortfall(), file=sys.stderr)
+    return Features(cache, records, labels, cfg.run.feature_dtype, plan.policy, plan.group, plan.pass_rows), plan
 
 
 def _saved_floats(embed_of, model, loss_fn, probe: dict) -> int:

@@ -34,11 +34,12 @@ from mrlcache.models.model import save_model
 LOCK_NAME = ".fit.lock"
 _HELD: dict[str, int] = {}  # run directories this process has locked -> lock file descriptor
 
-# Options that may change on --resume: they do not change what an epoch computes.
+# Options that may change on --resume: they do not change what an epoch computes
+# (memory_gb only chooses how features are read, mrlcache.fit.data).
 # batch_size and world_size may change together (resume on another number of ranks): their
 # product (x grad_accum), effective_batch, must not.
 RESUME_FREE = {"epochs", "patience", "progress", "device", "val_every", "cache", "end_to_end.workers",
-               "batch_size", "world_size", "dist_timeout"}
+               "batch_size", "world_size", "dist_timeout", "memory_gb"}
 
 
 def run_config(cfg, e2e=None, cache_dir=None) -> dict:

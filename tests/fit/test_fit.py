@@ -162,10 +162,11 @@ def test_interrupted_fit_resumes_bit_identical(caches, tmp_path, monkeypatch, cl
     assert [h["val_eer"] for h in ha] == [h["val_eer"] for h in hb]
 
 
-@pytest.mark.parametrize("window", [None, 2])
-def test_memory_and_streamed_features_give_the_same_batches(caches, window):
+@pytest.mark.parametrize("group, pass_rows", [(None, None), (None, 40), (2, None), (2, 70)])
+def test_memory_and_streamed_features_give_the_same_batches(caches, group, pass_rows):
     """One container, two reading policies: the same epoch is the same batches, each training
-    row once with one of its cached views, whether held in memory or read window by window."""
+    row once with one of its cached views, whether held in memory or read pass by pass
+    (``pass_rows``: rows one read holds; the shuffle ``group`` alone sets the order)."""
     from mrlcache.fit.data import Features
 
     c = cache.open(caches / "train")
@@ -175,7 +176,7 @@ def test_memory_and_streamed_features_give_the_same_batches(caches, window):
     records = {"pooled": c.streams["pooled"]}
     batches = {}
     for policy in ("memory", "streamed"):
-        feats = Features(c, records, labels, np.float16, policy, window)
+        feats = Features(c, records, labels, np.float16, policy, group, pass_rows)
         batches[policy] = [(x["pooled"].clone(), y) for x, y in feats.epoch(seed=0, epoch=3, batch_size=32,
                                                                              device="cpu")]
     assert len(batches["memory"]) == len(batches["streamed"])
@@ -192,24 +193,38 @@ def test_memory_and_streamed_features_give_the_same_batches(caches, window):
     assert (labels[hits] == y).all()
 
 
-def test_streamed_fit_has_the_losses_of_the_fit_in_memory(caches, tmp_path, monkeypatch):
-    """Same seed, same window: a fit reading the cache window by window from disk computes
-    exactly what the fit holding it in memory does (the window the budget would choose, 2 shards)."""
-    from mrlcache.fit import data, inputs
+def test_passes_hold_runs_of_whole_batches():
+    from mrlcache.fit.data import passes
 
-    real = data.plan_features
-    for policy in ("memory", "streamed"):
-        def forced(*args, policy=policy, **kwargs):
-            plan = real(*args, **kwargs)
-            plan.policy, plan.window = policy, 2
-            return plan
+    batches = [np.arange(i, i + 3) for i in range(0, 21, 3)]  # 7 batches of 3 rows
+    assert [len(r) for r in passes(batches, 7)] == [2, 2, 2, 1]
+    assert [len(r) for r in passes(batches, 2)] == [1] * 7  # one batch at least
+    assert [len(r) for r in passes(batches, None)] == [7]
+    assert np.array_equal(np.concatenate([b for r in passes(batches, 7) for b in r]), np.arange(21))
 
-        monkeypatch.setattr(inputs, "plan_features", forced)
-        fit(caches / "train", DIMS, tmp_path / policy, **dict(FAST, epochs=2))
-    memory, streamed = read_history(tmp_path / "memory"), read_history(tmp_path / "streamed")
-    assert [h["loss"] for h in memory] == [h["loss"] for h in streamed]
-    assert [h["val_eer"] for h in memory] == [h["val_eer"] for h in streamed]
-    assert json.loads((tmp_path / "streamed" / "summary.json").read_text())["features"] == "streamed"
+
+def weights(run):
+    return torch.load(run / "last.pt", weights_only=True)["head"]
+
+
+@pytest.mark.parametrize("shuffle_gb", [64.0, 4e-5])  # one group; groups of 2 shards (18 KB each, 147 KB in all)
+def test_a_streamed_fit_in_several_passes_is_the_fit_in_memory(caches, tmp_path, shuffle_gb, capsys):
+    """The order depends on the seed and --shuffle-gb, never on --memory-gb: a budget too
+    small for the cache (every batch its own read) gives the losses, EERs and weights of the
+    fit holding it in memory, and says in one line that it is below what the fit needs."""
+    opts = dict(FAST, epochs=2, shuffle_gb=shuffle_gb)
+    memory = fit(caches / "train", DIMS, tmp_path / "memory", **opts)
+    streamed = fit(caches / "train", DIMS, tmp_path / "streamed", memory_gb=1e-5, **opts)
+    plan = json.loads((streamed / "summary.json").read_text())["memory"]
+    assert plan["policy"] == "streamed" and plan["passes_per_epoch"] > 3 and plan["pass_rows"] == 32
+    assert json.loads((memory / "summary.json").read_text())["memory"]["policy"] == "memory"
+    assert plan["shuffle_group_shards"] == (None if shuffle_gb > 1 else 2)
+    assert "--memory-gb 1e-05 is below what this fit needs" in capsys.readouterr().err
+    a, b = read_history(memory), read_history(streamed)
+    assert [h["loss"] for h in a] == [h["loss"] for h in b]
+    assert [h["val_eer"] for h in a] == [h["val_eer"] for h in b]
+    wa, wb = weights(memory), weights(streamed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_streamed_fit_runs_under_a_tiny_memory_budget(caches, tmp_path):

@@ -204,15 +204,21 @@ def test_ragged_training_streams_are_refused(tmp_path):
         fit(ragged, DIMS, tmp_path / "run", **dict(FAST, inputs="fbank", val_speakers=2))
 
 
-def test_streams_beyond_the_memory_budget_are_streamed_with_the_same_result(cache, tmp_path):
+@pytest.mark.parametrize("inputs, fusion", [("layers", None), ("pooled,fbank", "gating")])
+def test_streams_beyond_the_memory_budget_are_streamed_with_the_same_result(cache, tmp_path, inputs, fusion):
     # layers: 240 rows x 2 views x 3 x 8 x 20 float16 = 0.000429 GiB; a budget a tenth of it
-    # streams them (one shard: one window, the order of the fit in memory) instead of refusing.
-    opts = dict(FAST, epochs=2, inputs="layers")
+    # streams them, one batch per read (several passes over the one shard), instead of
+    # refusing, and the fit is the fit in memory: the order depends on the seed and
+    # --shuffle-gb only. Frames beside the pooled vectors too.
+    opts = dict(FAST, epochs=2, inputs=inputs, **({"fusion": fusion} if fusion else {}))
     small = fit(cache, DIMS, tmp_path / "small", **dict(opts, memory_gb=0.00004))
     big = fit(cache, DIMS, tmp_path / "big", **opts)
     assert summary(small)["features"] == "streamed" and summary(big)["features"] == "memory"
+    assert summary(small)["memory"]["passes_per_epoch"] > 3
     strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in h]
     assert strip(history(small)) == strip(history(big))
+    a, b = (torch.load(run / "last.pt", weights_only=True)["head"] for run in (small, big))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow  # full CLI commands
