@@ -4,8 +4,9 @@ The budget counts the whole process. :func:`plan_features` starts from what the 
 already holds when it plans (:func:`process_rss`: the interpreter, torch, the cache's
 index, the labels, the model's parameters) and adds what the fit will hold on top: the
 held-out validation rows, the epoch's index arrays, the float32 batches, the gradients,
-optimiser state and one batch's activations, the buffers torch, oneDNN, TensorBoard and
-the plots take on first use (:data:`FIRST_USE`, measured), and the features: every view of
+optimiser state and one batch's activations, the raw-cosine baseline's scoring block, the
+buffers torch, oneDNN, TensorBoard and the plots take on first use (:data:`FIRST_USE`,
+measured), and the features: every view of
 every row (``memory``), or two reading passes (one training, one being read) and one
 shard's read (``streamed``). The budget chooses only that policy and the rows of a pass,
 never the order of an epoch (:mod:`mrlcache.fit.data`); a budget below what the fit needs
@@ -25,8 +26,10 @@ from mrlcache import distributed
 GB = 2**30
 # Buffers a fresh process takes on its first epoch, validation and run files, whatever the
 # cache (torch's and oneDNN's first-use buffers, the TensorBoard writer, matplotlib's
-# figure, torch.save's): measured as VmHWM minus the RSS at planning of a tiny fit.
+# figure, torch.save's): measured as VmHWM minus the RSS at planning minus the rest of the
+# estimate, 127-167 MB for a fit of 40,000 rows x 1024 (tests/fit/test_memory.py).
 FIRST_USE = 200 * 2**20
+SCORED_TRIALS = 4096  # the raw-cosine baseline scores trials in blocks of this many (mrlcache.scoring)
 INDEX_BYTES_PER_ROW = 48  # an epoch's drawn views, order and batches (int64), per cached row
 ROW_INDEX_BYTES = 24  # a pass's rows and their sort order (int64), per held row
 
@@ -78,7 +81,7 @@ class MemoryPlan:
     features: int  # every view of every row (memory) or two passes and one shard's read (streamed)
     batches: int  # float32 batches and their gathers
     model: int  # gradients, optimiser state and activations of one batch
-    other: int  # held-out rows, the epoch's index, first-use buffers (FIRST_USE)
+    other: int  # held-out rows, the epoch's index, first-use buffers (FIRST_USE), raw-cosine scoring
     budget: int
     need: int = 0  # the least this fit holds: one batch per pass
 
@@ -126,7 +129,9 @@ def plan_features(cache, records: dict, dtype, batch_size: int, model_bytes: int
     batches = 3 * (batch_size + 1) * row32  # the float32 batch, its gather and the device copy
     budget = int((memory_gb if memory_gb is not None else available_gb() / 2) * GB)
     baseline = process_rss()
-    other = heldout_rows * row + INDEX_BYTES_PER_ROW * n + FIRST_USE
+    width = sum(int(np.prod(r.shape)) for r in records.values())  # the raw-cosine baseline's input
+    scoring = 3 * SCORED_TRIALS * width * 4  # its scoring block (score_trials: 3 float32 blocks)
+    other = heldout_rows * row + INDEX_BYTES_PER_ROW * n + FIRST_USE + scoring
     fixed = baseline + batches + model_bytes + other
     whole = n * views * row
     if fixed + whole <= budget:
