@@ -3,13 +3,15 @@
 Writes synthetic caches with the library's writer (VoxCeleb2 geometry scaled down to the
 disk and the time at hand: pooled (rows, 6 views, 2304) float16 over 5,994 speakers; an
 fbank-like frame stream (80, 200) float16), then runs one-epoch fits in subprocesses,
-interleaved and repeated: ``--memory-gb 64`` (in memory) against ``--memory-gb 0.5``
-(streamed, the window the budget allows), each under ``OMP_WAIT_POLICY=PASSIVE`` and
-OpenMP's default. Reports samples/s (history.jsonl), the epoch's seconds and the
-subprocess's peak RSS, and projects one streamed epoch to VoxCeleb2 (1,092,009 utterances)
-and to 30 epochs.
+interleaved and repeated: ``--memory-gb 64`` (in memory) against a budget that holds
+``--passes``-th of the training rows per read (streamed in that many passes; the budget is
+computed from the in-memory run's plan: what the process holds beside the features, one
+shard's read and two passes), each under ``OMP_WAIT_POLICY=PASSIVE`` and OpenMP's default.
+Reports samples/s (history.jsonl), the epoch's seconds, the subprocess's peak RSS against
+the budget, the passes, and whether the losses equal the in-memory run's (they must: the
+order does not depend on the budget).
 
-    python benchmarks/bench_streaming.py --out /tmp/bench-streaming --rows 36000 --repeats 2
+    python benchmarks/bench_streaming.py --out /tmp/bench-streaming --rows 36000 --repeats 2 --passes 4
 
 ``--scale``: the VoxCeleb2 geometry itself (1,092,009 utterances x 6 views x 2304 float16,
 30.2 GB; noise from a bank of rows, so writing is bound by the writer and the disk, not
@@ -156,12 +158,30 @@ def one(cache: Path, run: Path, opts: dict, wait: str | None, procs: int = 1, st
         raise SystemExit(Path(str(run) + ".stderr").read_text()[-3000:])
     ranks = sorted((json.loads(x) for x in out.strip().splitlines() if x.startswith("{")), key=lambda g: g["rank"])
     got = dict(ranks[0], procs=procs, steps=steps)
+    if got["rank"] == 0 and (run / "history.jsonl").exists():
+        got["loss"] = [json.loads(x)["loss"] for x in (run / "history.jsonl").read_text().splitlines()]
     got["peak_rss_gb"] = usage.ru_maxrss / 2**20
     got["rank_peak_gb"] = [g["vmhwm_gb"] for g in ranks]
     got["read_gb"] = [round(g["read_gb"], 3) for g in ranks]
     if steps > 1:  # the steps after the first window's read (later windows are read while training)
         got["steady_samples_per_s"] = (steps - 1) * opts["batch_size"] * procs / got["steady_steps_s"]
     return got
+
+
+def streamed_budget(cache_dir: Path, memory: dict, passes: int) -> float:
+    """--memory-gb that holds 1/``passes`` of the training rows per read, from an in-memory
+    run's plan (``memory``: its summary's ``memory``): the rest of the process, one shard's
+    read (one view, whole, and its rows) and two passes (one training, one being read)."""
+    from mrlcache import cache
+    from mrlcache.fit.memory import ROW_INDEX_BYTES
+
+    c = cache.open(cache_dir)
+    rows, views = len(c), int(c.num_views)
+    fixed = memory["estimate_bytes"] - memory["features_bytes"]
+    held = memory["features_bytes"] // (rows * views) + ROW_INDEX_BYTES
+    stored = sum(r.row_bytes(1) for r in c.streams.values() if not r.ragged)
+    read = 2 * max(len(s) for s in c.shards) * stored
+    return (fixed + read + 2 * held * (-(-rows // passes))) / 2**30
 
 
 def scale(args) -> None:
@@ -288,6 +308,7 @@ def main() -> None:
     ap.add_argument("--frame-rows", type=int, default=8_000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--waits", default="PASSIVE,default")
+    ap.add_argument("--passes", type=int, default=4, help="streamed runs: reads per epoch (sets their budget)")
     ap.add_argument("--only", default="pooled,fbank")
     ap.add_argument("--scale", action="store_true", help="VoxCeleb2 geometry, --steps timed (see above)")
     ap.add_argument("--layouts", action="store_true", help="the read of a shard's drawn views, every way")
@@ -310,16 +331,23 @@ def main() -> None:
     base = dict(epochs=1, batch_size=256, head_only=True, progress=False, val_speakers=0, warmup_epochs=0,
                 margin_warmup_epochs=0)
     kinds = {"pooled": dict(base), "fbank": dict(base, inputs="fbank", encoder_dim=128)}
-    rows = []
+    rows, budgets, losses = [], {}, {}
     for rep in range(args.repeats):
         for kind in args.only.split(","):
             for wait in args.waits.split(","):
-                for budget in (64.0, 0.5):  # interleaved: memory, streamed, memory, streamed...
-                    run = args.out / f"run-{kind}-{wait}-{budget}-{rep}"
+                for policy in ("memory", "streamed"):  # interleaved: memory, streamed, memory, streamed...
+                    budget = 64.0 if policy == "memory" else budgets[kind]
+                    run = args.out / f"run-{kind}-{wait}-{policy}-{rep}"
                     shutil.rmtree(run, ignore_errors=True)
+                    load = os.getloadavg()[0]
                     got = one(args.out / kind, run, dict(kinds[kind], memory_gb=budget),
                               None if wait == "default" else wait)
-                    got.update(kind=kind, wait=wait, budget=budget, repeat=rep)
+                    if policy == "memory":
+                        budgets.setdefault(kind, streamed_budget(args.out / kind, got["memory"], args.passes))
+                    losses.setdefault(kind, got["loss"])
+                    got.update(kind=kind, wait=wait, budget=budget, repeat=rep, load_before=load,
+                               load_after=os.getloadavg()[0], same_loss=got["loss"] == losses[kind],
+                               passes=got["memory"]["passes_per_epoch"])
                     rows.append(got)
                     print(json.dumps(got), flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))

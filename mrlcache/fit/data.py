@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from mrlcache import distributed
+from mrlcache.runtime import return_free_memory
 from mrlcache.fit.batches import batch_slices  # noqa: F401 (its callers import it from here)
 
 
@@ -185,7 +186,8 @@ class Features:
         with ThreadPoolExecutor(1) as pool:  # the next pass is read while this one trains
             pending = pool.submit(self._read_pass, np.concatenate(runs[0]), views)
             for i, run in enumerate(runs):
-                block = None  # let the pass just trained go before the next is taken
+                block = None  # let the pass just trained go, and give its pages back, before the next
+                return_free_memory()
                 block = pending.result()
                 if i + 1 < len(runs):
                     pending = pool.submit(self._read_pass, np.concatenate(runs[i + 1]), views)

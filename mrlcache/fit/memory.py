@@ -80,7 +80,7 @@ class MemoryPlan:
     baseline: int  # what the process held when it planned (VmRSS)
     features: int  # every view of every row (memory) or two passes and one shard's read (streamed)
     batches: int  # float32 batches and their gathers
-    model: int  # gradients, optimiser state and activations of one batch
+    model: int  # gradients, optimiser state and one batch's activations (twice: live, heap kept)
     other: int  # held-out rows, the epoch's index, first-use buffers (FIRST_USE), raw-cosine scoring
     budget: int
     need: int = 0  # the least this fit holds: one batch per pass
@@ -155,6 +155,10 @@ def plan_features(cache, records: dict, dtype, batch_size: int, model_bytes: int
 def model_bytes(model, loss, batch_size: int, activations_per_row: int) -> int:
     """Gradients and two optimiser states of ``model`` and ``loss`` (float32; the parameters
     themselves are already held when the plan measures the process), and
-    ``activations_per_row`` float32 values per row of a batch kept for the backward pass."""
+    ``activations_per_row`` float32 values per row of a batch kept for the backward pass,
+    counted twice: once live, once for the heap glibc keeps after the step frees them (its
+    mmap threshold rises to the largest buffer freed, so later ones come from the heap and
+    stay resident: measured, a frame-stream fit peaked 0.22 GB above a count of once, and
+    under it with a fixed threshold, which costs a pooled fit 40% of its speed)."""
     params = sum(p.numel() for m in (model, loss) for p in m.parameters())
-    return 4 * (3 * params + batch_size * activations_per_row)
+    return 4 * (3 * params + 2 * batch_size * activations_per_row)
