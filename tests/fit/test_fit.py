@@ -211,7 +211,8 @@ def weights(run):
 def test_a_streamed_fit_in_several_passes_is_the_fit_in_memory(caches, tmp_path, shuffle_gb, capsys):
     """The order depends on the seed and --shuffle-gb, never on --memory-gb: a budget too
     small for the cache (every batch its own read) gives the losses, EERs and weights of the
-    fit holding it in memory, and says in one line that it is below what the fit needs."""
+    fit holding it in memory, and says in one line that it is below what the fit needs, and
+    in another how often an epoch reads the cache and which --shuffle-gb reads it once."""
     opts = dict(FAST, epochs=2, shuffle_gb=shuffle_gb)
     memory = fit(caches / "train", DIMS, tmp_path / "memory", **opts)
     streamed = fit(caches / "train", DIMS, tmp_path / "streamed", memory_gb=1e-5, **opts)
@@ -219,7 +220,10 @@ def test_a_streamed_fit_in_several_passes_is_the_fit_in_memory(caches, tmp_path,
     assert plan["policy"] == "streamed" and plan["passes_per_epoch"] > 3 and plan["pass_rows"] == 32
     assert json.loads((memory / "summary.json").read_text())["memory"]["policy"] == "memory"
     assert plan["shuffle_group_shards"] == (None if shuffle_gb > 1 else 2)
-    assert "--memory-gb 1e-05 is below what this fit needs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--memory-gb 1e-05 is below what this fit needs" in err
+    assert f"an epoch reads the cache {plan['cache_reads_per_epoch']} times; --shuffle-gb" in err
+    assert plan["cache_reads_per_epoch"] > 1
     a, b = read_history(memory), read_history(streamed)
     assert [h["loss"] for h in a] == [h["loss"] for h in b]
     assert [h["val_eer"] for h in a] == [h["val_eer"] for h in b]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from mrlcache.components import flat, flatten, leaves
+from mrlcache.components import flat, flatten, leaves, plain
 from mrlcache.fit import EndToEndConfig, FitConfig, FitError, fit
 from mrlcache.fit.config import flat_options, make_configs
 from test_fit import DIMS, FAST, write_synth_cache
@@ -44,8 +44,13 @@ def test_a_flat_config_of_the_previous_version_resumes(train_cache, tmp_path):
     # The flat file and this version's nested one say the same, option by option.
     old = flat_options(yaml.safe_load(FLAT.read_text()))
     new = flat_options(yaml.safe_load((run / "config.yaml").read_text()))
+    # Options added since (e.g. shuffle_gb) are absent from the old file: a resume reads them
+    # as today's defaults, which this version's file holds.
+    defaults = {k: plain(v) for k, v in flat(FitConfig()).items()}
+    added = sorted(set(new) - set(old))
+    assert added == ["shuffle_gb"] and all(new[k] == defaults[k] for k in added)
     assert {k: v for k, v in old.items() if k not in ("epochs", "cache")} == \
-        {k: v for k, v in new.items() if k not in ("epochs", "cache")}
+        {k: v for k, v in new.items() if k not in ("epochs", "cache", *added)}
 
 
 def test_nested_and_flat_options_are_one_conversion():
@@ -77,3 +82,16 @@ def test_head_options_are_declared_by_the_head():
         make_configs((8, 16), {"head": "mrl", option: value})
         with pytest.raises(FitError, match=f"{flag}.*not an option of --head ecapa; use --head mrl"):
             make_configs((8, 16), {"head": "ecapa", option: value})
+
+
+def test_a_resume_may_change_the_memory_budget_not_the_shuffle(train_cache, tmp_path):
+    """--memory-gb only chooses how rows are read: a fit started in memory resumes streamed
+    and ends as the uninterrupted fit; --shuffle-gb sets the order, so changing it is refused."""
+    opts = dict(FAST, epochs=1)
+    run = fit(train_cache, DIMS, tmp_path / "run", **opts)
+    with pytest.raises(FitError, match=r"options differ from .*config.yaml: shuffle_gb$"):
+        fit(train_cache, DIMS, run, resume=True, **dict(opts, epochs=2, shuffle_gb=1e-5))
+    fit(train_cache, DIMS, run, resume=True, **dict(opts, epochs=2, memory_gb=1e-5))
+    whole = fit(train_cache, DIMS, tmp_path / "whole", **dict(opts, epochs=2))
+    a, b = (torch.load(r / "last.pt", weights_only=True)["head"] for r in (run, whole))
+    assert all(torch.equal(a[k], b[k]) for k in a)
