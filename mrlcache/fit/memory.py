@@ -11,7 +11,7 @@ every row (``memory``), or two reading passes (one training, one being read) and
 shard's read (``streamed``). The budget chooses only that policy and the rows of a pass,
 never the order of an epoch (:mod:`mrlcache.fit.data`); a budget below what the fit needs
 with one batch per pass is said in one line (:meth:`MemoryPlan.shortfall`), and the fit
-runs with one batch per pass.
+runs with passes of :data:`SHORT_PASS_BYTES`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ FIRST_USE = 200 * 2**20
 SCORED_TRIALS = 4096  # the raw-cosine baseline scores trials in blocks of this many (mrlcache.scoring)
 INDEX_BYTES_PER_ROW = 48  # an epoch's drawn views, order and batches (int64), per cached row
 ROW_INDEX_BYTES = 24  # a pass's rows and their sort order (int64), per held row
+# A budget below what the fit needs is exceeded anyway (and said): then a pass holds at
+# least this much, so an epoch does not read the cache once per batch.
+SHORT_PASS_BYTES = 64 * 2**20
 
 
 def process_rss() -> int:
@@ -83,7 +86,7 @@ class MemoryPlan:
     model: int  # gradients, optimiser state and one batch's activations (twice: live, heap kept)
     other: int  # held-out rows, the epoch's index, first-use buffers (FIRST_USE), raw-cosine scoring
     budget: int
-    need: int = 0  # the least this fit holds: one batch per pass
+    need: int = 0  # the least this fit needs: one batch per pass
     cache_reads: int = 0  # streamed: passes per group, the times an epoch reads the cache
     one_pass_gb: float | None = None  # streamed: the --shuffle-gb whose groups are each read once
 
@@ -156,6 +159,8 @@ def plan_features(cache, records: dict, dtype, batch_size: int, model_bytes: int
     per_group = -(-n // groups) // distributed.world() + 1  # this process's rows of a group (at most)
     pass_rows = max(batch_size, (budget - fixed - read) // (2 * held))
     need = fixed + read + 2 * batch_size * held
+    if need > budget:
+        pass_rows = max(pass_rows, SHORT_PASS_BYTES // held)
     if pass_rows >= per_group:
         pass_rows = None
     rows = per_group if pass_rows is None else pass_rows

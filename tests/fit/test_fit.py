@@ -203,16 +203,28 @@ def test_passes_hold_runs_of_whole_batches():
     assert np.array_equal(np.concatenate([b for r in passes(batches, 7) for b in r]), np.arange(21))
 
 
+def test_a_budget_below_the_need_reads_passes_of_64_mb(caches):
+    """Exceeded anyway (and said), a tiny budget does not make an epoch read the cache once per batch."""
+    from mrlcache.fit.memory import plan_features
+
+    c = cache.open(caches / "train")
+    plan = plan_features(c, {"pooled": c.streams["pooled"]}, np.float16, 32, 0, 1e-5)
+    assert (plan.policy, plan.pass_rows, plan.passes, plan.cache_reads) == ("streamed", None, 1, 1)
+    assert plan.shortfall().startswith("note: --memory-gb 1e-05 is below what this fit needs")
+    assert plan.rereads() is None
+
+
 def weights(run):
     return torch.load(run / "last.pt", weights_only=True)["head"]
 
 
 @pytest.mark.parametrize("shuffle_gb", [64.0, 4e-5])  # one group; groups of 2 shards (18 KB each, 147 KB in all)
-def test_a_streamed_fit_in_several_passes_is_the_fit_in_memory(caches, tmp_path, shuffle_gb, capsys):
+def test_a_streamed_fit_in_several_passes_is_the_fit_in_memory(caches, tmp_path, shuffle_gb, capsys, monkeypatch):
     """The order depends on the seed and --shuffle-gb, never on --memory-gb: a budget too
     small for the cache (every batch its own read) gives the losses, EERs and weights of the
     fit holding it in memory, and says in one line that it is below what the fit needs, and
     in another how often an epoch reads the cache and which --shuffle-gb reads it once."""
+    monkeypatch.setattr("mrlcache.fit.memory.SHORT_PASS_BYTES", 0)  # below the need: one batch per pass
     opts = dict(FAST, epochs=2, shuffle_gb=shuffle_gb)
     memory = fit(caches / "train", DIMS, tmp_path / "memory", **opts)
     streamed = fit(caches / "train", DIMS, tmp_path / "streamed", memory_gb=1e-5, **opts)
