@@ -181,7 +181,7 @@ def streamed_budget(cache_dir: Path, memory: dict, passes: int) -> float:
     held = memory["features_bytes"] // (rows * views) + ROW_INDEX_BYTES
     stored = sum(r.row_bytes(1) for r in c.streams.values() if not r.ragged)
     read = 2 * max(len(s) for s in c.shards) * stored
-    return (fixed + read + 2 * held * (-(-rows // passes))) / 2**30
+    return (fixed + read + 2 * held * (-(-rows // passes) + 1)) / 2**30  # +1: the plan's rounding up
 
 
 def scale(args) -> None:
