@@ -19,6 +19,15 @@ writing). Ratios are per round (median of rounds reported); wall seconds are bes
 ``ratio (CPU)`` is the bare forward's CPU time over extract's (this process's threads and the
 ended workers'): what a loaded machine distorts least, it counts the work extract adds
 (decoding, augmentation, writing) but not time lost to waiting.
+
+    python benchmarks/bench_extract.py --eval --variant b0 --engines torch --rounds 3
+
+``--eval`` instead times eval mode (whole utterances), ``--eval-batch bucket`` against
+``single``, interleaved round by round, on a corpus whose lengths repeat: each synthetic
+utterance is cut to a whole number of ``--quantum`` samples (a multiple of 1024, as VoxCeleb2's
+AAC frames), so ``--utterances`` per speaker share a few lengths. Per mode: extract's wall
+and CPU seconds (best of rounds), the forwards run, and the largest difference from
+``single``'s vectors (float32 cache).
 """
 
 import argparse
@@ -35,6 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import mrlcache.cache  # noqa: E402
 from mrlcache.audio import load_audio  # noqa: E402
 from mrlcache.augment import AugmentConfig, Augmenter, make_view  # noqa: E402
 from mrlcache.backbone.loading import load_backbone  # noqa: E402
@@ -61,6 +71,68 @@ def bare_forward(engine: str, model, threads: int):
     return model.pooled
 
 
+def eval_rounds(args, tmp: Path) -> None:
+    """``--eval``: eval-mode extraction, bucketed against one utterance a forward, per engine."""
+    import soundfile as sf
+
+    make_corpus(tmp / "corpus", speakers=args.speakers, utterances=args.utterances, seed=0, test_speakers=2,
+                seconds=(args.eval_seconds[0], args.eval_seconds[1] + args.quantum / 16000))
+    for path in sorted((tmp / "corpus").rglob("*.wav")):  # each cut to whole quanta: lengths repeat
+        wave, rate = sf.read(path, dtype="int16")
+        sf.write(path, wave[: len(wave) // args.quantum * args.quantum], rate, subtype="PCM_16")
+    utts = scan_tree(tmp / "corpus" / "train")
+    lengths = [sf.info(u.path).frames for u in utts]
+    audio = sum(lengths) / 16000
+    model = load_backbone(args.variant, random_init=True, seed=0).eval()
+    model.weights_sha256 = "benchmark"
+    modes = ("bucket", "single")
+    runs = {(e, m): [] for e in args.engines for m in modes}
+    vectors = {}
+    for r in range(args.rounds):
+        for engine in args.engines:
+            for mode in modes if r % 2 == 0 else modes[::-1]:
+                cfg = ExtractConfig.of(mode="eval", batch_size=args.batch_size, workers=args.workers, dtype="float32",
+                                       shard_size=len(utts), device="cpu", precision="fp32", engine=engine,
+                                       eval_batch=mode)
+                forwards = []
+                model.pooled = _counted(model.pooled, forwards)  # the torch engine's forwards
+                tick, cpu = time.perf_counter(), cpu_seconds()
+                try:
+                    extract(utts, model, tmp / "cache", cfg, overwrite=True, progress=False)
+                finally:
+                    del model.pooled
+                wall, used = time.perf_counter() - tick, cpu_seconds() - cpu
+                vectors[engine, mode] = mrlcache.cache.open(tmp / "cache").read("pooled", view=0)
+                runs[engine, mode].append({"wall": wall, "cpu": used, "forwards": len(forwards) or None})
+                print(f"round {r + 1} {engine} {mode}: wall {wall:.2f} s, CPU {used:.2f} s", flush=True)
+    print(f"\n# {args.variant}, eval, {len(utts)} utts, {audio:.0f} s audio, {len(set(lengths))} distinct lengths "
+          f"(quantum {args.quantum} samples), batch {args.batch_size}, {args.workers} workers, {args.rounds} rounds, "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    print("| engine | eval batch | forwards | wall s (best) | CPU s (best) | audio s/s (wall) | wall vs single "
+          "| CPU vs single | max rel. diff vs single |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for engine in args.engines:
+        for mode in modes:
+            rows, base = runs[engine, mode], runs[engine, "single"]
+            wall, used = min(x["wall"] for x in rows), min(x["cpu"] for x in rows)
+            ratio = statistics.median(b["wall"] / x["wall"] for x, b in zip(rows, base))
+            ratio_cpu = statistics.median(b["cpu"] / x["cpu"] for x, b in zip(rows, base))
+            a, b = vectors[engine, mode], vectors[engine, "single"]
+            diff = float(np.abs(a - b).max() / np.abs(b).max())
+            print(f"| {engine} | {mode} | {rows[0]['forwards'] or '-'} | {wall:.2f} | {used:.2f} | {audio / wall:.1f} "
+                  f"| {ratio:.2f} | {ratio_cpu:.2f} | {diff:.1e} |")
+
+
+def _counted(pooled, calls: list):
+    """``pooled`` noting each call's batch size in ``calls``."""
+
+    def counted(wave):
+        calls.append(wave.shape[0])
+        return pooled(wave)
+
+    return counted
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="b2")
@@ -73,6 +145,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--eval", action="store_true", help="time eval mode: --eval-batch bucket against single")
+    parser.add_argument("--eval-seconds", type=float, nargs=2, default=(2.0, 6.0), help="--eval: length range")
+    parser.add_argument("--quantum", type=int, default=16384, help="--eval: lengths are multiples of this")
     args = parser.parse_args()
     reuse_large_allocations()  # as the extract command does
     torch.set_num_threads(args.threads)
@@ -80,6 +155,10 @@ def main():
           f"{args.threads} model threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average "
           f"{os.getloadavg()[0]:.1f} at start, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
+    if args.eval:
+        with tempfile.TemporaryDirectory() as tmp:
+            eval_rounds(args, Path(tmp))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_corpus(tmp / "corpus", speakers=args.speakers, utterances=args.utterances, seed=0, test_speakers=2)

@@ -1,8 +1,9 @@
 """The one pass: frozen backbone over a speaker corpus into a sharded feature cache.
 
 Data path: manifest rows -> DataLoader workers (decode once, make every view of the
-utterance) -> batches of equal-length crops -> ``model.pooled`` under inference mode ->
-one shard written atomically when all its rows are done.
+utterance) -> batches of equal-length crops (eval: a shard's whole utterances of exactly
+equal length, :mod:`mrlcache.extract.buckets`) -> ``model.pooled`` under inference mode ->
+one shard written atomically, in row order, when all its rows are done.
 
 Determinism: a view is a pure function of (seed, utterance id, view index)
 (:func:`mrlcache.augment.make_view`), and batches are formed inside a shard from the
