@@ -37,7 +37,8 @@ from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
 from mrlcache.extract.sizes import check_free_disk, projected_sizes
 from mrlcache.extract.sources import check_sources
-from mrlcache.runtime import DeviceError, env_int, resolve_device, resolve_precision, surviving_workers
+from mrlcache.runtime import (DeviceError, env_int, resolve_device, resolve_precision, surviving_workers,
+                              worker_deaths)
 from mrlcache.streams import StreamError, item_shape, pooled_only, record_from_json, records_from_meta, source
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.streams.windows import num_windows
@@ -264,9 +265,9 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
     # Eval: a shard's utterances of equal length run together (buckets.py); train: as decoded.
     buckets = EvalBuckets(batch_size if cfg.run.eval_batch == "bucket" else 1, cfg.views.window_seconds) \
         if cfg.views.mode == "eval" else None
-    with bar, torch.inference_mode():
-        for items in surviving_workers(batches_in, ExtractError, "the shards written so far are kept: rerun the "
-                                       "same command to resume, with fewer --workers if memory is short"):
+    hint = "the shards written so far are kept: rerun the same command to resume, with fewer --workers if memory is short"
+    with bar, torch.inference_mode(), worker_deaths(ExtractError, hint):  # a worker may die during a forward
+        for items in surviving_workers(batches_in, ExtractError, hint):
             k = shard_of[items[0].row]
             state = pending.setdefault(k, {"index": [], "skipped": {}, "windowed": {}, "seconds": 0.0,
                                            "left": len(writer.shard_rows(k))})
