@@ -265,7 +265,8 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
     # Eval: a shard's utterances of equal length run together (buckets.py); train: as decoded.
     buckets = EvalBuckets(batch_size if cfg.run.eval_batch == "bucket" else 1, cfg.views.window_seconds) \
         if cfg.views.mode == "eval" else None
-    hint = "the shards written so far are kept: rerun the same command to resume, with fewer --workers if memory is short"
+    hint = ("the shards written so far are kept: rerun the same command to resume, with fewer --workers if memory "
+            "is short")
     with bar, torch.inference_mode(), worker_deaths(ExtractError, hint):  # a worker may die during a forward
         for items in surviving_workers(batches_in, ExtractError, hint):
             k = shard_of[items[0].row]
