@@ -190,23 +190,6 @@ def reuse_large_allocations(mmap_threshold: int = 1 << 30, trim_threshold: int =
     return ok
 
 
-def return_free_memory() -> bool:
-    """Give the heap's free pages back to the kernel (glibc ``malloc_trim``); False elsewhere.
-
-    glibc's mmap threshold rises to the largest buffer freed so far, so after the first
-    few batches large buffers come from the heap, and what is freed there stays resident:
-    a fit bounded by ``--memory-gb`` calls this between streamed reads (measured: up to
-    0.3 GB of a frame-stream fit's peak). A fixed low threshold would bound it too, at
-    40% of a pooled fit's speed (every batch page-faulted afresh).
-    """
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0)))
-    except (OSError, AttributeError):
-        return False
-
-
 # ----------------------------------------------------------------------------- files
 
 

@@ -38,7 +38,7 @@ import torch
 
 from mrlcache import distributed
 from mrlcache.fit.batches import batch_slices  # noqa: F401 (its callers import it from here)
-from mrlcache.runtime import return_free_memory
+from mrlcache.fit.memory import return_free_memory
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:

@@ -16,6 +16,7 @@ runs with passes of :data:`SHORT_PASS_BYTES`.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,21 @@ def process_rss() -> int:
     except OSError:
         pass
     return 0
+
+
+def return_free_memory() -> bool:
+    """Give the heap's free pages back to the kernel (glibc ``malloc_trim``); False elsewhere.
+
+    glibc's mmap threshold rises to the largest buffer freed so far, so after the first
+    few batches large buffers come from the heap, and what is freed there stays resident:
+    a fit bounded by ``--memory-gb`` calls this between streamed reads (measured: up to
+    0.3 GB of a frame-stream fit's peak). A fixed low threshold would bound it too, at
+    40% of a pooled fit's speed (every batch page-faulted afresh).
+    """
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0)))
+    except (OSError, AttributeError):
+        return False
 
 
 def available_gb() -> float:
