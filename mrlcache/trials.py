@@ -58,10 +58,21 @@ class Trials:
         seen = dict.fromkeys(u for pair in zip(self.enroll, self.test) for u in pair)
         return list(seen)
 
+    @cached_property
+    def sides(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each trial's enroll and test utterance as positions in :attr:`utterances`, (T,) int64 each.
+
+        Computed once per Trials (the vectorised reader has them already).
+        """
+        at = {u: i for i, u in enumerate(self.utterances)}
+        return (np.fromiter(map(at.__getitem__, self.enroll), dtype=np.int64, count=len(self)),
+                np.fromiter(map(at.__getitem__, self.test), dtype=np.int64, count=len(self)))
+
     @property
     def self_trials(self) -> list[int]:
         """Indices of trials comparing an utterance with itself (a score of 1 whatever the model)."""
-        return [i for i, (e, t) in enumerate(zip(self.enroll, self.test)) if e == t]
+        enroll, test = self.sides
+        return np.flatnonzero(enroll == test).tolist()
 
     @property
     def n_target(self) -> int:
@@ -92,9 +103,10 @@ class Trials:
             raise TrialsError(
                 f"{len(missing)} trial utterance(s) have no embedding, e.g. {', '.join(missing[:3])}"
             )
-        enroll = np.fromiter((rows[u] for u in self.enroll), dtype=np.int64, count=len(self))
-        test = np.fromiter((rows[u] for u in self.test), dtype=np.int64, count=len(self))
-        return enroll, test
+        # One look-up per distinct utterance, then integer gathers (not one per trial side).
+        row = np.fromiter(map(rows.__getitem__, self.utterances), dtype=np.int64, count=len(self.utterances))
+        enroll, test = self.sides
+        return row[enroll], row[test]
 
 
 def _label_column(fields: Sequence[str]) -> int | None:
@@ -164,10 +176,15 @@ def _read_vectorised(text: str) -> Trials | None:
         return None
     line_of = np.asarray(numbers)
     trials = Trials(labels, enroll, test, [(int(line_of[i]), int(line_of[first_of[i]])) for i in again])
-    # Trials.utterances from the ids: order of first appearance, enroll before test per trial.
+    # Trials.utterances and Trials.sides from the ids: order of first appearance, enroll
+    # before test per trial.
     names = list(ids)
     seen, at = np.unique(np.stack([e, t], axis=1).ravel(), return_index=True)
-    trials.__dict__["utterances"] = [names[i] for i in seen[np.argsort(at)]]
+    order = seen[np.argsort(at)]  # (U,) ids in order of first appearance
+    trials.__dict__["utterances"] = [names[i] for i in order]
+    position = np.empty(len(names), dtype=np.int64)
+    position[order] = np.arange(len(order))
+    trials.__dict__["sides"] = (position[e], position[t])
     return trials
 
 
