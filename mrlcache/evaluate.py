@@ -48,8 +48,10 @@ from mrlcache.baselines import (  # noqa: F401 (part of this API)
 from mrlcache.trial_vectors import (  # noqa: F401 (part of this API: where the vectors come from)
     EvaluateError,
     MissingUtterancesError,
+    CacheRows,
     TrialVectors,
     _note,
+    batch_bounds,
     audio_path,
     embeddings_from_cache,
     open_cache_for,
@@ -119,31 +121,34 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu", fixed=None
 def batched(transform, pooled, batch: int = 2048) -> np.ndarray:
     """``transform(pooled)``, batch by batch: each batch widened to float32 on its own.
 
-    The trial vectors of a cache come in its stored dtype (float16); widening all of them
-    at once, then standardising them inside the head, made several whole float32 copies
-    (145,000 x 2,304: 1.3 GB each, and fresh memory costs page faults). A batch of 2,048
-    x 2,304 float32 is 19 MB, small enough for glibc to reuse its buffers. The batches are
-    of equal size, at least ``batch // 2`` rows (a matrix product of a few rows may take
-    another kernel and round differently), so every row's embedding is the one the whole
-    matrix gives (tests/test_evaluate_batched.py).
+    The trial vectors of a cache come in its stored dtype (float16), read shard by shard
+    (:class:`~mrlcache.trial_vectors.CacheRows`); widening all of them at once, then
+    standardising them inside the head, made several whole float32 copies (145,000 x
+    2,304: 1.3 GB each, and fresh memory costs page faults). A batch of 2,048 x 2,304
+    float32 is 19 MB, small enough for glibc to reuse its buffers. The batches are
+    :func:`~mrlcache.trial_vectors.batch_bounds`'s (one when ``pooled`` has at most
+    ``batch`` rows, else at least ``batch // 2`` rows each), so every row's embedding is
+    the one the whole matrix gives (tests/test_evaluate_batched.py).
 
     Args:
         transform: pooled (n, P) float32 -> (n, D), row by row (a system of :func:`transforms`);
-        pooled: (U, P) any float dtype; batch: rows per batch at most.
+        pooled: (U, P) any float dtype, or a CacheRows; batch: rows per batch at most.
     Returns:
         (U, D) in the transform's output dtype.
     """
     n = len(pooled)
-    if n <= batch:
-        return transform(np.asarray(pooled, dtype=np.float32))
-    bounds = np.linspace(0, n, -(-n // batch) + 1).astype(np.int64)
+    if hasattr(pooled, "batches"):
+        parts = pooled.batches(batch)
+    else:
+        bounds = batch_bounds(n, batch)
+        parts = ((slice(lo, hi), pooled[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:]))
     out = None
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        part = transform(np.asarray(pooled[lo:hi], dtype=np.float32))  # (hi - lo, D)
+    for where, x in parts:
+        part = transform(np.asarray(x, dtype=np.float32))  # (n_batch, D)
         if out is None:
             out = np.empty((n, *part.shape[1:]), dtype=part.dtype)
-        out[lo:hi] = part
-    return out
+        out[where] = part
+    return out if out is not None else transform(np.asarray(pooled, dtype=np.float32))
 
 
 def _iter_cache(cache, batch: int = 8192):
