@@ -2,13 +2,16 @@
 
     python benchmarks/bench_eer.py --trees /work/main .         # old and new code, interleaved
     python benchmarks/bench_eer.py --dim 2304 --rounds 3         # b2's pooled size
+    python benchmarks/bench_eer.py --dim 2304 --material /tmp/m2304 --trees /work/main .  # built once, kept
 
 Builds once, in a temporary folder: a test cache of ``--utts`` imported float16 vectors
 (speaker centroids plus noise, VoxCeleb-style ids), a small training cache and a head-only
 model fitted on it for one epoch, and a VoxCeleb-layout trial list of ``--trials`` random
 pairs. Then times the whole command ``python -m mrlcache eer --model ... --trials ...
 --cache ...`` as a fresh process, once per tree per round, the trees interleaved (each
-tree is put first on PYTHONPATH). Also prints the CPU time of the children.
+tree is put first on PYTHONPATH). Also prints the CPU time of each command (user + sys) and
+the load average before it. ``--material DIR`` builds in DIR (if it holds no material yet)
+and keeps it, so later runs time at once.
 """
 
 from __future__ import annotations
@@ -57,17 +60,26 @@ def main():
     ap.add_argument("--trials", type=int, default=550_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--material", type=Path, default=None,
+                    help="folder to build the material in and keep (reused when it holds it already)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tick = time.perf_counter()
-        model, trials, cache = build(Path(tmp), args.utts, args.dim, args.trials)
-        print(f"built in {time.perf_counter() - tick:.0f} s: {args.utts} utterances x {args.dim} (float16), "
-              f"{args.trials} trials; load average {os.getloadavg()[0]:.1f}; "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-        print("| tree | round | wall s | CPU s (user+sys) |\n|---|---|---|---|")
+        where = args.material or Path(tmp)
+        if (where / "trials.txt").is_file():
+            model, trials, cache = where / "run" / "model.pt", where / "trials.txt", where / "test"
+            print(f"material of {where} reused (built with its own --utts, --dim, --trials)", end="; ")
+        else:
+            where.mkdir(parents=True, exist_ok=True)
+            model, trials, cache = build(where, args.utts, args.dim, args.trials)
+            print(f"built in {time.perf_counter() - tick:.0f} s: {args.utts} utterances x {args.dim} (float16), "
+                  f"{args.trials} trials", end="; ")
+        print(f"load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+        print("| tree | round | wall s | CPU s (user+sys) | load before |\n|---|---|---|---|---|")
         for r in range(args.rounds):
             for tree in args.trees:
                 env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
+                load = os.getloadavg()[0]
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 tick = time.perf_counter()
                 out = subprocess.run([sys.executable, "-m", "mrlcache", "eer", "--model", str(model), "--trials",
@@ -77,7 +89,7 @@ def main():
                 cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
                 if out.returncode:
                     print(out.stderr[-2000:], file=sys.stderr)
-                print(f"| {tree} | {r} | {wall:.1f} | {cpu:.1f} |", flush=True)
+                print(f"| {tree} | {r} | {wall:.1f} | {cpu:.1f} | {load:.1f} |", flush=True)
         print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
