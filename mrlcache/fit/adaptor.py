@@ -125,28 +125,22 @@ def start_transform(emb: np.ndarray, labels, kind: str, center: bool = False) ->
     return start_rotation(emb - mean, labels, kind), mean
 
 
-def pick_start(eers: dict, guard: str | None, rotations=("pca", "lda"), targets: int | None = None) -> str:
+def pick_start(eers: dict, guard: str | None, rotations=("pca", "lda")) -> str:
     """The start ``--init-rotation auto`` keeps, from the validation EERs {name: {dim: eer}} of each.
 
     ``rotations``: the starts that score exactly as the published embedding at full size (the
-    rotations not centred; none with ``--init-center``). Admissible: those, and a start that
-    moves the full-size scores only if its EER at ``guard`` (the published size) is clearly
-    better than the best rotation's there: by one standard error of that EER
-    (``sqrt(e (1 - e) / targets)``, ``targets`` the validation target trials; no margin when
-    None), the evidence :func:`mrlcache.fit.loop.selection_ratio` asks of a trained epoch. A
-    tie on a small validation set keeps the published full-size scores (measured: a centred
-    start kept on a tie was 2.1% worse than the published embedding on new speakers,
-    benchmarks/README.md issue 21). Of the admissible starts, the lowest mean over dims of
-    EER / the best start's EER at that dim (a per-dim ratio: small dims, whose EERs are large,
-    do not drown the others); ties keep the first.
+    rotations not centred; none with ``--init-center``). Admissible: those, and a start whose
+    EER at ``guard`` (the published size) is no worse than the best of them there (so the
+    published size never loses to the published embedding on the validation trials). Of those,
+    the lowest mean over dims of EER / the best start's EER at that dim (a per-dim ratio:
+    small dims, whose EERs are large, do not drown the others); ties keep the first.
     """
     names = list(eers)
     dims = list(eers[names[0]])
     base = [n for n in names if n in rotations]
     if guard is not None and base:
         floor = min(eers[n][guard] for n in base)
-        margin = (floor * (1 - floor) / max(targets, 1)) ** 0.5 if targets else 0.0
-        names = [n for n in names if n in base or eers[n][guard] <= floor - margin]
+        names = [n for n in names if n in base or eers[n][guard] <= floor]
     best = {d: min(eers[n][d] for n in eers) for d in dims}
     return min(names, key=lambda n: np.mean([eers[n][d] / best[d] if best[d] > 0 else (1.0 if eers[n][d] == 0
                                              else np.inf) for d in dims]))
@@ -315,14 +309,14 @@ def build_nested(cfg, pooled_dim: int, num_classes: int, published, pooled: np.n
         start_classifier(loss, head(x), torch.from_numpy(labels))
         head, loss = head.to(device), loss.to(device)
 
-        def choose(score, kept: str | None = None, targets: int | None = None):
+        def choose(score, kept: str | None = None):
             eers = {}
             if kept is None:  # (given: the pick of rank 0, applied on another rank)
                 for kind, m in maps.items():
                     head.set_map(*m)
                     eers[kind] = score(head)
                 kept = pick_start(eers, str(guard) if guard is not None else None,
-                                  () if cfg.head.init_center else ("pca", "lda"), targets)
+                                  () if cfg.head.init_center else ("pca", "lda"))
             head.set_map(*maps[kept])
             with torch.no_grad():
                 start_classifier(loss, head(x.to(device)), torch.from_numpy(labels))

@@ -206,7 +206,7 @@ def _pick_start(choose, val, embed_of, device, resume: bool) -> dict | None:
         h.eval()
         return {str(d): float(e) for d, e in validate(embed_of(h), val, h.dims, device)["eer"].items()}
 
-    picked = distributed.from_main(lambda: choose(score, targets=int(val.labels.sum())), "scoring the starts")
+    picked = distributed.from_main(lambda: choose(score), "scoring the starts")
     if not distributed.is_main():
         choose(None, picked["kept"])
     return picked

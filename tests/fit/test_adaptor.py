@@ -192,20 +192,6 @@ def test_pick_start_keeps_the_published_size_no_worse_than_a_rotation():
     assert pick_start(eers, None) == "whitened"
 
 
-def test_pick_start_leaves_the_published_full_size_scores_only_on_clear_evidence():
-    from mrlcache.fit.adaptor import pick_start
-
-    # 400 validation targets: one standard error of the rotations' 0.10 is sqrt(0.1 * 0.9 / 400) = 0.015.
-    eers = {"pca": {"4": 0.30, "12": 0.10}, "lda": {"4": 0.24, "12": 0.10},
-            "whitened": {"4": 0.20, "12": 0.090}}
-    assert pick_start(eers, "12", targets=400) == "lda"  # 0.01 better at full size: within the noise
-    eers["whitened"]["12"] = 0.084  # 0.016 better: more than one standard error
-    assert pick_start(eers, "12", targets=400) == "whitened"
-    assert pick_start(eers, "12", targets=100) == "lda"  # 100 targets: 0.03 needed
-    eers["whitened"]["12"] = 0.10
-    assert pick_start(eers, "12", targets=400) == "lda"  # a tie keeps the published scores
-
-
 def test_selection_ratio_refuses_any_dim_worse_and_gains_within_the_noise():
     from mrlcache.fit.loop import selection_ratio
 
