@@ -65,7 +65,7 @@ def main():
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tick = time.perf_counter()
-        where = args.material or Path(tmp)
+        where = (args.material or Path(tmp)).resolve()
         if (where / "trials.txt").is_file():
             model, trials, cache = where / "run" / "model.pt", where / "trials.txt", where / "test"
             print(f"material of {where} reused (built with its own --utts, --dim, --trials)", end="; ")
@@ -75,15 +75,26 @@ def main():
             print(f"built in {time.perf_counter() - tick:.0f} s: {args.utts} utterances x {args.dim} (float16), "
                   f"{args.trials} trials", end="; ")
         print(f"load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+        for tree in args.trees:  # each tree must time its own code
+            root = Path(tree).resolve()
+            found = subprocess.run([sys.executable, "-c", "import mrlcache; print(mrlcache.__file__)"], cwd=root,
+                                   env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True)
+            if not found.stdout.strip().startswith(str(root)):
+                sys.exit(f"{tree}: python -m mrlcache would run {found.stdout.strip() or found.stderr[-300:]}")
         print("| tree | round | wall s | CPU s (user+sys) | load before |\n|---|---|---|---|---|")
         for r in range(args.rounds):
             for tree in args.trees:
-                env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
+                # Run in the tree: ``python -m`` puts the working folder first on sys.path, so
+                # from anywhere else it would shadow PYTHONPATH (before session 7 every tree
+                # timed the code of the folder the bench was started in).
+                root = Path(tree).resolve()
+                env = dict(os.environ, PYTHONPATH=str(root))
                 load = os.getloadavg()[0]
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 tick = time.perf_counter()
                 out = subprocess.run([sys.executable, "-m", "mrlcache", "eer", "--model", str(model), "--trials",
-                                      str(trials), "--cache", str(cache)], env=env, capture_output=True, text=True)
+                                      str(trials), "--cache", str(cache)], env=env, cwd=root, capture_output=True,
+                                     text=True)
                 wall = time.perf_counter() - tick
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
