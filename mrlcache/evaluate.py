@@ -118,25 +118,31 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu", fixed=None
     return {s: out[s] for s in systems}
 
 
-def batched(transform, pooled, batch: int = 2048) -> np.ndarray:
+BATCH_VALUES = 1 << 22  # values per batch of batched(): 16 MB of float32, whatever the width
+
+
+def batched(transform, pooled, batch: int | None = None) -> np.ndarray:
     """``transform(pooled)``, batch by batch: each batch widened to float32 on its own.
 
     The trial vectors of a cache come in its stored dtype (float16), read shard by shard
     (:class:`~mrlcache.trial_vectors.CacheRows`); widening all of them at once, then
     standardising them inside the head, made several whole float32 copies (145,000 x
-    2,304: 1.3 GB each, and fresh memory costs page faults). A batch of 2,048 x 2,304
-    float32 is 19 MB, small enough for glibc to reuse its buffers. The batches are
+    2,304: 1.3 GB each, and fresh memory costs page faults). A batch is about 16 MB of
+    float32 (``BATCH_VALUES``; 2,048 x 2,304, 16,384 x 256), small enough for glibc to reuse
+    its buffers, large enough that the head's matrix product runs at speed. The batches are
     :func:`~mrlcache.trial_vectors.batch_bounds`'s (one when ``pooled`` has at most
     ``batch`` rows, else at least ``batch // 2`` rows each), so every row's embedding is
     the one the whole matrix gives (tests/test_evaluate_batched.py).
 
     Args:
         transform: pooled (n, P) float32 -> (n, D), row by row (a system of :func:`transforms`);
-        pooled: (U, P) any float dtype, or a CacheRows; batch: rows per batch at most.
+        pooled: (U, P) any float dtype, or a CacheRows; batch: rows per batch at most
+            (default: ``BATCH_VALUES`` values, at least 2,048 rows).
     Returns:
         (U, D) in the transform's output dtype.
     """
     n = len(pooled)
+    batch = batch or max(2048, BATCH_VALUES // max(1, np.shape(pooled)[-1]))
     if hasattr(pooled, "batches"):
         parts = pooled.batches(batch)
     else:
