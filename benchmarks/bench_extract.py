@@ -19,6 +19,15 @@ writing). Ratios are per round (median of rounds reported); wall seconds are bes
 ``ratio (CPU)`` is the bare forward's CPU time over extract's (this process's threads and the
 ended workers'): what a loaded machine distorts least, it counts the work extract adds
 (decoding, augmentation, writing) but not time lost to waiting.
+
+    python benchmarks/bench_extract.py --eval --variant b0 --engines torch --rounds 3
+
+``--eval`` instead times eval mode (whole utterances), ``--eval-batch bucket`` against
+``single``, interleaved round by round, on a corpus whose lengths repeat: each synthetic
+utterance is cut to a whole number of ``--quantum`` samples (a multiple of 1024, as VoxCeleb2's
+AAC frames), so ``--utterances`` per speaker share a few lengths. Per mode: extract's wall
+and CPU seconds (best of rounds), the forwards run, and the largest difference from
+``single``'s vectors (float32 cache).
 """
 
 import argparse
@@ -35,6 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import mrlcache.cache  # noqa: E402
 from mrlcache.audio import load_audio  # noqa: E402
 from mrlcache.augment import AugmentConfig, Augmenter, make_view  # noqa: E402
 from mrlcache.backbone.loading import load_backbone  # noqa: E402
@@ -61,6 +71,70 @@ def bare_forward(engine: str, model, threads: int):
     return model.pooled
 
 
+def eval_rounds(args, tmp: Path) -> None:
+    """``--eval``: eval-mode extraction and its bare forward, bucketed against one utterance a forward."""
+    import soundfile as sf
+
+    from mrlcache.extract.buckets import EvalBuckets
+
+    make_corpus(tmp / "corpus", speakers=args.speakers, utterances=args.utterances, seed=0, test_speakers=2,
+                seconds=(args.eval_seconds[0], args.eval_seconds[1] + args.quantum / 16000))
+    for path in sorted((tmp / "corpus").rglob("*.wav")):  # each cut to whole quanta: lengths repeat
+        wave, rate = sf.read(path, dtype="int16")
+        sf.write(path, wave[: len(wave) // args.quantum * args.quantum], rate, subtype="PCM_16")
+    utts = scan_tree(tmp / "corpus" / "train")
+    waves = [type("Item", (), {"views": load_audio(u.path)[None]}) for u in utts]
+    audio = sum(w.views.shape[-1] for w in waves) / 16000
+    model = load_backbone(args.variant, random_init=True, seed=0).eval()
+    model.weights_sha256 = "benchmark"
+    modes = ("bucket", "single")
+    groups = {}  # the batches extract runs (one shard): decoded beforehand for the bare forward
+    for mode in modes:
+        buckets = EvalBuckets(args.batch_size if mode == "bucket" else 1, None)
+        groups[mode] = [np.concatenate([it.views for it in g]) for g in buckets.add(0, waves) + buckets.finish(0)]
+    forwards = {e: bare_forward(e, model, args.threads) for e in args.engines}
+    with torch.inference_mode():
+        for fn in forwards.values():
+            fn(torch.from_numpy(groups["bucket"][0]))  # warm-up
+    runs = {(e, m): [] for e in args.engines for m in modes}
+    vectors = {}
+    for r in range(args.rounds):
+        for engine in args.engines:
+            for mode in modes if r % 2 == 0 else modes[::-1]:
+                with torch.inference_mode():
+                    tick, cpu = time.perf_counter(), cpu_seconds()
+                    for batch in groups[mode]:
+                        forwards[engine](torch.from_numpy(batch))
+                    bare, bare_cpu = time.perf_counter() - tick, cpu_seconds() - cpu
+                cfg = ExtractConfig.of(mode="eval", batch_size=args.batch_size, workers=args.workers, dtype="float32",
+                                       shard_size=len(utts), device="cpu", precision="fp32", engine=engine,
+                                       eval_batch=mode)
+                tick, cpu = time.perf_counter(), cpu_seconds()
+                extract(utts, model, tmp / "cache", cfg, overwrite=True, progress=False)
+                wall, used = time.perf_counter() - tick, cpu_seconds() - cpu
+                vectors[engine, mode] = mrlcache.cache.open(tmp / "cache").read("pooled", view=0)
+                runs[engine, mode].append({"bare": bare, "bare_cpu": bare_cpu, "wall": wall, "cpu": used})
+                print(f"round {r + 1} {engine} {mode}: bare {bare:.2f} s (CPU {bare_cpu:.2f} s), extract {wall:.2f} s "
+                      f"(CPU {used:.2f} s)", flush=True)
+    print(f"\n# {args.variant}, eval, {len(utts)} utts, {audio:.0f} s audio, "
+          f"{len({w.views.shape[-1] for w in waves})} distinct lengths (quantum {args.quantum} samples), batch "
+          f"{args.batch_size}, {args.workers} workers, {args.rounds} rounds, load average {os.getloadavg()[0]:.1f} "
+          f"at the end; best of rounds, ratios: single's time over this one's (median of rounds)")
+    keys = ("bare", "bare_cpu", "wall", "cpu")
+    print("| engine | eval batch | forwards | bare s | bare CPU s | extract s | extract CPU s | bare | bare CPU "
+          "| extract | extract CPU | max rel. diff vs single |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for engine in args.engines:
+        for mode in modes:
+            rows, base = runs[engine, mode], runs[engine, "single"]
+            best = [min(x[k] for x in rows) for k in keys]
+            ratios = [statistics.median(b[k] / x[k] for x, b in zip(rows, base)) for k in keys]
+            a, b = vectors[engine, mode], vectors[engine, "single"]
+            diff = float(np.abs(a - b).max() / np.abs(b).max())
+            print(f"| {engine} | {mode} | {len(groups[mode])} | " + " | ".join(f"{v:.2f}" for v in best + ratios)
+                  + f" | {diff:.1e} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="b2")
@@ -73,6 +147,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--eval", action="store_true", help="time eval mode: --eval-batch bucket against single")
+    parser.add_argument("--eval-seconds", type=float, nargs=2, default=(2.0, 6.0), help="--eval: length range")
+    parser.add_argument("--quantum", type=int, default=16384, help="--eval: lengths are multiples of this")
     args = parser.parse_args()
     reuse_large_allocations()  # as the extract command does
     torch.set_num_threads(args.threads)
@@ -80,6 +157,10 @@ def main():
           f"{args.threads} model threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average "
           f"{os.getloadavg()[0]:.1f} at start, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
+    if args.eval:
+        with tempfile.TemporaryDirectory() as tmp:
+            eval_rounds(args, Path(tmp))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_corpus(tmp / "corpus", speakers=args.speakers, utterances=args.utterances, seed=0, test_speakers=2)

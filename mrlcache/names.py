@@ -34,6 +34,7 @@ FIT_PRECISIONS = ("fp32", "bf16")  # a fit on the CPU; CUDA always uses fp16 AMP
 DEVICES = ("auto", "cpu", "cuda")  # a fit's --device (extract and the scorers also take cuda:N)
 DTYPES = ("float16", "float32")  # stored and in-memory feature dtypes
 MODES = ("train", "eval")  # extract: crops with augmentation, or whole utterances
+EVAL_BATCHES = ("bucket", "single")  # extract, eval mode: equal lengths batched, or one utterance a forward
 LAYOUTS = ("views", "layers")  # import-vectors: what K of (N, K, D) input is
 INITS = ("auto", "random", "published")  # fit --init: the head's first weights
 INIT_ROTATIONS = ("auto", "pca", "lda", "whitened")  # fit --init-rotation

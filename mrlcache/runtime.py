@@ -429,22 +429,25 @@ def die_with_parent(parent_pid: int) -> None:
         threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
-def surviving_workers(batches, error, hint: str):
-    """Iterate a DataLoader; a decoding worker that died (killed, out of memory) is one line.
+@contextlib.contextmanager
+def worker_deaths(error, hint: str):
+    """Code consuming a DataLoader: a decoding worker that died (killed, out of memory) is one line.
 
-    torch raises ``RuntimeError: DataLoader worker (pid N) is killed by signal ...``; that
-    becomes ``error(message)`` naming the worker and ``hint`` (how to resume), never a
+    torch raises ``RuntimeError: DataLoader worker (pid N) is killed by signal ...`` from the
+    iterator or from its SIGCHLD handler, wherever the main process is (in a forward, say);
+    that becomes ``error(message)`` naming the worker and ``hint`` (how to resume), never a
     traceback. Other errors pass through.
     """
-    it = iter(batches)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except RuntimeError as err:
-            text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            if "DataLoader worker" not in text:
-                raise
-            raise error(f"{text.rstrip('. ')} (the system kills a worker when memory runs out); {hint}") from None
-        yield batch
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "DataLoader worker" not in text:
+            raise
+        raise error(f"{text.rstrip('. ')} (the system kills a worker when memory runs out); {hint}") from None
+
+
+def surviving_workers(batches, error, hint: str):
+    """Iterate a DataLoader, a dead worker one line (:func:`worker_deaths`)."""
+    with worker_deaths(error, hint):
+        yield from batches

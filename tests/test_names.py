@@ -42,6 +42,7 @@ def test_the_command_line_offers_exactly_the_registries():
     assert choices("extract", "backend") == names.BACKENDS
     assert choices("extract", "backbone_name") == names.BACKBONES
     assert choices("extract", "ptm") == names.PTMS
+    assert choices("extract", "eval_batch") == names.EVAL_BATCHES
     assert choices("embed", "fmt") == names.VECTOR_FORMATS
     assert choices("export", "fmt") == names.EXPORT_FORMATS
     assert choices("eer", "baselines") == names.SYSTEMS[1:]

@@ -56,3 +56,26 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, capsys):
     assert runtime.resolve_precision("fp32", cpu) == "fp32"
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "7.5x slower than fp32" in err and "--precision fp32" in err
+
+
+def test_a_dead_worker_reported_anywhere_in_the_loop_is_one_line():
+    """torch's SIGCHLD handler raises in whatever the main process runs (a forward, say), not
+    only in the DataLoader's next(): both become the one-line error."""
+    from mrlcache.runtime import surviving_workers, worker_deaths
+
+    class Stop(Exception):
+        pass
+
+    dead = RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed. ")
+    with pytest.raises(Stop, match=r"^DataLoader worker \(pid 7\) is killed by signal: Killed \(the system .*resume$"):
+        with worker_deaths(Stop, "resume"):
+            raise dead  # in the loop's body
+
+    def batches():
+        yield 1
+        raise dead
+
+    with pytest.raises(Stop, match="pid 7"):
+        list(surviving_workers(batches(), Stop, "resume"))
+    with pytest.raises(RuntimeError, match="other"), worker_deaths(Stop, "resume"):
+        raise RuntimeError("other")

@@ -48,6 +48,8 @@ HELP = {
     "batch_size": "Crops per forward pass [default: 8 on CPU, 128 on CUDA].",
     "workers": "Decoding workers [default: 1 on CPU, up to 8 with CUDA].",
     "device": "auto, cpu, cuda, cuda:N.",
+    "eval_batch": "Eval mode: bucket (utterances of exactly equal length in one forward, up to --batch-size; "
+                  "nothing padded) or single (one utterance a forward).",
 }
 KW = {"backbone": {"param": KEYS["backbone"]}, "variant": {"type": str}, "weights": {"type": click.Path(exists=True)},
       "ptm_weights": {"type": FILE}, "window_seconds": {"type": WINDOW}, "streams": {"show_default": True},

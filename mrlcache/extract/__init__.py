@@ -3,8 +3,9 @@
 ``config.py`` (ExtractConfig, every setting, by component: backbone, views, storage,
 run), ``prepare.py`` (the utterances, models and rank of a pass; ``extract_corpus``, the
 whole pass the command runs), ``data.py`` (decoding workers, shard batches, progress),
-``run.py`` (the pass: ranks, shards, the writer). See run.py's
-docstring for the data path, determinism and scale-out.
+``buckets.py`` (eval mode's batches of equal-length utterances), ``run.py`` (the pass:
+ranks, shards, the writer). See run.py's docstring for the data path, determinism and
+scale-out.
 """
 
 from mrlcache.extract.config import ExtractConfig, ExtractError

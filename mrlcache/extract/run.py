@@ -1,8 +1,9 @@
 """The one pass: frozen backbone over a speaker corpus into a sharded feature cache.
 
 Data path: manifest rows -> DataLoader workers (decode once, make every view of the
-utterance) -> batches of equal-length crops -> ``model.pooled`` under inference mode ->
-one shard written atomically when all its rows are done.
+utterance) -> batches of equal-length crops (eval: a shard's whole utterances of exactly
+equal length, :mod:`mrlcache.extract.buckets`) -> ``model.pooled`` under inference mode ->
+one shard written atomically, in row order, when all its rows are done.
 
 Determinism: a view is a pure function of (seed, utterance id, view index)
 (:func:`mrlcache.augment.make_view`), and batches are formed inside a shard from the
@@ -31,11 +32,13 @@ from mrlcache.backbone import BackboneRecord, save_checkpoint, state_sha256
 from mrlcache.backbone.record import convert_v1_meta
 from mrlcache.backbone.registry import wave_minimum
 from mrlcache.cache import CacheWriter, IncompleteCacheError, read_meta
+from mrlcache.extract.buckets import EvalBuckets
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
 from mrlcache.extract.sizes import check_free_disk, projected_sizes
 from mrlcache.extract.sources import check_sources
-from mrlcache.runtime import DeviceError, env_int, resolve_device, resolve_precision, surviving_workers
+from mrlcache.runtime import (DeviceError, env_int, resolve_device, resolve_precision, surviving_workers,
+                              worker_deaths)
 from mrlcache.streams import StreamError, item_shape, pooled_only, record_from_json, records_from_meta, source
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.streams.windows import num_windows
@@ -259,9 +262,13 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
     done_rows, audio_seconds, model_seconds = 0, 0.0, 0.0
     started = time.perf_counter()
     bar = ExtractProgress(total_rows, rank, enabled=progress)
-    with bar, torch.inference_mode():
-        for items in surviving_workers(batches_in, ExtractError, "the shards written so far are kept: rerun the "
-                                       "same command to resume, with fewer --workers if memory is short"):
+    # Eval: a shard's utterances of equal length run together (buckets.py); train: as decoded.
+    buckets = EvalBuckets(batch_size if cfg.run.eval_batch == "bucket" else 1, cfg.views.window_seconds) \
+        if cfg.views.mode == "eval" else None
+    hint = ("the shards written so far are kept: rerun the same command to resume, with fewer --workers if memory "
+            "is short")
+    with bar, torch.inference_mode(), worker_deaths(ExtractError, hint):  # a worker may die during a forward
+        for items in surviving_workers(batches_in, ExtractError, hint):
             k = shard_of[items[0].row]
             state = pending.setdefault(k, {"index": [], "skipped": {}, "windowed": {}, "seconds": 0.0,
                                            "left": len(writer.shard_rows(k))})
@@ -271,22 +278,27 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
                     state["skipped"][it.utt_id] = it.reason
                 elif cfg.views.mode == "eval":
                     _note_long(it, cfg, state["windowed"], bar)
-            if ok:
+            state["seconds"] += sum(it.seconds for it in items)
+            state["left"] -= len(items)
+            skipped = [it for it in items if it.views is None]
+            bar.update(len(skipped), 0.0)
+            groups = (buckets.add(k, ok) if buckets else [ok] if ok else []) + \
+                (buckets.finish(k) if buckets and state["left"] == 0 else [])
+            for group in groups:
                 tick = time.perf_counter()
-                for name, value in forward_streams(model, ptm, ok, device, precision, cfg, stream_seconds).items():
+                for name, value in forward_streams(model, ptm, group, device, precision, cfg, stream_seconds).items():
                     state.setdefault(name, []).append(value)
                 model_seconds += time.perf_counter() - tick
-                state["index"].extend(it.row for it in ok)
-            seconds = sum(it.seconds for it in items)
-            state["seconds"] += seconds
-            state["left"] -= len(items)
-            if state["left"] == 0:
-                writer.write_shard(k, state["index"], None, state["skipped"], state["seconds"],
-                                   gather(state, infos, cfg.views.count), windowed=state["windowed"])
-                del pending[k]
+                state["index"].extend(it.row for it in group)
+                seconds = sum(it.seconds for it in group)
+                audio_seconds += seconds
+                bar.update(len(group), seconds)
             done_rows += len(items)
-            audio_seconds += seconds
-            bar.update(len(items), seconds)
+            if state["left"] == 0:
+                index, values = _in_row_order(state["index"], gather(state, infos, cfg.views.count))
+                writer.write_shard(k, index, None, state["skipped"], state["seconds"], values,
+                                   windowed=state["windowed"])
+                del pending[k]
     elapsed = time.perf_counter() - started
     return {
         "elapsed_seconds": elapsed,
@@ -297,6 +309,16 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         "engine": cfg.backbone.engine,
         **({"stream_seconds": stream_seconds} if "streams" in writer.meta else {}),
     }
+
+
+def _in_row_order(index: list[int], values: dict) -> tuple[list[int], dict]:
+    """A shard's rows and stream values (dense (n, ...) arrays or lists) sorted by row: eval's
+    buckets run out of order, the cache keeps its order (the same bytes as one per forward)."""
+    order = sorted(range(len(index)), key=index.__getitem__)
+    if order == list(range(len(index))):
+        return index, values
+    return [index[i] for i in order], {name: [v[i] for i in order] if isinstance(v, list) else v[order]
+                                       for name, v in values.items()}
 
 
 def _engine_model(model, cfg: ExtractConfig, workers: int):

@@ -56,7 +56,9 @@ def forward_streams(model, ptm, items, device, precision, cfg, seconds: dict) ->
     """Every stream of ``cfg`` for a batch of decoded items, computed on the same views.
 
     Train crops (one length): {stream: (n, V, ...) float32}, one pass over all views.
-    Eval utterances: {stream: list of n arrays} (ragged frames), or (n, 1, ...) vectors.
+    Eval utterances: {stream: list of n arrays} (ragged frames), or (n, 1, ...) vectors;
+    one pass when all have the same length (eval's buckets: nothing is padded, each row as
+    it would be alone up to float rounding), else one pass each.
     With a backbone computing both layers and pooled, pooled is finished from the layers
     (one backbone pass; equal to ``model.pooled``).
     """
@@ -82,10 +84,14 @@ def forward_streams(model, ptm, items, device, precision, cfg, seconds: dict) ->
         return out
 
     views = items[0].views.shape[0]
-    if all(it.views.shape == items[0].views.shape for it in items) and cfg.views.mode == "train":
-        wave = torch.from_numpy(np.concatenate([it.views for it in items])).to(device)  # (n*V, crop)
-        return {name: x.reshape(len(items), views, *x.shape[1:]) for name, x in one(wave).items()}
-    per_item = [one(torch.from_numpy(it.views).to(device)) for it in items]  # each (1, ...)
+    if all(it.views.shape == items[0].views.shape for it in items):
+        wave = torch.from_numpy(np.concatenate([it.views for it in items])).to(device)  # (n*V, crop or T)
+        batched = {name: x.reshape(len(items), views, *x.shape[1:]) for name, x in one(wave).items()}
+        if cfg.views.mode == "train":
+            return batched
+        per_item = [{name: x[i] for name, x in batched.items()} for i in range(len(items))]  # each (1, ...)
+    else:
+        per_item = [one(torch.from_numpy(it.views).to(device)) for it in items]  # each (1, ...)
     result = {}
     for name in per_item[0]:
         if streams.spec(name).is_frames(cfg.storage.layers_pooled):

@@ -38,7 +38,7 @@ LIBRARY = {
         **{name: flat(ExtractConfig())[name] for name in (
             "mode", "views", "crop_seconds", "max_seconds", "window_seconds", "min_seconds", "seed", "shard_size", "dtype",
             "batch_size", "workers", "device", "precision", "streams", "layers_pooled", "ptm", "ptm_weights", "engine",
-            "variant", "train_type", "dataset", "weights", "random_init")},
+            "variant", "train_type", "dataset", "weights", "random_init", "eval_batch")},
         "backend": flat(ExtractConfig())["format"],
         "backbone_name": flat(ExtractConfig())["backbone"],
         "noise_dir": _field_defaults(AugmentConfig)["noise_dir"],
