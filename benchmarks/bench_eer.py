@@ -2,13 +2,16 @@
 
     python benchmarks/bench_eer.py --trees /work/main .         # old and new code, interleaved
     python benchmarks/bench_eer.py --dim 2304 --rounds 3         # b2's pooled size
+    python benchmarks/bench_eer.py --dim 2304 --material /tmp/m2304 --trees /work/main .  # built once, kept
 
 Builds once, in a temporary folder: a test cache of ``--utts`` imported float16 vectors
 (speaker centroids plus noise, VoxCeleb-style ids), a small training cache and a head-only
 model fitted on it for one epoch, and a VoxCeleb-layout trial list of ``--trials`` random
 pairs. Then times the whole command ``python -m mrlcache eer --model ... --trials ...
 --cache ...`` as a fresh process, once per tree per round, the trees interleaved (each
-tree is put first on PYTHONPATH). Also prints the CPU time of the children.
+tree is put first on PYTHONPATH). Also prints the CPU time of each command (user + sys) and
+the load average before it. ``--material DIR`` builds in DIR (if it holds no material yet)
+and keeps it, so later runs time at once.
 """
 
 from __future__ import annotations
@@ -57,27 +60,47 @@ def main():
     ap.add_argument("--trials", type=int, default=550_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--material", type=Path, default=None,
+                    help="folder to build the material in and keep (reused when it holds it already)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tick = time.perf_counter()
-        model, trials, cache = build(Path(tmp), args.utts, args.dim, args.trials)
-        print(f"built in {time.perf_counter() - tick:.0f} s: {args.utts} utterances x {args.dim} (float16), "
-              f"{args.trials} trials; load average {os.getloadavg()[0]:.1f}; "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-        print("| tree | round | wall s | CPU s (user+sys) |\n|---|---|---|---|")
+        where = (args.material or Path(tmp)).resolve()
+        if (where / "trials.txt").is_file():
+            model, trials, cache = where / "run" / "model.pt", where / "trials.txt", where / "test"
+            print(f"material of {where} reused (built with its own --utts, --dim, --trials)", end="; ")
+        else:
+            where.mkdir(parents=True, exist_ok=True)
+            model, trials, cache = build(where, args.utts, args.dim, args.trials)
+            print(f"built in {time.perf_counter() - tick:.0f} s: {args.utts} utterances x {args.dim} (float16), "
+                  f"{args.trials} trials", end="; ")
+        print(f"load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+        for tree in args.trees:  # each tree must time its own code
+            root = Path(tree).resolve()
+            found = subprocess.run([sys.executable, "-c", "import mrlcache; print(mrlcache.__file__)"], cwd=root,
+                                   env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True)
+            if not found.stdout.strip().startswith(str(root)):
+                sys.exit(f"{tree}: python -m mrlcache would run {found.stdout.strip() or found.stderr[-300:]}")
+        print("| tree | round | wall s | CPU s (user+sys) | load before |\n|---|---|---|---|---|")
         for r in range(args.rounds):
             for tree in args.trees:
-                env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
+                # Run in the tree: ``python -m`` puts the working folder first on sys.path, so
+                # from anywhere else it would shadow PYTHONPATH (before session 7 every tree
+                # timed the code of the folder the bench was started in).
+                root = Path(tree).resolve()
+                env = dict(os.environ, PYTHONPATH=str(root))
+                load = os.getloadavg()[0]
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 tick = time.perf_counter()
                 out = subprocess.run([sys.executable, "-m", "mrlcache", "eer", "--model", str(model), "--trials",
-                                      str(trials), "--cache", str(cache)], env=env, capture_output=True, text=True)
+                                      str(trials), "--cache", str(cache)], env=env, cwd=root, capture_output=True,
+                                     text=True)
                 wall = time.perf_counter() - tick
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
                 if out.returncode:
                     print(out.stderr[-2000:], file=sys.stderr)
-                print(f"| {tree} | {r} | {wall:.1f} | {cpu:.1f} |", flush=True)
+                print(f"| {tree} | {r} | {wall:.1f} | {cpu:.1f} | {load:.1f} |", flush=True)
         print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 

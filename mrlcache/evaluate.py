@@ -48,8 +48,10 @@ from mrlcache.baselines import (  # noqa: F401 (part of this API)
 from mrlcache.trial_vectors import (  # noqa: F401 (part of this API: where the vectors come from)
     EvaluateError,
     MissingUtterancesError,
+    CacheRows,
     TrialVectors,
     _note,
+    batch_bounds,
     audio_path,
     embeddings_from_cache,
     open_cache_for,
@@ -114,6 +116,45 @@ def transforms(model, systems=("mrl",), pca_cache=None, device="cpu", fixed=None
             raise EvaluateError("the fixed system needs the run's fixed-size heads: fit with --fixed-baselines")
         out["fixed"] = FixedHeads({d: m.to(device) for d, m in fixed.items()})
     return {s: out[s] for s in systems}
+
+
+BATCH_VALUES = 1 << 22  # values per batch of batched(): 16 MB of float32, whatever the width
+
+
+def batched(transform, pooled, batch: int | None = None) -> np.ndarray:
+    """``transform(pooled)``, batch by batch: each batch widened to float32 on its own.
+
+    The trial vectors of a cache come in its stored dtype (float16), read shard by shard
+    (:class:`~mrlcache.trial_vectors.CacheRows`); widening all of them at once, then
+    standardising them inside the head, made several whole float32 copies (145,000 x
+    2,304: 1.3 GB each, and fresh memory costs page faults). A batch is about 16 MB of
+    float32 (``BATCH_VALUES``; 2,048 x 2,304, 16,384 x 256), small enough for glibc to reuse
+    its buffers, large enough that the head's matrix product runs at speed. The batches are
+    :func:`~mrlcache.trial_vectors.batch_bounds`'s (one when ``pooled`` has at most
+    ``batch`` rows, else at least ``batch // 2`` rows each), so every row's embedding is
+    the one the whole matrix gives (tests/test_evaluate_batched.py).
+
+    Args:
+        transform: pooled (n, P) float32 -> (n, D), row by row (a system of :func:`transforms`);
+        pooled: (U, P) any float dtype, or a CacheRows; batch: rows per batch at most
+            (default: ``BATCH_VALUES`` values, at least 2,048 rows).
+    Returns:
+        (U, D) in the transform's output dtype.
+    """
+    n = len(pooled)
+    batch = batch or max(2048, BATCH_VALUES // max(1, np.shape(pooled)[-1]))
+    if hasattr(pooled, "batches"):
+        parts = pooled.batches(batch)
+    else:
+        bounds = batch_bounds(n, batch)
+        parts = ((slice(lo, hi), pooled[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:]))
+    out = None
+    for where, x in parts:
+        part = transform(np.asarray(x, dtype=np.float32))  # (n_batch, D)
+        if out is None:
+            out = np.empty((n, *part.shape[1:]), dtype=part.dtype)
+        out[where] = part
+    return out if out is not None else transform(np.asarray(pooled, dtype=np.float32))
 
 
 def _iter_cache(cache, batch: int = 8192):
@@ -287,7 +328,7 @@ def evaluate(trials: Trials, utts, pooled, transforms: dict, dims, *, center=Non
     ie, it = trials.indices({u: i for i, u in enumerate(utts)})  # (T,), (T,)
     results = []
     for system, transform in transforms.items():
-        emb = transform(pooled)  # (U, D)
+        emb = batched(transform, pooled)  # (U, D)
         if system == "fixed":  # one head per dim, each scored whole (no calibration)
             for d, cols in transform.blocks.items():
                 if d in dims:
@@ -326,7 +367,7 @@ def evaluate(trials: Trials, utts, pooled, transforms: dict, dims, *, center=Non
 
 def _metric_row(metrics, system, d, row, labels) -> dict:
     """The result of one system at one dim: EER, its threshold, minDCF at each prior, bytes."""
-    value, threshold = metrics.eer(row, labels)
+    value, threshold, dcfs = metrics.eer_min_dcf(row, labels, PRIORS)  # one sort for all three
     return {"system": system, "dim": int(d), "eer": value, "threshold": threshold,
-            **{f"min_dcf_{p}": metrics.min_dcf(row, labels, p_target=p) for p in PRIORS},
+            **{f"min_dcf_{p}": dcf for p, dcf in zip(PRIORS, dcfs)},
             "bytes_per_utterance": int(d) * BYTES_PER_VALUE}

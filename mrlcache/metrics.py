@@ -142,7 +142,11 @@ def eer(scores, labels) -> tuple[float, float]:
         (eer, threshold): eer as a fraction in [0, 1]; threshold of the operating point
         nearest the crossing (accept if score >= threshold). See the module docstring.
     """
-    thresholds, tar_acc, non_acc, n_tar, n_non = _operating_points(scores, labels)
+    return _eer_at(*_operating_points(scores, labels))
+
+
+def _eer_at(thresholds, tar_acc, non_acc, n_tar, n_non) -> tuple[float, float]:
+    """:func:`eer` from the operating points of :func:`_operating_points`."""
     # P_miss - P_fa in integer arithmetic (scaled by n_tar * n_non), so the bracket is
     # found exactly; it decreases strictly from n_tar*n_non (reject all) to -n_tar*n_non.
     diff = (n_tar - tar_acc) * n_non - non_acc * n_tar
@@ -170,11 +174,29 @@ def min_dcf(scores, labels, p_target=0.01, c_miss=1.0, c_fa=1.0) -> float:
         than always accepting or always rejecting.
     """
     _check_costs(p_target, c_miss, c_fa)
-    _, tar_acc, non_acc, n_tar, n_non = _operating_points(scores, labels)
+    return _min_dcf_at(_operating_points(scores, labels), p_target, c_miss, c_fa)
+
+
+def _min_dcf_at(points, p_target, c_miss, c_fa) -> float:
+    """:func:`min_dcf` from the operating points of :func:`_operating_points`."""
+    _, tar_acc, non_acc, n_tar, n_non = points
     p_miss = (n_tar - tar_acc) / n_tar
     p_fa = non_acc / n_non
     dcf = c_miss * p_target * p_miss + c_fa * (1.0 - p_target) * p_fa
     return float(dcf.min() / min(c_miss * p_target, c_fa * (1.0 - p_target)))
+
+
+def eer_min_dcf(scores, labels, p_targets=(0.01, 0.05)) -> tuple[float, float, list[float]]:
+    """:func:`eer` and :func:`min_dcf` at each prior (c_miss = c_fa = 1) from one sort of the scores.
+
+    Returns:
+        (eer, threshold, [min_dcf at each of ``p_targets``]), exactly the values of the
+        separate functions.
+    """
+    for p in p_targets:
+        _check_costs(p, 1.0, 1.0)
+    points = _operating_points(scores, labels)
+    return (*_eer_at(*points), [_min_dcf_at(points, p, 1.0, 1.0) for p in p_targets])
 
 
 def _check_costs(p_target, c_miss, c_fa) -> None:

@@ -215,7 +215,7 @@ class Scorer:
 
         from mrlcache import evaluate as ev
 
-        emb = self.transforms["mrl"](vectors.pooled)  # (U, D)
+        emb = ev.batched(self.transforms["mrl"], vectors.pooled)  # (U, D)
         ie, it = vectors.trials.indices({u: i for i, u in enumerate(vectors.utterances)})  # (T,), (T,)
         scores, quality = ev.normalised_scores(
             emb, ie, it, self.dims, mean=self.center["mrl"]["mean"] if self.center else None,

@@ -78,9 +78,17 @@ def _prefix_sums(x: np.ndarray, dims: np.ndarray) -> np.ndarray:
     return out
 
 
-def _prefix_norms(x: np.ndarray, dims: np.ndarray) -> np.ndarray:
-    """L2 norm of every prefix of every row: x (N, D) -> (N, len(dims)); zero norm is an error."""
-    norms = np.sqrt(_prefix_sums(x * x, dims))
+def _prefix_norms(x: np.ndarray, dims: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """L2 norm of every prefix of every row: x (N, D) -> (N, len(dims)); zero norm is an error.
+
+    Squares and sums in float64, ``chunk`` rows at a time (each row's sums are the same
+    whatever the chunk; no whole float64 copy of a float32 ``x``).
+    """
+    squares = np.empty((x.shape[0], dims.size), dtype=np.float64)
+    for lo in range(0, x.shape[0], chunk):
+        part = np.asarray(x[lo : lo + chunk], dtype=np.float64)
+        squares[lo : lo + chunk] = _prefix_sums(part * part, dims)
+    norms = np.sqrt(squares)
     zero = norms == 0
     if zero.any():
         rows = np.flatnonzero(zero.any(axis=1))
@@ -130,7 +138,10 @@ def score_trials(emb, index_enroll, index_test, dims, mean=None, chunk=4096) -> 
     Returns:
         (len(dims), T) float64 cosine scores, rows in the order of ``dims``.
     """
-    x = _centred(emb, mean)
+    emb = np.asarray(emb)
+    # Without a mean, float32 at once: the float64 detour of _centred gives back the same
+    # float32 numbers, after two whole copies.
+    x = emb if mean is None and emb.dtype.kind == "f" and emb.ndim == 2 else _centred(emb, mean)
     dims = _check_dims(dims, x.shape[1])
     ie = _check_indices(index_enroll, x.shape[0], "index_enroll")
     it = _check_indices(index_test, x.shape[0], "index_test")
@@ -141,7 +152,7 @@ def score_trials(emb, index_enroll, index_test, dims, mean=None, chunk=4096) -> 
     # float32 vectors, so a vector scored against itself gives 1 to ~1e-7.
     x = np.ascontiguousarray(x[:, : dims.max()], dtype=np.float32)
     # Norms once per utterance, not per trial: an utterance appears in many trials.
-    norms = _prefix_norms(x.astype(np.float64), dims)  # (N, n_dims)
+    norms = _prefix_norms(x, dims)  # (N, n_dims), in float64
     out = np.empty((dims.size, ie.size), dtype=np.float64)
     for lo in range(0, ie.size, chunk):
         e, t = ie[lo : lo + chunk], it[lo : lo + chunk]

@@ -43,17 +43,84 @@ def _note(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def batch_bounds(n: int, batch: int) -> np.ndarray:
+    """Bounds of equal batches of ``n`` rows, at most ``batch`` each: (k + 1,) int64.
+
+    One batch when ``n <= batch``; otherwise every batch has at least ``batch // 2`` rows
+    (a matrix product of a few rows may take another kernel and round differently).
+    """
+    return np.linspace(0, n, max(1, -(-n // batch)) + 1).astype(np.int64)
+
+
+class CacheRows:
+    """Pooled vectors of some rows of a cache, read when used: (U, P) in the cache's dtype.
+
+    Scoring reads them batch by batch (:meth:`batches`), each shard once, so the trial
+    vectors are never all in memory at once (145,000 x 2,304 float16 is 668 MB, and fresh
+    pages cost seconds of system time); ``np.asarray(rows)`` or an index reads them.
+    """
+
+    ndim = 2
+
+    def __init__(self, cache, rows, view: int | None):
+        self.cache, self.rows, self.view = cache, np.asarray(rows, dtype=np.int64), view
+        self.dtype = cache.dtype
+        self.shape = (len(self.rows), cache.dim)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _read(self, rows) -> np.ndarray:
+        return self.cache.read("pooled", view=self.view, rows=rows, dtype=self.dtype).reshape(len(rows), self.shape[1])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self._read(self.rows).astype(dtype or self.dtype, copy=False)  # (U, P)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, tuple):
+            return np.asarray(self)[key]
+        rows = self.rows[key]
+        x = self._read(np.atleast_1d(rows))
+        return x[0] if np.ndim(rows) == 0 else x
+
+    def batches(self, batch: int):
+        """Yield (positions (n,), vectors (n, P)) in cache order until every row came once;
+        the batch sizes are :func:`batch_bounds`'s."""
+        order = np.argsort(self.rows, kind="stable")
+        ranked = self.rows[order]  # cache positions, increasing
+        starts = np.cumsum([0] + [len(s) for s in self.cache.shards])
+        shard_of = np.searchsorted(starts, ranked, side="right") - 1  # (U,), increasing
+        first = np.searchsorted(shard_of, np.arange(len(starts)))  # where each shard's rows begin in ranked
+        held = {}  # shard -> its rows' vectors; the batches walk the shards in order
+        bounds = batch_bounds(len(ranked), batch)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            parts = []
+            for k in range(shard_of[lo], shard_of[hi - 1] + 1) if hi > lo else ():
+                a, b = first[k], first[k + 1]
+                if a == b:  # no trial rows in this shard
+                    continue
+                if k not in held:
+                    held = {k: self.cache.shards[k].read("pooled", self.view, rows=ranked[a:b] - starts[k],
+                                                         dtype=self.dtype).reshape(b - a, self.shape[1])}
+                parts.append(held[k][max(lo, a) - a:min(hi, b) - a])
+            if parts:
+                yield order[lo:hi], (parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
 @dataclass
 class TrialVectors:
     """Pooled vectors of the trial utterances and the trials that can be scored with them.
 
-    utterances: U ids, in order of first appearance in ``trials``; pooled: (U, P) float32;
-    trials: the scorable trials; missing: utterances without a vector (their trials were
-    dropped, ``skipped_trials`` of them; both empty unless ``skip_missing``).
+    utterances: U ids, in order of first appearance in ``trials``; pooled: (U, P), float32
+    from audio; from a cache, a :class:`CacheRows` in the cache's own dtype (float16 or
+    float32), read and widened batch by batch when scored (:func:`mrlcache.evaluate.batched`;
+    ``np.asarray`` reads it all); trials: the scorable trials;
+    missing: utterances without a vector (their trials were dropped, ``skipped_trials`` of
+    them; both empty unless ``skip_missing``).
     """
 
     utterances: list[str]
-    pooled: np.ndarray
+    pooled: np.ndarray | CacheRows
     trials: Trials
     skipped_trials: int = 0
     missing: list[str] = field(default_factory=list)
@@ -147,7 +214,8 @@ def pooled_from_cache(cache, trials: Trials, skip_missing: bool = False) -> Tria
         skip_missing: drop the trials of utterances the cache lacks instead of raising
             :class:`MissingUtterancesError` (reasons from the cache's skipped list).
     Returns:
-        :class:`TrialVectors` with (U, P) float32 vectors (view 0 of a multi-view cache).
+        :class:`TrialVectors` whose vectors are a :class:`CacheRows` (view 0 of a
+        multi-view cache): only the trial rows, in the stored dtype, read when scored.
     """
     if cache.meta.get("mode") == "train":
         raise EvaluateError(
@@ -158,13 +226,7 @@ def pooled_from_cache(cache, trials: Trials, skip_missing: bool = False) -> Tria
     kept, skipped = _resolve_missing(trials, missing, f"cache {cache.path}", cache.skipped, skip_missing)
     utts = kept.utterances
     view = 0 if cache.num_views > 1 else None
-    rows = cache.index_of(utts)
-    if len(rows) > len(cache) // 2:  # most of the cache: whole shards, in the stored dtype (float16: half the bytes)
-        pooled = cache.read("pooled", view=view, dtype=cache.dtype).reshape(len(cache), -1)[rows]
-    else:  # only the chunks holding the trial rows
-        pooled = cache.read("pooled", view=view, rows=rows, dtype=cache.dtype).reshape(len(rows), -1)
-    pooled = pooled.astype(np.float32, copy=False)  # (U, P): only the trial rows are widened
-    return TrialVectors(utts, pooled, kept, skipped, missing)
+    return TrialVectors(utts, CacheRows(cache, cache.index_of(utts), view), kept, skipped, missing)
 
 
 def embeddings_from_cache(cache, model, trials: Trials, skip_missing: bool = False, batch: int = 64) -> TrialVectors:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -58,10 +59,21 @@ class Trials:
         seen = dict.fromkeys(u for pair in zip(self.enroll, self.test) for u in pair)
         return list(seen)
 
+    @cached_property
+    def sides(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each trial's enroll and test utterance as positions in :attr:`utterances`, (T,) int64 each.
+
+        Computed once per Trials (the vectorised reader has them already).
+        """
+        at = {u: i for i, u in enumerate(self.utterances)}
+        return (np.fromiter(map(at.__getitem__, self.enroll), dtype=np.int64, count=len(self)),
+                np.fromiter(map(at.__getitem__, self.test), dtype=np.int64, count=len(self)))
+
     @property
     def self_trials(self) -> list[int]:
         """Indices of trials comparing an utterance with itself (a score of 1 whatever the model)."""
-        return [i for i, (e, t) in enumerate(zip(self.enroll, self.test)) if e == t]
+        enroll, test = self.sides
+        return np.flatnonzero(enroll == test).tolist()
 
     @property
     def n_target(self) -> int:
@@ -92,9 +104,10 @@ class Trials:
             raise TrialsError(
                 f"{len(missing)} trial utterance(s) have no embedding, e.g. {', '.join(missing[:3])}"
             )
-        enroll = np.fromiter((rows[u] for u in self.enroll), dtype=np.int64, count=len(self))
-        test = np.fromiter((rows[u] for u in self.test), dtype=np.int64, count=len(self))
-        return enroll, test
+        # One look-up per distinct utterance, then integer gathers (not one per trial side).
+        row = np.fromiter(map(rows.__getitem__, self.utterances), dtype=np.int64, count=len(self.utterances))
+        enroll, test = self.sides
+        return row[enroll], row[test]
 
 
 def _label_column(fields: Sequence[str]) -> int | None:
@@ -129,45 +142,71 @@ def read_trials(path) -> Trials:
     return trials if trials is not None else _read_lines(path, text)
 
 
+def _columns(text: str) -> tuple[list, np.ndarray] | None:
+    """The three columns of a list whose every non-blank line has three fields, and the line
+    number (from 1) of each trial; None if a line has another number of fields."""
+    lines = text.splitlines()
+    if text.isascii() and "\t" not in text and "\x1f" not in text:
+        # The usual layout, checked without splitting line by line: a trial line holds two
+        # spaces and no other blank, so at most three fields, and the whole text's fields
+        # are three per such line only if each has three.
+        spaces = np.fromiter(map(str.count, lines, itertools.repeat(" ")), dtype=np.int64, count=len(lines))
+        trial = spaces == 2
+        if np.all(trial | (np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)) == 0)):
+            fields = text.split()
+            if len(fields) == 3 * np.count_nonzero(trial):
+                return [fields[0::3], fields[1::3], fields[2::3]], np.flatnonzero(trial) + 1
+    rows = [(i, r) for i, r in enumerate((line.split() for line in lines), start=1) if r]
+    if any(len(r) != 3 for _, r in rows):
+        return None
+    numbers, rows = zip(*rows) if rows else ((), ())
+    return [list(c) for c in zip(*rows)] or [[], [], []], np.asarray(numbers, dtype=np.int64)
+
+
 def _read_vectorised(text: str) -> Trials | None:
     """Parse a well-formed list with whole-array operations (550,000 trials: about a second of
     CPU, against 20 s line by line); None if any line is malformed, a label unknown, or a
     pair listed with both labels."""
     collecting = gc.isenabled()
-    gc.disable()  # millions of small lists: the cyclic collector would scan them again and again
+    gc.disable()  # millions of small strings and lists: the cyclic collector would scan them again and again
     try:
-        rows = [(i, r) for i, r in enumerate((line.split() for line in text.splitlines()), start=1) if r]
-        if not rows or any(len(r) != 3 for _, r in rows):
-            return None
-        numbers, rows = zip(*rows)
-        column = _label_column(rows[0])
-        if column is None:
-            return None
-        cols = list(zip(*rows))
+        found = _columns(text)
     finally:
         if collecting:
             gc.enable()
+    if found is None or not found[0][0]:
+        return None
+    cols, line_of = found
+    column = _label_column([c[0] for c in cols])
+    if column is None:
+        return None
     if not set(cols[column]) <= LABELS.keys():
         return None
-    n = len(rows)
+    n = len(cols[0])
     labels = np.fromiter(map(LABELS.__getitem__, cols[column]), dtype=np.int8, count=n)
-    enroll, test = (list(cols[1]), list(cols[2])) if column == 0 else (list(cols[0]), list(cols[1]))
-    # One integer per distinct utterance; an unordered pair is min(id) * U + max(id).
-    ids = dict(zip(dict.fromkeys(enroll + test), itertools.count()))
-    e = np.fromiter(map(ids.__getitem__, enroll), dtype=np.int64, count=n)
-    t = np.fromiter(map(ids.__getitem__, test), dtype=np.int64, count=n)
+    enroll, test = (cols[1], cols[2]) if column == 0 else (cols[0], cols[1])
+    # One integer per distinct utterance, in order of first appearance in enroll + test,
+    # given in one pass (a missing key draws the next number); an unordered pair is
+    # min(id) * U + max(id).
+    ids = defaultdict(itertools.count().__next__)
+    codes = np.fromiter(map(ids.__getitem__, enroll + test), dtype=np.int64, count=2 * n)
+    e, t = codes[:n], codes[n:]
     key = np.minimum(e, t) * len(ids) + np.maximum(e, t)
     _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
     first_of = first[inverse]  # each trial's first listing of its pair
     again = np.flatnonzero(first_of != np.arange(n))
     if np.any(labels[again] != labels[first_of[again]]):
         return None
-    line_of = np.asarray(numbers)
     trials = Trials(labels, enroll, test, [(int(line_of[i]), int(line_of[first_of[i]])) for i in again])
-    # Trials.utterances from the ids: order of first appearance, enroll before test per trial.
+    # Trials.utterances and Trials.sides from the ids: order of first appearance, enroll
+    # before test per trial.
     names = list(ids)
     seen, at = np.unique(np.stack([e, t], axis=1).ravel(), return_index=True)
-    trials.__dict__["utterances"] = [names[i] for i in seen[np.argsort(at)]]
+    order = seen[np.argsort(at)]  # (U,) ids in order of first appearance
+    trials.__dict__["utterances"] = [names[i] for i in order]
+    position = np.empty(len(names), dtype=np.int64)
+    position[order] = np.arange(len(order))
+    trials.__dict__["sides"] = (position[e], position[t])
     return trials
 
 

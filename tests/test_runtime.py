@@ -61,7 +61,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, capsys):
 def test_a_dead_worker_reported_anywhere_in_the_loop_is_one_line():
     """torch's SIGCHLD handler raises in whatever the main process runs (a forward, say), not
     only in the DataLoader's next(): both become the one-line error."""
-    from mrlcache.runtime import surviving_workers, worker_deaths
+    from mrlcache.workers import surviving_workers, worker_deaths
 
     class Stop(Exception):
         pass

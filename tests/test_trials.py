@@ -102,8 +102,14 @@ def test_a_pair_listed_with_both_labels_is_refused(tmp_path):
         read_trials(write(tmp_path, f"1 {A} {B}\n0 {B} {A}\n"))
 
 
-@pytest.mark.parametrize("kaldi", [False, True])
-def test_vectorised_reader_equals_the_line_by_line_reader(tmp_path, kaldi):
+@pytest.mark.parametrize("kaldi,sep,newline", [
+    (False, " ", "\n"),  # the usual layout: the whole text split at once
+    (True, " ", "\r\n"),
+    (False, "\t", "\n"),  # other blanks: split line by line
+    (True, "  ", "\n"),
+    (False, " ", " \n"),  # a trailing space
+])
+def test_vectorised_reader_equals_the_line_by_line_reader(tmp_path, kaldi, sep, newline):
     from mrlcache.trials import _read_lines
 
     rng = np.random.default_rng(0)
@@ -114,12 +120,28 @@ def test_vectorised_reader_equals_the_line_by_line_reader(tmp_path, kaldi):
         label = int(a % 7 == b % 7)
         if k % 97 == 5:
             lines.append("")  # blank lines keep the numbering
-        lines.append(f"{utts[a]} {utts[b]} {'target' if label else 'nontarget'}" if kaldi
-                     else f"{label} {utts[a]}\t{utts[b]}")
+        lines.append(sep.join([utts[a], utts[b], "target" if label else "nontarget"]) if kaldi
+                     else sep.join([str(label), utts[a], utts[b]]))
     path = tmp_path / "t.txt"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_bytes((newline.join(lines) + newline).encode())
     fast, slow = read_trials(path), _read_lines(path, path.read_text())
     assert fast.duplicates and fast.duplicates == slow.duplicates  # pairs repeat, in both orders
     assert np.array_equal(fast.labels, slow.labels) and fast.enroll == slow.enroll and fast.test == slow.test
     fresh = Trials(fast.labels, fast.enroll, fast.test)  # utterances computed the plain way
     assert fast.utterances == fresh.utterances == slow.utterances
+    # Each side's position in utterances, from the reader's ids and the plain way alike.
+    for side, ids in zip(fast.sides, (fast.enroll, fast.test)):
+        assert [fast.utterances[i] for i in side] == ids
+    assert all(np.array_equal(a, b) for a, b in zip(fast.sides, fresh.sides))
+    assert fast.self_trials == [i for i, (e, t) in enumerate(zip(fast.enroll, fast.test)) if e == t]
+    rows = {u: 3 * i + 1 for i, u in enumerate(reversed(fast.utterances))}
+    ie, it = fast.indices(rows)
+    assert ie.tolist() == [rows[u] for u in fast.enroll] and it.tolist() == [rows[u] for u in fast.test]
+
+
+@pytest.mark.parametrize("text,lineno", [("1 a b c\n1 d\n", 1), ("1 a b\n1 c d e\n0 f\n", 2),
+                                         ("1 a b\n1  c\n\n0 d e\n", 2), ("1 a b\n\n0 c\td e\n1 f\n", 3)])
+def test_lines_of_other_field_counts_are_found_whatever_the_total(tmp_path, text, lineno):
+    """Three fields per line on average is not enough: the first line of another count is named."""
+    with pytest.raises(TrialsError, match=rf"trials\.txt:{lineno}: expected 3 fields"):
+        read_trials(write(tmp_path, text))

@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from mrlcache.backbone.record import BackboneRecord, RecordError
-from mrlcache.backbone.redimnet import CONFIGS, ConfigError, ReDimNet
 from mrlcache.backbone.registry import BACKBONES, DEFAULT_BACKBONE, encoder_module
 from mrlcache.runtime import atomic_torch_save, check_regular, torch_bytes
 
@@ -181,6 +180,8 @@ def build_from_checkpoint(ckpt, origin):
         raise CheckpointError(f"{origin}: 'model_config' and 'state_dict' must both be dicts")
     encoder = ckpt.get("encoder", DEFAULT_BACKBONE)
     if encoder == DEFAULT_BACKBONE:
+        from mrlcache.backbone.redimnet import ConfigError, ReDimNet  # here: a head-only model never needs it
+
         try:
             model = ReDimNet(config)
         except ConfigError as e:
@@ -322,6 +323,8 @@ def load_backbone(source, *, backbone=None, train_type="ptn", dataset="vox2", de
     if backbone is not None and backbone not in BACKBONES:
         raise CheckpointError(f"unknown backbone {backbone!r}: use one of {', '.join(BACKBONES)}")
     if random_init:
+        from mrlcache.backbone.redimnet import CONFIGS, ReDimNet
+
         kind = backbone or DEFAULT_BACKBONE
         configs = CONFIGS if kind == DEFAULT_BACKBONE else encoder_module(kind).CONFIGS
         if source not in configs:

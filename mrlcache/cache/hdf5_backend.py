@@ -12,12 +12,18 @@ from __future__ import annotations
 import json
 import os
 
-import h5py
 import numpy as np
 
 from mrlcache.cache.backends import register_backend
 
 SKIPPED = "skipped_json"
+
+
+def _file(path, mode: str):
+    """``h5py.File(path, mode)``; h5py is imported here, so reading a zarr cache never loads it."""
+    import h5py
+
+    return h5py.File(path, mode)
 
 
 @register_backend
@@ -35,7 +41,7 @@ class HDF5Backend:
         """
         attrs = dict(attrs)
         skipped = attrs.pop("skipped", {})
-        with h5py.File(path, "w-") as f:
+        with _file(path, "w-") as f:
             for name, (data, chunks) in arrays.items():
                 f.create_dataset(name, data=data, chunks=chunks if chunks is not None and data.size else None)
             f.create_dataset(SKIPPED, data=json.dumps(skipped, sort_keys=True))
@@ -46,7 +52,7 @@ class HDF5Backend:
     @staticmethod
     def read_meta(path) -> tuple[dict, dict]:
         """Return (attrs, {array name: shape}) of the shard at ``path``."""
-        with h5py.File(path, "r") as f:
+        with _file(path, "r") as f:
             attrs = {key: json.loads(value) for key, value in f.attrs.items()}
             attrs["skipped"] = json.loads(f[SKIPPED][()])
             return attrs, {name: tuple(d.shape) for name, d in f.items() if name != SKIPPED}
@@ -60,7 +66,7 @@ class HDF5Backend:
         as stored and converted by numpy: HDF5's own float16 -> float32 conversion of a
         one-view selection ran ~50x slower here (it converts through a small buffer).
         """
-        with h5py.File(path, "r") as f:
+        with _file(path, "r") as f:
             dset = f[name]
             selection = tuple(selection) + (slice(None),) * (dset.ndim - len(selection))
             if any(isinstance(s, np.ndarray) and len(s) == 0 for s in selection):
@@ -81,7 +87,7 @@ class HDF5Backend:
     @staticmethod
     def array_bytes(path, name: str) -> int:
         """Bytes on disk of the shard's dataset ``name``."""
-        with h5py.File(path, "r") as f:
+        with _file(path, "r") as f:
             return int(f[name].id.get_storage_size())
 
     @staticmethod
@@ -89,7 +95,7 @@ class HDF5Backend:
         """Problems of the dataset ``name``: missing, wrong shape/dtype/chunks, chunks (or the
         contiguous data) short or past the end of the file (a truncated file)."""
         file_size = os.path.getsize(path)
-        with h5py.File(path, "r") as f:
+        with _file(path, "r") as f:
             if name not in f:
                 return [f"dataset {name} is missing"]
             dset = f[name]

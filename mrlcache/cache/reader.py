@@ -8,6 +8,7 @@ SHA-256, every shard's numbers, shape, chunks and index), which reads no vectors
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -243,14 +244,8 @@ class Cache:
         """
         if self._position is None:
             self._position = {u: i for i, u in enumerate(self.utterances)}
-        pos, missing = self._position, []
-        out = np.empty(len(utt_ids), dtype=np.int64)
-        for i, u in enumerate(utt_ids):
-            p = pos.get(u)
-            if p is None:
-                missing.append(u)
-                p = -1
-            out[i] = p
+        out = np.fromiter(map(self._position.get, utt_ids, itertools.repeat(-1)), dtype=np.int64, count=len(utt_ids))
+        missing = [utt_ids[i] for i in np.flatnonzero(out < 0)]
         if missing:
             shown = ", ".join(
                 f"{u!r}" + (f" (skipped: {self.skipped[u]})" if u in self.skipped else "")

@@ -71,7 +71,7 @@ def collate(items):
 
 def worker_init(_, parent: int | None = None):
     """A decoding worker: dies with its parent (``parent``: its pid), uses one thread."""
-    from mrlcache.runtime import die_with_parent
+    from mrlcache.workers import die_with_parent
 
     if parent is not None:  # a killed extract must not leave its workers decoding for hours
         die_with_parent(parent)

@@ -37,11 +37,11 @@ from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
 from mrlcache.extract.sizes import check_free_disk, projected_sizes
 from mrlcache.extract.sources import check_sources
-from mrlcache.runtime import (DeviceError, env_int, resolve_device, resolve_precision, surviving_workers,
-                              worker_deaths)
+from mrlcache.runtime import DeviceError, env_int, resolve_device, resolve_precision
 from mrlcache.streams import StreamError, item_shape, pooled_only, record_from_json, records_from_meta, source
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.streams.windows import num_windows
+from mrlcache.workers import surviving_workers, worker_deaths
 
 BACKBONE_FILE = "backbone.pt"  # random-init weights, saved beside the cache
 LONG_SECONDS = 300  # eval mode: a whole utterance longer than this in one pass gets a warning

@@ -28,7 +28,7 @@ from mrlcache.fit.optim import make_optimizer, make_scheduler, param_groups
 from mrlcache.fit.rundir import SkipLog, finish, meta_hash, open_run, run_config, write_header
 from mrlcache.fit.validate import heldout_valset, split_speakers
 from mrlcache.paths import check_run_dir
-from mrlcache.runtime import die_with_parent, surviving_workers
+from mrlcache.workers import die_with_parent, surviving_workers
 
 
 @distributed.launched
