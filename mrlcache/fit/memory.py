@@ -38,15 +38,21 @@ ROW_INDEX_BYTES = 24  # a pass's rows and their sort order (int64), per held row
 SHORT_PASS_BYTES = 64 * 2**20
 
 
-def process_rss() -> int:
-    """Resident bytes of this process now (VmRSS); 0 where /proc is absent (not counted then)."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """The ``key:`` line of a /proc file such as /proc/meminfo, in KiB; None where it is absent."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return None
+
+
+def process_rss() -> int:
+    """Resident bytes of this process now (VmRSS); 0 where /proc is absent (not counted then)."""
+    kib = _proc_kib("/proc/self/status", "VmRSS")
+    return 0 if kib is None else kib * 1024
 
 
 def return_free_memory() -> bool:
@@ -65,13 +71,9 @@ def return_free_memory() -> bool:
 
 
 def available_gb() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 4.0
+    """The memory available to new work (MemAvailable), in GB; 4 where /proc is absent."""
+    kib = _proc_kib("/proc/meminfo", "MemAvailable")
+    return 4.0 if kib is None else kib / 2**20
 
 
 def shuffle_group(cache, records: dict, dtype, shuffle_gb: float) -> int | None:
