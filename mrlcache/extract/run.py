@@ -41,7 +41,7 @@ from mrlcache.runtime import DeviceError, env_int, resolve_device, resolve_preci
 from mrlcache.streams import StreamError, item_shape, pooled_only, record_from_json, records_from_meta, source
 from mrlcache.streams.batch import forward_streams, gather, ptm_sha256, stream_info
 from mrlcache.streams.windows import num_windows
-from mrlcache.workers import surviving_workers, worker_deaths
+from mrlcache.workers import worker_deaths
 
 BACKBONE_FILE = "backbone.pt"  # random-init weights, saved beside the cache
 LONG_SECONDS = 300  # eval mode: a whole utterance longer than this in one pass gets a warning
@@ -268,7 +268,7 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
     hint = ("the shards written so far are kept: rerun the same command to resume, with fewer --workers if memory "
             "is short")
     with bar, torch.inference_mode(), worker_deaths(ExtractError, hint):  # a worker may die during a forward
-        for items in surviving_workers(batches_in, ExtractError, hint):
+        for items in batches_in:
             k = shard_of[items[0].row]
             state = pending.setdefault(k, {"index": [], "skipped": {}, "windowed": {}, "seconds": 0.0,
                                            "left": len(writer.shard_rows(k))})
