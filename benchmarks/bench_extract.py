@@ -20,6 +20,11 @@ writing). Ratios are per round (median of rounds reported); wall seconds are bes
 ended workers'): what a loaded machine distorts least, it counts the work extract adds
 (decoding, augmentation, writing) but not time lost to waiting.
 
+    python benchmarks/bench_extract.py --variant b2 --engines torch fused onnxruntime --nices 19 0 --rounds 3
+
+``--nices`` runs extract once per decoding-worker niceness (``mrlcache.extract.data.WORKER_NICE``,
+19 by default; 0 was extract before session 8), interleaved round by round, one row each.
+
     python benchmarks/bench_extract.py --eval --variant b0 --engines torch --rounds 3
 
 ``--eval`` instead times eval mode (whole utterances), ``--eval-batch bucket`` against
@@ -45,6 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import mrlcache.cache  # noqa: E402
+import mrlcache.extract.data  # noqa: E402
 from mrlcache.audio import load_audio  # noqa: E402
 from mrlcache.augment import AugmentConfig, Augmenter, make_view  # noqa: E402
 from mrlcache.backbone.loading import load_backbone  # noqa: E402
@@ -147,6 +153,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=12)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--nices", type=int, nargs="+", default=[mrlcache.extract.data.WORKER_NICE],
+                        help="decoding-worker niceness per contender (extract's WORKER_NICE)")
     parser.add_argument("--eval", action="store_true", help="time eval mode: --eval-batch bucket against single")
     parser.add_argument("--eval-seconds", type=float, nargs=2, default=(2.0, 6.0), help="--eval: length range")
     parser.add_argument("--quantum", type=int, default=16384, help="--eval: lengths are multiples of this")
@@ -175,7 +183,7 @@ def main():
                    for rows in shard_batches(range(len(utts)), max(1, args.batch_size // args.views))]
         crop_audio = len(utts) * args.views * args.crop_seconds
         forwards = {e: bare_forward(e, model, args.threads) for e in args.engines}
-        runs = {e: [] for e in args.engines}
+        runs = {(e, n): [] for e in args.engines for n in args.nices}
         for r in range(args.rounds):
             for engine in args.engines:
                 fn = forwards[engine]
@@ -188,29 +196,31 @@ def main():
                 cfg = ExtractConfig.of(views=args.views, crop_seconds=args.crop_seconds, batch_size=args.batch_size,
                                     workers=args.workers, shard_size=max(1, len(utts) // 2), device="cpu",
                                     precision="fp32", engine=engine)
-                tick, cpu = time.perf_counter(), cpu_seconds()
-                summary = extract(utts, model, tmp / f"cache-{engine}", cfg, overwrite=True, progress=False)
-                call, call_cpu = time.perf_counter() - tick, cpu_seconds() - cpu
-                loop = summary["elapsed_seconds"]
-                busy = summary["model_busy_fraction"]
-                runs[engine].append({"bare": bare, "loop": loop, "call": call, "busy": busy,
-                                     "forward": bare / (busy * loop), "cpu": bare_cpu / call_cpu})
-                print(f"round {r + 1} {engine}: bare {bare:.2f} s, loop {loop:.2f} s ({bare / loop:.2f}), "
-                      f"call {call:.2f} s, busy {busy:.2f}, CPU bare {bare_cpu:.2f} s, call {call_cpu:.2f} s",
-                      flush=True)
+                for nice in args.nices if r % 2 == 0 else args.nices[::-1]:
+                    mrlcache.extract.data.WORKER_NICE = nice  # read when extract forks its workers
+                    tick, cpu = time.perf_counter(), cpu_seconds()
+                    summary = extract(utts, model, tmp / f"cache-{engine}", cfg, overwrite=True, progress=False)
+                    call, call_cpu = time.perf_counter() - tick, cpu_seconds() - cpu
+                    loop = summary["elapsed_seconds"]
+                    busy = summary["model_busy_fraction"]
+                    runs[engine, nice].append({"bare": bare, "loop": loop, "call": call, "busy": busy,
+                                               "forward": bare / (busy * loop), "cpu": bare_cpu / call_cpu})
+                    print(f"round {r + 1} {engine} nice {nice}: bare {bare:.2f} s, loop {loop:.2f} s "
+                          f"({bare / loop:.2f}), call {call:.2f} s, busy {busy:.2f}, CPU bare {bare_cpu:.2f} s, "
+                          f"call {call_cpu:.2f} s", flush=True)
 
     print(f"\n# {args.variant}, {len(utts)} utts x {args.views} views x {args.crop_seconds:g} s, batch "
           f"{args.batch_size}, {args.workers} workers, {args.rounds} rounds, load average {os.getloadavg()[0]:.1f} "
           f"at the end")
-    print("| engine | bare s | extract loop s | extract call s | crop audio s/s (bare) | ratio (loop) | ratio (call) "
-          "| forward | busy | ratio (CPU) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for engine, rows in runs.items():
+    print("| engine | worker nice | bare s | extract loop s | extract call s | crop audio s/s (bare) | ratio (loop) "
+          "| ratio (call) | forward | busy | ratio (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (engine, nice), rows in runs.items():
         best = {k: min(x[k] for x in rows) for k in ("bare", "loop", "call")}
         med = {k: statistics.median(x[k] for x in rows) for k in ("busy", "forward", "cpu")}
         loop_ratio = statistics.median(x["bare"] / x["loop"] for x in rows)
         call_ratio = statistics.median(x["bare"] / x["call"] for x in rows)
-        print(f"| {engine} | {best['bare']:.2f} | {best['loop']:.2f} | {best['call']:.2f} "
+        print(f"| {engine} | {nice} | {best['bare']:.2f} | {best['loop']:.2f} | {best['call']:.2f} "
               f"| {crop_audio / best['bare']:.1f} | {loop_ratio:.2f} | {call_ratio:.2f} | {med['forward']:.2f} "
               f"| {med['busy']:.2f} | {med['cpu']:.2f} |")
 

@@ -7,6 +7,7 @@ A worker decodes each utterance once and makes every view from that one decode
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -69,14 +70,26 @@ def collate(items):
     return items
 
 
-def worker_init(_, parent: int | None = None):
-    """A decoding worker: dies with its parent (``parent``: its pid), uses one thread."""
+# Niceness of a decoding worker when the model runs on the CPU. Its decoding is about 2% of
+# the forward's CPU time, but a worker woken while the model's two threads hold both cores
+# preempts one of them, and the other waits for it at the next barrier. At nice 19 it runs
+# in the gaps the model leaves (benchmarks/README.md, "Extraction against the bare forward").
+# Linux's autogroups confine niceness to the session: it yields to its own model, not to other
+# users' processes.
+WORKER_NICE = 19
+
+
+def worker_init(_, parent: int | None = None, nice: int = 0):
+    """A decoding worker: dies with its parent (``parent``: its pid), uses one thread, and
+    lowers its priority by ``nice`` (0: unchanged; ignored where ``os.nice`` does not exist)."""
     from mrlcache.workers import die_with_parent
 
     if parent is not None:  # a killed extract must not leave its workers decoding for hours
         die_with_parent(parent)
     # Workers only decode and augment: one thread each, so they never fight the model.
     torch.set_num_threads(1)
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
 
 
 def shard_batches(rows: range, utts_per_batch: int) -> list[list[int]]:

@@ -32,6 +32,7 @@ from mrlcache.backbone import BackboneRecord, save_checkpoint, state_sha256
 from mrlcache.backbone.record import convert_v1_meta
 from mrlcache.backbone.registry import wave_minimum
 from mrlcache.cache import CacheWriter, IncompleteCacheError, read_meta
+from mrlcache.extract import data
 from mrlcache.extract.buckets import EvalBuckets
 from mrlcache.extract.config import ExtractConfig, ExtractError
 from mrlcache.extract.data import ExtractProgress, UtteranceViews, collate, shard_batches, worker_init
@@ -247,7 +248,9 @@ def _run(writer, dataset, models, cfg, device, precision, todo, rank, progress) 
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate,
-        worker_init_fn=functools.partial(worker_init, parent=os.getpid()) if workers else None,
+        # On the CPU the workers share the cores with the model's threads: they yield to them.
+        worker_init_fn=functools.partial(worker_init, parent=os.getpid(),
+                                         nice=data.WORKER_NICE if device.type == "cpu" else 0) if workers else None,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,

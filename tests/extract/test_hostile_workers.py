@@ -63,3 +63,44 @@ def test_worker_dies_when_extract_is_killed():
         parent.kill()
         if "worker" in locals() and _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="os.nice")
+def test_on_the_cpu_decoding_workers_yield_to_the_model(tmp_path, monkeypatch):
+    """A worker decodes at nice +19 (capped at 19) relative to extract, so it waits for the
+    model's threads instead of preempting one of them; the vectors are the same as without workers."""
+    import numpy as np
+    import torch
+    from conftest import TINY, make_tree
+
+    import mrlcache.cache
+    from mrlcache.backbone import state_sha256
+    from mrlcache.backbone.redimnet import ReDimNet
+    from mrlcache.corpus import scan_tree
+    from mrlcache.extract import ExtractConfig, data, extract
+
+    torch.manual_seed(0)
+    model = ReDimNet(TINY).eval()
+    model.weights_sha256 = state_sha256(model)
+    make_tree(tmp_path / "data", speakers=2, videos=1, utts=2, seconds=0.5)
+    seen = tmp_path / "niceness"
+    real = data.UtteranceViews.__getitem__
+
+    def noting(self, row):  # runs in the worker (forked with this patch)
+        with open(seen, "a") as f:
+            f.write(f"{os.getpid()} {os.nice(0)}\n")
+        return real(self, row)
+
+    monkeypatch.setattr(data.UtteranceViews, "__getitem__", noting)
+    utts = scan_tree(tmp_path / "data")
+    pooled = {}
+    for workers in (1, 0):
+        cfg = ExtractConfig.of(views=2, crop_seconds=0.5, dtype="float32", shard_size=2, device="cpu", workers=workers)
+        extract(utts, model, tmp_path / f"cache{workers}", cfg, progress=False)
+        pooled[workers] = mrlcache.cache.open(tmp_path / f"cache{workers}").read("pooled")
+    lines = [line.split() for line in seen.read_text().splitlines()]
+    in_worker = {int(n) for pid, n in lines if int(pid) != os.getpid()}
+    in_extract = {int(n) for pid, n in lines if int(pid) == os.getpid()}  # workers=0 decodes here
+    assert in_extract == {os.nice(0)}
+    assert in_worker == {min(19, os.nice(0) + data.WORKER_NICE)}
+    np.testing.assert_array_equal(pooled[1], pooled[0])
