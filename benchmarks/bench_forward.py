@@ -12,6 +12,14 @@ matmuls). Reported: best-of-rounds wall and CPU (process) time, GFLOP/s and the 
 of the matmul rate, in wall and in CPU time (CPU time is what a loaded machine distorts
 least). ``--startup`` times creating the onnxruntime engine twice: the first exports it
 (or reuses a file from an earlier run), the second reads the cached file.
+
+    python benchmarks/bench_forward.py --variants b2 --graphs --no-onnx --rounds 3
+
+``--graphs`` adds whole-graph forms of the fused copy (each checked within 1e-5 of torch first):
+TorchScript traced and frozen; the same after ``torch.jit.optimize_for_inference``; oneDNN Graph
+fusion (``torch.jit.enable_onednn_fusion``) on it; and onnxruntime on the fused graph (its
+exportable mel front end, then the folded channels-last network; exported by the dynamo exporter
+at start, about a minute). A form that fails is reported in one line and left out.
 """
 
 from __future__ import annotations
@@ -39,6 +47,76 @@ def clock(fn, repeat=2):
     return min(walls), min(cpus)
 
 
+class _FusedPooled(torch.nn.Module):
+    """wave -> pooled of a fused copy (``for_inference``), behind a given front end."""
+
+    def __init__(self, fused, features):
+        super().__init__()
+        self.fused, self.features = fused, features
+
+    def forward(self, wave):
+        return self.fused.pool(self.fused.net(self.features(wave)))
+
+
+def graph_contenders(model, wave, threads: int, onnx: bool = True) -> dict:
+    """``--graphs``: label -> pooled callable, for each whole-graph form of the fused copy that runs
+    within 1e-5 (relative to the largest value) of ``model.pooled``; the others are printed
+    (``onnx`` False: without onnxruntime on the fused graph)."""
+    fused = model.for_inference()
+    with torch.inference_mode():
+        want = model.pooled(wave)
+
+    def traced():
+        with torch.no_grad():
+            return torch.jit.freeze(torch.jit.trace(_FusedPooled(fused, fused.features).eval(), wave, check_trace=False))
+
+    def onednn():
+        torch.jit.enable_onednn_fusion(True)
+        try:
+            graph = traced()
+            with torch.no_grad():
+                for _ in range(3):  # the profiling runs that let it fuse
+                    graph(wave)
+            return graph
+        finally:
+            torch.jit.enable_onednn_fusion(False)
+
+    def onnx_fused():
+        import io
+
+        import onnxruntime as ort
+
+        from mrlcache.export import onnx
+
+        front = model.exportable()
+        net = _FusedPooled(fused, front.frontend).eval()
+        with torch.no_grad():
+            data = onnx.write(net, (torch.randn(2, 16000),), ["wave"], [{0: ("batch", 1), 1: ("samples", front.min_samples)}],
+                              {"dims": [model.pooled_dim]}, None)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(io.BytesIO(data).getvalue(), options, providers=["CPUExecutionProvider"])
+        return lambda w: torch.from_numpy(session.run(None, {"wave": w.numpy()})[0])
+
+    makers = {"fused traced+frozen": traced,
+              "fused optimize_for_inference": lambda: torch.jit.optimize_for_inference(traced()),
+              "fused oneDNN Graph": onednn, **({"onnxruntime on fused (no spinning)": onnx_fused} if onnx else {})}
+    out = {}
+    for label, make in makers.items():
+        try:
+            fn = make()
+            with torch.inference_mode():
+                err = float((fn(wave) - want).abs().max() / want.abs().max())
+        except Exception as exc:  # noqa: BLE001 - a form that does not run is a result, reported
+            print(f"{label}: fails ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]})")
+            continue
+        print(f"{label}: largest difference from torch {err:.1e} of the largest value")
+        if err <= 1e-5:
+            out[label] = fn
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["b2"])
@@ -48,6 +126,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-onnx", dest="onnx", action="store_false")
     ap.add_argument("--startup", action="store_true", help="time the onnxruntime engine's creation, cold and cached")
+    ap.add_argument("--graphs", action="store_true", help="add whole-graph forms of the fused copy (see above)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {args.crop:g} s, "
@@ -65,6 +144,8 @@ def main():
                 model.pooled(wave)
         flops = counter.get_total_flops()
         contenders = {"torch": model.pooled, "torch for_inference": model.for_inference().pooled}
+        if args.graphs:
+            contenders.update(graph_contenders(model, wave, args.threads, args.onnx))
         if args.onnx:
             from mrlcache.export.engine import OnnxBackbone
 
