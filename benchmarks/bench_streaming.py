@@ -12,8 +12,9 @@ holds beside the features, one shard's read and two passes), each under
 passes, the bytes read from the disk, streamed / in memory (the in-memory run of the same
 round), and whether the losses equal the in-memory run's (they must: the order does not
 depend on the budget); a markdown table at the end. ``--cold`` drops the shards' pages
-from the page cache (``posix_fadvise(DONTNEED)``) before every run, so the reads go to the
-disk; ``--before DIR`` interleaves streamed runs of another checkout (e.g. main).
+from the page cache (``posix_fadvise(DONTNEED)``) before every run and before every
+streamed pass's read, so every pass reads from the disk, as with a cache far larger than
+the machine's memory; ``--before DIR`` interleaves streamed runs of another checkout (e.g. main).
 
     python benchmarks/bench_streaming.py --out /tmp/bench-streaming --rows 36000 --frame-rows 4000 --repeats 2 --waits PASSIVE --passes 2,4,8,15
 
@@ -70,12 +71,36 @@ if steps:  # stop each epoch after `steps` batches (of this process), read in th
             marks.append(time.perf_counter())
             yield batch
     data.Features.epoch = timed
+drop = os.environ.get("BENCH_DROP")
+if drop:  # --cold: the shards' pages out of the page cache before every pass's read (a cache far larger than RAM)
+    from pathlib import Path
+    from mrlcache.fit import data as _data
+    read_pass = _data.Features._read_pass
+
+    def cold_pass(self, *a, **k):
+        for f in Path(drop).rglob("*"):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+        return read_pass(self, *a, **k)
+    _data.Features._read_pass = cold_pass
+from mrlcache.fit import data as _data
+_epoch = _data.Features.epoch
+cpu = []  # the process's CPU seconds (every thread) over each epoch: what the load distorts least
+
+
+def cpu_timed(self, *a, **k):
+    start = time.process_time()
+    yield from _epoch(self, *a, **k)
+    cpu.append(time.process_time() - start)
+_data.Features.epoch = cpu_timed
 def io(key):
     return int(next(l for l in open("/proc/self/io") if l.startswith(key + ":")).split()[1])
 t, read0 = time.perf_counter(), io("read_bytes")
 run = fit(sys.argv[2], (64, 128, 192, 256), sys.argv[3], **opts)
 import mrlcache
-got = {"mrlcache": os.path.dirname(mrlcache.__file__), "wall": time.perf_counter() - t, "read_gb": (io("read_bytes") - read0) / 2**30,
+got = {"mrlcache": os.path.dirname(mrlcache.__file__), "wall": time.perf_counter() - t, "epoch_cpu_s": sum(cpu), "read_gb": (io("read_bytes") - read0) / 2**30,
        "rank": int(os.environ.get("RANK", "0")), "first_batch_s": marks[1] - marks[0] if steps else None,
        "steady_steps_s": marks[-1] - marks[1] if steps else None,
        "vmhwm_gb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 2**20}
@@ -141,12 +166,15 @@ def write_frames(out: Path, rows: int, speakers: int, views: int = 2, bins: int 
 
 
 def one(cache: Path, run: Path, opts: dict, wait: str | None, procs: int = 1, steps: int = 0,
-        tree: str | None = None) -> dict:
+        tree: str | None = None, cold: bool = False) -> dict:
     """One fit in a subprocess (``procs`` > 1: under torchrun, gloo): rank 0's numbers, the
     peak RSS of the largest process (wait4's rusage; ``rank_peak_gb``: each rank's VmHWM)
     and the bytes each rank read from the disk (``read_gb``, /proc/self/io); ``tree``: the
-    mrlcache checkout it imports (first on PYTHONPATH; None: as this process's)."""
+    mrlcache checkout it imports (first on PYTHONPATH; None: as this process's); ``cold``:
+    the cache's pages dropped before every streamed pass's read."""
     env = dict(os.environ, BENCH_STEPS=str(steps))
+    if cold:
+        env["BENCH_DROP"] = str(cache / "shards")
     if tree:
         env["PYTHONPATH"] = tree
     env.pop("OMP_WAIT_POLICY", None)
@@ -336,7 +364,7 @@ def main() -> None:
     ap.add_argument("--passes", default="2,4,8,15",
                     help="streamed runs: passes per epoch, one run each (sets their budgets), e.g. 2,4,8,15")
     ap.add_argument("--cold", action="store_true",
-                    help="drop the shards' pages (posix_fadvise DONTNEED) before every run")
+                    help="drop the shards' pages (posix_fadvise DONTNEED) before every run and every streamed pass")
     ap.add_argument("--before", type=Path, default=None,
                     help="a checkout of mrlcache whose streamed runs are interleaved with this one's")
     ap.add_argument("--only", default="pooled,fbank")
@@ -370,8 +398,9 @@ def main() -> None:
         for kind in args.only.split(","):
             for wait in args.waits.split(","):
                 # interleaved: memory, then streamed in each number of passes (and by the --before tree)
-                runs = [("memory", None, "")] + [("streamed", p, t) for p in passes for t in trees]
-                memory_rate = None
+                # a memory run before each number of passes: each ratio against the run next to it
+                runs = [r for p in passes for r in [("memory", None, "")] + [("streamed", p, t) for t in trees]]
+                memory_rate = memory_cpu = None
                 for policy, p, tree in runs:
                     budget = 64.0 if policy == "memory" else budgets[kind, p]
                     run = args.out / f"run-{kind}-{wait}-{policy}{p or ''}{tree}-{rep}"
@@ -380,26 +409,27 @@ def main() -> None:
                         _drop(args.out / kind / "shards")
                     load = os.getloadavg()[0]
                     got = one(args.out / kind, run, dict(kinds[kind], memory_gb=budget),
-                              None if wait == "default" else wait, tree=trees[tree])
+                              None if wait == "default" else wait, tree=trees[tree], cold=args.cold)
                     if policy == "memory":
-                        memory_rate = got["samples_per_s"]
+                        memory_rate, memory_cpu = got["samples_per_s"], got["epoch_cpu_s"]
                         for q in passes:
                             budgets.setdefault((kind, q), streamed_budget(args.out / kind, got["memory"], q))
                     losses.setdefault(kind, got["loss"])
                     got.update(kind=kind, wait=wait, budget=budget, repeat=rep, load_before=load, tree=tree or "this",
                                load_after=os.getloadavg()[0], same_loss=got["loss"] == losses[kind],
                                passes=got["memory"]["passes_per_epoch"],
-                               ratio=round(got["samples_per_s"] / memory_rate, 3))
+                               ratio=round(got["samples_per_s"] / memory_rate, 3),
+                               cpu_ratio=round(memory_cpu / got["epoch_cpu_s"], 3))
                     rows.append(got)
                     print(json.dumps(got), flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     print("| stream | tree | features | --memory-gb | passes | samples/s | epoch s | peak RSS GB | GiB read from disk "
-          "| load before / after | streamed / memory |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| load before / after | epoch CPU s | streamed / memory (wall, CPU) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for g in rows:
         print(f"| {g['kind']} | {g['tree']} | {'streamed' if g['passes'] else 'memory'} | {g['budget']:.3g} | "
               f"{g['passes'] or '-'} | {g['samples_per_s']:,.0f} | {g['seconds']:.1f} | {g['peak_rss_gb']:.2f} | "
               f"{g['read_gb'][0]:.2f} | {g['load_before']:.1f} / {g['load_after']:.1f} | "
-              f"{g['ratio'] if g['passes'] else ''} |")
+              f"{g['epoch_cpu_s']:.1f} | {(str(g['ratio']) + ', ' + str(g['cpu_ratio'])) if g['passes'] else ''} |")
 
 if __name__ == "__main__":
     main()
