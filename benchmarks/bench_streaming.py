@@ -18,6 +18,13 @@ the machine's memory; ``--before DIR`` interleaves streamed runs of another chec
 
     python benchmarks/bench_streaming.py --out /tmp/bench-streaming --rows 36000 --frame-rows 4000 --repeats 2 --waits PASSIVE --passes 2,4,8,15
 
+``--reads``: the reading alone of one epoch in each number of ``--passes`` (the fit's own
+``epoch_plan`` and ``Features._read_pass``, no training), from the page cache and with
+every pass's pages dropped first, in this checkout and ``--before``'s; wall and CPU
+seconds per epoch.
+
+    python benchmarks/bench_streaming.py --out /tmp/bench-streaming --reads --repeats 1 --passes 1,2,4,8,15 --before /work/main
+
 ``--scale``: the VoxCeleb2 geometry itself (1,092,009 utterances x 6 views x 2304 float16,
 30.2 GB; noise from a bank of rows, so writing is bound by the writer and the disk, not
 the random generator), the write timed; then streamed fits under ``--memory-gb`` on 1
@@ -354,6 +361,58 @@ def layouts(args, shards: int = 20, n: int = 1000, views: int = 6, dim: int = 23
         print(f"| {label} | {got[0]:.0f} | {got[1]:.1f} | {got[2]:.0f} |", flush=True)
 
 
+READS = """
+import json, os, sys, time
+from pathlib import Path
+import numpy as np
+import mrlcache
+from mrlcache import cache
+from mrlcache.fit.data import Features, epoch_generator, epoch_plan, passes
+c = cache.open(sys.argv[1])
+name = sys.argv[2]
+rows, cold, got = len(c), sys.argv[4] == "cold", []
+labels = np.arange(rows) % 500
+for p in map(int, sys.argv[3].split(",")):
+    feats = Features(c, {name: c.streams[name]}, labels, np.float16, "streamed", None, -(-rows // p))
+    views, plan = epoch_plan(epoch_generator(0, 0), feats.sizes, feats.train_mask, feats.num_views, feats.group, 256)
+    runs = [run for _, batches in plan for run in passes(batches, feats.pass_rows)]
+    wall = cpu = 0.0
+    for run in runs:
+        if cold:  # every pass from the disk, as with a cache far larger than RAM
+            for f in Path(sys.argv[1], "shards").rglob("*"):
+                if f.is_file():
+                    fd = os.open(f, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
+        t, u = time.perf_counter(), time.process_time()
+        feats._read_pass(np.concatenate(run), views)
+        wall, cpu = wall + time.perf_counter() - t, cpu + time.process_time() - u
+    got.append({"passes": len(runs), "read_s": wall, "read_cpu_s": cpu})
+print(json.dumps({"mrlcache": os.path.dirname(mrlcache.__file__), "got": got}))
+"""
+
+
+def reads(args) -> None:
+    """``--reads``: the reading alone (no training) of one epoch's passes, this tree and ``--before``."""
+    write_pooled(args.out / "pooled", args.rows, 5994)
+    write_frames(args.out / "fbank", args.frame_rows, 500)
+    script = args.out / "reads.py"
+    script.write_text(READS)
+    trees = {"this": None, **({"before": str(args.before)} if args.before else {})}
+    print("| stream | pages | tree | passes | read s per epoch | read CPU s per epoch | load |\n|---|---|---|---|---|---|---|")
+    for rep in range(args.repeats):
+        for kind in args.only.split(","):
+            for pages in ("cached", "cold"):
+                for tree, path in trees.items():
+                    env = dict(os.environ, **({"PYTHONPATH": path} if path else {}))
+                    load = os.getloadavg()[0]
+                    out = subprocess.run([sys.executable, str(script), str(args.out / kind), kind, args.passes, pages],
+                                         env=env, capture_output=True, text=True, check=True).stdout
+                    for g in json.loads(out.strip().splitlines()[-1])["got"]:
+                        print(f"| {kind} | {pages} | {tree} | {g['passes']} | {g['read_s']:.2f} | "
+                              f"{g['read_cpu_s']:.2f} | {load:.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -370,6 +429,7 @@ def main() -> None:
     ap.add_argument("--only", default="pooled,fbank")
     ap.add_argument("--scale", action="store_true", help="VoxCeleb2 geometry, --steps timed (see above)")
     ap.add_argument("--layouts", action="store_true", help="the read of a shard's drawn views, every way")
+    ap.add_argument("--reads", action="store_true", help="one epoch's reads alone, in each number of --passes")
     ap.add_argument("--layout-passes", type=int, default=1, help="--layouts: read the rows of one pass of this many")
     ap.add_argument("--layout-skip", default="", help="--layouts: skip the reads whose label holds this")
     ap.add_argument("--steps", type=int, default=200, help="--scale: batches per process")
@@ -384,6 +444,8 @@ def main() -> None:
         return scale(args)
     if args.layouts:
         return layouts(args)
+    if args.reads:
+        return reads(args)
     tick = time.perf_counter()
     write_pooled(args.out / "pooled", args.rows, 5994)
     write_frames(args.out / "fbank", args.frame_rows, 500)
