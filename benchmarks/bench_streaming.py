@@ -3,15 +3,27 @@
 Writes synthetic caches with the library's writer (VoxCeleb2 geometry scaled down to the
 disk and the time at hand: pooled (rows, 6 views, 2304) float16 over 5,994 speakers; an
 fbank-like frame stream (80, 200) float16), then runs one-epoch fits in subprocesses,
-interleaved and repeated: ``--memory-gb 64`` (in memory) against a budget that holds
-``--passes``-th of the training rows per read (streamed in that many passes; the budget is
-computed from the in-memory run's plan: what the process holds beside the features, one
-shard's read and two passes), each under ``OMP_WAIT_POLICY=PASSIVE`` and OpenMP's default.
-Reports samples/s (history.jsonl), the epoch's seconds, the subprocess's peak RSS against
-the budget, the passes, and whether the losses equal the in-memory run's (they must: the
-order does not depend on the budget).
+interleaved and repeated: ``--memory-gb 64`` (in memory), then for each number of
+``--passes`` a budget that holds that fraction of the training rows per read (streamed in
+that many passes; the budget is computed from the in-memory run's plan: what the process
+holds beside the features, one shard's read and two passes), each under
+``OMP_WAIT_POLICY=PASSIVE`` and/or OpenMP's default (``--waits``). Reports samples/s
+(history.jsonl), the epoch's seconds, the subprocess's peak RSS against the budget, the
+passes, the bytes read from the disk, streamed / in memory (the in-memory run of the same
+round), and whether the losses equal the in-memory run's (they must: the order does not
+depend on the budget); a markdown table at the end. ``--cold`` drops the shards' pages
+from the page cache (``posix_fadvise(DONTNEED)``) before every run and before every
+streamed pass's read, so every pass reads from the disk, as with a cache far larger than
+the machine's memory; ``--before DIR`` interleaves streamed runs of another checkout (e.g. main).
 
-    python benchmarks/bench_streaming.py --out /tmp/bench-streaming --rows 36000 --repeats 2 --passes 4
+    python benchmarks/bench_streaming.py --out /tmp/bench-streaming --rows 36000 --frame-rows 4000 --repeats 2 --waits PASSIVE --passes 2,4,8,15
+
+``--reads``: the reading alone of one epoch in each number of ``--passes`` (the fit's own
+``epoch_plan`` and ``Features._read_pass``, no training), from the page cache and with
+every pass's pages dropped first, in this checkout and ``--before``'s; wall and CPU
+seconds per epoch.
+
+    python benchmarks/bench_streaming.py --out /tmp/bench-streaming --reads --repeats 1 --passes 1,2,4,8,15 --before /work/main
 
 ``--scale``: the VoxCeleb2 geometry itself (1,092,009 utterances x 6 views x 2304 float16,
 30.2 GB; noise from a bank of rows, so writing is bound by the writer and the disk, not
@@ -26,13 +38,14 @@ same way. The epoch and 30 epochs are projected from the steps' rate.
 
 ``--layouts``: what one streamed epoch's reads of a pooled shard cost (the views the
 epoch draws per row, from the fit's own ``epoch_plan``), stored and read each way: one chunk
-per view (mrlcache's layout) read whole then taken, or as a row selection; zarr v3's
+per view (mrlcache's layout) read whole then taken, or as a row selection, or as byte
+ranges of the drawn rows (the backends' ``read_rows``, what the reader does); zarr v3's
 sharding codec with inner chunks of 1 or 4 rows x 1 view (only the drawn rows' inner chunks
 fetched); HDF5 (one chunk per view) whole or by rows; raw preads of the drawn rows from the
 zarr chunk files. Cold (pages dropped with posix_fadvise) and warm; ms per shard and bytes
 read from the disk (/proc/self/io).
 
-    python benchmarks/bench_streaming.py --out /tmp/bench-layouts --layouts
+    python benchmarks/bench_streaming.py --out /tmp/bench-layouts --layouts --layout-passes 1  (then 4, 15)
 """
 
 from __future__ import annotations
@@ -65,11 +78,36 @@ if steps:  # stop each epoch after `steps` batches (of this process), read in th
             marks.append(time.perf_counter())
             yield batch
     data.Features.epoch = timed
+drop = os.environ.get("BENCH_DROP")
+if drop:  # --cold: the shards' pages out of the page cache before every pass's read (a cache far larger than RAM)
+    from pathlib import Path
+    from mrlcache.fit import data as _data
+    read_pass = _data.Features._read_pass
+
+    def cold_pass(self, *a, **k):
+        for f in Path(drop).rglob("*"):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+        return read_pass(self, *a, **k)
+    _data.Features._read_pass = cold_pass
+from mrlcache.fit import data as _data
+_epoch = _data.Features.epoch
+cpu = []  # the process's CPU seconds (every thread) over each epoch: what the load distorts least
+
+
+def cpu_timed(self, *a, **k):
+    start = time.process_time()
+    yield from _epoch(self, *a, **k)
+    cpu.append(time.process_time() - start)
+_data.Features.epoch = cpu_timed
 def io(key):
     return int(next(l for l in open("/proc/self/io") if l.startswith(key + ":")).split()[1])
 t, read0 = time.perf_counter(), io("read_bytes")
 run = fit(sys.argv[2], (64, 128, 192, 256), sys.argv[3], **opts)
-got = {"wall": time.perf_counter() - t, "read_gb": (io("read_bytes") - read0) / 2**30,
+import mrlcache
+got = {"mrlcache": os.path.dirname(mrlcache.__file__), "wall": time.perf_counter() - t, "epoch_cpu_s": sum(cpu), "read_gb": (io("read_bytes") - read0) / 2**30,
        "rank": int(os.environ.get("RANK", "0")), "first_batch_s": marks[1] - marks[0] if steps else None,
        "steady_steps_s": marks[-1] - marks[1] if steps else None,
        "vmhwm_gb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 2**20}
@@ -134,11 +172,18 @@ def write_frames(out: Path, rows: int, speakers: int, views: int = 2, bins: int 
         writer.finish()
 
 
-def one(cache: Path, run: Path, opts: dict, wait: str | None, procs: int = 1, steps: int = 0) -> dict:
+def one(cache: Path, run: Path, opts: dict, wait: str | None, procs: int = 1, steps: int = 0,
+        tree: str | None = None, cold: bool = False) -> dict:
     """One fit in a subprocess (``procs`` > 1: under torchrun, gloo): rank 0's numbers, the
     peak RSS of the largest process (wait4's rusage; ``rank_peak_gb``: each rank's VmHWM)
-    and the bytes each rank read from the disk (``read_gb``, /proc/self/io)."""
+    and the bytes each rank read from the disk (``read_gb``, /proc/self/io); ``tree``: the
+    mrlcache checkout it imports (first on PYTHONPATH; None: as this process's); ``cold``:
+    the cache's pages dropped before every streamed pass's read."""
     env = dict(os.environ, BENCH_STEPS=str(steps))
+    if cold:
+        env["BENCH_DROP"] = str(cache / "shards")
+    if tree:
+        env["PYTHONPATH"] = tree
     env.pop("OMP_WAIT_POLICY", None)
     if wait:
         env["OMP_WAIT_POLICY"] = wait
@@ -235,7 +280,7 @@ def layouts(args, shards: int = 20, n: int = 1000, views: int = 6, dim: int = 23
     import zarr
     from zarr.storage import LocalStore
 
-    from mrlcache.cache import BACKENDS
+    from mrlcache.cache import BACKENDS, byteranges
     from mrlcache.fit.data import epoch_plan
 
     rng = np.random.default_rng(0)
@@ -258,6 +303,8 @@ def layouts(args, shards: int = 20, n: int = 1000, views: int = 6, dim: int = 23
     drawn, _ = epoch_plan(torch.Generator().manual_seed(0), np.full(shards, n), np.ones(shards * n, bool), views,
                           1, 256)
     drawn = drawn.reshape(shards, n)
+    # the rows of one pass of --layout-passes: a random 1/passes of each shard's rows
+    in_pass = np.random.default_rng(1).random((shards, n)) < 1 / args.layout_passes
 
     def pread_rows(path, v, sel, advice=None):
         out = np.empty((len(sel), dim), np.float16)
@@ -269,6 +316,13 @@ def layouts(args, shards: int = 20, n: int = 1000, views: int = 6, dim: int = 23
         os.close(fd)
         return out
 
+    def rows_of(backend, gap=None):
+        def read(p, v, s):
+            byteranges.GAP_BYTES = default_gap if gap is None else gap
+            return BACKENDS[backend].read_rows(p, "pooled", v, s, np.empty((len(s), dim), np.float16))
+        return read
+
+    default_gap = byteranges.GAP_BYTES
     zarr_read = BACKENDS["zarr"].read_array
     ways = {  # name: (form, read(path, view, rows) -> (len(rows), dim))
         "zarr, one chunk per view: whole view, take": ("view", lambda p, v, s: zarr_read(
@@ -277,6 +331,10 @@ def layouts(args, shards: int = 20, n: int = 1000, views: int = 6, dim: int = 23
         "zarr, one chunk per view: raw preads of the rows": ("view", pread_rows),
         "zarr, one chunk per view: raw preads of the rows, readahead off": ("view", lambda p, v, s: pread_rows(
             p, v, s, os.POSIX_FADV_RANDOM)),
+        "zarr, one chunk per view: the backend's read_rows (the reader now)": ("view", rows_of("zarr")),
+        "zarr, one chunk per view: read_rows, one read per run (no gap allowance)": ("view", rows_of("zarr", 0)),
+        "hdf5, one chunk per view: the backend's read_rows (the reader now)": ("hdf5", rows_of("hdf5")),
+        "hdf5, one chunk per view: read_rows, one read per run (no gap allowance)": ("hdf5", rows_of("hdf5", 0)),
         "zarr sharded, inner chunks 1 row x 1 view": ("inner1", lambda p, v, s: zarr_read(p, "pooled", (s, v))),
         "zarr sharded, inner chunks 4 rows x 1 view": ("inner4", lambda p, v, s: zarr_read(p, "pooled", (s, v))),
         "hdf5, one chunk per view: whole view, take": ("hdf5", lambda p, v, s: BACKENDS["hdf5"].read_array(
@@ -284,10 +342,12 @@ def layouts(args, shards: int = 20, n: int = 1000, views: int = 6, dim: int = 23
         "hdf5, one chunk per view: row selection": ("hdf5", lambda p, v, s: BACKENDS["hdf5"].read_array(
             p, "pooled", (s, v))),
     }
-    print(f"load {os.getloadavg()[0]:.1f}; {shards} shards of {n} x {views} x {dim} float16 "
+    print(f"load {os.getloadavg()[0]:.1f}; rows of one pass of {args.layout_passes}; {shards} shards of {n} x {views} x {dim} float16 "
           f"({n * views * dim * 2 / 1e6:.1f} MB each)")
     print("| read | cold ms/shard | cold MB from disk/shard | warm ms/shard |\n|---|---|---|---|")
     for label, (form, read) in ways.items():
+        if args.layout_skip and args.layout_skip in label:
+            continue
         got = []
         for cold in (True, False):
             if cold:
@@ -295,10 +355,62 @@ def layouts(args, shards: int = 20, n: int = 1000, views: int = 6, dim: int = 23
             t, b = time.perf_counter(), _disk_read()
             for k in range(shards):
                 for v in range(views):
-                    sel = np.flatnonzero(drawn[k] == v)
+                    sel = np.flatnonzero((drawn[k] == v) & in_pass[k])
                     assert np.array_equal(read(root / form / f"s{k}", v, sel), x[sel, v])
             got += [(time.perf_counter() - t) * 1e3 / shards, (_disk_read() - b) / 1e6 / shards]
         print(f"| {label} | {got[0]:.0f} | {got[1]:.1f} | {got[2]:.0f} |", flush=True)
+
+
+READS = """
+import json, os, sys, time
+from pathlib import Path
+import numpy as np
+import mrlcache
+from mrlcache import cache
+from mrlcache.fit.data import Features, epoch_generator, epoch_plan, passes
+c = cache.open(sys.argv[1])
+name = sys.argv[2]
+rows, cold, got = len(c), sys.argv[4] == "cold", []
+labels = np.arange(rows) % 500
+for p in map(int, sys.argv[3].split(",")):
+    feats = Features(c, {name: c.streams[name]}, labels, np.float16, "streamed", None, -(-rows // p))
+    views, plan = epoch_plan(epoch_generator(0, 0), feats.sizes, feats.train_mask, feats.num_views, feats.group, 256)
+    runs = [run for _, batches in plan for run in passes(batches, feats.pass_rows)]
+    wall = cpu = 0.0
+    for run in runs:
+        if cold:  # every pass from the disk, as with a cache far larger than RAM
+            for f in Path(sys.argv[1], "shards").rglob("*"):
+                if f.is_file():
+                    fd = os.open(f, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
+        t, u = time.perf_counter(), time.process_time()
+        feats._read_pass(np.concatenate(run), views)
+        wall, cpu = wall + time.perf_counter() - t, cpu + time.process_time() - u
+    got.append({"passes": len(runs), "read_s": wall, "read_cpu_s": cpu})
+print(json.dumps({"mrlcache": os.path.dirname(mrlcache.__file__), "got": got}))
+"""
+
+
+def reads(args) -> None:
+    """``--reads``: the reading alone (no training) of one epoch's passes, this tree and ``--before``."""
+    write_pooled(args.out / "pooled", args.rows, 5994)
+    write_frames(args.out / "fbank", args.frame_rows, 500)
+    script = args.out / "reads.py"
+    script.write_text(READS)
+    trees = {"this": None, **({"before": str(args.before)} if args.before else {})}
+    print("| stream | pages | tree | passes | read s per epoch | read CPU s per epoch | load |\n|---|---|---|---|---|---|---|")
+    for rep in range(args.repeats):
+        for kind in args.only.split(","):
+            for pages in ("cached", "cold"):
+                for tree, path in trees.items():
+                    env = dict(os.environ, **({"PYTHONPATH": path} if path else {}))
+                    load = os.getloadavg()[0]
+                    out = subprocess.run([sys.executable, str(script), str(args.out / kind), kind, args.passes, pages],
+                                         env=env, capture_output=True, text=True, check=True).stdout
+                    for g in json.loads(out.strip().splitlines()[-1])["got"]:
+                        print(f"| {kind} | {pages} | {tree} | {g['passes']} | {g['read_s']:.2f} | "
+                              f"{g['read_cpu_s']:.2f} | {load:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -308,10 +420,18 @@ def main() -> None:
     ap.add_argument("--frame-rows", type=int, default=8_000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--waits", default="PASSIVE,default")
-    ap.add_argument("--passes", type=int, default=4, help="streamed runs: reads per epoch (sets their budget)")
+    ap.add_argument("--passes", default="2,4,8,15",
+                    help="streamed runs: passes per epoch, one run each (sets their budgets), e.g. 2,4,8,15")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the shards' pages (posix_fadvise DONTNEED) before every run and every streamed pass")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="a checkout of mrlcache whose streamed runs are interleaved with this one's")
     ap.add_argument("--only", default="pooled,fbank")
     ap.add_argument("--scale", action="store_true", help="VoxCeleb2 geometry, --steps timed (see above)")
     ap.add_argument("--layouts", action="store_true", help="the read of a shard's drawn views, every way")
+    ap.add_argument("--reads", action="store_true", help="one epoch's reads alone, in each number of --passes")
+    ap.add_argument("--layout-passes", type=int, default=1, help="--layouts: read the rows of one pass of this many")
+    ap.add_argument("--layout-skip", default="", help="--layouts: skip the reads whose label holds this")
     ap.add_argument("--steps", type=int, default=200, help="--scale: batches per process")
     ap.add_argument("--memory-gb", type=float, default=2.0, help="--scale: the fit's budget")
     ap.add_argument("--procs", type=int, default=2, help="--scale: processes of the torchrun fit")
@@ -324,6 +444,8 @@ def main() -> None:
         return scale(args)
     if args.layouts:
         return layouts(args)
+    if args.reads:
+        return reads(args)
     tick = time.perf_counter()
     write_pooled(args.out / "pooled", args.rows, 5994)
     write_frames(args.out / "fbank", args.frame_rows, 500)
@@ -331,27 +453,45 @@ def main() -> None:
     base = dict(epochs=1, batch_size=256, head_only=True, progress=False, val_speakers=0, warmup_epochs=0,
                 margin_warmup_epochs=0)
     kinds = {"pooled": dict(base), "fbank": dict(base, inputs="fbank", encoder_dim=128)}
+    trees = {"": None, **({"before": str(args.before)} if args.before else {})}
+    passes = [int(p) for p in str(args.passes).split(",")]
     rows, budgets, losses = [], {}, {}
     for rep in range(args.repeats):
         for kind in args.only.split(","):
             for wait in args.waits.split(","):
-                for policy in ("memory", "streamed"):  # interleaved: memory, streamed, memory, streamed...
-                    budget = 64.0 if policy == "memory" else budgets[kind]
-                    run = args.out / f"run-{kind}-{wait}-{policy}-{rep}"
+                # interleaved: memory, then streamed in each number of passes (and by the --before tree)
+                # a memory run before each number of passes: each ratio against the run next to it
+                runs = [r for p in passes for r in [("memory", None, "")] + [("streamed", p, t) for t in trees]]
+                memory_rate = memory_cpu = None
+                for policy, p, tree in runs:
+                    budget = 64.0 if policy == "memory" else budgets[kind, p]
+                    run = args.out / f"run-{kind}-{wait}-{policy}{p or ''}{tree}-{rep}"
                     shutil.rmtree(run, ignore_errors=True)
+                    if args.cold:  # the shards' pages out of the page cache: every read goes to the disk
+                        _drop(args.out / kind / "shards")
                     load = os.getloadavg()[0]
                     got = one(args.out / kind, run, dict(kinds[kind], memory_gb=budget),
-                              None if wait == "default" else wait)
+                              None if wait == "default" else wait, tree=trees[tree], cold=args.cold)
                     if policy == "memory":
-                        budgets.setdefault(kind, streamed_budget(args.out / kind, got["memory"], args.passes))
+                        memory_rate, memory_cpu = got["samples_per_s"], got["epoch_cpu_s"]
+                        for q in passes:
+                            budgets.setdefault((kind, q), streamed_budget(args.out / kind, got["memory"], q))
                     losses.setdefault(kind, got["loss"])
-                    got.update(kind=kind, wait=wait, budget=budget, repeat=rep, load_before=load,
+                    got.update(kind=kind, wait=wait, budget=budget, repeat=rep, load_before=load, tree=tree or "this",
                                load_after=os.getloadavg()[0], same_loss=got["loss"] == losses[kind],
-                               passes=got["memory"]["passes_per_epoch"])
+                               passes=got["memory"]["passes_per_epoch"],
+                               ratio=round(got["samples_per_s"] / memory_rate, 3),
+                               cpu_ratio=round(memory_cpu / got["epoch_cpu_s"], 3))
                     rows.append(got)
                     print(json.dumps(got), flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-
+    print("| stream | tree | features | --memory-gb | passes | samples/s | epoch s | peak RSS GB | GiB read from disk "
+          "| load before / after | epoch CPU s | streamed / memory (wall, CPU) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for g in rows:
+        print(f"| {g['kind']} | {g['tree']} | {'streamed' if g['passes'] else 'memory'} | {g['budget']:.3g} | "
+              f"{g['passes'] or '-'} | {g['samples_per_s']:,.0f} | {g['seconds']:.1f} | {g['peak_rss_gb']:.2f} | "
+              f"{g['read_gb'][0]:.2f} | {g['load_before']:.1f} / {g['load_after']:.1f} | "
+              f"{g['epoch_cpu_s']:.1f} | {(str(g['ratio']) + ', ' + str(g['cpu_ratio'])) if g['passes'] else ''} |")
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 
 A shard is a set of named arrays plus a small JSON-able dict of attributes. A backend is a
 small class (one file each: ``zarr_backend.py``, ``hdf5_backend.py``) with array verbs:
-write a shard's arrays, read (rows of) an array, check an array's structure, read the
+write a shard's arrays, read (rows of) an array, read some rows of one view, check an array's structure, read the
 metadata. It registers itself with :func:`register_backend`; ``BACKENDS`` maps the name
 given to ``--format`` (and stored in cache.json's ``format``) to the class. Which arrays a
 stream is stored as, and everything else (checks of rows, checksums, resume), is
@@ -33,6 +33,11 @@ class ShardBackend(Protocol):
     def read_array(self, path, name: str, selection=(), out: np.ndarray | None = None) -> np.ndarray:
         """``array[selection]`` (ints, slices, at most one increasing int array), reading only
         the chunks the selection touches; into ``out`` when given (any float dtype), returned."""
+
+    def read_rows(self, path, name: str, view: int, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (increasing, distinct) of view ``view`` of a dense array, into ``out``
+        ((len(rows), *item), the stored dtype), returned: only those rows' bytes are read
+        (byte ranges of the uncompressed chunks, byteranges.py)."""
 
     def check_array(self, path, name: str, shape: tuple, dtype, chunks: tuple | None) -> list[str]:
         """Structural problems of the array ``name`` (missing, shape, dtype, chunks missing or

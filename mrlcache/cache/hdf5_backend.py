@@ -4,17 +4,21 @@ Layout of ``shard-00000.h5`` (see docs/cache-format.md): the arrays of layout.py
 datasets (``pooled`` (n_ok, V, D) in chunks (n_ok, 1, D); ``index`` contiguous; the other
 streams), ``skipped_json`` a scalar UTF-8 string, JSON ``{utt_id: reason}`` (a dataset
 rather than an attribute because HDF5 attributes are limited to 64 KiB), and the root
-attributes (the shard's numbers, JSON each).
+attributes (the shard's numbers, JSON each). Rows of one view are read as byte ranges of
+the chunks, at the offsets HDF5's chunk index gives (:meth:`HDF5Backend.read_rows`,
+byteranges.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
 
 from mrlcache.cache.backends import register_backend
+from mrlcache.cache.byteranges import by_chunk, read_rows_at, short
 
 SKIPPED = "skipped_json"
 
@@ -83,6 +87,37 @@ class HDF5Backend:
             return data
         np.copyto(out, data, casting="same_kind")
         return out
+
+    @staticmethod
+    def read_rows(path, name: str, view: int, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (increasing, distinct) of view ``view`` of the dense dataset ``name``
+        into ``out`` ((len(rows), *item), the stored dtype): the rows' bytes of the chunks,
+        at the byte offsets of HDF5's chunk index (one chunk: some rows x 1 view, no filter)."""
+        if not len(rows):
+            return out
+        try:
+            f = _file(path, "r")
+        except OSError as err:  # a truncated file fails here ("truncated file: eof = ...")
+            raise short(path, f"HDF5 cannot open it: {err}") from None
+        with f:
+            dset = f[name]
+            shape, chunks = dset.shape, dset.chunks
+            if chunks is None or dset.compression is not None or dset.id.get_create_plist().get_nfilters() \
+                    or chunks[1] != 1 or chunks[2:] != shape[2:] or dset.dtype.str[0] not in "<|":
+                raise ValueError(f"{path}: dataset {name} is not uncompressed little-endian chunks of one view "
+                                 "(not written by mrlcache)")
+            if out.dtype.str != dset.dtype.str or out.shape != (len(rows), *shape[2:]):
+                raise ValueError(f"{path}: rows of dataset {name} ({dset.dtype} {shape[2:]}) cannot be read into "
+                                 f"{out.dtype} {out.shape}")
+            per_chunk = chunks[0]
+            size = per_chunk * math.prod(shape[2:]) * dset.dtype.itemsize
+            wanted = []
+            for c, a, b in by_chunk(rows, per_chunk):
+                info = dset.id.get_chunk_info_by_coord((c * per_chunk, int(view)) + (0,) * (len(shape) - 2))
+                if info.byte_offset is None or info.size != size:
+                    raise short(path, f"{name} chunk {info.chunk_offset} holds {info.size} bytes, expected {size}")
+                wanted.append((info.byte_offset, size, rows[a:b] - c * per_chunk, slice(a, b)))
+        return read_rows_at(path, wanted, out)
 
     @staticmethod
     def array_bytes(path, name: str) -> int:

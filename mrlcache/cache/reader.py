@@ -52,7 +52,8 @@ class Shard:
 
     def read(self, stream: str = "pooled", view: int | None = None, rows=None, dtype=np.float32, out=None):
         """One stream of this shard (shapes as :meth:`Cache.read`); ``rows``: positions in the
-        shard (any order, repeats allowed), reading only the chunks that hold them; ``out``:
+        shard (any order, repeats allowed), reading only their bytes (dense streams) or
+        frames (ragged); ``out``:
         a dense stream's whole selection is read into it (returned)."""
         record = _check_stream(stream, self.streams)
         n = len(self)
@@ -69,16 +70,15 @@ class Shard:
                 out = np.empty((n, *(() if view is not None else (self.num_views,)), *record.item_shape), dtype)
             data = self._backend.read_array(self.path, stream, [slice(None)] + selection, out=out)
         else:
-            # Backends select increasing rows: read each distinct row once, then reorder. When
-            # the rows touch every chunk (always for the pooled vectors, one chunk per view),
-            # the backend reads every byte of the selection anyway: one plain read of it and a
-            # numpy take costs no more, and with HDF5 5x less (benchmarks/README.md, issue 22).
+            # Each distinct row once, as byte ranges of the chunks holding it (only its bytes
+            # are read, whatever the chunking: benchmarks/README.md, issue 22), then reordered.
             unique, inverse = np.unique(rows, return_inverse=True)
-            per_chunk = layout.dense_chunks(record, n)[0]
-            if len(np.unique(unique // per_chunk)) == -(-n // per_chunk):
-                data = self._backend.read_array(self.path, stream, [slice(None)] + selection)[rows]
-            else:
-                data = self._backend.read_array(self.path, stream, [unique] + selection)[inverse]
+            views = range(self.num_views) if view is None else [view]
+            stored = np.empty((len(views), len(unique), *record.item_shape), record.dtype)
+            for i, v in enumerate(views):
+                self._backend.read_rows(self.path, stream, v, unique, stored[i])
+            stored = stored[0] if view is not None else np.ascontiguousarray(np.moveaxis(stored, 0, 1))
+            data = stored if np.array_equal(unique, rows) else stored[inverse]
             data = data.astype(dtype, copy=False)
             if out is not None:
                 out[...] = data

@@ -4,11 +4,14 @@ Layout of ``shard-00000.zarr`` (a zarr v3 group, see docs/cache-format.md): the 
 layout.py (``pooled`` (n_ok, V, D) in chunks (n_ok, 1, D), so the chunk file
 ``pooled/c/0/<v>/0`` is exactly the raw little-endian bytes of view v; ``index``; the
 other streams) and the group attributes (the shard's numbers and its skipped utterances
-``{utt_id: reason}``).
+``{utt_id: reason}``). Rows of one view are read as byte ranges of those chunk files
+(:meth:`ZarrBackend.read_rows`, byteranges.py).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,9 @@ from zarr.buffer.cpu import NDBuffer
 from zarr.storage import LocalStore
 
 from mrlcache.cache.backends import register_backend
+from mrlcache.cache.byteranges import by_chunk, read_rows_at
+
+RAW = [{"name": "bytes", "configuration": {"endian": "little"}}]  # the codecs of an uncompressed array
 
 
 def _group(path):
@@ -67,6 +73,32 @@ class ZarrBackend:
         if out is None:
             return data
         np.copyto(out, data, casting="same_kind")
+        return out
+
+    @staticmethod
+    def read_rows(path, name: str, view: int, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (increasing, distinct) of view ``view`` of the dense array ``name``
+        into ``out`` ((len(rows), *item), the stored dtype): the rows' bytes of the chunk
+        files, read from zarr.json's layout without zarr (one chunk: some rows x 1 view)."""
+        if not len(rows):
+            return out
+        meta = json.loads((Path(path) / name / "zarr.json").read_text())
+        shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+        codecs = [{"name": c["name"], "configuration": c.get("configuration", {})} for c in meta["codecs"]]
+        dtype = np.dtype(meta["data_type"])
+        if (codecs != RAW and not (dtype.itemsize == 1 and codecs == [{"name": "bytes", "configuration": {}}])) \
+                or meta["chunk_key_encoding"]["name"] != "default" or chunks[1] != 1 or chunks[2:] != shape[2:]:
+            raise ValueError(f"{Path(path) / name}: not an uncompressed array of one view per chunk "
+                             "(not written by mrlcache)")
+        if out.dtype != dtype or out.shape != (len(rows), *shape[2:]):
+            raise ValueError(f"{Path(path) / name}: rows of {dtype} {tuple(shape[2:])} cannot be read into "
+                             f"{out.dtype} {out.shape}")
+        per_chunk = chunks[0]
+        size = per_chunk * math.prod(shape[2:]) * dtype.itemsize
+        sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+        for c, a, b in by_chunk(rows, per_chunk):
+            key = sep.join(["c", str(c), str(int(view))] + ["0"] * (len(shape) - 2))
+            read_rows_at(Path(path) / name / key, [(0, size, rows[a:b] - c * per_chunk, slice(a, b))], out)
         return out
 
     @staticmethod

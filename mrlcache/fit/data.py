@@ -19,10 +19,11 @@ chooses, and it never changes a batch: ``memory`` holds every view of every row 
 stored dtype; ``streamed`` reads a group in passes, each pass holding only the rows of the
 next run of batches that fits the budget, each in the view the epoch drew for it, read
 shard by shard in cache order and in the cache's dtype while the previous pass trains (a
-reading thread). Each pass reads the chunks holding its rows: for the pooled vectors (one
-chunk per view) every drawn view of every shard of the group, whole, so an epoch of ``p``
-passes per group reads the cache about ``p`` times (a larger budget or a smaller
-``--shuffle-gb`` reads less; measured faster than fetching only the drawn rows,
+reading thread). Each pass reads only the bytes of its own rows in the views they drew
+(byte ranges of the uncompressed chunks, one read per run of adjacent rows:
+:mod:`mrlcache.cache.byteranges`), so an epoch reads about one view of each training row
+whatever the number of passes; whole chunks, as before, read every drawn view of every
+shard of the group once per pass, ``p`` times the cache for ``p`` passes (measured:
 benchmarks/README.md, issue 22). Under torchrun each rank reads only the rows of its own
 parts of the batches.
 """
@@ -161,7 +162,7 @@ class Features:
                 block = arrays[name][a:b]
                 for view in np.unique(drawn):
                     sel = np.flatnonzero(drawn == view)
-                    # the rows that drew it: the chunks holding them (a pooled view: one chunk, read whole)
+                    # the rows that drew it: only their bytes of that view's chunks
                     block[sel] = self.shards[k].read(name, view=int(view), rows=local[sel], dtype=self.dtype)
         return Block(rows, arrays)
 

@@ -45,9 +45,9 @@ def open_features(cache, records: dict, labels, cfg, model, loss_fn, embed_of):
     plan = plan_features(cache, records, cfg.run.feature_dtype, cfg.optim.batch_size,
                          model_bytes(model, loss_fn, cfg.optim.batch_size, per_row), cfg.run.memory_gb, group,
                          heldout)
-    for note in (plan.shortfall(), plan.rereads()):
-        if note and distributed.is_main():
-            print(note, file=sys.stderr)
+    note = plan.shortfall()
+    if note and distributed.is_main():
+        print(note, file=sys.stderr)
     return Features(cache, records, labels, cfg.run.feature_dtype, plan.policy, plan.group, plan.pass_rows), plan
 
 

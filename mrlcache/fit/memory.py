@@ -105,8 +105,6 @@ class MemoryPlan:
     other: int  # held-out rows, the epoch's index, first-use buffers (FIRST_USE), raw-cosine scoring
     budget: int
     need: int = 0  # the least this fit needs: one batch per pass
-    cache_reads: int = 0  # streamed: passes per group, the times an epoch reads the cache
-    one_pass_gb: float | None = None  # streamed: the --shuffle-gb whose groups are each read once
 
     @property
     def total(self) -> int:
@@ -115,7 +113,7 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         """summary.json's ``memory``: the policy, the group, the passes and the estimate in bytes."""
         return {"policy": self.policy, "shuffle_group_shards": self.group, "pass_rows": self.pass_rows,
-                "passes_per_epoch": self.passes, "cache_reads_per_epoch": self.cache_reads,
+                "passes_per_epoch": self.passes,
                 "baseline_bytes": self.baseline, "features_bytes": self.features,
                 "batches_bytes": self.batches, "model_bytes": self.model, "other_bytes": self.other,
                 "estimate_bytes": self.total, "budget_bytes": self.budget}
@@ -126,15 +124,6 @@ class MemoryPlan:
         return (f"{how}, shuffle group {group}: process {self.baseline / GB:.3g} GB + features "
                 f"{self.features / GB:.3g} GB + batches {self.batches / GB:.3g} GB + model {self.model / GB:.3g} GB "
                 f"+ other {self.other / GB:.3g} GB of a {self.budget / GB:.3g} GB budget")
-
-    def rereads(self) -> str | None:
-        """One line when a streamed epoch reads the cache several times, naming the
-        ``--shuffle-gb`` that reads it once (another order), else None."""
-        if self.policy != "streamed" or self.cache_reads <= 1:
-            return None
-        return (f"note: streamed in {self.passes} passes per epoch, each reading every shard of its shuffle group: "
-                f"an epoch reads the cache {self.cache_reads} times; --shuffle-gb {self.one_pass_gb:.3g} (or less) "
-                "reads it once (another order: --memory-gb never changes the order, --shuffle-gb does)")
 
     def shortfall(self) -> str | None:
         """One line when the budget is below what the fit needs at all, else None."""
@@ -171,7 +160,7 @@ def plan_features(cache, records: dict, dtype, batch_size: int, model_bytes: int
         return MemoryPlan("memory", group, None, 0, baseline, whole, batches, model_bytes, other, budget, fixed + whole)
     shards = [len(s) for s in cache.shards] or [1]
     largest = max(shards)
-    read = 2 * largest * stored  # one view of a shard read whole, and the rows taken from it
+    read = 2 * largest * stored  # a shard's rows of one view as stored, and their copy (at most the view, twice)
     held = row + ROW_INDEX_BYTES
     groups = 1 if group is None else -(-len(shards) // group)
     per_group = -(-n // groups) // distributed.world() + 1  # this process's rows of a group (at most)
@@ -183,9 +172,8 @@ def plan_features(cache, records: dict, dtype, batch_size: int, model_bytes: int
         pass_rows = None
     rows = per_group if pass_rows is None else pass_rows
     reads = -(-per_group // rows)
-    one_pass = 0.95 * rows * distributed.world() * views * row / GB  # a group's features (every view) a pass holds
     return MemoryPlan("streamed", group, pass_rows, groups * reads, baseline, 2 * rows * held + read, batches,
-                      model_bytes, other, budget, need, reads, one_pass)
+                      model_bytes, other, budget, need)
 
 
 def model_bytes(model, loss, batch_size: int, activations_per_row: int) -> int:

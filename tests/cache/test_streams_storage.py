@@ -107,32 +107,6 @@ def test_rows_read_only_their_shards(tmp_path, backend):
         c.read("fbank", rows=[5])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_rows_read_the_chunks_holding_them_or_the_whole_view_once(tmp_path, backend, monkeypatch):
-    """Rows of one view touching some chunks read those; touching every chunk (the pooled
-    vectors always: one chunk per view) read the view once: the same values either way."""
-    from mrlcache.cache import layout
-
-    monkeypatch.setattr(layout, "CHUNK_BYTES", 2 * 80 * T * 2)  # fbank: 2 rows per chunk
-    d = write(tmp_path / "c", backend, "train")
-    c = cache.open(tmp_path / "c", verify=True)
-    shard = c.shards[0]  # rows 0-3: fbank chunks {0, 1}, {2, 3}; pooled one chunk per view
-    backend_cls = type(shard._backend) if not isinstance(shard._backend, type) else shard._backend
-    selections = []
-    read_array = backend_cls.read_array
-    monkeypatch.setattr(backend_cls, "read_array", staticmethod(
-        lambda path, name, selection=(), out=None: selections.append((name, selection)) or
-        read_array(path, name, selection, out)))
-    fbank = np.stack(d["fbank"]).astype(np.float16).astype(np.float32)
-    pooled = d["pooled"].astype(np.float16).astype(np.float32)
-    for name, rows, whole in [("fbank", [1, 0], False), ("fbank", [3, 0, 3], True), ("pooled", [2], True)]:
-        selections.clear()
-        got = shard.read(name, view=1, rows=rows)
-        np.testing.assert_array_equal(got, (fbank if name == "fbank" else pooled)[rows, 1])
-        (read, selection), = selections
-        assert read == name and isinstance(selection[0], slice) == whole, selection
-
-
 def test_writer_refuses_non_finite_frames_but_not_unvoiced_f0(tmp_path):
     meta, d = stream_meta("train"), data("train")
     writer = cache.CacheWriter(tmp_path / "c", meta, make_manifest(N))
