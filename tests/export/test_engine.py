@@ -29,13 +29,6 @@ def rel(a, b):
     return float(np.max(np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)))
 
 
-@pytest.fixture(autouse=True)
-def engine_cache(tmp_path, monkeypatch):
-    """Exported engines go to this test's folder, not the user's cache."""
-    monkeypatch.setenv("MRLCACHE_ENGINE_CACHE", str(tmp_path / "engines"))
-    return tmp_path / "engines"
-
-
 def test_engine_is_exported_once_then_read_from_disk_and_checked(tmp_path, monkeypatch):
     import mrlcache.export.engine as engine_mod
 
@@ -76,7 +69,9 @@ def test_engine_is_exported_once_then_read_from_disk_and_checked(tmp_path, monke
 def test_onnx_backbone_pooled_equals_torch_at_two_lengths_and_batches():
     from mrlcache.export import OnnxBackbone
 
-    backbone = load_backbone("b0", random_init=True, seed=3)
+    # Seed 0: extract --random-init's b0, so the engine exported by either test is read from
+    # the session's engine cache by the other (tests/conftest.py).
+    backbone = load_backbone("b0", random_init=True, seed=0)
     engine = OnnxBackbone(backbone)
     g = torch.Generator().manual_seed(1)
     for batch, samples in ((1, 12000), (3, 27111)):
