@@ -10,7 +10,9 @@ Each round also times a float32 matmul (512 x 1024 @ 1024 x 1024) as the attaina
 FLOPs of the forward are counted by ``torch.utils.flop_counter`` (convolutions and
 matmuls). Reported: best-of-rounds wall and CPU (process) time, GFLOP/s and the fraction
 of the matmul rate, in wall and in CPU time (CPU time is what a loaded machine distorts
-least). ``--startup`` times creating the onnxruntime engine twice: the first exports it
+least). The process's glibc allocator is set as ``extract``, ``embed`` and ``verify`` set it
+(:func:`mrlcache.runtime.reuse_large_allocations`), unless ``--glibc-default``: it is
+process-wide, so compare the two settings by running the script twice, alternately. ``--startup`` times creating the onnxruntime engine twice: the first exports it
 (or reuses a file from an earlier run), the second reads the cached file.
 """
 
@@ -25,6 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mrlcache.backbone.loading import load_backbone
+from mrlcache.runtime import reuse_large_allocations
 
 
 def clock(fn, repeat=2):
@@ -48,10 +51,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-onnx", dest="onnx", action="store_false")
     ap.add_argument("--startup", action="store_true", help="time the onnxruntime engine's creation, cold and cached")
+    ap.add_argument("--glibc-default", action="store_true",
+                    help="keep glibc's allocator defaults (fresh pages for every large activation)")
     args = ap.parse_args()
+    allocator = "glibc defaults" if args.glibc_default else "heap reuse (as the commands)"
+    if not args.glibc_default:
+        reuse_large_allocations()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {args.crop:g} s, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {os.getloadavg()[0]:.1f} "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, allocator: {allocator}, load average {os.getloadavg()[0]:.1f} "
           f"at start, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
     matmul_flops = 10 * 2 * 512 * 1024 * 1024

@@ -44,6 +44,9 @@ def verify(model_path, files, pairs_path, data_dir, dim, prior, far, json_out, w
         _fail("--data is the audio root of --pairs; give the two files' paths directly instead")
     if prior is not None and far is not None:
         _fail("give at most one of --prior and --far")
+    from mrlcache.runtime import reuse_large_allocations
+
+    reuse_large_allocations()  # the backbone's activations reuse the heap instead of fresh pages
     from mrlcache.evaluate import EvaluateError
     from mrlcache.models.model import ModelError, load_model
     from mrlcache.paths import check_output
