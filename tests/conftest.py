@@ -27,6 +27,17 @@ def _same_threads_for_every_test():
     torch.set_num_threads(_THREADS)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_engine_cache_per_session(tmp_path_factory):
+    """Exported onnxruntime engines (``--engine onnxruntime``) go to one folder for the whole
+    session, never the user's cache: a backbone one test exported (tens of seconds for a b0)
+    is read from disk by the next test with the same weights, as a user's second run reads
+    it. Tests of the cache itself give their own ``cache_dir``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MRLCACHE_ENGINE_CACHE", str(tmp_path_factory.mktemp("engines")))
+        yield
+
+
 # broken_files() writes a "too_short" file of 0.25 s: it is too short for any
 # min_seconds above this value and long enough for none of the other checks to fire.
 BROKEN_MIN_SECONDS = 0.5

@@ -25,7 +25,7 @@ def run(*args):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("windows")
     torch.manual_seed(0)
-    backbone = load_backbone("b0", random_init=True, seed=5)
+    backbone = load_backbone("b0", random_init=True, seed=0)  # the b0 whose engine tests/export exports too
     head = MatryoshkaHead(backbone.pooled_dim, (8, 16)).eval()
     save_model(root / "model.pt", head, backbone=backbone)
     files = {"long.wav": speech_like(2.7, seed=1, f0=120.0), "short.wav": speech_like(0.9, seed=2, f0=150.0)}

@@ -49,11 +49,18 @@ def _head(pooled_dim, dims, seed=1):
 
 
 @pytest.fixture(scope="module")
-def b0_model(tmp_path_factory):
-    """model.pt of a random-init ReDimNet b0 plus a head with dims 16, 48, 96."""
+def redimnet_model(tmp_path_factory):
+    """model.pt of a random-init tiny ReDimNet (conftest.TINY: its ResBlocks with fwSE are b0's
+    ResBlocks plus fwSE; b0's own graph is exported by test_engine, b2's below) plus a head
+    with dims 16, 48, 96."""
+    from conftest import TINY
+
+    from mrlcache.backbone.redimnet import ReDimNet
+
     torch.manual_seed(0)
-    backbone = load_backbone("b0", random_init=True)
-    return save_model(tmp_path_factory.mktemp("b0") / "model.pt", _head(backbone.pooled_dim, DIMS), backbone=backbone)
+    backbone = ReDimNet(TINY).eval()
+    return save_model(tmp_path_factory.mktemp("redimnet") / "model.pt", _head(backbone.pooled_dim, DIMS),
+                      backbone=backbone)
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +115,8 @@ def test_front_end_gives_the_reference_mel(inp):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_exported_model_equals_load_model(b0_model, tmp_path, fmt):
-    model = load_model(b0_model)
+def test_exported_model_equals_load_model(redimnet_model, tmp_path, fmt):
+    model = load_model(redimnet_model)
     path = export_model(model, tmp_path / f"model.{fmt}", format=fmt)
     for n in LENGTHS:
         for batch in BATCHES:
@@ -125,8 +132,8 @@ def test_exported_model_equals_load_model(b0_model, tmp_path, fmt):
 
 
 @pytest.mark.slow
-def test_export_of_some_dims_outputs_the_largest(b0_model, tmp_path):
-    model = load_model(b0_model)
+def test_export_of_some_dims_outputs_the_largest(redimnet_model, tmp_path):
+    model = load_model(redimnet_model)
     path = export_model(model, tmp_path / "small.pt", format="torchscript", dims=[16, 48])
     x = waves(2, 16000).astype(np.float32)
     got = run_file(path, "torchscript", x)
@@ -190,14 +197,14 @@ def test_b2_checkpoint_exports_to_onnx(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_export_with_verify(b0_model, tmp_path):
+def test_cli_export_with_verify(redimnet_model, tmp_path):
     out = tmp_path / "model.ts"
-    result = CliRunner().invoke(export_cmd, [str(b0_model), "--format", "torchscript", "--out", str(out),
+    result = CliRunner().invoke(export_cmd, [str(redimnet_model), "--format", "torchscript", "--out", str(out),
                                              "--dims", "16,96", "--verify"])
     assert result.exit_code == 0, result.output
     assert "verify: max relative error" in result.output and "(passed" in result.output
     x = waves(1, 16000).astype(np.float32)
-    assert rel_err(run_file(out, "torchscript", x)[:, :96], load_model(b0_model)(x, 96)) <= 1e-4
+    assert rel_err(run_file(out, "torchscript", x)[:, :96], load_model(redimnet_model)(x, 96)) <= 1e-4
 
 
 @pytest.mark.parametrize("args, message", [

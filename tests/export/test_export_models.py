@@ -117,13 +117,18 @@ def test_a_head_only_pooled_model_takes_vectors(tmp_path):
     assert _rel(_run(path, "onnx", [x]), model.project(x)) <= 1e-5
 
 
-@pytest.mark.slow  # exports a ReDimNet b0 twice
+@pytest.mark.slow  # exports a tiny ReDimNet twice (ONNX, TorchScript)
 @pytest.mark.parametrize("head, fusion", [("mrl", "gating"), ("ecapa", "concat")])
 def test_a_stream_model_on_a_backbone_exports_wave_in(tmp_path, head, fusion):
-    from mrlcache import streams
-    from mrlcache.backbone.loading import load_backbone
+    from conftest import TINY
 
-    backbone = load_backbone("b0", random_init=True, seed=1)
+    from mrlcache import streams
+    from mrlcache.backbone.redimnet import ReDimNet
+
+    # The layer stack and fbank front ends on a backbone are what this checks, not a width:
+    # the tiny ReDimNet (about half a b0's export time); b0 and b2 export in test_engine/test_export.
+    torch.manual_seed(1)
+    backbone = ReDimNet(TINY).eval()
     info = {**FRAMES, "layers": StreamRecord("layers", "frames", tuple(streams.item_shape("layers", backbone)),
                                              "float16", 100.0, ragged=True)}
     torch.manual_seed(0)
