@@ -70,13 +70,14 @@ def collate(items):
     return items
 
 
-# Niceness of a decoding worker when the model runs on the CPU. Its decoding is about 2% of
-# the forward's CPU time, but a worker woken while the model's two threads hold both cores
-# preempts one of them, and the other waits for it at the next barrier. At nice 19 it runs
-# in the gaps the model leaves (benchmarks/README.md, "Extraction against the bare forward").
-# Linux's autogroups confine niceness to the session: it yields to its own model, not to other
-# users' processes.
-WORKER_NICE = 19
+# Niceness of a decoding worker when the model runs on the CPU (0: the same as extract's).
+# Its decoding is about 2% of the forward's CPU time, but a worker woken while the model's two
+# threads hold both cores preempts one of them, and the other waits for it at the next barrier;
+# at nice 19 it would run in the gaps the model leaves. Measured on 2 cores, quiet and busy
+# (benchmarks/README.md, "where extraction's 10-17% goes"), nice 19 was not ahead (torch 0.80
+# against 0.85 of the bare forward, fused 0.81 against 0.80, onnxruntime 1.00 against 0.95,
+# rounds varying by 0.15), so the default stays 0; ``bench_extract.py --nices`` compares values.
+WORKER_NICE = 0
 
 
 def worker_init(_, parent: int | None = None, nice: int = 0):
