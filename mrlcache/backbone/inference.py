@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrlcache.backbone import blocks as B
+from mrlcache.backbone import gconv
 
 CL = torch.channels_last
 
@@ -50,6 +51,9 @@ class Conv2dT(nn.Module):
         if scale is not None:
             w = w * scale.view(-1, 1, 1, 1)
             b = b * scale + shift
+        self.kernel = None  # the small-group kernel's packed weight (backbone/gconv.py), when it applies
+        if w.device.type == "cpu" and gconv.supports(conv) and gconv.available() is None:
+            self.kernel = _param(gconv.pack(w))
         w, self.groups = _packed_groups(w, conv.groups)
         self.weight = _param(w.contiguous(memory_format=CL))
         self.bias = _param(b)
@@ -65,6 +69,8 @@ class Conv2dT(nn.Module):
             raise B.ConfigError(f"padding {conv.padding} is not supported by the inference copy")
 
     def forward(self, x):  # (B, C, T, F) channels-last
+        if self.kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            return gconv.conv3x3(x, self.kernel, self.bias)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
 
 
@@ -76,10 +82,12 @@ def _packed_groups(w, groups):
     merged into block-diagonal groups of PACK channels; returns (weight, groups). Each output
     still sums only its own group's inputs (the other terms are exact zeros). oneDNN vectorises a
     group's channels: b2's groups of 4 ran 1.4-1.5x faster as groups of 8 on this AVX2 CPU, for
-    twice the multiplications (benchmarks/README.md).
+    twice the multiplications (benchmarks/README.md). Depthwise convolutions (1 channel a group)
+    stay as they are: oneDNN has a depthwise kernel, 5-7x faster than the 8-channel packing.
+    Groups of 2 and 4 go to the kernel of backbone/gconv.py where it is available.
     """
     o, per = w.shape[:2]
-    if groups == 1 or per >= PACK or PACK % per or o % PACK or (o // groups) != per:
+    if groups == 1 or per == 1 or per >= PACK or PACK % per or o % PACK or (o // groups) != per:
         return w, groups
     merge, packed = PACK // per, w.new_zeros(o, PACK, *w.shape[2:])  # merge: original groups per packed group
     for out in range(o):  # (out // per) % merge: the original group's slot inside its packed group
@@ -320,7 +328,7 @@ def _weights(ws):
 def _weighted_sum(ws, xs):
     out = ws[0] * xs[0]
     for w, x in zip(ws[1:], xs[1:]):
-        out = torch.addcmul(out, w, x)
+        out.addcmul_(w, x)  # in place: out is this function's own tensor
     return out
 
 
@@ -393,7 +401,8 @@ class InferencePool(nn.Module):
         h = F.linear(x, self.w1x, self.b1)
         if self.global_context_att:
             mean = x.mean(dim=1)  # (B, D)
-            std = torch.sqrt(x.var(dim=1) + 1e-7)
+            dev = x - mean[:, None, :]  # two passes: var over the middle axis ran 5x slower
+            std = torch.sqrt(dev.pow_(2).sum(dim=1) / (x.shape[1] - 1) + 1e-7)
             h = h + (F.linear(mean, self.w1m) + F.linear(std, self.w1s))[:, None, :]
         alpha = torch.softmax(F.linear(torch.tanh(h), self.w2, self.b2), dim=1)  # (B, T, D)
         mean = (alpha * x).sum(dim=1)
