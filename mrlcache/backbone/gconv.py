@@ -72,7 +72,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     fn = lib.mrl_gconv3x3
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 3
     return lib
 
 
@@ -107,14 +107,15 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return w.permute(0, 3, 2, 1).contiguous()  # [c8, tap, k, lane]
 
 
-def conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The grouped 3x3 convolution of (B, C, T, F) channels-last float32 ``x`` on the CPU."""
+def conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """The grouped 3x3 convolution of (B, C, T, F) channels-last float32 ``x`` on the CPU,
+    optionally followed by GELU (the exact erf form, to about 2e-7 of ``torch.nn.GELU()``)."""
     b, c, t, f = x.shape
     g = packed.shape[2]
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.empty_like(x, memory_format=torch.channels_last)
     rc = _STATE["lib"].mrl_gconv3x3(x.data_ptr(), packed.data_ptr(), bias.data_ptr(), y.data_ptr(),
-                                    b, t, f, c, g, torch.get_num_threads())
+                                    b, t, f, c, g, int(gelu), torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"gconv kernel: {c} channels in groups of {g} are not supported")
     return y

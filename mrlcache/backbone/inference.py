@@ -73,6 +73,13 @@ class Conv2dT(nn.Module):
             return gconv.conv3x3(x, self.kernel, self.bias)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
 
+    def then(self, act, x):
+        """act(self(x)); GELU inside the kernel's output loop when the kernel computes the conv."""
+        if (self.kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and isinstance(act, nn.GELU) and act.approximate == "none"):
+            return gconv.conv3x3(x, self.kernel, self.bias, gelu=True)
+        return act(self(x))
+
 
 PACK = 8  # channels a group of a grouped convolution is widened to: one AVX2 vector of float32
 
@@ -211,7 +218,11 @@ class ConvNeXt2d(nn.Module):
         self.pw = _conv2d(blk.pwconv1)
 
     def forward(self, x):
-        return self.pw.plus(x, self.act(self.dw(x)))
+        return self.pw.plus(x, _then(self.dw, self.act, x))
+
+
+def _then(conv, act, x):
+    return conv.then(act, x) if isinstance(conv, Conv2dT) else act(conv(x))
 
 
 class Res2d(nn.Module):
@@ -245,7 +256,7 @@ class Squeeze2d(nn.Module):
         self.conv, self.act, self.pw = _conv2d(conv, *_bn_scale_shift(bn)), act, _conv2d(pw)
 
     def forward(self, x):
-        return self.pw(self.act(self.conv(x)))
+        return self.pw(_then(self.conv, self.act, x))
 
 
 class ConvNeXt1d(nn.Module):

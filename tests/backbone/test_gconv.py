@@ -97,3 +97,23 @@ def test_a_failed_build_is_named_and_leaves_no_file(monkeypatch, tmp_path):
     why = gconv.available()
     assert "broken on purpose" in why
     assert list((tmp_path / "engines" / "kernels").iterdir()) == []
+
+
+@needs_kernel
+@pytest.mark.parametrize("scale", [0.01, 1.0, 8.0])
+def test_kernel_gelu_equals_torch_gelu(scale):
+    """GELU computed in the kernel's output loop: within float32 rounding of torch's exact GELU,
+    from the far negative tail (where the kernel avoids 1 + erf's cancellation) to large x."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 16, 40, 9, generator=g) * scale).contiguous(memory_format=torch.channels_last)
+    w, bias = torch.randn(16, 4, 3, 3, generator=g) / 6, torch.randn(16, generator=g) * scale
+    packed = gconv.pack(w)
+    conv = gconv.conv3x3(x, packed, bias)
+    got = gconv.conv3x3(x, packed, bias, gelu=True)
+    want = F.gelu(conv.double())
+    assert ((got.double() - want).abs() / conv.double().abs().clamp(min=1)).max() < 3e-7
+    sweep = torch.linspace(-12, 12, 8 * 1001).view(1, 8, 1001, 1).contiguous(memory_format=torch.channels_last)
+    eye = torch.zeros(8, 4, 3, 3)
+    eye[torch.arange(8), torch.arange(8) % 4, 1, 1] = 1.0  # each channel passes itself through
+    got = gconv.conv3x3(sweep, gconv.pack(eye), torch.zeros(8), gelu=True)
+    assert (got.double() - F.gelu(sweep.double())).abs().max() < 5e-7
