@@ -18,6 +18,7 @@ speed differs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -78,7 +79,7 @@ def _build() -> ctypes.CDLL:
 
 def available() -> str | None:
     """None when the kernel is loaded and ready, else the reason it is not (warned once)."""
-    if not _STATE:
+    if "lib" not in _STATE and "why" not in _STATE:
         if os.environ.get("MRLCACHE_GCONV") == "0":
             _STATE["why"] = "MRLCACHE_GCONV=0"
         else:
@@ -91,8 +92,22 @@ def available() -> str | None:
     return _STATE.get("why")
 
 
+@contextlib.contextmanager
+def off():
+    """Inference copies made inside this block keep oneDNN's convolutions (for side-by-side
+    benchmarks); the kernel is untouched for copies made outside it."""
+    _STATE["off"] = True
+    try:
+        yield
+    finally:
+        _STATE.pop("off", None)
+
+
 def supports(conv: torch.nn.Conv2d) -> bool:
-    """Whether ``conv`` is a 3x3, stride-1, zero-padded-by-1 convolution the kernel computes."""
+    """Whether ``conv`` is a 3x3, stride-1, zero-padded-by-1 convolution the kernel computes
+    (and the kernel is not switched :func:`off`)."""
+    if _STATE.get("off"):
+        return False
     out, per = conv.weight.shape[:2]
     return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1)
             and tuple(conv.dilation) == (1, 1) and conv.padding in ("same", (1, 1))

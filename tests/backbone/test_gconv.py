@@ -117,3 +117,11 @@ def test_kernel_gelu_equals_torch_gelu(scale):
     eye[torch.arange(8), torch.arange(8) % 4, 1, 1] = 1.0  # each channel passes itself through
     got = gconv.conv3x3(sweep, gconv.pack(eye), torch.zeros(8), gelu=True)
     assert (got.double() - F.gelu(sweep.double())).abs().max() < 5e-7
+
+
+@needs_kernel
+def test_off_keeps_onednn_for_copies_made_inside_only():
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4).eval()
+    with gconv.off():
+        assert Conv2dT(conv).kernel is None
+    assert Conv2dT(conv).kernel is not None
