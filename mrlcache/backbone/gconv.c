@@ -61,6 +61,14 @@ static inline __m256 gelu(__m256 x)
     return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.5f)), one_plus_erf);
 }
 
+/* GELU over n (a multiple of 8) floats in place: run over a whole output row once it is
+ * written (still in L1), many independent vectors overlap their long dependency chains. */
+static void gelu_row(float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i += 8)
+        _mm256_storeu_ps(y + i, gelu(_mm256_loadu_ps(y + i)));
+}
+
 static const float ZEROS[8] __attribute__((aligned(32))) = {0};
 
 static inline __attribute__((always_inline)) __m256 spread(__m256 v, int g, int k)
@@ -84,7 +92,7 @@ static inline __attribute__((always_inline)) __m256 spread(__m256 v, int g, int 
 /* np output pixels starting at f, channels c8 * 8 .. c8 * 8 + 7, of row (b, t). */
 static inline __attribute__((always_inline)) void block(
     const float *x, const float *w, const float *bias, float *y,
-    int64_t b, int64_t t, int64_t f, int64_t c8, int64_t T, int64_t F, int64_t C, int g, int np, int act)
+    int64_t b, int64_t t, int64_t f, int64_t c8, int64_t T, int64_t F, int64_t C, int g, int np)
 {
     __m256 acc[NP][2];
     const __m256 bv = _mm256_loadu_ps(bias + c8 * 8);
@@ -114,7 +122,7 @@ static inline __attribute__((always_inline)) void block(
     float *out = y + ((b * T + t) * F + f) * C + c8 * 8;
     for (int p = 0; p < np; p++) {
         const __m256 v = _mm256_add_ps(acc[p][0], acc[p][1]);
-        _mm256_storeu_ps(out + p * C, act ? gelu(v) : v);
+        _mm256_storeu_ps(out + p * C, v);
     }
 }
 
@@ -131,10 +139,12 @@ static inline __attribute__((always_inline)) void block(
             for (int64_t c8 = 0; c8 < nc8; c8++) {                                       \
                 int64_t f = 0;                                                           \
                 for (; f + NP <= F; f += NP)                                             \
-                    block(x, w, bias, y, b, t, f, c8, T, F, C, G, NP, act);              \
+                    block(x, w, bias, y, b, t, f, c8, T, F, C, G, NP);                   \
                 for (; f < F; f++)                                                       \
-                    block(x, w, bias, y, b, t, f, c8, T, F, C, G, 1, act);               \
+                    block(x, w, bias, y, b, t, f, c8, T, F, C, G, 1);                    \
             }                                                                            \
+            if (act)                                                                     \
+                gelu_row(y + bt * F * C, F * C);                                          \
         }                                                                                \
     }
 ROWS(1)
