@@ -60,6 +60,13 @@ from mrlcache.extract import ExtractConfig, extract, shard_batches  # noqa: E402
 from mrlcache.runtime import reuse_large_allocations  # noqa: E402
 
 
+def _workers(args) -> int:
+    """The decoding workers extract runs with: ``--workers``, else extract's own default."""
+    from mrlcache.extract.run import default_workers
+
+    return default_workers(torch.device("cpu")) if args.workers is None else args.workers
+
+
 def cpu_seconds() -> float:
     """CPU time of this process (all its threads) and of its ended children (the decoding workers)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -124,7 +131,7 @@ def eval_rounds(args, tmp: Path) -> None:
                       f"(CPU {used:.2f} s)", flush=True)
     print(f"\n# {args.variant}, eval, {len(utts)} utts, {audio:.0f} s audio, "
           f"{len({w.views.shape[-1] for w in waves})} distinct lengths (quantum {args.quantum} samples), batch "
-          f"{args.batch_size}, {args.workers} workers, {args.rounds} rounds, load average {os.getloadavg()[0]:.1f} "
+          f"{args.batch_size}, {_workers(args)} workers, {args.rounds} rounds, load average {os.getloadavg()[0]:.1f} "
           f"at the end; best of rounds, ratios: single's time over this one's (median of rounds)")
     keys = ("bare", "bare_cpu", "wall", "cpu")
     print("| engine | eval batch | forwards | bare s | bare CPU s | extract s | extract CPU s | bare | bare CPU "
@@ -151,7 +158,7 @@ def main():
     parser.add_argument("--views", type=int, default=3)
     parser.add_argument("--crop-seconds", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=12)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="decoding workers (default: extract's own rule)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--nices", type=int, nargs="+", default=[mrlcache.extract.data.WORKER_NICE],
                         help="decoding-worker niceness per contender (extract's WORKER_NICE)")
@@ -210,7 +217,7 @@ def main():
                           f"call {call_cpu:.2f} s", flush=True)
 
     print(f"\n# {args.variant}, {len(utts)} utts x {args.views} views x {args.crop_seconds:g} s, batch "
-          f"{args.batch_size}, {args.workers} workers, {args.rounds} rounds, load average {os.getloadavg()[0]:.1f} "
+          f"{args.batch_size}, {_workers(args)} workers, {args.rounds} rounds, load average {os.getloadavg()[0]:.1f} "
           f"at the end")
     print("| engine | worker nice | bare s | extract loop s | extract call s | crop audio s/s (bare) | ratio (loop) "
           "| ratio (call) | forward | busy | ratio (CPU) |")

@@ -6,7 +6,8 @@ The engines are :data:`mrlcache.names.ENGINES`:
 - ``torch``: the backbone as loaded, the reference (bit-identical to every earlier cache;
   the default, so the demo and existing caches do not change);
 - ``fused``: ReDimNet's frozen inference copy (:meth:`ReDimNet.for_inference`: BatchNorm
-  folded, channels-last), vectors within 1e-5 of torch's;
+  folded, channels-last, small-group convolutions in a kernel of mrlcache's own), vectors
+  within 1e-5 of torch's;
 - ``onnxruntime``: the backbone exported once to ONNX and run by onnxruntime on the CPU
   (:class:`mrlcache.export.engine.OnnxBackbone`), vectors within 1e-5 of torch's;
 - ``auto``: on the CPU, for a pooled-only float32 job, the engine measured fastest for the
@@ -23,8 +24,9 @@ from mrlcache import names
 
 # auto's engine on the CPU for a pooled-only float32 job, per encoder, as measured side by side
 # on this project's CPU (benchmarks/README.md, "Extraction against the bare forward, every
-# engine"): for ReDimNet b2 the fused copy's forward reached 0.39 of the matmul rate against
-# onnxruntime's 0.36 and torch's 0.23 (CPU time), and it needs no export (40-50 s the first
+# engine", and "Session 9"): for ReDimNet b2 the fused copy's forward reached 0.39 of the matmul
+# rate against onnxruntime's 0.36 and torch's 0.23 (CPU time, session 7), and with its
+# small-group convolution kernel (session 9) about 0.55 against onnxruntime's 0.3; it needs no export (40-50 s the first
 # time, minutes on loaded cores) nor an extra package. Encoders not listed were not measured
 # and keep the reference engine.
 CPU_CHOICE = {"redimnet": "fused"}

@@ -46,7 +46,7 @@ HELP = {
     "layers_pooled": "Store per-layer mean and std over time instead of layer frames.",
     "shard_size": "Utterances per shard.",
     "batch_size": "Crops per forward pass [default: 8 on CPU, 128 on CUDA].",
-    "workers": "Decoding workers [default: 1 on CPU, up to 8 with CUDA].",
+    "workers": "Decoding workers [default: on CPU 1 if a core is left beside the model's threads, else 0; up to 8 with CUDA].",
     "device": "auto, cpu, cuda, cuda:N.",
     "eval_batch": "Eval mode: bucket (utterances of exactly equal length in one forward, up to --batch-size; "
                   "nothing padded) or single (one utterance a forward).",

@@ -83,7 +83,8 @@ class RunOptions:
     """How the pass runs. ``batch_size``: crops per forward pass (None: 8 on the CPU, 128 on
     CUDA; on the CPU large batches are no faster and cost more: their multi-MB activations are
     mapped and unmapped every layer, and page faults took over, b0 at 64 crops: 60% of the
-    time in the kernel). ``workers``: decoding workers (None: 1 on the CPU, up to 8 on CUDA).
+    time in the kernel). ``workers``: decoding workers (None: on the CPU 1 when a core is left
+    beside the model's threads, else 0; up to 8 on CUDA; :func:`mrlcache.extract.run.default_workers`).
     ``eval_batch``: eval mode's batches: ``bucket`` (a shard's utterances of exactly equal
     length run together, up to ``batch_size`` and one window of audio; nothing padded:
     :mod:`mrlcache.extract.buckets`) or ``single`` (one utterance a forward, as before)."""
