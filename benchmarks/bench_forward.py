@@ -5,7 +5,9 @@
 
 Contenders, interleaved round by round so that a shared machine's load hits them alike:
 ``ReDimNet.pooled`` as loaded (torch), its frozen inference copy (``for_inference``:
-BatchNorm folded, channels-last), and the onnxruntime engine (spinning threads and not).
+BatchNorm folded, channels-last, small-group convolutions in mrlcache's kernel), the same copy
+with oneDNN's convolutions instead of the kernel (``--onednn-convs``: as before session 9), and
+the onnxruntime engine (spinning threads and not).
 Each round also times a float32 matmul (512 x 1024 @ 1024 x 1024) as the attainable rate.
 FLOPs of the forward are counted by ``torch.utils.flop_counter`` (convolutions and
 matmuls). Reported: best-of-rounds wall and CPU (process) time, GFLOP/s and the fraction
@@ -34,6 +36,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mrlcache.backbone import gconv
 from mrlcache.backbone.loading import load_backbone
 from mrlcache.runtime import reuse_large_allocations
 
@@ -130,6 +133,8 @@ def main():
     ap.add_argument("--no-onnx", dest="onnx", action="store_false")
     ap.add_argument("--startup", action="store_true", help="time the onnxruntime engine's creation, cold and cached")
     ap.add_argument("--graphs", action="store_true", help="add whole-graph forms of the fused copy (see above)")
+    ap.add_argument("--onednn-convs", action="store_true",
+                    help="add the fused copy with oneDNN's small-group convolutions (the kernel off)")
     ap.add_argument("--glibc-default", action="store_true",
                     help="keep glibc's allocator defaults (fresh pages for every large activation)")
     args = ap.parse_args()
@@ -152,6 +157,9 @@ def main():
                 model.pooled(wave)
         flops = counter.get_total_flops()
         contenders = {"torch": model.pooled, "torch for_inference": model.for_inference().pooled}
+        if args.onednn_convs:
+            with gconv.off():
+                contenders["for_inference, oneDNN convolutions"] = model.for_inference().pooled
         if args.graphs:
             contenders.update(graph_contenders(model, wave, args.threads, args.onnx))
         if args.onnx:

@@ -126,6 +126,14 @@ def passive_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def engine_cache_dir() -> Path:
+    """Where exported engines and compiled kernels are kept: ``$MRLCACHE_ENGINE_CACHE``, else
+    ``$XDG_CACHE_HOME/mrlcache/engines`` (``~/.cache/mrlcache/engines``)."""
+    if os.environ.get("MRLCACHE_ENGINE_CACHE"):
+        return Path(os.environ["MRLCACHE_ENGINE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mrlcache" / "engines"
+
+
 def env_int(name: str, default: int, minimum: int = 0) -> int:
     """An integer from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), checked.
 

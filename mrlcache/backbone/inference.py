@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrlcache.backbone import blocks as B
+from mrlcache.backbone import gconv
 
 CL = torch.channels_last
 
@@ -50,6 +51,9 @@ class Conv2dT(nn.Module):
         if scale is not None:
             w = w * scale.view(-1, 1, 1, 1)
             b = b * scale + shift
+        self.kernel = None  # the small-group kernel's packed weight (backbone/gconv.py), when it applies
+        if w.device.type == "cpu" and gconv.supports(conv) and gconv.available() is None:
+            self.kernel = _param(gconv.pack(w))
         w, self.groups = _packed_groups(w, conv.groups)
         self.weight = _param(w.contiguous(memory_format=CL))
         self.bias = _param(b)
@@ -65,7 +69,16 @@ class Conv2dT(nn.Module):
             raise B.ConfigError(f"padding {conv.padding} is not supported by the inference copy")
 
     def forward(self, x):  # (B, C, T, F) channels-last
+        if self.kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            return gconv.conv3x3(x, self.kernel, self.bias)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+    def then(self, act, x):
+        """act(self(x)); GELU inside the kernel's output loop when the kernel computes the conv."""
+        if (self.kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and isinstance(act, nn.GELU) and act.approximate == "none"):
+            return gconv.conv3x3(x, self.kernel, self.bias, gelu=True)
+        return act(self(x))
 
 
 PACK = 8  # channels a group of a grouped convolution is widened to: one AVX2 vector of float32
@@ -76,10 +89,12 @@ def _packed_groups(w, groups):
     merged into block-diagonal groups of PACK channels; returns (weight, groups). Each output
     still sums only its own group's inputs (the other terms are exact zeros). oneDNN vectorises a
     group's channels: b2's groups of 4 ran 1.4-1.5x faster as groups of 8 on this AVX2 CPU, for
-    twice the multiplications (benchmarks/README.md).
+    twice the multiplications (benchmarks/README.md). Depthwise convolutions (1 channel a group)
+    stay as they are: oneDNN has a depthwise kernel, 5-7x faster than the 8-channel packing.
+    Groups of 2 and 4 go to the kernel of backbone/gconv.py where it is available.
     """
     o, per = w.shape[:2]
-    if groups == 1 or per >= PACK or PACK % per or o % PACK or (o // groups) != per:
+    if groups == 1 or per == 1 or per >= PACK or PACK % per or o % PACK or (o // groups) != per:
         return w, groups
     merge, packed = PACK // per, w.new_zeros(o, PACK, *w.shape[2:])  # merge: original groups per packed group
     for out in range(o):  # (out // per) % merge: the original group's slot inside its packed group
@@ -110,14 +125,18 @@ class Pointwise2d(nn.Module):
         y = x.permute(0, 2, 3, 1).reshape(b, t, f // self.s, self.s * c)  # a view when channels-last
         return F.linear(y, self.weight, self.bias).permute(0, 3, 1, 2)
 
-    def plus(self, x, inp):  # x + self(inp), one pass fewer (see _plus_linear)
+    def plus(self, x, inp):  # x + self(inp), into x (see _plus_linear)
         return _plus_linear(x.permute(0, 2, 3, 1), inp.permute(0, 2, 3, 1), self).permute(0, 3, 1, 2)
 
 
 def _plus_linear(x, inp, lin):
-    """x + linear(inp) for (..., O) x and (..., I) inp, contiguous: the bias added to x, the
-    matmul accumulated into that in place (F.linear copies its bias into the output first)."""
-    out = x + lin.bias
+    """x + linear(inp) for (..., O) x and (..., I) inp: the bias added to x, the matmul
+    accumulated into that (F.linear copies its bias into the output first). Written into x
+    when x is contiguous: every caller is a residual block whose input x is a tensor of this
+    copy's own making (the previous block's output, or a stage's weighted sum) that nothing
+    reads afterwards; the model's stage outputs, which later weighted sums read, are never a
+    block's input. In place, the bias pass runs about twice as fast (no fresh pages)."""
+    out = x.add_(lin.bias) if x.is_contiguous() else x + lin.bias
     out.view(-1, out.shape[-1]).addmm_(inp.reshape(-1, lin.weight.shape[1]), lin.weight.t())
     return out
 
@@ -173,7 +192,7 @@ class Linear1x1(nn.Module):
     def forward(self, x):  # (B, T, I) -> (B, T, O)
         return F.linear(x, self.weight, self.bias)
 
-    def plus(self, x, inp):  # x + self(inp)
+    def plus(self, x, inp):  # x + self(inp), into x (see _plus_linear)
         return _plus_linear(x, inp, self)
 
 
@@ -199,7 +218,11 @@ class ConvNeXt2d(nn.Module):
         self.pw = _conv2d(blk.pwconv1)
 
     def forward(self, x):
-        return self.pw.plus(x, self.act(self.dw(x)))
+        return self.pw.plus(x, _then(self.dw, self.act, x))
+
+
+def _then(conv, act, x):
+    return conv.then(act, x) if isinstance(conv, Conv2dT) else act(conv(x))
 
 
 class Res2d(nn.Module):
@@ -233,7 +256,7 @@ class Squeeze2d(nn.Module):
         self.conv, self.act, self.pw = _conv2d(conv, *_bn_scale_shift(bn)), act, _conv2d(pw)
 
     def forward(self, x):
-        return self.pw(self.act(self.conv(x)))
+        return self.pw(_then(self.conv, self.act, x))
 
 
 class ConvNeXt1d(nn.Module):
@@ -320,7 +343,7 @@ def _weights(ws):
 def _weighted_sum(ws, xs):
     out = ws[0] * xs[0]
     for w, x in zip(ws[1:], xs[1:]):
-        out = torch.addcmul(out, w, x)
+        out.addcmul_(w, x)  # in place: out is this function's own tensor
     return out
 
 
@@ -393,7 +416,8 @@ class InferencePool(nn.Module):
         h = F.linear(x, self.w1x, self.b1)
         if self.global_context_att:
             mean = x.mean(dim=1)  # (B, D)
-            std = torch.sqrt(x.var(dim=1) + 1e-7)
+            dev = x - mean[:, None, :]  # two passes: var over the middle axis ran 5x slower
+            std = torch.sqrt(dev.pow_(2).sum(dim=1) / (x.shape[1] - 1) + 1e-7)
             h = h + (F.linear(mean, self.w1m) + F.linear(std, self.w1s))[:, None, :]
         alpha = torch.softmax(F.linear(torch.tanh(h), self.w2, self.b2), dim=1)  # (B, T, D)
         mean = (alpha * x).sum(dim=1)

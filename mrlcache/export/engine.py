@@ -22,17 +22,9 @@ from mrlcache.backbone.registry import wave_minimum
 from mrlcache.export import onnx
 from mrlcache.export.formats import TOLERANCE, ExportError
 from mrlcache.export.frontend import front_end
-from mrlcache.runtime import atomic_write
+from mrlcache.runtime import atomic_write, engine_cache_dir
 
 ENGINE_FORMAT = 1  # bump when the front ends or the export change what a cached file computes
-
-
-def engine_cache_dir() -> Path:
-    """Where exported engines are kept: ``$MRLCACHE_ENGINE_CACHE``, else
-    ``$XDG_CACHE_HOME/mrlcache/engines`` (``~/.cache/mrlcache/engines``)."""
-    if os.environ.get("MRLCACHE_ENGINE_CACHE"):
-        return Path(os.environ["MRLCACHE_ENGINE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mrlcache" / "engines"
 
 
 def engine_key(backbone, opset: int = onnx.DEFAULT_OPSET) -> dict:

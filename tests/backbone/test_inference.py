@@ -99,7 +99,7 @@ def test_grouped_conv_packed_into_wider_groups_computes_the_same(channels, group
     x = torch.randn(2, channels, 10, 7)  # (B, C, F, T) as the model holds it
     copy = Conv2dT(conv)
     per = channels // groups
-    merged = per < PACK and PACK % per == 0 and channels % PACK == 0
+    merged = 1 < per < PACK and PACK % per == 0 and channels % PACK == 0  # depthwise stays
     assert copy.groups == (channels // PACK if merged else groups)
     with torch.no_grad():
         got = copy(x.transpose(2, 3).contiguous(memory_format=torch.channels_last)).transpose(2, 3)
