@@ -7,6 +7,7 @@ arguments write the same bytes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,10 @@ import pytest
 import soundfile as sf
 import torch
 
+# Under pytest-xdist (``-n 2``, the README's test command) the workers share the cores: one
+# torch thread each, as two processes of 2 threads on 2 cores only wait for each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 _THREADS = torch.get_num_threads()
 
 
@@ -32,9 +37,15 @@ def _one_engine_cache_per_session(tmp_path_factory):
     """Exported onnxruntime engines (``--engine onnxruntime``) go to one folder for the whole
     session, never the user's cache: a backbone one test exported (tens of seconds for a b0)
     is read from disk by the next test with the same weights, as a user's second run reads
-    it. Tests of the cache itself give their own ``cache_dir``."""
+    it. Under pytest-xdist the workers share the folder. Tests of the cache itself give their
+    own ``cache_dir``."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, shared by the workers (engines are written atomically)
+    folder = root / "engines"
+    folder.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MRLCACHE_ENGINE_CACHE", str(tmp_path_factory.mktemp("engines")))
+        patch.setenv("MRLCACHE_ENGINE_CACHE", str(folder))
         yield
 
 
