@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mrlcache.backbone import gconv
-from mrlcache.backbone.inference import Conv2dT
+from mrlcache.backbone.inference_layers import Conv2dT
 
 needs_kernel = pytest.mark.skipif(gconv.available() is not None, reason=f"kernel unavailable: {gconv.available()}")
 

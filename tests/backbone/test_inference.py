@@ -92,7 +92,7 @@ def test_model_state_and_hash_unchanged_and_copy_cannot_train():
 def test_grouped_conv_packed_into_wider_groups_computes_the_same(channels, groups):
     """A grouped 3x3 convolution with narrow groups, merged into block-diagonal groups of PACK
     channels, gives the original convolution's output; groups it cannot merge are kept."""
-    from mrlcache.backbone.inference import PACK, Conv2dT
+    from mrlcache.backbone.inference_layers import PACK, Conv2dT
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=groups).eval()
