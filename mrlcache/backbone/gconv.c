@@ -1,15 +1,15 @@
 /* Grouped 3x3 convolution, stride 1, zero padding 1, float32, channels-last, AVX2 + FMA.
  *
  * x: (B, T, F, C) contiguous (a (B, C, T, F) tensor in channels-last memory), y likewise.
- * C is a multiple of 8; each group has G = 1, 2, 4 or 8 input and output channels.
+ * C is a multiple of 8; each group has G = 2 or 4 input and output channels (groups of 1
+ * and 8 ran slower here than oneDNN's own kernels, which the inference copy keeps for them).
  * w: packed by mrlcache/backbone/gconv.py as [C / 8][3 * 3 taps][G][8 lanes]: lane j of
  *    vector (c8, tap, k) is the weight from input channel k of output channel c8 * 8 + j's
  *    group to that output channel, at that tap (dt, df) in row-major order.
  * bias: (C,).
  *
  * One 8-lane vector holds 8 / G whole groups. For input index k, every lane needs the k-th
- * input channel of its own group: an in-lane shuffle for G <= 4 (vpermilps), a cross-lane
- * one for G = 8 (vpermps). oneDNN runs these small groups through its general brgemm
+ * input channel of its own group: one in-lane shuffle (vpermilps). oneDNN runs these small groups through its general brgemm
  * convolution at 16-24 GFLOP/s on this project's AVX2 CPU (benchmarks/README.md). Zero
  * padding: a tap outside the input reads a vector of zeros.
  */
@@ -73,19 +73,13 @@ static const float ZEROS[8] __attribute__((aligned(32))) = {0};
 
 static inline __attribute__((always_inline)) __m256 spread(__m256 v, int g, int k)
 {
-    switch (g) {
-    case 1: return v;
-    case 2:
+    if (g == 2)
         return k == 0 ? _mm256_permute_ps(v, 0xA0) : _mm256_permute_ps(v, 0xF5);
-    case 4:
-        switch (k) {
-        case 0: return _mm256_permute_ps(v, 0x00);
-        case 1: return _mm256_permute_ps(v, 0x55);
-        case 2: return _mm256_permute_ps(v, 0xAA);
-        default: return _mm256_permute_ps(v, 0xFF);
-        }
-    default:
-        return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(k));
+    switch (k) { /* g == 4 */
+    case 0: return _mm256_permute_ps(v, 0x00);
+    case 1: return _mm256_permute_ps(v, 0x55);
+    case 2: return _mm256_permute_ps(v, 0xAA);
+    default: return _mm256_permute_ps(v, 0xFF);
     }
 }
 
@@ -147,10 +141,8 @@ static inline __attribute__((always_inline)) void block(
                 gelu_row(y + bt * F * C, F * C);                                          \
         }                                                                                \
     }
-ROWS(1)
 ROWS(2)
 ROWS(4)
-ROWS(8)
 
 /* act: 0 none, 1 GELU (exact form) on the output. Returns 0, or -1 for a group size or channel
  * count this kernel does not handle. */
@@ -160,10 +152,8 @@ int mrl_gconv3x3(const float *x, const float *w, const float *bias, float *y,
     if (C % 8 != 0)
         return -1;
     switch (g) {
-    case 1: rows_1(x, w, bias, y, B, T, F, C, act, threads); return 0;
     case 2: rows_2(x, w, bias, y, B, T, F, C, act, threads); return 0;
     case 4: rows_4(x, w, bias, y, B, T, F, C, act, threads); return 0;
-    case 8: rows_8(x, w, bias, y, B, T, F, C, act, threads); return 0;
     default: return -1;
     }
 }

@@ -56,15 +56,17 @@ class Conv2dT(nn.Module):
         else:
             raise B.ConfigError(f"padding {conv.padding} is not supported by the inference copy")
 
+    def _on_kernel(self, x) -> bool:
+        return self.kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32
+
     def forward(self, x):  # (B, C, T, F) channels-last
-        if self.kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        if self._on_kernel(x):
             return gconv.conv3x3(x, self.kernel, self.bias)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
 
     def then(self, act, x):
         """act(self(x)); GELU inside the kernel's output loop when the kernel computes the conv."""
-        if (self.kernel is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and isinstance(act, nn.GELU) and act.approximate == "none"):
+        if isinstance(act, nn.GELU) and act.approximate == "none" and self._on_kernel(x):
             return gconv.conv3x3(x, self.kernel, self.bias, gelu=True)
         return act(self(x))
 
@@ -78,7 +80,7 @@ def _packed_groups(w, groups):
     still sums only its own group's inputs (the other terms are exact zeros). oneDNN vectorises a
     group's channels: b2's groups of 4 ran 1.4-1.5x faster as groups of 8 on this AVX2 CPU, for
     twice the multiplications (benchmarks/README.md). Depthwise convolutions (1 channel a group)
-    stay as they are: oneDNN has a depthwise kernel, 5-7x faster than the 8-channel packing.
+    stay as they are: oneDNN's depthwise kernel ran 7-8x faster than the 8-channel packing.
     Groups of 2 and 4 go to the kernel of backbone/gconv.py where it is available.
     """
     o, per = w.shape[:2]
