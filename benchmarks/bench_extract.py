@@ -186,8 +186,11 @@ def main():
         augmenter = Augmenter(AugmentConfig())
         crops = [np.stack([make_view(load_audio(u.path), u.utt_id, v, seed=0, crop_samples=crop, augmenter=augmenter)
                            for v in range(args.views)]) for u in utts]
+        # extract's own batches: per shard (shard_size below), never crossing a shard's end
+        shard_size = max(1, len(utts) // 2)
+        shards = [range(k, min(k + shard_size, len(utts))) for k in range(0, len(utts), shard_size)]
         batches = [np.concatenate([crops[r] for r in rows])
-                   for rows in shard_batches(range(len(utts)), max(1, args.batch_size // args.views))]
+                   for rows in (b for s in shards for b in shard_batches(s, max(1, args.batch_size // args.views)))]
         crop_audio = len(utts) * args.views * args.crop_seconds
         forwards = {e: bare_forward(e, model, args.threads) for e in args.engines}
         runs = {(e, n): [] for e in args.engines for n in args.nices}
@@ -201,7 +204,7 @@ def main():
                         fn(torch.from_numpy(batch))
                     bare, bare_cpu = time.perf_counter() - tick, cpu_seconds() - cpu
                 cfg = ExtractConfig.of(views=args.views, crop_seconds=args.crop_seconds, batch_size=args.batch_size,
-                                    workers=args.workers, shard_size=max(1, len(utts) // 2), device="cpu",
+                                    workers=args.workers, shard_size=shard_size, device="cpu",
                                     precision="fp32", engine=engine)
                 for nice in args.nices if r % 2 == 0 else args.nices[::-1]:
                     mrlcache.extract.data.WORKER_NICE = nice  # read when extract forks its workers

@@ -143,7 +143,8 @@ def main():
         reuse_large_allocations()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x {args.crop:g} s, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, allocator: {allocator}, load average {os.getloadavg()[0]:.1f} "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}, allocator: {allocator}, load average {os.getloadavg()[0]:.1f} "
           f"at start, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
     matmul_flops = 10 * 2 * 512 * 1024 * 1024

@@ -121,7 +121,10 @@ def passive_openmp() -> None:
     model threads starved them (b2 ran 9x slower on 2 cores under load), and for every fit
     (a cache fit ran 6.5x slower with busy waiting on a busy machine, benchmarks/README.md).
     Other commands keep OpenMP's default, which is faster alone (a fit step: 47 -> 39 ms on
-    a quiet machine). A value the user set is kept.
+    a quiet machine). A value the user set is kept. A short spin before sleeping
+    (``GOMP_SPINCOUNT=10000``, about 0.1 ms, which libgomp takes over the policy) took fused b2
+    extraction 14-21% less time on 2 quiet cores and 21-27% more beside one busy process
+    (benchmarks/README.md, session 10): it is the user's to set, not a default.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

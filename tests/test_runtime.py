@@ -1,4 +1,5 @@
-"""runtime: glibc serves large buffers from the heap once tuned; bf16 on a CPU without it warns once."""
+"""runtime: glibc serves large buffers from the heap once tuned; OpenMP threads sleep at once unless the
+user set otherwise; bf16 on a CPU without it warns once."""
 
 import ctypes
 import subprocess
@@ -38,6 +39,39 @@ def test_large_buffers_come_from_the_heap_once_tuned():
 
     assert mmapped("default") >= 8 << 20  # glibc's default: a fresh mapping, unmapped on free
     assert mmapped("tuned") == 0
+
+
+SPIN_PROBE = """
+import sys, time
+from mrlcache.runtime import passive_openmp
+passive_openmp()
+import torch
+torch.set_num_threads(2)
+x = torch.randn(1 << 17)
+(x * 2).sum()
+cpu = time.process_time()
+for _ in range(100):  # a short parallel region, then 5 ms in which torch's other thread waits for the next
+    (x * 2).sum()
+    time.sleep(0.005)
+print(time.process_time() - cpu)  # mostly what the waiting thread burns
+"""
+
+
+def _waiting_cpu(**env) -> float:
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", SPIN_PROBE], capture_output=True, text=True, check=True,
+                         env={**clean, **env})
+    return float(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torch's Linux wheels use GNU libgomp")
+def test_passive_openmp_makes_torchs_threads_sleep_at_once_unless_the_user_set_otherwise():
+    # quiet, 2 cores: about 0.07 s passive (the regions themselves), 0.6 s spinning through the 0.5 s of waits
+    assert _waiting_cpu() < 0.15  # extract's and fit's setting reaches torch's libgomp
+    assert _waiting_cpu(OMP_WAIT_POLICY="ACTIVE") > 0.25  # the user's policy is kept
+    assert _waiting_cpu(GOMP_SPINCOUNT=str(10 ** 9)) > 0.25  # and the user's spin count
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, capsys):
