@@ -5,13 +5,15 @@
 
 Rows of one table, each with its peak GPU memory:
 
-- **forward**: ``pooled`` of the frozen inference copy (``ReDimNet.for_inference``) for
-  b0/b2/b6 on 2 s crops at batch 32-256, fp32 / bf16 / fp16 autocast (features stay fp32),
-  in audio seconds per wall second; ``torch.compile`` on for b2 at batch 128 (compile time
+- **forward**: ``pooled`` of b0/b2/b6 on 2 s crops at batch 32-256, fp32 / bf16 / fp16
+  autocast (features stay fp32), in audio seconds per wall second, with the ``torch`` engine
+  (what ``extract`` runs on a GPU, ``auto`` included); the ``fused`` engine (the frozen
+  inference copy, ``ReDimNet.for_inference``: BatchNorm folded, channels-last) at batch 128,
+  to see whether it pays on a GPU too; ``torch.compile`` on for b2 at batch 128 (compile time
   reported apart, it is paid once per shape).
 - **extract**: ``mrlcache.extract.extract`` end to end on a synthetic corpus (train mode,
   2 s crops x 4 views, DataLoader workers, pinned memory), against the bare forward of
-  the same model, batch and precision.
+  the same engine (torch), model, batch and precision.
 - **fit**: head-only fit on a synthetic cache (b2's pooled size, 5994 classes), samples/s.
 
 Random weights: the speed does not depend on their values. Never a timed test; the test
@@ -70,39 +72,44 @@ def forward_rows(args, device) -> list[dict]:
     rows = []
     samples = int(args.crop * 16000)
     for variant in args.variants:
-        model = load_backbone(variant, random_init=True, seed=0).to(device).eval().for_inference()
+        model = load_backbone(variant, random_init=True, seed=0).to(device).eval()
+        engines = {"torch": model, "fused": model.for_inference()}
+        runs = [(batch, "torch", False) for batch in args.batches] + [(args.compile_batch, "fused", False)]
+        if args.compile and variant == args.compile_variant:
+            runs.append((args.compile_batch, "torch", True))
         for precision in args.precisions:
-            for batch in args.batches:
-                for compiled in (False, True):
-                    if compiled and not (args.compile and variant == args.compile_variant and batch == args.compile_batch):
-                        continue
-                    reset_peak(device)
-                    wave = torch.randn(batch, samples, device=device)
-                    fn = torch.compile(model.pooled, dynamic=False) if compiled else model.pooled
+            for batch, engine, compiled in runs:
+                reset_peak(device)
+                wave = torch.randn(batch, samples, device=device)
+                pooled = engines[engine].pooled
+                fn = torch.compile(pooled, dynamic=False) if compiled else pooled
 
-                    def run():
-                        with torch.inference_mode(), torch.autocast(device.type, dtype=AUTOCAST[precision],
-                                                                    enabled=AUTOCAST[precision] is not None):
-                            fn(wave)
+                def run():
+                    with torch.inference_mode(), torch.autocast(device.type, dtype=AUTOCAST[precision],
+                                                                enabled=AUTOCAST[precision] is not None):
+                        fn(wave)
 
-                    compile_s = None
-                    if compiled:
-                        tick = time.perf_counter()
-                        run()
-                        sync(device)
-                        compile_s = time.perf_counter() - tick
-                    try:
-                        per_call = timed(run, device, args.min_seconds, min_calls=1 if args.tiny else 3)
-                    except RuntimeError as err:  # out of memory at the largest batches: say so
-                        rows.append({"what": "forward", "model": variant, "batch": batch, "precision": precision,
-                                     "compile": compiled, "value": None, "note": str(err).splitlines()[0][:60]})
-                        continue
-                    rows.append({"what": "forward", "model": variant, "batch": batch, "precision": precision,
-                                 "compile": compiled, "value": batch * args.crop / per_call, "unit": "audio s/s",
-                                 "peak_mb": peak_mb(device),
-                                 "note": f"compile {compile_s:.0f} s" if compile_s is not None else ""})
-                    print(format_row(rows[-1]), file=sys.stderr, flush=True)
-        del model
+                compile_s = None
+                if compiled:
+                    tick = time.perf_counter()
+                    run()
+                    sync(device)
+                    compile_s = time.perf_counter() - tick
+                try:
+                    per_call = timed(run, device, args.min_seconds, min_calls=1 if args.tiny else 3)
+                except RuntimeError as err:  # out of memory at the largest batches: say so
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    rows.append({"what": "forward", "engine": engine, "model": variant, "batch": batch,
+                                 "precision": precision, "compile": compiled, "value": None,
+                                 "note": str(err).splitlines()[0][:60]})
+                    continue
+                rows.append({"what": "forward", "engine": engine, "model": variant, "batch": batch,
+                             "precision": precision, "compile": compiled, "value": batch * args.crop / per_call,
+                             "unit": "audio s/s", "peak_mb": peak_mb(device),
+                             "note": f"compile {compile_s:.0f} s" if compile_s is not None else ""})
+                print(format_row(rows[-1]), file=sys.stderr, flush=True)
+        del model, engines
     return rows
 
 
@@ -119,9 +126,9 @@ def extract_rows(args, device, tmp: Path) -> list[dict]:
     model.weights_sha256 = "benchmark"
     precision = args.extract_precision
     cfg = ExtractConfig.of(views=views, crop_seconds=args.crop, batch_size=args.extract_batch, workers=args.workers,
-                        shard_size=len(utts), device=str(device), precision=precision)
-    # The bare forward: the same number of crops, in the same batches, already on the device.
-    fast = model.to(device).eval().for_inference()
+                        shard_size=len(utts), device=str(device), precision=precision, engine="torch")
+    # The bare forward: the same engine, number of crops and batches, the crops already on the device.
+    fast = model.to(device).eval()
     wave = torch.randn(args.extract_batch, int(args.crop * 16000), device=device)
     batches = -(-len(utts) * views // args.extract_batch)
 
@@ -138,9 +145,10 @@ def extract_rows(args, device, tmp: Path) -> list[dict]:
     sync(device)
     wall = time.perf_counter() - tick
     audio = len(utts) * views * args.crop
-    return [{"what": "extract", "model": args.extract_variant, "batch": args.extract_batch, "precision": precision,
+    return [{"what": "extract", "engine": "torch", "model": args.extract_variant, "batch": args.extract_batch, "precision": precision,
              "compile": False, "value": audio / wall, "unit": "audio s/s", "peak_mb": peak_mb(device),
-             "note": f"{len(utts)} utts x {views} views, {args.workers} workers, pinned: "
+             "note": f"{len(utts)} utts x {views} views, {args.workers} workers"
+                     f"{', pinned memory' if device.type == 'cuda' else ''}: "
                      f"{bare_s / wall:.2f} of the bare forward ({audio / bare_s:.0f} audio s/s)"}]
 
 
@@ -157,7 +165,7 @@ def fit_rows(args, device, tmp: Path) -> list[dict]:
         run = fit(tmp / "fitcache", (64, 128, 192, 256), tmp / f"fit-{precision}", epochs=2, batch_size=256,
                   val_speakers=0, head_only=True, progress=False, precision=precision, device=str(device))
         h = history(run)[-1]  # the last epoch: warm
-        rows.append({"what": "fit", "model": f"head on b2 pooled ({pooled_dim})", "batch": 256,
+        rows.append({"what": "fit", "engine": "-", "model": f"head on b2 pooled ({pooled_dim})", "batch": 256,
                      "precision": precision, "compile": False, "value": h["samples_per_s"], "unit": "samples/s",
                      "peak_mb": peak_mb(device), "note": f"{args.fit_utts} utts x 4 views, {args.fit_classes} classes"})
     return rows
@@ -166,7 +174,7 @@ def fit_rows(args, device, tmp: Path) -> list[dict]:
 def format_row(r: dict) -> str:
     value = "-" if r["value"] is None else f"{r['value']:.4g} {r['unit']}"
     mem = "-" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
-    return (f"| {r['what']} | {r['model']} | {r['batch']} | {r['precision']} | {'on' if r['compile'] else 'off'} "
+    return (f"| {r['what']} | {r['engine']} | {r['model']} | {r['batch']} | {r['precision']} | {'on' if r['compile'] else 'off'} "
             f"| {value} | {mem} | {r.get('note', '')} |")
 
 
@@ -195,7 +203,7 @@ def main(argv=None):
         args.extract_variant, args.extract_precision = "b2", ("bf16" if bf16 else "fp16") if gpu else "fp32"
         args.fit_utts, args.fit_classes = 50_000, 5994
         args.fit_precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
-    args.compile_variant, args.compile_batch = "b2", 128
+    args.compile_variant, args.compile_batch = "b2", (args.batches[0] if args.tiny else 128)
 
     started = time.perf_counter()
     name = torch.cuda.get_device_name(device) if gpu else "CPU"
@@ -205,8 +213,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         rows += extract_rows(args, device, Path(tmp))
         rows += fit_rows(args, device, Path(tmp))
-    print("| what | model | batch | precision | compile | throughput | peak GPU MiB | note |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| what | engine | model | batch | precision | compile | throughput | peak GPU MiB | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(format_row(r))
     print(f"\n{time.perf_counter() - started:.0f} s in all")
