@@ -9,8 +9,9 @@ Rows of one table, each with its peak GPU memory:
   autocast (features stay fp32), in audio seconds per wall second, with the ``torch`` engine
   (what ``extract`` runs on a GPU, ``auto`` included); the ``fused`` engine (the frozen
   inference copy, ``ReDimNet.for_inference``: BatchNorm folded, channels-last) at batch 128,
-  to see whether it pays on a GPU too; ``torch.compile`` on for b2 at batch 128 (compile time
-  reported apart, it is paid once per shape).
+  to see whether it pays on a GPU too; ``torch.compile`` on for b2 at batch 128, at the
+  extract row's precision (compile time reported apart: it is paid once per shape and
+  precision).
 - **extract**: ``mrlcache.extract.extract`` end to end on a synthetic corpus (train mode,
   2 s crops x 4 views, DataLoader workers, pinned memory), against the bare forward of
   the same engine (torch), model, batch and precision.
@@ -74,10 +75,10 @@ def forward_rows(args, device) -> list[dict]:
     for variant in args.variants:
         model = load_backbone(variant, random_init=True, seed=0).to(device).eval()
         engines = {"torch": model, "fused": model.for_inference()}
-        runs = [(batch, "torch", False) for batch in args.batches] + [(args.compile_batch, "fused", False)]
-        if args.compile and variant == args.compile_variant:
-            runs.append((args.compile_batch, "torch", True))
         for precision in args.precisions:
+            runs = [(batch, "torch", False) for batch in args.batches] + [(args.compile_batch, "fused", False)]
+            if args.compile and variant == args.compile_variant and precision == args.extract_precision:
+                runs.append((args.compile_batch, "torch", True))  # one compile (a minute or more), at extract's precision
             for batch, engine, compiled in runs:
                 reset_peak(device)
                 wave = torch.randn(batch, samples, device=device)
