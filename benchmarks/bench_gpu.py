@@ -78,7 +78,7 @@ def forward_rows(args, device) -> list[dict]:
         for precision in args.precisions:
             runs = [(batch, "torch", False) for batch in args.batches] + [(args.compile_batch, "fused", False)]
             if args.compile and variant == args.compile_variant and precision == args.extract_precision:
-                runs.append((args.compile_batch, "torch", True))  # one compile (a minute or more), at extract's precision
+                runs.append((args.compile_batch, "torch", True))  # one compile: a minute or more each
             for batch, engine, compiled in runs:
                 reset_peak(device)
                 wave = torch.randn(batch, samples, device=device)
@@ -146,8 +146,8 @@ def extract_rows(args, device, tmp: Path) -> list[dict]:
     sync(device)
     wall = time.perf_counter() - tick
     audio = len(utts) * views * args.crop
-    return [{"what": "extract", "engine": "torch", "model": args.extract_variant, "batch": args.extract_batch, "precision": precision,
-             "compile": False, "value": audio / wall, "unit": "audio s/s", "peak_mb": peak_mb(device),
+    return [{"what": "extract", "engine": "torch", "model": args.extract_variant, "batch": args.extract_batch,
+             "precision": precision, "compile": False, "value": audio / wall, "unit": "audio s/s", "peak_mb": peak_mb(device),
              "note": f"{len(utts)} utts x {views} views, {args.workers} workers"
                      f"{', pinned memory' if device.type == 'cuda' else ''}: "
                      f"{bare_s / wall:.2f} of the bare forward ({audio / bare_s:.0f} audio s/s)"}]
@@ -175,8 +175,8 @@ def fit_rows(args, device, tmp: Path) -> list[dict]:
 def format_row(r: dict) -> str:
     value = "-" if r["value"] is None else f"{r['value']:.4g} {r['unit']}"
     mem = "-" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
-    return (f"| {r['what']} | {r['engine']} | {r['model']} | {r['batch']} | {r['precision']} | {'on' if r['compile'] else 'off'} "
-            f"| {value} | {mem} | {r.get('note', '')} |")
+    return (f"| {r['what']} | {r['engine']} | {r['model']} | {r['batch']} | {r['precision']} "
+            f"| {'on' if r['compile'] else 'off'} | {value} | {mem} | {r.get('note', '')} |")
 
 
 def main(argv=None):

@@ -14,8 +14,8 @@ def test_bench_gpu_tiny_runs_and_prints_one_table(tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--tiny", "--device", "cpu", "--json", str(tmp_path / "rows.json")])
-    assert [(r["what"], r["engine"]) for r in rows] == [("forward", "torch"), ("forward", "fused"), ("extract", "torch"),
-                                                        ("fit", "-")]
+    assert [(r["what"], r["engine"]) for r in rows] == [("forward", "torch"), ("forward", "fused"),
+                                                        ("extract", "torch"), ("fit", "-")]
     assert all(r["value"] and r["value"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert out.count("| what | engine | model |") == 1 and "of the bare forward" in out
