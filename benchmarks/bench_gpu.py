@@ -147,7 +147,8 @@ def extract_rows(args, device, tmp: Path) -> list[dict]:
     wall = time.perf_counter() - tick
     audio = len(utts) * views * args.crop
     return [{"what": "extract", "engine": "torch", "model": args.extract_variant, "batch": args.extract_batch,
-             "precision": precision, "compile": False, "value": audio / wall, "unit": "audio s/s", "peak_mb": peak_mb(device),
+             "precision": precision, "compile": False, "value": audio / wall, "unit": "audio s/s",
+             "peak_mb": peak_mb(device),
              "note": f"{len(utts)} utts x {views} views, {args.workers} workers"
                      f"{', pinned memory' if device.type == 'cuda' else ''}: "
                      f"{bare_s / wall:.2f} of the bare forward ({audio / bare_s:.0f} audio s/s)"}]
