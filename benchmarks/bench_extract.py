@@ -187,8 +187,8 @@ def main():
         crops = [np.stack([make_view(load_audio(u.path), u.utt_id, v, seed=0, crop_samples=crop, augmenter=augmenter)
                            for v in range(args.views)]) for u in utts]
         # extract's own batches: per shard (shard_size below), never crossing a shard's end
-        shard_size = max(1, len(utts) // 2)
-        shards = [range(k, min(k + shard_size, len(utts))) for k in range(0, len(utts), shard_size)]
+        shard_size, rows = max(1, len(utts) // 2), range(len(utts))
+        shards = [rows[k : k + shard_size] for k in range(0, len(rows), shard_size)]
         batches = [np.concatenate([crops[r] for r in rows])
                    for rows in (b for s in shards for b in shard_batches(s, max(1, args.batch_size // args.views)))]
         crop_audio = len(utts) * args.views * args.crop_seconds

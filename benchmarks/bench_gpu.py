@@ -76,9 +76,9 @@ def forward_rows(args, device) -> list[dict]:
         model = load_backbone(variant, random_init=True, seed=0).to(device).eval()
         engines = {"torch": model, "fused": model.for_inference()}
         for precision in args.precisions:
-            runs = [(batch, "torch", False) for batch in args.batches] + [(args.compile_batch, "fused", False)]
+            runs = [(batch, "torch", False) for batch in args.batches] + [(args.side_batch, "fused", False)]
             if args.compile and variant == args.compile_variant and precision == args.extract_precision:
-                runs.append((args.compile_batch, "torch", True))  # one compile: a minute or more each
+                runs.append((args.side_batch, "torch", True))  # one compile: a minute or more each
             for batch, engine, compiled in runs:
                 reset_peak(device)
                 wave = torch.randn(batch, samples, device=device)
@@ -205,7 +205,8 @@ def main(argv=None):
         args.extract_variant, args.extract_precision = "b2", ("bf16" if bf16 else "fp16") if gpu else "fp32"
         args.fit_utts, args.fit_classes = 50_000, 5994
         args.fit_precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
-    args.compile_variant, args.compile_batch = "b2", (args.batches[0] if args.tiny else 128)
+    # the batch of the fused engine's rows and of the torch.compile row
+    args.compile_variant, args.side_batch = "b2", (args.batches[0] if args.tiny else 128)
 
     started = time.perf_counter()
     name = torch.cuda.get_device_name(device) if gpu else "CPU"

@@ -24,10 +24,10 @@ from mrlcache import names
 
 # auto's engine on the CPU for a pooled-only float32 job, per encoder, as measured side by side
 # on this project's CPU (benchmarks/README.md, "Extraction against the bare forward, every
-# engine", and "Session 9"): for ReDimNet b2 the fused copy's forward reached 0.39 of the matmul
-# rate against onnxruntime's 0.36 and torch's 0.23 (CPU time, session 7), and with its
-# small-group convolution kernel (session 9) about 0.55 against onnxruntime's 0.3; it needs no export (40-50 s the first
-# time, minutes on loaded cores) nor an extra package. Encoders not listed were not measured
+# engine", "Session 9" and "Session 10"): for ReDimNet b2 the fused copy's forward reached 0.39
+# of the matmul rate against onnxruntime's 0.36 and torch's 0.23 (CPU time, session 7), and with
+# its small-group convolution kernel 0.43-0.65 against onnxruntime's 0.31-0.39 (sessions 9-10);
+# it needs no export (40-50 s the first time, minutes on loaded cores) nor an extra package. Encoders not listed were not measured
 # and keep the reference engine.
 CPU_CHOICE = {"redimnet": "fused"}
 
